@@ -1,0 +1,36 @@
+"""The runtime's one narrow event hook.
+
+The runtime emits events (``"op"``, ``"step"``, ``"memory"``, ...) as plain dicts to
+whoever subscribed. Emitters check ``hooks.listening`` (a module-level bool) before
+building an event, so with nothing subscribed the cost is one attribute read.
+The profiler's collectors subscribe here; the runtime never imports them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+Listener = Callable[[str, dict], None]
+
+_listeners: list[Listener] = []
+listening: bool = False
+
+
+def subscribe(fn: Listener) -> Listener:
+    """Register ``fn(kind, event)``; returns fn so it can be used as a decorator."""
+    global listening
+    if fn not in _listeners:
+        _listeners.append(fn)
+    listening = True
+    return fn
+
+
+def unsubscribe(fn: Listener) -> None:
+    global listening
+    if fn in _listeners:
+        _listeners.remove(fn)
+    listening = bool(_listeners)
+
+
+def emit(kind: str, event: dict) -> None:
+    for fn in tuple(_listeners):
+        fn(kind, event)

@@ -1,0 +1,1 @@
+from runtime.ir.graph import Graph, IRError, Node, toposort  # noqa: F401

@@ -1,0 +1,17 @@
+"""Neural-network Cells, losses and optimizers (MindSpore's ``nn`` namespace)."""
+from runtime.nn.cell import Cell
+from runtime.nn.init import initializer
+from runtime.nn.layers import (ELU, GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dense, Dropout,
+                               Embedding, Flatten, LayerNorm, LeakyReLU, MaxPool2d, ReLU, SequentialCell,
+                               Sigmoid, Softmax, Tanh)
+from runtime.nn.loss import MSELoss, SoftmaxCrossEntropyWithLogits
+from runtime.nn.optim import (FTRL, SGD, Adam, AdamW, AdamWeightDecay, LazyAdam, Momentum, Optimizer,
+                              SparseGrad)
+from runtime.nn.parameter import Parameter
+
+__all__ = [
+    "Cell", "initializer", "Parameter", "ELU", "GELU", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d",
+    "Dense", "Dropout", "Embedding", "Flatten", "LayerNorm", "LeakyReLU", "MaxPool2d", "ReLU", "SequentialCell",
+    "Sigmoid", "Softmax", "Tanh", "MSELoss", "SoftmaxCrossEntropyWithLogits", "FTRL", "SGD", "Adam", "AdamW",
+    "AdamWeightDecay", "LazyAdam", "Momentum", "Optimizer", "SparseGrad",
+]

@@ -1,0 +1,25 @@
+"""Compiler passes: each is a Graph -> Graph function in its own module.
+
+``pipeline(graph)`` is what Model runs on a traced training step before execution:
+  order_effects  -- control dependencies so in-place updates run after every reader;
+  dce            -- drop nodes no output or effect needs;
+  verify         -- the IR verifier, after every pass when save_graphs/debug is on.
+Later passes (graph-kernel fusion, fake-quant insertion, host/device placement, stream
+assignment) slot in here behind their context switches.
+"""
+from __future__ import annotations
+
+from runtime import context
+from runtime.ir.graph import Graph
+from runtime.passes.dce import dce
+from runtime.passes.effects import order_effects
+
+
+def pipeline(graph: Graph) -> Graph:
+    graph.verify()
+    passes = [order_effects, dce]
+    for p in passes:
+        graph = p(graph)
+        if context.get_context("save_graphs"):
+            graph.verify()
+    return graph
