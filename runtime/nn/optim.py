@@ -209,7 +209,7 @@ AdamW = AdamWeightDecay
 
 def _sparse_parts(g: SparseGrad):
     """Deduplicate a sparse gradient with static shapes: (unique ids padded, summed rows, valid mask)."""
-    n = g.indices.shape[0]
+    n = g.indices.size
     ids = F.reshape(g.indices, (n,)) if g.indices.ndim != 1 else g.indices
     rows = F.reshape(g.values, (n,) + tuple(g.dense_shape[1:]))
     uid = bind_sparse("unique_ids", ids)

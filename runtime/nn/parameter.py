@@ -12,10 +12,10 @@ class Parameter(Tensor):
     def __init__(self, data, name: str | None = None, requires_grad: bool = True):
         if isinstance(data, Tensor):
             data = data.asnumpy()
-        arr = np.array(data, copy=True)
+        arr = np.asarray(data)
         if arr.dtype == np.float64 and not isinstance(data, np.ndarray):
             arr = arr.astype(np.float32)
-        super().__init__(np.ascontiguousarray(arr))
+        super().__init__(np.array(arr, order="C", copy=True))
         self.name = name or "Parameter"
         self._named = name is not None
         self.requires_grad = requires_grad

@@ -646,9 +646,15 @@ def _xent_grad_kernel(logits, labels, g, sparse):
     return K.softmax_xent_dense_bwd(logits, np.ascontiguousarray(labels), g)
 
 
-register(Primitive("softmax_cross_entropy", "opaque", _xent_infer, _xent_kernel,
-                   lambda g, y, logits, labels, sparse: [
-                       F.softmax_cross_entropy_grad(logits, labels, g, sparse), None],
+def _xent_grad(g, y, logits, labels, sparse):
+    d_logits = F.softmax_cross_entropy_grad(logits, labels, g, sparse)
+    if sparse:
+        return [d_logits, None]
+    # dense targets are differentiable: d/d labels of -sum(labels * log_softmax(logits)) per row
+    return [d_logits, F.mul(F.neg(F.log_softmax(logits)), F.reshape(g, (g.shape[0], 1)))]
+
+
+register(Primitive("softmax_cross_entropy", "opaque", _xent_infer, _xent_kernel, _xent_grad,
                    cost_fn=lambda n: (6 * n.inputs[0].size, n.nbytes + n.inputs[0].nbytes + n.inputs[1].nbytes)))
 register(Primitive("softmax_cross_entropy_grad", "opaque", _xent_grad_infer, _xent_grad_kernel,
                    cost_fn=lambda n: (6 * n.size, 2 * n.nbytes + n.inputs[1].nbytes)))

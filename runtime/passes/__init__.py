@@ -1,8 +1,8 @@
 """Compiler passes: each is a Graph -> Graph function in its own module.
 
 ``pipeline(graph)`` is what Model runs on a traced training step before execution:
+  dce            -- drop nodes no output or effect needs (first, so dead readers add no ordering);
   order_effects  -- control dependencies so in-place updates run after every reader;
-  dce            -- drop nodes no output or effect needs;
   verify         -- the IR verifier, after every pass when save_graphs/debug is on.
 Later passes (graph-kernel fusion, fake-quant insertion, host/device placement, stream
 assignment) slot in here behind their context switches.
@@ -17,7 +17,7 @@ from runtime.passes.effects import order_effects
 
 def pipeline(graph: Graph) -> Graph:
     graph.verify()
-    passes = [order_effects, dce]
+    passes = [dce, order_effects]
     for p in passes:
         graph = p(graph)
         if context.get_context("save_graphs"):

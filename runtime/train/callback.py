@@ -5,6 +5,7 @@ import os
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 class RunContext:
@@ -67,7 +68,7 @@ class LossMonitor(Callback):
             run_context.request_stop()
             raise ValueError(f"epoch {p['cur_epoch_num']} step {step_in_epoch}: loss is {loss}; training stopped")
         if p["cur_step_num"] % self.per_print_times == 0:
-            print(f"epoch: {p['cur_epoch_num']} step: {step_in_epoch}, loss is {loss:.6f}", flush=True)
+            tqdm.write(f"epoch: {p['cur_epoch_num']} step: {step_in_epoch}, loss is {loss:.6f}")
 
 
 class TimeMonitor(Callback):
@@ -84,7 +85,7 @@ class TimeMonitor(Callback):
         dt = time.perf_counter() - self._t0
         self.epoch_times.append(dt)
         steps = self.data_size or run_context.original_args()["batch_num"]
-        print(f"epoch time: {dt * 1000:.1f} ms, per step time: {dt * 1000 / max(steps, 1):.3f} ms", flush=True)
+        tqdm.write(f"epoch time: {dt * 1000:.1f} ms, per step time: {dt * 1000 / max(steps, 1):.3f} ms")
 
 
 class CheckpointConfig:

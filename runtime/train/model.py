@@ -131,11 +131,11 @@ class Model:
                   "train_network": self.network, "net_outputs": None, "optimizer": self.optimizer}
         ctx = RunContext(params)
         cbs.begin(ctx)
+        bar = tqdm(total=batch_num * epoch, unit="step", disable=not self.progress, dynamic_ncols=True)
         for e in range(1, epoch + 1):
             params["cur_epoch_num"] = e
+            bar.set_description(f"epoch {e}/{epoch}")
             cbs.epoch_begin(ctx)
-            bar = tqdm(total=batch_num, desc=f"epoch {e}/{epoch}", unit="step", disable=not self.progress,
-                       leave=False, dynamic_ncols=True)
             for batch in train_dataset:
                 data, label = _batch_tuple(batch)
                 params["cur_step_num"] += 1
@@ -154,10 +154,10 @@ class Model:
                 cbs.step_end(ctx)
                 if ctx.get_stop_requested():
                     break
-            bar.close()
             cbs.epoch_end(ctx)
             if ctx.get_stop_requested():
                 break
+        bar.close()
         cbs.end(ctx)
         return params
 
