@@ -15,11 +15,13 @@ _state = {
     "enable_graph_kernel": False,
     "device_memory": None,
     "save_graphs": False,
+    "compute_streams": 1,
 }
 
 
 def set_context(**kwargs) -> None:
-    """Set one or more of: mode, device_target, seed, enable_graph_kernel, device_memory, save_graphs."""
+    """Set one or more of: mode, device_target, seed, enable_graph_kernel, device_memory ("512MB"),
+    save_graphs, compute_streams (1 or 2)."""
     for key, value in kwargs.items():
         if key not in _state:
             raise ValueError(f"set_context: unknown option {key!r}; known options are {sorted(_state)}")
@@ -29,6 +31,11 @@ def set_context(**kwargs) -> None:
             raise ValueError(f"set_context: device_target must be one of {_DEVICE_TARGETS}, got {value!r}")
         if key == "seed":
             value = int(value)
+        if key == "compute_streams" and value not in (1, 2):
+            raise ValueError(f"set_context: compute_streams must be 1 or 2, got {value!r}")
+        if key == "device_memory" and value is not None:
+            from runtime.device.memory import parse_size
+            parse_size(value)  # fail here, with the option's name, on a bad size
         _state[key] = value
     if "seed" in kwargs:
         from runtime import random as _random
@@ -43,4 +50,4 @@ def get_context(key: str):
 
 def reset_context() -> None:
     set_context(mode=GRAPH_MODE, device_target="Ascend", seed=0, enable_graph_kernel=False,
-                device_memory=None, save_graphs=False)
+                device_memory=None, save_graphs=False, compute_streams=1)

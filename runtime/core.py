@@ -247,6 +247,29 @@ class GraphBuilder:
         return Tensor(node=node)
 
 
+_annotations: list[dict] = []
+
+
+@contextmanager
+def annotate(**ann):
+    """Annotate every node created inside (e.g. ``phase="backward"``, ``primitive_target="CPU"``)."""
+    _annotations.append(ann)
+    try:
+        yield
+    finally:
+        _annotations.pop()
+
+
+def current_annotations() -> dict:
+    out: dict = {}
+    for a in _annotations:
+        out.update(a)
+    cell = current_cell()
+    if cell is not None and "primitive_target" in getattr(cell, "_attrs", {}):
+        out.setdefault("primitive_target", cell._attrs["primitive_target"])
+    return out
+
+
 _builders: list[GraphBuilder] = []
 
 
@@ -312,13 +335,16 @@ def infer(opname: str, inputs: list[Tensor], attrs: dict):
     return prim, tuple(shape), np.dtype(dtype)
 
 
-def bind(opname: str, inputs: list[Tensor], attrs: dict | None = None) -> Tensor:
+def bind(opname: str, inputs: list[Tensor], attrs: dict | None = None, ann: dict | None = None) -> Tensor:
     attrs = attrs or {}
     prim, shape, dtype = infer(opname, inputs, attrs)
     builder = current_builder()
     if builder is not None:
         nodes = [t.node if (t.node is not None and t.is_symbolic) else builder.leaf_for(t) for t in inputs]
-        node = builder.graph.add(Node(opname, nodes, attrs, shape, dtype, scope=current_scope()))
+        a = current_annotations()
+        if ann:
+            a.update(ann)
+        node = builder.graph.add(Node(opname, nodes, attrs, shape, dtype, scope=current_scope(), ann=a))
         if prim.category == "effect":
             builder.graph.effects.append(node)
         return Tensor(node=node)

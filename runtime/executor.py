@@ -1,23 +1,41 @@
-"""Runs a Graph: the interpreter behind graph mode.
+"""Runs a compiled training step on the simulated device.
 
-``CompiledGraph`` removes dead code, fixes the node order, precomputes each node's kernel,
-input slots and the slots that die after it (so intermediate buffers are released as soon
-as their last user ran), and then runs the list per call. With a hook subscriber it times
-every kernel and emits one ``"op"`` event per node.
+``CompiledGraph(graph)`` compiles the (already placed and stream-assigned) graph into a task list
+(``runtime/device/tasks.py``), reserves device memory for the parameters and the step's planned
+activation peak (raising ``DeviceOutOfMemoryError`` if they do not fit), and runs the tasks:
+
+* one stream with work: every task runs in the calling thread, in order -- no synchronisation;
+* several streams: the first compute stream runs in the calling thread and every other stream in
+  its own worker thread, honouring event-record / event-wait tasks. Kernels release the GIL, so two
+  streams really overlap on two cores.
+
+With a hook subscriber, every task is timed and emitted (``task`` events) after the step, along with
+the memory timeline of the step and the step markers (``last_markers``).
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
+import weakref
 
 import numpy as np
 
 from runtime import hooks
+from runtime.device.memory import DeviceOutOfMemoryError, LiveTensor, fmt_bytes, get_device
+from runtime.device.tasks import TaskList, compile_tasks
 from runtime.ir.graph import Graph, Node, toposort
 from runtime.ops.registry import get_primitive
+
+clock = time.perf_counter_ns
 
 
 class FeedError(ValueError):
     """A value fed to a graph input does not match what the graph was built for."""
+
+
+class StepAborted(RuntimeError):
+    pass
 
 
 def live_nodes(graph: Graph) -> list[Node]:
@@ -26,68 +44,278 @@ def live_nodes(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.id in keep]
 
 
+class _Worker:
+    """A stream's thread: runs one job per step."""
+
+    def __init__(self, name: str):
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=f"stream-{name}", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            job = self.inbox.get()
+            if job is None:
+                return
+            job()
+
+    def stop(self):
+        self.inbox.put(None)
+
+
+def _stop_workers(workers):
+    for w in workers.values():
+        w.stop()
+
+
 class CompiledGraph:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, device=None):
+        from runtime.passes import device_passes
+        from runtime.passes.dce import dce
+
+        graph = dce(graph)
+        if any("stream" not in n.ann for n in graph.nodes if n.op not in ("input", "param", "const")):
+            graph = device_passes(graph)
         self.graph = graph
-        self.nodes = live_nodes(graph)
-        slot = {n.id: k for k, n in enumerate(self.nodes)}
-        last_use: dict[int, int] = {}
-        for k, n in enumerate(self.nodes):
-            for i in n.inputs:
-                last_use[i.id] = k
-        keep = {n.id for n in graph.roots()}
-        frees: list[list[int]] = [[] for _ in self.nodes]
-        for nid, k in last_use.items():
-            if nid not in keep and self.nodes[slot[nid]].op not in ("param", "const"):
-                frees[k].append(slot[nid])
+        self.tl: TaskList = compile_tasks(graph)
+        self.nodes = self.tl.nodes
+        self.device = device or get_device()
+        self._reserve_memory()
+        slot = self.tl.slot
         self.inputs: dict[str, Node] = {n.attrs["name"]: n for n in self.nodes if n.op == "input"}
-        self.steps = []
-        for k, n in enumerate(self.nodes):
-            if n.op in ("input", "param", "const"):
-                continue
-            prim = get_primitive(n.op)
-            attrs = n.attrs
-            flops, nbytes = prim.cost(n)
-            self.steps.append((k, prim.kernel, [slot[i.id] for i in n.inputs], attrs, tuple(frees[k]), n,
-                               flops, nbytes))
-        self.leaves = [(slot[n.id], n) for n in self.nodes if n.op in ("param", "const")]
         self.input_slots = [(slot[n.id], n) for n in self.inputs.values()]
         self.out_slots = {name: slot[n.id] for name, n in graph.outputs.items()}
+        self._template: list = [None] * len(self.nodes)
+        for n in self.nodes:
+            if n.op == "param":
+                self._template[slot[n.id]] = n.attrs["_var"].data
+            elif n.op == "const":
+                self._template[slot[n.id]] = n.attrs["value"]
+        active = [s for s, ts in self.tl.streams.items() if ts]
+        self.main_stream = next((s for s in ("aicore0", "aicore1", "aicpu", "host", "comm") if s in active),
+                                None)
+        self.other_streams = [s for s in active if s != self.main_stream]
+        self._workers: dict[str, _Worker] = {}
+        # the single-stream fast path: (out, kernel, ins, attrs, frees) tuples
+        self._flat = [(t.out, t.kernel, t.ins, t.attrs, t.frees) for t in self.tl.tasks if t.kind not in
+                      ("event_record", "event_wait")]
+        self.steps = self._flat  # kernel launches per step (len() is the task count)
+        self.last_markers: dict | None = None
 
-    def __call__(self, feeds: dict[str, np.ndarray], step: int | None = None) -> dict[str, np.ndarray]:
-        env: list = [None] * len(self.nodes)
-        for k, n in self.leaves:
-            env[k] = n.attrs["_var"].data if n.op == "param" else n.attrs["value"]
+    # -- memory --------------------------------------------------------------------------------
+    def _reserve_memory(self):
+        dev = self.device
+        plan = self.tl.plan
+        what = f"while compiling {self.graph.name!r}"
+        try:
+            dev.make_resident(self.tl.device_params, what)
+        except DeviceOutOfMemoryError as e:
+            raise DeviceOutOfMemoryError(e.capacity, e.in_use, e.requested, e.largest,
+                                         f"{what} (placing the parameters on the device)") from None
+        if plan.peak:
+            largest = [LiveTensor(b.name, b.size, b.op, b.shape, b.dtype) for b in plan.live_at_peak[:5]]
+            try:
+                self.workspace = dev.pool.alloc(plan.peak, LiveTensor(f"{self.graph.name}.workspace", plan.peak,
+                                                                      "activations"), "workspace", what)
+            except DeviceOutOfMemoryError as e:
+                params = [b.tensor for b in dev.pool.live_blocks() if b.kind == "parameter"]
+                params.sort(key=lambda t: -t.size)
+                raise DeviceOutOfMemoryError(
+                    e.capacity, e.in_use, e.requested, sorted(largest + params[:3], key=lambda t: -t.size)[:6],
+                    f"{what} (the step's activations need {fmt_bytes(plan.peak)} at their peak)") from None
+            weakref.finalize(self, dev.pool.free, self.workspace)
+        else:
+            self.workspace = None
+
+    def memory_summary(self) -> dict:
+        return {"planned_peak": self.tl.plan.peak, "naive_total": self.tl.plan.total_naive(),
+                "parameters": sum(p.data.nbytes for p in self.tl.device_params),
+                "host_parameters": sum(p.data.nbytes for p in self.tl.host_params)}
+
+    # -- running ----------------------------------------------------------------------------------
+    def _bind_inputs(self, env, feeds, copy: bool):
         for k, n in self.input_slots:
             name = n.attrs["name"]
             if name not in feeds:
                 raise FeedError(f"{self.graph.name}: no value fed for input {name!r}")
             v = feeds[name]
-            if v.shape != n.shape or v.dtype != n.dtype:
+            if not isinstance(v, np.ndarray) or v.shape != n.shape or v.dtype != n.dtype:
+                v = np.asarray(v)
                 raise FeedError(f"{self.graph.name}: input {name!r} expects {n.shape} {n.dtype}, "
                                 f"got {v.shape} {v.dtype}")
-            env[k] = v
-        if hooks.listening:
-            self._run_traced(env, step)
-        else:
-            for k, kernel, ins, attrs, frees, _n, _f, _b in self.steps:
-                env[k] = kernel(*[env[i] for i in ins], **attrs)
+            env[k] = np.array(v, copy=True) if copy else v
+
+    def __call__(self, feeds: dict, step: int | None = None, get_next: tuple | None = None) -> dict:
+        """Run one step. ``get_next=(t0, t1)``: the inputs were dequeued from the device queue
+        (data sink mode) during [t0, t1] and are already on the device; otherwise they are copied
+        host->device first."""
+        tracing = hooks.listening
+        t_begin = clock()
+        env = list(self._template)
+        c0 = clock() if tracing else 0
+        self._bind_inputs(env, feeds, copy=get_next is None)
+        c1 = clock() if tracing else 0
+        if not self.other_streams and not tracing:
+            for out, kernel, ins, attrs, frees in self._flat:
+                env[out] = kernel(*[env[i] for i in ins], **attrs)
                 for f in frees:
                     env[f] = None
-        return {name: env[k] for name, k in self.out_slots.items()}
+            records = None
+        else:
+            records = self._run_streams(env, tracing)
+        result = {name: env[k] for name, k in self.out_slots.items()}
+        if tracing:
+            self._emit(records, step, t_begin, (c0, c1), get_next)
+        return result
 
-    def _run_traced(self, env, step):
-        clock = time.perf_counter_ns
+    def _run_stream(self, stream: str, env, events, abort, records):
+        rec = records.setdefault(stream, []) if records is not None else None
+        for t in self.tl.streams[stream]:
+            if abort:
+                return
+            kind = t.kind
+            if kind == "event_wait":
+                t0 = clock()
+                events[t.event].wait()
+                if abort:
+                    return
+                if rec is not None:
+                    rec.append((t, t0, clock()))
+            elif kind == "event_record":
+                events[t.event].set()
+                if rec is not None:
+                    now = clock()
+                    rec.append((t, now, now))
+            else:
+                t0 = clock() if rec is not None else 0
+                env[t.out] = t.kernel(*[env[i] for i in t.ins], **t.attrs)
+                if rec is not None:
+                    rec.append((t, t0, clock()))
+                for f in t.frees:
+                    env[f] = None
+
+    def _run_streams(self, env, tracing: bool):
+        records: dict | None = {} if tracing else None
+        if not self.other_streams:
+            self._run_stream(self.main_stream, env, None, [], records)
+            return records
+        events = [threading.Event() for _ in range(self.tl.n_events)]
+        abort: list = []
+        errors: list = []
+        done = []
+
+        def job(stream):
+            finished = threading.Event()
+            done.append(finished)
+
+            def run():
+                try:
+                    self._run_stream(stream, env, events, abort, records)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    errors.append((stream, e))
+                    abort.append(True)
+                    for ev in events:
+                        ev.set()
+                finally:
+                    finished.set()
+            return run
+
+        for s in self.other_streams:
+            w = self._workers.get(s)
+            if w is None:
+                if not self._workers:
+                    weakref.finalize(self, _stop_workers, self._workers)
+                w = self._workers[s] = _Worker(s)
+            w.inbox.put(job(s))
+        try:
+            self._run_stream(self.main_stream, env, events, abort, records)
+        except BaseException as e:  # noqa: BLE001
+            errors.append((self.main_stream, e))
+            abort.append(True)
+            for ev in events:
+                ev.set()
+        for f in done:
+            f.wait()
+        if errors:
+            stream, err = errors[0]
+            raise err
+        for f in self.tl.step_frees:
+            env[f] = None
+        return records
+
+    # -- events ------------------------------------------------------------------------------------
+    def _emit(self, records, step, t_begin, copy_times, get_next):
         emit = hooks.emit
-        for k, kernel, ins, attrs, frees, n, flops, nbytes in self.steps:
-            t0 = clock()
-            env[k] = kernel(*[env[i] for i in ins], **attrs)
-            t1 = clock()
-            emit("op", {"name": n.name, "op": n.op, "scope": n.scope, "start_ns": t0, "end_ns": t1,
-                        "shape": n.shape, "dtype": n.dtype.name, "flops": flops, "bytes": nbytes,
-                        "step": step, "graph": self.graph.name})
-            for f in frees:
-                env[f] = None
+        gname = self.graph.name
+        flat = [r for rs in records.values() for r in rs]
+        flat.sort(key=lambda r: r[1])
+        if get_next is not None:
+            emit("task", {"task_id": -1, "name": "GetNext", "op": "get_next", "kind": "get_next", "stream_id": 0,
+                          "stream": "aicore0", "scope": "", "start_ns": get_next[0], "end_ns": get_next[1],
+                          "step": step, "graph": gname, "shape": (), "dtype": "", "flops": 0, "bytes": 0,
+                          "phase": "input"})
+        else:
+            nbytes = sum(n.nbytes for _, n in self.input_slots)
+            emit("task", {"task_id": -1, "name": "feed_inputs", "op": "copy_h2d", "kind": "memcpy_h2d",
+                          "stream_id": 4, "stream": "host", "scope": "", "start_ns": copy_times[0],
+                          "end_ns": copy_times[1], "step": step, "graph": gname, "shape": (), "dtype": "",
+                          "flops": 0, "bytes": nbytes, "phase": "input"})
+        fp_start = bp_end = None
+        fp_op = bp_op = ""
+        for t, t0, t1 in flat:
+            n = t.node
+            ev = {"task_id": t.task_id, "name": t.name, "op": t.op, "kind": t.kind, "stream_id": t.stream_id,
+                  "stream": t.stream, "scope": n.scope if n is not None else "", "start_ns": t0, "end_ns": t1,
+                  "step": step, "graph": gname, "shape": n.shape if n is not None else (),
+                  "dtype": n.dtype.name if n is not None else "", "flops": t.flops, "bytes": t.nbytes,
+                  "phase": t.phase}
+            if n is not None and "fused_ops" in n.ann:
+                ev["fused_ops"] = list(n.ann["fused_ops"])
+            emit("task", ev)
+            if t.kind in ("kernel", "memcpy_h2d", "memcpy_d2h"):
+                if fp_start is None and t.phase == "forward":
+                    fp_start, fp_op = t0, t.name
+                if t.phase == "backward" and (bp_end is None or t1 > bp_end):
+                    bp_end, bp_op = t1, t.name
+        t_end = max([r[2] for r in flat], default=clock())
+        self._emit_memory(flat, step)
+        start = get_next[0] if get_next is not None else t_begin
+        self.last_markers = {
+            "start_ns": start, "get_next_start_ns": get_next[0] if get_next else copy_times[0],
+            "get_next_end_ns": get_next[1] if get_next else copy_times[1],
+            "fp_start_ns": fp_start if fp_start is not None else t_begin,
+            "bp_end_ns": bp_end if bp_end is not None else (fp_start or t_begin),
+            "end_ns": t_end, "fp_start_op": fp_op, "bp_end_op": bp_op}
+
+    def _emit_memory(self, flat, step):
+        """The device memory timeline of this step: an alloc when a task writes a planned buffer,
+        a free when the task that last reads it ends (or at the end of the step)."""
+        plan = {b.key: b for b in self.tl.plan.buffers}
+        base = self.device.parameter_bytes()
+        cap = self.device.pool.capacity
+        evs = []
+        end_of_step = max((r[2] for r in flat), default=0)
+        freed_at: dict[int, int] = {}
+        for t, t0, t1 in flat:
+            for f in t.frees:
+                freed_at[f] = t1
+        for t, t0, t1 in flat:
+            if t.node is None:
+                continue
+            b = plan.get(t.node.id)
+            if b is None:
+                continue
+            evs.append((t0, 1, b, t.node))
+            evs.append((freed_at.get(t.out, end_of_step), -1, b, t.node))
+        evs.sort(key=lambda e: (e[0], -e[1]))
+        in_use = base
+        emit = hooks.emit
+        for ts, sign, b, n in evs:
+            in_use += sign * b.size
+            emit("memory", {"t_ns": ts, "action": "alloc" if sign > 0 else "free", "device": "device",
+                            "kind": "activation", "tensor": n.name, "op": n.op, "size": b.size, "offset": b.offset,
+                            "in_use": in_use, "capacity": cap, "step": step, "shape": n.shape,
+                            "dtype": n.dtype.name, "scope": n.scope})
 
 
 def evaluate(nodes: list[Node], values: dict[int, np.ndarray], targets: list[Node]) -> dict[int, np.ndarray]:

@@ -161,14 +161,18 @@ def test_hook_sees_every_op_only_while_subscribed(digits):
         model.train(1, [(x, y), (x, y)])
     finally:
         hooks.unsubscribe(listener)
-    ops = [e for k, e in events if k == "op"]
-    assert len(ops) == 2 * len(exe.steps)  # one event per kernel launch per step
-    assert {e["step"] for e in ops} == {1, 2}
-    assert all(e["end_ns"] >= e["start_ns"] for e in ops)
-    conv = next(e for e in ops if e["op"] == "conv2d")
+    kernels = [e for k, e in events if k == "task" and e["kind"] == "kernel"]
+    assert len(kernels) == 2 * len(exe.steps)  # one event per kernel launch per step
+    assert {e["step"] for e in kernels} == {1, 2}
+    assert all(e["end_ns"] >= e["start_ns"] for e in kernels)
+    conv = next(e for e in kernels if e["op"] == "conv2d")
     assert conv["flops"] == 2 * 8 * 4 * 8 * 8 * 9 and conv["scope"].endswith("conv1")
+    assert conv["stream"] == "aicore0" and conv["phase"] == "forward"
     steps = [e for k, e in events if k == "step"]
     assert [e["phase"] for e in steps] == ["begin", "end", "begin", "end"]
+    for end in steps[1::2]:  # markers in order: data in, forward starts, backward ends, step ends
+        assert end["get_next_start_ns"] <= end["get_next_end_ns"] <= end["fp_start_ns"] < end["bp_end_ns"] <= end["end_ns"]
+        assert end["fp_start_op"].startswith("conv2d") and end["bp_end_op"]
     events.clear()
     model.train_step(x, y)
     assert events == [] and not hooks.listening

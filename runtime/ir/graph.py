@@ -10,7 +10,11 @@ Leaf ops:
                   the executor binds it to the variable's storage by name.
   * ``const``  -- a literal; attrs["value"] is a numpy array.
 
-Every pass is a function Graph -> Graph; nodes are never shared between graphs.
+``attrs`` parameterise the kernel (they are passed to it as keyword arguments); ``ann`` holds
+annotations for passes and the executor: the training ``phase`` (forward / backward / update),
+``primitive_target`` ("CPU" pins an op to the host), and what the placement and stream passes decide.
+
+Every pass is a function Graph -> Graph.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 _ids = itertools.count(1)
+_SHOWN_ANN = ("placement", "stream", "fused_ops")
 
 
 class IRError(Exception):
@@ -27,10 +32,10 @@ class IRError(Exception):
 
 
 class Node:
-    __slots__ = ("id", "op", "inputs", "attrs", "shape", "dtype", "deps", "scope", "name")
+    __slots__ = ("id", "op", "inputs", "attrs", "shape", "dtype", "deps", "scope", "name", "ann")
 
     def __init__(self, op: str, inputs: Iterable["Node"], attrs: dict | None, shape, dtype,
-                 scope: str = "", deps: Iterable["Node"] = ()):
+                 scope: str = "", deps: Iterable["Node"] = (), ann: dict | None = None):
         self.id = next(_ids)
         self.op = op
         self.inputs = list(inputs)
@@ -40,6 +45,9 @@ class Node:
         self.deps = list(deps)
         self.scope = scope
         self.name = f"{op}_{self.id}"
+        # annotations that passes read and write (phase, primitive_target, placement, stream, ...);
+        # unlike attrs they are never passed to the kernel
+        self.ann = dict(ann or {})
 
     @property
     def size(self) -> int:
@@ -157,6 +165,9 @@ class Graph:
             if n.deps:
                 d = " after(" + ", ".join(f"%{num[i.id]}" for i in n.deps) + ")"
             shape = "x".join(str(s) for s in n.shape) or "scalar"
+            shown = {k: n.ann[k] for k in _SHOWN_ANN if k in n.ann}
+            if shown:
+                d += " [" + ", ".join(f"{k}={v}" for k, v in shown.items()) + "]"
             scope = f"  # {n.scope}" if n.scope else ""
             lines.append(f"  %{num[n.id]} = {n.op}({args}){a}{d} : {n.dtype}[{shape}]{scope}")
         for name, n in self.outputs.items():

@@ -57,6 +57,7 @@ class Optimizer:
         self.learning_rate = Parameter(np.asarray(lr0, np.float32), name="learning_rate", requires_grad=False)
         self.global_step = 0
         self._state: list[Parameter] = [self.learning_rate]
+        self.target: str | None = None  # "CPU": run the update on the host (MindSpore's optimizer.target)
 
     # -- learning-rate schedule -----------------------------------------------------------------
     def _lr_at(self, step: int) -> float:
@@ -77,6 +78,7 @@ class Optimizer:
     # -- state ----------------------------------------------------------------------------------
     def _slot(self, p: Parameter, kind: str, init=0.0) -> Parameter:
         s = Parameter(np.full(p.shape, init, dtype=p.dtype), name=f"{kind}.{p.name}", requires_grad=False)
+        s.owner = p
         self._state.append(s)
         return s
 

@@ -7,7 +7,7 @@ from runtime.core import Tensor
 
 
 class Parameter(Tensor):
-    __slots__ = ("name", "requires_grad", "_named")
+    __slots__ = ("name", "requires_grad", "_named", "owner")
 
     def __init__(self, data, name: str | None = None, requires_grad: bool = True):
         if isinstance(data, Tensor):
@@ -19,6 +19,7 @@ class Parameter(Tensor):
         self.name = name or "Parameter"
         self._named = name is not None
         self.requires_grad = requires_grad
+        self.owner: "Parameter | None" = None  # for optimizer state: the parameter it belongs to
 
     @property
     def data(self) -> np.ndarray:

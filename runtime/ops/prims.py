@@ -862,3 +862,16 @@ def _unique_mask(ids):
 register(Primitive("unique_ids", "opaque", _ids_check("unique_ids"), _unique_ids))
 register(Primitive("unique_rows_sum", "opaque", _ids_check("unique_rows_sum"), _unique_rows_sum))
 register(Primitive("unique_mask", "opaque", _ids_check("unique_mask"), _unique_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# host <-> device copies (inserted by the placement pass; a real memcpy)
+# ----------------------------------------------------------------------------------------------
+def _copy(x):
+    return np.array(x, copy=True, order="C")
+
+
+register(Primitive("copy_h2d", "copy", lambda s, d, a: (s[0], d[0]), _copy,
+                   cost_fn=lambda n: (0, 2 * n.nbytes)))
+register(Primitive("copy_d2h", "copy", lambda s, d, a: (s[0], d[0]), _copy,
+                   cost_fn=lambda n: (0, 2 * n.nbytes)))

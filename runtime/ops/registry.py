@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-CATEGORIES = ("elementwise", "broadcast", "reduce", "injective", "opaque", "source", "effect")
+CATEGORIES = ("elementwise", "broadcast", "reduce", "injective", "opaque", "source", "effect", "copy")
 
 
 class ShapeError(ValueError):

@@ -3,6 +3,8 @@
 ``pipeline(graph)`` is what Model runs on a traced training step before execution:
   dce            -- drop nodes no output or effect needs (first, so dead readers add no ordering);
   order_effects  -- control dependencies so in-place updates run after every reader;
+  place          -- host/device placement, copies inserted at the boundaries;
+  assign_streams -- AI Core / AI CPU / host streams for the task compiler;
   verify         -- the IR verifier, after every pass when save_graphs/debug is on.
 Later passes (graph-kernel fusion, fake-quant insertion, host/device placement, stream
 assignment) slot in here behind their context switches.
@@ -13,11 +15,18 @@ from runtime import context
 from runtime.ir.graph import Graph
 from runtime.passes.dce import dce
 from runtime.passes.effects import order_effects
+from runtime.passes.placement import place
+from runtime.passes.streams import assign_streams
+
+
+def device_passes(graph: Graph) -> Graph:
+    """The passes that prepare a graph for the device: placement, then streams."""
+    return assign_streams(place(graph))
 
 
 def pipeline(graph: Graph) -> Graph:
     graph.verify()
-    passes = [dce, order_effects]
+    passes = [dce, order_effects, place, assign_streams]
     for p in passes:
         graph = p(graph)
         if context.get_context("save_graphs"):

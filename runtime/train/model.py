@@ -58,14 +58,18 @@ class Model:
         with building(b):
             x = b.input("data", data.shape, data.dtype)
             y = b.input("label", label.shape, label.dtype)
-            logits = self.network(x)
-            loss = self.loss_fn(logits, y)
+            with core.annotate(phase="forward"):
+                logits = self.network(x)
+                loss = self.loss_fn(logits, y)
             if loss.size != 1:
                 raise ValueError(f"Model: the loss must be a scalar but {self.loss_fn!r} returned shape "
                                  f"{loss.shape}; use reduction='mean'")
             params = self.optimizer.parameters
-            grads = grad(loss, params, sparse=self.optimizer.sparse)
-            self.optimizer(grads)
+            with core.annotate(phase="backward"):
+                grads = grad(loss, params, sparse=self.optimizer.sparse)
+            target = {"primitive_target": self.optimizer.target} if self.optimizer.target else {}
+            with core.annotate(phase="update", **target):
+                self.optimizer(grads)
         g.outputs = {"loss": loss.node, "logits": logits.node}
         return g
 
@@ -99,11 +103,15 @@ class Model:
         return self._compiled(self._train_graphs, self.build_train_graph, data, label)
 
     # -- one step ---------------------------------------------------------------------------------
-    def train_step(self, data: np.ndarray, label: np.ndarray) -> float:
-        """Run one training step on a batch; returns the loss."""
+    def train_step(self, data: np.ndarray, label: np.ndarray, get_next: tuple | None = None) -> float:
+        """Run one training step on a batch; returns the loss. ``get_next=(t0, t1)`` says the batch came
+        from the device queue (data sink mode) and is already on the device."""
         self.optimizer.step_begin(self.step)
+        self.last_markers = None
         if context.get_context("mode") == context.GRAPH_MODE:
-            out = self.train_graph(data, label)({"data": data, "label": label}, step=self.step)
+            exe = self.train_graph(data, label)
+            out = exe({"data": data, "label": label}, step=self.step, get_next=get_next)
+            self.last_markers = exe.last_markers
             loss = out["loss"]
         else:
             self.network.set_train(True)
@@ -118,46 +126,89 @@ class Model:
         return float(loss)
 
     # -- loops ------------------------------------------------------------------------------------------
-    def train(self, epoch: int, train_dataset, callbacks=None, dataset_sink_mode: bool = False):
-        if dataset_sink_mode:
-            raise ValueError("Model.train: dataset_sink_mode=True needs the device data queue, which this "
-                             "runtime does not provide yet; pass dataset_sink_mode=False")
+    def _batches(self, train_dataset, epoch: int, sink: bool, queue_size: int):
+        """Yields (epoch, data, label, get_next) for every step; in sink mode through the device queue."""
+        if not sink:
+            for e in range(1, epoch + 1):
+                for batch in train_dataset:
+                    yield e, *_batch_tuple(batch), None
+                yield e, None, None, None  # end of epoch
+            return
+        from runtime.device.queue import SinkFeeder
+
+        feeder = SinkFeeder(train_dataset, epoch, queue_size, _batch_tuple)
+        self.sink_queue = feeder.queue
+        try:
+            per_epoch = self._batch_num
+            for e in range(1, epoch + 1):
+                for _ in range(per_epoch):
+                    feeder.queue.step = self.step
+                    try:
+                        (data, label), t0, t1 = feeder.queue.pop()
+                    except StopIteration:
+                        break
+                    yield e, data, label, (t0, t1)
+                yield e, None, None, None
+        finally:
+            feeder.close()
+
+    def train(self, epoch: int, train_dataset, callbacks=None, dataset_sink_mode: bool = False,
+              sink_queue_size: int = 8):
+        """Train for ``epoch`` passes over ``train_dataset``. With ``dataset_sink_mode=True`` (GRAPH_MODE)
+        a host thread feeds batches through a bounded host->device queue and each step starts with a
+        GetNext task that dequeues one."""
+        if dataset_sink_mode and context.get_context("mode") != context.GRAPH_MODE:
+            raise ValueError("Model.train: dataset_sink_mode=True needs GRAPH_MODE; set "
+                             "context.set_context(mode=context.GRAPH_MODE) or pass dataset_sink_mode=False")
         cbs = CallbackList(callbacks if isinstance(callbacks, (list, tuple)) else ([callbacks] if callbacks else []))
         try:
             batch_num = train_dataset.get_dataset_size()
         except (AttributeError, TypeError):
             batch_num = len(train_dataset)
+        self._batch_num = batch_num
         params = {"epoch_num": epoch, "batch_num": batch_num, "cur_epoch_num": 0, "cur_step_num": 0,
-                  "train_network": self.network, "net_outputs": None, "optimizer": self.optimizer}
+                  "train_network": self.network, "net_outputs": None, "optimizer": self.optimizer,
+                  "dataset_sink_mode": bool(dataset_sink_mode)}
         ctx = RunContext(params)
         cbs.begin(ctx)
         bar = tqdm(total=batch_num * epoch, unit="step", disable=not self.progress, dynamic_ncols=True)
-        for e in range(1, epoch + 1):
-            params["cur_epoch_num"] = e
-            bar.set_description(f"epoch {e}/{epoch}")
-            cbs.epoch_begin(ctx)
-            for batch in train_dataset:
-                data, label = _batch_tuple(batch)
+        batches = self._batches(train_dataset, epoch, dataset_sink_mode, sink_queue_size)
+        cur_epoch = 0
+        try:
+            t_begin = time.perf_counter_ns()
+            for e, data, label, get_next in batches:
+                if e != cur_epoch:  # the first item of a new epoch
+                    cur_epoch = params["cur_epoch_num"] = e
+                    bar.set_description(f"epoch {e}/{epoch}")
+                    cbs.epoch_begin(ctx)
+                if data is None:  # the end of an epoch
+                    cbs.epoch_end(ctx)
+                    if ctx.get_stop_requested():
+                        break
+                    t_begin = time.perf_counter_ns()
+                    continue
                 params["cur_step_num"] += 1
                 cbs.step_begin(ctx)
                 if hooks.listening:
-                    hooks.emit("step", {"phase": "begin", "step": self.step, "epoch": e,
-                                        "t_ns": time.perf_counter_ns()})
-                loss = self.train_step(data, label)
+                    hooks.emit("step", {"phase": "begin", "step": self.step, "epoch": e, "t_ns": t_begin})
+                loss = self.train_step(data, label, get_next)
                 if hooks.listening:
-                    hooks.emit("step", {"phase": "end", "step": self.step - 1, "epoch": e,
-                                        "t_ns": time.perf_counter_ns(), "loss": loss})
+                    ev = {"phase": "end", "step": self.step - 1, "epoch": e, "t_ns": time.perf_counter_ns(),
+                          "loss": loss}
+                    ev.update(self.last_markers or {})
+                    hooks.emit("step", ev)
                 params["net_outputs"] = np.float32(loss)
                 bar.update(1)
                 if params["cur_step_num"] % 10 == 0:
                     bar.set_postfix(loss=f"{loss:.4f}")
                 cbs.step_end(ctx)
                 if ctx.get_stop_requested():
+                    cbs.epoch_end(ctx)
                     break
-            cbs.epoch_end(ctx)
-            if ctx.get_stop_requested():
-                break
-        bar.close()
+                t_begin = time.perf_counter_ns()
+        finally:
+            batches.close()
+            bar.close()
         cbs.end(ctx)
         return params
 

@@ -1,0 +1,130 @@
+"""The host->device data queue of data sink mode.
+
+A host thread pulls batches from the dataset, copies them host->device (a real memcpy, timed) and
+pushes them into a bounded queue; the step's GetNext task pops from it. Every push and pop records
+the queue depth and how long it blocked (full on push, empty on pop).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from runtime import hooks
+
+clock = time.perf_counter_ns
+_END = object()
+
+
+class DeviceQueue:
+    def __init__(self, capacity: int = 8):
+        if capacity < 1:
+            raise ValueError(f"DeviceQueue: capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self._items: deque = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.pushes = self.pops = 0
+        self.empty_pops = 0   # pops that found the queue empty and had to wait
+        self.full_pushes = 0  # pushes that found the queue full and had to wait
+        self.step = None
+
+    def push(self, item) -> bool:
+        """Blocks while full; returns False if the queue was closed."""
+        t0 = clock()
+        with self._cv:
+            waited = False
+            while len(self._items) >= self.capacity and not self._closed:
+                waited = True
+                self._cv.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            depth = len(self._items)
+            self.pushes += 1
+            self.full_pushes += waited
+            self._cv.notify_all()
+        if hooks.listening:
+            hooks.emit("device_queue", {"t_ns": clock(), "action": "push", "depth": depth, "capacity": self.capacity,
+                                        "wait_ns": clock() - t0 if waited else 0, "step": self.step})
+        return True
+
+    def pop(self):
+        """Blocks while empty; returns (item, t_start, t_end) or raises StopIteration at the end."""
+        t0 = clock()
+        with self._cv:
+            waited = False
+            while not self._items and not self._closed:
+                waited = True
+                self._cv.wait()
+            if not self._items:
+                if self._error is not None:
+                    raise self._error
+                raise StopIteration
+            item = self._items.popleft()
+            if item is _END:
+                self._items.appendleft(item)
+                raise StopIteration
+            depth = len(self._items)
+            self.pops += 1
+            self.empty_pops += waited
+            self._cv.notify_all()
+        t1 = clock()
+        if hooks.listening:
+            hooks.emit("device_queue", {"t_ns": t1, "action": "pop", "depth": depth, "capacity": self.capacity,
+                                        "wait_ns": t1 - t0 if waited else 0, "step": self.step})
+        return item, t0, t1
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The producer is done (or failed): consumers drain what is left, then stop."""
+        with self._cv:
+            self._error = error
+            if error is None:
+                self._items.append(_END)
+            else:
+                self._closed = True
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+class SinkFeeder:
+    """The host thread of sink mode: dataset -> H2D copy -> DeviceQueue, for ``epochs`` passes."""
+
+    def __init__(self, dataset, epochs: int, capacity: int = 8, to_arrays=None):
+        self.queue = DeviceQueue(capacity)
+        self._dataset = dataset
+        self._epochs = epochs
+        self._to_arrays = to_arrays or (lambda b: tuple(np.asarray(x) for x in b))
+        self.thread = threading.Thread(target=self._run, name="sink-feeder", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for _ in range(self._epochs):
+                for batch in self._dataset:
+                    arrays = self._to_arrays(batch)
+                    t0 = clock()
+                    dev = tuple(np.array(a, copy=True, order="C") for a in arrays)  # the H2D copy
+                    t1 = clock()
+                    if hooks.listening:
+                        hooks.emit("task", {"task_id": -2, "name": "TransferData", "op": "copy_h2d",
+                                            "kind": "memcpy_h2d", "stream_id": 4, "stream": "host", "scope": "",
+                                            "start_ns": t0, "end_ns": t1, "step": None, "graph": "data_sink",
+                                            "shape": dev[0].shape, "dtype": dev[0].dtype.name, "flops": 0,
+                                            "bytes": int(sum(a.nbytes for a in dev)), "phase": "input"})
+                    if not self.queue.push(dev):
+                        return
+            self.queue.finish()
+        except BaseException as e:  # noqa: BLE001 - delivered to the consumer
+            self.queue.finish(e)
+
+    def close(self):
+        self.queue.close()
+        self.thread.join(timeout=5)
