@@ -101,6 +101,10 @@ class CompiledGraph:
                       ("event_record", "event_wait")]
         self.steps = self._flat  # kernel launches per step (len() is the task count)
         self.last_markers: dict | None = None
+        self._table_generation = -1
+        kern = [t.kind in ("kernel", "memcpy_h2d", "memcpy_d2h") for t in self.tl.tasks]
+        self._phase_masks = (np.array([k and t.phase == "forward" for k, t in zip(kern, self.tl.tasks)], bool),
+                             np.array([k and t.phase == "backward" for k, t in zip(kern, self.tl.tasks)], bool))
 
     # -- memory --------------------------------------------------------------------------------
     def _reserve_memory(self):
@@ -180,17 +184,17 @@ class CompiledGraph:
                 if abort:
                     return
                 if rec is not None:
-                    rec.append((t, t0, clock()))
+                    rec.append((t.task_id, t0, clock()))
             elif kind == "event_record":
                 events[t.event].set()
                 if rec is not None:
                     now = clock()
-                    rec.append((t, now, now))
+                    rec.append((t.task_id, now, now))
             else:
                 t0 = clock() if rec is not None else 0
                 env[t.out] = t.kernel(*[env[i] for i in t.ins], **t.attrs)
                 if rec is not None:
-                    rec.append((t, t0, clock()))
+                    rec.append((t.task_id, t0, clock()))
                 for f in t.frees:
                     env[f] = None
 
@@ -244,78 +248,76 @@ class CompiledGraph:
         return records
 
     # -- events ------------------------------------------------------------------------------------
+    def task_table(self) -> dict:
+        """Static description of every task and planned buffer (columns of equal length)."""
+        tasks = self.tl.tasks
+        plan = {b.key: b for b in self.tl.plan.buffers}
+        free_task: dict[int, int] = {}
+        for t in tasks:
+            for f in t.frees:
+                free_task[f] = t.task_id
+        cols = {k: [] for k in ("task_id", "name", "op", "kind", "stream", "stream_id", "scope", "shape", "dtype",
+                                "flops", "bytes", "phase", "fused_ops", "out_size", "out_offset", "free_task_id")}
+        for t in tasks:
+            n = t.node
+            b = plan.get(n.id) if n is not None else None
+            cols["task_id"].append(t.task_id)
+            cols["name"].append(t.name)
+            cols["op"].append(t.op)
+            cols["kind"].append(t.kind)
+            cols["stream"].append(t.stream)
+            cols["stream_id"].append(t.stream_id)
+            cols["scope"].append(n.scope if n is not None else "")
+            cols["shape"].append("x".join(map(str, n.shape)) if n is not None else "")
+            cols["dtype"].append(n.dtype.name if n is not None else "")
+            cols["flops"].append(int(t.flops))
+            cols["bytes"].append(int(t.nbytes))
+            cols["phase"].append(t.phase or "")
+            cols["fused_ops"].append(",".join(n.ann.get("fused_ops", ())) if n is not None else "")
+            cols["out_size"].append(b.size if b is not None else 0)
+            cols["out_offset"].append(b.offset if b is not None else -1)
+            cols["free_task_id"].append(free_task.get(t.out, -1) if b is not None else -1)
+        return cols
+
     def _emit(self, records, step, t_begin, copy_times, get_next):
         emit = hooks.emit
         gname = self.graph.name
-        flat = [r for rs in records.values() for r in rs]
-        flat.sort(key=lambda r: r[1])
+        if self._table_generation != hooks.generation:  # a new listener has not seen this graph yet
+            self._table_generation = hooks.generation
+            emit("task_table", {"graph": gname, "graph_id": id(self), "planned_peak": self.tl.plan.peak,
+                                "parameter_bytes": self.device.parameter_bytes(),
+                                "capacity": self.device.pool.capacity, "columns": self.task_table()})
         if get_next is not None:
             emit("task", {"task_id": -1, "name": "GetNext", "op": "get_next", "kind": "get_next", "stream_id": 0,
                           "stream": "aicore0", "scope": "", "start_ns": get_next[0], "end_ns": get_next[1],
-                          "step": step, "graph": gname, "shape": (), "dtype": "", "flops": 0, "bytes": 0,
+                          "step": step, "graph": gname, "shape": "", "dtype": "", "flops": 0, "bytes": 0,
                           "phase": "input"})
         else:
             nbytes = sum(n.nbytes for _, n in self.input_slots)
             emit("task", {"task_id": -1, "name": "feed_inputs", "op": "copy_h2d", "kind": "memcpy_h2d",
                           "stream_id": 4, "stream": "host", "scope": "", "start_ns": copy_times[0],
-                          "end_ns": copy_times[1], "step": step, "graph": gname, "shape": (), "dtype": "",
+                          "end_ns": copy_times[1], "step": step, "graph": gname, "shape": "", "dtype": "",
                           "flops": 0, "bytes": nbytes, "phase": "input"})
-        fp_start = bp_end = None
-        fp_op = bp_op = ""
-        for t, t0, t1 in flat:
-            n = t.node
-            ev = {"task_id": t.task_id, "name": t.name, "op": t.op, "kind": t.kind, "stream_id": t.stream_id,
-                  "stream": t.stream, "scope": n.scope if n is not None else "", "start_ns": t0, "end_ns": t1,
-                  "step": step, "graph": gname, "shape": n.shape if n is not None else (),
-                  "dtype": n.dtype.name if n is not None else "", "flops": t.flops, "bytes": t.nbytes,
-                  "phase": t.phase}
-            if n is not None and "fused_ops" in n.ann:
-                ev["fused_ops"] = list(n.ann["fused_ops"])
-            emit("task", ev)
-            if t.kind in ("kernel", "memcpy_h2d", "memcpy_d2h"):
-                if fp_start is None and t.phase == "forward":
-                    fp_start, fp_op = t0, t.name
-                if t.phase == "backward" and (bp_end is None or t1 > bp_end):
-                    bp_end, bp_op = t1, t.name
-        t_end = max([r[2] for r in flat], default=clock())
-        self._emit_memory(flat, step)
-        start = get_next[0] if get_next is not None else t_begin
+        flat = [r for rs in records.values() for r in rs]
+        flat.sort(key=lambda r: r[1])
+        ids = np.fromiter((r[0] for r in flat), np.int32, len(flat))
+        starts = np.fromiter((r[1] for r in flat), np.int64, len(flat))
+        ends = np.fromiter((r[2] for r in flat), np.int64, len(flat))
+        emit("step_tasks", {"graph": gname, "graph_id": id(self), "step": step, "task_id": ids, "start_ns": starts,
+                            "end_ns": ends})
+        fwd, bwd = self._phase_masks
+        fw = fwd[ids]
+        bw = bwd[ids]
+        fp_start = int(starts[fw].min()) if fw.any() else t_begin
+        bp_end = int(ends[bw].max()) if bw.any() else fp_start
+        fp_op = self.tl.tasks[int(ids[fw][np.argmin(starts[fw])])].name if fw.any() else ""
+        bp_op = self.tl.tasks[int(ids[bw][np.argmax(ends[bw])])].name if bw.any() else ""
+        t_end = int(ends.max()) if len(ends) else clock()
         self.last_markers = {
-            "start_ns": start, "get_next_start_ns": get_next[0] if get_next else copy_times[0],
+            "start_ns": get_next[0] if get_next is not None else t_begin,
+            "get_next_start_ns": get_next[0] if get_next else copy_times[0],
             "get_next_end_ns": get_next[1] if get_next else copy_times[1],
-            "fp_start_ns": fp_start if fp_start is not None else t_begin,
-            "bp_end_ns": bp_end if bp_end is not None else (fp_start or t_begin),
-            "end_ns": t_end, "fp_start_op": fp_op, "bp_end_op": bp_op}
-
-    def _emit_memory(self, flat, step):
-        """The device memory timeline of this step: an alloc when a task writes a planned buffer,
-        a free when the task that last reads it ends (or at the end of the step)."""
-        plan = {b.key: b for b in self.tl.plan.buffers}
-        base = self.device.parameter_bytes()
-        cap = self.device.pool.capacity
-        evs = []
-        end_of_step = max((r[2] for r in flat), default=0)
-        freed_at: dict[int, int] = {}
-        for t, t0, t1 in flat:
-            for f in t.frees:
-                freed_at[f] = t1
-        for t, t0, t1 in flat:
-            if t.node is None:
-                continue
-            b = plan.get(t.node.id)
-            if b is None:
-                continue
-            evs.append((t0, 1, b, t.node))
-            evs.append((freed_at.get(t.out, end_of_step), -1, b, t.node))
-        evs.sort(key=lambda e: (e[0], -e[1]))
-        in_use = base
-        emit = hooks.emit
-        for ts, sign, b, n in evs:
-            in_use += sign * b.size
-            emit("memory", {"t_ns": ts, "action": "alloc" if sign > 0 else "free", "device": "device",
-                            "kind": "activation", "tensor": n.name, "op": n.op, "size": b.size, "offset": b.offset,
-                            "in_use": in_use, "capacity": cap, "step": step, "shape": n.shape,
-                            "dtype": n.dtype.name, "scope": n.scope})
+            "fp_start_ns": fp_start, "bp_end_ns": bp_end, "end_ns": t_end, "fp_start_op": fp_op, "bp_end_op": bp_op}
 
 
 def evaluate(nodes: list[Node], values: dict[int, np.ndarray], targets: list[Node]) -> dict[int, np.ndarray]:

@@ -13,14 +13,16 @@ Listener = Callable[[str, dict], None]
 
 _listeners: list[Listener] = []
 listening: bool = False
+generation: int = 0  # bumped on every subscribe, so emitters re-send static tables to new listeners
 
 
 def subscribe(fn: Listener) -> Listener:
     """Register ``fn(kind, event)``; returns fn so it can be used as a decorator."""
-    global listening
+    global listening, generation
     if fn not in _listeners:
         _listeners.append(fn)
     listening = True
+    generation += 1
     return fn
 
 

@@ -142,14 +142,17 @@ def compile_tasks(graph: Graph) -> TaskList:
     # -- frees ------------------------------------------------------------------------------------
     keep = {n.id for n in graph.roots()}
     last_task: dict[int, Task] = {}
-    cross: set[int] = set()
+    consumer_streams: dict[int, set] = {}
     for t, n in compute_tasks:
         for i in n.inputs:
             if i.op in ("param", "const"):
                 continue
-            if stream_of.get(i.id, t.stream) != t.stream:
-                cross.add(i.id)
+            consumer_streams.setdefault(i.id, set()).add(t.stream)
             last_task[i.id] = t
+    # a buffer is freed early by its last reader only when every reader is on one stream, the producer's
+    # (inputs are bound before any stream starts); otherwise when the whole step is done
+    cross = {nid for nid, ss in consumer_streams.items()
+             if len(ss) > 1 or (nid in stream_of and stream_of[nid] not in ss)}
     frees: dict[int, list[int]] = {}
     step_frees = []
     for nid, t in last_task.items():
