@@ -115,7 +115,7 @@ class CompiledGraph:
             dev.make_resident(self.tl.device_params, what)
         except DeviceOutOfMemoryError as e:
             raise DeviceOutOfMemoryError(e.capacity, e.in_use, e.requested, e.largest,
-                                         f"{what} (placing the parameters on the device)") from None
+                                         f"{what} (placing the parameters on the device)", e.for_tensor) from None
         if plan.peak:
             largest = [LiveTensor(b.name, b.size, b.op, b.shape, b.dtype) for b in plan.live_at_peak[:5]]
             try:
@@ -126,7 +126,8 @@ class CompiledGraph:
                 params.sort(key=lambda t: -t.size)
                 raise DeviceOutOfMemoryError(
                     e.capacity, e.in_use, e.requested, sorted(largest + params[:3], key=lambda t: -t.size)[:6],
-                    f"{what} (the step's activations need {fmt_bytes(plan.peak)} at their peak)") from None
+                    f"{what} (the step's activations need {fmt_bytes(plan.peak)} at their peak)",
+                    f"{self.graph.name}.activations") from None
             weakref.finalize(self, dev.pool.free, self.workspace)
         else:
             self.workspace = None

@@ -313,3 +313,24 @@ def test_primitive_target_on_an_op(rng):
     assert "[placement=host, stream=host]" in g.dump()
     with pytest.raises(ValueError, match="primitive_target must be 'CPU' or 'Ascend'"):
         P.Gather().add_prim_attr("primitive_target", "GPU")
+
+
+def test_activation_oom_names_largest_tensors_then_smaller_model_trains(rng):
+    context.set_context(mode=context.GRAPH_MODE, seed=0, device_memory="4MB")
+    x = rng.normal(size=(2048, 256)).astype(np.float32)
+    y = rng.integers(0, 10, 2048).astype(np.int32)
+    net = nn.SequentialCell(nn.Dense(256, 512), nn.ReLU(), nn.Dense(512, 10))
+    model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+                  nn.SGD(net.trainable_params(), 0.1), progress=False)
+    with pytest.raises(DeviceOutOfMemoryError) as e:
+        model.train_step(x, y)
+    msg = str(e.value)
+    assert "activations need" in msg and "float32[2048x512]" in msg and "matmul" in msg
+    from runtime.device import get_device
+    in_use_after = get_device().pool.in_use
+    small = nn.SequentialCell(nn.Dense(256, 32), nn.ReLU(), nn.Dense(32, 10))
+    m2 = Model(small, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+               nn.SGD(small.trainable_params(), 0.1), progress=False)
+    losses = [m2.train_step(x[:128], y[:128]) for _ in range(30)]
+    assert losses[-1] < losses[0]
+    assert get_device().pool.in_use > in_use_after  # the small model's memory is really accounted

@@ -59,10 +59,13 @@ class LiveTensor:
 class DeviceOutOfMemoryError(MemoryError):
     """Raised when an allocation does not fit the device's capacity."""
 
-    def __init__(self, capacity: int, in_use: int, requested: int, largest: list[LiveTensor], what: str = ""):
+    def __init__(self, capacity: int, in_use: int, requested: int, largest: list[LiveTensor], what: str = "",
+                 for_tensor: str = ""):
         self.capacity, self.in_use, self.requested, self.largest = capacity, in_use, requested, largest
+        self.what, self.for_tensor = what, for_tensor
+        target = f" for {for_tensor!r}" if for_tensor else ""
         lines = [f"device out of memory{(' ' + what) if what else ''}: capacity {fmt_bytes(capacity)}, "
-                 f"in use {fmt_bytes(in_use)}, requested {fmt_bytes(requested)} "
+                 f"in use {fmt_bytes(in_use)}, requested {fmt_bytes(requested)}{target} "
                  f"(short by {fmt_bytes(in_use + requested - capacity)})."]
         if largest:
             lines.append("Largest live tensors:")
@@ -102,7 +105,8 @@ class MemoryPool:
                 if sz >= size and (best is None or sz < self._free[best][1]):
                     best = k
             if best is None:
-                raise DeviceOutOfMemoryError(self.capacity, self.in_use, size, self.largest_live(5), what)
+                raise DeviceOutOfMemoryError(self.capacity, self.in_use, size, self.largest_live(5), what,
+                                             tensor.name)
             off, sz = self._free.pop(best)
             if sz > size:
                 bisect.insort(self._free, (off + size, sz - size))
@@ -129,7 +133,7 @@ class MemoryPool:
 
     # -- queries -------------------------------------------------------------------------------------
     def largest_live(self, n: int = 5) -> list[LiveTensor]:
-        return [b.tensor for b in sorted(self._live.values(), key=lambda b: -b.size)[:n]]
+        return [b.tensor for b in sorted(self._live.values(), key=lambda b: -b.tensor.size)[:n]]
 
     def live_blocks(self) -> list[Block]:
         return sorted(self._live.values(), key=lambda b: b.offset)
