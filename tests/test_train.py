@@ -161,13 +161,18 @@ def test_hook_sees_every_op_only_while_subscribed(digits):
         model.train(1, [(x, y), (x, y)])
     finally:
         hooks.unsubscribe(listener)
-    kernels = [e for k, e in events if k == "task" and e["kind"] == "kernel"]
-    assert len(kernels) == 2 * len(exe.steps)  # one event per kernel launch per step
-    assert {e["step"] for e in kernels} == {1, 2}
-    assert all(e["end_ns"] >= e["start_ns"] for e in kernels)
-    conv = next(e for e in kernels if e["op"] == "conv2d")
-    assert conv["flops"] == 2 * 8 * 4 * 8 * 8 * 9 and conv["scope"].endswith("conv1")
-    assert conv["stream"] == "aicore0" and conv["phase"] == "forward"
+    tables = [e for k, e in events if k == "task_table"]
+    assert len(tables) == 1  # static task metadata once per graph and listener
+    cols = tables[0]["columns"]
+    per_step = [e for k, e in events if k == "step_tasks"]
+    assert [e["step"] for e in per_step] == [1, 2]
+    for e in per_step:  # every task of the graph ran once, with a measured interval
+        assert sorted(e["task_id"].tolist()) == cols["task_id"]
+        assert (e["end_ns"] >= e["start_ns"]).all()
+    assert sum(k == "kernel" for k in cols["kind"]) == len(exe.steps)
+    conv = cols["op"].index("conv2d")
+    assert cols["flops"][conv] == 2 * 8 * 4 * 8 * 8 * 9 and cols["scope"][conv].endswith("conv1")
+    assert cols["stream"][conv] == "aicore0" and cols["phase"][conv] == "forward"
     steps = [e for k, e in events if k == "step"]
     assert [e["phase"] for e in steps] == ["begin", "end", "begin", "end"]
     for end in steps[1::2]:  # markers in order: data in, forward starts, backward ends, step ends

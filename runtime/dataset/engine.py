@@ -28,12 +28,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 
 import numpy as np
 
 from runtime import hooks
+from runtime.dataset.config import config
 
 _now = time.perf_counter_ns
 
@@ -82,7 +84,7 @@ class _Failure:
 class _WorkerStats:
     """Counters of one thread; only that thread writes them (no locking needed)."""
     __slots__ = ("t_start", "t_end", "wait_in", "wait_out", "wait_order", "wait_since", "wait_kind",
-                 "items", "rows")
+                 "items", "rows", "cpu_end", "ident", "lock")
 
     def __init__(self):
         self.t_start = self.t_end = 0
@@ -90,6 +92,21 @@ class _WorkerStats:
         self.wait_since = 0  # start of the wait in progress (0: not waiting)
         self.wait_kind = _IN
         self.items = self.rows = 0
+        self.cpu_end = None  # the thread's CPU time when it ended
+        self.ident = None
+        self.lock = threading.Lock()  # held while reading a live thread's CPU clock: it cannot exit meanwhile
+
+    def cpu_ns(self) -> int:
+        """CPU time of the thread (excludes sleeping, blocking and waiting for the GIL)."""
+        with self.lock:
+            if self.cpu_end is not None:
+                return self.cpu_end
+            if self.ident is None:
+                return 0
+            try:
+                return time.clock_gettime_ns(time.pthread_getcpuclockid(self.ident))
+            except (AttributeError, OSError, ValueError):  # not available on this platform
+                return 0
 
     def snapshot(self, now):
         """(busy, wait_in, wait_out, wait_order) in ns, counting a wait in progress."""
@@ -206,6 +223,7 @@ class _Stage:
         self.seed_base = 0
         self.samples = 0
         self.depth_sum = 0
+        self.depth_samples = deque(maxlen=1024)  # recent (t_ns, depth), only while a listener is subscribed
         self.fetch = None
         self.process = None
         self.threads: list[threading.Thread] = []
@@ -240,6 +258,7 @@ class _Stage:
 
     def _work(self, ws: _WorkerStats) -> None:
         ws.t_start = _now()
+        ws.ident = threading.get_ident()
         try:
             self._loop(ws)
         except _Aborted:
@@ -247,6 +266,8 @@ class _Stage:
         except BaseException as e:  # an engine bug: still surface it in the consumer, never hang
             self.pipe.internal_error(self, e)
         finally:
+            with ws.lock:
+                ws.cpu_end = time.thread_time_ns()
             ws.t_end = _now()
 
     def _loop(self, ws: _WorkerStats) -> None:
@@ -311,19 +332,21 @@ class _Stage:
     # -- statistics -------------------------------------------------------------------------------
     def stats(self, now=None) -> dict:
         now = now or _now()
-        busy = wi = wo = wr = items = rows = 0
+        busy = wi = wo = wr = items = rows = cpu = 0
         for ws in self.ws:
             b, i, o, r = ws.snapshot(now)
             busy, wi, wo, wr = busy + b, wi + i, wo + o, wr + r
             items += ws.items
             rows += ws.rows
+            cpu += ws.cpu_ns()
         return {"op_id": self.op_id, "op_type": self.op_type, "parent_id": self.parent_id,
                 "desc": self.op._desc(), "num_workers": self.num_workers, "rows": rows,
                 "batches": items if self.batched else 0, "items": items, "busy_ns": busy,
-                "wait_in_ns": wi, "wait_out_ns": wo, "wait_order_ns": wr,
+                "wait_in_ns": wi, "wait_out_ns": wo, "wait_order_ns": wr, "cpu_ns": cpu,
                 "queue_capacity": self.out.capacity, "queue_depth": len(self.out),
                 "samples": self.samples,
-                "avg_queue_depth": (self.depth_sum / self.samples) if self.samples else None}
+                "avg_queue_depth": (self.depth_sum / self.samples) if self.samples else None,
+                "depth_samples": list(self.depth_samples)}
 
 
 class _Pipeline:
@@ -345,6 +368,7 @@ class _Pipeline:
         self.consumer.t_start = _now()
         self.root = self._build(root_op, -1, None if num_epochs < 0 else num_epochs)
         self._started = False
+        self._announced = False
 
     def _build(self, op, parent_id, passes) -> _Stage:
         st = _Stage(self, op, len(self.stages), parent_id, self.capacity, passes)
@@ -368,16 +392,25 @@ class _Pipeline:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self._started = True
-        if hooks.listening:
-            hooks.emit("dataset_pipeline", {
-                "pipeline_id": self.id, "t_ns": _now(), "num_epochs": self.num_epochs,
-                "ops": [{"op_id": s.op_id, "op_type": s.op_type, "parent_id": s.parent_id,
-                         "num_workers": s.num_workers, "queue_capacity": s.out.capacity,
-                         "desc": s.op._desc()} for s in self.stages]})
+        listening = hooks.listening
+        if listening:
+            self.announce()
         for st in reversed(self.stages):
             st.start()
-        if hooks.listening:
+        if listening:
             self.start_sampler()
+
+    def announce(self) -> None:
+        """Emit ``dataset_pipeline`` (once; also late, if a listener subscribes mid-iteration)."""
+        with self._lock:
+            if self._announced:
+                return
+            self._announced = True
+        hooks.emit("dataset_pipeline", {
+            "pipeline_id": self.id, "t_ns": _now(), "num_epochs": self.num_epochs,
+            "ops": [{"op_id": s.op_id, "op_type": s.op_type, "parent_id": s.parent_id,
+                     "num_workers": s.num_workers, "queue_capacity": s.out.capacity,
+                     "desc": s.op._desc()} for s in self.stages]})
 
     def threads(self):
         return [t for st in self.stages for t in st.threads]
@@ -402,11 +435,10 @@ class _Pipeline:
 
     def epoch_end(self) -> None:
         self.epochs_done += 1
-        last = 0 <= self.num_epochs <= self.epochs_done
-        if hooks.listening:
-            self.emit_ops(final=last)
-        if last:
-            self.close(emit=False)
+        if 0 <= self.num_epochs <= self.epochs_done:
+            self.close()  # joins the threads (and the sampler), then emits the final dataset_op events
+        elif hooks.listening:
+            self.emit_ops(final=False)
 
     def close(self, emit: bool = True) -> None:
         with self._lock:
@@ -432,16 +464,18 @@ class _Pipeline:
         return [st.stats(now) for st in self.stages]
 
     def emit_ops(self, final: bool) -> None:
+        self.announce()
         t = _now()
         for s in self.stats():
             hooks.emit("dataset_op", {
                 "pipeline_id": self.id, "op_id": s["op_id"], "op_type": s["op_type"], "rows": s["rows"],
                 "batches": s["batches"], "busy_ns": s["busy_ns"], "wait_in_ns": s["wait_in_ns"],
                 "wait_out_ns": s["wait_out_ns"], "num_workers": s["num_workers"],
-                "wait_order_ns": s["wait_order_ns"], "epoch": self.epochs_done, "final": final,
+                "wait_order_ns": s["wait_order_ns"], "cpu_ns": s["cpu_ns"], "epoch": self.epochs_done, "final": final,
                 "cumulative": True, "t_ns": t})
 
     def start_sampler(self) -> None:
+        self.announce()
         with self._lock:
             if self.closed or self.sampler is not None:
                 return
@@ -460,6 +494,7 @@ class _Pipeline:
                     d = len(st.out)
                     st.samples += 1
                     st.depth_sum += d
+                    st.depth_samples.append((t, d))
                     hooks.emit("queue_sample", {"pipeline_id": self.id, "op_id": st.op_id, "t_ns": t,
                                                 "depth": d, "capacity": st.out.capacity})
         finally:
@@ -477,8 +512,6 @@ class DatasetIterator:
     """
 
     def __init__(self, dataset, num_epochs: int = -1, output: str = "tuple", columns=None):
-        from runtime.dataset.config import config
-
         num_epochs = int(num_epochs)
         if num_epochs == 0 or num_epochs < -1:
             raise ValueError(f"create_iterator: num_epochs must be -1 or >= 1, got {num_epochs}")
@@ -496,7 +529,6 @@ class DatasetIterator:
         iter_index = dataset._iterators_created
         dataset._iterators_created += 1
         self._pipe = _Pipeline(dataset, num_epochs, iter_index, config.get_prefetch_size(), config.get_seed())
-        import weakref
         self._finalizer = weakref.finalize(self, self._pipe.close)
         self._pipe.start()
 

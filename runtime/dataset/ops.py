@@ -259,7 +259,7 @@ class GeneratorDataset(Dataset):
         self._shuffle = bool(shuffle)
         self._seed = None if seed is None else int(seed)
         self._size = None
-        self._one_shot = (not self._random_access and not callable(source) and iter(source) is source)
+        self._one_shot = not self._random_access and not callable(source) and hasattr(source, "__next__")
         self._one_shot_used = False
 
     @property
@@ -385,7 +385,8 @@ class MapDataset(Dataset):
                     layout.append(("in", i))
                     new_names.append(n)
         if len(set(new_names)) != len(new_names):
-            raise ValueError(f"map: output_columns {outs} clash with the remaining columns; result would be {new_names}")
+            raise ValueError(f"map: output_columns {outs} clash with the remaining columns; "
+                             f"result would be {new_names}")
         self._in_idx, self._layout, self._names = in_idx, layout, new_names
 
     @property
@@ -601,15 +602,19 @@ class RepeatDataset(Dataset):
     def _setup(self, st) -> None:
         get = st.child.out.get
         count = self.count
-        s = SimpleNamespace(k=0)
+        s = SimpleNamespace(k=0, rows=0)
 
         def fetch(ws):
             while True:
                 item = get(ws)
                 if type(item) is tuple:
+                    s.rows += 1
                     return item, None, True
                 if item is EOE:
                     s.k += 1
+                    if count == -1 and s.rows == 0:
+                        return EOF, None, False  # repeating an empty pass forever: end instead of spinning
+                    s.rows = 0
                     if count != -1 and s.k % count == 0:
                         return item, None, False
                     continue
