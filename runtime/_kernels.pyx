@@ -17,13 +17,19 @@ Conventions
   first float input (``scatter_add_rows_inplace`` writes into ``table``).
 * shape problems -> ValueError naming the function and the shapes; bad
   indices / labels -> IndexError naming the index and the table size.
-* reductions (row sums, dot products, pooling sums, segment sums) are
-  accumulated in double.
+* reductions (row sums / dots / norms, pooling sums, layernorm parameter
+  grads, and the per-index sums of the embedding scatter / segment kernels)
+  are accumulated in double.  col2im and the pooling backward scatters
+  accumulate in the output dtype (at most kh*kw terms per element).
+* threads: a kernel goes parallel only when it has enough work (see _nt);
+  otherwise it runs serially without entering an OpenMP region.  The thread
+  count follows OMP_NUM_THREADS / omp_get_max_threads().
+* float32 exp is a branch-free polynomial (_expf, ~2 ulp) so that the loops
+  using it auto-vectorise under the plain -O3 build; float64 uses libm.
 """
 
 import numpy as np
 cimport numpy as cnp
-cimport cython
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
@@ -157,6 +163,13 @@ cdef cnp.ndarray _index_in(object a, str fn, str name):
     raise TypeError(f"{fn}: {name} must be an integer array, got dtype {arr.dtype}")
 
 
+cdef inline cnp.ndarray _flat(cnp.ndarray a):
+    """1-D view of a C-contiguous array."""
+    if cnp.PyArray_NDIM(a) == 1:
+        return a
+    return a.reshape(-1)
+
+
 cdef inline bint _is_i32(cnp.ndarray a):
     return cnp.PyArray_ITEMSIZE(a) == 4
 
@@ -190,10 +203,6 @@ cdef inline int _nt(Py_ssize_t work, Py_ssize_t grain, Py_ssize_t tasks) noexcep
 
 cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
-
-
-cdef inline Py_ssize_t _imax(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
-    return a if a > b else b
 
 
 # ---------------------------------------------------------------------------
@@ -342,19 +351,32 @@ cdef inline double _rdot_dev(const floating* a, const floating* x, double m,
     return (s0 + s1) + (s2 + s3)
 
 
-cdef inline double _rdot3dev(const floating* a, const floating* b, const floating* x,
-                             double m, Py_ssize_t n) noexcept nogil:
-    """sum(a * b * (x - m)) in double."""
-    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+cdef inline void _rdot_pair(const floating* dy, const floating* g, const floating* x, double m,
+                            Py_ssize_t n, double* s_g, double* s_gx) noexcept nogil:
+    """s_g = sum(dy * g), s_gx = sum(dy * g * (x - m)), both in double, one pass."""
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
+    cdef double b0 = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0
+    cdef double t0, t1, t2, t3
     cdef Py_ssize_t j, n4 = n - (n & 3)
     for j in range(0, n4, 4):
-        s0 += (<double>a[j] * b[j]) * (x[j] - m)
-        s1 += (<double>a[j + 1] * b[j + 1]) * (x[j + 1] - m)
-        s2 += (<double>a[j + 2] * b[j + 2]) * (x[j + 2] - m)
-        s3 += (<double>a[j + 3] * b[j + 3]) * (x[j + 3] - m)
+        t0 = <double>dy[j] * g[j]
+        t1 = <double>dy[j + 1] * g[j + 1]
+        t2 = <double>dy[j + 2] * g[j + 2]
+        t3 = <double>dy[j + 3] * g[j + 3]
+        a0 += t0
+        a1 += t1
+        a2 += t2
+        a3 += t3
+        b0 += t0 * (x[j] - m)
+        b1 += t1 * (x[j + 1] - m)
+        b2 += t2 * (x[j + 2] - m)
+        b3 += t3 * (x[j + 3] - m)
     for j in range(n4, n):
-        s0 += (<double>a[j] * b[j]) * (x[j] - m)
-    return (s0 + s1) + (s2 + s3)
+        t0 = <double>dy[j] * g[j]
+        a0 += t0
+        b0 += t0 * (x[j] - m)
+    s_g[0] = (a0 + a1) + (a2 + a3)
+    s_gx[0] = (b0 + b1) + (b2 + b3)
 
 
 cdef inline floating _rmax(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -460,16 +482,10 @@ cdef int _gelu_fwd(const floating[::1] x, floating[::1] y) except -1:
         if nt == 1:
             _gelu_fwd_blk(xp, yp, n)
         else:
-            if nt == 1:
-                for b in range(nt):
-                    s = b * bs
-                    if s < n:
-                        _gelu_fwd_blk(xp + s, yp + s, _imin(bs, n - s))
-            else:
-                for b in prange(nt, schedule='static', num_threads=nt):
-                    s = b * bs
-                    if s < n:
-                        _gelu_fwd_blk(xp + s, yp + s, _imin(bs, n - s))
+            for b in prange(nt, schedule='static', num_threads=nt):
+                s = b * bs
+                if s < n:
+                    _gelu_fwd_blk(xp + s, yp + s, _imin(bs, n - s))
     return 0
 
 
@@ -484,16 +500,10 @@ cdef int _gelu_bwd(const floating[::1] x, const floating[::1] dy, floating[::1] 
         if nt == 1:
             _gelu_bwd_blk(xp, gp, dp, n)
         else:
-            if nt == 1:
-                for b in range(nt):
-                    s = b * bs
-                    if s < n:
-                        _gelu_bwd_blk(xp + s, gp + s, dp + s, _imin(bs, n - s))
-            else:
-                for b in prange(nt, schedule='static', num_threads=nt):
-                    s = b * bs
-                    if s < n:
-                        _gelu_bwd_blk(xp + s, gp + s, dp + s, _imin(bs, n - s))
+            for b in prange(nt, schedule='static', num_threads=nt):
+                s = b * bs
+                if s < n:
+                    _gelu_bwd_blk(xp + s, gp + s, dp + s, _imin(bs, n - s))
     return 0
 
 
@@ -504,9 +514,9 @@ def gelu_fwd(x):
     if xa.size == 0:
         return y
     if _is32(xa):
-        _gelu_fwd[float](xa.reshape(-1), y.reshape(-1))
+        _gelu_fwd[float](_flat(xa), _flat(y))
     else:
-        _gelu_fwd[double](xa.reshape(-1), y.reshape(-1))
+        _gelu_fwd[double](_flat(xa), _flat(y))
     return y
 
 
@@ -519,9 +529,9 @@ def gelu_bwd(x, dy):
     if xa.size == 0:
         return dx
     if _is32(xa):
-        _gelu_bwd[float](xa.reshape(-1), ga.reshape(-1), dx.reshape(-1))
+        _gelu_bwd[float](_flat(xa), _flat(ga), _flat(dx))
     else:
-        _gelu_bwd[double](xa.reshape(-1), ga.reshape(-1), dx.reshape(-1))
+        _gelu_bwd[double](_flat(xa), _flat(ga), _flat(dx))
     return dx
 
 
@@ -915,14 +925,17 @@ cdef inline void _ln_bwd_row(const floating* x, const floating* g, const floatin
     cdef double mean, rstd
     cdef Py_ssize_t j
     _ln_stats(x, D, eps, &mean, &rstd)
-    cdef double mg = _rdot(dy, g, D) / D
-    cdef double mgx = _rdot3dev(dy, g, x, mean, D) * rstd / D
+    cdef double sg, sgx
+    _rdot_pair(dy, g, x, mean, D, &sg, &sgx)
+    cdef double mg = sg / D
+    cdef double mgx = sgx * rstd / D
     cdef floating a = <floating>rstd
-    cdef floating bb = <floating>(rstd * mg)
-    cdef floating cc = <floating>(rstd * rstd * mgx)
+    cdef floating mgf = <floating>mg
+    cdef floating cc = <floating>(rstd * mgx)
     cdef floating mf = <floating>mean
+    # cancel inside the bracket first, then scale by rstd (which can be ~1/sqrt(eps))
     for j in range(D):
-        dx[j] = a * dy[j] * g[j] - bb - (x[j] - mf) * cc
+        dx[j] = a * ((dy[j] * g[j] - mgf) - (x[j] - mf) * cc)
 
 
 cdef inline void _ln_params_row(const floating* x, const floating* dy, double* acc,
@@ -985,10 +998,14 @@ cdef int _ln_bwd_params(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef const floating* dyp = &dy[0, 0]
     cdef double sg, sb
     with nogil:
-        with parallel(num_threads=nt):
-            tid = threadid()
-            for i in prange(N, schedule='static'):
-                _ln_params_row(xp + i * D, dyp + i * D, pp + tid * 2 * D, D, eps)
+        if nt == 1:
+            for i in range(N):
+                _ln_params_row(xp + i * D, dyp + i * D, pp, D, eps)
+        else:
+            with parallel(num_threads=nt):
+                tid = threadid()
+                for i in prange(N, schedule='static'):
+                    _ln_params_row(xp + i * D, dyp + i * D, pp + tid * 2 * D, D, eps)
         for j in range(D):
             sg = 0.0
             sb = 0.0
@@ -1091,10 +1108,25 @@ cdef inline void _ow_range(Py_ssize_t j, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t
     hi[0] = b
 
 
+cdef inline void _strided_copy(floating* dst, const floating* src, Py_ssize_t cnt,
+                               Py_ssize_t sw) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(cnt):
+        dst[k] = src[k * sw]
+
+
+cdef inline void _strided_copy_s(floating* dst, const floating* src, Py_ssize_t cnt,
+                                 Py_ssize_t sw) noexcept nogil:
+    if sw == 2:
+        _strided_copy(dst, src, cnt, 2)
+    else:
+        _strided_copy(dst, src, cnt, sw)
+
+
 cdef void _im2col_plane(const floating* x, floating* cols, Py_ssize_t H, Py_ssize_t W,
                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
-    cdef Py_ssize_t i, j, oh, ow, ih, lo, hi, L = OH * OW
+    cdef Py_ssize_t i, j, oh, ih, lo, hi, L = OH * OW
     cdef floating* dst
     cdef const floating* src
     for i in range(kh):
@@ -1112,8 +1144,7 @@ cdef void _im2col_plane(const floating* x, floating* cols, Py_ssize_t H, Py_ssiz
                 if sw == 1:
                     memcpy(dst + lo, src, (hi - lo) * sizeof(floating))
                 else:
-                    for ow in range(hi - lo):
-                        dst[lo + ow] = src[ow * sw]
+                    _strided_copy_s(dst + lo, src, hi - lo, sw)
                 if hi < OW:
                     memset(dst + hi, 0, (OW - hi) * sizeof(floating))
 
@@ -1122,7 +1153,7 @@ cdef void _col2im_plane(const floating* cols, floating* x, Py_ssize_t H, Py_ssiz
                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
     # x must be zeroed; accumulates (adjoint of _im2col_plane)
-    cdef Py_ssize_t i, j, oh, ow, ih, lo, hi, L = OH * OW
+    cdef Py_ssize_t i, j, oh, ih, lo, hi, L = OH * OW
     cdef const floating* src
     cdef floating* dst
     for i in range(kh):
@@ -1136,12 +1167,7 @@ cdef void _col2im_plane(const floating* cols, floating* x, Py_ssize_t H, Py_ssiz
                     continue
                 src = cols + (i * kw + j) * L + oh * OW + lo
                 dst = x + ih * W + (lo * sw - pw + j)
-                if sw == 1:
-                    for ow in range(hi - lo):
-                        dst[ow] += src[ow]
-                else:
-                    for ow in range(hi - lo):
-                        dst[ow * sw] += src[ow]
+                _spread_acc_s(dst, src, hi - lo, sw)
 
 
 cdef int _im2col(const floating[:, :, :, ::1] x, floating[:, :, ::1] cols,
@@ -1435,7 +1461,7 @@ cdef int _pool_fwd(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
     cdef Py_ssize_t OH = y.shape[2], OW = y.shape[3], P = N * C, p
     cdef int nt = _nt(P * OH * OW * kh * kw, 65536, P)
     cdef int tid = 0
-    cdef double[:, ::1] acc = _new(cnp.NPY_FLOAT64, False, nt, OW)
+    cdef double[:, ::1] acc = _new(cnp.NPY_FLOAT64, False, nt, 1 if is_max else OW)
     cdef double* ap = &acc[0, 0]
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* yp = &y[0, 0, 0, 0]
@@ -1448,11 +1474,16 @@ cdef int _pool_fwd(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
                 for p in prange(P, schedule='static', num_threads=nt):
                     _maxpool_plane(xp + p * H * W, yp + p * OH * OW, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
         else:
-            with parallel(num_threads=nt):
-                tid = threadid()
-                for p in prange(P, schedule='static'):
+            if nt == 1:
+                for p in range(P):
                     _avgpool_plane(xp + p * H * W, yp + p * OH * OW, H, W, OH, OW,
-                                   kh, kw, sh, sw, ph, pw, ap + tid * OW)
+                                   kh, kw, sh, sw, ph, pw, ap)
+            else:
+                with parallel(num_threads=nt):
+                    tid = threadid()
+                    for p in prange(P, schedule='static'):
+                        _avgpool_plane(xp + p * H * W, yp + p * OH * OW, H, W, OH, OW,
+                                       kh, kw, sh, sw, ph, pw, ap + tid * OW)
     return 0
 
 
@@ -1471,11 +1502,18 @@ cdef int _maxpool_bwd(const floating[:, :, :, ::1] x, const floating[:, :, :, ::
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* gp = &dy[0, 0, 0, 0]
     cdef floating* dp = &dx[0, 0, 0, 0]
-    with nogil, parallel(num_threads=nt):
-        tid = threadid()
-        for p in prange(P, schedule='static'):
-            _maxpool_bwd_plane(xp + p * H * W, gp + p * OH * OW, dp + p * H * W,
-                               H, W, OH, OW, kh, kw, sh, sw, ph, pw, mp + tid * OW, ip + tid * OW)
+    with nogil:
+        if nt == 1:
+            for p in range(P):
+                _maxpool_bwd_plane(xp + p * H * W, gp + p * OH * OW, dp + p * H * W,
+                                   H, W, OH, OW, kh, kw, sh, sw, ph, pw, mp, ip)
+        else:
+            with parallel(num_threads=nt):
+                tid = threadid()
+                for p in prange(P, schedule='static'):
+                    _maxpool_bwd_plane(xp + p * H * W, gp + p * OH * OW, dp + p * H * W,
+                                       H, W, OH, OW, kh, kw, sh, sw, ph, pw,
+                                       mp + tid * OW, ip + tid * OW)
     return 0
 
 
@@ -1491,11 +1529,17 @@ cdef int _avgpool_bwd(const floating[:, :, :, ::1] dy, floating[:, :, :, ::1] dx
     cdef floating* bp = &gbuf[0, 0]
     cdef const floating* gp = &dy[0, 0, 0, 0]
     cdef floating* dp = &dx[0, 0, 0, 0]
-    with nogil, parallel(num_threads=nt):
-        tid = threadid()
-        for p in prange(P, schedule='static'):
-            _avgpool_bwd_plane(gp + p * OH * OW, dp + p * H * W, H, W, OH, OW,
-                               kh, kw, sh, sw, ph, pw, bp + tid * OW)
+    with nogil:
+        if nt == 1:
+            for p in range(P):
+                _avgpool_bwd_plane(gp + p * OH * OW, dp + p * H * W, H, W, OH, OW,
+                                   kh, kw, sh, sw, ph, pw, bp)
+        else:
+            with parallel(num_threads=nt):
+                tid = threadid()
+                for p in prange(P, schedule='static'):
+                    _avgpool_bwd_plane(gp + p * OH * OW, dp + p * H * W, H, W, OH, OW,
+                                       kh, kw, sh, sw, ph, pw, bp + tid * OW)
     return 0
 
 
@@ -1539,6 +1583,8 @@ def maxpool2d_bwd(x, dy, int kh, int kw, int sh, int sw, int ph, int pw):
     if (<object>ga).shape != (N, C, OH, OW):
         raise ValueError(f"{fn}: dy must have shape {(N, C, OH, OW)} for x{_shp(xa)}, "
                          f"kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw}); got dy{_shp(ga)}")
+    if H * W > 2147483647:
+        raise ValueError(f"{fn}: planes of x{_shp(xa)} are too large (H*W must fit in int32)")
     cdef cnp.ndarray dx = _new_like(xa, True)
     if xa.size == 0 or ga.size == 0:
         return dx
@@ -1589,41 +1635,6 @@ cdef int _gather(const floating[:, ::1] table, const index_t[::1] idx,
     return 0
 
 
-cdef inline void _scatter_block(floating* out, const index_t* idx, const floating* rows,
-                                Py_ssize_t n, Py_ssize_t D, Py_ssize_t d0, Py_ssize_t d1) noexcept nogil:
-    cdef Py_ssize_t k, d, w = d1 - d0
-    cdef floating* dst
-    cdef const floating* src
-    for k in range(n):
-        dst = out + <Py_ssize_t>idx[k] * D + d0
-        src = rows + k * D + d0
-        for d in range(w):
-            dst[d] += src[d]
-
-
-cdef int _scatter_add(floating[:, ::1] out, const index_t[::1] idx,
-                      const floating[:, ::1] rows) except -1:
-    # race-free: every thread owns a block of columns (whole cache lines)
-    cdef Py_ssize_t n = idx.shape[0], D = rows.shape[1], b, d0, bs
-    cdef int nt = _nt(n * D, 65536, D // 16)
-    cdef floating* op = &out[0, 0]
-    cdef const index_t* ip = &idx[0]
-    cdef const floating* rp = &rows[0, 0]
-    bs = ((D + nt - 1) // nt + 15) & ~(<Py_ssize_t>15)
-    with nogil:
-        if nt == 1:
-            for b in range(nt):
-                d0 = b * bs
-                if d0 < D:
-                    _scatter_block(op, ip, rp, n, D, d0, _imin(d0 + bs, D))
-        else:
-            for b in prange(nt, schedule='static', num_threads=nt):
-                d0 = b * bs
-                if d0 < D:
-                    _scatter_block(op, ip, rp, n, D, d0, _imin(d0 + bs, D))
-    return 0
-
-
 def embedding_gather(table, indices):
     """out (n, D) = table[indices] for table (V, D) and 1-D integer indices (n,)."""
     fn = "embedding_gather"
@@ -1657,61 +1668,12 @@ cdef int _check_rows(cnp.ndarray ia, cnp.ndarray ra, str fn, str rname) except -
     return 0
 
 
-cdef int _scatter_dispatch(cnp.ndarray out, cnp.ndarray ia, cnp.ndarray ra) except -1:
-    if ia.shape[0] == 0 or ra.shape[1] == 0:
-        return 0
-    if _is32(out):
-        if _is_i32(ia):
-            _scatter_add[float, int32_t](out, ia, ra)
-        else:
-            _scatter_add[float, int64_t](out, ia, ra)
-    else:
-        if _is_i32(ia):
-            _scatter_add[double, int32_t](out, ia, ra)
-        else:
-            _scatter_add[double, int64_t](out, ia, ra)
-    return 0
-
-
-def embedding_scatter_add(indices, grads, int V):
-    """Dense (V, D) gradient: out[indices[k]] += grads[k] (duplicates accumulate)."""
-    fn = "embedding_scatter_add"
-    cdef cnp.ndarray ga = _float_in(grads, fn, "grads")
-    cdef cnp.ndarray ia = _index_in(indices, fn, "indices")
-    _check_rows(ia, ga, fn, "grads")
-    if V < 0:
-        raise ValueError(f"{fn}: V must be >= 0, got {V}")
-    _check_index_range(ia, V, fn, "indices", "table")
-    cdef cnp.ndarray out = _new(cnp.PyArray_TYPE(ga), True, V, ga.shape[1])
-    _scatter_dispatch(out, ia, ga)
-    return out
-
-
-def scatter_add_rows_inplace(table, indices, rows):
-    """table[indices[k]] += rows[k] in place (duplicates accumulate); returns None."""
-    fn = "scatter_add_rows_inplace"
-    if not cnp.PyArray_Check(table):
-        raise TypeError(f"{fn}: table must be a numpy array, got {type(table).__name__}")
-    cdef cnp.ndarray ta = <cnp.ndarray>table
-    cdef int t = cnp.PyArray_TYPE(ta)
-    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        raise TypeError(f"{fn}: table must be float32 or float64, got dtype {ta.dtype}")
-    _need_ndim(ta, 2, fn, "table")
-    if not _is_carray(ta) or not cnp.PyArray_ISWRITEABLE(ta):
-        raise ValueError(f"{fn}: table{_shp(ta)} must be a writeable, C-contiguous, native-byte-order array "
-                         "(it is updated in place)")
-    cdef cnp.ndarray ia = _index_in(indices, fn, "indices")
-    cdef cnp.ndarray ra = _float_like(rows, ta, fn, "rows")
-    _check_rows(ia, ra, fn, "rows")
-    if ra.shape[1] != ta.shape[1]:
-        raise ValueError(f"{fn}: rows must have {ta.shape[1]} columns to match table{_shp(ta)}, "
-                         f"got rows{_shp(ra)}")
-    _check_index_range(ia, ta.shape[0], fn, "indices", "table")
-    _scatter_dispatch(ta, ia, ra)
-    return None
-
-
-# ---- segment_sum_rows -------------------------------------------------------
+# ---- grouping rows by index -------------------------------------------------
+# embedding_scatter_add, scatter_add_rows_inplace and segment_sum_rows all group
+# the n rows by index first (stable counting sort when the index range is small,
+# numpy's stable argsort otherwise) and then sum each group in double, in
+# parallel over groups: every output row is written by exactly one thread
+# (race-free, deterministic, independent of the thread count).
 
 cdef int64_t _min_max(const index_t[::1] idx, int64_t* hi) noexcept:
     cdef Py_ssize_t k, n = idx.shape[0]
@@ -1760,73 +1722,17 @@ cdef void _counting_order(const index_t[::1] idx, int64_t[::1] counts, int64_t[:
             counts[v] += 1
 
 
-cdef inline void _segment_row(const floating* rows, const int64_t* order, Py_ssize_t s,
-                              Py_ssize_t e, Py_ssize_t D, floating* dst, double* acc) noexcept nogil:
-    cdef Py_ssize_t k, d
-    cdef const floating* src
-    if e - s == 1:
-        memcpy(dst, rows + order[s] * D, D * sizeof(floating))
-        return
-    if floating is double:
-        acc = dst                    # accumulate in place, already double
-    src = rows + order[s] * D
-    for d in range(D):
-        acc[d] = src[d]
-    for k in range(s + 1, e):
-        src = rows + order[k] * D
-        for d in range(D):
-            acc[d] += src[d]
-    if floating is float:
-        for d in range(D):
-            dst[d] = <float>acc[d]
-
-
-cdef int _segment_sum(const floating[:, ::1] rows, const int64_t[::1] order,
-                      const int64_t[::1] starts, floating[:, ::1] out) except -1:
-    cdef Py_ssize_t U = out.shape[0], D = out.shape[1], n = rows.shape[0], u
-    cdef int nt = _nt(n * D, 65536, U)
-    cdef int tid = 0
-    cdef double[:, ::1] acc = _new(cnp.NPY_FLOAT64, False, nt, D if floating is float else 1)
-    cdef double* ap = &acc[0, 0]
-    cdef Py_ssize_t astride = acc.shape[1]
-    cdef const floating* rp = &rows[0, 0]
-    cdef floating* op = &out[0, 0]
-    cdef const int64_t* orp = &order[0]
-    cdef const int64_t* sp = &starts[0]
-    with nogil, parallel(num_threads=nt):
-        tid = threadid()
-        for u in prange(U, schedule='static'):
-            _segment_row(rp, orp, sp[u], sp[u + 1], D, op + u * D, ap + tid * astride)
-    return 0
-
-
-def segment_sum_rows(indices, rows):
-    """Sum rows sharing an index.
-
-    Returns (unique_sorted_indices (u,) int64, summed (u, D)) with
-    summed[i] = rows[indices == unique_sorted_indices[i]].sum(0).
-    Negative indices raise IndexError.
-    """
-    fn = "segment_sum_rows"
-    cdef cnp.ndarray ra = _float_in(rows, fn, "rows")
-    cdef cnp.ndarray ia = _index_in(indices, fn, "indices")
-    _check_rows(ia, ra, fn, "rows")
-    cdef Py_ssize_t n = ia.shape[0], D = ra.shape[1], U
-    cdef int64_t lo, hi = 0
-    cdef cnp.ndarray uniq, starts, order, counts, out
-    if n == 0:
-        return np.empty(0, dtype=_I64), np.empty((0, D), dtype=ra.dtype)
-    lo = _min_max[int32_t](ia, &hi) if _is_i32(ia) else _min_max[int64_t](ia, &hi)
-    if lo < 0:
-        pos = int(np.argmax(ia < 0))
-        raise IndexError(f"{fn}: indices[{pos}] = {int(ia[pos])} is negative; indices must be >= 0")
+cdef tuple _group(cnp.ndarray ia, int64_t hi):
+    """(uniq (U,) int64 sorted, starts (U+1,) int64, order (n,) int64) for indices in [0, hi]:
+    rows order[starts[u]:starts[u+1]] (in their original order) carry index uniq[u]."""
+    cdef Py_ssize_t n = ia.shape[0], U
+    cdef cnp.ndarray uniq, starts, order, counts
     if hi < 4 * <int64_t>n + 65536:
-        # small range: O(n + range) stable counting sort
-        counts = np.zeros(hi + 1, dtype=_I64)
+        counts = _new(cnp.NPY_INT64, True, hi + 1)
         U = _count_pass[int32_t](ia, counts) if _is_i32(ia) else _count_pass[int64_t](ia, counts)
-        uniq = np.empty(U, dtype=_I64)
-        starts = np.empty(U + 1, dtype=_I64)
-        order = np.empty(n, dtype=_I64)
+        uniq = _new(cnp.NPY_INT64, False, U)
+        starts = _new(cnp.NPY_INT64, False, U + 1)
+        order = _new(cnp.NPY_INT64, False, n)
         if _is_i32(ia):
             _counting_order[int32_t](ia, counts, uniq, starts, order)
         else:
@@ -1840,12 +1746,158 @@ def segment_sum_rows(indices, rows):
         starts = np.flatnonzero(first).astype(_I64, copy=False)
         uniq = sidx[starts].astype(_I64)
         starts = np.append(starts, n).astype(_I64, copy=False)
-        U = uniq.shape[0]
-    out = _new(cnp.PyArray_TYPE(ra), False, U, D)
-    if D == 0:
-        return uniq, out
-    if _is32(ra):
-        _segment_sum[float](ra, order, starts, out)
+    return uniq, starts, order
+
+
+cdef inline void _group_row(const floating* rows, const int64_t* order, Py_ssize_t s,
+                            Py_ssize_t e, Py_ssize_t D, floating* dst, double* acc,
+                            bint add) noexcept nogil:
+    """dst (=|+=) sum of rows[order[s:e]], summed in double."""
+    cdef Py_ssize_t k, d, k0 = s
+    cdef const floating* src = rows + order[s] * D
+    if e - s == 1:
+        if add:
+            for d in range(D):
+                dst[d] += src[d]
+        else:
+            memcpy(dst, src, D * sizeof(floating))
+        return
+    if floating is double:
+        if not add:                  # dst itself is the double accumulator
+            memcpy(dst, src, D * sizeof(double))
+            k0 = s + 1
+        for k in range(k0, e):
+            src = rows + order[k] * D
+            for d in range(D):
+                dst[d] += src[d]
     else:
-        _segment_sum[double](ra, order, starts, out)
+        for d in range(D):
+            acc[d] = src[d]
+        for k in range(s + 1, e):
+            src = rows + order[k] * D
+            for d in range(D):
+                acc[d] += src[d]
+        if add:
+            for d in range(D):
+                dst[d] = <float>(dst[d] + acc[d])
+        else:
+            for d in range(D):
+                dst[d] = <float>acc[d]
+
+
+cdef int _group_sum(const floating[:, ::1] rows, const int64_t[::1] order,
+                    const int64_t[::1] starts, const int64_t[::1] dest,
+                    floating[:, ::1] out, bint use_dest, bint add) except -1:
+    """For every group u: out[dest[u] if use_dest else u] (=|+=) group sum."""
+    cdef Py_ssize_t U = starts.shape[0] - 1, D = rows.shape[1], n = rows.shape[0], u
+    cdef int nt = _nt(n * D, 65536, U)
+    cdef int tid = 0
+    cdef double[:, ::1] acc = _new(cnp.NPY_FLOAT64, False, nt, D if floating is float else 1)
+    cdef double* ap = &acc[0, 0]
+    cdef Py_ssize_t astride = acc.shape[1]
+    cdef const floating* rp = &rows[0, 0]
+    cdef floating* op = &out[0, 0]
+    cdef const int64_t* orp = &order[0]
+    cdef const int64_t* sp = &starts[0]
+    cdef const int64_t* dp = &dest[0]
+    with nogil:
+        if nt == 1:
+            for u in range(U):
+                _group_row(rp, orp, sp[u], sp[u + 1], D,
+                           op + (dp[u] if use_dest else u) * D, ap, add)
+        else:
+            with parallel(num_threads=nt):
+                tid = threadid()
+                for u in prange(U, schedule='static'):
+                    _group_row(rp, orp, sp[u], sp[u + 1], D,
+                               op + (dp[u] if use_dest else u) * D, ap + tid * astride, add)
+    return 0
+
+
+cdef int _group_dispatch(cnp.ndarray rows, cnp.ndarray order, cnp.ndarray starts,
+                         cnp.ndarray dest, cnp.ndarray out, bint use_dest, bint add) except -1:
+    if _is32(rows):
+        _group_sum[float](rows, order, starts, dest, out, use_dest, add)
+    else:
+        _group_sum[double](rows, order, starts, dest, out, use_dest, add)
+    return 0
+
+
+cdef int64_t _index_max(cnp.ndarray ia):
+    cdef int64_t hi = 0
+    if _is_i32(ia):
+        _min_max[int32_t](ia, &hi)
+    else:
+        _min_max[int64_t](ia, &hi)
+    return hi
+
+
+def embedding_scatter_add(indices, grads, int V):
+    """Dense (V, D) gradient: out[indices[k]] += grads[k] (duplicates accumulate, in double)."""
+    fn = "embedding_scatter_add"
+    cdef cnp.ndarray ga = _float_in(grads, fn, "grads")
+    cdef cnp.ndarray ia = _index_in(indices, fn, "indices")
+    _check_rows(ia, ga, fn, "grads")
+    if V < 0:
+        raise ValueError(f"{fn}: V must be >= 0, got {V}")
+    _check_index_range(ia, V, fn, "indices", "table")
+    cdef cnp.ndarray out = _new(cnp.PyArray_TYPE(ga), True, V, ga.shape[1])
+    if ia.shape[0] == 0 or ga.shape[1] == 0:
+        return out
+    uniq, starts, order = _group(ia, _index_max(ia))
+    _group_dispatch(ga, order, starts, uniq, out, True, False)
+    return out
+
+
+def scatter_add_rows_inplace(table, indices, rows):
+    """table[indices[k]] += rows[k] in place (duplicates accumulate, in double); returns None."""
+    fn = "scatter_add_rows_inplace"
+    if not cnp.PyArray_Check(table):
+        raise TypeError(f"{fn}: table must be a numpy array, got {type(table).__name__}")
+    cdef cnp.ndarray ta = <cnp.ndarray>table
+    cdef int t = cnp.PyArray_TYPE(ta)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"{fn}: table must be float32 or float64, got dtype {ta.dtype}")
+    _need_ndim(ta, 2, fn, "table")
+    if not _is_carray(ta) or not cnp.PyArray_ISWRITEABLE(ta):
+        raise ValueError(f"{fn}: table{_shp(ta)} must be a writeable, C-contiguous, native-byte-order array "
+                         "(it is updated in place)")
+    cdef cnp.ndarray ia = _index_in(indices, fn, "indices")
+    cdef cnp.ndarray ra = _float_like(rows, ta, fn, "rows")
+    _check_rows(ia, ra, fn, "rows")
+    if ra.shape[1] != ta.shape[1]:
+        raise ValueError(f"{fn}: rows must have {ta.shape[1]} columns to match table{_shp(ta)}, "
+                         f"got rows{_shp(ra)}")
+    _check_index_range(ia, ta.shape[0], fn, "indices", "table")
+    if ia.shape[0] == 0 or ra.shape[1] == 0:
+        return None
+    uniq, starts, order = _group(ia, _index_max(ia))
+    _group_dispatch(ra, order, starts, uniq, ta, True, True)
+    return None
+
+
+def segment_sum_rows(indices, rows):
+    """Sum rows sharing an index.
+
+    Returns (unique_sorted_indices (u,) int64, summed (u, D)) with
+    summed[i] = rows[indices == unique_sorted_indices[i]].sum(0) (summed in double).
+    Negative indices raise IndexError.
+    """
+    fn = "segment_sum_rows"
+    cdef cnp.ndarray ra = _float_in(rows, fn, "rows")
+    cdef cnp.ndarray ia = _index_in(indices, fn, "indices")
+    _check_rows(ia, ra, fn, "rows")
+    cdef Py_ssize_t n = ia.shape[0], D = ra.shape[1]
+    cdef int64_t lo, hi = 0
+    cdef cnp.ndarray out
+    if n == 0:
+        return _new(cnp.NPY_INT64, False, 0), _new(cnp.PyArray_TYPE(ra), False, 0, D)
+    lo = _min_max[int32_t](ia, &hi) if _is_i32(ia) else _min_max[int64_t](ia, &hi)
+    if lo < 0:
+        pos = int(np.argmax(ia < 0))
+        raise IndexError(f"{fn}: indices[{pos}] = {int(ia[pos])} is negative; indices must be >= 0")
+    uniq, starts, order = _group(ia, hi)
+    out = _new(cnp.PyArray_TYPE(ra), False, uniq.shape[0], D)
+    if D > 0:
+        _group_dispatch(ra, order, starts, uniq, out, False, False)
     return uniq, out
