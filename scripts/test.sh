@@ -3,6 +3,16 @@
 # This is the README's test command; .ci/run calls exactly this. pytest's exit 5 ("no tests") fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# browser tests drive Debian's Chromium through chromedriver (never a downloaded browser)
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+      || { echo "could not install chromium and chromium-driver with apt-get" >&2; exit 1; }
+  else
+    echo "chromium and chromium-driver are missing: install them (apt-get install chromium chromium-driver)" >&2
+    exit 1
+  fi
+fi
 python -m pip install --quiet --disable-pip-version-check -e ".[test]" || { echo "install failed" >&2; exit 1; }
 python -m pytest -q "$@"
 rc=$?
