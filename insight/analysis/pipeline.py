@@ -1,0 +1,254 @@
+"""Data pipeline: MindInsight's MindData rules, XProf's input-bound classes, the device queue per step.
+
+Queue usage of an op is the mean sampled depth / capacity of its *output* queue (``dataset_queues``).
+The host queue is the root op's output queue (the one the consumer -- the sink feeder or the training
+loop -- reads). Rules (profilers.md):
+
+* host queue empty in more than 30% of its samples (taken while the pipeline delivered batches: from
+  its first batch to its last) -> data processing is the bottleneck; otherwise a
+  device queue found empty by a GetNext (any step after the first) -> data transfer is;
+* an op whose child's queue usage exceeds its own by more than 0.1 is flagged (it drains its input
+  slower than it fills it); a leaf (source) op with usage under 0.6 is flagged;
+* every queue at 0.8 or more -> the consumer (the training step) is the bottleneck, not the data;
+* input share = (iteration interval + input copies after fp_start) / step time: under 5% not
+  input-bound, 5-20% moderately, 20% or more highly.
+
+When a run holds several pipelines (one per epoch, eval datasets), the ones with the structure that
+was sampled most are analysed together (their op ids line up); ``pipeline_ids`` says which.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from insight.analysis._io import NS_PER_MS, as_run, read
+from insight.analysis.steps import step_breakdown, summarize
+from insight.trace import Run
+
+HOST_EMPTY_RATIO = 0.30
+CHILD_GAP = 0.1
+LEAF_USAGE = 0.6
+ALL_FULL = 0.8
+INPUT_MODERATE = 0.05
+INPUT_HIGH = 0.20
+
+PIPE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "op_type": "", "parent_id": -1, "num_workers": 1,
+                "queue_capacity": -1}
+QUEUE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "t_ns": -1, "depth": 0, "capacity": -1}
+OPS_COLUMNS = {"pipeline_id": -1, "op_id": -1, "op_type": "", "t_ns": -1, "rows": 0, "batches": 0, "busy_ns": 0,
+               "wait_in_ns": 0, "wait_out_ns": 0, "num_workers": 1}
+DQ_COLUMNS = {"t_ns": -1, "action": "", "depth": 0, "capacity": -1, "wait_ns": 0, "step": -1}
+SOURCE_TYPES = ("numpy_slices", "generator", "mindrecord", "tfrecord", "image_folder", "csv")
+
+
+def input_bound_class(share: float) -> str:
+    """XProf: under 5% not input-bound, 5-20% moderately, 20% or more highly."""
+    if share is None or not np.isfinite(share):
+        return "unknown"
+    if share >= INPUT_HIGH:
+        return "highly"
+    if share >= INPUT_MODERATE:
+        return "moderately"
+    return "not"
+
+
+@dataclass
+class PipelineReport:
+    ops: pd.DataFrame                 # one row per pipeline op with queue usage, flags and reasons
+    device_queue: pd.DataFrame        # per step: pushes, pops, empty, full, mean depth, GetNext wait
+    pipeline_ids: list = field(default_factory=list)
+    host_queue_empty_ratio: float | None = None
+    host_queue_samples: int = 0
+    device_queue_pops: int = 0
+    device_queue_empty_pops: int = 0  # after the first step
+    verdict: str = "unknown"          # data_processing | data_transfer | none | unknown
+    consumer_bottleneck: bool = False
+    bottleneck_op_id: int | None = None
+    bottleneck_op_type: str = ""
+    input_share: float = float("nan")
+    input_bound: str = "unknown"      # not | moderately | highly | unknown
+    advice: list = field(default_factory=list)
+
+    @property
+    def bottleneck_label(self) -> str:
+        return "" if self.bottleneck_op_id is None else f"{self.bottleneck_op_type} op #{self.bottleneck_op_id}"
+
+
+def data_pipeline(run: Run | str | os.PathLike, rank: int = 0, breakdown: pd.DataFrame | None = None) -> PipelineReport:
+    run = as_run(run)
+    pipes = read(run, "dataset_pipeline", PIPE_COLUMNS, required=("pipeline_id", "op_id", "parent_id"), rank=rank)
+    samples = read(run, "dataset_queues", QUEUE_COLUMNS, required=("pipeline_id", "op_id", "depth"), rank=rank)
+    stats = read(run, "dataset_ops", OPS_COLUMNS, required=("pipeline_id", "op_id"), rank=rank)
+    dq = read(run, "device_queue", DQ_COLUMNS, required=("action", "depth", "step"), rank=rank)
+    bd = step_breakdown(run, rank) if breakdown is None else breakdown
+
+    rep = PipelineReport(ops=_ops_table(pipes, samples, stats), device_queue=_device_queue_per_step(dq))
+    ops = rep.ops
+    if len(ops):
+        rep.pipeline_ids = sorted(int(p) for p in ops.attrs.get("pipeline_ids", []))
+        root = ops[ops["parent_id"] == -1]
+        rs = _while_running(samples[samples["pipeline_id"].isin(rep.pipeline_ids) & samples["op_id"].isin(root["op_id"])])
+        rep.host_queue_samples = len(rs)
+        if len(rs):
+            rep.host_queue_empty_ratio = float((rs["depth"] <= 0).mean())
+    if len(bd) > 1:
+        first = int(bd["step"].iloc[0])
+        later = dq[(dq["action"] == "pop") & (dq["step"] != first)]
+    else:
+        later = dq[dq["action"] == "pop"]
+    rep.device_queue_pops = int(len(later))
+    rep.device_queue_empty_pops = int((later["wait_ns"] > 0).sum())
+
+    usage = ops["queue_usage"].dropna() if len(ops) else pd.Series(dtype=float)
+    rep.consumer_bottleneck = bool(len(usage) and len(usage) == len(ops) and (usage >= ALL_FULL).all())
+    if rep.host_queue_empty_ratio is not None and rep.host_queue_empty_ratio > HOST_EMPTY_RATIO:
+        rep.verdict = "data_processing"
+    elif rep.device_queue_empty_pops > 0:
+        rep.verdict = "data_transfer"
+    elif rep.host_queue_empty_ratio is not None or rep.device_queue_pops:
+        rep.verdict = "none"
+    _pick_bottleneck(rep)
+
+    s = summarize(bd)
+    rep.input_share = s.input_share
+    rep.input_bound = input_bound_class(s.input_share)
+    rep.advice = _advice(rep, ops)
+    return rep
+
+
+def _while_running(rs: pd.DataFrame) -> pd.DataFrame:
+    """Each pipeline's host-queue samples from its first batch to its last: MindInsight counts empty
+    queues per batch fetched, so neither the start-up before the first batch exists nor the drain after
+    the source is exhausted (no batch is asked for then) should count as "empty"."""
+    keep = []
+    for _, g in rs.sort_values("t_ns", kind="stable").groupby("pipeline_id", sort=False):
+        full = np.flatnonzero(g["depth"].to_numpy() > 0)
+        keep.append(g.iloc[full[0]: full[-1] + 1] if len(full) else g)
+    return pd.concat(keep) if keep else rs
+
+
+def _ops_table(pipes: pd.DataFrame, samples: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
+    cols = ["op_id", "op_type", "parent_id", "children", "num_workers", "queue_capacity", "queue_usage",
+            "queue_samples", "child_usage", "rows", "batches", "busy_ms", "wait_in_ms", "wait_out_ms", "flagged",
+            "reason"]
+    if pipes.empty:
+        out = pd.DataFrame({c: pd.Series([], dtype=object) for c in cols})
+        out.attrs["pipeline_ids"] = []
+        return out
+    # group pipelines by structure; analyse the structure sampled most
+    sig = (pipes.sort_values(["pipeline_id", "op_id"]).groupby("pipeline_id")
+           .apply(lambda g: tuple(zip(g["op_id"], g["op_type"], g["parent_id"])), include_groups=False))
+    n_samples = samples.groupby("pipeline_id").size()
+    weight = sig.index.to_series().map(n_samples).fillna(0)
+    by_sig = weight.groupby(sig).sum()
+    best = by_sig.idxmax() if by_sig.max() > 0 else sig.iloc[0]
+    ids = [int(p) for p in sig.index[sig.map(lambda s: s == best)]]
+    p = pipes[pipes["pipeline_id"] == ids[0]].sort_values("op_id").reset_index(drop=True)
+    sm = samples[samples["pipeline_id"].isin(ids)].copy()
+    cap = sm["capacity"].where(sm["capacity"] > 0, sm["op_id"].map(p.set_index("op_id")["queue_capacity"]))
+    sm["usage"] = (sm["depth"] / cap.where(cap > 0)).clip(0, 1)
+    usage = sm.groupby("op_id")["usage"].mean()
+    count = sm.groupby("op_id").size()
+    # dataset_ops rows are cumulative reports: the last one of each pipeline is its total
+    st = stats[stats["pipeline_id"].isin(ids)].sort_values("t_ns", kind="stable")
+    st = st.groupby(["pipeline_id", "op_id"]).tail(1).groupby("op_id")[
+        ["rows", "batches", "busy_ns", "wait_in_ns", "wait_out_ns"]].sum()
+    out = p[["op_id", "op_type", "parent_id", "num_workers", "queue_capacity"]].copy()
+    kids = out.groupby("parent_id")["op_id"].apply(list)
+    out["children"] = out["op_id"].map(kids).apply(lambda v: v if isinstance(v, list) else [])
+    out["queue_usage"] = out["op_id"].map(usage)
+    out["queue_samples"] = out["op_id"].map(count).fillna(0).astype(np.int64)
+    out["child_usage"] = out["children"].apply(lambda ks: max((usage.get(k, np.nan) for k in ks), default=np.nan))
+    for c in ("rows", "batches"):
+        out[c] = out["op_id"].map(st[c]).fillna(0).astype(np.int64) if len(st) else 0
+    for c in ("busy", "wait_in", "wait_out"):
+        out[f"{c}_ms"] = out["op_id"].map(st[f"{c}_ns"]).fillna(0) / NS_PER_MS if len(st) else 0.0
+    flagged, reasons = [], []
+    for r in out.itertuples():
+        u, cu = r.queue_usage, r.child_usage
+        if r.children and np.isfinite(cu) and np.isfinite(u) and cu - u > CHILD_GAP:
+            flagged.append(True)
+            reasons.append(f"its input queue usage {cu:.2f} exceeds its own {u:.2f} by more than {CHILD_GAP}")
+        elif not r.children and np.isfinite(u) and u < LEAF_USAGE:
+            flagged.append(True)
+            reasons.append(f"source op with queue usage {u:.2f} < {LEAF_USAGE}")
+        else:
+            flagged.append(False)
+            reasons.append("")
+    out["flagged"] = flagged
+    out["reason"] = reasons
+    out = out[cols]
+    out.attrs["pipeline_ids"] = ids
+    return out
+
+
+def _device_queue_per_step(dq: pd.DataFrame) -> pd.DataFrame:
+    cols = ["step", "pushes", "pops", "empty", "full", "mean_depth", "capacity", "get_wait_ms", "push_wait_ms"]
+    if dq.empty:
+        return pd.DataFrame({c: pd.Series([], dtype=np.int64 if c not in ("mean_depth", "get_wait_ms",
+                                                                          "push_wait_ms") else float) for c in cols})
+    push = dq["action"] == "push"
+    pop = dq["action"] == "pop"
+    g = dq.assign(push=push, pop=pop, empty=pop & (dq["wait_ns"] > 0),
+                  full=push & (dq["capacity"] > 0) & (dq["depth"] >= dq["capacity"]),
+                  pop_wait=np.where(pop, dq["wait_ns"], 0), push_wait=np.where(push, dq["wait_ns"], 0)
+                  ).groupby("step")
+    out = pd.DataFrame({"pushes": g["push"].sum(), "pops": g["pop"].sum(), "empty": g["empty"].sum(),
+                        "full": g["full"].sum(), "mean_depth": g["depth"].mean(), "capacity": g["capacity"].max(),
+                        "get_wait_ms": g["pop_wait"].sum() / NS_PER_MS,
+                        "push_wait_ms": g["push_wait"].sum() / NS_PER_MS}).reset_index()
+    return out[cols]
+
+
+def _pick_bottleneck(rep: PipelineReport) -> None:
+    ops = rep.ops
+    if ops.empty or rep.consumer_bottleneck:
+        return
+    f = ops[ops["flagged"]]
+    inner = f[f["children"].apply(len) > 0]
+    if len(inner):
+        row = inner.loc[(inner["child_usage"] - inner["queue_usage"]).idxmax()]
+    elif len(f):
+        row = f.loc[f["queue_usage"].idxmin()]
+    elif rep.verdict == "data_processing":
+        # nothing flagged by the queue rules: the op that worked longest per worker
+        per = ops["busy_ms"] / ops["num_workers"].clip(lower=1)
+        if not (per > 0).any():
+            return
+        row = ops.loc[per.idxmax()]
+    else:
+        return
+    rep.bottleneck_op_id = int(row["op_id"])
+    rep.bottleneck_op_type = str(row["op_type"])
+
+
+def _knob(row) -> str:
+    t, w = row["op_type"], int(row["num_workers"])
+    label = f"{t} op #{int(row['op_id'])}"
+    if not row["children"] or t in SOURCE_TYPES:
+        return (f"{label} (the source) cannot keep up: use a faster source format (pre-decoded NumPy arrays / "
+                f"MindRecord) or raise its num_parallel_workers (now {w})")
+    if t == "shuffle":
+        return f"{label} is slow: lower its buffer_size or raise the prefetch size (config.set_prefetch_size)"
+    return f"{label} is the slowest stage: raise its num_parallel_workers (now {w}) or make its work cheaper"
+
+
+def _advice(rep: PipelineReport, ops: pd.DataFrame) -> list[str]:
+    out = []
+    if rep.verdict == "data_processing":
+        out.append(f"the host queue was empty in {rep.host_queue_empty_ratio:.0%} of samples (> {HOST_EMPTY_RATIO:.0%}): "
+                   f"data processing is the bottleneck")
+    elif rep.verdict == "data_transfer":
+        out.append(f"the device queue was empty at {rep.device_queue_empty_pops} of {rep.device_queue_pops} GetNext "
+                   f"calls while the host queue kept up: data transfer is the bottleneck; raise the prefetch size "
+                   f"(runtime.dataset.config.set_prefetch_size) and Model.train(sink_queue_size=...)")
+    if rep.bottleneck_op_id is not None:
+        row = ops[ops["op_id"] == rep.bottleneck_op_id].iloc[0]
+        out.append(_knob(row))
+    if rep.consumer_bottleneck:
+        out.append(f"every pipeline queue is at least {ALL_FULL:.0%} full: the data pipeline keeps up and the "
+                   f"consumer (the training step) is the bottleneck")
+    return out

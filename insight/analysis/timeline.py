@@ -1,0 +1,525 @@
+"""Timeline: the run's tasks as lanes, with a level of detail that keeps any view small.
+
+``load_timeline(run)`` reads the task *times* once (start, end and the columns that choose a lane and a
+colour; Parquet dictionary-encoded, straight into numpy) and prepares, per lane, the tasks sorted by start
+plus the lane's busy intervals merged into a disjoint list with their cumulative length. The dashboard
+caches the result per run; every zoom or pan then calls
+
+    timeline_window(data, t0_ns, t1_ns, width_px) -> TimelineWindow
+
+which, per lane, returns either
+
+* ``mode == "tasks"``: the exact tasks that overlap the window (with name, op and scope), when the lane
+  holds at most ``per_px * width_px`` of them there (about two per pixel) and all exact lanes together at
+  most ``max_tasks``; or
+* ``mode == "busy"``: one bin per pixel with the fraction of the bin the lane was busy (the union of its
+  task intervals, so overlapping tasks are not counted twice) and the number of tasks starting in it.
+  Computed without a Python loop: busy time up to ``t`` is ``cum[k] + clip(t - s[k], 0, len[k])`` with
+  ``k = searchsorted(s, t) - 1`` over the merged intervals ``s``, so a bin's busy time is the difference of
+  that at its two edges -- O(width log n) for any window.
+
+Zooming in shrinks the window until a lane's task count fits, and the lane switches back to exact tasks.
+
+Lanes: ``Steps`` (one slice per step, from the step markers), one per stream in the order aicore0, aicore1,
+aicpu, comm, host (then any other stream), the host's sink feeder thread (``TransferData``, graph
+``data_sink``) on its own lane, and PyNative host ops (``host_ops``) when present. Waits (``get_next``,
+``event_wait``, ``event_record``) are drawn but do not count as busy.
+
+Also here, for the data-pipeline page: ``queue_depths`` (sampled connector-queue depth over time, plus the
+device queue) and ``pipeline_per_step`` (host and device queue per step: depth, empty and full counts).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from insight.analysis._io import NS_PER_MS, as_run, bad_file, empty_frame, read, rel, table_files
+from insight.trace import Run, TraceError
+
+PER_PX = 2.0            # a lane shows exact tasks while it holds at most this many per pixel of the window
+MAX_TASKS = 20_000      # and all exact lanes together at most this many
+STREAM_ORDER = ("aicore0", "aicore1", "aicpu", "comm", "host")
+WAIT_KINDS = ("get_next", "event_wait", "event_record")
+FEEDER_GRAPH = "data_sink"
+
+# colour codes of tasks (the dashboard maps them to colours)
+PHASES = ("forward", "backward", "update", "input")
+CODE_OTHER, CODE_WAIT, CODE_STEP_EVEN, CODE_STEP_ODD, CODE_HOST_OP = 4, 5, 6, 7, 8
+CODE_LABELS = ("forward", "backward", "update", "input", "other", "wait (GetNext / events)", "step", "step",
+               "PyNative host op")
+
+TASK_READ = {"step": -1, "graph": "", "kind": "", "stream": "", "phase": "", "start_ns": -1, "end_ns": -1}
+DETAIL_COLUMNS = {"step": -1, "graph": "", "task_id": -1, "name": "", "op": "", "kind": "", "stream": "", "scope": "",
+                  "phase": "", "start_ns": -1, "end_ns": -1, "flops": -1, "bytes": -1, "shape": "", "dtype": "",
+                  "fused_ops": ""}
+NAME_COLUMNS = {"name": "", "op": "", "scope": ""}
+HOST_OP_COLUMNS = {"op": "", "name": "", "scope": "", "start_ns": -1, "end_ns": -1}
+
+
+@dataclass
+class Lane:
+    """One lane's tasks, sorted by start. ``row`` indexes the lane's source table (``tasks``, ``host_ops`` or
+    ``steps``: ``TimelineData.steps``)."""
+    key: str
+    label: str
+    source: str
+    start: np.ndarray
+    end: np.ndarray
+    row: np.ndarray
+    code: np.ndarray
+    reach: np.ndarray = None   # running max of ``end``: tasks before ``searchsorted(reach, t)`` end by ``t``
+    busy_start: np.ndarray = None  # merged busy intervals (disjoint, sorted)
+    busy_len: np.ndarray = None
+    busy_cum: np.ndarray = None    # busy time before each merged interval
+
+    def __post_init__(self):
+        self.reach = np.maximum.accumulate(self.end) if len(self.end) else self.end.copy()
+        work = self.code != CODE_WAIT
+        self.busy_start, self.busy_len = merge_intervals(self.start[work], self.end[work])
+        self.busy_cum = np.concatenate(([0], np.cumsum(self.busy_len)[:-1])).astype(np.int64) \
+            if len(self.busy_len) else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    @property
+    def busy_ns(self) -> int:
+        return int(self.busy_len.sum())
+
+    def busy_until(self, t: np.ndarray) -> np.ndarray:
+        """Busy nanoseconds of the lane in ``[-inf, t)`` for each ``t`` (vectorised)."""
+        t = np.asarray(t, np.int64)
+        if not len(self.busy_start):
+            return np.zeros(t.shape, np.int64)
+        k = np.searchsorted(self.busy_start, t, side="right") - 1
+        kk = np.clip(k, 0, None)
+        part = np.clip(t - self.busy_start[kk], 0, self.busy_len[kk])
+        return np.where(k >= 0, self.busy_cum[kk] + part, 0)
+
+    def span(self, t0: int, t1: int) -> tuple[int, int]:
+        """Index range ``[lo, hi)`` holding every task that overlaps ``[t0, t1)`` (and possibly a few nested
+        ones that end before ``t0``): an upper bound on the count, found by two binary searches."""
+        lo = int(np.searchsorted(self.reach, t0, side="right"))
+        hi = int(np.searchsorted(self.start, t1, side="left"))
+        return lo, max(lo, hi)
+
+
+def merge_intervals(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of ``[start, end)`` intervals (``start`` sorted) as disjoint (starts, lengths)."""
+    if not len(start):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    reach = np.maximum.accumulate(end)
+    new = np.ones(len(start), bool)
+    new[1:] = start[1:] > reach[:-1]
+    first = np.flatnonzero(new)
+    last = np.r_[first[1:] - 1, len(start) - 1]
+    s = start[first]
+    return s.astype(np.int64), (reach[last] - s).astype(np.int64)
+
+
+@dataclass
+class TimelineData:
+    """What ``load_timeline`` reads once per run; ``timeline_window`` answers every view from it."""
+    run: Run
+    rank: int
+    lanes: list
+    steps: pd.DataFrame         # step_times: step, start_ns, end_ns, phases
+    t_min: int
+    t_max: int
+    n_tasks: int
+    _details: pa.Table | None = None
+    _names: pa.Table | None = None
+    _host_ops: pd.DataFrame | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def lane(self, key: str) -> Lane:
+        for ln in self.lanes:
+            if ln.key == key:
+                return ln
+        raise KeyError(key)
+
+    @property
+    def step_numbers(self) -> list[int]:
+        return [int(s) for s in self.steps["step"]]
+
+    def step_range(self, step: int) -> tuple[int, int] | None:
+        """``(start_ns, end_ns)`` of a step (the step trace's definition), or None."""
+        m = self.steps[self.steps["step"] == int(step)]
+        if m.empty:
+            return None
+        r = m.iloc[0]
+        return int(r["start_ns"]), int(r["end_ns"])
+
+    # -- details, read on demand --------------------------------------------------------------------
+    def task_table(self, names_only: bool = False) -> pa.Table:
+        """Every column of ``tasks`` (strings dictionary-encoded), read once on the first need;
+        ``names_only``: just name, op and scope (what exact tasks are labelled with; cheaper)."""
+        with self._lock:
+            if self._details is not None:
+                return self._details
+            if names_only:
+                if self._names is None:
+                    self._names = _read_task_table(self.run, self.rank, NAME_COLUMNS)
+                return self._names
+            self._details = _read_task_table(self.run, self.rank)
+            self._names = None
+            return self._details
+
+    def details(self, source: str, rows) -> pd.DataFrame:
+        """Full rows of ``source`` (``tasks``, ``host_ops`` or ``steps``) at positions ``rows``."""
+        rows = np.asarray(rows, np.int64)
+        if source == "tasks":
+            t = self.task_table()
+            out = t.take(pa.array(rows)).to_pandas() if len(rows) else empty_frame(DETAIL_COLUMNS)
+            for c in out.columns:
+                if isinstance(out[c].dtype, pd.CategoricalDtype):
+                    out[c] = out[c].astype(str)
+            out["dur_ns"] = out["end_ns"] - out["start_ns"]
+            return out
+        if source == "host_ops":
+            return self.host_ops().iloc[rows].reset_index(drop=True).assign(
+                dur_ns=lambda d: d["end_ns"] - d["start_ns"])
+        if source == "steps":
+            return self.steps.iloc[rows].reset_index(drop=True)
+        raise ValueError(f"unknown source {source!r}")
+
+    def host_ops(self) -> pd.DataFrame:
+        with self._lock:
+            if self._host_ops is None:
+                self._host_ops = read(self.run, "host_ops", HOST_OP_COLUMNS, required=("start_ns", "end_ns"),
+                                      rank=self.rank)
+            return self._host_ops
+
+
+@dataclass
+class LaneView:
+    key: str
+    label: str
+    source: str
+    mode: str                       # "tasks" (exact) or "busy" (per-pixel utilisation)
+    n_tasks: int                    # tasks overlapping the window (an upper bound in busy mode)
+    tasks: pd.DataFrame | None = None   # mode tasks: start_ns, end_ns, dur_ns, row, code, name, op, scope
+    edges_ns: np.ndarray | None = None  # mode busy: bins + 1 edges
+    busy: np.ndarray | None = None      # mode busy: fraction of each bin busy, 0..1
+    starts: np.ndarray | None = None    # mode busy: tasks starting in each bin
+
+
+@dataclass
+class TimelineWindow:
+    t0_ns: int
+    t1_ns: int
+    width_px: int
+    lanes: list
+
+    @property
+    def exact(self) -> bool:
+        """Every lane shows exact tasks."""
+        return all(ln.mode == "tasks" for ln in self.lanes)
+
+    @property
+    def n_exact(self) -> int:
+        return sum(len(ln.tasks) for ln in self.lanes if ln.mode == "tasks")
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """A string column as (int32 codes, values), whatever its chunks' dictionaries."""
+    values: list = []
+    index: dict = {}
+    parts = []
+    for chunk in col.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = pc.dictionary_encode(chunk)
+        dct = chunk.dictionary.to_pylist()
+        remap = np.array([index.setdefault("" if v is None else v, len(index)) for v in dct] or [0], np.int32)
+        idx = chunk.indices.to_numpy(zero_copy_only=False)
+        if chunk.null_count:
+            idx = np.where(chunk.is_null().to_numpy(zero_copy_only=False), -1, idx)
+        codes = remap[np.clip(idx, 0, None)] if len(dct) else np.zeros(len(chunk), np.int32)
+        if chunk.null_count:
+            miss = index.setdefault("", len(index))
+            codes = np.where(idx < 0, miss, codes)
+        parts.append(codes.astype(np.int32))
+    values = [None] * len(index)
+    for v, i in index.items():
+        values[i] = v
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), values
+
+
+def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tuple, dictionary: tuple) -> pa.Table | None:
+    files = table_files(run, table, rank)
+    if not files:
+        return None
+    tables = []
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+            missing = [c for c in required if c not in names]
+            if missing:
+                raise TraceError(f"run {run.name!r}: {rel(run, f)} has no column {', '.join(map(repr, missing))}")
+            present = [c for c in columns if c in names]
+            t = pq.read_table(f, columns=present, read_dictionary=[c for c in dictionary if c in present])
+        except TraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
+            raise bad_file(run, f, e) from None
+        n = t.num_rows
+        cols = {}
+        for c, default in columns.items():
+            if c in t.column_names:
+                a = t.column(c)
+                if isinstance(default, str):
+                    if not (pa.types.is_dictionary(a.type) or pa.types.is_string(a.type)
+                            or pa.types.is_large_string(a.type)):
+                        a = pc.cast(a, pa.string())
+                    if not pa.types.is_dictionary(a.type):
+                        a = pc.dictionary_encode(a)
+                else:
+                    if not (pa.types.is_integer(a.type) or pa.types.is_floating(a.type)):
+                        raise TraceError(f"run {run.name!r}: {rel(run, f)}: column {c!r} holds {a.type}, "
+                                         f"expected numbers")
+                    if a.null_count:
+                        a = pc.fill_null(a, default)
+                    a = pc.cast(a, pa.int64(), safe=False)
+                cols[c] = a
+            elif isinstance(default, str):
+                cols[c] = pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)),
+                                                                           pa.array([default]))])
+            else:
+                cols[c] = pa.chunked_array([pa.array(np.full(n, default, np.int64))])
+        tables.append(pa.table(cols))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _read_task_table(run: Run, rank: int, columns: dict = DETAIL_COLUMNS) -> pa.Table:
+    strings = tuple(c for c, d in columns.items() if isinstance(d, str))
+    t = _read_columns(run, "tasks", rank, columns, ("start_ns", "end_ns"), strings)
+    if t is None:
+        return pa.table({c: pa.array([], pa.string() if isinstance(d, str) else pa.int64())
+                         for c, d in columns.items()})
+    return t  # chunked: ``take`` across chunks is cheap, combining 1M rows is not
+
+
+def _np(col: pa.ChunkedArray) -> np.ndarray:
+    return col.to_numpy() if col.num_chunks != 1 else col.chunk(0).to_numpy(zero_copy_only=False)
+
+
+def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
+    """Read the task times of ``run`` once and build its lanes (see the module docstring)."""
+    from insight.analysis.steps import step_times
+
+    run = as_run(run)
+    lanes: list[Lane] = []
+    t = _read_columns(run, "tasks", rank, TASK_READ, ("start_ns", "end_ns"), ("graph", "kind", "stream", "phase"))
+    n_tasks = 0
+    if t is not None and t.num_rows:
+        start, end = _np(t.column("start_ns")), _np(t.column("end_ns"))
+        keep = (start >= 0) & (end >= 0)
+        end = np.maximum(end, start)
+        stream, streams = _codes(t.column("stream"))
+        graph, graphs = _codes(t.column("graph"))
+        kind, kinds = _codes(t.column("kind"))
+        phase, phases = _codes(t.column("phase"))
+        # colour code: phase, or "wait" for GetNext / events
+        phase_code = np.array([PHASES.index(p) if p in PHASES else CODE_OTHER for p in phases] or [CODE_OTHER], np.int8)
+        code = phase_code[phase] if len(phases) else np.full(len(start), CODE_OTHER, np.int8)
+        is_wait = np.isin(kind, [i for i, k in enumerate(kinds) if k in WAIT_KINDS])
+        code = np.where(is_wait, CODE_WAIT, code).astype(np.int8)
+        # lane: the stream, and the sink feeder's host thread apart
+        feeder = np.isin(graph, [i for i, g in enumerate(graphs) if g == FEEDER_GRAPH])
+        host = [i for i, s in enumerate(streams) if s == "host"]
+        feeder &= np.isin(stream, host)
+        order = sorted(range(len(streams)), key=lambda i: (STREAM_ORDER.index(streams[i]) if streams[i] in STREAM_ORDER
+                                                           else len(STREAM_ORDER), streams[i]))
+        for i in order:
+            name = streams[i]
+            m = keep & (stream == i)
+            if name == "host":
+                groups = (("host", "host", m & ~feeder), ("host/feeder", "host · feeder (TransferData)", m & feeder))
+            else:
+                groups = ((name or "(no stream)", name or "(no stream)", m),)
+            for key, label, mask in groups:
+                rows = np.flatnonzero(mask)
+                if not len(rows):
+                    continue
+                o = np.argsort(start[rows], kind="stable")
+                rows = rows[o]
+                lanes.append(Lane(key, label, "tasks", start[rows], end[rows], rows.astype(np.int64), code[rows]))
+        n_tasks = int(keep.sum())
+    ho = read(run, "host_ops", HOST_OP_COLUMNS, required=("start_ns", "end_ns"), rank=rank)
+    if len(ho):
+        s, e = ho["start_ns"].to_numpy(np.int64), ho["end_ns"].to_numpy(np.int64)
+        rows = np.flatnonzero((s >= 0) & (e >= 0))
+        rows = rows[np.argsort(s[rows], kind="stable")]
+        lanes.append(Lane("host/pynative", "host · PyNative ops", "host_ops", s[rows], np.maximum(e[rows], s[rows]),
+                          rows.astype(np.int64), np.full(len(rows), CODE_HOST_OP, np.int8)))
+    steps = step_times(run, rank)
+    steps = steps[(steps["start_ns"] >= 0) & (steps["end_ns"] >= steps["start_ns"])].reset_index(drop=True)
+    if len(steps):
+        s = steps["start_ns"].to_numpy(np.int64)
+        rows = np.argsort(s, kind="stable").astype(np.int64)
+        codes = np.where(np.arange(len(rows)) % 2 == 0, CODE_STEP_EVEN, CODE_STEP_ODD).astype(np.int8)
+        lanes.insert(0, Lane("steps", "Steps", "steps", s[rows], steps["end_ns"].to_numpy(np.int64)[rows], rows,
+                             codes))
+    t_min = min((int(ln.start[0]) for ln in lanes if len(ln)), default=0)
+    t_max = max((int(ln.reach[-1]) for ln in lanes if len(ln)), default=0)
+    return TimelineData(run=run, rank=rank, lanes=lanes, steps=steps, t_min=t_min, t_max=max(t_max, t_min + 1),
+                        n_tasks=n_tasks)
+
+
+# -- level of detail -------------------------------------------------------------------------------------
+def timeline_window(run, t0_ns: int, t1_ns: int, width_px: int, max_tasks: int = MAX_TASKS,
+                    per_px: float = PER_PX, details: bool = True, rank: int = 0) -> TimelineWindow:
+    """The view of ``[t0_ns, t1_ns)`` drawn ``width_px`` pixels wide: per lane, exact tasks or per-pixel
+    busy bins (module docstring). ``run`` is a ``TimelineData`` (cheap: what the dashboard passes) or a
+    run / path (read first). ``details``: add name, op and scope to exact tasks."""
+    data = run if isinstance(run, TimelineData) else load_timeline(run, rank)
+    t0, t1 = int(t0_ns), int(t1_ns)
+    if t1 <= t0:
+        t1 = t0 + 1
+    width = max(1, int(width_px))
+    limit = int(per_px * width)
+    spans = [ln.span(t0, t1) for ln in data.lanes]
+    counts = [hi - lo for lo, hi in spans]
+    exact = [c <= limit for c in counts]
+    # all exact lanes together stay under max_tasks: the fullest ones fall back to busy bins
+    for i in sorted(range(len(counts)), key=lambda i: -counts[i]):
+        if sum(c for c, x in zip(counts, exact) if x) <= max_tasks:
+            break
+        exact[i] = False
+    edges = None
+    out = []
+    for ln, (lo, hi), n, ex in zip(data.lanes, spans, counts, exact):
+        if ex:
+            s, e = ln.start[lo:hi], ln.end[lo:hi]
+            m = (e > t0) | (s >= t0)
+            df = pd.DataFrame({"start_ns": s[m], "end_ns": e[m], "dur_ns": e[m] - s[m], "row": ln.row[lo:hi][m],
+                               "code": ln.code[lo:hi][m]})
+            if details:
+                df = _with_names(data, ln, df)
+            out.append(LaneView(ln.key, ln.label, ln.source, "tasks", len(df), tasks=df))
+        else:
+            if edges is None:
+                edges = np.unique(np.linspace(t0, t1, width + 1).round().astype(np.int64))
+            b = ln.busy_until(edges)
+            span = np.diff(edges)
+            busy = np.divide(np.diff(b), span, out=np.zeros(len(span)), where=span > 0).clip(0, 1)
+            starts = np.diff(np.searchsorted(ln.start, edges, side="left"))
+            out.append(LaneView(ln.key, ln.label, ln.source, "busy", n, edges_ns=edges, busy=busy, starts=starts))
+    return TimelineWindow(t0, t1, width, out)
+
+
+def _with_names(data: TimelineData, ln: Lane, df: pd.DataFrame) -> pd.DataFrame:
+    rows = df["row"].to_numpy()
+    if ln.source == "tasks":
+        t = data.task_table(names_only=True)
+        idx = pa.array(rows)
+        for c in ("name", "op", "scope"):
+            df[c] = t.column(c).take(idx).to_pylist() if len(rows) else []
+    elif ln.source == "host_ops":
+        ho = data.host_ops()
+        for c in ("name", "op", "scope"):
+            df[c] = ho[c].to_numpy()[rows] if len(rows) else []
+        df["name"] = np.where(df["name"] == "", df["op"], df["name"]) if len(rows) else df["name"]
+    else:  # steps
+        st = data.steps
+        df["name"] = [f"step {int(s)}" for s in st["step"].to_numpy()[rows]]
+        df["op"] = "step"
+        df["scope"] = ""
+    return df
+
+
+def task_details(run, source: str, row: int) -> dict:
+    """Every field of one task (or host op, or step) as a plain dict, for a details panel."""
+    data = run if isinstance(run, TimelineData) else load_timeline(run)
+    df = data.details(source, [int(row)])
+    if df.empty:
+        return {}
+    rec = df.iloc[0].to_dict()
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
+
+
+# -- the data pipeline's queues over time ---------------------------------------------------------------
+QUEUE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "t_ns": -1, "depth": 0, "capacity": -1}
+PIPE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "op_type": "", "parent_id": -1, "queue_capacity": -1}
+DQ_COLUMNS = {"t_ns": -1, "action": "", "depth": 0, "capacity": -1, "wait_ns": 0, "step": -1}
+
+
+def queue_depths(run: Run | str | os.PathLike, rank: int = 0, pipeline_ids=None) -> pd.DataFrame:
+    """Sampled depth of every pipeline op's output queue (``pipeline_ids``: only these pipelines), plus the
+    device queue's depth after each push / pop: ``queue`` (label), ``op_id`` (-1: device queue), ``root``
+    (the host queue: the root op's output), ``t_ns``, ``t_ms``, ``depth``, ``capacity``."""
+    run = as_run(run)
+    cols = ["queue", "op_id", "root", "pipeline_id", "t_ns", "t_ms", "depth", "capacity"]
+    q = read(run, "dataset_queues", QUEUE_COLUMNS, required=("pipeline_id", "op_id", "depth"), rank=rank)
+    p = read(run, "dataset_pipeline", PIPE_COLUMNS, required=("pipeline_id", "op_id", "parent_id"), rank=rank)
+    if pipeline_ids is not None:
+        q = q[q["pipeline_id"].isin(list(pipeline_ids))]
+    info = p.drop_duplicates(["op_id"]).set_index("op_id")
+    frames = []
+    if len(q):
+        q = q.copy()
+        q["op_type"] = q["op_id"].map(info["op_type"]).fillna("op") if len(info) else "op"
+        q["root"] = q["op_id"].map(info["parent_id"] == -1).fillna(False).astype(bool) if len(info) else False
+        q["queue"] = [f"{t} #{o} output" + (" (host queue)" if r else "") for t, o, r in
+                      zip(q["op_type"], q["op_id"], q["root"])]
+        frames.append(q)
+    dq = read(run, "device_queue", DQ_COLUMNS, required=("action", "depth"), rank=rank)
+    if len(dq):
+        frames.append(dq.assign(queue="device queue", op_id=-1, root=False, pipeline_id=-1))
+    if not frames:
+        return pd.DataFrame({c: pd.Series([], dtype=object) for c in cols})
+    out = pd.concat([f[[c for c in cols if c != "t_ms"]] for f in frames], ignore_index=True)
+    out = out[out["t_ns"] >= 0].sort_values(["op_id", "t_ns"], kind="stable").reset_index(drop=True)
+    out["t_ms"] = out["t_ns"] / NS_PER_MS
+    return out[cols]
+
+
+def pipeline_per_step(run: Run | str | os.PathLike, rank: int = 0, report=None,
+                      breakdown: pd.DataFrame | None = None) -> pd.DataFrame:
+    """MindInsight's step-interval view, per step: the host queue (root op's output, sampled) -- mean
+    depth, samples, empty samples -- and the device queue -- ``device_depth`` (mean after push/pop),
+    pushes, pops, ``device_empty`` (GetNext found it empty and waited), ``device_full`` (a push filled it),
+    GetNext wait. Host samples belong to the step whose time range (step trace) holds them."""
+    from insight.analysis.pipeline import data_pipeline
+    from insight.analysis.steps import step_times
+
+    run = as_run(run)
+    bd = step_times(run, rank) if breakdown is None else breakdown
+    rep = data_pipeline(run, rank) if report is None else report
+    cols = ["step", "start_ns", "end_ns", "host_depth", "host_samples", "host_empty", "host_capacity", "device_depth",
+            "device_pushes", "device_pops", "device_empty", "device_full", "device_capacity", "get_wait_ms"]
+    if bd.empty:
+        return pd.DataFrame({c: pd.Series([], dtype=float) for c in cols})
+    out = bd[["step", "start_ns", "end_ns"]].sort_values("start_ns", kind="stable").reset_index(drop=True)
+    q = queue_depths(run, rank, rep.pipeline_ids or None)
+    host = q[q["root"].astype(bool)] if len(q) else q
+    if len(host):
+        t = host["t_ns"].to_numpy(np.int64)
+        k = np.searchsorted(out["start_ns"].to_numpy(np.int64), t, side="right") - 1
+        ok = (k >= 0) & (t < out["end_ns"].to_numpy(np.int64)[np.clip(k, 0, None)])
+        h = pd.DataFrame({"k": k[ok], "depth": host["depth"].to_numpy()[ok], "cap": host["capacity"].to_numpy()[ok]})
+        g = h.groupby("k")
+        out["host_depth"] = g["depth"].mean()
+        out["host_samples"] = g.size()
+        out["host_empty"] = g["depth"].apply(lambda d: int((d <= 0).sum()))
+        out["host_capacity"] = g["cap"].max()
+    for c in ("host_depth", "host_samples", "host_empty", "host_capacity"):
+        if c not in out:
+            out[c] = np.nan
+    out[["host_samples", "host_empty"]] = out[["host_samples", "host_empty"]].fillna(0).astype(np.int64)
+    dq = rep.device_queue.set_index("step") if len(rep.device_queue) else None
+    for c, src in (("device_depth", "mean_depth"), ("device_pushes", "pushes"), ("device_pops", "pops"),
+                   ("device_empty", "empty"), ("device_full", "full"), ("device_capacity", "capacity"),
+                   ("get_wait_ms", "get_wait_ms")):
+        out[c] = out["step"].map(dq[src]) if dq is not None else np.nan
+    for c in ("device_pushes", "device_pops", "device_empty", "device_full"):
+        out[c] = out[c].fillna(0).astype(np.int64)
+    return out[cols]
