@@ -279,6 +279,26 @@ def _normalize(image):
     return (image - 0.5) * 2.0
 
 
+# -- dashboard ----------------------------------------------------------------------------------------------
+def _start(args) -> int:
+    from dashboard.server import serve
+
+    if args.reload_interval <= 0:
+        print("insight start: --reload-interval must be positive", file=sys.stderr)
+        return 2
+    try:
+        return serve(args.summary_base_dir, host=args.host, port=args.port, reload_interval=args.reload_interval)
+    except OSError as e:  # e.g. the port is taken
+        print(f"insight start: cannot serve on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _stop(args) -> int:
+    from dashboard.server import stop
+
+    return stop(args.port)
+
+
 # -- main ---------------------------------------------------------------------------------------------------
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
@@ -306,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output file (chrome) or directory (csv); default: in the current "
                                           "directory, named after the run")
     p.set_defaults(fn=_export)
+
+    p = sub.add_parser("start", help="serve the dashboard for the runs under a directory")
+    p.add_argument("--summary-base-dir", required=True, help="a directory whose sub-directories are runs")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--reload-interval", type=float, default=3.0, help="seconds between scans for new runs")
+    p.set_defaults(fn=_start)
+
+    p = sub.add_parser("stop", help="stop a dashboard started with `insight start`")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(fn=_stop)
 
     p = sub.add_parser("demo", help="train the digits CNN (LeNet) in graph mode")
     p.add_argument("--epochs", type=int, default=10)
