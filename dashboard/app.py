@@ -29,6 +29,8 @@ def create_app(base_dir, reload_interval: float = 3.0) -> dash.Dash:
         if name not in _registered:
             mod.register()
             _registered.add(name)
+    importlib.import_module("dashboard.pages.timeline").register_routes(app.server)
+    _share_callbacks()
     app.layout = html.Div([
         html.Header([dcc.Link("Insight", href="/", className="brand"),
                      dcc.Link("Runs", href="/", className="top-link", id="top-runs"),
@@ -40,3 +42,19 @@ def create_app(base_dir, reload_interval: float = 3.0) -> dash.Dash:
 
 
 _registered: set[str] = set()
+_callbacks: tuple | None = None
+
+
+def _share_callbacks() -> None:
+    """``dash.callback`` registrations live in a global list that the first app to serve a request takes
+    for itself. Keep a copy from the first app and give it back to every later one (tests build several
+    apps in one process)."""
+    global _callbacks
+    from dash import _callback
+
+    if _callbacks is None:
+        _callbacks = (dict(_callback.GLOBAL_CALLBACK_MAP), list(_callback.GLOBAL_CALLBACK_LIST))
+        return
+    for k, v in _callbacks[0].items():
+        _callback.GLOBAL_CALLBACK_MAP.setdefault(k, v)
+    _callback.GLOBAL_CALLBACK_LIST.extend(c for c in _callbacks[1] if c not in _callback.GLOBAL_CALLBACK_LIST)

@@ -1,0 +1,269 @@
+"""Compare two runs (``/compare?a=<run>&b=<run>``), HTA's trace diff / torch.profiler's diff view.
+
+* step-breakdown averages of both runs as grouped bars, and the table of every summary metric
+  (a, b, b − a, b / a);
+* per op type, the time per step in each run and the difference, classified ``added`` (only in b),
+  ``removed`` (only in a), ``faster`` / ``slower`` (beyond a 5 % tolerance) or ``same``, as a table and a
+  diverging bar chart.
+
+The two dropdowns rewrite the URL (``?a=..&b=..``), which re-renders the page: a comparison is a link.
+Everything comes from ``insight.analysis.compare_runs``.
+"""
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import dash
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Input, Output, callback, dash_table, dcc, html
+from dash.dash_table.Format import Format, Scheme, Sign
+
+from dashboard.components import error_panel, fmt_ms, graph, stat_card
+from dashboard.data import RunNotFound, store
+from insight import analysis
+from insight.trace import TraceError
+
+PAGES_LOCATION = "_pages_location"  # dash.page_container's dcc.Location (refresh="callback-nav")
+STATUS_COLORS = {"faster": "#2a9d8f", "slower": "#e63946", "added": "#3a86ff", "removed": "#8d99ae", "same": "#adb5bd"}
+STATUS_ORDER = ("slower", "faster", "added", "removed", "same")
+CHART_ROWS = 25
+STEP_PARTS = [("iteration_interval_ms", "Iteration interval"), ("fp_bp_ms", "Forward + backward"),
+              ("tail_ms", "Tail"), ("allreduce_ms", "AllReduce"), ("step_time_ms", "Step time")]
+METRIC_LABELS = {"step_time_ms": "Step time (ms)", "iteration_interval_ms": "Iteration interval (ms)",
+                 "fp_bp_ms": "Forward + backward (ms)", "tail_ms": "Tail (ms)", "allreduce_ms": "AllReduce (ms)",
+                 "device_utilization": "Device utilisation (fraction)", "input_share": "Input share (fraction)"}
+
+MS = Format(precision=3, scheme=Scheme.fixed)
+DIFF = Format(precision=3, scheme=Scheme.fixed, sign=Sign.positive)
+RATIO = Format(precision=3, scheme=Scheme.fixed, nully="—")
+OP_COLUMNS = [
+    {"id": "op", "name": "Op type", "type": "text"}, {"id": "status", "name": "Status", "type": "text"},
+    {"id": "ms_per_step_a", "name": "A ms/step", "type": "numeric", "format": MS},
+    {"id": "ms_per_step_b", "name": "B ms/step", "type": "numeric", "format": MS},
+    {"id": "diff_ms", "name": "B − A (ms/step)", "type": "numeric", "format": DIFF},
+    {"id": "ratio", "name": "B / A", "type": "numeric", "format": RATIO},
+    {"id": "calls_per_step_a", "name": "A calls/step", "type": "numeric", "format": Format(precision=1,
+                                                                                            scheme=Scheme.fixed)},
+    {"id": "calls_per_step_b", "name": "B calls/step", "type": "numeric", "format": Format(precision=1,
+                                                                                            scheme=Scheme.fixed)},
+]
+STEP_COLUMNS = [{"id": "label", "name": "Metric", "type": "text"},
+                {"id": "a", "name": "A", "type": "numeric", "format": MS},
+                {"id": "b", "name": "B", "type": "numeric", "format": MS},
+                {"id": "diff", "name": "B − A", "type": "numeric", "format": DIFF},
+                {"id": "ratio", "name": "B / A", "type": "numeric", "format": RATIO}]
+TABLE_STYLE = dict(
+    style_table={"overflowX": "auto"},
+    style_cell={"textAlign": "left", "fontFamily": "inherit", "fontSize": 13, "padding": "3px 8px"},
+    style_cell_conditional=[{"if": {"column_type": "numeric"}, "textAlign": "right"}],
+    style_header={"fontWeight": 600, "backgroundColor": "#f1f3f5"},
+)
+
+
+def register():
+    dash.register_page(__name__, path="/compare", name="Compare", title="Insight — compare", layout=layout)
+
+
+def _arg(v) -> str | None:
+    """A query argument: ``?a=x&a=y`` gives a list (take the first); blank means not given."""
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    v = None if v is None else str(v).strip()
+    return v or None
+
+
+def layout(a=None, b=None, **_):
+    a, b = _arg(a), _arg(b)
+    runs = store().run_ids()
+    if a is None and b is None and runs:  # /compare alone: the two newest runs, older as A
+        recent = _newest_first(runs)
+        a, b = (recent[1], recent[0]) if len(recent) > 1 else (recent[0], recent[0])
+    options = [{"label": r, "value": r} for r in runs]
+    pickers = html.Div([
+        html.Span("A", className="muted"),
+        dcc.Dropdown(id="compare-a", options=options, value=a if a in runs else None, placeholder="run A",
+                     clearable=False, style={"width": 320}),
+        html.Span("vs B", className="muted", style={"marginLeft": 12}),
+        dcc.Dropdown(id="compare-b", options=options, value=b if b in runs else None, placeholder="run B",
+                     clearable=False, style={"width": 320}),
+    ], style={"display": "flex", "alignItems": "center", "gap": 8, "flexWrap": "wrap"}, id="compare-pickers")
+    return html.Div([html.H2("Compare runs"), pickers, html.Div(body(a, b), id="compare-body")],
+                    className="compare-page")
+
+
+def _newest_first(runs: list[str]) -> list[str]:
+    def created(r):
+        try:
+            return str(store().manifest(r).get("created", ""))
+        except (RunNotFound, TraceError):
+            return ""
+    return sorted(runs, key=created, reverse=True)
+
+
+# -- the comparison -----------------------------------------------------------------------------------------
+def _compare(run_a, a_stamp, b_path, b_stamp):
+    return analysis.compare_runs(run_a, b_path)
+
+
+def _stamp(path) -> tuple:
+    try:
+        m = (path / "manifest.json").stat()
+        return (m.st_mtime_ns, m.st_size)
+    except OSError:
+        return (0, 0)
+
+
+def comparison(a: str, b: str) -> analysis.RunComparison:
+    """``compare_runs`` for two run ids, cached until either run changes (RunNotFound / TraceError)."""
+    st = store()
+    pa, pb = st.path(a), st.path(b)
+    return st.get(a, "compare_runs", _compare, _stamp(pa), str(pb), _stamp(pb))
+
+
+def body(a: str | None, b: str | None):
+    if a is None or b is None:
+        return html.P("Pick two runs to compare (the same run on both sides works too).", className="muted",
+                      id="compare-hint")
+    missing = []
+    for side, r in (("A", a), ("B", b)):
+        try:
+            store().path(r)
+        except RunNotFound:
+            missing.append(f"{side}: there is no run named {r!r} in {store().base_dir}.")
+    if missing:
+        return html.Div([html.H3("Unknown run", id="not-found"),
+                         *[html.P(m, className="error-message") for m in missing],
+                         html.P("Pick runs from the lists above.", className="muted")],
+                        className="error-panel", id="compare-unknown")
+    try:
+        cmp = comparison(a, b)
+    except TraceError as e:
+        return error_panel(str(e), "These runs cannot be compared")
+    return _view(a, b, cmp)
+
+
+def step_rows(cmp) -> list[dict]:
+    s = cmp.steps
+    out = []
+    for r in s.itertuples():
+        out.append({"metric": r.metric, "label": METRIC_LABELS.get(r.metric, r.metric), "a": _f(r.a), "b": _f(r.b),
+                    "diff": _f(r.diff), "ratio": _f(r.ratio)})
+    return out
+
+
+def op_rows(cmp) -> list[dict]:
+    cols = [c["id"] for c in OP_COLUMNS]
+    df = cmp.ops.reindex(columns=cols)
+    rows = []
+    for rec in df.to_dict("records"):
+        row = {k: (_f(v) if k not in ("op", "status") else str(v)) for k, v in rec.items()}
+        rows.append(row | {"id": str(rec["op"])})
+    return rows
+
+
+def _f(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def status_counts(cmp) -> dict:
+    vc = cmp.ops["status"].value_counts() if len(cmp.ops) else pd.Series(dtype=int)
+    return {s: int(vc.get(s, 0)) for s in STATUS_ORDER}
+
+
+def steps_figure(cmp) -> go.Figure:
+    s = cmp.steps.set_index("metric")
+    parts = [(c, label) for c, label in STEP_PARTS if c in s.index and (c != "allreduce_ms" or
+                                                                        (s.loc[c, ["a", "b"]].abs().sum() > 0))]
+    labels = [label for _, label in parts]
+    fig = go.Figure()
+    for side, name, color in (("a", f"A: {cmp.a}", "#457b9d"), ("b", f"B: {cmp.b}", "#f4a261")):
+        vals = [float(s.loc[c, side]) for c, _ in parts]
+        fig.add_bar(x=labels, y=vals, name=name, marker_color=color, text=[f"{v:.3f}" for v in vals],
+                    textposition="outside", hovertemplate="%{x}: %{y:.3f} ms<extra>" + name + "</extra>")
+    fig.update_layout(barmode="group", title="Average step breakdown (ms; first step excluded)",
+                      yaxis_title="ms", height=380, legend=dict(orientation="h", y=-0.15),
+                      margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
+def ops_figure(cmp) -> go.Figure:
+    ops = cmp.ops[cmp.ops["status"] != "same"] if len(cmp.ops) else cmp.ops
+    fig = go.Figure()
+    if not len(ops):
+        fig.add_annotation(text="No op type changed by more than the tolerance", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+        fig.update_layout(height=220, title="Per-op-type time difference (B − A, ms per step)",
+                          xaxis_visible=False, yaxis_visible=False)
+        return fig
+    top = ops.head(CHART_ROWS).iloc[::-1]  # ops come ordered by |diff|; largest at the top
+    for status in STATUS_ORDER:
+        sel = top[top["status"] == status]
+        if not len(sel):
+            continue
+        fig.add_bar(y=sel["op"], x=sel["diff_ms"], orientation="h", name=status, marker_color=STATUS_COLORS[status],
+                    customdata=np.stack([sel["ms_per_step_a"], sel["ms_per_step_b"]], axis=-1),
+                    hovertemplate="%{y}: %{x:+.3f} ms/step<br>A %{customdata[0]:.3f} → B %{customdata[1]:.3f}"
+                                  "<extra>" + status + "</extra>")
+    fig.add_vline(x=0, line_color="#333", line_width=1)
+    fig.update_layout(title=f"Per-op-type time difference (B − A, ms per step; top {min(CHART_ROWS, len(ops))} "
+                            "changes)", barmode="relative", xaxis_title="ms per step (negative: B is faster)",
+                      yaxis=dict(categoryorder="array", categoryarray=list(top["op"]), automargin=True),
+                      height=max(260, 22 * len(top) + 120), legend=dict(orientation="h", y=-0.12),
+                      margin=dict(l=20, r=20, t=50, b=40))
+    return fig
+
+
+def _view(a: str, b: str, cmp):
+    sa = cmp.steps.set_index("metric")
+    ta, tb = float(sa.loc["step_time_ms", "a"]), float(sa.loc["step_time_ms", "b"])
+    change = f"{(tb / ta - 1) * 100:+.1f} %" if ta > 0 and np.isfinite(tb) else "—"
+    counts = status_counts(cmp)
+    same_run = store().path(a) == store().path(b)
+    cards = html.Div([
+        stat_card("A: average step", fmt_ms(ta), "compare-a-step", cmp.a),
+        stat_card("B: average step", fmt_ms(tb), "compare-b-step", cmp.b),
+        stat_card("B vs A", change, "compare-change", "step time; negative is faster"),
+        stat_card("Op types", " · ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "—",
+                  "compare-status-counts", "beyond a 5 % tolerance: faster / slower"),
+    ], className="cards")
+    note = html.P("Both sides are the same run: every difference is zero.", className="muted",
+                  id="compare-same") if same_run else None
+    status_style = [{"if": {"filter_query": f'{{status}} = "{s}"', "column_id": "status"}, "color": c,
+                     "fontWeight": 600} for s, c in STATUS_COLORS.items()]
+    return html.Div([
+        html.H3([html.Span(a, id="compare-a-name"), " vs ", html.Span(b, id="compare-b-name")]),
+        note, cards,
+        html.Div([html.Div(graph("compare-steps", steps_figure(cmp)), style={"flex": "1 1 0", "minWidth": 0}),
+                  html.Div(dash_table.DataTable(id="compare-steps-table", columns=STEP_COLUMNS, data=step_rows(cmp),
+                                                **TABLE_STYLE), style={"flex": "1 1 0", "minWidth": 0},
+                           className="panel")], className="two-col"),
+        graph("compare-ops-chart", ops_figure(cmp)),
+        html.Div([html.H3("Per-op-type difference"),
+                  html.P("Time per recorded step in each run; status: added (only in B), removed (only in A), "
+                         "faster / slower (by more than 5 %), same. Filter the status column with e.g. = slower.",
+                         className="muted"),
+                  dash_table.DataTable(id="compare-ops-table", columns=OP_COLUMNS, data=op_rows(cmp),
+                                       sort_action="native", filter_action="native",
+                                       filter_options={"case": "insensitive"}, page_action="native", page_size=20,
+                                       export_format="csv", export_headers="display",
+                                       style_data_conditional=status_style, **TABLE_STYLE)],
+                 className="panel", style={"marginTop": 12}),
+    ])
+
+
+# -- the pickers rewrite the URL; the page router re-renders with the new query ----------------------------
+@callback(Output(PAGES_LOCATION, "search"), Input("compare-a", "value"), Input("compare-b", "value"),
+          prevent_initial_call=True)
+def pick(a, b):
+    return compare_search(a, b)
+
+
+def compare_search(a, b) -> str:
+    q = {k: v for k, v in (("a", a), ("b", b)) if v}
+    return "?" + urlencode(q) if q else ""

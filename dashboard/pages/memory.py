@@ -1,0 +1,305 @@
+"""Memory: device memory in use over time (MindInsight's memory page, XProf's memory profile).
+
+* stat cards: peak (and when), capacity, peak share of capacity, fragmentation at the peak (when the
+  offsets are known), allocation and free counts;
+* the in-use curve (``memory_timeline``, downsampled keeping every bucket's extremes), alloc / free
+  markers, step boundaries as vertical lines, the peak marked with its time, and the capacity line
+  (the y axis fits the data or spans the whole capacity);
+* the tensors alive at the peak (``memory_peak(...).live``);
+* click-to-inspect: clicking the curve lists the tensors alive at that instant, computed here from the
+  memory events (allocated at or before t, not freed by t).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dash
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Input, Output, State, callback, dash_table, dcc, html
+from dash.dash_table.Format import Format, Scheme
+
+from dashboard.components import graph, run_page, stat_card
+from dashboard.data import RunNotFound, store
+from insight import analysis
+from insight.analysis._io import read
+from insight.analysis.memory import MEM_COLUMNS
+from insight.trace import Run, TraceError
+
+MB = 2 ** 20
+NS_PER_MS = 1e6
+MAX_MARKERS = 4000  # alloc/free markers drawn; above this, markers are left to the curve's hover
+
+LIVE_COLUMNS = [
+    {"id": "name", "name": "Tensor", "type": "text"}, {"id": "op", "name": "Op", "type": "text"},
+    {"id": "size_mb", "name": "Size (MB)", "type": "numeric", "format": Format(precision=4, scheme=Scheme.fixed)},
+    {"id": "size", "name": "Bytes", "type": "numeric", "format": Format(group=True, precision=0, scheme=Scheme.fixed)},
+    {"id": "shape", "name": "Shape", "type": "text"}, {"id": "dtype", "name": "Dtype", "type": "text"},
+    {"id": "scope", "name": "Scope", "type": "text"}, {"id": "kind", "name": "Kind", "type": "text"},
+    {"id": "allocated_ms", "name": "Allocated (ms)", "type": "numeric",
+     "format": Format(precision=3, scheme=Scheme.fixed)},
+    {"id": "freed_ms", "name": "Freed (ms)", "type": "numeric", "format": Format(precision=3, scheme=Scheme.fixed,
+                                                                                 nully="never")},
+    {"id": "step", "name": "Step", "type": "numeric"},
+]
+TABLE_STYLE = dict(
+    sort_action="native", filter_action="native", filter_options={"case": "insensitive"}, page_action="native",
+    page_size=15, export_format="csv", export_headers="display", style_table={"overflowX": "auto"},
+    style_cell={"textAlign": "left", "fontFamily": "inherit", "fontSize": 13, "maxWidth": 280, "overflow": "hidden",
+                "textOverflow": "ellipsis", "padding": "3px 8px"},
+    style_cell_conditional=[{"if": {"column_type": "numeric"}, "textAlign": "right"}],
+    style_header={"fontWeight": 600, "backgroundColor": "#f1f3f5"},
+)
+
+
+def register():
+    dash.register_page(__name__, path_template="/run/<run_id>/memory", name="Memory", layout=layout)
+
+
+def layout(run_id=None, **_):
+    return run_page(run_id, "memory", _body)
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+@dataclass
+class Lifetimes:
+    """Every allocation of device memory with its lifetime (``intervals``: ``name, op, kind, size, shape,
+    dtype, scope, offset, step, alloc_ns, free_ns``, ``free_ns`` = -1 when never freed) and the exact
+    in-use curve (``t_ns``, ``in_use`` of every event)."""
+    intervals: pd.DataFrame
+    t_ns: np.ndarray
+    in_use: np.ndarray
+
+
+def memory_intervals(run: Run, device: str = "device") -> Lifetimes:
+    """The allocations of ``device`` memory and their lifetimes, from the run's memory events.
+
+    A tensor's allocations and frees pair up in order (the n-th free of a name ends its n-th allocation);
+    tensors without a name are keyed by offset, as ``memory_peak`` does."""
+    m = read(run, "memory", MEM_COLUMNS, required=("t_ns", "action", "size", "in_use"))
+    m = m[m["device"] == device].sort_values("t_ns", kind="stable").reset_index(drop=True)
+    key = m["tensor"].where(m["tensor"] != "", "@" + m["offset"].astype(str))
+    m = m.assign(key=key)
+    a = m[m["action"] == "alloc"].copy()
+    f = m[m["action"] == "free"].copy()
+    a["n"] = a.groupby("key").cumcount()
+    f["n"] = f.groupby("key").cumcount()
+    ends = f[["key", "n", "t_ns"]].rename(columns={"t_ns": "free_ns"})
+    out = a.merge(ends, on=["key", "n"], how="left")
+    out["free_ns"] = out["free_ns"].fillna(-1).astype(np.int64)
+    out = out.rename(columns={"tensor": "name", "t_ns": "alloc_ns"})
+    out = out[["name", "op", "kind", "size", "shape", "dtype", "scope", "offset", "step", "alloc_ns", "free_ns"]]
+    return Lifetimes(out, m["t_ns"].to_numpy(), m["in_use"].to_numpy())
+
+
+def live_at(lt: Lifetimes, t_ns: int) -> pd.DataFrame:
+    """The allocations alive at ``t_ns``: allocated at or before it and not freed by then, largest first."""
+    iv = lt.intervals
+    alive = (iv["alloc_ns"] <= t_ns) & ((iv["free_ns"] < 0) | (iv["free_ns"] > t_ns))
+    return iv[alive].sort_values(["size", "alloc_ns"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def in_use_at(lt: Lifetimes, t_ns: int) -> int | None:
+    """Device bytes in use after the last event at or before ``t_ns`` (parameters included)."""
+    i = int(np.searchsorted(lt.t_ns, t_ns, side="right")) - 1
+    return int(lt.in_use[i]) if i >= 0 else None
+
+
+def live_rows(df: pd.DataFrame) -> list[dict]:
+    out = pd.DataFrame({
+        "name": df["name"], "op": df["op"], "size_mb": df["size"] / MB, "size": df["size"], "shape": df["shape"],
+        "dtype": df["dtype"], "scope": df["scope"], "kind": df.get("kind", ""),
+        "allocated_ms": (df["alloc_ns"] if "alloc_ns" in df else df["allocated_ns"]) / NS_PER_MS,
+        "freed_ms": (df["free_ns"].where(df["free_ns"] >= 0) / NS_PER_MS) if "free_ns" in df else np.nan,
+        "step": df["step"]})
+    out = out.astype(object).where(out.notna(), None)
+    rows = out.to_dict("records")
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, np.generic):
+                r[k] = v.item()
+    return rows
+
+
+def _intervals(run_id: str) -> Lifetimes:
+    return store().get(run_id, "memory_intervals", memory_intervals)
+
+
+# -- formatting ---------------------------------------------------------------------------------------------
+def fmt_mb(n) -> str:
+    return f"{n / MB:.3f} MB" if n is not None else "—"
+
+
+def fmt_bytes(n) -> str:
+    if n is None or (isinstance(n, float) and n != n):
+        return "—"
+    n = float(n)
+    for unit, size in (("GB", 2 ** 30), ("MB", MB), ("KB", 2 ** 10)):
+        if abs(n) >= 0.995 * size:  # 1019 KB reads 1.00 MB
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# -- figure -------------------------------------------------------------------------------------------------
+def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit") -> go.Figure:
+    fig = go.Figure()
+    if tl.empty:
+        fig.add_annotation(text="No device memory events in this run (profile_memory off?)", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(height=240)
+        return fig
+    ymax = float(tl["in_use_mb"].max())
+    cap_mb = peak.capacity / MB if peak.capacity else 0.0
+    top = max(ymax, cap_mb) if scale == "capacity" and cap_mb else ymax
+    top = top * 1.08 or 1.0
+    # step boundaries: one trace of vertical segments (toggle from the legend)
+    if len(bd):
+        xs, ys = [], []
+        for t in pd.concat([bd["start_ns"].iloc[:1], bd["end_ns"]]).to_numpy() / NS_PER_MS:
+            xs += [t, t, None]
+            ys += [0, top, None]
+        fig.add_scatter(x=xs, y=ys, mode="lines", name="step boundary", line=dict(color="#bbb", width=1, dash="dot"),
+                        hoverinfo="skip")
+        mids = ((bd["start_ns"] + bd["end_ns"]) / 2 / NS_PER_MS).to_numpy()
+        fig.add_scatter(x=mids, y=[top * 0.985] * len(bd), mode="text", text=[f"{s}" for s in bd["step"]],
+                        textfont=dict(size=9, color="#999"), name="step number", hoverinfo="skip",
+                        showlegend=False, visible=True if len(bd) <= 40 else "legendonly")
+    custom = np.stack([tl["t_ns"].to_numpy(), tl["step"].to_numpy()], axis=-1)
+    fig.add_scatter(x=tl["t_ms"], y=tl["in_use_mb"], mode="lines", line_shape="hv", name="in use",
+                    line=dict(color="#3a86ff", width=1.5), customdata=custom,
+                    hovertemplate="%{x:.3f} ms<br>%{y:.4f} MB in use<br>step %{customdata[1]}<extra></extra>")
+    if len(tl) <= MAX_MARKERS:
+        for action, symbol, color in (("alloc", "triangle-up", "#2a9d8f"), ("free", "triangle-down", "#e76f51")):
+            sel = tl[tl["action"] == action]
+            fig.add_scatter(x=sel["t_ms"], y=sel["in_use_mb"], mode="markers", name=action,
+                            marker=dict(symbol=symbol, size=5, color=color), visible="legendonly" if len(sel) > 600
+                            else True,
+                            customdata=np.stack([sel["t_ns"].to_numpy(), sel["step"].to_numpy()], axis=-1),
+                            hovertemplate=f"{action} at %{{x:.3f}} ms<br>%{{y:.4f}} MB in use<extra></extra>")
+    if peak.t_ns is not None:
+        px, py = peak.t_ns / NS_PER_MS, peak.peak_bytes / MB
+        fig.add_scatter(x=[px], y=[py], mode="markers", name="peak", customdata=[[peak.t_ns, peak.step]],
+                        marker=dict(symbol="star", size=14, color="#d00000", line=dict(color="#fff", width=1)),
+                        hovertemplate="peak %{y:.4f} MB at %{x:.3f} ms<extra></extra>")
+        fig.add_annotation(x=px, y=py, text=f"peak {fmt_mb(peak.peak_bytes)} at {px:.3f} ms (step {peak.step})",
+                           showarrow=True, arrowhead=2, ax=40, ay=-30, bgcolor="rgba(255,255,255,0.85)")
+    title = "Device memory in use"
+    if cap_mb:
+        if cap_mb <= top:
+            fig.add_hline(y=cap_mb, line_color="#d00000", line_dash="dash",
+                          annotation_text=f"capacity {fmt_bytes(peak.capacity)}", annotation_position="top left")
+        else:
+            title += f" — capacity {fmt_bytes(peak.capacity)} is off the scale (show it with 'whole capacity')"
+    fig.update_layout(title=title, xaxis_title="time since run start (ms)", yaxis_title="MB",
+                      yaxis=dict(range=[0, top]), height=420, hovermode="x", hoverdistance=-1, clickmode="event",
+                      legend=dict(orientation="h", y=-0.18), margin=dict(l=60, r=20, t=50, b=40))
+    return fig
+
+
+# -- the page -----------------------------------------------------------------------------------------------
+def _body(run_id: str):
+    st = store()
+    peak = st.get(run_id, "memory_peak", analysis.memory_peak)
+    tl = st.get(run_id, "memory_timeline", analysis.memory_timeline)
+    bd = st.get(run_id, "step_breakdown", analysis.step_breakdown)
+    iv = _intervals(run_id)
+    if tl.empty and not len(iv.intervals):
+        return html.Div([html.H2("Memory"), html.P(
+            "This run has no device memory events: profile it with Profiler(profile_memory=True).",
+            className="muted", id="mem-empty")])
+    frag = "—" if peak.fragmentation is None else f"{peak.fragmentation * 100:.2f} %"
+    share = f"{peak.share_of_capacity * 100:.2f} %" if peak.share_of_capacity == peak.share_of_capacity else "—"
+    peak_ms = peak.t_ns / NS_PER_MS if peak.t_ns is not None else None
+    cards = html.Div([
+        stat_card("Peak", f"{peak.peak_bytes / MB:.2f} MB", "mem-peak",
+                  f"at {peak_ms:.3f} ms, step {peak.step}" if peak_ms is not None else ""),
+        stat_card("Capacity", fmt_bytes(peak.capacity) if peak.capacity else "—", "mem-capacity"),
+        stat_card("Peak share of capacity", share, "mem-share"),
+        stat_card("Fragmentation at peak", frag, "mem-frag",
+                  "1 − largest free block / free memory" if peak.fragmentation is not None
+                  else "unknown: some bytes in use have no recorded block"),
+        stat_card("Allocations", f"{peak.allocations:,}", "mem-allocs"),
+        stat_card("Frees", f"{peak.frees:,}", "mem-frees"),
+    ], className="cards")
+    untracked = max(0, peak.peak_bytes - peak.live_bytes)
+    # the axis spans the capacity when that still leaves the curve readable
+    scale = "capacity" if 0 < peak.capacity <= 4 * peak.peak_bytes else "fit"
+    peak_note = (f"{len(peak.live)} tensors, {fmt_mb(peak.live_bytes)} recorded"
+                 + (f"; the other {fmt_mb(untracked)} in use are blocks without events (parameters reserved "
+                    f"before profiling, the step's plan)" if untracked > 0 else ""))
+    return html.Div([
+        dcc.Store(id="mem-run", data=run_id),
+        html.H2("Memory"),
+        cards,
+        html.Div([html.Span("Y axis", className="muted"),
+                  dcc.RadioItems(id="mem-scale", options=[{"label": " fit the data", "value": "fit"},
+                                                          {"label": " whole capacity", "value": "capacity"}],
+                                 value=scale, inline=True, inputStyle={"marginLeft": 10})],
+                 style={"display": "flex", "gap": 6, "alignItems": "center"}),
+        graph("mem-timeline", timeline_figure(tl, peak, bd, scale)),
+        html.P("Click a point of the curve to list the tensors alive at that time. Alloc/free markers and step "
+               "boundaries can be toggled from the legend.", className="muted"),
+        html.Div([html.H3("Tensors alive at the clicked time", id="mem-at-title"),
+                  html.P("Nothing selected yet.", id="mem-at-summary", className="muted"),
+                  dash_table.DataTable(id="mem-at-table", columns=LIVE_COLUMNS, data=[], **TABLE_STYLE)],
+                 className="panel", style={"marginTop": 8}),
+        html.Div([html.H3(f"Tensors alive at the peak ({peak_ms:.3f} ms, step {peak.step})" if peak_ms is not None
+                          else "Tensors alive at the peak", id="mem-peak-title"),
+                  html.P(peak_note, className="muted", id="mem-peak-summary"),
+                  dash_table.DataTable(id="mem-peak-table", columns=[c for c in LIVE_COLUMNS if c["id"] != "freed_ms"],
+                                       data=live_rows(peak.live), **TABLE_STYLE)],
+                 className="panel", style={"marginTop": 12}),
+    ])
+
+
+# -- callbacks ----------------------------------------------------------------------------------------------
+@callback(Output("mem-timeline", "figure"), Input("mem-scale", "value"), State("mem-run", "data"),
+          prevent_initial_call=True)
+def rescale(scale, run_id):
+    try:
+        st = store()
+        return timeline_figure(st.get(run_id, "memory_timeline", analysis.memory_timeline),
+                               st.get(run_id, "memory_peak", analysis.memory_peak),
+                               st.get(run_id, "step_breakdown", analysis.step_breakdown), scale or "fit")
+    except (RunNotFound, TraceError):
+        return dash.no_update
+
+
+def clicked_time_ns(click: dict | None) -> int | None:
+    """The time of a clicked point: the event's exact ``t_ns`` when the point carries it, else its x (ms)."""
+    if not click or not click.get("points"):
+        return None
+    p = click["points"][0]
+    cd = p.get("customdata")
+    if isinstance(cd, (list, tuple)) and cd and cd[0] is not None:
+        try:
+            return int(cd[0])
+        except (TypeError, ValueError):
+            pass
+    x = p.get("x")
+    try:
+        return int(round(float(x) * NS_PER_MS))
+    except (TypeError, ValueError):
+        return None
+
+
+@callback(Output("mem-at-title", "children"), Output("mem-at-summary", "children"), Output("mem-at-table", "data"),
+          Input("mem-timeline", "clickData"), State("mem-run", "data"), prevent_initial_call=True)
+def inspect(click, run_id):
+    t = clicked_time_ns(click)
+    if t is None:
+        return dash.no_update, dash.no_update, dash.no_update
+    try:
+        iv = _intervals(run_id)
+    except RunNotFound:
+        return "Tensors alive at the clicked time", f"There is no run named {run_id!r}.", []
+    except TraceError as e:
+        return "Tensors alive at the clicked time", str(e), []
+    live = live_at(iv, t)
+    used = in_use_at(iv, t)
+    step = live["step"].max() if len(live) else None
+    summary = (f"{len(live)} tensors, {fmt_mb(int(live['size'].sum()))} recorded"
+               + (f"; {fmt_mb(used)} in use (parameters included)" if used is not None else ""))
+    return (f"Tensors alive at {t / NS_PER_MS:.3f} ms" + (f" (step {step})" if step is not None else ""),
+            summary, live_rows(live))

@@ -1,0 +1,375 @@
+"""Operators: MindInsight's operator-performance page / torch.profiler's operator view.
+
+* a top-N chart of op types or ops (bar or pie, N selectable; the pie folds the rest into "(other)"),
+* the per-op-type table and the per-op table (native sort and per-column filter, a fuzzy search box,
+  page sizes 10/20/50), numbers kept numeric so they sort as numbers and shown in human units,
+* the time (and calls) per step of the op or op type selected by clicking a table row or a bar.
+
+Everything comes from ``insight.analysis`` (``op_stats``, ``op_type_stats``, ``top_n``,
+``op_time_per_step``) through the RunStore cache.
+"""
+from __future__ import annotations
+
+import re
+
+import dash
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Input, Output, State, callback, ctx, dash_table, dcc, html
+from dash.dash_table.Format import Format, Scheme, Symbol
+
+from dashboard.components import fmt_ms, graph, run_page, stat_card
+from dashboard.data import RunNotFound, store
+from insight import analysis
+from insight.trace import TraceError
+
+PAGE_SIZES = (10, 20, 50)
+TOP_N_CHOICES = (5, 10, 20, 50)
+KINDS = {"all": None, "kernel": ("kernel",)}
+ROW_SEP = "\x1f"  # between graph and op name in an op row's id (split at the first: graph names are plain)
+
+# -- number formats (the data stays numeric: native sort and filters like "> 1" work) -------------------------
+MS = Format(precision=3, scheme=Scheme.fixed)
+PCT = Format(precision=2, scheme=Scheme.percentage)
+COUNT = Format(precision=0, scheme=Scheme.fixed)
+
+
+def si(suffix: str) -> Format:
+    """1234567 -> ``1.23 M<suffix>`` (d3's SI prefixes); unknown (no estimate) -> an em dash."""
+    return (Format(precision=3, scheme=Scheme.decimal_si_prefix, nully="—").symbol(Symbol.yes)
+            .symbol_suffix(suffix))
+
+
+def _num(id_, name, fmt):
+    return {"id": id_, "name": name, "type": "numeric", "format": fmt}
+
+
+def _text(id_, name):
+    return {"id": id_, "name": name, "type": "text"}
+
+
+STAT_COLUMNS = [_num("calls", "Calls", COUNT), _num("total_ms", "Total (ms)", MS), _num("avg_ms", "Avg (ms)", MS),
+                _num("min_ms", "Min (ms)", MS), _num("max_ms", "Max (ms)", MS), _num("share", "Share", PCT),
+                _num("flops", "FLOPs", si("")), _num("flop_per_s", "Achieved FLOP/s", si("")),
+                _text("shapes", "Shapes"), _text("dtypes", "Dtype"), _text("stream", "Stream"),
+                _text("scope", "Scope"), _text("fused_ops", "Fused ops")]
+TYPE_COLUMNS = [_text("op", "Op type"), _num("ops", "Ops", COUNT)] + STAT_COLUMNS
+OP_COLUMNS = [_text("name", "Op name"), _text("op", "Type"), _text("graph", "Graph")] + STAT_COLUMNS
+SEARCHED_NAMES = ("name", "op")  # fuzzy (subsequence) matched
+SEARCHED = ("scope", "shapes", "dtypes", "stream", "fused_ops", "graph")  # substring matched
+
+TABLE_STYLE = dict(
+    style_table={"overflowX": "auto"},
+    style_cell={"textAlign": "left", "fontFamily": "inherit", "fontSize": 13, "maxWidth": 280,
+                "overflow": "hidden", "textOverflow": "ellipsis", "padding": "3px 8px"},
+    style_cell_conditional=[{"if": {"column_type": "numeric"}, "textAlign": "right"}],
+    style_header={"fontWeight": 600, "backgroundColor": "#f1f3f5"},
+    style_data_conditional=[{"if": {"state": "active"}, "backgroundColor": "#e7f0fb", "border": "1px solid #3a86ff"}],
+)
+
+
+HALF = {"flex": "1 1 0", "minWidth": 0}
+
+
+def register():
+    dash.register_page(__name__, path_template="/run/<run_id>/operators", name="Operators", layout=layout)
+
+
+def layout(run_id=None, **_):
+    return run_page(run_id, "operators", _body)
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def _kinds(choice) -> tuple | None:
+    return KINDS.get(choice or "all")
+
+
+def type_table(run_id: str, kinds=None) -> pd.DataFrame:
+    return store().get(run_id, "op_type_stats", analysis.op_type_stats, kinds)
+
+
+def op_table(run_id: str, kinds=None) -> pd.DataFrame:
+    return store().get(run_id, "op_stats", analysis.op_stats, kinds)
+
+
+def _records(df: pd.DataFrame, columns: list[dict], ids: list[str]) -> list[dict]:
+    out = df.reindex(columns=[c["id"] for c in columns]).astype(object)
+    out = out.where(out.notna() & ~out.isin([np.inf, -np.inf]), None)
+    for c in ("flops", "flop_per_s"):  # ops without a cost estimate (copies, GetNext): unknown, not 0
+        if c in out:
+            out[c] = out[c].where(df[c].fillna(0).to_numpy() > 0, None)
+    rows = out.to_dict("records")
+    for rec, id_ in zip(rows, ids):
+        for k, v in rec.items():
+            if isinstance(v, np.generic):
+                rec[k] = v.item()
+        rec["id"] = id_
+    return rows
+
+
+def type_rows(types: pd.DataFrame) -> list[dict]:
+    return _records(types, TYPE_COLUMNS, [str(v) for v in types["op"]])
+
+
+def op_rows(ops: pd.DataFrame) -> list[dict]:
+    return _records(ops, OP_COLUMNS, [f"{g}{ROW_SEP}{n}" for g, n in zip(ops["graph"], ops["name"])])
+
+
+# -- fuzzy search -------------------------------------------------------------------------------------------
+def fuzzy_match(query: str, names, others=()) -> bool:
+    """Every whitespace-separated term of ``query`` (case-insensitive) is a substring of one of the fields
+    or a subsequence of one of the ``names`` (``cgi`` finds ``conv2d_grad_input``)."""
+    terms = [t for t in re.split(r"\s+", (query or "").lower()) if t]
+    short = [str(f or "").lower() for f in names]
+    texts = short + [str(f or "").lower() for f in others]
+    for t in terms:
+        if any(t in s for s in texts):
+            continue
+        if not any(_subsequence(t, s) for s in short):
+            return False
+    return True
+
+
+def _subsequence(term: str, text: str) -> bool:
+    it = iter(text)
+    return all(ch in it for ch in term)
+
+
+def search_rows(rows: list[dict], query: str | None) -> list[dict]:
+    if not (query or "").strip():
+        return rows
+    return [r for r in rows if fuzzy_match(query, [r.get(k) for k in SEARCHED_NAMES], [r.get(k) for k in SEARCHED])]
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+def top_figure(types: pd.DataFrame, ops: pd.DataFrame, by: str = "op", n: int = 10, kind: str = "bar") -> go.Figure:
+    table, label = (types, "op") if by == "op" else (ops, "name")
+    fig = go.Figure()
+    what = "op types" if by == "op" else "ops"
+    if len(table):
+        top = analysis.top_n(table, n=n, by="total_ms", other=(kind == "pie"), label_column=label)
+        labels = top[label].astype(str).tolist()
+        share = top["share"].astype(float).fillna(0.0).tolist()
+        calls = top["calls"].fillna(0).astype(int).tolist()
+        custom = list(zip(share, calls))
+        if kind == "pie":
+            # label only the slices big enough to read; the legend and hover name every one
+            text = [f"{lab}<br>{s:.1%}" if s >= 0.03 else "" for lab, s in zip(labels, share)]
+            fig.add_pie(labels=labels, values=top["total_ms"], customdata=custom, sort=False, direction="clockwise",
+                        text=text, textinfo="text", textposition="inside", insidetextorientation="horizontal",
+                        hole=0.35,
+                        hovertemplate="%{label}<br>%{value:.3f} ms (%{percent})<br>%{customdata[0][1]} calls"
+                                      "<extra></extra>")
+            fig.update_layout(showlegend=True, legend=dict(font=dict(size=11)))
+        else:
+            fig.add_bar(y=labels[::-1], x=top["total_ms"][::-1], orientation="h", customdata=custom[::-1],
+                        marker_color="#3a86ff", text=[f"{s:.1%}" for s in share[::-1]], textposition="auto",
+                        hovertemplate="%{y}<br>%{x:.3f} ms (%{customdata[0]:.1%})<br>%{customdata[1]} calls"
+                                      "<extra></extra>")
+            fig.update_layout(xaxis_title="total ms", yaxis=dict(automargin=True))
+    else:
+        fig.add_annotation(text="No operator data in this run", showarrow=False, x=0.5, y=0.5, xref="paper",
+                           yref="paper")
+    fig.update_layout(title=f"Top {n} {what} by total time", height=max(320, 26 * min(n, len(table) or 1) + 120),
+                      margin=dict(l=20, r=20, t=50, b=40))
+    return fig
+
+
+def per_step_figure(per: pd.DataFrame, title: str) -> go.Figure:
+    fig = go.Figure()
+    if len(per):
+        fig.add_bar(x=per["step"], y=per["total_ms"], name="time (ms)", marker_color="#3a86ff",
+                    customdata=np.stack([per["calls"], per["avg_ms"]], axis=-1),
+                    hovertemplate="step %{x}<br>%{y:.3f} ms in %{customdata[0]} calls (avg %{customdata[1]:.3f} ms)"
+                                  "<extra></extra>")
+        if per["calls"].nunique() > 1:  # dynamic shapes / control flow: calls per step vary
+            fig.add_scatter(x=per["step"], y=per["calls"], name="calls", yaxis="y2", mode="lines+markers",
+                            line=dict(color="#8338ec", dash="dot"), marker=dict(size=4))
+            fig.update_layout(yaxis2=dict(title="calls", overlaying="y", side="right", rangemode="tozero",
+                                          showgrid=False, tickformat="d"))
+        else:
+            title += f"<br><sup>{int(per['calls'].iloc[0])} call(s) in each of {len(per)} steps</sup>"
+        mean = float(per["total_ms"].mean())
+        fig.add_hline(y=mean, line_dash="dot", line_color="#666", annotation_text=f"mean {mean:.3f} ms")
+    else:
+        fig.add_annotation(text="No calls of this op in any step", showarrow=False, x=0.5, y=0.5, xref="paper",
+                           yref="paper")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="ms", height=340, legend=dict(orientation="h"),
+                      margin=dict(l=50, r=50, t=50, b=40))
+    return fig
+
+
+def selection_figure(run_id: str, sel: dict | None) -> go.Figure:
+    if not sel:
+        return per_step_figure(pd.DataFrame(), "Select an op or op type to see its time per step")
+    by, name = sel["by"], sel["name"]
+    per = store().get(run_id, f"op_time_per_step:{by}", analysis.op_time_per_step, name, by)
+    what = f"op type {name}" if by == "op" else f"op {name}" + (f" ({sel['op']})" if sel.get("op") else "")
+    return per_step_figure(per, f"Time per step of {what}")
+
+
+def _default_selection(ops: pd.DataFrame) -> dict | None:
+    if not len(ops):
+        return None
+    r = ops.iloc[0]
+    return {"by": "name", "name": str(r["name"]), "op": str(r["op"])}
+
+
+# -- the page -----------------------------------------------------------------------------------------------
+def _table_block(prefix: str, title: str, table_id: str, columns, rows, hint: str):
+    return html.Div([
+        html.Div([
+            html.H3(title, style={"margin": "4px 12px 4px 0"}),
+            dcc.Input(id=f"{prefix}-search", type="search", debounce=True, placeholder="Fuzzy search: name, type, "
+                      "scope, shape…", style={"width": 300}),
+            html.Span("Rows per page", className="muted", style={"marginLeft": 16}),
+            dcc.Dropdown(id=f"{prefix}-page-size", options=[{"label": str(p), "value": p} for p in PAGE_SIZES],
+                         value=PAGE_SIZES[0], clearable=False, searchable=False, style={"width": 80}),
+            html.Span(f"{len(rows)} rows", id=f"{prefix}-count", className="muted"),
+        ], style={"display": "flex", "alignItems": "center", "gap": 8, "flexWrap": "wrap"}),
+        html.P(hint, className="muted", style={"margin": "2px 0 6px"}),
+        dash_table.DataTable(id=table_id, columns=columns, data=rows, sort_action="native", sort_mode="multi",
+                             filter_action="native", filter_options={"case": "insensitive"}, page_action="native",
+                             page_size=PAGE_SIZES[0], page_current=0, export_format="csv", export_headers="display",
+                             tooltip_data=_tooltips(rows), tooltip_duration=None, **TABLE_STYLE),
+    ], className="panel", style={"marginTop": 12})
+
+
+def _tooltips(rows):
+    long = ("shapes", "scope", "fused_ops", "name")
+    return [{k: {"value": str(r[k]), "type": "text"} for k in long if isinstance(r.get(k), str) and len(r[k]) > 30}
+            for r in rows]
+
+
+def _body(run_id: str):
+    types = type_table(run_id)
+    ops = op_table(run_id)
+    sel = _default_selection(ops)
+    total_ms = float(types["total_ms"].sum()) if len(types) else 0.0
+    top = types.iloc[0] if len(types) else None
+    cards = html.Div([
+        stat_card("Total op time", fmt_ms(total_ms), "ops-total-ms", "all tasks except event record/wait"),
+        stat_card("Top op type", str(top["op"]) if top is not None else "—", "ops-top-type",
+                  f"{fmt_ms(top['total_ms'])}, {top['share'] * 100:.1f} % of op time" if top is not None else ""),
+        stat_card("Top op type total", fmt_ms(top["total_ms"]) if top is not None else "—", "ops-top-type-ms"),
+        stat_card("Op types", str(len(types)), "ops-n-types"),
+        stat_card("Ops", str(len(ops)), "ops-n-ops", f"{int(ops['calls'].sum()) if len(ops) else 0} calls"),
+    ], className="cards")
+    controls = html.Div([
+        html.Span("Count", className="muted"),
+        dcc.RadioItems(id="ops-kinds", options=[{"label": " all tasks", "value": "all"},
+                                                {"label": " kernels only", "value": "kernel"}],
+                       value="all", inline=True, inputStyle={"marginLeft": 10}),
+        html.Span("Chart", className="muted", style={"marginLeft": 24}),
+        dcc.RadioItems(id="ops-chart-kind", options=[{"label": " bar", "value": "bar"},
+                                                     {"label": " pie", "value": "pie"}], value="bar", inline=True, inputStyle={"marginLeft": 10}),
+        html.Span("of", className="muted", style={"marginLeft": 16}),
+        dcc.RadioItems(id="ops-top-by", options=[{"label": " op types", "value": "op"},
+                                                 {"label": " ops", "value": "name"}],
+                       value="op", inline=True, inputStyle={"marginLeft": 10}),
+        html.Span("N", className="muted", style={"marginLeft": 16}),
+        dcc.Dropdown(id="ops-top-n", options=[{"label": str(n), "value": n} for n in TOP_N_CHOICES], value=20,
+                     clearable=False, searchable=False, style={"width": 80}),
+    ], style={"display": "flex", "alignItems": "center", "gap": 6, "flexWrap": "wrap"})
+    return html.Div([
+        dcc.Store(id="ops-run", data=run_id),
+        dcc.Store(id="op-selection", data=sel),
+        html.H2("Operators"),
+        cards,
+        controls,
+        html.Div([html.Div(graph("ops-top-chart", top_figure(types, ops, "op", 20, "bar")), style=HALF),
+                  html.Div(graph("op-per-step", selection_figure(run_id, sel)), style=HALF, className="panel",
+                           id="op-per-step-panel")], className="two-col", style={"alignItems": "flex-start"}),
+        _table_block("op-type", "Op types", "op-type-table", TYPE_COLUMNS, type_rows(types),
+                     "Click a row to see that op type's time per step. Column filters take expressions such as "
+                     "> 1 or contains conv."),
+        _table_block("op", "Ops", "op-table", OP_COLUMNS, op_rows(ops),
+                     "One row per op (graph node); click a row to see its time per step."),
+    ])
+
+
+# -- callbacks (module level; the run id comes from the page's store) ---------------------------------------
+def _safe(run_id, fn, fallback):
+    try:
+        return fn()
+    except (RunNotFound, TraceError):
+        return fallback
+
+
+@callback(Output("op-type-table", "data"), Output("op-type-count", "children"), Output("op-type-table", "tooltip_data"),
+          Input("op-type-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+          prevent_initial_call=True)
+def filter_types(query, kinds, run_id):
+    rows = _safe(run_id, lambda: type_rows(type_table(run_id, _kinds(kinds))), [])
+    rows = search_rows(rows, query)
+    return rows, f"{len(rows)} rows", _tooltips(rows)
+
+
+@callback(Output("op-table", "data"), Output("op-count", "children"), Output("op-table", "tooltip_data"),
+          Input("op-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+          prevent_initial_call=True)
+def filter_ops(query, kinds, run_id):
+    rows = _safe(run_id, lambda: op_rows(op_table(run_id, _kinds(kinds))), [])
+    rows = search_rows(rows, query)
+    return rows, f"{len(rows)} rows", _tooltips(rows)
+
+
+@callback(Output("op-type-table", "page_size"), Output("op-type-table", "page_current"),
+          Input("op-type-page-size", "value"), prevent_initial_call=True)
+def type_page_size(size):
+    return int(size or PAGE_SIZES[0]), 0
+
+
+@callback(Output("op-table", "page_size"), Output("op-table", "page_current"),
+          Input("op-page-size", "value"), prevent_initial_call=True)
+def op_page_size(size):
+    return int(size or PAGE_SIZES[0]), 0
+
+
+@callback(Output("ops-top-chart", "figure"), Input("ops-chart-kind", "value"), Input("ops-top-n", "value"),
+          Input("ops-top-by", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+          prevent_initial_call=True)
+def update_top_chart(kind, n, by, kinds, run_id):
+    k = _kinds(kinds)
+    try:
+        return top_figure(type_table(run_id, k), op_table(run_id, k), by or "op", int(n or 20), kind or "bar")
+    except (RunNotFound, TraceError) as e:
+        return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
+
+
+def _message_figure(text: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(height=200, xaxis_visible=False, yaxis_visible=False)
+    return fig
+
+
+@callback(Output("op-selection", "data"), Input("op-type-table", "active_cell"), Input("op-table", "active_cell"),
+          Input("ops-top-chart", "clickData"), State("ops-top-by", "value"), prevent_initial_call=True)
+def select(type_cell, op_cell, click, top_by):
+    return selection_from(ctx.triggered_id, type_cell, op_cell, click, top_by)
+
+
+def selection_from(trigger, type_cell, op_cell, click, top_by) -> dict:
+    """What a click selected: ``{"by": "op" | "name", "name": ...}`` (or no_update)."""
+    if trigger == "op-type-table" and type_cell and type_cell.get("row_id") is not None:
+        return {"by": "op", "name": str(type_cell["row_id"])}
+    if trigger == "op-table" and op_cell and op_cell.get("row_id") is not None:
+        graph_, _, name = str(op_cell["row_id"]).partition(ROW_SEP)
+        return {"by": "name", "name": name or graph_}
+    if trigger == "ops-top-chart" and click and click.get("points"):
+        p = click["points"][0]
+        label = p.get("label", p.get("y"))
+        if label is not None and label != "(other)":
+            return {"by": "op" if (top_by or "op") == "op" else "name", "name": str(label)}
+    return dash.no_update
+
+
+@callback(Output("op-per-step", "figure"), Input("op-selection", "data"), State("ops-run", "data"),
+          prevent_initial_call=True)
+def show_selection(sel, run_id):
+    try:
+        return selection_figure(run_id, sel)
+    except (RunNotFound, TraceError) as e:
+        return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
