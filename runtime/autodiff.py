@@ -41,7 +41,8 @@ def _backward(nodes: list[Node], loss: Node, wrt: list[Node]) -> dict[int, Tenso
         if prim.grad is None:
             raise NotImplementedError(f"grad: primitive {n.op!r} has no backward rule (node in '{n.scope}')")
         attrs = n.attrs
-        in_grads = prim.grad(g, Tensor(node=n), *[Tensor(node=i) for i in n.inputs], **attrs)
+        with core.scope_override(f"Gradients/{n.scope}" if n.scope else "Gradients"):
+            in_grads = prim.grad(g, Tensor(node=n), *[Tensor(node=i) for i in n.inputs], **attrs)
         if len(in_grads) != len(n.inputs):
             raise AssertionError(f"grad rule of {n.op} returned {len(in_grads)} grads for {len(n.inputs)} inputs")
         for inp, ig in zip(n.inputs, in_grads):

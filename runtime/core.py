@@ -195,7 +195,22 @@ def cell_scope(name: str, cell):
         _scope.pop()
 
 
+_forced_scope: list[str] = []
+
+
+@contextmanager
+def scope_override(path: str):
+    """Nodes created inside get ``path`` as their scope (autodiff: ``Gradients/<forward scope>``)."""
+    _forced_scope.append(path)
+    try:
+        yield
+    finally:
+        _forced_scope.pop()
+
+
 def current_scope() -> str:
+    if _forced_scope:
+        return _forced_scope[-1]
     return "/".join(n for n, _ in _scope if n)
 
 

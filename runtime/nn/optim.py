@@ -134,8 +134,11 @@ class SGD(Optimizer):
             if self.momentum:
                 v = self.moments[k]
                 # first step: v = g (PyTorch); later v = m v + (1 - dampening) g
-                damp = F.sub(1.0, F.mul(self._started, self.dampening))
-                v_new = F.add(F.mul(v, self.momentum), F.mul(g, damp))
+                if self.dampening:
+                    g_in = F.mul(g, F.sub(1.0, F.mul(self._started, self.dampening)))
+                else:
+                    g_in = g
+                v_new = F.add(F.mul(v, self.momentum), g_in)
                 F.assign(v, v_new)
                 g = F.add(g, F.mul(v_new, self.momentum)) if self.nesterov else v_new
             F.assign(p, F.sub(p, F.mul(g, lr)))
