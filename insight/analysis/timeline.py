@@ -55,7 +55,7 @@ CODE_OTHER, CODE_WAIT, CODE_STEP_EVEN, CODE_STEP_ODD, CODE_HOST_OP = 4, 5, 6, 7,
 CODE_LABELS = ("forward", "backward", "update", "input", "other", "wait (GetNext / events)", "step", "step",
                "PyNative host op")
 
-TASK_READ = {"step": -1, "graph": "", "kind": "", "stream": "", "phase": "", "start_ns": -1, "end_ns": -1}
+TASK_READ = {"graph": "", "kind": "", "stream": "", "phase": "", "start_ns": -1, "end_ns": -1}
 DETAIL_COLUMNS = {"step": -1, "graph": "", "task_id": -1, "name": "", "op": "", "kind": "", "stream": "", "scope": "",
                   "phase": "", "start_ns": -1, "end_ns": -1, "flops": -1, "bytes": -1, "shape": "", "dtype": "",
                   "fused_ops": ""}
@@ -134,8 +134,7 @@ class TimelineData:
     t_min: int
     t_max: int
     n_tasks: int
-    _details: pa.Table | None = None
-    _names: pa.Table | None = None
+    _names: dict | None = None
     _host_ops: pd.DataFrame | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -158,26 +157,29 @@ class TimelineData:
         return int(r["start_ns"]), int(r["end_ns"])
 
     # -- details, read on demand --------------------------------------------------------------------
-    def task_table(self, names_only: bool = False) -> pa.Table:
-        """Every column of ``tasks`` (strings dictionary-encoded), read once on the first need;
-        ``names_only``: just name, op and scope (what exact tasks are labelled with; cheaper)."""
+    def task_rows(self, rows) -> pa.Table:
+        """Every column of ``tasks`` at global positions ``rows`` (the order ``load_timeline`` read them:
+        files in order, then rows): reads only the Parquet row groups that hold them."""
+        return _read_rows(self.run, self.rank, np.asarray(rows, np.int64), DETAIL_COLUMNS)
+
+    def names(self) -> dict:
+        """``{column: (codes, values)}`` for name, op and scope of every task: what exact tasks are
+        labelled with, read once on the first zoom that shows exact tasks (numpy indexing afterwards)."""
         with self._lock:
-            if self._details is not None:
-                return self._details
-            if names_only:
-                if self._names is None:
-                    self._names = _read_task_table(self.run, self.rank, NAME_COLUMNS)
-                return self._names
-            self._details = _read_task_table(self.run, self.rank)
-            self._names = None
-            return self._details
+            if self._names is None:
+                t = _read_task_table(self.run, self.rank, NAME_COLUMNS)
+                out = {}
+                for c in NAME_COLUMNS:
+                    codes, values = _codes(t.column(c))
+                    out[c] = (codes, np.array(values + [""], dtype=object))
+                self._names = out
+            return self._names
 
     def details(self, source: str, rows) -> pd.DataFrame:
         """Full rows of ``source`` (``tasks``, ``host_ops`` or ``steps``) at positions ``rows``."""
         rows = np.asarray(rows, np.int64)
         if source == "tasks":
-            t = self.task_table()
-            out = t.take(pa.array(rows)).to_pandas() if len(rows) else empty_frame(DETAIL_COLUMNS)
+            out = self.task_rows(rows).to_pandas() if len(rows) else empty_frame(DETAIL_COLUMNS)
             for c in out.columns:
                 if isinstance(out[c].dtype, pd.CategoricalDtype):
                     out[c] = out[c].astype(str)
@@ -253,7 +255,8 @@ def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list]:
     return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), values
 
 
-def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tuple, dictionary: tuple) -> pa.Table | None:
+def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tuple,
+                  dictionary: tuple) -> pa.Table | None:
     files = table_files(run, table, rank)
     if not files:
         return None
@@ -307,6 +310,53 @@ def _read_task_table(run: Run, rank: int, columns: dict = DETAIL_COLUMNS) -> pa.
     return t  # chunked: ``take`` across chunks is cheap, combining 1M rows is not
 
 
+def _read_rows(run: Run, rank: int, rows: np.ndarray, columns: dict) -> pa.Table:
+    """Rows of ``tasks`` by global position, reading just the row groups that hold them."""
+    groups = []  # (global start, file, row group, rows)
+    at = 0
+    for f in table_files(run, "tasks", rank):
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except Exception as e:  # noqa: BLE001
+            raise bad_file(run, f, e) from None
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            groups.append((at, f, g, n))
+            at += n
+    if len(rows) and (rows.min() < 0 or rows.max() >= at):
+        raise IndexError(f"task rows out of range (the run holds {at} tasks)")
+    starts = np.array([g[0] for g in groups], np.int64)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    parts, order = [], []
+    strings = [c for c, d in columns.items() if isinstance(d, str)]
+    for k in np.unique(which):
+        g0, f, g, _ = groups[k]
+        sel = np.flatnonzero(which == k)
+        try:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            t = pf.read_row_group(g, columns=[c for c in columns if c in names])
+        except Exception as e:  # noqa: BLE001
+            raise bad_file(run, f, e) from None
+        t = t.take(pa.array(rows[sel] - g0))
+        cols = {}
+        for c, d in columns.items():
+            if c in t.column_names:
+                a = t.column(c)
+                cols[c] = pc.cast(a, pa.string()) if c in strings else pc.cast(pc.fill_null(a, d), pa.int64(),
+                                                                                     safe=False)
+            else:
+                cols[c] = pa.array([d] * t.num_rows, pa.string() if c in strings else pa.int64())
+        parts.append(pa.table(cols))
+        order.append(sel)
+    if not parts:
+        return pa.table({c: pa.array([], pa.string() if c in strings else pa.int64()) for c in columns})
+    out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    back = np.empty(len(rows), np.int64)
+    back[np.concatenate(order)] = np.arange(len(rows))
+    return out.take(pa.array(back))
+
+
 def _np(col: pa.ChunkedArray) -> np.ndarray:
     return col.to_numpy() if col.num_chunks != 1 else col.chunk(0).to_numpy(zero_copy_only=False)
 
@@ -336,22 +386,33 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
         feeder = np.isin(graph, [i for i, g in enumerate(graphs) if g == FEEDER_GRAPH])
         host = [i for i, s in enumerate(streams) if s == "host"]
         feeder &= np.isin(stream, host)
+        # lane ids in display order: streams (aicore0 .. host, then others), the feeder right after the host
         order = sorted(range(len(streams)), key=lambda i: (STREAM_ORDER.index(streams[i]) if streams[i] in STREAM_ORDER
                                                            else len(STREAM_ORDER), streams[i]))
+        specs = []  # (key, label)
+        lane_of_stream = np.zeros(max(1, len(streams)), np.int16)
+        feeder_lane = -1
         for i in order:
             name = streams[i]
-            m = keep & (stream == i)
+            lane_of_stream[i] = len(specs)
+            specs.append((name or "(no stream)", name or "(no stream)"))
             if name == "host":
-                groups = (("host", "host", m & ~feeder), ("host/feeder", "host · feeder (TransferData)", m & feeder))
-            else:
-                groups = ((name or "(no stream)", name or "(no stream)", m),)
-            for key, label, mask in groups:
-                rows = np.flatnonzero(mask)
-                if not len(rows):
-                    continue
-                o = np.argsort(start[rows], kind="stable")
-                rows = rows[o]
-                lanes.append(Lane(key, label, "tasks", start[rows], end[rows], rows.astype(np.int64), code[rows]))
+                feeder_lane = len(specs)
+                specs.append(("host/feeder", "host · feeder (TransferData)"))
+        lane = lane_of_stream[stream]
+        if feeder_lane >= 0:
+            lane[feeder] = feeder_lane
+        lane[~keep] = len(specs)  # dropped: no start or end
+        # one global order: by lane, then by start (a stable sort by lane of the start-sorted rows)
+        by_start = None if np.all(start[1:] >= start[:-1]) else np.argsort(start, kind="stable")
+        rows = np.argsort(lane if by_start is None else lane[by_start], kind="stable")
+        if by_start is not None:
+            rows = by_start[rows]
+        bounds = np.searchsorted(lane[rows], np.arange(len(specs) + 1), side="left")
+        for j, (key, label) in enumerate(specs):
+            r = rows[bounds[j]:bounds[j + 1]]
+            if len(r):
+                lanes.append(Lane(key, label, "tasks", start[r], end[r], r.astype(np.int64), code[r]))
         n_tasks = int(keep.sum())
     ho = read(run, "host_ops", HOST_OP_COLUMNS, required=("start_ns", "end_ns"), rank=rank)
     if len(ho):
@@ -419,10 +480,10 @@ def timeline_window(run, t0_ns: int, t1_ns: int, width_px: int, max_tasks: int =
 def _with_names(data: TimelineData, ln: Lane, df: pd.DataFrame) -> pd.DataFrame:
     rows = df["row"].to_numpy()
     if ln.source == "tasks":
-        t = data.task_table(names_only=True)
-        idx = pa.array(rows)
+        names = data.names()
         for c in ("name", "op", "scope"):
-            df[c] = t.column(c).take(idx).to_pylist() if len(rows) else []
+            codes, values = names[c]
+            df[c] = values[codes[rows]] if len(rows) else np.array([], dtype=object)
     elif ln.source == "host_ops":
         ho = data.host_ops()
         for c in ("name", "op", "scope"):

@@ -1,0 +1,447 @@
+"""Timeline: a lane per stream (aicore0, aicore1, aicpu, comm, host), the sink feeder's host thread, PyNative
+host ops and a Steps lane, with zoom and pan.
+
+The browser never gets the whole trace. ``insight.analysis.timeline.timeline_window`` decides the level of
+detail per lane on the server: exact tasks while a lane holds about two per pixel of the visible window,
+otherwise per-pixel busy bins (a lane's utilisation, drawn as a filled step curve inside its band). Every
+zoom or pan (plotly's ``relayoutData``, filtered in the browser to x-axis changes), a step picked in the
+dropdown or "Whole run" asks the server for the new window; the run's task times are read once and cached
+by the RunStore.
+
+Drawing: one trace per lane -- a horizontal ``Bar`` (``base`` = start, ``x`` = duration, colour by phase)
+for exact tasks, or one filled ``Scatter`` polygon for busy bins -- never a shape per task; numeric arrays
+go to the browser as typed (base64) arrays.
+
+Hover shows a task's name, op, lane, scope and duration; a click shows every field (op, stream, scope,
+duration, shape, dtype, FLOPs, bytes, fused ops ...). The Chrome trace (``insight.export.export_chrome``,
+gzip) is served by a Flask route, ``/download/<run_id>/trace.json.gz`` (``register_routes``).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html as _html
+import re
+import tempfile
+import threading
+from pathlib import Path
+
+import dash
+import numpy as np
+from dash import Input, Output, State, callback, clientside_callback, ctx, dcc, html
+from dash.exceptions import PreventUpdate
+
+from dashboard.components import GRAPH_CONFIG, run_page, stat_card
+from dashboard.data import RunNotFound, store
+from insight import analysis
+from insight.analysis import timeline as tl
+from insight.trace import TraceError, open_run
+
+DEFAULT_WIDTH = 1200      # plot-area pixels when the browser has not told us yet
+PAD = 0.25                # the server also sends this share of the window on each side: small pans need no wait
+LANE_HEIGHT = 46
+SOURCES = ("tasks", "host_ops", "steps")
+COLORS = ("#3a86ff", "#8338ec", "#ff006e", "#f2a541", "#6c757d", "#c9ced6", "#457b9d", "#a8dadc", "#2a9d8f")
+LEGEND = ((0, "forward"), (1, "backward"), (2, "update"), (3, "input / copies"), (4, "other"),
+          (5, "wait (GetNext, events)"), (8, "PyNative host op"))
+BUSY_COLOR = "rgba(58, 134, 255, 0.55)"
+# a discrete colour scale: code k (0..8) -> COLORS[k] with cmin=-0.5, cmax=8.5
+COLORSCALE = [p for k, c in enumerate(COLORS) for p in ((k / len(COLORS), c), ((k + 1) / len(COLORS), c))]
+BUTTON = {"padding": "6px 12px", "border": "1px solid #bbb", "borderRadius": "4px", "background": "#fff",
+          "cursor": "pointer", "fontSize": "14px"}
+DOWNLOAD_PATH = "/download/<run_id>/trace.json.gz"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def register():
+    dash.register_page(__name__, path_template="/run/<run_id>/timeline", name="Timeline", layout=layout)
+
+
+def layout(run_id=None, step=None, **_):
+    return run_page(run_id, "timeline", lambda rid: _body(rid, step))
+
+
+def _data(run_id: str) -> tl.TimelineData:
+    return store().get(run_id, "timeline_data", analysis.load_timeline)
+
+
+def download_href(run_id: str) -> str:
+    return dash.get_relative_path(f"/download/{run_id}/trace.json.gz")
+
+
+def _body(run_id: str, step=None):
+    data = _data(run_id)  # read here, so an unreadable tasks table becomes run_page's error panel
+    steps = data.steps
+    options = [{"label": f"step {int(r.step)} · {r.step_time_ms:.3f} ms", "value": int(r.step)}
+               for r in steps.itertuples()]
+    try:
+        step = int(step) if step not in (None, "") else None
+    except ValueError:
+        step = None
+    task_lanes = [ln for ln in data.lanes if ln.source != "steps"]
+    cards = html.Div([
+        stat_card("Tasks", f"{data.n_tasks:,}", "stat-tl-tasks"),
+        stat_card("Lanes", str(len(task_lanes)), "stat-tl-lanes", ", ".join(ln.label for ln in task_lanes)),
+        stat_card("Steps", str(len(steps)), "stat-tl-steps"),
+        stat_card("Span", f"{(data.t_max - data.t_min) / 1e6:,.3f} ms", "stat-tl-span"),
+    ], className="cards")
+    legend = html.Div([html.Span([_swatch(COLORS[k]), label]) for k, label in LEGEND]
+                      + [html.Span([_swatch(BUSY_COLOR), "busy share of each pixel (zoom in for tasks)"])],
+                      className="tl-legend", style={"display": "flex", "flexWrap": "wrap", "gap": "14px",
+                                                    "fontSize": "12px", "margin": "4px 0"})
+    controls = html.Div([
+        html.Div(dcc.Dropdown(id="tl-step", options=options, value=step if step in data.step_numbers else None,
+                              placeholder="Jump to a step…" if options else "No steps recorded",
+                              disabled=not options, clearable=True), style={"width": "260px"}),
+        html.Button("Whole run", id="tl-reset", n_clicks=0, style=BUTTON),
+        html.A("Download Chrome trace (.json.gz)", id="tl-download", href=download_href(run_id),
+               download=f"{run_id}.trace.json.gz", style=dict(BUTTON, textDecoration="none", color="#1d3557"),
+               title="Chrome trace-event JSON, gzip: open it in Perfetto (ui.perfetto.dev) or chrome://tracing"),
+        html.Span(id="tl-info", className="muted", style={"flex": "1"}),
+    ], style={"display": "flex", "gap": "12px", "alignItems": "center", "flexWrap": "wrap"})
+    empty = None
+    if not data.lanes:
+        empty = html.P("This run recorded no tasks and no steps: there is nothing to draw on a timeline.",
+                       id="tl-empty", className="panel")
+    height = 90 + LANE_HEIGHT * max(1, len(data.lanes))
+    return html.Div([
+        html.H2("Timeline"), cards, controls, legend, empty,
+        # the overlay keeps the graph visible (and its size unchanged) while a new window loads
+        dcc.Loading(dcc.Graph(id="tl-graph", figure=_placeholder(height), config=dict(GRAPH_CONFIG, scrollZoom=True),
+                              style={"height": f"{height}px", "display": "none" if empty else "block"}),
+                    type="dot", delay_show=400, overlay_style={"visibility": "visible", "opacity": 0.6}),
+        html.Div(html.P("Click a task for its details. Drag to zoom, scroll to zoom, double-click for the whole run.",
+                        className="muted"), id="tl-details", className="panel"),
+        dcc.Store(id="tl-run", data=run_id), dcc.Store(id="tl-width"), dcc.Store(id="tl-xrange"),
+    ])
+
+
+def _swatch(color: str):
+    return html.Span(style={"display": "inline-block", "width": "12px", "height": "12px", "background": color,
+                            "marginRight": "5px", "verticalAlign": "middle", "borderRadius": "2px"})
+
+
+def _placeholder(height: int) -> dict:
+    return {"data": [], "layout": {"height": height, "xaxis": {"visible": False}, "yaxis": {"visible": False},
+                                   "margin": {"l": 10, "r": 10, "t": 10, "b": 10}}}
+
+
+# -- the figure ---------------------------------------------------------------------------------------
+def _clean(s) -> str:
+    """A name for hover text: HTML-escaped, control characters shown as escapes."""
+    return _html.escape(_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(s)))
+
+
+def _dur(ns: float) -> str:
+    ns = float(ns)
+    if ns >= 1e6:
+        return f"{ns / 1e6:,.3f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:,.3f} µs"
+    return f"{ns:.0f} ns"
+
+
+def typed(a: np.ndarray) -> dict:
+    """A numpy array as plotly.js's typed-array spec (base64): a third of the JSON and no float printing."""
+    a = np.ascontiguousarray(a)
+    spec = {"dtype": a.dtype.str.lstrip("<|=").replace("float", "f"), "bdata": base64.b64encode(a.tobytes()).decode()}
+    if a.ndim > 1:
+        spec["shape"] = ", ".join(map(str, a.shape))
+    return spec
+
+
+def _task_trace(i: int, lv: analysis.LaneView, data: tl.TimelineData, px_ms: float) -> dict:
+    d = lv.tasks
+    n = len(d)
+    start_ms = d["start_ns"].to_numpy(np.int64) / 1e6
+    dur_ms = d["dur_ns"].to_numpy(np.int64) / 1e6
+    rows = d["row"].to_numpy(np.int64)
+    if lv.source == "steps":
+        st = data.steps
+        cols = {c: st[c].to_numpy()[rows] for c in ("step", "step_time_ms", "iteration_interval_ms", "fp_bp_ms",
+                                                     "tail_ms")}
+        text = [f"<b>step {s}</b><br>step time {t:.3f} ms<br>iteration interval {a:.3f} ms · fp+bp {b:.3f} ms"
+                f" · tail {c:.3f} ms" for s, t, a, b, c in zip(cols["step"], cols["step_time_ms"],
+                                                               cols["iteration_interval_ms"], cols["fp_bp_ms"],
+                                                               cols["tail_ms"])]
+    else:
+        label = _clean(lv.label)
+        clean = {}  # names repeat: escape each once
+
+        def c(v):
+            r = clean.get(v)
+            if r is None:
+                r = clean[v] = _clean(v)
+            return r
+
+        text = [f"<b>{c(nm)}</b> ({c(op)})<br>{label}{' · ' + c(sc) if sc else ''}<br>{_dur(du)}"
+                for nm, op, sc, du in zip(d["name"], d["op"], d["scope"], d["dur_ns"].to_numpy())]
+    # one integer per task: row * 4 + source. A plain list: dcc.Graph's clickData reads customdata from the
+    # figure as sent, where a typed array is still its base64 spec
+    custom = (rows * 4 + SOURCES.index(lv.source)).tolist()
+    return {
+        "type": "bar", "orientation": "h", "name": lv.label, "showlegend": False,
+        "y": typed(np.full(n, i, np.int16)), "base": typed(start_ms),
+        # narrower than a pixel: drawn one pixel wide (the hover gives the real duration)
+        "x": typed(np.maximum(dur_ms, px_ms)), "width": 0.8,
+        "marker": {"color": typed(d["code"].to_numpy(np.int8)), "colorscale": COLORSCALE, "cmin": -0.5,
+                   "cmax": len(COLORS) - 0.5, "line": {"width": 0}},
+        "customdata": custom, "hovertext": text, "hoverinfo": "text",
+    }
+
+
+def _busy_trace(i: int, lv: analysis.LaneView) -> dict:
+    e = lv.edges_ns.astype(np.float64) / 1e6
+    frac = lv.busy
+    top = i + 0.4 - 0.8 * frac  # the y axis runs downwards: a lane's band is [i - 0.4, i + 0.4]
+    x = np.concatenate([e, [e[-1], e[0]]])
+    y = np.concatenate([top, [top[-1], i + 0.4, i + 0.4]]).astype(np.float32)
+    custom = np.column_stack([np.r_[frac, np.nan, np.nan, np.nan], np.r_[lv.starts, 0, 0, 0]]).astype(np.float32)
+    return {
+        "type": "scatter", "mode": "lines", "name": lv.label, "showlegend": False,
+        "x": typed(x), "y": typed(y), "line": {"width": 0.6, "color": "#3a86ff", "shape": "hv"}, "fill": "toself",
+        "fillcolor": BUSY_COLOR, "customdata": typed(custom), "hoveron": "points",
+        "hovertemplate": f"<b>{_clean(lv.label)}</b><br>%{{x:,.3f}} ms<br>busy %{{customdata[0]:.0%}}<br>"
+                         f"%{{customdata[1]}} task(s) start in this pixel<extra></extra>",
+    }
+
+
+def _in_view(lv: analysis.LaneView, view) -> int:
+    """Tasks of the lane in the visible view (the window also holds the padding around it)."""
+    if lv.mode == "tasks":
+        d = lv.tasks
+        return int(((d["start_ns"] < view[1]) & ((d["end_ns"] > view[0]) | (d["start_ns"] >= view[0]))).sum())
+    e = lv.edges_ns
+    inside = (e[:-1] >= view[0]) & (e[1:] <= view[1])
+    return int(lv.starts[inside].sum())
+
+
+def build_figure(data: tl.TimelineData, win: analysis.TimelineWindow, view: tuple[int, int], width_px: int,
+                 uirevision=None) -> dict:
+    """The figure (a plain dict: no per-property validation) for ``win`` -- computed for a padded window --
+    showing ``view`` = (t0_ns, t1_ns)."""
+    px_ms = (view[1] - view[0]) / max(1, width_px) / 1e6
+    traces = []
+    for i, lv in enumerate(win.lanes):
+        if lv.mode == "tasks":
+            if len(lv.tasks):
+                traces.append(_task_trace(i, lv, data, px_ms))
+        else:
+            traces.append(_busy_trace(i, lv))
+    labels = [f"{_clean(lv.label)}<br><span style='font-size:10px;color:#888'>"
+              f"{'tasks' if lv.mode == 'tasks' else 'busy / pixel'} · {_in_view(lv, view):,}</span>"
+              for lv in win.lanes]
+    n = len(win.lanes)
+    layout = {
+        "template": {"layout": {"plot_bgcolor": "white", "paper_bgcolor": "white", "font": {"color": "#2a3f5f"}}},
+        "barmode": "overlay", "bargap": 0, "height": 90 + LANE_HEIGHT * max(1, n),
+        "margin": {"l": 190, "r": 20, "t": 10, "b": 50}, "hovermode": "closest", "dragmode": "zoom",
+        "uirevision": uirevision,
+        "xaxis": {"range": [view[0] / 1e6, view[1] / 1e6], "autorange": False,
+                  "title": {"text": "time since the run started (ms)"}, "showgrid": True, "gridcolor": "#eef0f4",
+                  "zeroline": False, "showspikes": True, "spikemode": "across", "spikethickness": 1,
+                  "spikecolor": "#999", "spikedash": "dot"},
+        "yaxis": {"range": [n - 0.5, -0.5], "autorange": False, "tickvals": list(range(n)), "ticktext": labels,
+                  "fixedrange": True, "showgrid": False, "zeroline": False},
+        "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": i + 0.5, "y1": i + 0.5,
+                    "line": {"color": "#e6e6e6", "width": 1}} for i in range(n - 1)],
+    }
+    return {"data": traces, "layout": layout}
+
+
+def _window(data: tl.TimelineData, t0: float, t1: float, width_px: int):
+    """The view [t0, t1] (ns, at least 1 us wide) and the window computed for it: the view padded by PAD on
+    each side (small pans need no round trip), clipped to the run. Returns (window, view)."""
+    t0, t1 = float(t0), float(t1)
+    if t1 - t0 < 1000:
+        mid = (t0 + t1) / 2
+        t0, t1 = mid - 500, mid + 500
+    span = t1 - t0
+    margin = (data.t_max - data.t_min) * 0.01
+    w0 = max(t0 - PAD * span, data.t_min - margin)
+    w1 = min(t1 + PAD * span, data.t_max + margin)
+    if w1 <= w0:  # the view lies outside the run: nothing to draw there
+        w0, w1 = t0, t1
+    bins = int(round(width_px * (w1 - w0) / span))
+    win = analysis.timeline_window(data, int(np.floor(w0)), int(np.ceil(w1)), max(1, bins))
+    return win, (int(np.floor(t0)), int(np.ceil(t1)))
+
+
+def _x_range(relayout: dict | None):
+    """(t0_ns, t1_ns) from plotly's relayoutData, "auto" for a reset, None if the x axis did not move."""
+    if not relayout:
+        return None
+    if relayout.get("xaxis.autorange"):
+        return "auto"
+    if "xaxis.range[0]" in relayout and "xaxis.range[1]" in relayout:
+        a, b = relayout["xaxis.range[0]"], relayout["xaxis.range[1]"]
+    elif isinstance(relayout.get("xaxis.range"), (list, tuple)) and len(relayout["xaxis.range"]) == 2:
+        a, b = relayout["xaxis.range"]
+    else:
+        return None
+    try:
+        a, b = float(a) * 1e6, float(b) * 1e6
+    except (TypeError, ValueError):
+        return None
+    return (min(a, b), max(a, b))
+
+
+def _info(win: analysis.TimelineWindow, view) -> str:
+    parts = [f"{view[0] / 1e6:,.3f} – {view[1] / 1e6:,.3f} ms ({(view[1] - view[0]) / 1e6:,.3f} ms)"]
+    exact = [lv.label for lv in win.lanes if lv.mode == "tasks"]
+    busy = [lv.label for lv in win.lanes if lv.mode == "busy"]
+    if busy:
+        parts.append(f"busy per pixel: {', '.join(busy)} — zoom in for exact tasks")
+    if exact:
+        parts.append(f"exact tasks: {sum(_in_view(lv, view) for lv in win.lanes if lv.mode == 'tasks'):,}")
+    return " · ".join(parts)
+
+
+@callback(Output("tl-graph", "figure"), Output("tl-info", "children"),
+          Input("tl-xrange", "data"), Input("tl-step", "value"), Input("tl-reset", "n_clicks"),
+          Input("tl-width", "data"), State("tl-run", "data"))
+def update_figure(relayout, step, _reset, width, run_id):
+    if not run_id:
+        raise PreventUpdate
+    trig = ctx.triggered_id
+    width_px = int(width) if isinstance(width, (int, float)) and width >= 100 else DEFAULT_WIDTH
+    try:
+        data = _data(run_id)
+        if not data.lanes:
+            return _placeholder(90 + LANE_HEIGHT), "no tasks"
+        view = (data.t_min, data.t_max)
+        if trig == "tl-xrange":
+            rng = _x_range(relayout)
+            if rng is None:
+                raise PreventUpdate
+            if rng != "auto":
+                view = rng
+        elif trig in ("tl-step", None, "tl-width") and step is not None:
+            r = data.step_range(step)
+            if r is not None:
+                pad = max(1, (r[1] - r[0]) // 50)
+                view = (r[0] - pad, r[1] + pad)
+        win, view = _window(data, view[0], view[1], width_px)
+        return build_figure(data, win, view, width_px, uirevision=run_id), _info(win, view)
+    except (TraceError, RunNotFound) as e:
+        return _placeholder(90 + LANE_HEIGHT), f"cannot read this run: {e}"
+
+
+# plotly's relayoutData -> tl-xrange, only when the x axis moved (zoom, pan, double-click): resizes and
+# autosize events never reach the server -- nor supersede a window being fetched
+clientside_callback(
+    """function(rl) {
+        if (!rl || !(rl['xaxis.autorange'] || 'xaxis.range[0]' in rl || Array.isArray(rl['xaxis.range']))) {
+            return window.dash_clientside.no_update;
+        }
+        return Object.assign({}, rl, {n: Date.now()});
+    }""",
+    Output("tl-xrange", "data"), Input("tl-graph", "relayoutData"), prevent_initial_call=True)
+
+
+# the plot area's width in pixels: what one busy bin per pixel means
+clientside_callback(
+    """function(run) {
+        var el = document.getElementById('tl-graph');
+        var w = (el && el.clientWidth) ? el.clientWidth : window.innerWidth - 60;
+        return Math.max(200, Math.round(w - 210));
+    }""",
+    Output("tl-width", "data"), Input("tl-run", "data"))
+
+
+@callback(Output("tl-details", "children"), Input("tl-graph", "clickData"), State("tl-run", "data"),
+          prevent_initial_call=True)
+def show_details(click, run_id):
+    try:
+        pt = (click or {}).get("points", [{}])[0]
+        cd = pt.get("customdata")
+        if not run_id or not pt:
+            raise PreventUpdate
+        if not isinstance(cd, (int, float)) or isinstance(cd, bool):  # a busy bin (its customdata is for hover)
+            return html.Div([html.H4("Busy share"), html.P(
+                f"At {float(pt.get('x') or 0):,.3f} ms this lane shows the share of each pixel it was busy, not single "
+                f"tasks: zoom in (drag a box or scroll) until it shows exact tasks, then click one.")])
+        source, row = SOURCES[int(cd) % 4], int(cd) // 4
+        rec = analysis.task_details(_data(run_id), source, row)
+    except (TraceError, RunNotFound, IndexError, ValueError) as e:
+        return html.P(f"no details: {e}", className="muted")
+    return _details_panel(source, rec)
+
+
+def _fmt(k: str, v) -> str:
+    if k.endswith("_ns") and isinstance(v, (int, float)):
+        return f"{v:,} ns" if k.startswith(("start", "end")) else f"{_dur(v)} ({v:,} ns)"
+    if k.endswith("_ms") and isinstance(v, float):
+        return f"{v:,.3f} ms"
+    if k in ("flops", "bytes") and isinstance(v, (int, float)):
+        return "—" if v < 0 else f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], s) if s else "—"
+
+
+DETAIL_ORDER = ("name", "op", "kind", "stream", "scope", "phase", "step", "graph", "task_id", "dur_ns", "start_ns",
+                "end_ns", "shape", "dtype", "flops", "bytes", "fused_ops")
+
+
+def _details_panel(source: str, rec: dict):
+    if not rec:
+        return html.P("no details", className="muted")
+    if source == "steps":
+        keys = [k for k in ("step", "epoch", "step_time_ms", "iteration_interval_ms", "fp_bp_ms", "tail_ms",
+                            "start_ns", "fp_start_ns", "bp_end_ns", "end_ns", "fp_start_op", "bp_end_op", "loss")
+                if k in rec]
+        title = f"Step {rec.get('step')}"
+    else:
+        keys = [k for k in DETAIL_ORDER if k in rec] + [k for k in rec if k not in DETAIL_ORDER]
+        title = _fmt("name", rec.get("name") or rec.get("op") or "task")
+    rows = [html.Tr([html.Th(k.replace("_", " "), style={"textAlign": "left", "paddingRight": "16px"}),
+                     html.Td(_fmt(k, rec[k]))]) for k in keys]
+    return html.Div([html.H4(title, id="tl-details-title"), html.Table(html.Tbody(rows), id="tl-details-table")])
+
+
+# -- the Chrome trace download ----------------------------------------------------------------------------
+_export_lock = threading.Lock()
+_export_dir: Path | None = None
+
+
+def _export(run, out_dir: str) -> Path:
+    from insight.export import export_chrome
+
+    key = hashlib.sha1(str(run.path).encode()).hexdigest()[:16]
+    out = Path(out_dir) / f"{key}.trace.json.gz"
+    export_chrome(run, out, gzip=True)
+    return out
+
+
+def chrome_trace_file(run_id: str) -> Path:
+    """The run's gzip Chrome trace, exported once per version of the run (RunStore cache)."""
+    global _export_dir
+    with _export_lock:  # one export at a time: a million tasks take a few seconds and much CPU
+        if _export_dir is None:
+            _export_dir = Path(tempfile.mkdtemp(prefix="insight-traces-"))
+        path = store().get(run_id, "chrome_trace", _export, str(_export_dir))
+        if not Path(path).exists():  # the temporary file was cleaned away: export again, same name
+            path = _export(open_run(store().path(run_id)), str(_export_dir))
+        return path
+
+
+def register_routes(server) -> None:
+    """Add the Chrome-trace download route to the app's Flask server (called once by create_app)."""
+    from flask import abort, send_file
+
+    if "insight_chrome_trace" in server.view_functions:
+        return
+
+    def download(run_id: str):
+        try:
+            path = chrome_trace_file(run_id)
+        except RunNotFound:
+            abort(404, f"no run named {run_id!r}")
+        except TraceError as e:
+            return str(e), 422, {"Content-Type": "text/plain; charset=utf-8"}
+        return send_file(path, mimetype="application/gzip", as_attachment=True,
+                         download_name=f"{run_id}.trace.json.gz", max_age=0)
+
+    server.add_url_rule(DOWNLOAD_PATH, endpoint="insight_chrome_trace", view_func=download)

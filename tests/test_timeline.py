@@ -1,0 +1,515 @@
+"""Timeline (insight.analysis.timeline + dashboard/pages/timeline.py) and the data-pipeline page.
+
+The level of detail is checked against brute force; the pages through Flask's test client (the real Dash
+request path) on a synthetic run of 200,000 tasks; and, marked ``browser``, in headless Chromium with no
+console errors.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from insight import analysis
+from insight.analysis import timeline as tl
+from insight.trace import TraceError
+from synthetic_runs import set_manifest, training_run, truncate, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_timeline", ROOT / "benchmarks" / "bench_timeline.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+N_BIG = 200_000
+MS = 1_000_000
+
+
+# -- runs ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tl-runs")
+    r = {"base": base}
+    r["big"] = bench.synthetic_run(base, "big", N_BIG)
+    r["sink"] = training_run(base, "sink", n_steps=6, allreduce_us=300, empty_steps=(3,)).path
+    r["nonsink"] = training_run(base, "nonsink", sink=False, pipeline=None).path
+    r["loop"] = training_run(base, "loop", sink=False).path  # a MindData pipeline read by the training loop
+    r["nodp"] = training_run(base, "nodp", sink=False, pipeline=None).path
+    set_manifest(r["nodp"], options={"profile_memory": True, "data_process": False})
+    # only step markers: no tasks table
+    r["notasks"] = training_run(base, "notasks", sink=False, pipeline=None).path
+    (r["notasks"] / "rank_0" / "tasks.parquet").unlink()
+    # a damaged tasks table
+    r["corrupt"] = training_run(base, "corrupt").path
+    truncate(r["corrupt"] / "rank_0" / "tasks.parquet")
+    # PyNative host ops beside the tasks
+    r["pynative"] = training_run(base, "pynative", sink=False, pipeline=None).path
+    write_table(r["pynative"], "host_ops", pd.DataFrame({
+        "op": ["matmul", "relu"], "name": ["", "relu_1"], "scope": ["Net/fc", "Net"],
+        "start_ns": [100_000, 300_000], "end_ns": [250_000, 320_000]}))
+    return r
+
+
+def _ours(text) -> bool:
+    return "tl-" in str(text)  # every callback of the timeline page writes a tl-* component
+
+
+@pytest.fixture(scope="module")
+def app(runs):
+    """One app for this module's page tests and its browser test.
+
+    ``dash.callback`` / ``clientside_callback`` register globally and the first app to serve a request takes
+    them all (the clientside functions too). If an earlier test module's app took ours, register them again
+    (re-import the page module, after dropping any stale copies); once this app has them, hand them back for
+    the apps other modules build later."""
+    import importlib
+
+    from dash import _callback
+
+    import dashboard.pages.timeline
+    from dashboard.app import create_app
+
+    g_map, g_list, g_js = _callback.GLOBAL_CALLBACK_MAP, _callback.GLOBAL_CALLBACK_LIST, _callback.GLOBAL_INLINE_SCRIPTS
+    complete = (any("tl-graph.figure" in k for k in g_map) and any("xaxis.autorange" in js for js in g_js)
+                and any("getElementById('tl-graph')" in js for js in g_js))
+    if not complete:
+        for k in [k for k in g_map if _ours(k)]:
+            del g_map[k]
+        g_list[:] = [c for c in g_list if not _ours(c.get("output"))]
+        g_js[:] = [js for js in g_js if "xaxis.autorange" not in js and "getElementById('tl-graph')" not in js]
+        importlib.reload(dashboard.pages.timeline)
+    taken = ({k: v for k, v in g_map.items() if _ours(k)}, [c for c in g_list if _ours(c.get("output"))],
+             [js for js in g_js if "xaxis.autorange" in js or "getElementById('tl-graph')" in js])
+    a = create_app(runs["base"])
+    a.server.test_client().get("/")  # the first request: this app takes the registrations
+    for k, v in taken[0].items():
+        g_map.setdefault(k, v)
+    g_list.extend(c for c in taken[1] if c not in g_list)
+    g_js.extend(js for js in taken[2] if js not in g_js)
+    return a
+
+
+@pytest.fixture
+def client(app, runs):
+    from dashboard.data import RunStore, set_store
+
+    # the RunStore is global and other tests create apps too: point it back at these runs, cold
+    set_store(RunStore(runs["base"]))
+    return bench.Client(app)
+
+
+def _brute_busy(start, end, code, edges):
+    """Busy fraction per bin by marking every nanosecond."""
+    t_end = int(edges[-1])
+    mark = np.zeros(t_end + 1, bool)
+    for s, e, c in zip(start, end, code):
+        if c != tl.CODE_WAIT:
+            mark[s:e] = True
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        out.append(mark[a:b].mean() if b > a else 0.0)
+    return np.array(out)
+
+
+def _data_of(lanes):
+    t_min = min(int(ln.start.min()) for ln in lanes)
+    t_max = max(int(ln.end.max()) for ln in lanes)
+    return tl.TimelineData(run=None, rank=0, lanes=lanes, steps=pd.DataFrame({"step": []}), t_min=t_min,
+                           t_max=t_max, n_tasks=sum(len(ln) for ln in lanes))
+
+
+# -- the analysis ---------------------------------------------------------------------------------------
+def test_merge_intervals_is_the_union(rng):
+    s = np.sort(rng.integers(0, 5000, 400))
+    e = s + rng.integers(0, 300, 400)
+    ms, ml = tl.merge_intervals(s, e)
+    assert np.all(ms[1:] > ms[:-1] + ml[:-1])  # disjoint, not touching-overlapping
+    mark = np.zeros(6000, bool)
+    for a, b in zip(s, e):
+        mark[a:b] = True
+    mark2 = np.zeros(6000, bool)
+    for a, n in zip(ms, ml):
+        mark2[a:a + n] = True
+    assert np.array_equal(mark, mark2)
+
+
+@pytest.mark.parametrize("width", [7, 64, 500])
+def test_busy_bins_match_brute_force(rng, width):
+    """Overlapping tasks and waits on one lane: busy share per pixel equals the marked-nanosecond share."""
+    n = 3000
+    s = np.sort(rng.integers(0, 20_000, n)).astype(np.int64)
+    e = s + rng.integers(0, 40, n)
+    code = np.where(rng.random(n) < 0.1, tl.CODE_WAIT, 0).astype(np.int8)
+    lane = tl.Lane("x", "x", "tasks", s, e, np.arange(n), code)
+    data = _data_of([lane])
+    for t0, t1 in ((0, 20_100), (3_000, 3_900), (15_123, 19_877)):
+        win = tl.timeline_window(data, t0, t1, width, per_px=0.01, details=False)
+        lv = win.lanes[0]
+        assert lv.mode == "busy"
+        np.testing.assert_allclose(lv.busy, _brute_busy(s, e, code, lv.edges_ns), atol=1e-12)
+        starts = ((s >= lv.edges_ns[0]) & (s < lv.edges_ns[-1])).sum()
+        assert lv.starts.sum() == starts
+
+
+def test_exact_tasks_are_those_overlapping_the_window(rng):
+    n = 2000
+    s = np.sort(rng.integers(0, 100_000, n)).astype(np.int64)
+    e = s + rng.integers(0, 5_000, n)  # long tasks: some start well before the window
+    lane = tl.Lane("x", "x", "tasks", s, e, np.arange(n), np.zeros(n, np.int8))
+    data = _data_of([lane])
+    for t0, t1 in ((40_000, 41_000), (0, 500), (99_000, 120_000)):
+        win = tl.timeline_window(data, t0, t1, 1000, details=False)
+        got = set(win.lanes[0].tasks["row"])
+        want = set(np.flatnonzero((s < t1) & ((e > t0) | (s >= t0))))
+        assert got == want and win.exact
+
+
+def test_lod_on_200k_tasks(runs):
+    """Zoomed out: busy bins on the crowded lanes; a 1 ms window: exact tasks on every lane, exactly the
+    tasks of the table that overlap it."""
+    data = analysis.load_timeline(runs["big"])
+    assert data.n_tasks == N_BIG
+    keys = [ln.key for ln in data.lanes]
+    assert keys == ["steps", "aicore0", "aicore1", "aicpu", "comm", "host", "host/feeder"]
+    win = analysis.timeline_window(data, data.t_min, data.t_max, 1200)
+    modes = {lv.key: lv.mode for lv in win.lanes}
+    assert modes["aicore0"] == "busy" and modes["steps"] == "tasks" and modes["host/feeder"] == "tasks"
+    # busy time is conserved: the bins add up to the lane's busy time
+    for lv, ln in zip(win.lanes, data.lanes):
+        if lv.mode == "busy":
+            total = (lv.busy * np.diff(lv.edges_ns)).sum()
+            assert abs(total - ln.busy_ns) <= len(lv.busy)  # rounding of bin edges only
+    tasks = pd.read_parquet(runs["big"] / "rank_0" / "tasks.parquet", columns=["stream", "graph", "start_ns", "end_ns",
+                                                                                "name"])
+    step = data.step_range(data.step_numbers[len(data.step_numbers) // 2])
+    t0 = step[0] + 300_000
+    t1 = t0 + MS
+    win = analysis.timeline_window(data, t0, t1, 1200)
+    assert win.exact and win.n_exact > 300
+    for lv in win.lanes:
+        if lv.source != "tasks":
+            continue
+        lane_rows = tasks[(tasks["stream"] == lv.key.split("/")[0])
+                          & ((tasks["graph"] == "data_sink") == (lv.key == "host/feeder"))]
+        want = lane_rows[(lane_rows["start_ns"] < t1) & (lane_rows["end_ns"] > t0)]
+        assert sorted(lv.tasks["row"]) == sorted(want.index), lv.key
+        assert list(lv.tasks["name"]) == list(tasks["name"].to_numpy()[lv.tasks["row"].to_numpy()])
+
+
+def test_lanes_of_a_sink_run(runs):
+    data = analysis.load_timeline(runs["sink"])
+    assert [ln.key for ln in data.lanes] == ["steps", "aicore0", "comm", "host/feeder"]
+    feeder = data.lane("host/feeder")
+    assert set(data.details("tasks", feeder.row)["name"]) == {"TransferData"}
+    core = data.lane("aicore0")
+    d = data.details("tasks", core.row)
+    gn = (d["kind"] == "get_next").to_numpy()
+    assert gn.sum() == 6 and np.all(core.code[gn] == tl.CODE_WAIT)
+    # GetNext waits are drawn but are not busy time
+    assert core.busy_ns == int(d.loc[~gn, "dur_ns"].sum())
+    # steps lane = the step trace
+    bd = analysis.step_breakdown(runs["sink"])
+    assert list(data.lane("steps").start) == list(bd["start_ns"]) and list(data.lane("steps").end) == list(bd["end_ns"])
+
+
+def test_max_tasks_sends_the_fullest_lane_to_busy_bins(runs):
+    data = analysis.load_timeline(runs["big"])
+    step = data.step_range(data.step_numbers[3])
+    win = analysis.timeline_window(data, step[0], step[1], 1200, max_tasks=400)
+    modes = {lv.key: lv.mode for lv in win.lanes}
+    assert modes["aicore0"] == "busy" and win.n_exact <= 400 and modes["steps"] == "tasks"
+
+
+def test_host_ops_lane_and_details(runs):
+    data = analysis.load_timeline(runs["pynative"])
+    lane = data.lane("host/pynative")
+    assert list(lane.start) == [100_000, 300_000]
+    win = analysis.timeline_window(data, 0, 400_000, 800)
+    lv = next(v for v in win.lanes if v.key == "host/pynative")
+    assert list(lv.tasks["name"]) == ["matmul", "relu_1"]  # an empty name shows the op
+    assert analysis.task_details(data, "host_ops", 1)["scope"] == "Net"
+
+
+def test_task_details_have_every_field(runs):
+    data = analysis.load_timeline(runs["big"])
+    d = analysis.task_details(data, "tasks", 3)
+    for k in ("name", "op", "stream", "scope", "dur_ns", "shape", "flops", "fused_ops", "bytes", "dtype"):
+        assert k in d
+    assert d["name"].startswith('weird "quoted"')
+    table = pd.read_parquet(runs["big"] / "rank_0" / "tasks.parquet")
+    for row in (0, 70_000, N_BIG - 1):  # across row groups
+        d = analysis.task_details(data, "tasks", row)
+        assert d["name"] == table["name"].iat[row] and d["start_ns"] == table["start_ns"].iat[row]
+    assert analysis.task_details(data, "steps", 0)["step"] == 0
+
+
+def test_runs_missing_tables(runs, tmp_path):
+    data = analysis.load_timeline(runs["notasks"])
+    assert [ln.key for ln in data.lanes] == ["steps"] and data.n_tasks == 0
+    training_run(tmp_path, "bare", pipeline=None, memory=False)
+    bare = tmp_path / "bare"
+    for t in ("tasks", "steps", "device_queue"):
+        (bare / "rank_0" / f"{t}.parquet").unlink()
+    data = analysis.load_timeline(bare)
+    assert data.lanes == []
+    assert analysis.timeline_window(data, 0, 10, 100).lanes == []
+    assert analysis.queue_depths(bare).empty and analysis.pipeline_per_step(bare).empty
+    with pytest.raises(TraceError, match="tasks"):
+        analysis.load_timeline(runs["corrupt"])
+
+
+def test_queue_depths_and_per_step(runs):
+    q = analysis.queue_depths(runs["sink"])
+    assert set(q["queue"]) == {"batch #0 output (host queue)", "map #1 output", "numpy_slices #2 output",
+                               "device queue"}
+    host = q[q["root"]]
+    assert sorted(set(host["depth"])) == [12, 14, 16]
+    per = analysis.pipeline_per_step(runs["sink"])
+    assert list(per["step"]) == [1, 2, 3, 4, 5, 6]
+    assert list(per["device_empty"]) == [0, 0, 1, 0, 0, 0]
+    assert list(per["device_pushes"]) == [1] * 6 and list(per["device_pops"]) == [1] * 6
+    # host samples are taken every 10 ms from t=2 ms: each falls in the step whose range holds it
+    bd = analysis.step_breakdown(runs["sink"])
+    t = host["t_ns"].to_numpy()
+    for r, b in zip(per.itertuples(), bd.itertuples()):
+        assert r.host_samples == int(((t >= b.start_ns) & (t < b.end_ns)).sum())
+
+
+# -- the pages, through Flask's test client ---------------------------------------------------------------
+def _text(layout) -> str:
+    return json.dumps(layout, ensure_ascii=False)
+
+
+def test_first_render_of_200k_tasks_is_small_and_fast(client):
+    client.page("/run/sink/timeline")  # a warm server: it has served a page before
+    client.figure("sink")
+    layout, n1, t1 = client.page("/run/big/timeline")
+    assert '"tl-graph"' in _text(layout) and "error-panel" not in _text(layout)
+    fig, info, n2, t2 = client.figure("big", 1190)
+    assert n1 + n2 <= 5_000_000, (n1, n2)
+    assert t1 + t2 <= 2.0, (t1, t2)
+    kinds = {t["name"]: t["type"] for t in fig["data"]}
+    assert kinds["aicore0"] == "scatter" and kinds["Steps"] == "bar"
+    assert "busy per pixel" in info
+
+
+def test_zoom_to_one_ms_returns_exact_tasks(client):
+    client.page("/run/big/timeline")
+    data = client_data("big")
+    t0 = data.step_range(data.step_numbers[100])[0] / MS + 0.3
+    fig, info, n, dt = client.figure("big", 1190, relayout={"xaxis.range[0]": t0, "xaxis.range[1]": t0 + 1},
+                                     trigger="relayout")
+    assert fig["data"] and all(t["type"] == "bar" for t in fig["data"])
+    assert fig["layout"]["xaxis"]["range"] == pytest.approx([t0, t0 + 1])
+    assert "busy per pixel" not in info and "exact tasks" in info
+    n_tasks = sum(len(t["hovertext"]) for t in fig["data"])
+    assert n_tasks > 300
+    # a relayout that does not move the x axis (the browser filters those) changes nothing: 204
+    r = client.c.post("/_dash-update-component", json={
+        "output": "..tl-graph.figure...tl-info.children..",
+        "outputs": [{"id": "tl-graph", "property": "figure"}, {"id": "tl-info", "property": "children"}],
+        "inputs": [{"id": "tl-xrange", "property": "data", "value": {"autosize": True}},
+                   {"id": "tl-step", "property": "value", "value": None},
+                   {"id": "tl-reset", "property": "n_clicks", "value": 0},
+                   {"id": "tl-width", "property": "data", "value": 1190}],
+        "state": [{"id": "tl-run", "property": "data", "value": "big"}], "changedPropIds": ["tl-xrange.data"]})
+    assert r.status_code == 204
+    # a window beyond the end of the run: nothing to draw, no error
+    end = data.t_max / MS
+    fig, info, n, dt = client.figure("big", 1190, relayout={"xaxis.range": [end + 50, end + 51]}, trigger="relayout")
+    assert fig["data"] == [] and fig["layout"]["xaxis"]["range"] == pytest.approx([end + 50, end + 51])
+    # double-click: the whole run again
+    fig, info, n, dt = client.figure("big", 1190, relayout={"xaxis.autorange": True}, trigger="relayout")
+    assert "busy per pixel" in info
+
+
+def client_data(run_id):
+    from dashboard.data import store
+
+    return store().get(run_id, "timeline_data", analysis.load_timeline)
+
+
+def test_step_dropdown_jumps_to_the_step(client):
+    layout, _, _ = client.page("/run/sink/timeline")
+    assert "step 4 · " in _text(layout)
+    fig, info, _, _ = client.figure("sink", 1000, step=4, trigger="step")
+    bd = analysis.step_breakdown(client_data("sink").run)
+    r = bd[bd["step"] == 4].iloc[0]
+    a, b = fig["layout"]["xaxis"]["range"]
+    assert a <= r.start_ns / MS < r.end_ns / MS <= b and (b - a) < 1.1 * r.step_time_ms
+    # ?step=4 in the URL selects it on load
+    layout, _, _ = client.page("/run/sink/timeline", "?step=4")
+    assert '"value": 4' in _text(layout)
+
+
+def _click(client, run_id, point):
+    res, _, _ = client._post("tl-details.children", {"id": "tl-details", "property": "children"},
+                             [{"id": "tl-graph", "property": "clickData", "value": {"points": [point]}}],
+                             state=[{"id": "tl-run", "property": "data", "value": run_id}],
+                             changed=["tl-graph.clickData"])
+    return _text(res)
+
+
+def test_click_shows_every_field(client):
+    client.page("/run/big/timeline")
+    text = _click(client, "big", {"customdata": 3 * 4 + 0, "x": 1.0})  # row 3 of tasks
+    for k in ("flops", "shape", "fused ops", "scope", "stream", "dur ns", "Net/backbone"):
+        assert k in text
+    assert "\\\\x01" in text  # the control character in the name is shown escaped
+    assert "Busy share" in _click(client, "big", {"x": 3.0, "curveNumber": 1})
+    assert "step time ms" in _click(client, "big", {"customdata": 5 * 4 + 2, "x": 3.0})  # step row 5
+
+
+def test_download_route_serves_the_gzip_chrome_trace(client, runs):
+    r = client.c.get("/download/sink/trace.json.gz")
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/gzip"
+    assert "attachment" in r.headers["Content-Disposition"]
+    doc = json.loads(gzip.decompress(r.data))
+    n = len(pd.read_parquet(runs["sink"] / "rank_0" / "tasks.parquet"))
+    assert sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["cat"] not in ("step", "step_phase")) == n
+    assert client.c.get("/download/nope/trace.json.gz").status_code == 404
+    assert client.c.get("/download/%2E%2E/trace.json.gz").status_code == 404  # never outside the base dir
+    bad = client.c.get("/download/corrupt/trace.json.gz")
+    assert bad.status_code == 422 and b"cannot read" in bad.data
+
+
+def test_pipeline_page(client):
+    layout, n, _ = client.page("/run/sink/pipeline")
+    text = _text(layout)
+    for id_ in ("pipe-graph", "pipe-ops-table", "pipe-queues", "pipe-steps", "pipe-steps-table", "pipeline-verdict",
+                "pipeline-advice"):
+        assert f'"{id_}"' in text, id_
+    assert "data_transfer" not in text and "Host-to-device transfer is the bottleneck" in text
+    assert "numpy_slices" in text
+    # a pipeline without sink mode: no device queue, the training step reads the host queue
+    text = _text(client.page("/run/loop/pipeline")[0])
+    assert '"pipe-graph"' in text and "training step" in text and "there is no device queue" in text
+    for run_id, phrase in (("nonsink", "did not read a MindData dataset"), ("nodp", "data_process=False")):
+        text = _text(client.page(f"/run/{run_id}/pipeline")[0])
+        assert '"pipeline-no-data"' in text and phrase in text and '"pipe-graph"' not in text
+
+
+def test_pages_survive_missing_and_corrupt_tables(client):
+    for page in ("timeline", "pipeline"):
+        text = _text(client.page(f"/run/notasks/{page}")[0])
+        assert "error-panel" not in text, page
+        text = _text(client.page(f"/run/corrupt/{page}")[0])
+        assert '"error-panel"' in text and "cannot read rank_0/tasks.parquet" in text, page
+        text = _text(client.page(f"/run/missing/{page}")[0])
+        assert '"not-found"' in text
+    fig, info, _, _ = client.figure("notasks", 800)
+    assert [t["name"] for t in fig["data"]] == ["Steps"]
+
+
+# -- in a browser -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(app, runs):
+    """The dashboard over ``runs`` on a free port, in a background thread."""
+    from werkzeug.serving import make_server
+
+    from dashboard.data import RunStore, set_store
+
+    set_store(RunStore(runs["base"]))
+    srv = make_server("127.0.0.1", _free_port(), app.server, threaded=True)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    th.join(10)
+
+
+@pytest.fixture
+def browser():
+    if not shutil.which("chromedriver") and not Path("/usr/bin/chromedriver").exists():
+        pytest.skip("no chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--window-size=1400,1200"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+    yield drv
+    drv.quit()
+
+
+def _wait(drv, js, timeout=30.0, what=""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = drv.execute_script(js)
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or js}")
+
+
+def _errors(drv) -> list:
+    return [e for e in drv.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+
+
+GD = "var gd = document.querySelector('#tl-graph .js-plotly-plot'); "
+
+
+@pytest.mark.browser
+def test_pages_in_chromium_without_console_errors(served, browser):
+    drv = browser
+    # timeline of 200k tasks: first render, zoom to 1 ms (plotly's relayout -> the server), click a task
+    drv.get(served + "/run/big/timeline")
+    _wait(drv, GD + "return gd && gd.data && gd.data.length > 0 && document.getElementById('tl-info').innerText;",
+          what="the timeline figure")
+    assert "busy per pixel" in drv.find_element("id", "tl-info").text
+    a, b = drv.execute_script(GD + "return gd.layout.xaxis.range;")
+    x0 = (a + b) / 2
+    drv.execute_script(GD + "Plotly.relayout(gd, {'xaxis.range': [arguments[0], arguments[0] + 1]});", x0)
+    _wait(drv, "return document.getElementById('tl-info').innerText.indexOf('exact tasks') >= 0 && "
+               "document.getElementById('tl-info').innerText.indexOf('busy per pixel') < 0;", what="exact tasks")
+    assert drv.execute_script(GD + "return gd.data.every(function(t) { return t.type === 'bar'; });")
+    rng = drv.execute_script(GD + "return gd.layout.xaxis.range;")
+    assert rng == pytest.approx([x0, x0 + 1])
+    bars = drv.find_elements("css selector", "#tl-graph .barlayer .point path")
+    assert len(bars) > 300
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    # click a task whose bar lies wholly inside the plot area
+    box = drv.execute_script("var r = document.querySelector('#tl-graph .nsewdrag').getBoundingClientRect();"
+                             "return [r.left, r.right];")
+    inside = [b for b in bars[:600] if box[0] + 5 < b.rect["x"] and b.rect["x"] + b.rect["width"] < box[1] - 5
+              and b.rect["width"] >= 2]
+    ActionChains(drv).move_to_element(inside[len(inside) // 2]).click().perform()
+    _wait(drv, "return document.getElementById('tl-details-table') !== null;", what="the details panel")
+    assert "flops" in drv.find_element("id", "tl-details").text
+    # ?step= jumps to the step
+    drv.get(served + "/run/sink/timeline?step=3")
+    _wait(drv, GD + "return gd && gd.data && gd.data.length > 0;", what="the sink timeline")
+    a, b = drv.execute_script(GD + "return gd.layout.xaxis.range;")
+    assert b - a < 30  # one step (about 3 ms), not the whole run
+    # the data pipeline, both tabs
+    drv.get(served + "/run/sink/pipeline")
+    _wait(drv, "return document.querySelector('#pipe-graph .js-plotly-plot .scatterlayer') !== null;",
+          what="the pipeline graph")
+    assert "Host-to-device transfer" in drv.find_element("id", "pipeline-verdict").text
+    drv.find_element("xpath", "//*[contains(text(), 'Step interval')]").click()
+    _wait(drv, "return document.querySelector('#pipe-steps .js-plotly-plot .barlayer') !== null;",
+          what="the step-interval chart")
+    drv.get(served + "/run/nonsink/pipeline")
+    _wait(drv, "return document.getElementById('pipeline-no-data') !== null;", what="the no-data message")
+    drv.get(served + "/run/corrupt/timeline")
+    _wait(drv, "return document.getElementById('error-panel') !== null;", what="the error panel")
+    time.sleep(0.5)
+    assert _errors(drv) == []
