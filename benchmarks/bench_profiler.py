@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Profiler cost: (a) the step time it adds to a real training, (b) the writer's throughput.
+
+    cd /work/main && python benchmarks/bench_profiler.py [--rounds 9] [--epochs 3] [--steps 20000]
+                                                         [--profile] [--json out.json]
+
+(a) Overhead. The digits CNN (``runtime.models.LeNetDigits``, batch 32, graph mode, non-sink) trains
+``--epochs`` epochs per run, the same warmed-up Model in every run. Each round runs, in an order that
+rotates from round to round, three variants:
+  * ``off``      -- nothing subscribed to ``runtime.hooks`` (the runtime's untraced fast path);
+  * ``tracing``  -- a no-op hook subscriber: what the runtime's tracing path alone costs
+                    (per-task clocks, ``step_tasks`` arrays, markers);
+  * ``profiler`` -- ``insight.Profiler`` (all collectors, memory and dataset tables, the background
+                    writer flushing every ``--flush-interval`` = 0.25 s, so that it flushes inside every
+                    timed run), started before and stopped after ``Model.train``;
+                    only ``Model.train`` is timed, the final compaction is reported separately.
+We report the median ms/step of each variant and the overhead vs ``off`` as the median of the
+per-round paired ratios (robust against load drifting on a shared machine). Goal: <= 2 %.
+
+(b) Writer throughput. A synthetic stream of ``step_tasks`` events (``--steps`` steps of a graph with
+``--tasks`` tasks; one task = one event = one ``tasks`` row) is emitted through ``runtime.hooks`` into a
+running Profiler, which is then stopped: the time from the first append to every row being in Parquet
+on disk (flushes, final flush and compaction included). Reported with and without the memory table
+(which adds two rows per task buffer). Goal: >= 1M events/s.
+
+``--profile`` runs cProfile over profiled training and prints where the extra time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from insight import Profiler  # noqa: E402
+from insight.trace import open_run  # noqa: E402
+from runtime import Model, context, hooks, nn  # noqa: E402
+from runtime.dataset import NumpySlicesDataset  # noqa: E402
+from runtime.dataset.digits import load_digits_split  # noqa: E402
+from runtime.models import LeNetDigits  # noqa: E402
+
+
+# -- (a) overhead --------------------------------------------------------------------------------------------
+def make_training(epochs: int):
+    context.set_context(mode=context.GRAPH_MODE, seed=0)
+    xtr, ytr, _, _ = load_digits_split(seed=0)
+    net = LeNetDigits()
+    model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+                  nn.Momentum(net.trainable_params(), 0.05, 0.9), progress=False)
+    ds = NumpySlicesDataset((xtr, ytr), ["image", "label"], shuffle=True, seed=0).batch(32, drop_remainder=True)
+    steps = epochs * (len(xtr) // 32)
+    model._bench_batch = (xtr[:32], ytr[:32])
+
+    def train():
+        t = time.perf_counter()
+        model.train(epochs, ds)
+        return (time.perf_counter() - t) / steps * 1e3  # ms/step
+
+    return model, train, steps
+
+
+def run_overhead(rounds: int, epochs: int, tmp: Path, flush_interval: float) -> dict:
+    model, train, steps = make_training(epochs)
+    train()  # warm-up: compile, caches
+    variants = ["off", "tracing", "profiler"]
+    ms = {v: [] for v in variants}
+    finish = []
+    writer_cpu = []  # the writer thread's CPU seconds per second of training
+    n = 0
+
+    def run(v):
+        nonlocal n
+        if v == "off":
+            return train()
+        if v == "tracing":
+            fn = hooks.subscribe(lambda kind, ev: None)
+            try:
+                return train()
+            finally:
+                hooks.unsubscribe(fn)
+        n += 1
+        prof = Profiler(tmp / f"run{n}", flush_interval=flush_interval)
+        try:
+            ms_step = train()
+            writer_cpu.append(prof._writer.background_cpu_s / (ms_step * steps / 1e3))
+            return ms_step
+        finally:
+            t = time.perf_counter()
+            prof.stop()
+            finish.append(time.perf_counter() - t)
+
+    for r in range(rounds):
+        order = variants[r % 3:] + variants[:r % 3]
+        for v in order:
+            ms[v].append(run(v))
+    run_dir = tmp / f"run{n}"
+    rows = len(open_run(run_dir).table("tasks"))
+    res = {"steps_per_run": steps, "rounds": rounds, "tasks_rows_per_run": rows,
+           "stop_s_median": statistics.median(finish), "writer_cpu_share": statistics.median(writer_cpu),
+           "hook_us_per_step": hook_cost(model)}
+    for v in variants:
+        res[f"{v}_ms_per_step"] = statistics.median(ms[v])
+    for v in ("tracing", "profiler"):
+        paired = [a / b - 1 for a, b in zip(ms[v], ms["off"])]
+        res[f"{v}_overhead_pct"] = 100 * statistics.median(paired)
+        res[f"{v}_overhead_pct_of_medians"] = 100 * (res[f"{v}_ms_per_step"] / res["off_ms_per_step"] - 1)
+    res["raw_ms"] = ms
+    return res
+
+
+def hook_cost(model, reps: int = 1000) -> float:
+    """The profiler's hot path alone: one real step's events (step begin/end, the input-copy task,
+    step_tasks) replayed through a recording Profiler's hook callback; microseconds per step."""
+    events = []
+    fn = hooks.subscribe(lambda kind, ev: events.append((kind, ev)))
+    try:
+        model.train(1, [model._bench_batch])
+    finally:
+        hooks.unsubscribe(fn)
+    events = [(k, e) for k, e in events if k in ("step", "task", "step_tasks")]
+    prof = Profiler(Path(tempfile.mkdtemp(prefix="insight-hook-")) / "run", flush_interval=3600)
+    listener = prof._listener
+    try:
+        t = time.perf_counter_ns()
+        for _ in range(reps):
+            for k, e in events:
+                listener(k, e)
+        return (time.perf_counter_ns() - t) / reps / 1e3
+    finally:
+        prof.stop()
+        shutil.rmtree(prof.path.parent, ignore_errors=True)
+
+
+def profile_training(epochs: int, tmp: Path) -> str:
+    model, train, _ = make_training(epochs)
+    train()
+    out = []
+    for label in ("off", "profiler"):
+        prof = Profiler(tmp / "cprofile", overwrite=True) if label == "profiler" else None
+        pr = cProfile.Profile()
+        pr.enable()
+        train()
+        pr.disable()
+        if prof is not None:
+            prof.stop()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
+        out.append(f"---- cProfile, {label} (tottime) ----\n" + s.getvalue())
+    return "\n".join(out)
+
+
+# -- (b) writer throughput -------------------------------------------------------------------------------------
+def synthetic_table(n_tasks: int) -> dict:
+    rng = np.random.default_rng(0)
+    ids = list(range(n_tasks))
+    ops = ["conv2d", "matmul", "add", "relu", "reduce_sum", "mul", "sub", "reshape"]
+    sizes = rng.choice([0, 512, 4096, 131072], n_tasks).tolist()
+    free = [min(n_tasks - 1, i + int(k)) if s else -1 for i, (s, k) in enumerate(zip(sizes, rng.integers(1, 20, n_tasks)))]
+    return {"graph": "train_step", "graph_id": 12345, "planned_peak": 1 << 24, "parameter_bytes": 1 << 20,
+            "capacity": 1 << 30, "columns": {
+                "task_id": ids, "name": [f"{ops[i % 8]}_{i}" for i in ids], "op": [ops[i % 8] for i in ids],
+                "kind": ["kernel"] * n_tasks, "stream": ["aicore0"] * n_tasks, "stream_id": [0] * n_tasks,
+                "scope": [f"Net/layer{i // 10}" for i in ids], "shape": ["32x16x8x8"] * n_tasks,
+                "dtype": ["float32"] * n_tasks, "flops": rng.integers(0, 1 << 20, n_tasks).tolist(),
+                "bytes": rng.integers(0, 1 << 18, n_tasks).tolist(),
+                "phase": (["forward"] * (n_tasks // 3) + ["backward"] * (n_tasks // 3)
+                          + ["update"] * (n_tasks - 2 * (n_tasks // 3))),
+                "fused_ops": [""] * n_tasks, "out_size": sizes, "out_offset": [0] * n_tasks, "free_task_id": free}}
+
+
+def run_throughput(n_steps: int, n_tasks: int, tmp: Path, profile_memory: bool, steps_per_flush: int = 1000) -> dict:
+    """Emit the synthetic stream through runtime.hooks into a Profiler; every ``steps_per_flush`` steps the
+    writer flushes (what its background thread does every ``flush_interval``, here driven explicitly so
+    the run has several parts and the numbers do not depend on the timer); then ``stop()`` (final flush +
+    compaction of the parts into one file per table)."""
+    table = synthetic_table(n_tasks)
+    base = time.perf_counter_ns()
+    durs = np.random.default_rng(1).integers(1_000, 50_000, (n_steps, n_tasks), dtype=np.int64)
+    ends = base + np.cumsum(durs, axis=None).reshape(n_steps, n_tasks)
+    starts = ends - durs + 200
+    ids = np.arange(n_tasks, dtype=np.int32)
+    events = [{"graph": "train_step", "graph_id": 12345, "step": s, "task_id": ids, "start_ns": starts[s],
+               "end_ns": ends[s]} for s in range(n_steps)]
+    out = tmp / f"throughput_{int(profile_memory)}"
+    prof = Profiler(out, profile_memory=profile_memory, data_process=False, overwrite=True, flush_interval=3600)
+    writer = prof._writer
+    emit = hooks.emit
+    c0, t0 = time.process_time(), time.perf_counter()
+    t_emit = 0.0
+    emit("task_table", table)
+    for k in range(0, n_steps, steps_per_flush):
+        te = time.perf_counter()
+        for ev in events[k:k + steps_per_flush]:
+            emit("step_tasks", ev)
+        t_emit += time.perf_counter() - te
+        writer.flush()
+    t_parts, c_parts = time.perf_counter() - t0, time.process_time() - c0
+    prof.stop()
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    run = open_run(out)
+    rows = len(run.table("tasks", columns=["step"]))
+    assert rows == n_steps * n_tasks, (rows, n_steps * n_tasks)
+    mem_rows = len(run.table("memory", columns=["t_ns"])) if profile_memory else 0
+    size = sum(f.stat().st_size for f in (out / "rank_0").glob("*.parquet"))
+    return {"events": rows, "memory_rows": mem_rows, "parts": writer.parts["tasks"],
+            "parts_seconds": t_parts, "parts_events_per_s": rows / t_parts, "parts_cpu_s": c_parts,
+            "seconds": total, "events_per_s": rows / total, "cpu_s": cpu,
+            "append_us_per_step_event": t_emit / n_steps * 1e6, "bytes_on_disk": size}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--flush-interval", type=float, default=0.25,
+                    help="the profiler's flush interval in (a): shorter than a run, so the writer's work is timed")
+    ap.add_argument("--steps", type=int, default=20000, help="synthetic steps for the throughput test")
+    ap.add_argument("--tasks", type=int, default=200, help="tasks per synthetic step")
+    ap.add_argument("--profile", action="store_true", help="cProfile a profiled training")
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="insight-bench-"))
+    results: dict = {}
+    try:
+        if not args.skip_overhead:
+            o = run_overhead(args.rounds, args.epochs, tmp, args.flush_interval)
+            results["overhead"] = o
+            print(f"(a) profiler overhead: LeNetDigits, graph mode, batch 32, {args.epochs} epochs = "
+                  f"{o['steps_per_run']} steps/run, {o['rounds']} interleaved rounds, median")
+            print(f"    off        {o['off_ms_per_step']:.3f} ms/step")
+            print(f"    tracing    {o['tracing_ms_per_step']:.3f} ms/step   "
+                  f"{o['tracing_overhead_pct']:+.2f} % (paired), {o['tracing_overhead_pct_of_medians']:+.2f} % (medians)"
+                  "   [no-op hook subscriber: the runtime's tracing path alone]")
+            print(f"    profiler   {o['profiler_ms_per_step']:.3f} ms/step   "
+                  f"{o['profiler_overhead_pct']:+.2f} % (paired), {o['profiler_overhead_pct_of_medians']:+.2f} % (medians)"
+                  f"   [goal <= 2 %]")
+            print(f"    (profiler flushing every {args.flush_interval} s, so its writer works inside the timed runs)")
+            print(f"    attribution: profiler hook callback {o['hook_us_per_step']:.1f} us/step "
+                  f"({100 * o['hook_us_per_step'] / 1e3 / o['off_ms_per_step']:.2f} % of a step); writer thread "
+                  f"{100 * o['writer_cpu_share']:.1f} % of one core while training (CPU time); the rest of "
+                  f"'tracing' is runtime/executor.py's traced path")
+            print(f"    stop() (final flush + compaction of {o['tasks_rows_per_run']} task rows): "
+                  f"{o['stop_s_median'] * 1e3:.1f} ms median, not counted above")
+        print(f"(b) writer throughput: {args.steps} synthetic step_tasks events x {args.tasks} tasks = "
+              f"{args.steps * args.tasks:,} task events, a flush every 1000 steps; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (cpu = this process's CPU seconds)")
+        for mem in (False, True):
+            t = run_throughput(args.steps, args.tasks, tmp, mem)
+            results[f"throughput_memory_{mem}"] = t
+            label = "tasks + memory" if mem else "tasks only    "
+            extra = f" (+{t['memory_rows']:,} memory rows)" if mem else ""
+            print(f"    {label}  append -> {t['parts']} part files: {t['parts_events_per_s'] / 1e6:.2f} M events/s "
+                  f"({t['parts_seconds']:.2f} s, cpu {t['parts_cpu_s']:.2f} s);  + stop/compaction: "
+                  f"{t['events_per_s'] / 1e6:.2f} M events/s ({t['seconds']:.2f} s, cpu {t['cpu_s']:.2f} s){extra}; "
+                  f"hot-path append {t['append_us_per_step_event']:.2f} us/step_tasks event; "
+                  f"{t['bytes_on_disk'] / 1e6:.1f} MB   [goal >= 1 M/s]")
+        if args.profile:
+            print(profile_training(args.epochs, tmp))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
