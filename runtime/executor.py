@@ -105,6 +105,13 @@ class CompiledGraph:
         kern = [t.kind in ("kernel", "memcpy_h2d", "memcpy_d2h") for t in self.tl.tasks]
         self._phase_masks = (np.array([k and t.phase == "forward" for k, t in zip(kern, self.tl.tasks)], bool),
                              np.array([k and t.phase == "backward" for k, t in zip(kern, self.tl.tasks)], bool))
+        # the one-stream traced path: task ids in run order and where the markers fall, fixed at compile time
+        flat_tasks = [t for t in self.tl.tasks if t.kind not in ("event_record", "event_wait")]
+        self._flat_ids = np.array([t.task_id for t in flat_tasks], np.int32)
+        fw = [k for k, t in enumerate(flat_tasks) if self._phase_masks[0][t.task_id]]
+        bw = [k for k, t in enumerate(flat_tasks) if self._phase_masks[1][t.task_id]]
+        self._flat_markers = (fw[0] if fw else -1, bw[-1] if bw else -1)
+        self._input_bytes = sum(n.nbytes for _, n in self.input_slots)
 
     # -- memory --------------------------------------------------------------------------------
     def _reserve_memory(self):
@@ -160,12 +167,24 @@ class CompiledGraph:
         c0 = clock() if tracing else 0
         self._bind_inputs(env, feeds, copy=get_next is None)
         c1 = clock() if tracing else 0
-        if not self.other_streams and not tracing:
-            for out, kernel, ins, attrs, frees in self._flat:
-                env[out] = kernel(*[env[i] for i in ins], **attrs)
-                for f in frees:
-                    env[f] = None
-            records = None
+        if not self.other_streams:
+            if tracing:  # the same loop, plus two clock reads per task into plain lists
+                starts: list = []
+                ends: list = []
+                s_app, e_app = starts.append, ends.append
+                for out, kernel, ins, attrs, frees in self._flat:
+                    s_app(clock())
+                    env[out] = kernel(*[env[i] for i in ins], **attrs)
+                    e_app(clock())
+                    for f in frees:
+                        env[f] = None
+                records = (starts, ends)
+            else:
+                for out, kernel, ins, attrs, frees in self._flat:
+                    env[out] = kernel(*[env[i] for i in ins], **attrs)
+                    for f in frees:
+                        env[f] = None
+                records = None
         else:
             records = self._run_streams(env, tracing)
         result = {name: env[k] for name, k in self.out_slots.items()}
@@ -294,25 +313,35 @@ class CompiledGraph:
                           "step": step, "graph": gname, "shape": "", "dtype": "", "flops": 0, "bytes": 0,
                           "phase": "input"})
         else:
-            nbytes = sum(n.nbytes for _, n in self.input_slots)
+            nbytes = self._input_bytes
             emit("task", {"task_id": -1, "name": "feed_inputs", "op": "copy_h2d", "kind": "memcpy_h2d",
                           "stream_id": 4, "stream": "host", "scope": "", "start_ns": copy_times[0],
                           "end_ns": copy_times[1], "step": step, "graph": gname, "shape": "", "dtype": "",
                           "flops": 0, "bytes": nbytes, "phase": "input"})
-        flat = [r for rs in records.values() for r in rs]
-        flat.sort(key=lambda r: r[1])
-        ids = np.fromiter((r[0] for r in flat), np.int32, len(flat))
-        starts = np.fromiter((r[1] for r in flat), np.int64, len(flat))
-        ends = np.fromiter((r[2] for r in flat), np.int64, len(flat))
+        if isinstance(records, tuple):  # one stream: tasks ran in task order, ids are fixed
+            ids = self._flat_ids
+            starts = np.array(records[0], np.int64)
+            ends = np.array(records[1], np.int64)
+            fi, bi = self._flat_markers
+            fp_start = int(starts[fi]) if fi >= 0 else t_begin
+            bp_end = int(ends[bi]) if bi >= 0 else fp_start
+            fp_op = self.tl.tasks[int(ids[fi])].name if fi >= 0 else ""
+            bp_op = self.tl.tasks[int(ids[bi])].name if bi >= 0 else ""
+        else:
+            flat = [r for rs in records.values() for r in rs]
+            flat.sort(key=lambda r: r[1])
+            ids = np.fromiter((r[0] for r in flat), np.int32, len(flat))
+            starts = np.fromiter((r[1] for r in flat), np.int64, len(flat))
+            ends = np.fromiter((r[2] for r in flat), np.int64, len(flat))
+            fwd, bwd = self._phase_masks
+            fw = fwd[ids]
+            bw = bwd[ids]
+            fp_start = int(starts[fw].min()) if fw.any() else t_begin
+            bp_end = int(ends[bw].max()) if bw.any() else fp_start
+            fp_op = self.tl.tasks[int(ids[fw][np.argmin(starts[fw])])].name if fw.any() else ""
+            bp_op = self.tl.tasks[int(ids[bw][np.argmax(ends[bw])])].name if bw.any() else ""
         emit("step_tasks", {"graph": gname, "graph_id": id(self), "step": step, "task_id": ids, "start_ns": starts,
                             "end_ns": ends})
-        fwd, bwd = self._phase_masks
-        fw = fwd[ids]
-        bw = bwd[ids]
-        fp_start = int(starts[fw].min()) if fw.any() else t_begin
-        bp_end = int(ends[bw].max()) if bw.any() else fp_start
-        fp_op = self.tl.tasks[int(ids[fw][np.argmin(starts[fw])])].name if fw.any() else ""
-        bp_op = self.tl.tasks[int(ids[bw][np.argmax(ends[bw])])].name if bw.any() else ""
         t_end = int(ends.max()) if len(ends) else clock()
         self.last_markers = {
             "start_ns": get_next[0] if get_next is not None else t_begin,

@@ -4,6 +4,10 @@ Each buffer lives over [start, end] positions of the task order; the planner swe
 assigns each buffer the best-fitting hole among the offsets freed by buffers that died earlier
 (buffers whose lifetimes overlap never overlap in memory). The planned peak is the highest
 address used: what the step needs beyond the parameters.
+
+With several streams the task order is not the time order: a hole freed by one stream is reused only
+by buffers of the same stream (whose order is guaranteed), and buffers read across streams live to
+the end of the step (the task compiler sets their ``end``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Buffer:
     shape: tuple = ()
     dtype: str = ""
     offset: int = -1
+    stream: str = ""  # the stream that writes it and (unless it lives to the end of the step) frees it
 
 
 @dataclass
@@ -45,7 +50,7 @@ def plan_memory(buffers: list[Buffer]) -> MemoryPlan:
             b.end = b.start
     order = sorted(buffers, key=lambda b: (b.start, -b.size, b.key))
     ends: list[tuple[int, int, int]] = []  # heap-like sorted list of (end, offset, size) for live buffers
-    free: list[tuple[int, int]] = []       # holes (offset, size) sorted by offset
+    holes: dict[str, list[tuple[int, int]]] = {}  # per stream: holes (offset, size) sorted by offset
     top = 0
     live_bytes, best_live, best_pos = 0, -1, 0
     live: dict[int, Buffer] = {}
@@ -57,6 +62,7 @@ def plan_memory(buffers: list[Buffer]) -> MemoryPlan:
             _, off, size = ends.pop(0)
             b = live.pop(off)
             live_bytes -= b.size
+            free = holes.setdefault(b.stream, [])
             k = bisect.bisect_left(free, (off, 0))
             o, s = off, size
             if k < len(free) and o + s == free[k][0]:
@@ -68,6 +74,7 @@ def plan_memory(buffers: list[Buffer]) -> MemoryPlan:
 
     for b in order:
         release(b.start)  # buffers whose last read is before this write are dead
+        free = holes.setdefault(b.stream, [])
         best = None
         for k, (off, sz) in enumerate(free):
             if sz >= b.size and (best is None or sz < free[best][1]):

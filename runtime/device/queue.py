@@ -116,8 +116,9 @@ class SinkFeeder:
                     if hooks.listening:
                         hooks.emit("task", {"task_id": -2, "name": "TransferData", "op": "copy_h2d",
                                             "kind": "memcpy_h2d", "stream_id": 4, "stream": "host", "scope": "",
-                                            "start_ns": t0, "end_ns": t1, "step": None, "graph": "data_sink",
-                                            "shape": dev[0].shape, "dtype": dev[0].dtype.name, "flops": 0,
+                                            "start_ns": t0, "end_ns": t1, "step": -1, "graph": "data_sink",
+                                            "shape": "x".join(map(str, dev[0].shape)), "dtype": dev[0].dtype.name,
+                                            "flops": 0,
                                             "bytes": int(sum(a.nbytes for a in dev)), "phase": "input"})
                     if not self.queue.push(dev):
                         return

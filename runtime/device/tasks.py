@@ -182,15 +182,18 @@ def compile_tasks(graph: Graph) -> TaskList:
         if n.op in ALIAS_OPS and n.inputs[0].id in buffers | base.keys():
             base[n.id] = base.get(n.inputs[0].id, n.inputs[0].id)
             continue
-        buffers[n.id] = Buffer(n.id, n.nbytes, pos[n.id], pos[n.id], n.name, n.op, n.shape, n.dtype.name)
+        buffers[n.id] = Buffer(n.id, n.nbytes, pos[n.id], pos[n.id], n.name, n.op, n.shape, n.dtype.name,
+                               stream=stream_of.get(n.id, "input"))
     for n in nodes:
         for i in n.inputs:
             b = buffers.get(base.get(i.id, i.id))
             if b is not None:
                 b.end = max(b.end, pos[n.id])
-    for r in graph.roots():
-        b = buffers.get(base.get(r.id, r.id))
-        if b is not None:
+                if n.op not in LEAVES and stream_of.get(n.id) != b.stream:
+                    b.stream = "*"  # read on another stream: freed when the step ends
+    root_buffers = {base.get(r.id, r.id) for r in graph.roots()}
+    for b in buffers.values():
+        if b.stream == "*" or b.key in root_buffers:
             b.end = last
     plan = plan_memory(list(buffers.values()))
 

@@ -194,7 +194,7 @@ class Model:
                 loss = self.train_step(data, label, get_next)
                 if hooks.listening:
                     ev = {"phase": "end", "step": self.step - 1, "epoch": e, "t_ns": time.perf_counter_ns(),
-                          "loss": loss}
+                          "loss": loss, "sink": get_next is not None}
                     ev.update(self.last_markers or {})
                     hooks.emit("step", ev)
                 params["net_outputs"] = np.float32(loss)
