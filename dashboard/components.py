@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import traceback
+from urllib.parse import quote, unquote
 
 from dash import dcc, html
 
@@ -20,7 +21,7 @@ def graph(id_, figure=None, **kw):
 
 
 def run_nav(run_id: str, active: str):
-    links = [dcc.Link(label, href=f"/run/{run_id}/{page}", id=f"nav-{page}",
+    links = [dcc.Link(label, href=f"/run/{quote(run_id)}/{page}", id=f"nav-{page}",
                       className="nav-link active" if page == active else "nav-link")
              for page, label in RUN_PAGES]
     return html.Div([html.Span(run_id, className="run-name", id="current-run"), *links], className="run-nav")
@@ -41,9 +42,12 @@ def run_page(run_id: str | None, active: str, build):
     so one broken run never breaks the others (or the server)."""
     if not run_id:
         return not_found("No run was given.")
+    run_id = unquote(run_id)  # Dash passes the raw URL segment
     try:
         store().path(run_id)
     except RunNotFound:
+        if any(c in run_id for c in "/\\\x00") or run_id.startswith("."):
+            return not_found("Run names are plain directory names inside --summary-base-dir; this one is not.")
         return not_found(f"There is no run named {run_id!r} in {store().base_dir}.")
     try:
         body = build(run_id)
@@ -66,3 +70,7 @@ def stat_card(label: str, value: str, id_: str | None = None, hint: str = ""):
     return html.Div([html.Div(label, className="stat-label"),
                      html.Div(value, className="stat-value", id=id_ or f"stat-{label.lower().replace(' ', '-')}"),
                      html.Div(hint, className="stat-hint") if hint else None], className="stat-card")
+
+
+def run_href(run_id: str, page: str = "overview") -> str:
+    return f"/run/{quote(run_id)}/{page}"

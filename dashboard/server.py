@@ -74,9 +74,15 @@ def stop(port: int, timeout: float = 10.0) -> int:
         return 1
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        # the server removes its pid file as it exits; a process that exited but was not yet reaped by its
+        # parent still answers kill(pid, 0), so the file is the signal to trust
+        gone = not f.exists()
+        if not gone:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone = True
+        if gone:
             print(f"stopped the dashboard on port {port} (pid {pid})")
             return 0
         time.sleep(0.1)

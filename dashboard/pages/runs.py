@@ -4,6 +4,7 @@ from __future__ import annotations
 import dash
 from dash import Input, Output, callback, dash_table, dcc, html
 
+from dashboard.components import run_href
 from dashboard.data import store
 from insight import analysis
 from insight.trace import TraceError
@@ -18,9 +19,9 @@ def _row(run_id: str) -> dict:
     try:
         m = st.manifest(run_id)
     except TraceError as e:
-        return {"run": f"[{run_id}](/run/{run_id}/overview)", "created": "", "steps": None, "avg_step_ms": None,
+        return {"run": f"[{run_id}](<{run_href(run_id)}>)", "created": "", "steps": None, "avg_step_ms": None,
                 "device": "", "status": f"error: {e}"}
-    row = {"run": f"[{run_id}](/run/{run_id}/overview)", "created": str(m.get("created", ""))[:19].replace("T", " "),
+    row = {"run": f"[{run_id}](<{run_href(run_id)}>)", "created": str(m.get("created", ""))[:19].replace("T", " "),
            "steps": m.get("step_count"), "avg_step_ms": None,
            "device": (m.get("device") or {}).get("target", ""), "status": m.get("status", "")}
     try:

@@ -1,0 +1,651 @@
+"""End-to-end acceptance test of the dashboard, in headless Chromium against the real server.
+
+One module-scoped fixture (``e2e``) builds everything the tests share:
+
+* two real profiled runs, trained by ``insight demo --output BASE --name run-a --epochs 2`` and
+  ``... --name run-b --epochs 1`` (subprocesses, in parallel), plus ``run-broken``: a copy of run-b whose
+  ``rank_0/tasks.parquet`` is cut in half;
+* the real server, ``python -m insight.cli start --summary-base-dir BASE --port P --reload-interval 1``
+  (a subprocess with its own pid-file directory), polled until it answers;
+* one Chromium webdriver with the browser console log enabled.
+
+Teardown stops the server with ``insight stop --port P`` and checks that it exited cleanly (exit status 0,
+its goodbye line, pid file gone, no traceback on stderr).
+
+Every expected number comes from ``insight.analysis`` run in this process on the same run directories. No
+test sleeps for a fixed time: everything waits (generously: the machine may be busy) for ids, texts, the
+figure's state or Dash's callback queue to drain.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from insight import analysis
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMEDRIVER = "/usr/bin/chromedriver"
+RUN_PAGES = ("overview", "operators", "pipeline", "timeline", "memory")
+TIMEOUT = 45.0            # a single wait; generous, the machine may be loaded by other work
+MB = 2 ** 20
+GD = "var gd = document.querySelector('#%s .js-plotly-plot'); "
+
+
+# -- the shared fixture --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "insight.cli", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    if not Path(CHROMEDRIVER).exists() and not shutil.which("chromedriver"):
+        pytest.skip("chromedriver is not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    base, state, downloads = tmp / "runs", tmp / "state", tmp / "downloads"
+    for d in (base, state, downloads):
+        d.mkdir()
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(state), PYTHONUNBUFFERED="1")  # our own pid file, nobody else's
+
+    # two real runs, trained at the same time (about 4 s each)
+    demos = []
+    for name, epochs in (("run-a", 2), ("run-b", 1)):
+        log = open(tmp / f"demo-{name}.log", "w+")
+        demos.append((name, log, subprocess.Popen(_cli("demo", "--output", base, "--name", name, "--epochs", epochs),
+                                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    for name, log, p in demos:
+        rc = p.wait(timeout=300)
+        log.seek(0)
+        out = log.read()
+        log.close()
+        assert rc == 0, f"insight demo --name {name} failed ({rc}):\n{out[-3000:]}"
+        assert (base / name / "manifest.json").exists(), out[-3000:]
+    # a broken run: run-b with half of its tasks table
+    shutil.copytree(base / "run-b", base / "run-broken")
+    tasks = base / "run-broken" / "rank_0" / "tasks.parquet"
+    data = tasks.read_bytes()
+    tasks.write_bytes(data[: len(data) // 2])
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    out_f, err_f = open(tmp / "server.out", "w+"), open(tmp / "server.err", "w+")
+    server = subprocess.Popen(_cli("start", "--summary-base-dir", base, "--port", port, "--reload-interval", 1),
+                              cwd=ROOT, env=env, stdout=out_f, stderr=err_f)
+    driver, yielded = None, False
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if server.poll() is not None:
+                err_f.seek(0)
+                pytest.fail(f"the server exited with {server.returncode}:\n{err_f.read()[-3000:]}")
+            try:
+                if _http(url + "/", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not answer within 90 s")
+            time.sleep(0.2)
+
+        opts = webdriver.ChromeOptions()
+        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--window-size=1400,1200"):
+            opts.add_argument(a)
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                               "download.prompt_for_download": False})
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER if Path(CHROMEDRIVER).exists()
+                                                  else shutil.which("chromedriver")), options=opts)
+        driver.set_page_load_timeout(60)
+        driver.set_script_timeout(30)
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        yielded = True
+        yield SimpleNamespace(base=base, url=url, port=port, driver=driver, downloads=downloads,
+                              run=lambda name: base / name)
+    finally:
+        if driver is not None:
+            driver.quit()
+        if not yielded:  # the set-up failed (and says why): just end the server
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            out_f.close(), err_f.close()
+    out_f.close(), err_f.close()  # the server keeps its own copies of the descriptors
+    _stop_cleanly(server, port, env, state, out_f.name, err_f.name)
+
+
+def _stop_cleanly(server, port: int, env: dict, state: Path, out_path: str, err_path: str) -> None:
+    """``insight stop --port``, then: status 0, the goodbye line, pid file gone, no traceback on stderr."""
+    # reap the server as soon as it exits, as the shell that started it would: `insight stop` watches the
+    # pid with kill(pid, 0), which keeps succeeding for an exited child that nobody has waited for yet
+    reaper = threading.Thread(target=server.wait, daemon=True)
+    reaper.start()
+    t_stop = time.monotonic()
+    stop = subprocess.run(_cli("stop", "--port", port), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    reaper.join(30)
+    rc = server.returncode
+    if rc is None:
+        server.kill()
+        server.wait()
+    stop_s = time.monotonic() - t_stop
+    out, err = Path(out_path).read_text(), Path(err_path).read_text()
+    assert stop.returncode == 0 and f"stopped the dashboard on port {port}" in stop.stdout, (stop.stdout, stop.stderr)
+    assert stop_s < 20, f"insight stop took {stop_s:.1f} s"
+    assert rc == 0, f"server exit status {rc}\n{err[-3000:]}"
+    assert "Insight dashboard stopped." in out, out
+    assert not (state / "insight" / f"dashboard-{port}.json").exists()
+    assert "Traceback" not in err, err[-5000:]
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _wait(drv, cond, what: str, timeout: float = TIMEOUT):
+    """``cond()``'s first truthy value; DOM churn (stale or not-yet-rendered elements) just means: not yet."""
+    from selenium.common.exceptions import (JavascriptException, NoSuchElementException,
+                                            StaleElementReferenceException)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException,
+                                             JavascriptException)).until(lambda _: cond(), message=f"waiting for {what}")
+
+
+def _js(drv, script: str, what: str, timeout: float = TIMEOUT, *args):
+    return _wait(drv, lambda: drv.execute_script(script, *args), what, timeout)
+
+
+def _text(drv, id_: str) -> str:
+    return drv.find_element("id", id_).text
+
+
+def _wait_text(drv, id_: str, expected: str | None = None, timeout: float = TIMEOUT) -> str:
+    """The text of element ``id_`` once it is non-empty (and equal to ``expected`` when given)."""
+    def ok():
+        t = _text(drv, id_).strip()
+        return t if t and (expected is None or t == expected) else None
+    try:
+        return _wait(drv, ok, f"#{id_}" + (f" to read {expected!r}" if expected else ""), timeout)
+    except Exception:
+        got = drv.find_elements("id", id_)
+        raise AssertionError(f"#{id_}: expected {expected!r}, got {got[0].text if got else 'no such element'!r}")
+
+
+IDLE = """
+var s = window.store && window.store.getState && window.store.getState();
+if (!s || !s.callbacks) { return false; }
+for (var k in s.callbacks) {
+    if (k === 'stored' || k === 'completed') { continue; }
+    var v = s.callbacks[k];
+    if (v && v.length) { return false; }
+}
+return !document.querySelector('[data-dash-is-loading="true"]');
+"""
+
+
+def _settle(drv, timeout: float = TIMEOUT) -> None:
+    """Wait until Dash has no callback requested, pending or executing (twice in a row)."""
+    _js(drv, IDLE, "Dash's callbacks to finish", timeout)
+    _js(drv, IDLE, "Dash's callbacks to finish", timeout)
+
+
+def _severe(drv) -> list[dict]:
+    """The browser console's SEVERE entries since the last call (reading the log empties it)."""
+    return [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+def _open(e2e, path: str) -> None:
+    _severe(e2e.driver)  # forget what earlier pages logged
+    e2e.driver.get(e2e.url + path)
+
+
+def _figure_ready(drv, graph_id: str, what: str = ""):
+    return _js(drv, GD % graph_id + "return gd && gd.data && gd.data.length > 0 && gd._fullLayout ? "
+                                    "gd.data.length : 0;", what or f"the {graph_id} figure")
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3f} ms"
+
+
+def _cells(drv, table: str, col: str) -> list[str]:
+    return [c.text for c in drv.find_elements("css selector", f"#{table} td[data-dash-column={col}]")]
+
+
+def _num(s: str) -> float:
+    return float(s.replace("\u2212", "-").replace(",", ""))  # d3 prints a real minus sign
+
+
+def _typed(spec) -> np.ndarray:
+    """A trace array as the page sent it: plotly's base64 typed-array spec, or a plain list."""
+    if isinstance(spec, dict) and "bdata" in spec:
+        return np.frombuffer(base64.b64decode(spec["bdata"]), dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
+    return np.asarray(spec)
+
+
+# -- 1. the runs page ----------------------------------------------------------------------------------------
+def test_runs_page_lists_the_runs_and_the_filter_narrows_it(e2e):
+    from selenium.webdriver.common.keys import Keys
+
+    drv = e2e.driver
+    _open(e2e, "/")
+    all_runs = ["run-a", "run-b", "run-broken"]
+    _wait(drv, lambda: sorted(_cells(drv, "runs-table", "run")) == all_runs, f"the runs table to list {all_runs}")
+    rows = {r: i for i, r in enumerate(_cells(drv, "runs-table", "run"))}
+    status = _cells(drv, "runs-table", "status")
+    avg = _cells(drv, "runs-table", "avg_step_ms")
+    assert status[rows["run-a"]] == status[rows["run-b"]] == "complete"
+    assert status[rows["run-broken"]].startswith("error:") and "tasks.parquet" in status[rows["run-broken"]]
+    for r in ("run-a", "run-b"):
+        assert _num(avg[rows[r]]) == round(analysis.step_summary(e2e.run(r)).step_time_ms, 3)
+    assert avg[rows["run-broken"]] == ""
+    # the Run column's filter: "run-a" leaves one row ...
+    box = drv.find_element("css selector", "#runs-table th.dash-filter[data-dash-column=run] input[type=text]")
+    box.click()
+    box.send_keys("run-a", Keys.ENTER)
+    _wait(drv, lambda: _cells(drv, "runs-table", "run") == ["run-a"], "the filter to leave only run-a")
+    # ... and stays applied while the table refreshes itself (every --reload-interval second)
+    drv.execute_script("performance.clearResourceTimings();")
+    _js(drv, "return performance.getEntriesByType('resource').filter(function(e) {"
+             "return e.name.indexOf('_dash-update-component') >= 0 && e.responseEnd > 0; }).length >= 2;",
+        "two refreshes of the runs table")
+    _settle(drv)
+    assert _cells(drv, "runs-table", "run") == ["run-a"]
+    # a new filter text replaces the old one
+    box = drv.find_element("css selector", "#runs-table th.dash-filter[data-dash-column=run] input[type=text]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("broken", Keys.ENTER)
+    _wait(drv, lambda: _cells(drv, "runs-table", "run") == ["run-broken"], "the filter to leave only run-broken")
+    assert _severe(drv) == []
+
+
+# -- 2. every page of run-a opens without console errors -----------------------------------------------------
+READY = {
+    # page -> (the element whose text says the body rendered, the page's figure)
+    "overview": ("stat-avg-step", "step-breakdown"),
+    "operators": ("ops-top-type", "ops-top-chart"),
+    "pipeline": ("pipeline-verdict", "pipe-graph"),
+    "timeline": ("tl-info", "tl-graph"),
+    "memory": ("mem-peak", "mem-timeline"),
+}
+
+
+@pytest.mark.parametrize("page", RUN_PAGES)
+def test_run_page_opens_without_console_errors(e2e, page):
+    drv = e2e.driver
+    _open(e2e, f"/run/run-a/{page}")
+    text_id, graph_id = READY[page]
+    _wait_text(drv, text_id)
+    _figure_ready(drv, graph_id)
+    _settle(drv)
+    assert _text(drv, "current-run") == "run-a"
+    assert "active" in drv.find_element("id", f"nav-{page}").get_attribute("class").split()
+    assert not drv.find_elements("id", "error-panel") and not drv.find_elements("id", "not-found")
+    assert _severe(drv) == [], f"console errors on the {page} page"
+
+
+def test_nav_links_move_between_the_pages_of_a_run(e2e):
+    """The run navigation is client-side (dcc.Link): each click renders the next page, no console errors."""
+    drv = e2e.driver
+    _open(e2e, "/run/run-a/overview")
+    _wait_text(drv, "stat-avg-step")
+    for page in RUN_PAGES[1:] + RUN_PAGES[:1]:
+        drv.find_element("id", f"nav-{page}").click()
+        _wait(drv, lambda: drv.current_url.endswith(f"/run/run-a/{page}"), f"the URL of {page}")
+        _wait_text(drv, READY[page][0])
+        _figure_ready(drv, READY[page][1])
+    _settle(drv)
+    assert _severe(drv) == []
+
+
+# -- 3. the numbers are insight.analysis's ------------------------------------------------------------------
+def test_overview_average_step_equals_the_analysis(e2e):
+    drv = e2e.driver
+    s = analysis.step_summary(e2e.run("run-a"))
+    peak = analysis.memory_peak(e2e.run("run-a"))
+    _open(e2e, "/run/run-a/overview")
+    _wait_text(drv, "stat-avg-step", _ms(s.step_time_ms))
+    assert _text(drv, "stat-interval") == _ms(s.iteration_interval_ms)
+    assert _text(drv, "stat-fpbp") == _ms(s.fp_bp_ms)
+    assert _text(drv, "stat-tail") == _ms(s.tail_ms)
+    assert _text(drv, "stat-mem-peak") == f"{peak.peak_bytes / MB:.2f} MB"
+    # the chart has one bar per step and the average line
+    _figure_ready(drv, "step-breakdown")
+    steps = drv.execute_script(GD % "step-breakdown" + "return gd._fullData[0].x.length;")
+    assert steps == s.steps == len(analysis.step_breakdown(e2e.run("run-a")))
+
+
+def test_memory_peak_equals_the_analysis(e2e):
+    drv = e2e.driver
+    peak = analysis.memory_peak(e2e.run("run-a"))
+    _open(e2e, "/run/run-a/memory")
+    _wait_text(drv, "mem-peak", f"{peak.peak_bytes / MB:.2f} MB")
+    hint = drv.find_element("css selector", "#mem-peak + .stat-hint").text
+    assert hint == f"at {peak.t_ns / 1e6:.3f} ms, step {peak.step}"
+    assert _text(drv, "mem-allocs") == f"{peak.allocations:,}" and _text(drv, "mem-frees") == f"{peak.frees:,}"
+    # the exact value: the figure's peak marker
+    _figure_ready(drv, "mem-timeline")
+    xy = drv.execute_script(GD % "mem-timeline" + "var t = gd._fullData.filter(function(t) { return t.name === 'peak'; });"
+                                                  "return t.length ? [t[0].x[0], t[0].y[0]] : null;")
+    assert xy is not None, "no peak marker on the memory figure"
+    assert xy[0] == pytest.approx(peak.t_ns / 1e6, abs=1e-9) and xy[1] == pytest.approx(peak.peak_bytes / MB, rel=1e-12)
+
+
+def test_operators_top_type_equals_the_analysis(e2e):
+    drv = e2e.driver
+    types = analysis.op_type_stats(e2e.run("run-a"))
+    top = types.iloc[0]
+    _open(e2e, "/run/run-a/operators")
+    _wait_text(drv, "ops-top-type", str(top["op"]))
+    assert _text(drv, "ops-top-type-ms") == _ms(top["total_ms"])
+    assert _text(drv, "ops-total-ms") == _ms(types["total_ms"].sum())
+    assert _text(drv, "ops-n-types") == str(len(types))
+    # the op-type table's first row is the same op type with the same total
+    _wait(drv, lambda: _cells(drv, "op-type-table", "op")[:1] == [top["op"]], "the op-type table's first row")
+    assert _num(_cells(drv, "op-type-table", "total_ms")[0]) == round(float(top["total_ms"]), 3)
+    assert _num(_cells(drv, "op-type-table", "calls")[0]) == int(top["calls"])
+
+
+# -- 4. sorting a table --------------------------------------------------------------------------------------
+def test_operators_table_sorts_on_a_column(e2e):
+    drv = e2e.driver
+    types = analysis.op_type_stats(e2e.run("run-a"))
+    calls = sorted(int(c) for c in types["calls"])
+    _open(e2e, "/run/run-a/operators")
+    _wait(drv, lambda: len(_cells(drv, "op-type-table", "calls")) == 10, "the first page of the op-type table")
+    before = [int(_num(c)) for c in _cells(drv, "op-type-table", "calls")]
+    assert before == [int(c) for c in types["calls"][:10]]  # by total time, as the analysis orders it
+    sort = "#op-type-table th[data-dash-column=calls] .column-header--sort"
+    drv.find_element("css selector", sort).click()  # ascending
+    _wait(drv, lambda: [int(_num(c)) for c in _cells(drv, "op-type-table", "calls")] == calls[:10],
+          f"calls ascending {calls[:10]}")
+    fewest = set(types.loc[types["calls"] == calls[0], "op"])
+    assert _cells(drv, "op-type-table", "op")[0] in fewest
+    drv.find_element("css selector", sort).click()  # descending
+    _wait(drv, lambda: [int(_num(c)) for c in _cells(drv, "op-type-table", "calls")] == calls[::-1][:10],
+          f"calls descending {calls[::-1][:10]}")
+    assert _cells(drv, "op-type-table", "op")[0] == types.loc[types["calls"].idxmax(), "op"]
+    drv.find_element("css selector", sort).click()  # and back to the analysis' order
+    _wait(drv, lambda: [int(_num(c)) for c in _cells(drv, "op-type-table", "calls")] == before, "the original order")
+    assert _severe(drv) == []
+
+
+# -- 5. the timeline: step selector, zoom to exact tasks, small requests ----------------------------------------
+def _dash_responses(drv) -> list[int]:
+    return drv.execute_script("return performance.getEntriesByType('resource').filter(function(e) {"
+                              "return e.name.indexOf('_dash-update-component') >= 0 && e.responseEnd > 0; })"
+                              ".map(function(e) { return e.decodedBodySize; });")
+
+
+def test_timeline_step_selector_and_zoom_to_exact_tasks(e2e):
+    drv = e2e.driver
+    run = e2e.run("run-a")
+    data = analysis.load_timeline(run)
+    step = data.step_numbers[len(data.step_numbers) // 2]
+    r0, r1 = data.step_range(step)
+    _open(e2e, "/run/run-a/timeline")
+    _figure_ready(drv, "tl-graph", "the whole-run timeline")
+    _wait(drv, lambda: "busy per pixel" in _text(drv, "tl-info"), "the whole run drawn as busy bins")
+    _settle(drv)
+    whole_run_bytes = max(_dash_responses(drv))
+
+    # the step selector: search, pick, and the x axis spans that step (plus 2 % each side)
+    drv.find_element("id", "tl-step").click()
+    search = _wait(drv, lambda: drv.find_element("css selector", "input.dash-dropdown-search"), "the step search box")
+    search.send_keys(f"step {step} ")
+    option = _wait(drv, lambda: [o for o in drv.find_elements("css selector", "[role=option]")
+                                 if o.text.startswith(f"step {step} \u00b7")][0], f"the option of step {step}")
+    option.click()
+    pad = max(1, (r1 - r0) // 50)
+    want = [(r0 - pad) / 1e6, (r1 + pad) / 1e6]
+    gd = GD % "tl-graph"
+    _js(drv, gd + "var r = gd.layout.xaxis.range; return Math.abs(r[0] - arguments[0]) < 1e-6 && "
+                  "Math.abs(r[1] - arguments[1]) < 1e-6;", f"the x axis to span step {step} {want}", TIMEOUT, *want)
+    _wait(drv, lambda: _text(drv, "tl-info").startswith(f"{want[0]:,.3f} \u2013 {want[1]:,.3f} ms"), "tl-info")
+    steps_lane = drv.execute_script(gd + "var t = gd.data.filter(function(t) { return t.name === 'Steps'; })[0];"
+                                         "return t ? t.hovertext : [];")
+    assert any(h.startswith(f"<b>step {step}</b>") for h in steps_lane)
+
+    # zoom to a 1 ms window inside that step, as a drag or scroll does (plotly's relayout): around the step's
+    # middle task, so that the window holds tasks even when the step waited long for its data
+    tasks = pd.read_parquet(run / "rank_0" / "tasks.parquet", columns=["name", "op", "stream", "graph", "start_ns",
+                                                                        "end_ns"])
+    mid = tasks["start_ns"][(tasks["start_ns"] >= r0) & (tasks["start_ns"] < r1)].sort_values()
+    assert len(mid), f"step {step} has no tasks"
+    x0 = round(float(mid.iloc[len(mid) // 2]) / 1e6 - 0.5, 2)
+    x1 = x0 + 1.0
+    t0, t1 = x0 * 1e6, x1 * 1e6
+    assert data.t_min + (t1 - t0) < t0 and t1 + (t1 - t0) < data.t_max  # well inside the run
+    drv.execute_script("performance.clearResourceTimings();")
+    drv.execute_script(gd + "Plotly.relayout(gd, {'xaxis.range': [arguments[0], arguments[1]]});", x0, x1)
+    _wait(drv, lambda: _text(drv, "tl-info").startswith(f"{x0:,.3f} \u2013 {x1:,.3f} ms (1.000 ms)"),
+          "the 1 ms window's figure")
+    _settle(drv)
+    info = _text(drv, "tl-info")
+    assert "exact tasks" in info and "busy per pixel" not in info, info
+    fig = json.loads(drv.execute_script(gd + "return JSON.stringify({range: gd.layout.xaxis.range, data: gd.data.map("
+                                             "function(t) { return {type: t.type, name: t.name, base: t.base, x: t.x,"
+                                             " customdata: t.customdata, hovertext: t.hovertext}; })});"))
+    assert fig["range"] == pytest.approx([x0, x1], abs=1e-6)
+    assert fig["data"] and all(t["type"] == "bar" for t in fig["data"]), [t["type"] for t in fig["data"]]
+
+    # the bars are exactly the tasks of the table: every task in view is there, none far outside, each
+    # at its own start, on its stream's lane, with its own name
+    shown, n_bars = {}, 0
+    for t in fig["data"]:
+        if t["name"] == "Steps":
+            continue
+        rows = np.asarray(t["customdata"], np.int64)
+        assert np.all(rows % 4 == 0), t["name"]  # source 0: the tasks table
+        rows //= 4
+        n_bars += len(rows)
+        sel = tasks.iloc[rows]
+        lane = "host/feeder" if t["name"].startswith("host \u00b7 feeder") else t["name"]
+        assert set(np.where(sel["graph"] == "data_sink", sel["stream"] + "/feeder", sel["stream"])) == {lane}
+        np.testing.assert_allclose(_typed(t["base"]), sel["start_ns"].to_numpy() / 1e6, rtol=0, atol=1e-9)
+        assert np.all(_typed(t["x"]) >= (sel["end_ns"] - sel["start_ns"]).to_numpy() / 1e6 - 1e-9)
+        names = [h.split("</b>")[0].removeprefix("<b>") for h in t["hovertext"]]
+        assert names == [html.escape(n) for n in sel["name"]]
+        shown.update(dict.fromkeys(rows.tolist()))
+    s, e = tasks["start_ns"].to_numpy(), tasks["end_ns"].to_numpy()
+    in_view = set(np.flatnonzero((s < t1) & (e > t0)).tolist())
+    near = set(np.flatnonzero((s < t1 + (t1 - t0)) & (e > t0 - (t1 - t0))).tolist())
+    assert in_view and in_view <= set(shown), f"{len(in_view - set(shown))} tasks in view are not drawn"
+    assert set(shown) <= near, "tasks far outside the window were sent"
+    assert len(shown) == n_bars  # no task twice
+
+    # one small request: a few hundred bytes per task drawn, nothing like the run's tasks
+    sizes = _dash_responses(drv)
+    assert len(sizes) == 1, sizes
+    assert sizes[0] < 64 * 1024 and sizes[0] < 16 * 1024 + 600 * n_bars, (sizes, n_bars)
+    assert sizes[0] < whole_run_bytes, (sizes, whole_run_bytes)
+    assert n_bars < data.n_tasks / 20
+    assert _severe(drv) == []
+
+
+# -- 6. compare --------------------------------------------------------------------------------------------
+def test_compare_shows_both_runs_and_the_op_type_diff(e2e):
+    drv = e2e.driver
+    cmp = analysis.compare_runs(e2e.run("run-a"), e2e.run("run-b"))
+    sa = analysis.step_summary(e2e.run("run-a"))
+    sb = analysis.step_summary(e2e.run("run-b"))
+    _open(e2e, "/compare?a=run-a&b=run-b")
+    _wait_text(drv, "compare-a-name", "run-a")
+    _wait_text(drv, "compare-b-name", "run-b")
+    assert _text(drv, "compare-a-step") == _ms(sa.step_time_ms)
+    assert _text(drv, "compare-b-step") == _ms(sb.step_time_ms)
+    headers = [h.text for h in drv.find_elements("css selector", "#compare-ops-table th.dash-header")]
+    assert headers[:5] == ["Op type", "Status", "A ms/step", "B ms/step", "B \u2212 A (ms/step)"]
+    want = cmp.ops.head(20)
+    _wait(drv, lambda: _cells(drv, "compare-ops-table", "op") == list(want["op"]), "the per-op-type diff table")
+    assert _cells(drv, "compare-ops-table", "status") == list(want["status"])
+    assert [_num(v) for v in _cells(drv, "compare-ops-table", "diff_ms")] == [round(float(v), 3)
+                                                                              for v in want["diff_ms"]]
+    assert set(cmp.ops["status"]) <= {"faster", "slower", "added", "removed", "same"}
+    _figure_ready(drv, "compare-steps")
+    names = drv.execute_script(GD % "compare-steps" + "return gd.data.map(function(t) { return t.name; });")
+    assert names == ["A: run-a", "B: run-b"]
+    _settle(drv)
+    assert _severe(drv) == []
+
+
+# -- 7. a broken run, unknown runs, paths outside the base dir --------------------------------------------------
+def test_broken_run_shows_the_error_panel_and_the_others_still_render(e2e):
+    drv = e2e.driver
+    for page in RUN_PAGES:
+        _open(e2e, f"/run/run-broken/{page}")
+        msg = _wait_text(drv, "error-message")
+        assert "tasks.parquet" in msg, (page, msg)
+        assert _text(drv, "current-run") == "run-broken"  # the run's navigation is still there
+        assert _severe(drv) == [], page
+    # in the same session: back to the runs, then run-a's overview renders
+    drv.find_element("css selector", "#error-panel a").click()
+    _wait(drv, lambda: "run-a" in _cells(drv, "runs-table", "run"), "the runs page")
+    [link] = [a for a in drv.find_elements("css selector", "#runs-table td[data-dash-column=run] a") if a.text == "run-a"]
+    link.click()
+    _wait_text(drv, "stat-avg-step", _ms(analysis.step_summary(e2e.run("run-a")).step_time_ms))
+    _figure_ready(drv, "step-breakdown")
+    assert not drv.find_elements("id", "error-panel")
+    # the broken run's Chrome trace download says why, over plain HTTP too
+    status, body = _http(e2e.url + "/download/run-broken/trace.json.gz")
+    assert status == 422 and b"tasks.parquet" in body
+    _settle(drv)
+    assert _severe(drv) == []
+
+
+LEAKS = ("root:x:0:0", "Traceback", "daemon:x:", "/etc/passwd")
+
+
+@pytest.mark.parametrize("path", [
+    "/run/..%2F..%2Fetc/overview",
+    "/run/..%2F..%2F..%2F..%2Fetc%2Fpasswd/operators",
+    "/run/%2Fetc%2Fpasswd/memory",
+    "/run/..%5C..%5Cetc/timeline",
+    "/run/run-a%2F..%2F..%2Fetc/pipeline",
+    "/run/.../overview",
+])
+def test_paths_outside_the_base_dir_are_not_found(e2e, path):
+    drv = e2e.driver
+    _open(e2e, path)
+    _wait_text(drv, "not-found", "Not found")
+    _settle(drv)
+    page = drv.find_element("tag name", "main").text
+    assert not drv.find_elements("id", "current-run") and not drv.find_elements("id", "stat-avg-step")
+    assert not any(s in page for s in LEAKS), page
+    assert _severe(drv) == []
+
+
+def test_unknown_run_is_not_found(e2e):
+    drv = e2e.driver
+    _open(e2e, "/run/does-not-exist/overview")
+    _wait_text(drv, "not-found", "Not found")
+    assert "does-not-exist" in drv.find_element("css selector", ".error-panel .error-message").text
+    assert not drv.find_elements("id", "current-run")
+    # compare with an unknown or outside run: a message, nothing read
+    _open(e2e, "/compare?a=..%2F..%2Fetc&b=run-a")
+    _wait_text(drv, "not-found", "Unknown run")
+    assert not any(s in _text(drv, "compare-unknown") for s in LEAKS[:4])
+    _settle(drv)
+    assert _severe(drv) == []
+
+
+def test_downloads_cannot_reach_outside_the_base_dir(e2e):
+    """The Chrome-trace route and the static files: 404, or (a decoded %2F no longer matches the route) the
+    dashboard's page shell -- never a file from outside the runs, never a trace."""
+    for path in ("/download/..%2F..%2Fetc%2Fpasswd/trace.json.gz", "/download/%2Fetc%2Fpasswd/trace.json.gz",
+                 "/download/..%5C..%5Cetc/trace.json.gz", "/download/../../etc/trace.json.gz",
+                 "/download/does-not-exist/trace.json.gz", "/download/.../trace.json.gz",
+                 "/assets/..%2F..%2F..%2F..%2Fetc%2Fpasswd", "/assets/../../../../etc/passwd"):
+        status, body = _http(e2e.url + path)
+        assert status == 404 or (status == 200 and b'id="react-entry-point"' in body), (path, status, body[:200])
+        assert not body.startswith(b"\x1f\x8b") and not any(s.encode() in body for s in LEAKS[:3]), path
+
+
+def test_unknown_url_shows_the_apps_not_found_page(e2e):
+    drv = e2e.driver
+    _open(e2e, "/no/such/page")
+    _wait(drv, lambda: drv.find_element("tag name", "main").text.strip(), "the page")
+    _settle(drv)
+    assert drv.find_elements("id", "not-found") and _text(drv, "not-found") == "Not found"
+
+
+# -- 8. saving a figure as PNG -------------------------------------------------------------------------------
+def test_step_breakdown_figure_downloads_as_png(e2e):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    drv = e2e.driver
+    _open(e2e, "/run/run-a/overview")
+    _figure_ready(drv, "step-breakdown")
+    gd = GD % "step-breakdown"
+    btn_css = "#step-breakdown .modebar-btn[data-title]"
+    titles = [b.get_attribute("data-title") for b in drv.find_elements("css selector", btn_css)]
+    png = [t for t in titles if t.lower().startswith("download plot as") and "png" in t.lower()]
+    assert png, f"no 'Download plot as png' button in the mode bar: {titles}"
+    assert drv.execute_script(gd + "return gd._context.toImageButtonOptions;") == {"format": "png", "scale": 2}
+    # hover the figure (the mode bar shows), click the button: a PNG lands in the download directory
+    before = set(e2e.downloads.iterdir())
+    ActionChains(drv).move_to_element(drv.find_element("id", "step-breakdown")).perform()
+    button = drv.find_element("css selector", f'#step-breakdown .modebar-btn[data-title="{png[0]}"]')
+    _wait(drv, button.is_displayed, "the mode bar")
+    button.click()
+    new = _wait(drv, lambda: [p for p in set(e2e.downloads.iterdir()) - before
+                              if p.suffix == ".png" and p.stat().st_size > 0], "the PNG download", 60)
+    data = new[0].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    size = drv.execute_script(gd + "return [gd._fullLayout.width, gd._fullLayout.height];")
+    assert (w, h) == (2 * size[0], 2 * size[1])  # scale 2
+    assert _severe(drv) == []
+
+
+# -- last (it adds a run to the base dir, and takes it away again) ---------------------------------------------
+def test_run_with_a_non_ascii_name_opens_from_the_runs_table(e2e):
+    drv = e2e.driver
+    name = "run-\u00fc"
+    shutil.copytree(e2e.run("run-b"), e2e.run(name))
+    try:
+        _open(e2e, "/")
+        _wait(drv, lambda: name in _cells(drv, "runs-table", "run"), f"{name} in the runs table (re-scanned every 1 s)")
+        [link] = [a for a in drv.find_elements("css selector", "#runs-table td[data-dash-column=run] a")
+                  if a.text == name]
+        link.click()
+        _wait(drv, lambda: drv.find_elements("id", "stat-avg-step") or drv.find_elements("id", "not-found"),
+              "the run's overview or a not-found page")
+        assert not drv.find_elements("id", "not-found"), drv.find_element("tag name", "main").text
+        assert _text(drv, "current-run") == name
+    finally:
+        shutil.rmtree(e2e.run(name))
