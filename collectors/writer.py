@@ -122,6 +122,11 @@ class RunWriter:
             return written
 
     def _loop(self, interval: float) -> None:
+        # the writer is background work: when the cores are contended, let the training threads run first
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while not self._stop.wait(interval):
             c = time.thread_time()
             try:
