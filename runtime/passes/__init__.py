@@ -2,6 +2,7 @@
 
 ``pipeline(graph)`` is what Model runs on a traced training step before execution:
   dce            -- drop nodes no output or effect needs (first, so dead readers add no ordering);
+  graph_kernel   -- with enable_graph_kernel=True: expand composites, simplify, fuse, generate kernels;
   order_effects  -- control dependencies so in-place updates run after every reader;
   place          -- host/device placement, copies inserted at the boundaries;
   assign_streams -- AI Core / AI CPU / host streams for the task compiler;
@@ -15,6 +16,7 @@ from runtime import context
 from runtime.ir.graph import Graph
 from runtime.passes.dce import dce
 from runtime.passes.effects import order_effects
+from runtime.passes.graph_kernel import graph_kernel
 from runtime.passes.placement import place
 from runtime.passes.streams import assign_streams
 
@@ -26,7 +28,8 @@ def device_passes(graph: Graph) -> Graph:
 
 def pipeline(graph: Graph) -> Graph:
     graph.verify()
-    passes = [dce, order_effects, place, assign_streams]
+    passes = [dce] + ([graph_kernel] if context.get_context("enable_graph_kernel") else []) + \
+        [order_effects, place, assign_streams]
     for p in passes:
         graph = p(graph)
         if context.get_context("save_graphs"):

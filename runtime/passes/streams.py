@@ -34,7 +34,7 @@ def assign_streams(graph: Graph) -> Graph:
         for n in reversed(graph.nodes):
             if n.op in ("input", "param", "const"):
                 continue
-            if n.op in ("assign", "scatter_add_rows"):
+            if n.op in ("assign", "scatter_add_rows", "fused_assign"):
                 var = n.inputs[0].attrs.get("_var")
                 owner = getattr(var, "owner", None)
                 feeds[n.id] = id(owner if owner is not None else var)  # a state variable counts as its parameter's

@@ -1,0 +1,525 @@
+"""C source for a kernel ``Plan``: one function, one pass over memory in cache-sized chunks of
+domain axis 0, OpenMP over the chunks, every value an inline scalar expression (so the innermost
+loop auto-vectorises and no temporary array is ever allocated).
+
+Signature of the generated function::
+
+    void fk_<hash>(void **P, const int64_t *D, int64_t c0, int64_t nch, int nth)
+
+``P`` = [inputs..., outputs..., reduction results (float*) ..., reduction scratch (double*) ...],
+``D`` = the domain's sizes (the code is generic in them: one compiled kernel serves every shape
+with the same structure), ``c0`` = rows of axis 0 per chunk, ``nch`` = number of chunks.
+The loop order and the accumulation order are exactly those of the Cython interpreter
+(``runtime/_fusion.pyx``), which is what makes the two bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from runtime.passes.graph_kernel.plan import BINARY, LANES, TERNARY, UNARY, Plan
+
+_TEMPLATES = {**UNARY, **BINARY, **TERNARY}
+
+
+def c_float(x: float) -> str:
+    x = float(np.float32(x))
+    if math.isnan(x):
+        return "NAN"
+    if math.isinf(x):
+        return "INFINITY" if x > 0 else "(-INFINITY)"
+    return f"{x.hex()}f"
+
+
+class _W:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.ind = 1
+
+    def __call__(self, s: str = ""):
+        self.lines.append("    " * self.ind + s if s else "")
+
+    def open(self, s: str):
+        self(s + " {")
+        self.ind += 1
+
+    def close(self, s: str = "}"):
+        self.ind -= 1
+        self(s)
+
+
+def generate(plan: Plan) -> tuple[str, str]:
+    """(function name, C source of the function without the shared header)."""
+    body = _gen(plan, "FKNAME")
+    h = hashlib.sha1(body.encode()).hexdigest()[:20]
+    name = f"fk_{h}"
+    return name, body.replace("FKNAME", name)
+
+
+def _gen(plan: Plan, name: str) -> str:
+    K = plan.K
+    n_in, n_out, n_red = len(plan.in_masks), len(plan.outs), len(plan.reds)
+    vals, reds, outs = plan.vals, plan.reds, plan.outs
+    inplace = plan.inplace
+    R = "" if inplace else " restrict"
+    w = _W()
+    out_lines = [f"void {name}(void **P, const int64_t *D, int64_t c0, int64_t nch, int nth)", "{"]
+    # -- sizes and pointers -----------------------------------------------------------------------
+    for a in range(K):
+        w(f"const int64_t D{a} = D[{a}];")
+    w("const int64_t NTOT = " + " * ".join(f"D{a}" for a in range(K)) + ";")
+    w("(void)NTOT; (void)c0; (void)nch; (void)nth;")
+    for k in range(n_in):
+        t = "unsigned char" if plan.in_u8[k] else "float"
+        w(f"const {t} *{R} in{k} = (const {t} *)P[{k}];")
+    for k, o in enumerate(outs):
+        if o.phase == -2:
+            continue
+        t = "unsigned char" if o.u8 else "float"
+        w(f"{t} *{R} out{k} = ({t} *)P[{n_in + k}];")
+    for r in range(n_red):
+        w(f"float *{R} res{r} = (float *)P[{n_in + n_out + r}];")
+        w(f"double *{R} acc{r} = (double *)P[{n_in + n_out + n_red + r}];")
+        w(f"(void)res{r}; (void)acc{r};")
+    # -- strides per mask ----------------------------------------------------------------------------
+    masks = set()
+    for v in vals:
+        if v.kind in ("in", "red"):
+            masks.add(v.mask)
+    for r in reds:
+        masks.add(r.kmask)
+    full = (1 << K) - 1
+    masks.add(full)
+    for o in outs:
+        masks.add(o.mask)
+    for m in sorted(masks):
+        for a in range(K):
+            if m >> a & 1:
+                inner = [f"D{b}" for b in range(a + 1, K) if m >> b & 1]
+                w(f"const int64_t s{m}_{a} = {' * '.join(inner) if inner else '1'};")
+            else:
+                w(f"const int64_t s{m}_{a} = 0;")
+        w(f"(void)s{m}_0;")
+        sz = " * ".join(f"D{a}" for a in range(K) if m >> a & 1) or "1"
+        w(f"const int64_t n{m} = {sz}; (void)n{m};")
+    # -- the phases ---------------------------------------------------------------------------------------
+    ident = {"sum": "0.0", "max": "(-INFINITY)"}
+    need_of, cload, cstore = _plan_cache(plan)
+    cached = sorted({v for vs in cstore.values() for v in vs})
+    ROW = " * ".join(f"D{a}" for a in range(1, K)) or "1"
+
+    def acc_stmt(r, v, lane):
+        rd = reds[r]
+        x = f"(double)v{v}"
+        if rd.cls == "S1":
+            tgt = f"A{r}[{lane}]" if rd.lanes == LANES else f"A{r}"
+        else:
+            if rd.lanes == LANES:
+                tgt = f"acp{r}[o{rd.kmask} * 8 + {lane}]"
+            elif rd.kmask >> (K - 1) & 1:
+                tgt = f"acp{r}[o{rd.kmask} + jj]" if K > 1 else f"acp{r}[jj]"
+            else:
+                tgt = f"acp{r}[o{rd.kmask}]"
+        if rd.kind == "sum":
+            return f"{tgt} += {x};"
+        if rd.cls == "S1":     # max is exact: float lanes (same result as the interpreter's doubles)
+            return f"{tgt} = fk_max({tgt}, v{v});"
+        return f"{tgt} = fk_dmax({tgt}, {x});"
+
+    def load(v):
+        val = vals[v]
+        if val.kind == "const":
+            return c_float(val.c)
+        m = val.mask
+        if K == 1:
+            idx = "jj" if m & 1 else "0"
+        else:
+            idx = f"o{m} + jj" if m >> (K - 1) & 1 else f"o{m}"
+        if val.kind == "in":
+            e = f"in{val.a}[{idx}]"
+            return f"(float){e}" if plan.in_u8[val.a] else e
+        return f"res{val.a}[{idx}]"
+
+    sign = _signs(plan)
+
+    def expr(v):
+        val = vals[v]
+        if val.kind != "op":
+            return load(v)
+        args = [f"v{a}" for a in val.args]
+        if val.op == "select" and vals[val.args[0]].kind == "op" and vals[val.args[0]].op in _CMP:
+            c = vals[val.args[0]]      # select on a comparison: one blend on the compare mask
+            return f"fk_sel(v{c.args[0]} {_CMP[c.op]} v{c.args[1]}, {args[1]}, {args[2]})"
+        if val.op == "exp" and sign.get(val.args[0]) == -1:
+            return f"fk_exp_nonpos({args[0]})"   # same values: the overflow clamp can never apply
+        return _TEMPLATES[val.op].format(*args)
+
+    def body(need, stores, accs, lane, p=None):
+        loads, keep = cload.get(p, set()), cstore.get(p, set())
+        cidx = (f"o{full} - a * ({ROW}) + jj" if K > 1 else "jj - a")
+        for v in need:
+            if v in loads:
+                w(f"const float v{v} = sc{v}[{cidx}];")
+            else:
+                w(f"const float v{v} = {expr(v)};")
+            if v in keep:
+                w(f"sc{v}[{cidx}] = v{v};")
+        for k in stores:
+            o = outs[k]
+            idx = f"o{full} + jj" if K > 1 else "jj"
+            if o.u8:
+                w(f"out{k}[{idx}] = (unsigned char)(v{o.val} != 0.0f);")
+            else:
+                w(f"out{k}[{idx}] = v{o.val};")
+        for r in accs:
+            w(acc_stmt(r, reds[r].src, lane))
+
+    def offsets(used_masks, levels):
+        """o<m> = sum_{a < levels} i_a * s<m>_a."""
+        for m in sorted(used_masks):
+            terms = [f"i{a} * s{m}_{a}" for a in range(levels) if m >> a & 1]
+            w(f"const int64_t o{m} = {' + '.join(terms) if terms else '0'}; (void)o{m};")
+
+    def inner_loop(need, stores, accs, j0, j1, p=None):
+        lanes = any(reds[r].lanes == LANES for r in accs)
+        if lanes:
+            w("{")
+            w.ind += 1
+            w(f"int64_t j = {j0};")
+            w.open(f"for (; j + 8 <= {j1}; j += 8)")
+            w.open("for (int l = 0; l < 8; l++)")
+            w("const int64_t jj = j + l;")
+            body(need, stores, accs, "l", p)
+            w.close()
+            w.close()
+            w.open(f"for (int l = 0; j < {j1}; j++, l++)")
+            w("const int64_t jj = j;")
+            body(need, stores, accs, "l", p)
+            w.close()
+            w.ind -= 1
+            w("}")
+        else:
+            w.open(f"for (int64_t jj = {j0}; jj < {j1}; jj++)")
+            body(need, stores, accs, "0", p)
+            w.close()
+
+    def used_masks(need, stores, accs):
+        ms = set()
+        for v in need:
+            if vals[v].kind in ("in", "red"):
+                ms.add(vals[v].mask)
+        if stores:
+            ms.add(full)
+        for r in accs:
+            if reds[r].cls == "S2":
+                ms.add(reds[r].kmask)
+        return ms
+
+    def s1_decl(r):
+        rd = reds[r]
+        t = "double" if rd.kind == "sum" else "float"
+        if rd.lanes == LANES:
+            w(f"{t} A{r}[8] = {{{', '.join([ident[rd.kind]] * 8)}}};")
+        else:
+            w(f"{t} A{r} = {ident[rd.kind]};")
+
+    def s1_final(r):
+        rd = reds[r]
+        tree = "fk_tree_sum" if rd.kind == "sum" else "fk_tree_maxf"
+        return f"{tree}(A{r})" if rd.lanes == LANES else f"A{r}"
+
+    def phase_loops(p):
+        need = need_of[p]
+        stores = [k for k, o in enumerate(outs) if o.phase == p]
+        accs = [r for r, rd in enumerate(reds) if rd.phase == p]
+        ms = used_masks(need, stores, accs)
+        if cload.get(p) or cstore.get(p):
+            ms.add(full)
+        s1_at = {}
+        for r in accs:
+            if reds[r].cls == "S1":
+                s1_at.setdefault(reds[r].sfx, []).append(r)
+        for r in s1_at.get(0, []):
+            s1_decl(r)
+        if K == 1:
+            inner_loop(need, stores, accs, "a", "b", p)
+        else:
+            for a in range(K - 1):
+                lo = "a" if a == 0 else "0"
+                hi = "b" if a == 0 else f"D{a}"
+                w.open(f"for (int64_t i{a} = {lo}; i{a} < {hi}; i{a}++)")
+                for r in s1_at.get(a + 1, []):
+                    s1_decl(r)
+            offsets(ms, K - 1)
+            inner_loop(need, stores, accs, "0", f"D{K - 1}", p)
+            for a in reversed(range(K - 1)):
+                for r in s1_at.get(a + 1, []):
+                    rd = reds[r]
+                    terms = [f"i{b} * s{rd.kmask}_{b}" for b in range(a + 1) if rd.kmask >> b & 1]
+                    w(f"res{r}[{' + '.join(terms) if terms else '0'}] = (float){s1_final(r)};")
+                w.close()
+        for r in s1_at.get(0, []):
+            w(f"acc{r}[ch] = {s1_final(r)};")
+
+    def s2_setup(p, chunk_local):
+        """Pointers (and, in local mode, initialisation) of the S2 accumulators of phase p."""
+        for r, rd in enumerate(reds):
+            if rd.phase != p or rd.cls != "S2":
+                continue
+            per = f"n{rd.kmask} * {rd.lanes}"
+            if rd.cross:
+                w(f"double *{R} acp{r} = acc{r} + ch * ({per});")
+                if chunk_local:
+                    w(f"for (int64_t e = 0; e < {per}; e++) acp{r}[e] = {ident[rd.kind]};")
+            else:
+                w(f"double *{R} acp{r} = acc{r};")
+                if chunk_local:
+                    row = f"(n{rd.kmask} / D0) * {rd.lanes}"
+                    w(f"for (int64_t e = a * {row}; e < b * {row}; e++) acp{r}[e] = {ident[rd.kind]};")
+
+    def s2_finalize_rows(p):
+        """Local mode: S2 reductions keeping axis 0 finish with the chunk's rows."""
+        for r, rd in enumerate(reds):
+            if rd.phase != p or rd.cls != "S2" or rd.cross:
+                continue
+            row = f"(n{rd.kmask} / D0)"
+            w.open(f"for (int64_t e = a * {row}; e < b * {row}; e++)")
+            w(f"res{r}[e] = (float){_lane_sum(rd, f'acc{r}', 'e')};")
+            w.close()
+
+    def combine(r):
+        rd = reds[r]
+        comb = "+" if rd.kind == "sum" else None
+        if rd.cls == "S1":
+            w("{")
+            w.ind += 1
+            w(f"double t = {ident[rd.kind]};")
+            w.open("for (int64_t c = 0; c < nch; c++)")
+            w(f"t = t + acc{r}[c];" if comb else f"t = fk_dmax(t, acc{r}[c]);")
+            w.close()
+            w(f"res{r}[0] = (float)t;")
+            w.ind -= 1
+            w("}")
+            return
+        per = f"(n{rd.kmask} * {rd.lanes})"
+        if rd.cross:
+            w.open(f"for (int64_t e = 0; e < n{rd.kmask}; e++)")
+            w(f"double t = {ident[rd.kind]};")
+            w.open("for (int64_t c = 0; c < nch; c++)")
+            x = _lane_sum(rd, f"(acc{r} + c * {per})", "e")
+            w(f"t = t + {x};" if comb else f"t = fk_dmax(t, {x});")
+            w.close()
+            w(f"res{r}[e] = (float)t;")
+            w.close()
+        else:
+            w.open(f"for (int64_t e = 0; e < n{rd.kmask}; e++)")
+            w(f"res{r}[e] = (float){_lane_sum(rd, f'acc{r}', 'e')};")
+            w.close()
+
+    par = "if (nch > 1 && nth > 1 && NTOT >= 65536) num_threads(nth)"
+    streamable = (K == 1 and not reds and plan.nphases == 1 and not inplace and outs
+                  and all(o.phase == 0 and not o.u8 for o in outs))
+    if streamable:
+        # large flat elementwise kernels: tiles of 64 computed in registers, written with
+        # non-temporal stores (no read-for-ownership of the output, no cache pollution)
+        w(f"if (NTOT * {4 * len(outs)} >= (int64_t){STREAM_BYTES}) {{")
+        w.ind += 1
+        w(f"#pragma omp parallel for schedule(dynamic, 1) {par}")
+        w.open("for (int64_t ch = 0; ch < nch; ch++)")
+        w("const int64_t a = ch * c0, b = (a + c0 < D0) ? a + c0 : D0;")
+        w.open("for (int64_t j = a; j < b; j += 64)")
+        w("const int64_t m = (b - j < 64) ? b - j : 64;")
+        for k in range(len(outs)):
+            w(f"float t{k}[64];")
+        w.open("for (int64_t q = 0; q < m; q++)")
+        w("const int64_t jj = j + q;")
+        for v in plan.phase_vals[0]:
+            w(f"const float v{v} = {expr(v)};")
+        for k, o in enumerate(outs):
+            w(f"t{k}[q] = v{o.val};")
+        w.close()
+        for k in range(len(outs)):
+            w(f"fk_stream(out{k} + j, t{k}, m);")
+        w.close()
+        w.close()
+        w("fk_sfence();")
+        w("return;")
+        w.ind -= 1
+        w("}")
+    if plan.mode == "local":
+        if plan.nphases and any(plan.phase_vals):
+            w(f"#pragma omp parallel {par}")
+            w.open("")
+            for v in cached:
+                w(f"float *sc{v} = (float *)malloc(sizeof(float) * c0 * ({ROW}));")
+            w("#pragma omp for schedule(dynamic, 1)")
+            w.open("for (int64_t ch = 0; ch < nch; ch++)")
+            w("const int64_t a = ch * c0, b = (a + c0 < D0) ? a + c0 : D0;")
+            for p in range(plan.nphases):
+                if not plan.phase_vals[p]:
+                    continue
+                w.open("")
+                s2_setup(p, True)
+                phase_loops(p)
+                s2_finalize_rows(p)
+                w.close()
+            w.close()
+            for v in cached:
+                w(f"free(sc{v});")
+            w.close()
+        for r, rd in enumerate(reds):
+            if rd.cross:
+                combine(r)
+    else:
+        for p in range(plan.nphases):
+            if not plan.phase_vals[p]:
+                continue
+            for r, rd in enumerate(reds):
+                if rd.phase == p and rd.cls == "S2":
+                    n = f"n{rd.kmask} * {rd.lanes}" + (" * nch" if rd.cross else "")
+                    w(f"for (int64_t e = 0; e < {n}; e++) acc{r}[e] = {ident[rd.kind]};")
+            w(f"#pragma omp parallel for schedule(dynamic, 1) {par}")
+            w.open("for (int64_t ch = 0; ch < nch; ch++)")
+            w("const int64_t a = ch * c0, b = (a + c0 < D0) ? a + c0 : D0;")
+            s2_setup(p, False)
+            phase_loops(p)
+            w.close()
+            for r, rd in enumerate(reds):
+                if rd.phase == p and (rd.cross or rd.cls == "S2"):
+                    combine(r)
+    # -- epilogue: outputs smaller than the domain -----------------------------------------------------
+    for k, o in enumerate(outs):
+        if o.phase != -1:
+            continue
+        need = plan.epi_vals[k]
+        w.open("")
+        ms = used_masks(need, [], [])
+        ms.add(o.mask)
+        if K == 1:
+            hi = "D0" if o.mask & 1 else "1"
+            w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
+        else:
+            for a in range(K - 1):
+                hi = f"D{a}" if o.mask >> a & 1 else "1"
+                w.open(f"for (int64_t i{a} = 0; i{a} < {hi}; i{a}++)")
+            offsets(ms, K - 1)
+            hi = f"D{K - 1}" if o.mask >> (K - 1) & 1 else "1"
+            w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
+        for v in need:
+            w(f"const float v{v} = {expr(v)};")
+        m = o.mask
+        if K == 1:
+            idx = "jj" if m & 1 else "0"
+        else:
+            idx = f"o{m} + jj" if m >> (K - 1) & 1 else f"o{m}"
+        if o.u8:
+            w(f"out{k}[{idx}] = (unsigned char)(v{o.val} != 0.0f);")
+        else:
+            w(f"out{k}[{idx}] = v{o.val};")
+        w.close()
+        if K > 1:
+            for _ in range(K - 1):
+                w.close()
+        w.close()
+    return "\n".join(out_lines + w.lines + ["}", ""])
+
+
+def _lane_sum(rd, base: str, e: str) -> str:
+    if rd.lanes == LANES:
+        tree = "fk_tree_sum" if rd.kind == "sum" else "fk_tree_max"
+        return f"{tree}({base} + {e} * 8)"
+    return f"{base}[{e}]"
+
+
+_EXPENSIVE = {"exp", "log", "tanh", "sigmoid", "div", "sqrt", "rsqrt", "reciprocal"}
+CACHE_LIMIT = 1 << 16      # elements per chunk above which values are recomputed instead
+STREAM_BYTES = 24 << 20    # output bytes above which flat elementwise kernels use streaming stores
+
+
+def _plan_cache(plan: Plan):
+    """Local mode: values computed in one phase and needed again in a later one are kept in a
+    per-thread chunk buffer (cache-resident) instead of being recomputed, when that saves work.
+
+    Returns (values to evaluate per phase, values loaded from the buffer per phase, values stored
+    per phase). Recomputing or caching gives the same bits; the interpreter always recomputes.
+    """
+    vals = plan.vals
+    K = plan.K
+    full = (1 << K) - 1
+    need_of = {p: list(vs) for p, vs in enumerate(plan.phase_vals)}
+    row = int(np.prod(plan.dims[1:], dtype=np.int64)) if K > 1 else 1
+    if plan.mode != "local" or plan.nphases < 2 or plan.c0 * row > CACHE_LIMIT:
+        return need_of, {}, {}
+    cost: dict[int, int] = {}
+    for i, v in enumerate(vals):
+        if v.kind == "op":
+            cost[i] = (6 if v.op in _EXPENSIVE else 1) + sum(cost[a] for a in v.args)
+        elif v.kind == "in":
+            cost[i] = 1 if v.mask == full else 0
+        else:
+            cost[i] = 0
+    computed_in: dict[int, int] = {}
+    cload: dict[int, set] = {}
+    cstore: dict[int, set] = {}
+    for p in range(plan.nphases):
+        roots = [r.src for r in plan.reds if r.phase == p] + [o.val for o in plan.outs if o.phase == p]
+        if not roots:
+            need_of[p] = []
+            continue
+        cand = {v for v in computed_in if vals[v].kind == "op" and vals[v].mask == full and cost[v] >= 3}
+        need, stack = set(), list(roots)
+        while stack:
+            v = stack.pop()
+            if v in need:
+                continue
+            need.add(v)
+            if v in cand:
+                continue
+            if vals[v].kind == "op":
+                stack.extend(vals[v].args)
+        loads = need & cand
+        for v in loads:
+            cstore.setdefault(computed_in[v], set()).add(v)
+        cload[p] = loads
+        for v in need - loads:
+            computed_in.setdefault(v, p)
+        need_of[p] = sorted(need)
+    return need_of, cload, cstore
+
+
+_CMP = {"equal": "==", "not_equal": "!=", "less": "<", "less_equal": "<=", "greater": ">", "greater_equal": ">="}
+
+
+def _signs(plan: Plan) -> dict[int, int]:
+    """Values known to be >= 0 (+1) or <= 0 (-1) (NaN aside), for cheaper exps."""
+    vals = plan.vals
+    sg: dict[int, int] = {}
+    for i, v in enumerate(vals):
+        if v.kind == "const":
+            sg[i] = 1 if v.c >= 0 else (-1 if v.c <= 0 else 0)
+            if v.c == 0:
+                sg[i] = 1
+            continue
+        if v.kind != "op":
+            continue
+        a = [sg.get(x, 0) for x in v.args]
+        if v.op in ("abs", "square", "relu", "exp", "sqrt", "sigmoid", "rsqrt"):
+            sg[i] = 1
+        elif v.op == "neg":
+            sg[i] = -a[0]
+        elif v.op == "mul":
+            if v.args[0] == v.args[1]:
+                sg[i] = 1
+            elif a[0] and a[1]:
+                sg[i] = a[0] * a[1]
+        elif v.op == "sub":
+            x, m = v.args
+            if vals[m].kind == "red" and plan.reds[vals[m].a].kind == "max" and plan.reds[vals[m].a].src == x:
+                sg[i] = -1           # x - max(x) over the reduced axes
+            elif a[0] == -1 and a[1] == 1:
+                sg[i] = -1
+        elif v.op == "add" and a[0] == a[1] and a[0]:
+            sg[i] = a[0]
+    return sg

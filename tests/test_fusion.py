@@ -1,0 +1,607 @@
+"""Graph-kernel fusion (runtime/passes/graph_kernel): same training losses with fusion on and off, property
+tests on random elementwise / broadcast / reduce graphs (values and gradients), cycle safety, kernel-launch
+counts, the compiled-C vs interpreter equivalence and the no-compiler fallback, the on-disk kernel cache."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime import Model, Parameter, context, nn
+from runtime.autodiff import grad
+from runtime.core import GraphBuilder, building
+from runtime.executor import CompiledGraph
+from runtime.ir.graph import Graph
+from runtime.models import MLP, LeNetDigits
+from runtime.nn.transformer import BertSmall, bert_batch
+from runtime.ops import api as F
+from runtime.passes import assign_streams, order_effects, place
+from runtime.passes.dce import dce
+from runtime.passes.graph_kernel import dumps, expand, fuse, graph_kernel, kernels, simplify
+from runtime.passes.graph_kernel.plan import OPCODES
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers: the pass pipeline with graph_kernel after dce (what the lead wires behind enable_graph_kernel)
+# ---------------------------------------------------------------------------------------------------------
+def fused_pipeline(graph: Graph) -> Graph:
+    graph.verify()
+    g = dce(graph)
+    if context.get_context("enable_graph_kernel"):
+        g = graph_kernel(g)
+    for p in (order_effects, place, assign_streams):
+        g = p(g)
+    return g
+
+
+def _switch_wired() -> bool:
+    from runtime import passes
+    g = Graph("probe")
+    b = GraphBuilder(g)
+    with building(b):
+        x = b.input("x", (8, 8), F32)
+        g.outputs = {"y": F.tanh(F.add(x, 1.0)).node}
+    context.set_context(enable_graph_kernel=True)
+    try:
+        return any(n.op == "fused" for n in passes.pipeline(g).nodes)
+    finally:
+        context.set_context(enable_graph_kernel=False)
+
+
+@pytest.fixture
+def fusion_pipeline(monkeypatch):
+    """Model compiles through runtime.passes.pipeline; until it runs graph_kernel, insert it here."""
+    if not _switch_wired():
+        import runtime.train.model as model_mod
+        monkeypatch.setattr(model_mod, "pipeline", fused_pipeline)
+    yield
+
+
+def run_graph(graph: Graph, feeds: dict, fuse_it: bool) -> dict:
+    g = dce(graph)
+    if fuse_it:
+        g = graph_kernel(g)
+    g = assign_streams(place(order_effects(g)))
+    return CompiledGraph(g)(feeds)
+
+
+def train_losses(make, batches, fuse_it: bool, steps: int):
+    context.set_context(seed=0, enable_graph_kernel=fuse_it)
+    net, loss, opt = make()
+    model = Model(net, loss, opt, progress=False)
+    losses = [model.train_step(*batches[k % len(batches)]) for k in range(steps)]
+    exe = model.train_graph(*batches[0])
+    context.set_context(enable_graph_kernel=False)
+    return np.array(losses), exe, net
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------------------
+class EmbedBag(nn.Cell):
+    """An embedding model: mean of token embeddings -> Dense -> tanh -> Dense."""
+
+    def __init__(self, vocab=40, dim=16, classes=4):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim, embedding_table="normal")
+        self.hidden = nn.Dense(dim, 32, activation="tanh")
+        self.out = nn.Dense(32, classes)
+
+    def construct(self, ids):
+        return self.out(self.hidden(F.reduce_mean(self.embedding(ids), 1)))
+
+
+def _xent():
+    return nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+
+def _lenet(digits):
+    xtr, ytr, _, _ = digits
+    batches = [(xtr[i:i + 32].reshape(-1, 1, 8, 8).astype(F32), ytr[i:i + 32]) for i in range(0, 128, 32)]
+
+    def make():
+        net = LeNetDigits()
+        return net, _xent(), nn.Momentum(net.trainable_params(), 0.05, 0.9)
+    return make, batches
+
+
+def _mlp(digits):
+    xtr, ytr, _, _ = digits
+    batches = [(xtr[i:i + 32].reshape(-1, 64).astype(F32), ytr[i:i + 32]) for i in range(0, 128, 32)]
+
+    def make():
+        net = MLP((64, 64, 64, 10), dropout=0.2)
+        return net, _xent(), nn.Adam(net.trainable_params(), 2e-3, weight_decay=1e-4)
+    return make, batches
+
+
+def _embed(_):
+    rng = np.random.default_rng(3)
+    batches = []
+    for _k in range(4):
+        ids = rng.integers(0, 40, size=(16, 6)).astype(np.int64)
+        batches.append((ids, (ids[:, 0] % 4).astype(np.int64)))
+
+    def make():
+        net = EmbedBag()
+        return net, _xent(), nn.LazyAdam(net.trainable_params(), 5e-3)
+    return make, batches
+
+
+def _bert(_):
+    batches = [bert_batch(4, 16, vocab=60, seed=s) for s in range(2)]
+
+    def make():
+        net = BertSmall(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, max_position=16)
+        return net, _xent(), nn.AdamWeightDecay(net.trainable_params(), 1e-3, weight_decay=0.01)
+    return make, batches
+
+
+@pytest.mark.parametrize("model", ["lenet", "mlp_dropout", "embedding", "bert"])
+def test_models_train_to_the_same_losses(model, digits, fusion_pipeline):
+    make, batches = {"lenet": _lenet, "mlp_dropout": _mlp, "embedding": _embed, "bert": _bert}[model](digits)
+    off, exe_off, net_off = train_losses(make, batches, False, 20)
+    on, exe_on, net_on = train_losses(make, batches, True, 20)
+    assert any(n.op in ("fused", "fused_assign") for n in exe_on.graph.nodes)
+    assert not any(n.op in ("fused", "fused_assign") for n in exe_off.graph.nodes)
+    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
+    assert on[-1] < on[0]
+    for p_on, p_off in zip(net_on.get_parameters(), net_off.get_parameters()):
+        if "attention.key.bias" in p_on.name:
+            continue   # its gradient is exactly 0 in exact arithmetic (softmax shift invariance): Adam moves it by noise
+        np.testing.assert_allclose(p_on.data, p_off.data, rtol=1e-4, atol=1e-5, err_msg=p_on.name)
+
+
+def test_bert_step_launches_far_fewer_kernels(fusion_pipeline):
+    make, batches = _bert(None)
+    _, exe_off, _ = train_losses(make, batches, False, 1)
+    _, exe_on, _ = train_losses(make, batches, True, 1)
+    k_off = sum(t.kind == "kernel" for t in exe_off.tl.tasks)
+    k_on = sum(t.kind == "kernel" for t in exe_on.tl.tasks)
+    real_on = sum(t.kind == "kernel" and t.node.op != "fused_get" for t in exe_on.tl.tasks)
+    assert k_on < 0.45 * k_off, (k_off, k_on)
+    assert real_on < 0.35 * k_off, (k_off, real_on)
+    # the profiler sees what each fused task contains
+    table = exe_on.task_table()
+    fused_rows = [f for f, op in zip(table["fused_ops"], table["op"]) if op in ("fused", "fused_assign")]
+    assert fused_rows and all(fused_rows)
+    assert any("reduce_max" in f and "exp" in f for f in fused_rows)        # a softmax in one kernel
+    names = [t.name for t in exe_on.tl.tasks if t.node is not None and t.node.op == "fused"]
+    assert all(n.startswith("Fused_") for n in names)
+    # GEMMs feeding only one kernel run as its prologue (bias add, gelu, softmax, ... as epilogues)
+    gemm = [t.node for t in exe_on.tl.tasks if t.node is not None and t.node.attrs.get("_prologue")]
+    assert gemm and any(n.ann["fused_ops"][:3] == ["matmul", "add", "mul"] for n in gemm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compiled C vs interpreter, and the fallback when no compiler works
+# ---------------------------------------------------------------------------------------------------------
+def _bert_params_after(backend_name, steps=3):
+    make, batches = _bert(None)
+    with kernels.backend(backend_name):
+        losses, exe, net = train_losses(make, batches, True, steps)
+    return losses, [p.data.copy() for p in net.get_parameters()], exe
+
+
+def test_interpreter_is_bit_identical_to_compiled_kernels(fusion_pipeline):
+    if not kernels.compiler_available():
+        pytest.skip("no C compiler")
+    l_c, p_c, exe = _bert_params_after("c")
+    assert any(n.op == "fused" for n in exe.graph.nodes)
+    l_i, p_i, _ = _bert_params_after("interp")
+    np.testing.assert_array_equal(l_c, l_i)
+    for a, b in zip(p_c, p_i):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_compiler_falls_back_to_the_interpreter(fusion_pipeline):
+    l_ref, p_ref, _ = _bert_params_after("interp")
+    with kernels.compiler("/nonexistent/bin/gcc"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        l_fb, p_fb, exe = _bert_params_after("auto")
+        assert not kernels.compiler_available()
+    assert any("interpreter" in str(x.message) for x in w)
+    np.testing.assert_array_equal(l_fb, l_ref)
+    for a, b in zip(p_fb, p_ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_output_buffer_pool_never_hands_out_live_memory():
+    pool = kernels._BufferPool(limit=64 << 20)
+    a = pool.empty((512, 512), F32, 1 << 20)
+    a[:] = 1.0
+    view = a[3:]                                   # a view keeps the buffer alive
+    del a
+    b = pool.empty((512, 512), F32, 1 << 20)
+    assert not np.shares_memory(b, view) and b.ctypes.data % 64 == 0
+    del view
+    c = pool.empty((1 << 18,), F32, 1 << 20)        # free again: recycled
+    assert pool.bytes == 2 << 20 and c.size == 1 << 18
+
+
+def test_opcode_tables_agree():
+    from runtime import _fusion
+    assert _fusion.opcodes() == OPCODES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every expansion is numerically faithful (fused graph vs the composite primitive's kernel)
+# ---------------------------------------------------------------------------------------------------------
+def _one_op_graph(fn, shapes, int_inputs=()):
+    g = Graph("one")
+    b = GraphBuilder(g)
+    with building(b):
+        xs = [b.input(f"x{k}", s, np.int64 if k in int_inputs else F32) for k, s in enumerate(shapes)]
+        g.outputs = {"y": fn(*xs).node}
+    return g
+
+
+EXPANSIONS = [
+    ("gelu", lambda x: F.gelu(x), [(6, 50)], 1e-6),
+    ("gelu_grad", lambda x, g: F.gelu_grad(x, g), [(6, 50), (6, 50)], 1e-6),
+    ("layer_norm", lambda x, g, b: F.layer_norm(x, g, b, 1e-5), [(4, 5, 48), (48,), (48,)], 1e-5),
+    ("layer_norm_grad", lambda x, g, d: F.layer_norm_grad(x, g, d, 1e-5), [(7, 48), (48,), (7, 48)], 1e-5),
+    ("layer_norm_grad_params", lambda x, d: F.layer_norm_grad_params(x, d, 1e-5), [(3, 7, 48), (3, 7, 48)], 1e-5),
+    ("softmax_last", lambda x: F.softmax(x, -1), [(5, 3, 40)], 1e-6),
+    ("softmax_axis0", lambda x: F.softmax(x, 0), [(40, 3)], 1e-6),
+    ("softmax_grad", lambda y, g: F.softmax_grad(y, g, -1), [(5, 40), (5, 40)], 1e-6),
+    ("log_softmax", lambda x: F.log_softmax(x, 1), [(5, 40, 2)], 1e-6),
+    ("log_softmax_grad", lambda y, g: F.log_softmax_grad(y, g, -1), [(5, 40), (5, 40)], 1e-6),
+    ("xent_dense", lambda x, t: F.softmax_cross_entropy(x, t, False), [(9, 11), (9, 11)], 1e-6),
+    ("xent_dense_grad", lambda x, t, g: F.softmax_cross_entropy_grad(x, t, g, False), [(9, 11), (9, 11), (9,)], 1e-6),
+    ("reduce_mean", lambda x: F.reduce_mean(x, (0, 2), True), [(6, 5, 70)], 1e-6),
+    ("relu_grad", lambda x, g: F.relu_grad(x, g), [(33, 20), (33, 20)], 0),
+]
+
+
+@pytest.mark.parametrize("name,fn,shapes,tol", EXPANSIONS, ids=[e[0] for e in EXPANSIONS])
+def test_expansion_is_faithful(name, fn, shapes, tol, rng):
+    g = _one_op_graph(fn, shapes)
+    feeds = {f"x{k}": rng.normal(size=s).astype(F32) for k, s in enumerate(shapes)}
+    if name.startswith("xent_dense"):
+        feeds["x1"] = np.abs(feeds["x1"]) / np.abs(feeds["x1"]).sum(1, keepdims=True)
+    with kernels.backend("interp"):
+        fused = graph_kernel(dce(g))
+        assert any(n.op == "fused" for n in fused.nodes), fused.dump()
+        want = run_graph(g, feeds, False)["y"]
+        got = run_graph(g, feeds, True)["y"]
+    np.testing.assert_allclose(got, want, rtol=max(tol, 1e-7), atol=max(tol, 1e-7) * 10)
+
+
+def test_sparse_xent_and_dropout_expansions(rng):
+    g = Graph("xent")
+    b = GraphBuilder(g)
+    with building(b):
+        x = b.input("x", (8, 10), F32)
+        y = b.input("y", (8,), np.int64)
+        w = Parameter(rng.normal(size=(8, 10)).astype(F32), name="w")
+        h = F.dropout(F.mul(x, w), 0.7, np.random.default_rng(5))
+        loss = F.reduce_mean(F.softmax_cross_entropy(h, y, True))
+        (gw,) = grad(loss, [w])
+        g.outputs = {"loss": loss.node, "gw": gw.node}
+    feeds = {"x": rng.normal(size=(8, 10)).astype(F32), "y": rng.integers(0, 10, 8)}
+    want = run_graph(g, feeds, False)
+    # the same generator state again: dropout draws the same masks
+    for n in g.nodes:
+        if "_rng" in n.attrs:
+            n.attrs["_rng"] = np.random.default_rng(5)
+    got = run_graph(g, feeds, True)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["gw"], want["gw"], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# property tests: random elementwise / broadcast / reduce graphs, values and gradients
+# ---------------------------------------------------------------------------------------------------------
+UNARY = [F.tanh, F.sigmoid, F.relu, F.neg, F.abs, F.square, lambda x: F.exp(F.tanh(x)),
+         lambda x: F.sqrt(F.add(F.abs(x), 1.0)), lambda x: F.log(F.add(F.square(x), 1.0)),
+         lambda x: F.rsqrt(F.add(F.square(x), 0.5))]
+BINARY = [F.add, F.sub, F.mul, lambda a, b: F.div(a, F.add(F.square(b), 1.0)), F.maximum, F.minimum,
+          lambda a, b: F.select(F.greater(a, b), a, F.mul(b, 0.5))]
+
+
+@st.composite
+def random_programs(draw):
+    nd = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=nd, max_size=nd)))
+    n_params = draw(st.integers(1, 3))
+    pshapes = []
+    for _ in range(n_params):
+        bmask = draw(st.lists(st.booleans(), min_size=nd, max_size=nd))
+        drop_lead = draw(st.integers(0, nd))
+        s = tuple(1 if m else d for m, d in zip(bmask, shape))[drop_lead:]
+        pshapes.append(s)
+    pshapes[0] = shape
+    steps = []
+    for k in range(draw(st.integers(1, 10))):
+        kind = draw(st.sampled_from(["u", "b", "b", "r", "r"]))
+        a = draw(st.integers(0, 100))
+        b = draw(st.integers(0, 100))
+        if kind == "u":
+            steps.append(("u", draw(st.integers(0, len(UNARY) - 1)), a))
+        elif kind == "b":
+            steps.append(("b", draw(st.integers(0, len(BINARY) - 1)), a, b))
+        else:
+            axes = tuple(sorted(set(draw(st.lists(st.integers(0, nd - 1), min_size=1, max_size=nd)))))
+            steps.append(("r", draw(st.sampled_from(["sum", "max", "mean"])), a, axes))
+    seed = draw(st.integers(0, 2 ** 16))
+    return shape, pshapes, steps, seed
+
+
+def build_program(shape, pshapes, steps, seed):
+    rng = np.random.default_rng(seed)
+    params = [Parameter(rng.normal(size=s).astype(F32), name=f"p{k}") for k, s in enumerate(pshapes)]
+    g = Graph("random")
+    b = GraphBuilder(g)
+    with building(b):
+        x = b.input("x", shape, F32)
+        vals = [F.mul(x, params[0])] + [F.add(p, 0.0) if p.shape != shape else F.mul(p, 1.5) for p in params[1:]]
+        for stp in steps:
+            if stp[0] == "u":
+                vals.append(UNARY[stp[1]](vals[stp[2] % len(vals)]))
+            elif stp[0] == "b":
+                vals.append(BINARY[stp[1]](vals[stp[2] % len(vals)], vals[stp[3] % len(vals)]))
+            else:
+                v = vals[stp[2] % len(vals)]
+                axes = tuple(a for a in stp[3] if a < v.ndim) or (v.ndim - 1,) if v.ndim else None
+                if v.ndim == 0:
+                    continue
+                red = {"sum": F.reduce_sum, "max": F.reduce_max, "mean": F.reduce_mean}[stp[1]]
+                r = red(v, axes, True)
+                vals.append(F.sub(v, r) if stp[1] == "max" else F.mul(v, F.tanh(r)))   # broadcast back
+        out = vals[-1]
+        w = rng.normal(size=out.shape).astype(F32)
+        loss = F.reduce_sum(F.mul(out, w))
+        grads = grad(loss, params)
+        g.outputs = {"out": out.node, "loss": loss.node}
+        for k, gr in enumerate(grads):
+            if gr.node is not None:
+                g.outputs[f"g{k}"] = gr.node
+    return g, {"x": rng.normal(size=shape).astype(F32)}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(random_programs())
+def test_random_graphs_fused_equals_unfused(prog):
+    g, feeds = build_program(*prog)
+    with kernels.backend("interp"):
+        want = run_graph(g, feeds, False)
+        got = run_graph(g, feeds, True)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-5, err_msg=k)
+
+
+def _seeded_program(seed):
+    r = np.random.default_rng(seed)
+    nd = int(r.integers(1, 4))
+    shape = tuple(int(d) for d in r.integers(2, 40, nd))
+    pshapes = [shape] + [tuple(1 if m else d for m, d in zip(r.random(nd) < 0.5, shape))[int(r.integers(0, nd)):]
+                         for _ in range(int(r.integers(0, 3)))]
+    steps = []
+    for _ in range(int(r.integers(6, 14))):
+        kind = r.choice(["u", "b", "b", "r"])
+        a, b = int(r.integers(0, 100)), int(r.integers(0, 100))
+        if kind == "u":
+            steps.append(("u", int(r.integers(0, len(UNARY))), a))
+        elif kind == "b":
+            steps.append(("b", int(r.integers(0, len(BINARY))), a, b))
+        else:
+            axes = tuple(sorted({int(x) for x in r.integers(0, nd, int(r.integers(1, nd + 1)))}))
+            steps.append(("r", str(r.choice(["sum", "max", "mean"])), a, axes))
+    return shape, pshapes, steps, seed
+
+
+def test_random_graphs_compiled_equals_interpreter():
+    if not kernels.compiler_available():
+        pytest.skip("no C compiler")
+    for seed in range(8):
+        g, feeds = build_program(*_seeded_program(seed))
+        with kernels.backend("c"):
+            a = run_graph(g, feeds, True)
+        with kernels.backend("interp"):
+            b = run_graph(g, feeds, True)
+        with kernels.backend("interp"):
+            c = run_graph(g, feeds, False)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+            np.testing.assert_allclose(a[k], c[k], rtol=2e-5, atol=2e-5, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# structure: cycles, effects, simplification, dumps
+# ---------------------------------------------------------------------------------------------------------
+def test_diamond_through_an_opaque_op_is_not_fused_into_a_cycle(rng):
+    """a = tanh(x); b = a @ W (opaque); c = a * b: fusing a with c would need b inside the group."""
+    g = Graph("diamond")
+    b_ = GraphBuilder(g)
+    W = Parameter(rng.normal(size=(16, 16)).astype(F32), name="W")
+    with building(b_):
+        x = b_.input("x", (16, 16), F32)
+        a = F.tanh(F.add(x, 1.0))
+        bb = F.matmul(a, W)
+        c = F.mul(F.exp(F.neg(a)), bb)
+        d = F.reduce_sum(F.mul(c, a), -1)
+        g.outputs = {"d": d.node}
+    fused = graph_kernel(dce(g))
+    fused.verify()
+    groups = [n.ann["fused_ops"] for n in fused.nodes if n.op == "fused"]
+    # exp(-a) may join a's kernel (it does not depend on b), but c = . * b and everything after it may not;
+    # the matmul itself may run as the GEMM prologue of the second kernel
+    assert len(groups) == 2, groups
+    first = next(g for g in groups if "tanh" in g)
+    assert "mul" not in first and "matmul" not in first and "reduce_sum" not in first, groups
+    second = next(g for g in groups if "tanh" not in g)
+    assert second[0] == "matmul" and "reduce_sum" in second, groups
+    feeds = {"x": rng.normal(size=(16, 16)).astype(F32)}
+    np.testing.assert_allclose(run_graph(g, feeds, True)["d"], run_graph(g, feeds, False)["d"], rtol=1e-5)
+
+
+def test_update_ordering_is_kept_for_readers_of_a_variable(rng):
+    """v is read before and after its in-place update: the reader after sees the new value."""
+    g = Graph("effects")
+    b = GraphBuilder(g)
+    v = Parameter(rng.normal(size=(32, 8)).astype(F32), name="v")
+    v0 = v.data.copy()
+    with building(b):
+        x = b.input("x", (32, 8), F32)
+        before = F.mul(F.add(v, x), 2.0)            # reads the old value
+        F.assign(v, F.add(F.mul(v, 0.5), x))         # in place
+        after = F.mul(F.add(v, 1.0), before)         # reads the new value
+        g.outputs = {"after": after.node, "before": before.node}
+    xv = rng.normal(size=(32, 8)).astype(F32)
+    fused = graph_kernel(dce(g))
+    assert any(n.op == "fused_assign" for n in fused.nodes)
+    out = run_graph(g, {"x": xv}, True)
+    new = v0 * F32(0.5) + xv
+    np.testing.assert_allclose(v.data, new, rtol=1e-6)
+    np.testing.assert_allclose(out["before"], (v0 + xv) * 2, rtol=1e-6)
+    np.testing.assert_allclose(out["after"], (new + 1) * ((v0 + xv) * 2), rtol=1e-5)
+
+
+def test_in_place_updates_reading_an_old_value_keep_their_order(rng):
+    """b's update reads a's old value; a is overwritten first: the kernels must not read the new a."""
+    g = Graph("two_vars")
+    b = GraphBuilder(g)
+    a = Parameter(rng.normal(size=(64, 8)).astype(F32), name="a")
+    w = Parameter(rng.normal(size=(64, 8)).astype(F32), name="w")
+    a0, w0 = a.data.copy(), w.data.copy()
+    with building(b):
+        x = b.input("x", (64, 8), F32)
+        t = F.mul(a, 2.0)                             # reads the old a
+        F.assign(a, F.add(F.mul(a, 0.5), x))
+        F.assign(w, F.add(w, F.tanh(t)))
+        g.outputs = {"t": t.node}
+    xv = rng.normal(size=(64, 8)).astype(F32)
+    run_graph(g, {"x": xv}, True)
+    np.testing.assert_allclose(a.data, a0 * F32(0.5) + xv, rtol=1e-6)
+    np.testing.assert_allclose(w.data, w0 + np.tanh(a0 * 2), rtol=2e-6, atol=1e-6)
+
+
+def test_simplify_algebra_cse_and_folding():
+    def build():
+        g = Graph("s")
+        b = GraphBuilder(g)
+        with building(b):
+            x = b.input("x", (4, 6), F32)
+            y = F.add(F.mul(x, 1.0), 0.0)
+            y = F.div(F.sub(y, 0.0), 1.0)
+            y = F.neg(F.neg(y))
+            y = F.reshape(F.reshape(y, (24,)), (4, 6))
+            c = F.mul(F.add(F.zeros_like(x), 2.0), 3.0)                   # constant: folded
+            t1, t2 = F.tanh(y), F.tanh(y)                                   # CSE
+            g.outputs = {"z": F.add(F.mul(t1, c), t2).node}
+        return g
+    s = simplify(expand(dce(build())))        # the passes rewrite the nodes they are given
+    ops = [n.op for n in s.nodes]
+    assert ops.count("tanh") == 1 and "neg" not in ops and "reshape" not in ops and "div" not in ops
+    assert ops.count("const") == 1 and ops.count("mul") == 1 and ops.count("add") == 1
+    xv = np.arange(24, dtype=F32).reshape(4, 6) / 10
+    np.testing.assert_allclose(run_graph(build(), {"x": xv}, True)["z"], np.tanh(xv) * 7, rtol=1e-6)
+
+
+def test_dumps_before_and_after(tmp_path):
+    g = Graph("dumped")
+    b = GraphBuilder(g)
+    with building(b):
+        x = b.input("x", (64, 32), F32)
+        g.outputs = {"y": F.softmax(F.mul(F.add(x, 1.0), 0.5), -1).node}
+    before, after, fused = dumps(dce(g))
+    assert "softmax" in before and "fused(" in after and "softmax" not in after
+    graph_kernel(dce(g), dump_dir=tmp_path)
+    assert "fused(" in (tmp_path / "dumped.after.txt").read_text()
+    assert "softmax(" in (tmp_path / "dumped.before.txt").read_text()
+    node = next(n for n in fused.nodes if n.op == "fused")
+    assert node.name.startswith("Fused_") and node.ann["fused_ops"][:2] == ["add", "mul"]
+
+
+def test_fused_graph_is_valid_for_the_rest_of_the_pipeline(digits):
+    make, batches = _mlp(digits)
+    context.set_context(seed=0, enable_graph_kernel=True)
+    net, loss, opt = make()
+    model = Model(net, loss, opt, progress=False)
+    graph = model.build_train_graph(*batches[0])
+    fused = graph_kernel(dce(graph))
+    fused.verify()
+    assert not any(n.deps for n in fused.nodes)                  # ordering is order_effects' job
+    ordered = order_effects(fused)
+    ordered.verify()
+    assert fuse(expand(dce(graph))) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the on-disk kernel cache
+# ---------------------------------------------------------------------------------------------------------
+_CACHE_SCRIPT = r"""
+import numpy as np, sys
+from runtime.core import GraphBuilder, building
+from runtime.ir.graph import Graph
+from runtime.ops import api as F
+from runtime.passes.graph_kernel import graph_kernel, kernels
+g = Graph("cache_probe"); b = GraphBuilder(g)
+with building(b):
+    x = b.input("x", (33, 17), np.float32)
+    g.outputs = {"y": F.tanh(F.mul(F.add(x, float(sys.argv[1])), 1.25)).node}
+fg = graph_kernel(g)
+node = next(n for n in fg.nodes if n.op == "fused")
+assert node.attrs["_program"].backend() == "c"
+xv = np.linspace(-1, 1, 33 * 17, dtype=np.float32).reshape(33, 17)
+print(float(node.attrs["_program"](xv).sum()))
+"""
+
+
+def test_kernel_cache_is_shared_between_processes(tmp_path):
+    if not kernels.compiler_available():
+        pytest.skip("no C compiler")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CACHE_SCRIPT, "0.5"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]   # concurrent builders
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    kdir = tmp_path / "insight" / "kernels"
+    entries = sorted(p.name for p in kdir.iterdir() if not p.name.startswith("."))
+    assert any(e.startswith("fk_") for e in entries) and any(e.startswith("batch_") for e in entries)
+    mtimes = {p.name: p.lstat().st_mtime_ns for p in kdir.iterdir()}
+    # another constant is a different kernel (constants are compiled in); the same one is loaded, not rebuilt
+    r = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, "0.5"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout == outs[0][0]
+    assert {p.name: p.lstat().st_mtime_ns for p in kdir.iterdir()} == mtimes
+
+
+def test_profiler_op_table_shows_fused_ops_and_fewer_launches(tmp_path):
+    """What a user sees: the op table of a profiled BERT step lists Fused_* kernels with their original ops,
+    and the step launches fewer kernels than without fusion."""
+    import insight
+    from insight import analysis
+
+    make, batches = _bert(None)
+    launches, tables = {}, {}
+    for fused in (False, True):
+        context.set_context(seed=0, enable_graph_kernel=fused)
+        net, loss, opt = make()
+        model = Model(net, loss, opt, progress=False)
+        model.train_step(*batches[0])  # compile outside the profile
+        run_dir = tmp_path / ("fused" if fused else "plain")
+        with insight.Profiler(output_path=str(run_dir)):
+            for k in range(3):
+                model.train_step(*batches[k % len(batches)])
+        context.set_context(enable_graph_kernel=False)
+        ops = analysis.op_stats(str(run_dir), kinds=("kernel",))
+        tables[fused] = ops
+        launches[fused] = int(ops["calls"].sum()) / 3
+    assert launches[True] < 0.5 * launches[False], launches
+    t = tables[True]
+    fused_rows = t[t["op"].isin(["fused", "fused_assign"])]  # (fused_get rows unpack a kernel's outputs)
+    assert len(fused_rows) and fused_rows["name"].str.startswith("Fused_").all()
+    assert (fused_rows["fused_ops"].str.len() > 0).all() and fused_rows["fused_ops"].str.contains("exp").any()
+    assert not tables[False]["name"].str.startswith("Fused_").any()
