@@ -62,7 +62,8 @@ from runtime.passes.graph_kernel.codegen import codegen
 from runtime.passes.graph_kernel.expand import expand
 from runtime.passes.graph_kernel.fuse import fuse
 from runtime.passes.graph_kernel.kernels import backend, set_backend  # noqa: F401
-from runtime.passes.graph_kernel.simplify import _dce, simplify
+from runtime.passes.dce import dce
+from runtime.passes.graph_kernel.simplify import simplify
 
 __all__ = ["graph_kernel", "dumps", "expand", "simplify", "fuse", "codegen", "clone", "set_backend", "backend"]
 
@@ -91,7 +92,7 @@ def graph_kernel(graph: Graph, dump_dir: str | os.PathLike | None = None) -> Gra
     g = simplify(g)
     g = fuse(g)
     g = codegen(g)
-    g = _dce(g)          # scalar constants now inlined into kernels
+    g = dce(g)           # scalar constants now inlined into kernels
     g.verify()
     g.meta["graph_kernel"] = True
     if dump_dir is not None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.ir.graph import Graph, Node, toposort
+from runtime.ir.graph import Graph, Node
+from runtime.passes.dce import dce
 from runtime.ops.registry import get_primitive
 
 LEAVES = ("input", "param", "const")
@@ -155,7 +156,7 @@ def simplify(graph: Graph) -> Graph:
         graph, changed = _once(graph)
         if not changed:
             break
-    return _dce(graph)
+    return dce(graph)
 
 
 def _once(graph: Graph):
@@ -205,13 +206,3 @@ def _once(graph: Graph):
     out.effects = [resolve(e) for e in graph.effects]
     out.meta = dict(graph.meta)
     return out, changed
-
-
-def _dce(graph: Graph) -> Graph:
-    keep = {n.id for n in toposort(graph.nodes, graph.roots())}
-    out = Graph(graph.name)
-    out.nodes = [n for n in graph.nodes if n.id in keep]
-    out.outputs = dict(graph.outputs)
-    out.effects = list(graph.effects)
-    out.meta = dict(graph.meta)
-    return out
