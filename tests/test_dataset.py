@@ -474,3 +474,22 @@ def test_model_trains_on_a_generator_pipeline(digits):
     params = model.train(3, ds)
     assert params["cur_step_num"] == 3 * 8
     assert np.isfinite(float(params["net_outputs"]))
+
+
+def test_a_listener_that_subscribes_mid_iteration_gets_the_pipeline_structure():
+    import numpy as np
+
+    from runtime import hooks
+    from runtime.dataset import NumpySlicesDataset
+
+    ds = NumpySlicesDataset((np.arange(64, dtype=np.float32),), ["x"]).batch(4)
+    it = ds.create_tuple_iterator(num_epochs=1)
+    next(it)
+    seen = []
+    listener = hooks.subscribe(lambda kind, ev: seen.append(kind))
+    try:
+        next(it)
+    finally:
+        hooks.unsubscribe(listener)
+        it.close()
+    assert "dataset_pipeline" in seen

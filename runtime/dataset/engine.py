@@ -368,7 +368,7 @@ class _Pipeline:
         self.consumer.t_start = _now()
         self.root = self._build(root_op, -1, None if num_epochs < 0 else num_epochs)
         self._started = False
-        self._announced = False
+        self._announced = -1  # the hooks.generation last announced to
 
     def _build(self, op, parent_id, passes) -> _Stage:
         st = _Stage(self, op, len(self.stages), parent_id, self.capacity, passes)
@@ -401,11 +401,12 @@ class _Pipeline:
             self.start_sampler()
 
     def announce(self) -> None:
-        """Emit ``dataset_pipeline`` (once; also late, if a listener subscribes mid-iteration)."""
+        """Emit ``dataset_pipeline`` once per set of listeners (again, late, when a new listener subscribes
+        mid-iteration, e.g. a profiler started mid-training)."""
         with self._lock:
-            if self._announced:
+            if self._announced == hooks.generation:
                 return
-            self._announced = True
+            self._announced = hooks.generation
         hooks.emit("dataset_pipeline", {
             "pipeline_id": self.id, "t_ns": _now(), "num_epochs": self.num_epochs,
             "ops": [{"op_id": s.op_id, "op_type": s.op_type, "parent_id": s.parent_id,
@@ -547,8 +548,11 @@ class DatasetIterator:
         pipe = self._pipe
         if pipe.closed:
             raise StopIteration
-        if hooks.listening and pipe.sampler is None:
-            pipe.start_sampler()
+        if hooks.listening:
+            if pipe.sampler is None:
+                pipe.start_sampler()
+            elif pipe._announced != hooks.generation:  # a listener that subscribed mid-iteration
+                pipe.announce()
         try:
             item = pipe.root.out.get(pipe.consumer)
         except _Aborted:
