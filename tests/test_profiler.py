@@ -1,4 +1,5 @@
 """insight.Profiler and the collectors: what a profiled digits-CNN training writes, read back with insight.trace."""
+import json
 import os
 import signal
 import subprocess
@@ -185,7 +186,13 @@ def test_parts_while_running_then_compaction(tmp_path, digits):
     model.train(1, _dataset(digits))
     parts = tmp_path / "run" / "rank_0" / "tasks"
     deadline = time.time() + 10
-    while not (prof._writer.rows["steps"] == 5 and any(parts.glob("part-*.parquet"))) and time.time() < deadline:
+    def flushed():  # the writer renames the part files first, then rewrites the manifest
+        if not (prof._writer.rows["steps"] == 5 and any(parts.glob("part-*.parquet"))):
+            return False
+        m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+        return m.get("step_count") == 5 and "tasks" in m.get("tables", {})
+
+    while not flushed() and time.time() < deadline:
         time.sleep(0.02)
     run = open_run(tmp_path / "run")  # readable while recording, from the parts
     assert run.manifest["status"] == "running" and run.manifest["tables"]["tasks"] == "rank_0/tasks/"
