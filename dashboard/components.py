@@ -12,6 +12,11 @@ from insight.trace import TraceError
 RUN_PAGES = [("overview", "Overview"), ("operators", "Operators"), ("pipeline", "Data pipeline"),
              ("timeline", "Timeline"), ("memory", "Memory")]
 
+# how pages word insight.analysis.data_pipeline's verdict
+PIPELINE_VERDICTS = {"data_processing": "Data processing is the bottleneck",
+                     "data_transfer": "Host-to-device transfer is the bottleneck",
+                     "none": "The data pipeline keeps up", "unknown": "Not enough data-pipeline data for a verdict"}
+
 # every figure can be saved as PNG from its mode bar
 GRAPH_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 

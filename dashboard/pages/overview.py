@@ -6,7 +6,7 @@ import dash
 import plotly.graph_objects as go
 from dash import html
 
-from dashboard.components import fmt_ms, graph, run_page, stat_card
+from dashboard.components import PIPELINE_VERDICTS, fmt_ms, graph, run_page, stat_card
 from dashboard.data import store
 from insight import analysis
 
@@ -59,9 +59,7 @@ def _body(run_id: str):
                   f"{peak.share_of_capacity * 100:.2f} % of capacity" if peak.capacity else ""),
     ], className="cards")
 
-    verdict = {"data_processing": "Data processing is the bottleneck",
-               "data_transfer": "Host-to-device transfer is the bottleneck",
-               "none": "The data pipeline keeps up", "unknown": "No data-pipeline data"}.get(pipe.verdict, pipe.verdict)
+    verdict = PIPELINE_VERDICTS.get(pipe.verdict, pipe.verdict)
     pipe_box = html.Div([html.H4("Data pipeline"),
                          html.P([html.B(verdict, id="pipeline-verdict"),
                                  f" — input-bound: {pipe.input_bound} "

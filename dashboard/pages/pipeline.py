@@ -20,14 +20,11 @@ from dash import dash_table, dcc, html
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.components import graph, run_page, stat_card
+from dashboard.components import PIPELINE_VERDICTS, graph, run_page, stat_card
 from dashboard.data import store
 from insight import analysis
 
 USAGE_SCALE = "RdYlGn"
-VERDICTS = {"data_processing": "Data processing is the bottleneck",
-            "data_transfer": "Host-to-device transfer is the bottleneck",
-            "none": "The data pipeline keeps up", "unknown": "Not enough data-pipeline data for a verdict"}
 
 
 def register():
@@ -70,7 +67,7 @@ def _no_data(manifest: dict):
 def _verdict(rep):
     share = rep.input_share
     cards = html.Div([
-        stat_card("Verdict", VERDICTS.get(rep.verdict, rep.verdict), "stat-pipe-verdict"),
+        stat_card("Verdict", PIPELINE_VERDICTS.get(rep.verdict, rep.verdict), "stat-pipe-verdict"),
         stat_card("Input-bound", rep.input_bound, "stat-pipe-input",
                   f"{share * 100:.1f} % of the step waits for input" if share == share else ""),
         stat_card("Host queue empty", "—" if rep.host_queue_empty_ratio is None else
@@ -84,7 +81,7 @@ def _verdict(rep):
                                                             else "—"), "stat-pipe-bottleneck"),
     ], className="cards")
     advice = html.Ul([html.Li(a) for a in rep.advice] or [html.Li("Nothing to flag.")], id="pipeline-advice")
-    return html.Div([cards, html.Div([html.H4(VERDICTS.get(rep.verdict, rep.verdict), id="pipeline-verdict"), advice],
+    return html.Div([cards, html.Div([html.H4(PIPELINE_VERDICTS.get(rep.verdict, rep.verdict), id="pipeline-verdict"), advice],
                                      className="panel")])
 
 
