@@ -31,44 +31,6 @@ from runtime.nn.transformer import BertSmall, bert_batch
 from runtime.ops import api as F
 
 
-def fused_pipeline_available() -> bool:
-    """Does runtime.passes.pipeline already run graph_kernel when enable_graph_kernel is on?"""
-    from runtime import passes
-    g = Graph("probe")
-    b = GraphBuilder(g)
-    old = context.get_context("enable_graph_kernel")
-    with building(b):
-        x = b.input("x", (64, 64), np.float32)
-        g.outputs = {"y": F.tanh(F.mul(F.add(x, 1.0), 2.0)).node}
-    try:
-        context.set_context(enable_graph_kernel=True)
-        out = passes.pipeline(g)
-    finally:
-        context.set_context(enable_graph_kernel=old)
-    return any(n.op == "fused" for n in out.nodes)
-
-
-def install_pipeline():
-    """Wire graph_kernel into Model's pipeline (after dce, before order_effects) if the lead has not."""
-    if fused_pipeline_available():
-        return "runtime.passes.pipeline"
-    import runtime.train.model as model_mod
-    from runtime.passes import assign_streams, order_effects, place
-    from runtime.passes.dce import dce
-    from runtime.passes.graph_kernel import graph_kernel
-
-    def pipeline(graph):
-        graph.verify()
-        g = dce(graph)
-        if context.get_context("enable_graph_kernel"):
-            g = graph_kernel(g)
-        for p in (order_effects, place, assign_streams):
-            g = p(g)
-        return g
-    model_mod.pipeline = pipeline
-    return "benchmark (graph_kernel inserted after dce)"
-
-
 def bert_step(fuse: bool, batch: int, seq: int, layers: int, hidden: int, heads: int):
     context.set_context(seed=0, enable_graph_kernel=fuse)
     net = BertSmall(vocab_size=1000, hidden_size=hidden, num_layers=layers, num_heads=heads, max_position=seq)
@@ -113,11 +75,9 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a smaller BERT (for a smoke run)")
     args = ap.parse_args()
-    where = install_pipeline()
     cfg = dict(batch=16, seq=128, layers=4, hidden=256, heads=4)
     if args.quick:
         cfg = dict(batch=4, seq=64, layers=2, hidden=128, heads=4)
-    print(f"graph_kernel wired by: {where}")
     print(f"BERT-small training step: {cfg}, Adam")
     off, feeds, b_off = bert_step(False, **cfg)
     on, _, b_on = bert_step(True, **cfg)

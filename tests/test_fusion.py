@@ -30,39 +30,25 @@ F32 = np.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
-# helpers: the pass pipeline with graph_kernel after dce (what the lead wires behind enable_graph_kernel)
+# the switch
 # ---------------------------------------------------------------------------------------------------------
-def fused_pipeline(graph: Graph) -> Graph:
-    graph.verify()
-    g = dce(graph)
-    if context.get_context("enable_graph_kernel"):
-        g = graph_kernel(g)
-    for p in (order_effects, place, assign_streams):
-        g = p(g)
-    return g
-
-
-def _switch_wired() -> bool:
+def test_enable_graph_kernel_switches_fusion_on_in_the_pipeline():
     from runtime import passes
-    g = Graph("probe")
-    b = GraphBuilder(g)
-    with building(b):
-        x = b.input("x", (8, 8), F32)
-        g.outputs = {"y": F.tanh(F.add(x, 1.0)).node}
+
+    def probe():
+        g = Graph("probe")
+        b = GraphBuilder(g)
+        with building(b):
+            x = b.input("x", (8, 8), F32)
+            g.outputs = {"y": F.tanh(F.add(x, 1.0)).node}
+        return g
+
+    assert not any(n.op == "fused" for n in passes.pipeline(probe()).nodes)
     context.set_context(enable_graph_kernel=True)
     try:
-        return any(n.op == "fused" for n in passes.pipeline(g).nodes)
+        assert any(n.op == "fused" for n in passes.pipeline(probe()).nodes)
     finally:
         context.set_context(enable_graph_kernel=False)
-
-
-@pytest.fixture
-def fusion_pipeline(monkeypatch):
-    """Model compiles through runtime.passes.pipeline; until it runs graph_kernel, insert it here."""
-    if not _switch_wired():
-        import runtime.train.model as model_mod
-        monkeypatch.setattr(model_mod, "pipeline", fused_pipeline)
-    yield
 
 
 def run_graph(graph: Graph, feeds: dict, fuse_it: bool) -> dict:
@@ -146,7 +132,7 @@ def _bert(_):
 
 
 @pytest.mark.parametrize("model", ["lenet", "mlp_dropout", "embedding", "bert"])
-def test_models_train_to_the_same_losses(model, digits, fusion_pipeline):
+def test_models_train_to_the_same_losses(model, digits):
     make, batches = {"lenet": _lenet, "mlp_dropout": _mlp, "embedding": _embed, "bert": _bert}[model](digits)
     off, exe_off, net_off = train_losses(make, batches, False, 20)
     on, exe_on, net_on = train_losses(make, batches, True, 20)
@@ -160,7 +146,7 @@ def test_models_train_to_the_same_losses(model, digits, fusion_pipeline):
         np.testing.assert_allclose(p_on.data, p_off.data, rtol=1e-4, atol=1e-5, err_msg=p_on.name)
 
 
-def test_bert_step_launches_far_fewer_kernels(fusion_pipeline):
+def test_bert_step_launches_far_fewer_kernels():
     make, batches = _bert(None)
     _, exe_off, _ = train_losses(make, batches, False, 1)
     _, exe_on, _ = train_losses(make, batches, True, 1)
@@ -191,7 +177,7 @@ def _bert_params_after(backend_name, steps=3):
     return losses, [p.data.copy() for p in net.get_parameters()], exe
 
 
-def test_interpreter_is_bit_identical_to_compiled_kernels(fusion_pipeline):
+def test_interpreter_is_bit_identical_to_compiled_kernels():
     if not kernels.compiler_available():
         pytest.skip("no C compiler")
     l_c, p_c, exe = _bert_params_after("c")
@@ -202,7 +188,7 @@ def test_interpreter_is_bit_identical_to_compiled_kernels(fusion_pipeline):
         np.testing.assert_array_equal(a, b)
 
 
-def test_no_compiler_falls_back_to_the_interpreter(fusion_pipeline):
+def test_no_compiler_falls_back_to_the_interpreter():
     l_ref, p_ref, _ = _bert_params_after("interp")
     with kernels.compiler("/nonexistent/bin/gcc"), warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
