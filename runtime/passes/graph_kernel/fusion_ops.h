@@ -51,15 +51,13 @@ static inline float fk_leaky(float x, float alpha) { return fk_sel(x > 0.0f, x, 
 static inline float fk_relu_grad(float x, float g) { return fk_sel(x > 0.0f, g, 0.0f); }
 
 /* exp: Cody-Waite range reduction + Cephes degree-6 polynomial, as in runtime/_kernels.pyx (<= 2 ulp) */
-static inline float fk_exp(float x) {
-    int lo = x < (float)-87.3365447505531;
-    int hi = x > (float)88.37;
-    float xc = fk_sel(lo, (float)-87.3365447505531, fk_sel(hi, (float)88.37, x));
+/* e^xc for xc already clamped to [-87.34, 88.37]: the Cephes polynomial, evaluated with Estrin's scheme
+   (shorter dependency chains than Horner), scaled by 2^n built from the exponent bits */
+static inline float fk_exp_clamped(float xc) {
     float tf = xc * (float)1.44269504088896341 + (float)12582912.0;
     float n = tf - (float)12582912.0;
     float r = xc - n * (float)0.693359375;
     r = r + n * (float)2.12194440e-4;
-    /* the Cephes polynomial, evaluated with Estrin's scheme (shorter dependency chains than Horner) */
     float r2 = r * r;
     float r4 = r2 * r2;
     float q2 = (float)1.9875691500e-4 * r + (float)1.3981999507e-3;
@@ -68,28 +66,21 @@ static inline float fk_exp(float x) {
     float p = q2 * r4 + (q1 * r2 + q0);
     p = p * r2 + r + (float)1.0;
     float sc = fk_from_bits((fk_to_bits(tf) + (uint32_t)0xB4C0007Fu) << 23);
-    p = p * sc;
-    return fk_sel(lo, 0.0f, fk_sel(hi, INFINITY, p));
+    return p * sc;
+}
+
+static inline float fk_exp(float x) {
+    int lo = x < (float)-87.3365447505531;
+    int hi = x > (float)88.37;
+    float xc = fk_sel(lo, (float)-87.3365447505531, fk_sel(hi, (float)88.37, x));
+    return fk_sel(lo, 0.0f, fk_sel(hi, INFINITY, fk_exp_clamped(xc)));
 }
 
 /* exp for arguments known to be <= 0 (or NaN): fk_exp without the overflow clamp (same values) */
 static inline float fk_exp_nonpos(float x) {
     int lo = x < (float)-87.3365447505531;
     float xc = fk_sel(lo, (float)-87.3365447505531, x);
-    float tf = xc * (float)1.44269504088896341 + (float)12582912.0;
-    float n = tf - (float)12582912.0;
-    float r = xc - n * (float)0.693359375;
-    r = r + n * (float)2.12194440e-4;
-    float r2 = r * r;
-    float r4 = r2 * r2;
-    float q2 = (float)1.9875691500e-4 * r + (float)1.3981999507e-3;
-    float q1 = (float)8.3334519073e-3 * r + (float)4.1665795894e-2;
-    float q0 = (float)1.6666665459e-1 * r + (float)5.0000001201e-1;
-    float p = q2 * r4 + (q1 * r2 + q0);
-    p = p * r2 + r + (float)1.0;
-    float sc = fk_from_bits((fk_to_bits(tf) + (uint32_t)0xB4C0007Fu) << 23);
-    p = p * sc;
-    return fk_sel(lo, 0.0f, p);
+    return fk_sel(lo, 0.0f, fk_exp_clamped(xc));
 }
 
 /* log: Cephes logf (frexp by bit manipulation, degree-8 polynomial), branch-free */
