@@ -1,6 +1,6 @@
 """Host/device placement demo: a model whose embedding table does not fit the device.
 
-    python examples/host_placement.py
+    python -m runtime.examples.host_placement
 
 First the device (32 MB here) runs out of memory with a message naming the largest tensors; then the
 table and its sparse optimizer are placed on the host (primitive_target="CPU") and training converges.

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m runtime.examples.NAME`` (see each module's docstring)."""
