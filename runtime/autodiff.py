@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from runtime import core
-from runtime.core import Tensor
+from runtime.core import SparseGrad, Tensor
+from runtime.executor import evaluate
 from runtime.ir.graph import Node
 from runtime.ops import api as F
 from runtime.ops.registry import get_primitive
@@ -57,8 +58,6 @@ def _backward(nodes: list[Node], loss: Node, wrt: list[Node]) -> dict[int, Tenso
 
 def _as_sparse(g: Tensor, n: Node):
     """A gradient that is exactly gather_grad(ids, rows) becomes SparseGrad(ids, rows)."""
-    from runtime.nn.optim import SparseGrad
-
     gn = g.node
     if gn is not None and gn.op == "gather_grad" and len(n.shape) == 2:
         ids, rows = gn.inputs
@@ -92,9 +91,6 @@ def grad(loss: Tensor, wrt: list[Tensor], sparse: bool = False) -> list:
 
 def grad_eager(tape: core.Tape, loss: Tensor, wrt: list[Tensor], sparse: bool = False) -> list:
     """PYNATIVE autodiff: extend the tape's graph with the backward and execute it now."""
-    from runtime.executor import evaluate
-    from runtime.nn.optim import SparseGrad
-
     if loss.node is None or loss.node.id not in tape.values:
         raise ValueError("grad_eager: the loss was not computed while this tape was recording")
     wrt_nodes = [tape.leaf(w) for w in wrt]

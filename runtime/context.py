@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime import random as _random
+from runtime.units import parse_size
+
 GRAPH_MODE = 0
 PYNATIVE_MODE = 1
 
@@ -34,11 +37,9 @@ def set_context(**kwargs) -> None:
         if key == "compute_streams" and value not in (1, 2):
             raise ValueError(f"set_context: compute_streams must be 1 or 2, got {value!r}")
         if key == "device_memory" and value is not None:
-            from runtime.device.memory import parse_size
             parse_size(value)  # fail here, with the option's name, on a bad size
         _state[key] = value
     if "seed" in kwargs:
-        from runtime import random as _random
         _random.set_seed(_state["seed"])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -88,96 +89,53 @@ class Tensor:
     def __float__(self):
         return float(self.asnumpy())
 
-    # -- operators (dispatch through ops) ----------------------------------------------------
-    def __add__(self, o):
-        from runtime import ops
-        return ops.add(self, o)
-
-    def __radd__(self, o):
-        from runtime import ops
-        return ops.add(o, self)
-
-    def __sub__(self, o):
-        from runtime import ops
-        return ops.sub(self, o)
-
-    def __rsub__(self, o):
-        from runtime import ops
-        return ops.sub(o, self)
-
-    def __mul__(self, o):
-        from runtime import ops
-        return ops.mul(self, o)
-
-    def __rmul__(self, o):
-        from runtime import ops
-        return ops.mul(o, self)
-
-    def __truediv__(self, o):
-        from runtime import ops
-        return ops.div(self, o)
-
-    def __rtruediv__(self, o):
-        from runtime import ops
-        return ops.div(o, self)
-
-    def __neg__(self):
-        from runtime import ops
-        return ops.neg(self)
-
-    def __pow__(self, o):
-        from runtime import ops
-        return ops.pow(self, o)
-
-    def __matmul__(self, o):
-        from runtime import ops
-        return ops.matmul(self, o)
-
-    def __lt__(self, o):
-        from runtime import ops
-        return ops.less(self, o)
-
-    def __le__(self, o):
-        from runtime import ops
-        return ops.less_equal(self, o)
-
-    def __gt__(self, o):
-        from runtime import ops
-        return ops.greater(self, o)
-
-    def __ge__(self, o):
-        from runtime import ops
-        return ops.greater_equal(self, o)
-
+    # Operators (+, -, *, /, @, comparisons) and the reshape / transpose / sum / mean / astype methods are
+    # attached by ``runtime.ops.methods`` (the way JAX attaches its array methods): they are ops, and ops
+    # are built on this module, not the other way round.
     __hash__ = object.__hash__
 
-    def reshape(self, *shape):
-        from runtime import ops
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return ops.reshape(self, shape)
 
-    def transpose(self, *perm):
-        from runtime import ops
-        if len(perm) == 1 and isinstance(perm[0], (tuple, list)):
-            perm = tuple(perm[0])
-        return ops.transpose(self, perm or None)
+class Parameter(Tensor):
+    __slots__ = ("name", "requires_grad", "_named", "owner")
+
+    def __init__(self, data, name: str | None = None, requires_grad: bool = True):
+        if isinstance(data, Tensor):
+            data = data.asnumpy()
+        arr = np.asarray(data)
+        if arr.dtype == np.float64 and not isinstance(data, np.ndarray):
+            arr = arr.astype(np.float32)
+        super().__init__(np.array(arr, order="C", copy=True))
+        self.name = name or "Parameter"
+        self._named = name is not None
+        self.requires_grad = requires_grad
+        self.owner: "Parameter | None" = None  # for optimizer state: the parameter it belongs to
 
     @property
-    def T(self):
-        return self.transpose()
+    def data(self) -> np.ndarray:
+        return self._data
 
-    def sum(self, axis=None, keepdims=False):
-        from runtime import ops
-        return ops.reduce_sum(self, axis, keepdims)
+    def set_data(self, value) -> None:
+        """Overwrite the values in place (shape and dtype must match)."""
+        value = np.asarray(value.asnumpy() if isinstance(value, Tensor) else value)
+        if value.shape != self._data.shape:
+            raise ValueError(f"Parameter {self.name!r}: cannot load a value of shape {value.shape} into "
+                             f"shape {self._data.shape}")
+        np.copyto(self._data, value.astype(self._data.dtype, copy=False))
 
-    def mean(self, axis=None, keepdims=False):
-        from runtime import ops
-        return ops.reduce_mean(self, axis, keepdims)
+    def __repr__(self):
+        return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype}, " \
+               f"requires_grad={self.requires_grad})"
 
-    def astype(self, dtype):
-        from runtime import ops
-        return ops.cast(self, dtype)
+
+@dataclass
+class SparseGrad:
+    """Gradient of a (rows, ...) table as rows ``values[k]`` at ``indices[k]`` (duplicates allowed)."""
+    indices: Tensor   # (n,) int
+    values: Tensor    # (n, ...) rows
+    dense_shape: tuple
+
+    def to_dense(self) -> Tensor:
+        return bind("gather_grad", [self.indices, self.values], {"num_rows": int(self.dense_shape[0])})
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,8 +196,6 @@ class GraphBuilder:
         self._keep: list = []  # keeps objects alive so their id() stays unique
 
     def leaf_for(self, t: Tensor) -> Node:
-        from runtime.nn.parameter import Parameter  # cycle-free at call time
-
         key = id(t)
         node = self._leaf.get(key)
         if node is not None:

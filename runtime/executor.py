@@ -1,6 +1,7 @@
 """Runs a compiled training step on the simulated device.
 
-``CompiledGraph(graph)`` compiles the (already placed and stream-assigned) graph into a task list
+``CompiledGraph(graph)`` compiles the (already placed and stream-assigned: see ``runtime.compiler.compile``, the one
+entry point that runs the pass pipeline first) graph into a task list
 (``runtime/device/tasks.py``), reserves device memory for the parameters and the step's planned
 activation peak (raising ``DeviceOutOfMemoryError`` if they do not fit), and runs the tasks:
 
@@ -70,12 +71,11 @@ def _stop_workers(workers):
 
 class CompiledGraph:
     def __init__(self, graph: Graph, device=None):
-        from runtime.passes import device_passes
-        from runtime.passes.dce import dce
-
-        graph = dce(graph)
-        if any("stream" not in n.ann for n in graph.nodes if n.op not in ("input", "param", "const")):
-            graph = device_passes(graph)
+        unassigned = [n for n in graph.nodes if n.op not in ("input", "param", "const") and "stream" not in n.ann]
+        if unassigned:
+            n = unassigned[0]
+            raise ValueError(f"{graph.name}: %{n.id} ({n.op}) has no stream: the graph has not been through the "
+                             "pass pipeline; compile it with runtime.compiler.compile(graph)")
         self.graph = graph
         self.tl: TaskList = compile_tasks(graph)
         self.nodes = self.tl.nodes

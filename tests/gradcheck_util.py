@@ -17,7 +17,7 @@ import numpy as np
 from runtime import core
 from runtime.autodiff import grad, grad_eager
 from runtime.core import GraphBuilder, Tensor, building
-from runtime.executor import CompiledGraph
+from runtime.compiler import compile as compile_graph
 from runtime.ir.graph import Graph
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
@@ -66,7 +66,7 @@ def graph_grads(fn, params, r) -> tuple[float, list[np.ndarray]]:
         else:  # an unused parameter: autodiff returns concrete zeros
             const[k] = g.asnumpy()
     graph.verify()
-    res = CompiledGraph(graph)({})
+    res = compile_graph(graph)({})
     grads = [const[k] if k in const else np.asarray(res[f"g{k}"]) for k in range(len(gs))]
     return float(res["loss"]), grads
 

@@ -62,7 +62,7 @@ def test_dtype_mismatch_is_reported():
 
 def test_feed_errors_name_the_input():
     from runtime.core import GraphBuilder, building
-    from runtime.executor import CompiledGraph
+    from runtime.compiler import compile as compile_graph
     from runtime.ir.graph import Graph
 
     g = Graph("g")
@@ -70,7 +70,7 @@ def test_feed_errors_name_the_input():
     with building(b):
         x = b.input("x", (2, 2), np.float32)
         g.outputs["y"] = (x * 2.0).node
-    exe = CompiledGraph(g)
+    exe = compile_graph(g)
     with pytest.raises(FeedError, match=r"input 'x' expects \(2, 2\) float32, got \(2, 3\) float32"):
         exe({"x": np.zeros((2, 3), np.float32)})
     with pytest.raises(FeedError, match="no value fed for input 'x'"):

@@ -7,36 +7,14 @@ themselves live in host RAM (numpy arrays); what is simulated is the device's li
 from __future__ import annotations
 
 import bisect
-import re
 import threading
 import weakref
 from dataclasses import dataclass, field
 
+from runtime import context
+from runtime.units import fmt_bytes, parse_size  # noqa: F401  (re-exported)
+
 ALIGN = 512  # Ascend's allocation granularity
-
-_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "K": 1 << 10, "MB": 1 << 20, "M": 1 << 20, "GB": 1 << 30, "G": 1 << 30}
-
-
-def parse_size(value) -> int:
-    """'512MB' / '2GB' / 1048576 -> bytes."""
-    if isinstance(value, (int, float)):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B?)\s*", str(value).upper())
-        if not m:
-            raise ValueError(f"device_memory: cannot read {value!r}; write e.g. '512MB' or '2GB'")
-        n = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if n <= 0:
-        raise ValueError(f"device_memory must be positive, got {value!r}")
-    return n
-
-
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
 
 def align(n: int) -> int:
     return max(ALIGN, (int(n) + ALIGN - 1) // ALIGN * ALIGN)
@@ -203,8 +181,6 @@ DEFAULT_CAPACITY = "8GB"
 def get_device() -> Device:
     """The process's device, (re)created when context's device_memory changes."""
     global _device, _device_capacity
-    from runtime import context
-
     cap = context.get_context("device_memory") or DEFAULT_CAPACITY
     if _device is None or cap != _device_capacity:
         _device = Device(cap)

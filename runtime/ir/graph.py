@@ -19,12 +19,23 @@ Every pass is a function Graph -> Graph.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 _ids = itertools.count(1)
 _SHOWN_ANN = ("placement", "stream", "fused_ops")
+
+
+# How verify() re-infers a node's shape and dtype: ``node -> (shape, dtype)``. The primitives live
+# above the IR (``runtime.ops`` imports ``runtime.ir``), so the registry installs its rule here.
+_infer: Callable[["Node"], tuple] | None = None
+
+
+def set_inference(fn: Callable[["Node"], tuple]) -> None:
+    """Install the shape/dtype rule Graph.verify() checks every node against."""
+    global _infer
+    _infer = fn
 
 
 class IRError(Exception):
@@ -113,8 +124,8 @@ class Graph:
     # -- checks ---------------------------------------------------------------------
     def verify(self) -> "Graph":
         """Raise IRError on dangling inputs, cycles (order violations) or bad shapes."""
-        from runtime.ops.registry import get_primitive  # local: ops import ir
-
+        if _infer is None:
+            raise IRError("Graph.verify: no inference rules are registered (import runtime.ops first)")
         pos = {}
         for idx, n in enumerate(self.nodes):
             if n.id in pos:
@@ -135,8 +146,7 @@ class Graph:
                     if not isinstance(v, np.ndarray) or v.shape != n.shape or v.dtype != n.dtype:
                         raise IRError(f"{self.name}: const %{n.id} value does not match {n.shape} {n.dtype}")
                 continue
-            prim = get_primitive(n.op)
-            shape, dtype = prim.infer([i.shape for i in n.inputs], [i.dtype for i in n.inputs], n.attrs)
+            shape, dtype = _infer(n)
             if tuple(shape) != n.shape or np.dtype(dtype) != n.dtype:
                 raise IRError(f"{self.name}: %{n.id} ({n.op}) is recorded as {n.shape} {n.dtype} but its "
                               f"inputs give {tuple(shape)} {np.dtype(dtype)}")

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from runtime import core
 from runtime.nn.parameter import Parameter
+from runtime.ops.registry import ShapeError
 
 
 class Cell:
@@ -102,6 +103,5 @@ class Cell:
     def check(self, ok: bool, message: str) -> None:
         """Raise a ShapeError that names this Cell and its path."""
         if not ok:
-            from runtime.ops.registry import ShapeError
             path = core.current_scope() or type(self).__name__
             raise ShapeError(f"{self!r} at '{path}': {message}")

@@ -9,24 +9,11 @@ embedding table whose gradient comes straight from a ``gather`` and touch only t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from runtime.core import Tensor
+from runtime.core import SparseGrad, Tensor, bind  # noqa: F401  (SparseGrad re-exported)
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
-
-
-@dataclass
-class SparseGrad:
-    """Gradient of a (rows, ...) table as rows ``values[k]`` at ``indices[k]`` (duplicates allowed)."""
-    indices: Tensor   # (n,) int
-    values: Tensor    # (n, ...) rows
-    dense_shape: tuple
-
-    def to_dense(self) -> Tensor:
-        return F.gather_grad(self.indices, self.values, self.dense_shape[0])
 
 
 def _default_decay_filter(p: Parameter) -> bool:
@@ -225,7 +212,6 @@ def _sparse_parts(g: SparseGrad):
 
 
 def bind_sparse(op, *args):
-    from runtime.core import bind
     return bind(op, list(args))
 
 

@@ -1,6 +1,7 @@
 """Primitives (registered on import) and the functional ops API."""
 from runtime.ops import prims as _prims  # noqa: F401  (registers every primitive)
 from runtime.ops import fused as _fused  # noqa: F401  (graph-kernel fusion primitives)
+from runtime.ops import methods as _methods  # noqa: F401  (Tensor operators)
 from runtime.ops.api import *  # noqa: F401,F403
 from runtime.ops.api import slice, pow, abs  # noqa: F401,A004  (names the star import skips)
 from runtime.ops.registry import Primitive, ShapeError, all_primitives, get_primitive  # noqa: F401

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.core import Tensor, as_tensor, bind
+from runtime.ops.registry import ShapeError
 
 
 def _t(x, like=None) -> Tensor:
@@ -113,7 +114,6 @@ def reshape(x, shape):
         known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
         total = x.size
         if known == 0 or total % known or shape.count(-1) > 1:
-            from runtime.ops.registry import ShapeError
             raise ShapeError(f"reshape: cannot reshape {x.shape} into {shape}")
         shape = tuple(total // known if s == -1 else s for s in shape)
     return bind("reshape", [x], {"shape": shape})

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.ir import graph as _ir
+
 CATEGORIES = ("elementwise", "broadcast", "reduce", "injective", "opaque", "source", "effect", "copy")
 
 
@@ -67,6 +69,15 @@ def get_primitive(name: str) -> Primitive:
 
 def all_primitives() -> dict[str, Primitive]:
     return dict(_REGISTRY)
+
+
+def infer_node(node) -> tuple:
+    """(shape, dtype) of ``node`` re-inferred from its inputs by its primitive's rule."""
+    prim = get_primitive(node.op)
+    return prim.infer([i.shape for i in node.inputs], [i.dtype for i in node.inputs], node.attrs)
+
+
+_ir.set_inference(infer_node)
 
 
 def normalize_axes(axis, ndim: int, opname: str) -> tuple[int, ...]:

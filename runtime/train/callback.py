@@ -7,6 +7,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from runtime.train.serialization import save_checkpoint
+
 
 class RunContext:
     def __init__(self, cb_params: dict):
@@ -104,8 +106,6 @@ class ModelCheckpoint(Callback):
         self.saved: list[str] = []
 
     def step_end(self, run_context):
-        from runtime.train.serialization import save_checkpoint
-
         p = run_context.original_args()
         if p["cur_step_num"] % self.config.save_checkpoint_steps:
             return

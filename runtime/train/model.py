@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 from runtime import context, core, hooks
 from runtime.autodiff import grad, grad_eager
 from runtime.core import GraphBuilder, Tensor, building
+from runtime.device.queue import SinkFeeder
+from runtime.compiler import compile as compile_graph
 from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
-from runtime.passes import pipeline
 from runtime.train.callback import CallbackList, RunContext
 from runtime.train.metrics import get_metric
 
@@ -91,8 +92,8 @@ class Model:
         exe = cache.get(key)
         if exe is None:
             t0 = time.perf_counter_ns()
-            graph = pipeline(build(*arrays))
-            exe = CompiledGraph(graph)
+            exe = compile_graph(build(*arrays))
+            graph = exe.graph
             cache[key] = exe
             if hooks.listening:
                 hooks.emit("graph", {"name": graph.name, "nodes": len(graph.nodes), "start_ns": t0,
@@ -134,8 +135,6 @@ class Model:
                     yield e, *_batch_tuple(batch), None
                 yield e, None, None, None  # end of epoch
             return
-        from runtime.device.queue import SinkFeeder
-
         feeder = SinkFeeder(train_dataset, epoch, queue_size, _batch_tuple)
         self.sink_queue = feeder.queue
         try:

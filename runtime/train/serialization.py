@@ -6,11 +6,11 @@ import tempfile
 
 import numpy as np
 
+from runtime.nn.cell import Cell
+
 
 def save_checkpoint(save_obj, ckpt_file_name: str) -> str:
     """Save a Cell's parameters (or a list of Parameters, or a {name: array} dict) atomically."""
-    from runtime.nn.cell import Cell
-
     if isinstance(save_obj, Cell):
         items = {p.name: p.data for p in save_obj.get_parameters()}
     elif isinstance(save_obj, dict):
