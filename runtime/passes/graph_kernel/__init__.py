@@ -21,7 +21,7 @@ graph is not modified. Four Graph -> Graph passes, one module each:
      * one ``fused_assign`` effect node per ``assign`` whose value the group computes: the value is
        written in place into the variable (no temporary, no copy), exactly where the ``assign``
        was in the order relative to the variable's readers;
-     * a ``matmul`` / ``batch_matmul`` whose only consumers are in the group runs as the kernel's
+     * a ``matmul`` / ``batch_matmul`` whose only reader is the group's kernel runs as the kernel's
        prologue (library GEMM into a recycled buffer, the group as its epilogue: bias add + gelu,
        scale + softmax, the dropout / layer-norm backward after ``dX = dY W``) -- one task; the
        other large GEMMs become ``fused_gemm`` nodes (the same library call into recycled buffers).

@@ -18,10 +18,12 @@ Grouping (XLA loop + input fusion, TVM's elementwise / broadcast / injective / r
 
 Outlining a group (the IR is single-output):
 
-* a ``matmul`` / ``batch_matmul`` whose only users are the kernel's members becomes its prologue (TVM's
-  out-elementwise-fusable pattern, TorchInductor's GEMM + epilogue): the library GEMM writes into a
-  recycled buffer and the group runs right after it in the same task; the other large GEMMs become
-  ``fused_gemm`` nodes (the same library call, into the kernel runtime's recycled buffers);
+* a ``matmul`` / ``batch_matmul`` whose only reader in the outlined graph is one ``fused`` kernel becomes
+  its prologue (TVM's out-elementwise-fusable pattern, TorchInductor's GEMM + epilogue): the library GEMM
+  writes into a recycled buffer and the group runs right after it in the same task. This is decided
+  after outlining, when every reader is known: a view of the GEMM exported to an outside consumer, or an
+  in-place kernel of the same group reading it, keeps the GEMM a node of its own. The other large GEMMs
+  become ``fused_gemm`` nodes (the same library call, into the kernel runtime's recycled buffers);
 * outputs = members used outside the group or as graph outputs. One output: the ``fused`` node *is*
   it. Several: the ``fused`` node returns a tuple and one ``fused_get`` per output unpacks it (one
   kernel launch; the gets are free);
@@ -327,7 +329,6 @@ def fuse(graph: Graph) -> Graph:
     unit_of_member: dict[int, list[int]] = defaultdict(list)
     replaced: dict[int, Node] = {}  # absorbed assign id -> fused_assign node
     extra_unit_edges: list[tuple[int, int]] = []
-    gemm_taken: set[int] = set()    # matmuls run as the prologue of a fused kernel
     view_exports: list[Node] = []   # view members whose outside users read the plain view node
 
     def cone(root: Node, member_ids: set, stop: set) -> list[Node]:
@@ -421,33 +422,13 @@ def fuse(graph: Graph) -> Graph:
                         members.append(m)
             members.sort(key=lambda m: pos[m.id])
             sg, ins = subgraph_of(members, main_outs)
-            # a GEMM whose only users are this kernel's members runs inside the same task (a library call
-            # into a recycled buffer, then the group as its epilogue): one launch, no page faults
-            member_ids = {m.id for m in members}
-            prologue, node_inputs, gemms = [], [], []
-            for x in ins:
-                if (x.op in GEMM_OPS and x.id not in out_ids and x.id not in in_group and x.dtype == np.float32
-                        and x.id not in gemm_taken and _key(x) == _key(members[-1])
-                        and users.get(x.id) and all(u.id in member_ids for u in users[x.id])):
-                    prologue.append((x.op, bool(x.attrs["transpose_a"]), bool(x.attrs["transpose_b"])))
-                    node_inputs.extend(x.inputs)
-                    gemms.append(x)
-                    gemm_taken.add(x.id)
-                else:
-                    prologue.append(None)
-                    node_inputs.append(x)
-            attrs = {"_subgraph": sg}
-            if gemms:
-                attrs["_prologue"] = tuple(prologue)
-            unit = {"members": gemms + members, "inputs": node_inputs}
-            fnode = Node("fused", [], attrs, (0,), np.uint8, scope=_scope(members),
+            unit = {"members": list(members), "inputs": list(ins)}
+            fnode = Node("fused", list(ins), {"_subgraph": sg}, (0,), np.uint8, scope=_scope(members),
                          ann={**_group_ann(members)})
-            fnode.inputs = list(node_inputs)
-            shape, dtype = get_primitive("fused").infer([i.shape for i in node_inputs],
-                                                        [i.dtype for i in node_inputs], fnode.attrs)
+            shape, dtype = get_primitive("fused").infer([i.shape for i in ins], [i.dtype for i in ins], fnode.attrs)
             fnode.shape, fnode.dtype = tuple(shape), np.dtype(dtype)
-            fnode.name = _name(gemms + members, fnode.id)
-            fnode.ann["fused_ops"] = [g.op for g in gemms] + [m.op for m in members]
+            fnode.name = _name(members, fnode.id)
+            fnode.ann["fused_ops"] = [m.op for m in members]
             if len(main_outs) == 1:
                 unit["nodes"] = [fnode]
                 value_of[main_outs[0].id] = fnode
@@ -462,7 +443,7 @@ def fuse(graph: Graph) -> Graph:
                 unit["nodes"] = [fnode] + gets
             main_unit = len(units)
             units.append(unit)
-            for m in gemms + members:
+            for m in members:
                 unit_of_member[m.id].append(main_unit)
         for a, var, val, body, cut_ids in plans:
             cut = {c.id: c for c in cut_ids}
@@ -485,7 +466,7 @@ def fuse(graph: Graph) -> Graph:
     # unfused nodes are their own units; the other large GEMMs write into recycled buffers too
     exported = {m.id for m in view_exports}
     for n in nodes:
-        if (n.id in in_group and n.id not in exported) or n.id in replaced or n.id in gemm_taken:
+        if (n.id in in_group and n.id not in exported) or n.id in replaced:
             continue
         node = n
         if n.op in GEMM_OPS and n.dtype == np.float32 and n.nbytes >= GEMM_POOL_BYTES:
@@ -512,6 +493,9 @@ def fuse(graph: Graph) -> Graph:
         mset = {m.id for m in u["members"]}
         head = u["nodes"][0]
         head.deps = _dedupe([producer(d) for m in u["members"] for d in m.deps if d.id not in mset])
+
+    units, unit_of_member, extra_unit_edges = _gemm_prologues(units, unit_of_member, extra_unit_edges, out_ids,
+                                                              {producer(n).id for n in graph.outputs.values()})
 
     # -- schedule: Kahn over units, earliest original position first ---------------------------------------------
     node_unit: dict[int, int] = {}
@@ -559,6 +543,81 @@ def fuse(graph: Graph) -> Graph:
     out.outputs = {name: producer(n) for name, n in graph.outputs.items()}
     out.effects = [replaced.get(e.id, e) for e in graph.effects]
     out.meta = dict(graph.meta)
+    return out
+
+
+def _gemm_prologues(units, unit_of_member, extra_unit_edges, out_ids, new_out_ids):
+    """Run a GEMM as the prologue of the ``fused`` kernel that is its only reader in the fused graph.
+
+    Decided on the outlined graph, where every reader of the GEMM's value is known: the main kernel,
+    the group's in-place kernels (``fused_assign``), views of it exported to outside consumers and
+    unfused nodes. A prologue GEMM has no node of its own, so one more reader of any kind would read a
+    value that is not in the graph. Returns the units with each absorbed GEMM merged into its kernel's
+    unit (its members, and so its ordering constraints, move along), the member -> units map and the
+    extra edges renumbered.
+    """
+    readers: dict[int, list[Node]] = defaultdict(list)
+    unit_of_node: dict[int, int] = {}
+    for k, u in enumerate(units):
+        for node in u["nodes"]:
+            unit_of_node[node.id] = k
+            for i in _dedupe(list(node.inputs) + list(node.deps)):
+                readers[i.id].append(node)
+    into: dict[int, int] = {}            # absorbed GEMM unit -> kernel unit
+    for k, u in enumerate(units):
+        fnode = u["nodes"][0]
+        if fnode.op != "fused":
+            continue
+        spec, new_inputs, gemms = [], [], []
+        for x in fnode.inputs:
+            j = unit_of_node.get(x.id)
+            if _prologue_gemm(x, fnode, readers, new_out_ids) and j is not None and len(units[j]["nodes"]) == 1:
+                op = x.attrs["op"] if x.op == "fused_gemm" else x.op
+                spec.append((op, bool(x.attrs["transpose_a"]), bool(x.attrs["transpose_b"])))
+                new_inputs.extend(x.inputs)
+                fnode.deps = _dedupe(fnode.deps + list(x.deps))
+                gemms.append(units[j]["members"][0])
+                into[j] = k
+            else:
+                spec.append(None)
+                new_inputs.append(x)
+        if not gemms:
+            continue
+        fnode.inputs = new_inputs
+        fnode.attrs["_prologue"] = tuple(spec)
+        members = [m for m in u["members"] if m.op != "assign"]
+        fnode.name = _name(gemms + members, fnode.id)
+        fnode.ann["fused_ops"] = [g.op for g in gemms] + list(fnode.ann["fused_ops"])
+        u["members"] = gemms + u["members"]
+    if not into:
+        return units, unit_of_member, extra_unit_edges
+    renum, kept = {}, []
+    for k, u in enumerate(units):
+        if k not in into:
+            renum[k] = len(kept)
+            kept.append(u)
+    for j, k in into.items():
+        renum[j] = renum[k]
+    new_map = defaultdict(list)
+    for mid, us in unit_of_member.items():
+        new_map[mid] = _dedupe_ints(renum[k] for k in us)
+    edges = [(renum[a], renum[b]) for a, b in extra_unit_edges if renum[a] != renum[b]]
+    return kept, new_map, edges
+
+
+def _prologue_gemm(x: Node, fnode: Node, readers, out_ids) -> bool:
+    """Can GEMM node ``x`` run inside ``fnode``: float32, same phase and target, read by nothing else?"""
+    if x.op not in GEMM_OPS and x.op != "fused_gemm":
+        return False
+    return (x.dtype == np.float32 and x.id not in out_ids and _key(x) == _key(fnode)
+            and [r.id for r in readers.get(x.id, [])] == [fnode.id])
+
+
+def _dedupe_ints(xs):
+    out = []
+    for x in xs:
+        if x not in out:
+            out.append(x)
     return out
 
 
