@@ -2,23 +2,40 @@
 
     insight report RUN                 terminal summary of a profiled run
     insight runs DIR                   the runs under DIR
-    insight export RUN --format chrome|csv [--gzip] [--output PATH]
+    insight export RUN --format chrome|csv [--gzip] [--output PATH] [--force]
     insight demo [--output DIR]        train the digits CNN (profiled into DIR/<name> when --output is given)
+    insight start --summary-base-dir DIR [--host H] [--port P]    serve the dashboard
+    insight stop [--port P]            stop the dashboard started on that port
 
-A run that cannot be read (missing manifest, newer schema, truncated Parquet, ...) prints one line to
-stderr and exits with code 2.
+A run that cannot be read (missing manifest, newer schema, truncated Parquet, ...), a bad argument
+(a port outside 1-65535, an unresolvable host, an output path that cannot be written) or an export
+that would overwrite something prints one line to stderr and exits with code 2.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import ipaddress
 import math
+import os
+import socket
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from insight.trace import TraceError
 
 EXIT_BAD_RUN = 2
+EXIT_USAGE = 2
+
+# Subcommands that live in their own module: each module has ``add_parser(subparsers)`` (adding one or
+# more sub-parsers) and ``run(args) -> int``. Wiring a new one is one line here.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+class UsageError(Exception):
+    """A bad command-line argument or destination: printed as one line, exit code 2."""
 
 
 # -- formatting helpers -----------------------------------------------------------------------------------
@@ -170,7 +187,19 @@ def _gflops(v) -> str:
 
 
 def _report(args) -> int:
-    lines = report_lines(args.run, top=args.top, rank=args.rank)
+    from insight.analysis._io import as_run
+
+    run = as_run(args.run)
+    m = run.manifest if isinstance(run.manifest, dict) else {}
+    if m.get("status") == "failed":  # the profiler could not write the run (e.g. the disk filled up)
+        err = m.get("error")
+        raise TraceError(f"run {_cut(run.name, 80)!r}: recording failed"
+                         + (f": {_cut(err, 300)}" if isinstance(err, str) and err else "")
+                         + "; its tables are incomplete")
+    if args.rank not in run.ranks:
+        raise UsageError(f"--rank {args.rank}: run {_cut(run.name, 80)!r} has ranks "
+                         f"{', '.join(map(str, run.ranks))}")
+    lines = report_lines(run, top=args.top, rank=args.rank)
     print("\n".join(lines))
     return 0
 
@@ -202,21 +231,27 @@ def _runs(args) -> int:
 # -- export -------------------------------------------------------------------------------------------------
 def _export(args) -> int:
     from insight.analysis._io import as_run
-    from insight.export import export_chrome, export_csv
+    from insight.export import ExportError, export_chrome, export_csv, safe_filename
 
+    if args.gzip and args.format != "chrome":
+        raise UsageError("--gzip applies to --format chrome only")
     run = as_run(args.run)
-    if args.format == "chrome":
-        out = Path(args.output) if args.output else Path(f"{run.name}.trace.json" + (".gz" if args.gzip else ""))
-        res = export_chrome(run, out, gzip=args.gzip, progress=sys.stderr.isatty())
-        print(f"wrote {res.path} ({res.events} events, {res.task_events} tasks, {res.bytes / 2**20:.1f} MiB); "
-              f"open it in https://ui.perfetto.dev or chrome://tracing")
-    else:
-        if args.gzip:
-            print("insight export: --gzip applies to --format chrome only", file=sys.stderr)
-            return EXIT_BAD_RUN
-        out = Path(args.output) if args.output else Path(f"{run.name}_csv")
-        paths = export_csv(run, out)
-        print(f"wrote {len(paths)} CSV files to {out}")
+    try:
+        if args.format == "chrome":
+            # no -o: a file in the current directory named after the run, whatever its manifest says
+            out = Path(args.output) if args.output else Path(safe_filename(run.name, ".trace.json"
+                                                                           + (".gz" if args.gzip else "")))
+            res = export_chrome(run, out, gzip=args.gzip, progress=sys.stderr.isatty(), overwrite=args.force)
+            print(f"wrote {res.path} ({res.events} events, {res.task_events} tasks, {res.bytes / 2**20:.1f} MiB); "
+                  f"open it in https://ui.perfetto.dev or chrome://tracing")
+        else:
+            out = Path(args.output) if args.output else Path(safe_filename(run.name, "_csv"))
+            paths = export_csv(run, out, rank=args.rank, overwrite=args.force)
+            print(f"wrote {len(paths)} CSV files to {out}")
+    except (ExportError, ValueError) as e:
+        raise UsageError(_one_line(e)) from None
+    except OSError as e:
+        raise UsageError(_os_error(e)) from None
     return 0
 
 
@@ -230,13 +265,17 @@ def _demo(args) -> int:
     from runtime.models import LeNetDigits
     from runtime.train import LossMonitor, TimeMonitor
 
-    Profiler = None
-    if args.output:
+    from insight.profiler import Profiler, ProfilerError
+
+    run_dir = None
+    if args.output:  # checked before the (slow) training starts
+        name = args.name or "demo-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        _writable_dir(args.output, "--output")
+        run_dir = Path(args.output) / name
         try:
-            from insight import Profiler  # noqa: F811 - written by the profiler work
-        except ImportError:
-            print("insight demo: insight.Profiler is not available in this version; training without profiling "
-                  "(no run written)", file=sys.stderr)
+            prof = Profiler(output_path=str(run_dir), start_profile=False)
+        except ProfilerError as e:  # e.g. the directory already holds a run
+            raise UsageError(_one_line(e)) from None
 
     context.set_context(mode=context.GRAPH_MODE, seed=args.seed)
     xtr, ytr, xte, yte = load_digits_split(seed=args.seed)
@@ -248,23 +287,17 @@ def _demo(args) -> int:
     model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
                   nn.Momentum(net.trainable_params(), learning_rate=0.05, momentum=0.9),
                   metrics=["accuracy"])
-    sink = Profiler is not None or args.sink
+    sink = run_dir is not None or args.sink
     print(f"training LeNet on the scikit-learn digits ({len(xtr)} train / {len(xte)} test images), "
           f"{args.epochs} epochs, graph mode" + (", data sink mode" if sink else ""))
     cbs = [TimeMonitor()] + ([LossMonitor(per_print_times=45)] if args.verbose else [])
-    run_dir = None
-    if Profiler is not None:
-        name = args.name or "demo-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.output) / name
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        from insight import ProfilerError
+    if run_dir is not None:
         try:
-            prof = Profiler(output_path=str(run_dir))
-        except ProfilerError as e:  # e.g. the directory already holds a run
-            print(f"insight demo: {_one_line(e)}", file=sys.stderr)
-            return EXIT_BAD_RUN
-        with prof:
-            model.train(args.epochs, train, callbacks=cbs, dataset_sink_mode=True)
+            prof.start()
+            with prof:
+                model.train(args.epochs, train, callbacks=cbs, dataset_sink_mode=True)
+        except ProfilerError as e:  # e.g. the disk filled up while recording
+            raise UsageError(_one_line(e)) from None
     else:
         model.train(args.epochs, train, callbacks=cbs, dataset_sink_mode=sink)
     acc = model.eval(test)["accuracy"]
@@ -283,20 +316,111 @@ def _normalize(image):
 def _start(args) -> int:
     from dashboard.server import serve
 
-    if args.reload_interval <= 0:
-        print("insight start: --reload-interval must be positive", file=sys.stderr)
-        return 2
+    addrs = _resolve_host(args.host, args.port)
+    if not all(a.is_loopback for a in addrs):
+        print(f"insight start: warning: binding {args.host} serves the dashboard -- and every run under "
+              f"{args.summary_base_dir} -- to other machines that can reach this one; use --host 127.0.0.1 to keep "
+              f"it on this machine", file=sys.stderr, flush=True)
+    base = Path(args.summary_base_dir)
+    if not base.is_dir():
+        raise UsageError(f"--summary-base-dir {args.summary_base_dir}: no such directory")
     try:
         return serve(args.summary_base_dir, host=args.host, port=args.port, reload_interval=args.reload_interval)
     except OSError as e:  # e.g. the port is taken
-        print(f"insight start: cannot serve on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
 def _stop(args) -> int:
-    from dashboard.server import stop
+    from dashboard.server import PidFileError, stop
 
-    return stop(args.port)
+    try:
+        return stop(args.port)
+    except PidFileError as e:
+        raise UsageError(_one_line(e)) from None
+
+
+# -- argument checks ----------------------------------------------------------------------------------------
+def _port(text: str) -> int:
+    try:
+        v = int(text, 10)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is an integer from 1 to 65535, got {text!r}")
+    return v
+
+
+def _int_at_least(lo: int):
+    def check(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except (TypeError, ValueError):
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return v
+    check.__name__ = f"integer >= {lo}"
+    return check
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number of seconds, got {text!r}")
+    return v
+
+
+def _host(text: str) -> str:
+    if not text or len(text) > 253 or any(c.isspace() or c == "\x00" for c in text):
+        raise argparse.ArgumentTypeError(f"not a host name or address: {text!r}")
+    return text
+
+
+def _run_name(text: str) -> str:
+    """A run's name is one directory name: no separators, not . or .., no control characters."""
+    if (not text or text in (".", "..") or "/" in text or "\\" in text or len(text.encode()) > 200
+            or any(not c.isprintable() for c in text)):
+        raise argparse.ArgumentTypeError(f"a run name is one directory name (no '/', not '..'), got {text!r}")
+    return text
+
+
+def _resolve_host(host: str, port: int) -> list:
+    """The addresses ``host`` resolves to (UsageError when it does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise UsageError(f"--host {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})") from None
+    out = []
+    for *_, sockaddr in infos:
+        try:
+            out.append(ipaddress.ip_address(sockaddr[0].split("%")[0]))
+        except ValueError:
+            continue
+    if not out:
+        raise UsageError(f"--host {host}: resolves to no IP address")
+    return out
+
+
+def _writable_dir(path: str, flag: str) -> Path:
+    """``path`` as a directory this process can create files in (created, with its parents, if missing)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
+    return p
+
+
+def _os_error(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot access{where}: {e.strerror or _one_line(e)}"
 
 
 # -- main ---------------------------------------------------------------------------------------------------
@@ -304,15 +428,23 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``insight start: error: ...``), exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="insight", description="Insight: a profiler and dashboard for the "
-                                     "Insight training runtime.")
+    parser = _Parser(prog="insight", description="Insight: a profiler and dashboard for the "
+                     "Insight training runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("report", help="print a summary of a profiled run")
     p.add_argument("run", help="the run directory")
-    p.add_argument("--top", type=int, default=10, help="rows in the op tables (default 10)")
-    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--top", type=_int_at_least(1), default=10, help="rows in the op tables (default 10)")
+    p.add_argument("--rank", type=_int_at_least(0), default=0)
     p.set_defaults(fn=_report)
 
     p = sub.add_parser("runs", help="list the runs in a directory")
@@ -323,41 +455,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run directory")
     p.add_argument("--format", choices=("chrome", "csv"), default="chrome")
     p.add_argument("--gzip", action="store_true", help="gzip the Chrome trace (.json.gz; Perfetto opens it)")
-    p.add_argument("--output", "-o", help="output file (chrome) or directory (csv); default: in the current "
-                                          "directory, named after the run")
+    p.add_argument("--output", "-o", help="output file (chrome) or directory (csv); its parent directory must exist "
+                                          "and it must be outside the run; default: in the current directory, named "
+                                          "after the run")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file (CSV files)")
+    p.add_argument("--rank", type=_int_at_least(0), default=0, help="the rank the CSV tables describe")
     p.set_defaults(fn=_export)
 
     p = sub.add_parser("start", help="serve the dashboard for the runs under a directory")
     p.add_argument("--summary-base-dir", required=True, help="a directory whose sub-directories are runs")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--reload-interval", type=float, default=3.0, help="seconds between scans for new runs")
+    p.add_argument("--port", type=_port, default=8080, help="1-65535 (default 8080)")
+    p.add_argument("--host", type=_host, default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; anything else prints a warning)")
+    p.add_argument("--reload-interval", type=_seconds, default=3.0, help="seconds between scans for new runs")
     p.set_defaults(fn=_start)
 
     p = sub.add_parser("stop", help="stop a dashboard started with `insight start`")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080)
     p.set_defaults(fn=_stop)
 
     p = sub.add_parser("demo", help="train the digits CNN (LeNet) in graph mode")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=_int_at_least(1), default=10)
+    p.add_argument("--seed", type=_int_at_least(0), default=1)
     p.add_argument("--verbose", action="store_true", help="print the loss during training")
     p.add_argument("--output", help="profile the training with insight.Profiler into OUTPUT/<name>")
-    p.add_argument("--name", help="the run's name (default demo-<UTC time>)")
+    p.add_argument("--name", type=_run_name, help="the run's name (default demo-<UTC time>)")
     p.add_argument("--sink", action="store_true", help="data sink mode without profiling too")
     p.set_defaults(fn=_demo)
+
+    for module in SUBCOMMAND_MODULES:
+        mod = importlib.import_module(module)
+        before = set(sub.choices)
+        mod.add_parser(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(fn=mod.run)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed) or --help
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return args.fn(args)
-    except TraceError as e:
+    except (TraceError, UsageError) as e:
         print(f"insight {args.command}: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_RUN
-    except BrokenPipeError:  # e.g. `insight report RUN | head`
-        return 0
+    except OSError as e:  # a file that cannot be read or written: the environment, not a bug
+        if isinstance(e, BrokenPipeError):  # e.g. `insight report RUN | head`
+            return 0
+        print(f"insight {args.command}: {_os_error(e)}", file=sys.stderr)
+        return EXIT_BAD_RUN
     except KeyboardInterrupt:
         return 130
 

@@ -21,10 +21,13 @@ Every string is written with ``json.dumps``, so names with quotes or control cha
 """
 from __future__ import annotations
 
+import errno
 import gzip as _gzip
 import json
 import os
 import sys
+import tempfile
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,12 +51,115 @@ TASK_COLUMNS = task_columns("step", "graph", "task_id", "name", "op", "kind", "s
                             "end_ns", "flops", "shape", "dtype")
 
 
+MAX_NAME_BYTES = 120  # a file name made from a run's name: well under every file system's 255-byte limit
+CSV_TABLES = ("step_breakdown", "step_summary", "op_stats", "op_type_stats", "data_pipeline_ops",
+              "data_pipeline_summary", "device_queue_per_step", "memory_timeline", "memory_peak", "memory_peak_tensors",
+              "recommendations")
+
+
+class ExportError(ValueError):
+    """The export cannot be written where asked (inside the run, an existing file without overwrite, a
+    missing parent directory, a directory where a file is expected, a place that cannot be written)."""
+
+
 @dataclass
 class ExportResult:
     path: Path
     events: int
     task_events: int
     bytes: int
+
+
+# -- where an export may be written ----------------------------------------------------------------------
+def safe_filename(name, suffix: str = "", fallback: str = "run") -> str:
+    """``name`` (e.g. a run's name from its manifest, which anyone can edit) as ONE harmless file name in
+    the current directory: no path separators, no ``..``, no leading dot or dash, no control characters,
+    at most ``MAX_NAME_BYTES`` bytes of UTF-8 before ``suffix``."""
+    text = unicodedata.normalize("NFC", name if isinstance(name, str) else str(name))
+    out = "".join(ch if (ch.isalnum() or ch in "-_.+=@,") else "_" for ch in text)
+    out = out.lstrip(".-_") or fallback
+    raw = out.encode("utf-8")[:MAX_NAME_BYTES]
+    out = raw.decode("utf-8", errors="ignore").rstrip(".") or fallback
+    return out + suffix
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_output(run: Run, out, *, directory: bool = False, overwrite: bool = False) -> Path:
+    """Validate an export destination before anything is computed; returns it as a Path.
+
+    Refuses (``ExportError``, one line naming the path): a destination inside the run directory (an
+    export must never replace a run's own files), a missing parent directory (never created silently),
+    a parent that is not a directory, a directory where a file is expected (or a file where a directory
+    is), and an existing file unless ``overwrite``. Whether the place is writable is found out when the
+    file is created (``ExportError`` too)."""
+    if out is None or str(out) == "" or "\x00" in str(out):
+        raise ExportError(f"invalid output path {str(out)!r}")
+    out = Path(out)
+    try:
+        real = out.resolve()
+        run_root = Path(run.path).resolve()
+    except (OSError, RuntimeError) as e:  # e.g. a symlink loop
+        raise ExportError(f"cannot resolve the output path {str(out)!r}: {e}") from None
+    if _inside(real, run_root):
+        raise ExportError(f"refusing to write {str(out)!r}: it is inside the run directory {str(run.path)!r} "
+                          f"(an export never replaces a run's files); choose a path outside it")
+    parent = real.parent
+    if not parent.exists():
+        raise ExportError(f"cannot write {str(out)!r}: the directory {str(out.parent)!r} does not exist "
+                          f"(create it first)")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {str(out)!r}: {str(out.parent)!r} is not a directory")
+    if directory:
+        if real.exists() and not real.is_dir():
+            raise ExportError(f"cannot write CSV files to {str(out)!r}: it exists and is not a directory")
+        if real.is_dir() and not overwrite:
+            clash = [f"{t}.csv" for t in CSV_TABLES if (real / f"{t}.csv").exists()]
+            if clash:
+                raise ExportError(f"{str(out)!r} already holds {clash[0]}" + (f" and {len(clash) - 1} more CSV files"
+                                  if len(clash) > 1 else "") + "; pass --force to overwrite them")
+    else:
+        if real.is_dir():
+            raise ExportError(f"cannot write {str(out)!r}: it is a directory; give a file name")
+        if real.exists() and not overwrite:
+            raise ExportError(f"{str(out)!r} exists; pass --force to overwrite it")
+    return out
+
+
+def _temp_beside(out: Path):
+    """A new temporary file next to ``out`` (same file system, so the final rename is atomic)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name[:80]}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise _write_error(out, e) from None
+    return os.fdopen(fd, "wb"), Path(tmp)
+
+
+def _write_error(out: Path, e: OSError) -> ExportError:
+    what = e.strerror or type(e).__name__
+    if e.errno == errno.ENOENT:  # e.g. /proc: the directory exists but nothing can be created in it
+        what = "nothing can be created in that directory"
+    return ExportError(f"cannot write {str(out)!r}: {what}")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished temporary file to ``out``; without ``overwrite`` never replace a file that
+    appeared meanwhile (a hard link fails if the name exists)."""
+    if not overwrite:
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            raise ExportError(f"{str(out)!r} exists; pass --force to overwrite it") from None
+        except OSError:  # no hard links on this file system: check, then rename
+            if out.exists():
+                raise ExportError(f"{str(out)!r} exists; pass --force to overwrite it") from None
+            os.replace(tmp, out)
+            return
+        tmp.unlink()
+        return
+    os.replace(tmp, out)
 
 
 # -- reading record batches -----------------------------------------------------------------------------
@@ -82,14 +188,46 @@ def _batches(run: Run, table: str, rank: int, columns: dict, required=(), keep_d
             out = {}
             for c, default in columns.items():
                 if c in names:
-                    a = b.column(c)
-                    if pa.types.is_dictionary(a.type) and c not in keep_dict:
-                        a = a.cast(a.type.value_type)
-                    out[c] = pc.fill_null(a, default) if a.null_count else a
+                    out[c] = _column(run, f, c, b.column(c), default, c in keep_dict)
                 else:
                     out[c] = pa.array(np.full(n, default)) if not isinstance(default, str) else pa.array([default] * n,
                                                                                                           pa.string())
             yield n, out
+
+
+def _column(run: Run, f: Path, name: str, a: pa.Array, default, keep_dict: bool) -> pa.Array:
+    """Column ``name`` of a batch as the exporter needs it: strings as strings (dictionary-encoded when
+    ``keep_dict``), numbers as int64, nulls replaced by ``default``. A column of the wrong kind (text
+    where the trace format has integers, nested values) is a TraceError naming the file and column."""
+    t = a.type
+    if isinstance(default, str):
+        if pa.types.is_dictionary(t):
+            if not (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
+                a, t = a.cast(t.value_type), t.value_type
+            elif not keep_dict:
+                a, t = a.cast(pa.string()), pa.string()
+        if not pa.types.is_dictionary(t):
+            if pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+                a = a.cast(pa.string())
+            elif not pa.types.is_string(t):
+                raise TraceError(f"run {run.name!r}: {rel(run, f)}: column {name!r} holds {t}, expected text")
+        return pc.fill_null(a, default) if a.null_count else a
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+        a = a.cast(t)
+    if pa.types.is_boolean(t):
+        a = a.cast(pa.int64())
+    elif pa.types.is_integer(t) or pa.types.is_floating(t):
+        if a.null_count:
+            a = pc.fill_null(a, pa.scalar(default).cast(t) if pa.types.is_integer(t) else float(default))
+        try:
+            a = a.cast(pa.int64())  # safe: a fractional, NaN or out-of-range value is an error, not a guess
+        except (pa.ArrowInvalid, OverflowError):
+            raise TraceError(f"run {run.name!r}: {rel(run, f)}: column {name!r} holds values that are not "
+                             f"int64 integers") from None
+    else:
+        raise TraceError(f"run {run.name!r}: {rel(run, f)}: column {name!r} holds {t}, expected integers")
+    return pc.fill_null(a, int(default)) if a.null_count else a
 
 
 def _rows(run: Run, table: str, rank: int) -> int:
@@ -135,7 +273,7 @@ def _us(ns: np.ndarray) -> pa.Array:
     """Integer nanoseconds -> microseconds with exactly three decimals, no float rounding."""
     ns = np.asarray(ns, np.int64)
     neg = ns < 0
-    a = np.abs(ns)
+    a = np.where(neg, -(ns + 1), ns).astype(np.uint64) + neg.astype(np.uint64)  # |INT64_MIN| fits in uint64
     whole = pc.cast(pa.array(a // 1000), pa.string())
     frac = pc.utf8_lpad(pc.cast(pa.array(a % 1000), pa.string()), width=3, padding="0")
     sign = pc.if_else(pa.array(neg), "-", "")
@@ -190,46 +328,93 @@ class _Writer:
 
 # -- the exporter --------------------------------------------------------------------------------------
 def export_chrome(run: Run | str | os.PathLike, out_path: str | os.PathLike, gzip: bool = False,
-                  progress: bool = False) -> ExportResult:
+                  progress: bool = False, overwrite: bool = True) -> ExportResult:
     """Write the run as Chrome trace-event JSON (``gzip=True``: gzip-compressed, which Perfetto opens).
-    Written to a temporary file and renamed, so a failed export leaves no half file behind."""
+    Written to a temporary file and renamed, so a failed export leaves no half file behind.
+    ``check_output`` rules apply (never inside the run, parent must exist); ``overwrite=False`` refuses an
+    existing file (the CLI's default; ``--force`` overwrites)."""
     run = as_run(run)
-    out_path = Path(out_path)
+    out_path = check_output(run, out_path, overwrite=overwrite)
     total = sum(_rows(run, t, r) for r in run.ranks for t in ("tasks", "memory", "device_queue", "host_ops"))
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    raw = open(tmp, "wb")
+    raw, tmp = _temp_beside(out_path)
     f = _gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) if gzip else raw
     try:
-        with tqdm(total=total, unit="ev", disable=not progress, file=sys.stderr, desc="export", leave=False) as bar:
-            w = _Writer(f, bar)
-            m = run.manifest
-            header = {"displayTimeUnit": "ms", "baseTimeNanoseconds": int(m.get("start_perf_ns") or 0),
-                      "metadata": {"run": run.name, "run_id": m.get("run_id", ""), "created": m.get("created", ""),
-                                   "status": m.get("status", ""), "schema_version": m.get("schema_version"),
-                                   "device": m.get("device", {}), "exporter": "insight"}}
-            f.write((_dump(header)[:-1] + ',"traceEvents":[').encode())
-            task_events = 0
-            for rank in run.ranks:
-                task_events += _export_rank(run, rank, w)
-            f.write(b"\n]}\n")
-        if gzip:
-            f.close()
-        raw.close()
-        os.replace(tmp, out_path)
+        try:
+            with tqdm(total=total, unit="ev", disable=not progress, file=sys.stderr, desc="export",
+                      leave=False) as bar:
+                w = _Writer(f, bar)
+                m = _manifest(run)
+                header = {"displayTimeUnit": "ms", "baseTimeNanoseconds": _int_or(m.get("start_perf_ns"), 0),
+                          "metadata": {"run": _text(run.name), "run_id": _text(m.get("run_id")),
+                                       "created": _text(m.get("created")), "status": _text(m.get("status")),
+                                       "schema_version": _int_or(m.get("schema_version"), None),
+                                       "device": {"target": _target(run),
+                                                  "capacity_bytes": _int_or(_device(run).get("capacity_bytes"), 0)},
+                                       "exporter": "insight"}}
+                f.write((_dump(header)[:-1] + ',"traceEvents":[').encode())
+                task_events = 0
+                for rank in run.ranks:
+                    task_events += _export_rank(run, rank, w)
+                f.write(b"\n]}\n")
+            if gzip:
+                f.close()
+            raw.close()
+        except OSError as e:  # e.g. the disk filled up
+            raise _write_error(out_path, e) from None
+        _publish(tmp, out_path, overwrite)
     except BaseException:
         try:
             if gzip:
                 f.close()
             raw.close()
+        except OSError:
+            pass
         finally:
             tmp.unlink(missing_ok=True)
         raise
     return ExportResult(out_path, w.events, task_events, out_path.stat().st_size)
 
 
+# The manifest is edited by hand and copied around: take from it only values of the expected kind (a
+# deeply nested or oddly typed field must never reach json.dumps or str()).
+def _manifest(run: Run) -> dict:
+    m = run.manifest
+    return m if isinstance(m, dict) else {}
+
+
+def _text(v, limit: int = 1000) -> str:
+    return v[:limit] if isinstance(v, str) else ""
+
+
+def _device(run: Run) -> dict:
+    d = _manifest(run).get("device")
+    return d if isinstance(d, dict) else {}
+
+
+def _target(run: Run) -> str:
+    return _text(_device(run).get("target"), 100) or "device"
+
+
+def _stream_names(run: Run) -> list[str]:
+    s = _manifest(run).get("streams")
+    return [_text(x.get("name"), 100) for x in s if isinstance(x, dict)] if isinstance(s, list) else []
+
+
+def _int_or(v, default: int) -> int:
+    """An int from a manifest field that should hold one (anything else -> ``default``)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63 else default
+
+
+def _dur(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """``max(end - start, 0)`` without int64 overflow (absurd times still give a valid document)."""
+    start, end = np.asarray(start, np.int64), np.asarray(end, np.int64)
+    d = end.astype(np.uint64) - start.astype(np.uint64)  # exact modulo 2**64; the true value when end >= start
+    return np.where(end > start, np.minimum(d, np.uint64(2**63 - 1)), 0).astype(np.int64)
+
+
 def _export_rank(run: Run, rank: int, w: _Writer) -> int:
     dev_pid, host_pid = rank, HOST_PID_BASE + rank
-    target = (run.manifest.get("device") or {}).get("target", "device")
+    target = _target(run)
     for pid, name, order in ((dev_pid, f"{target} {rank} (device)", 2 * rank),
                              (host_pid, f"host (rank {rank})", 2 * rank + 1)):
         w.event({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}})
@@ -245,8 +430,7 @@ def _export_rank(run: Run, rank: int, w: _Writer) -> int:
         w.event({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid,
                  "args": {"sort_index": tid if order is None else order}})
 
-    for s in run.manifest.get("streams") or []:
-        name = str(s.get("name", ""))
+    for name in _stream_names(run):
         tids.setdefault(name, len(tids))
         thread(host_pid if name == "host" else dev_pid, tids[name], name)
     thread(dev_pid, STEPS_TID, "Steps", -1)
@@ -264,7 +448,7 @@ def _export_rank(run: Run, rank: int, w: _Writer) -> int:
         pid = pc.if_else(pc.equal(stream, "host"), host_pid, dev_pid)
         start, end = _np(c["start_ns"]), _np(c["end_ns"])
         line = _join(',\n{"ph":"X","cat":', esc(c["kind"]), ',"name":', esc(c["name"]), ',"pid":', _ints(pid),
-                     ',"tid":', _ints(tid), ',"ts":', _us(start), ',"dur":', _us(np.maximum(end - start, 0)),
+                     ',"tid":', _ints(tid), ',"ts":', _us(start), ',"dur":', _us(_dur(start, end)),
                      ',"args":{"op":', esc(c["op"]), ',"step":', _ints(c["step"]), ',"task_id":', _ints(c["task_id"]),
                      ',"graph":', esc(c["graph"]), ',"scope":', esc(c["scope"]), ',"phase":', esc(c["phase"]),
                      ',"shape":', esc(c["shape"]), ',"dtype":', esc(c["dtype"]), ',"flops":', _ints(c["flops"]), '}}')
@@ -287,7 +471,7 @@ def _export_rank(run: Run, rank: int, w: _Writer) -> int:
         start, end = _np(c["start_ns"]), _np(c["end_ns"])
         name = pc.if_else(pc.equal(c["name"], ""), c["op"], c["name"])
         w.lines(_join(',\n{"ph":"X","cat":"host_op","name":', esc(name), f',"pid":{host_pid},"tid":{PYNATIVE_TID},"ts":',
-                      _us(start), ',"dur":', _us(np.maximum(end - start, 0)), ',"args":{"op":', esc(c["op"]),
+                      _us(start), ',"dur":', _us(_dur(start, end)), ',"args":{"op":', esc(c["op"]),
                       ',"scope":', esc(c["scope"]), '}}'), n)
     return n_tasks
 
@@ -376,13 +560,16 @@ def _export_counters(run: Run, rank: int, dev_pid: int, host_pid: int, w: _Write
 
 
 # -- CSV ------------------------------------------------------------------------------------------------
-def export_csv(run: Run | str | os.PathLike, out_dir: str | os.PathLike, rank: int = 0) -> list[Path]:
-    """Every analysis table as a CSV file in ``out_dir`` (created); returns the paths written."""
+def export_csv(run: Run | str | os.PathLike, out_dir: str | os.PathLike, rank: int = 0,
+               overwrite: bool = True) -> list[Path]:
+    """Every analysis table as a CSV file in ``out_dir``; returns the paths written. ``out_dir`` is
+    created if its parent exists (``check_output`` rules; ``overwrite=False`` refuses to replace CSV files
+    already there). Every table is computed before anything is written; each file is written to a
+    temporary name and renamed, and a failure removes what this call wrote."""
     from insight import analysis as A
 
     run = as_run(run)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(run, out_dir, directory=True, overwrite=overwrite)
     bd = A.step_breakdown(run, rank)
     s = summarize(bd)
     pipe = A.data_pipeline(run, rank, breakdown=bd)
@@ -414,9 +601,37 @@ def export_csv(run: Run | str | os.PathLike, out_dir: str | os.PathLike, rank: i
         "recommendations": pd.DataFrame([r.as_dict() for r in A.advise(s, pipe, peak, types)],
                                         columns=["id", "severity", "title", "detail", "metric", "value", "threshold"]),
     }
-    paths = []
-    for name, df in tables.items():
-        p = out / f"{name}.csv"
-        df.to_csv(p, index=False)
-        paths.append(p)
+    assert tuple(tables) == CSV_TABLES
+    created = False
+    try:
+        out.mkdir()
+        created = True
+    except FileExistsError:
+        if not out.is_dir():
+            raise ExportError(f"cannot write CSV files to {str(out)!r}: it exists and is not a directory") from None
+    except OSError as e:
+        raise _write_error(out, e) from None
+    paths: list[Path] = []
+    try:
+        for name, df in tables.items():
+            p = out / f"{name}.csv"
+            f, tmp = _temp_beside(p)
+            try:
+                with f:
+                    df.to_csv(f, index=False)
+                _publish(tmp, p, overwrite)
+            except OSError as e:
+                raise _write_error(p, e) from None
+            finally:
+                tmp.unlink(missing_ok=True)
+            paths.append(p)
+    except BaseException:
+        for p in paths:
+            p.unlink(missing_ok=True)
+        if created:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
     return paths
