@@ -7,6 +7,7 @@ from runtime.nn.layers import (ELU, GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, C
 from runtime.nn.loss import MSELoss, SoftmaxCrossEntropyWithLogits
 from runtime.nn.optim import (FTRL, SGD, Adam, AdamW, AdamWeightDecay, LazyAdam, Momentum, Optimizer,
                               SparseGrad)
+from runtime.nn.embedding import EmbeddingLookup  # noqa: F401  (host/device embedding tables, sparse path)
 from runtime.nn.parameter import Parameter
 
 __all__ = [

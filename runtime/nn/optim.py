@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime import core
 from runtime.core import SparseGrad, Tensor, bind  # noqa: F401  (SparseGrad re-exported)
+from runtime.nn.embedding import lookup_of
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
 
@@ -215,6 +217,23 @@ def bind_sparse(op, *args):
     return bind(op, list(args))
 
 
+def _fused_lookup(p, g: SparseGrad):
+    """The EmbeddingLookup whose distinct-id gradient ``g`` is (None: use the generic dedup path)."""
+    lookup = lookup_of(p)
+    node = g.indices.node
+    if lookup is None or g.values.ndim != 2 or p.dtype != np.float32 or (node is not None and node.op != "emb_unique"):
+        return None
+    return lookup
+
+
+def _side(lookup) -> dict:
+    return {"primitive_target": "CPU"} if lookup.on_host else {}
+
+
+def _engine(lookup) -> dict:
+    return {"_engine": lookup.engine} if lookup.engine is not None else {}
+
+
 class LazyAdam(Adam):
     """Adam that, for sparse gradients, reads and updates only the touched rows of the parameter and
     its two moments (MindSpore's LazyAdam; used host-side for Wide&Deep's deep embeddings)."""
@@ -227,6 +246,13 @@ class LazyAdam(Adam):
         for k, (p, g) in enumerate(zip(self.parameters, grads)):
             if not isinstance(g, SparseGrad):
                 dense.append(k)
+                continue
+            lookup = _fused_lookup(p, g)
+            if lookup is not None:  # distinct ids from an EmbeddingLookup: FusedSparseLazyAdam on its side
+                with core.annotate(**_side(lookup)):
+                    bind("sparse_lazy_adam", [p, self.moment1[k], self.moment2[k], g.indices, g.values, lr_t],
+                         {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                          "weight_decay": self.weight_decay if self.decay_flags[k] else 0.0, **_engine(lookup)})
                 continue
             uid, gs, mask = _sparse_parts(g)
             m_rows, v_rows, p_rows = F.gather(self.moment1[k], uid), F.gather(self.moment2[k], uid), F.gather(p, uid)
@@ -274,7 +300,13 @@ class FTRL(Optimizer):
 
     def apply(self, grads):
         for k, (p, g) in enumerate(zip(self.parameters, grads)):
-            if isinstance(g, SparseGrad):
+            lookup = _fused_lookup(p, g) if isinstance(g, SparseGrad) else None
+            if lookup is not None:  # distinct ids from an EmbeddingLookup: FusedSparseFtrl on its side
+                with core.annotate(**_side(lookup)):
+                    bind("sparse_ftrl", [p, self.accum[k], self.linear[k], g.indices, g.values, self.learning_rate],
+                         {"l1": self.l1, "l2": self.l2,
+                          "weight_decay": self.weight_decay if self.decay_flags[k] else 0.0, **_engine(lookup)})
+            elif isinstance(g, SparseGrad):
                 uid, gs, mask = _sparse_parts(g)
                 if self.decay_flags[k] and self.weight_decay:
                     gs = F.add(gs, F.mul(F.gather(p, uid), self.weight_decay))
@@ -289,3 +321,46 @@ class FTRL(Optimizer):
                 F.assign(self.accum[k], acc_new)
                 F.assign(self.linear[k], lin_new)
                 F.assign(p, w_new)
+
+
+class OptimizerGroup(Optimizer):
+    """Several optimizers over disjoint parameter lists, each with its own ``target`` -- one training step
+    updates them all (MindSpore's Wide&Deep TrainStepWrap: FTRL for the wide part, LazyAdam for the deep
+    part). ``Model(net, loss, [opt_a, opt_b])`` builds one."""
+
+    def __init__(self, optimizers):
+        optimizers = list(optimizers)
+        if not optimizers or not all(isinstance(o, Optimizer) for o in optimizers):
+            raise TypeError("OptimizerGroup: expects a non-empty list of Optimizers")
+        seen: dict[int, str] = {}
+        for o in optimizers:
+            for p in o.parameters:
+                if id(p) in seen:
+                    raise ValueError(f"OptimizerGroup: parameter {p.name!r} is given to both {seen[id(p)]} and "
+                                     f"{type(o).__name__}")
+                seen[id(p)] = type(o).__name__
+        self.optimizers = optimizers
+        self.parameters = [p for o in optimizers for p in o.parameters]
+        self.sparse = any(o.sparse for o in optimizers)
+        self.target = None
+        self.learning_rate = optimizers[0].learning_rate
+        self.global_step = 0
+
+    def step_begin(self, step: int) -> None:
+        self.global_step = step
+        for o in self.optimizers:
+            o.step_begin(step)
+
+    def get_lr(self) -> float:
+        return self.optimizers[0].get_lr()
+
+    def state_parameters(self) -> list[Parameter]:
+        return [s for o in self.optimizers for s in o.state_parameters()]
+
+    def apply(self, grads):
+        k = 0
+        for o in self.optimizers:
+            n = len(o.parameters)
+            with core.annotate(**({"primitive_target": o.target} if o.target else {})):
+                o(grads[k:k + n])
+            k += n

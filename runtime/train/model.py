@@ -18,6 +18,9 @@ from runtime.device.queue import SinkFeeder
 from runtime.compiler import compile as compile_graph
 from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
+from runtime.nn.embedding import flush_host_tables
+from runtime.nn.optim import OptimizerGroup
+from runtime.ops.comm import reduce_gradients_eager
 from runtime.train.callback import CallbackList, RunContext
 from runtime.train.metrics import get_metric
 
@@ -39,7 +42,8 @@ class Model:
     def __init__(self, network, loss_fn=None, optimizer=None, metrics=None, progress: bool = True):
         self.network = network
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        # several optimizers (each with its own target), e.g. FTRL + LazyAdam for Wide&Deep
+        self.optimizer = OptimizerGroup(optimizer) if isinstance(optimizer, (list, tuple)) else optimizer
         self.metrics = {m if isinstance(m, str) else type(m).__name__: m for m in (metrics or [])}
         self.progress = progress
         self._train_graphs: dict = {}
@@ -217,6 +221,7 @@ class Model:
             m.clear()
         for batch in valid_dataset:
             data, label = _batch_tuple(batch)
+            flush_host_tables()  # deferred host-table updates (EmbeddingLookup overlap) are final
             logits, loss = self._forward(data, label)
             for m in metrics.values():
                 m.update(logits, label, loss)

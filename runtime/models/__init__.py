@@ -40,3 +40,6 @@ class MLP(nn.Cell):
 
     def construct(self, x):
         return self.layers(x)
+
+
+from runtime.models.wide_deep import WideDeep, WideDeepConfig  # noqa: E402,F401  (Criteo Wide&Deep)

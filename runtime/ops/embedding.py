@@ -1,0 +1,114 @@
+"""Primitives of the sparse embedding path (EmbeddingLookup and the fused sparse optimizers).
+
+* ``emb_unique(ids)``  -- the distinct ids of a batch, first-occurrence order, padded to ``len(ids)``
+  with the first id (static shapes; the padding repeats a real id, so gather / gather_grad and the
+  generic sparse optimizers stay correct). No gradient (integer output).
+* ``emb_inverse(ids)`` -- for every id, its position in ``emb_unique(ids)`` (int32).
+* ``sparse_ftrl(var, accum, linear, uid, grad, lr)`` and
+  ``sparse_lazy_adam(var, m, v, uid, grad, lr_t)`` -- MindSpore's FusedSparseFtrl /
+  FusedSparseLazyAdam: in-place updates of the distinct rows ``uid`` only (Cython, OpenMP over rows).
+
+A host table can carry an engine (attr ``_engine``, ``runtime.nn.embedding.HostTableEngine``): its
+optimizer update is then deferred and finished on a host thread while the device computes the next
+step; ``emb_unique`` first completes the deferred update of exactly the rows the new batch reads, so
+every value is the one serial execution would produce.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from runtime import _kernels_embedding as KE
+from runtime.ops.registry import Primitive, ShapeError, register
+
+
+def _ids_infer(name, out_dtype):
+    def infer(shapes, dtypes, attrs):
+        if len(shapes[0]) != 1 or np.dtype(dtypes[0]).kind not in "iu":
+            raise ShapeError(f"{name}: expects 1-d integer ids, got {tuple(shapes[0])} {np.dtype(dtypes[0])}")
+        return tuple(shapes[0]), np.dtype(out_dtype)
+    return infer
+
+
+def _unique_kernel(ids, num_rows, _engine=None):
+    uid, _, count = KE.unique_inverse(ids, num_rows)
+    if _engine is not None:
+        _engine.before_lookup(uid, count)
+    return uid
+
+
+def _inverse_kernel(ids, num_rows):
+    return KE.unique_inverse(ids, num_rows)[1]
+
+
+def _hash_cost(n):
+    return 8 * n.size, 3 * n.nbytes
+
+
+register(Primitive("emb_unique", "opaque", _ids_infer("emb_unique", np.int64), _unique_kernel,
+                   cost_fn=_hash_cost))
+register(Primitive("emb_inverse", "opaque", _ids_infer("emb_inverse", np.int32), _inverse_kernel,
+                   cost_fn=_hash_cost))
+
+
+def _sparse_infer(name, nslots):
+    def infer(shapes, dtypes, attrs):
+        var = tuple(shapes[0])
+        for k in range(1, 1 + nslots):
+            if tuple(shapes[k]) != var:
+                raise ShapeError(f"{name}: slot {k} {tuple(shapes[k])} does not match the table {var}")
+        uid, grad = tuple(shapes[1 + nslots]), tuple(shapes[2 + nslots])
+        if len(var) != 2 or len(uid) != 1 or grad != uid + var[1:]:
+            raise ShapeError(f"{name}: expects a (rows, dim) table, 1-d ids and (len(ids), dim) gradient rows; "
+                             f"got table {var}, ids {uid}, rows {grad}")
+        if np.dtype(dtypes[0]) != np.float32:
+            raise ShapeError(f"{name}: the table must be float32, got {np.dtype(dtypes[0])}")
+        return var, dtypes[0]
+    return infer
+
+
+def _ftrl_kernel(var, accum, linear, uid, grad, lr, l1, l2, weight_decay, _engine=None):
+    count = KE.unique_count(uid)
+    args = (float(lr), l1, l2, weight_decay)
+    if _engine is not None:
+        _engine.defer(KE.sparse_ftrl, var, (accum, linear), uid, grad, count, args)
+    else:
+        KE.sparse_ftrl(var, accum, linear, uid, grad, count, *args)
+    return var
+
+
+def _lazy_adam_kernel(var, m, v, uid, grad, lr_t, beta1, beta2, eps, weight_decay, _engine=None):
+    count = KE.unique_count(uid)
+    args = (float(lr_t), beta1, beta2, eps, weight_decay)
+    if _engine is not None:
+        _engine.defer(KE.sparse_lazy_adam, var, (m, v), uid, grad, count, args)
+    else:
+        KE.sparse_lazy_adam(var, m, v, uid, grad, count, *args)
+    return var
+
+
+def _sparse_cost(per_elem):
+    def cost(n):
+        rows = n.inputs[-2]  # the gradient rows
+        return per_elem * rows.size, 4 * rows.nbytes
+    return cost
+
+
+register(Primitive("sparse_ftrl", "effect", _sparse_infer("sparse_ftrl", 2), _ftrl_kernel,
+                   cost_fn=_sparse_cost(14)))
+register(Primitive("sparse_lazy_adam", "effect", _sparse_infer("sparse_lazy_adam", 2), _lazy_adam_kernel,
+                   cost_fn=_sparse_cost(12)))
+
+
+def _bitcast_infer(shapes, dtypes, attrs):
+    if np.dtype(dtypes[0]) not in (np.dtype(np.int32), np.dtype(np.float32)):
+        raise ShapeError(f"bitcast_f32: expects int32 or float32 input, got {np.dtype(dtypes[0])}")
+    return tuple(shapes[0]), np.dtype(np.float32)
+
+
+def _bitcast_kernel(x):
+    return np.ascontiguousarray(x).view(np.float32)
+
+
+# float32 values carried bit for bit inside an int32 batch (Wide&Deep packs ids and weights in one input)
+register(Primitive("bitcast_f32", "injective", _bitcast_infer, _bitcast_kernel,
+                   cost_fn=lambda n: (0, 2 * n.nbytes)))
