@@ -20,7 +20,6 @@ from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
 from runtime.nn.embedding import flush_host_tables
 from runtime.nn.optim import OptimizerGroup
-from runtime.ops.comm import reduce_gradients_eager
 from runtime.train.callback import CallbackList, RunContext
 from runtime.train.metrics import get_metric
 
