@@ -5,8 +5,10 @@ buffer: ``out_size``, ``out_offset``, ``free_task_id``) and timed by the step's 
 a buffer is allocated at its producing task's start and freed at the end of task ``free_task_id``
 (``-1``: at the end of the step). Rows are sorted by time within each step (a free before an alloc at
 the same instant), with ``in_use`` = the graph's parameter bytes + the live activations -- so every
-step returns to the parameter baseline. Dynamic allocations reported by the pool as ``memory`` events
-are appended as they come.
+step returns to the parameter baseline. These rows have ``source = "planned"``: planned liveness at
+measured times, MindSpore's graph-mode model. The device's MemoryPool reports its real allocations and
+frees (parameters, each step's activation reserve, data-queue batches, the fused kernels' buffers) as
+``memory`` events; they are appended as they come with ``source = "pool"`` and the pool's own ``in_use``.
 
 When every step runs the graph's tasks in the same order (one stream: always), the sequence of
 allocations and frees is the same in every step, so it is built once per graph (a template: which
@@ -56,7 +58,8 @@ class MemoryCollector(Collector):
         self._dynamic.append((
             as_int(g("t_ns")), as_str(g("action")), as_str(g("device")) or "device", as_str(g("kind")),
             as_str(g("tensor")), as_str(g("op")), as_str(g("scope")), as_int(g("size"), 0), as_int(g("offset")),
-            as_int(g("in_use")), as_int(g("capacity")), as_int(g("step")), as_str(g("shape")), as_str(g("dtype"))))
+            as_int(g("in_use")), as_int(g("capacity")), as_int(g("step")), as_str(g("shape")), as_str(g("dtype")),
+            as_str(g("source")) or "pool"))
 
     # -- the uniform case: one template per graph -------------------------------------------------------------
     @staticmethod
@@ -107,7 +110,8 @@ class MemoryCollector(Collector):
         cols.update({"t_ns": T.ravel(), "action": dict_column(np.tile(tpl["order"], n_ev), _ACTIONS),
                      "device": "device", "kind": "activation", "size": np.tile(tpl["size"], n_ev),
                      "offset": np.tile(tpl["offset"], n_ev), "in_use": np.tile(tpl["in_use"], n_ev),
-                     "capacity": gt.capacity, "step": np.repeat(g.steps, m)})
+                     "capacity": gt.capacity, "step": np.repeat(g.steps, m),
+                     "source": "planned"})
         return to_arrow("memory", cols, t0)
 
     # -- the general case ----------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ class MemoryCollector(Collector):
         cols = {c: gt.column(_SOURCE[c], rows) for c in _STRINGS}
         cols.update({"t_ns": t, "action": dict_column(order, _ACTIONS), "device": "device", "kind": "activation",
                      "size": sz, "offset": gt.i("out_offset")[rows], "in_use": in_use, "capacity": gt.capacity,
-                     "step": g.steps[evk]})
+                     "step": g.steps[evk], "source": "planned"})
         return to_arrow("memory", cols, t0)
 
     def drain(self, t0, final=False):

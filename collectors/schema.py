@@ -26,7 +26,7 @@ SCHEMAS: dict[str, pa.Schema] = {
                      ("fp_start_op", _S), ("bp_end_op", _S), ("loss", _F64), ("sink", _B)),
     "memory": _schema(("t_ns", _I64), ("action", _S), ("device", _S), ("kind", _S), ("tensor", _S), ("op", _S),
                       ("scope", _S), ("size", _I64), ("offset", _I64), ("in_use", _I64), ("capacity", _I64),
-                      ("step", _I32), ("shape", _S), ("dtype", _S)),
+                      ("step", _I32), ("shape", _S), ("dtype", _S), ("source", _S)),
     "device_queue": _schema(("t_ns", _I64), ("action", _S), ("depth", _I32), ("capacity", _I32),
                             ("wait_ns", _I64), ("step", _I32)),
     "dataset_pipeline": _schema(("pipeline_id", _I32), ("op_id", _I32), ("op_type", _S), ("parent_id", _I32),

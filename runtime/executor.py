@@ -126,8 +126,8 @@ class CompiledGraph:
         if plan.peak:
             largest = [LiveTensor(b.name, b.size, b.op, b.shape, b.dtype) for b in plan.live_at_peak[:5]]
             try:
-                self.workspace = dev.pool.alloc(plan.peak, LiveTensor(f"{self.graph.name}.workspace", plan.peak,
-                                                                      "activations"), "workspace", what)
+                self.workspace = dev.pool.alloc(plan.peak, LiveTensor(f"{self.graph.name}.activations", plan.peak,
+                                                                      "planned peak"), "activation_reserve", what)
             except DeviceOutOfMemoryError as e:
                 params = [b.tensor for b in dev.pool.live_blocks() if b.kind == "parameter"]
                 params.sort(key=lambda t: -t.size)
@@ -189,6 +189,7 @@ class CompiledGraph:
             records = self._run_streams(env, tracing)
         result = {name: env[k] for name, k in self.out_slots.items()}
         if tracing:
+            self.device.pool.announce()  # a listener that subscribed since: the live blocks first
             self._emit(records, step, t_begin, (c0, c1), get_next)
         return result
 

@@ -14,6 +14,7 @@ import pytest
 import insight
 from insight import Profiler, ProfilerError, schedule
 from insight.trace import open_run
+from runtime.device.memory import align
 from runtime import Model, context, hooks, nn
 from runtime.dataset import NumpySlicesDataset
 from runtime.models import LeNetDigits
@@ -120,7 +121,21 @@ def test_profiled_training_writes_a_consistent_run(tmp_path, digits, sink):
     params = int(graphs["parameter_bytes"].iloc[0])
     assert params > 0 and graphs["planned_peak"].iloc[0] > 0
 
-    mem = run.table("memory")
+    allmem = run.table("memory")
+    assert set(allmem["source"]) == {"planned", "pool"}
+    # the pool's real allocations: every device parameter (weights and optimizer state) once, announced
+    # at the profiler's start, and the step's activation reserve of exactly the planned peak
+    pool = allmem[allmem["source"] == "pool"]
+    assert set(pool["kind"]) >= {"parameter", "activation_reserve"}
+    device_params = list(model._train_graphs.values())[0].tl.device_params
+    palloc = pool[(pool["kind"] == "parameter") & (pool["action"] == "alloc")]
+    assert sorted(palloc["tensor"]) == sorted(p.name for p in device_params)
+    assert int(palloc["size"].sum()) == sum(p.data.nbytes for p in device_params)  # the model's sizes
+    assert sum(align(p.data.nbytes) for p in device_params) == params  # the pool's aligned blocks
+    reserve = pool[pool["kind"] == "activation_reserve"]
+    assert (reserve["size"] == graphs["planned_peak"].iloc[0]).all()
+    assert (pool["in_use"] <= pool["capacity"]).all()
+    mem = allmem[allmem["source"] == "planned"]
     assert len(mem) and set(mem["action"]) == {"alloc", "free"} and set(mem["kind"]) == {"activation"}
     assert (mem["in_use"] <= mem["capacity"]).all() and (mem["capacity"] == 2 << 20).all()
     assert (mem["in_use"] >= params).all()
@@ -150,7 +165,15 @@ def test_two_streams(tmp_path, digits):
     assert len(tasks[tasks["task_id"] >= 0]) == 3 * len(exe.tl.tasks)
     assert {"event_record", "event_wait"} <= set(tasks["kind"]) and {"aicore0", "aicore1"} <= set(tasks["stream"])
     assert {s["name"] for s in run.manifest["streams"]} >= {"aicore0", "aicore1", "host"}
+    # the two compute streams really run at once: some aicore0 kernel overlaps some aicore1 kernel in time
+    k = tasks[(tasks["kind"] == "kernel") & (tasks["task_id"] >= 0)]
+    a = k[k["stream"] == "aicore0"][["start_ns", "end_ns"]].to_numpy()
+    b = k[k["stream"] == "aicore1"][["start_ns", "end_ns"]].to_numpy()
+    assert len(a) and len(b)
+    overlap = np.minimum(a[:, None, 1], b[None, :, 1]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    assert (overlap > 0).any(), "aicore0 and aicore1 never ran at the same time"
     mem, params = run.table("memory"), int(run.table("graphs")["parameter_bytes"].iloc[0])
+    mem = mem[mem["source"] == "planned"]
     for _, g in mem.groupby("step"):
         assert (np.diff(g["t_ns"].to_numpy()) >= 0).all() and g["in_use"].iloc[-1] == params
         assert (g["in_use"] >= params).all()

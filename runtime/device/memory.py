@@ -7,11 +7,12 @@ themselves live in host RAM (numpy arrays); what is simulated is the device's li
 from __future__ import annotations
 
 import bisect
+import time
 import threading
 import weakref
 from dataclasses import dataclass, field
 
-from runtime import context
+from runtime import context, hooks
 from runtime.units import fmt_bytes, parse_size  # noqa: F401  (re-exported)
 
 ALIGN = 512  # Ascend's allocation granularity
@@ -63,7 +64,14 @@ class Block:
 
 
 class MemoryPool:
-    """Best-fit allocator over [0, capacity) with coalescing free lists."""
+    """Best-fit allocator over [0, capacity) with coalescing free lists.
+
+    Every alloc and free is a ``memory`` event (``source: "pool"``) while a listener is subscribed; a
+    listener that subscribes later first gets the blocks already live as allocations (``announce``), so
+    a profiler started mid-training still sees the parameters. Block kinds: ``parameter``,
+    ``activation_reserve`` (a compiled step's planned activation peak), ``workspace``, ``queue`` (batches
+    in the data-sink queue), ``kernel_pool`` (the fused kernels' cached output buffers).
+    """
 
     def __init__(self, capacity, name: str = "device"):
         self.capacity = parse_size(capacity)
@@ -73,6 +81,30 @@ class MemoryPool:
         self.in_use = 0
         self.peak = 0
         self._lock = threading.Lock()
+        self._announced = -1  # the hooks.generation whose listeners have seen the live blocks
+
+    # -- events --------------------------------------------------------------------------------------
+    def _event(self, action: str, blk: Block, in_use: int, t_ns: int) -> dict:
+        """``size`` is what was asked for (the tensor's bytes); ``in_use`` counts the aligned blocks."""
+        t = blk.tensor
+        return {"t_ns": t_ns, "action": action, "device": self.name, "kind": blk.kind, "tensor": t.name,
+                "op": t.op, "size": t.size, "offset": blk.offset, "in_use": in_use, "capacity": self.capacity,
+                "step": -1, "shape": "x".join(map(str, t.shape)), "dtype": t.dtype, "source": "pool"}
+
+    def announce(self) -> None:
+        """Tell listeners that subscribed since the last call which blocks are live (one alloc each)."""
+        if not hooks.listening or self._announced == hooks.generation:
+            return
+        with self._lock:
+            self._announced = hooks.generation
+            blocks = sorted(self._live.values(), key=lambda b: b.offset)
+            t_ns = time.perf_counter_ns()
+            in_use, events = 0, []
+            for b in blocks:
+                in_use += b.size
+                events.append(self._event("alloc", b, in_use, t_ns))
+        for ev in events:
+            hooks.emit("memory", ev)
 
     # -- allocation ----------------------------------------------------------------------------
     def alloc(self, nbytes: int, tensor: LiveTensor, kind: str = "parameter", what: str = "") -> Block:
@@ -92,7 +124,13 @@ class MemoryPool:
             self._live[off] = blk
             self.in_use += size
             self.peak = max(self.peak, self.in_use)
-            return blk
+            in_use = self.in_use
+        if hooks.listening:
+            if self._announced != hooks.generation:
+                self.announce()  # the new listener gets the live blocks, this change included
+            else:
+                hooks.emit("memory", self._event("alloc", blk, in_use, time.perf_counter_ns()))
+        return blk
 
     def free(self, blk: Block) -> None:
         with self._lock:
@@ -108,6 +146,12 @@ class MemoryPool:
                 poff, psz = self._free.pop(k - 1)
                 off, size = poff, psz + size
             bisect.insort(self._free, (off, size))
+            in_use = self.in_use
+        if hooks.listening:
+            if self._announced != hooks.generation:
+                self.announce()  # the new listener gets the live blocks, this change included
+            else:
+                hooks.emit("memory", self._event("free", blk, in_use, time.perf_counter_ns()))
 
     # -- queries -------------------------------------------------------------------------------------
     def largest_live(self, n: int = 5) -> list[LiveTensor]:

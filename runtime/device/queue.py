@@ -13,6 +13,7 @@ from collections import deque
 import numpy as np
 
 from runtime import hooks
+from runtime.device.memory import LiveTensor, get_device
 
 clock = time.perf_counter_ns
 _END = object()
@@ -24,6 +25,7 @@ class DeviceQueue:
             raise ValueError(f"DeviceQueue: capacity must be >= 1, got {capacity}")
         self.capacity = int(capacity)
         self._items: deque = deque()
+        self._blocks: deque = deque()  # the device block of each item (None for the end marker)
         self._cv = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -32,8 +34,9 @@ class DeviceQueue:
         self.full_pushes = 0  # pushes that found the queue full and had to wait
         self.step = None
 
-    def push(self, item) -> bool:
-        """Blocks while full; returns False if the queue was closed."""
+    def push(self, item, block=None) -> bool:
+        """Blocks while full; returns False if the queue was closed. ``block``: the device memory the
+        item occupies while it waits in the queue (freed when it is popped or the queue closes)."""
         t0 = clock()
         with self._cv:
             waited = False
@@ -41,8 +44,11 @@ class DeviceQueue:
                 waited = True
                 self._cv.wait()
             if self._closed:
+                if block is not None:
+                    block._pool.free(block)
                 return False
             self._items.append(item)
+            self._blocks.append(block)
             depth = len(self._items)
             self.pushes += 1
             self.full_pushes += waited
@@ -68,10 +74,13 @@ class DeviceQueue:
             if item is _END:
                 self._items.appendleft(item)
                 raise StopIteration
+            block = self._blocks.popleft()
             depth = len(self._items)
             self.pops += 1
             self.empty_pops += waited
             self._cv.notify_all()
+        if block is not None:
+            block._pool.free(block)  # the batch now belongs to the step's input buffers
         t1 = clock()
         if hooks.listening:
             hooks.emit("device_queue", {"t_ns": t1, "action": "pop", "depth": depth, "capacity": self.capacity,
@@ -84,6 +93,7 @@ class DeviceQueue:
             self._error = error
             if error is None:
                 self._items.append(_END)
+                self._blocks.append(None)
             else:
                 self._closed = True
             self._cv.notify_all()
@@ -91,7 +101,12 @@ class DeviceQueue:
     def close(self) -> None:
         with self._cv:
             self._closed = True
+            blocks = [b for b in self._blocks if b is not None]
+            self._blocks.clear()
+            self._items.clear()
             self._cv.notify_all()
+        for b in blocks:
+            b._pool.free(b)
 
 
 class SinkFeeder:
@@ -106,10 +121,15 @@ class SinkFeeder:
         self.thread.start()
 
     def _run(self):
+        pool = get_device().pool
         try:
             for _ in range(self._epochs):
-                for batch in self._dataset:
+                for k, batch in enumerate(self._dataset):
                     arrays = self._to_arrays(batch)
+                    nbytes = int(sum(np.asarray(a).nbytes for a in arrays))
+                    first = np.asarray(arrays[0])
+                    block = pool.alloc(nbytes, LiveTensor(f"queue.batch{k}", nbytes, "TransferData", first.shape,
+                                                          first.dtype.name), "queue", "while filling the data queue")
                     t0 = clock()
                     dev = tuple(np.array(a, copy=True, order="C") for a in arrays)  # the H2D copy
                     t1 = clock()
@@ -120,7 +140,7 @@ class SinkFeeder:
                                             "shape": "x".join(map(str, dev[0].shape)), "dtype": dev[0].dtype.name,
                                             "flops": 0,
                                             "bytes": int(sum(a.nbytes for a in dev)), "phase": "input"})
-                    if not self.queue.push(dev):
+                    if not self.queue.push(dev, block):
                         return
             self.queue.finish()
         except BaseException as e:  # noqa: BLE001 - delivered to the consumer
