@@ -52,3 +52,41 @@ def get_context(key: str):
 def reset_context() -> None:
     set_context(mode=GRAPH_MODE, device_target="Ascend", seed=0, enable_graph_kernel=False,
                 device_memory=None, save_graphs=False, compute_streams=1)
+
+
+# -- data parallelism (MindSpore's set_auto_parallel_context) -----------------------------------------
+STAND_ALONE = "stand_alone"
+DATA_PARALLEL = "data_parallel"
+_parallel = {"parallel_mode": STAND_ALONE, "gradients_mean": False, "all_reduce_fusion_config": []}
+
+
+def set_auto_parallel_context(**kwargs) -> None:
+    """Set one or more of: parallel_mode ("stand_alone" or "data_parallel"), gradients_mean (average the
+    AllReduced gradients over the group instead of summing them), all_reduce_fusion_config (split indices
+    into the parameter list: ``[2, 6]`` puts gradients 0-1, 2-5 and 6-end into three AllReduce buckets;
+    ``[]`` gives one AllReduce per gradient)."""
+    for key, value in kwargs.items():
+        if key not in _parallel:
+            raise ValueError(f"set_auto_parallel_context: unknown option {key!r}; known options are {sorted(_parallel)}")
+        if key == "parallel_mode" and value not in (STAND_ALONE, DATA_PARALLEL):
+            raise ValueError(f"set_auto_parallel_context: parallel_mode must be {STAND_ALONE!r} or {DATA_PARALLEL!r}, "
+                             f"got {value!r}")
+        if key == "gradients_mean":
+            value = bool(value)
+        if key == "all_reduce_fusion_config":
+            v = list(value or [])
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v) or v != sorted(set(v)):
+                raise ValueError("set_auto_parallel_context: all_reduce_fusion_config must be strictly increasing "
+                                 f"positive parameter indices (split points), got {value!r}")
+            value = v
+        _parallel[key] = value
+
+
+def get_auto_parallel_context(key: str):
+    if key not in _parallel:
+        raise ValueError(f"get_auto_parallel_context: unknown option {key!r}; known options are {sorted(_parallel)}")
+    return _parallel[key]
+
+
+def reset_auto_parallel_context() -> None:
+    set_auto_parallel_context(parallel_mode=STAND_ALONE, gradients_mean=False, all_reduce_fusion_config=[])

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from runtime import communication
 from runtime.dataset.engine import EOE, EOF, DatasetIterator
 
 
@@ -20,6 +21,34 @@ def _fn_name(fn) -> str:
     if name is None:
         name = type(fn).__name__
     return name
+
+
+def _check_shards(num_shards, shard_id, who):
+    """Explicit (num_shards, shard_id), or (None, None): decided from the communication group when iterated."""
+    if num_shards is None and shard_id is None:
+        return None, None
+    if num_shards is None or shard_id is None:
+        raise ValueError(f"{who}: give num_shards and shard_id together (got num_shards={num_shards!r}, "
+                         f"shard_id={shard_id!r})")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+        raise ValueError(f"{who}: num_shards must be an int >= 1, got {num_shards!r}")
+    if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"{who}: shard_id must be an int in 0..{num_shards - 1}, got {shard_id!r}")
+    return int(num_shards), int(shard_id)
+
+
+def _shard_of(ds) -> tuple[int, int]:
+    """(num_shards, shard_id): the source's own, else one shard per process of the communication group."""
+    if ds._num_shards is not None:
+        return ds._num_shards, ds._shard_id
+    rank, size = communication.rank_and_size()
+    return (size, rank) if communication.is_initialized() else (1, 0)
+
+
+def _shard_rows(n: int, num_shards: int) -> int:
+    """Rows per shard: every shard gets ceil(n / num_shards) (the last ones wrap around to the first rows, as
+    MindSpore's DistributedSampler pads), so every rank runs the same number of steps."""
+    return n if num_shards == 1 else -(-n // num_shards)
 
 
 def _pass_suffix(p) -> str:
@@ -121,11 +150,12 @@ class _RandomAccessSource(Dataset):
     """A source whose rows can be fetched by index: fetch hands out indices (in a per-pass
     permutation when shuffling), workers turn indices into rows in parallel."""
 
-    def __init__(self, column_names, shuffle, seed, num_parallel_workers):
+    def __init__(self, column_names, shuffle, seed, num_parallel_workers, num_shards=None, shard_id=None):
         super().__init__((), num_parallel_workers)
         self._names = list(column_names)
         self._shuffle = bool(shuffle)
         self._seed = None if seed is None else int(seed)
+        self._num_shards, self._shard_id = _check_shards(num_shards, shard_id, type(self).__name__)
 
     @property
     def column_names(self):
@@ -141,7 +171,11 @@ class _RandomAccessSource(Dataset):
         raise NotImplementedError
 
     def _setup(self, st) -> None:
-        n = self.get_dataset_size()
+        # sharded: this shard's r-th row is row (shard_id + r * num_shards) mod n of the pass's (shuffled) order --
+        # every shard draws the same permutation (same seed), so the shards partition each pass deterministically
+        n = self._full_size()
+        num_shards, shard_id = _shard_of(self)
+        m = _shard_rows(n, num_shards)
         passes = st.passes
         shuffle = self._shuffle
 
@@ -156,9 +190,10 @@ class _RandomAccessSource(Dataset):
             if passes is not None and s.p >= passes:
                 return EOF, None, False
             r = s.pos
-            if r < n:
+            if r < m:
                 s.pos = r + 1
-                return (r if s.order is None else int(s.order[r])), (s.p, r), True
+                q = (shard_id + r * num_shards) % n if num_shards > 1 else r
+                return (q if s.order is None else int(s.order[q])), (s.p, r), True
             s.p += 1
             s.pos = 0
             s.order = order(s.p)
@@ -174,12 +209,16 @@ class NumpySlicesDataset(_RandomAccessSource):
 
     ``data``: a dict ``{name: array}``, a tuple of arrays (one per column), a list of arrays (one
     per column), a single array, or a list of values (one column). ``shuffle=True`` visits the rows
-    in a fresh permutation every pass (seeded by ``seed``, else by the dataset seed)."""
+    in a fresh permutation every pass (seeded by ``seed``, else by the dataset seed).
+
+    ``num_shards`` / ``shard_id``: read only one shard, rows ``shard_id, shard_id + num_shards, ...`` of each
+    pass's order (ceil(rows / num_shards) per shard). Default: one shard per process of the communication
+    group after ``runtime.communication.init()`` (pass ``num_shards=1, shard_id=0`` to read every row)."""
 
     _op_type = "numpy_slices"
 
     def __init__(self, data, column_names=None, shuffle=False, seed: int | None = None,
-                 num_parallel_workers: int = 1):
+                 num_parallel_workers: int = 1, num_shards: int | None = None, shard_id: int | None = None):
         if isinstance(data, dict):
             column_names = list(data) if column_names is None else column_names
             data = list(data.values())
@@ -203,11 +242,14 @@ class NumpySlicesDataset(_RandomAccessSource):
             names = [column_names]
         if len(names) != len(cols):
             raise ValueError(f"NumpySlicesDataset: {len(cols)} columns but {len(names)} names")
-        super().__init__(names, shuffle, seed, num_parallel_workers)
+        super().__init__(names, shuffle, seed, num_parallel_workers, num_shards, shard_id)
         self.cols = cols
 
-    def get_dataset_size(self) -> int:
+    def _full_size(self) -> int:
         return len(self.cols[0])
+
+    def get_dataset_size(self) -> int:
+        return _shard_rows(self._full_size(), _shard_of(self)[0])
 
     def _get_row(self, i):
         return tuple([np.array(c[i]) for c in self.cols])
@@ -242,7 +284,7 @@ class GeneratorDataset(Dataset):
     _op_type = "generator"
 
     def __init__(self, source, column_names, shuffle: bool = False, seed: int | None = None,
-                 num_parallel_workers: int = 1):
+                 num_parallel_workers: int = 1, num_shards: int | None = None, shard_id: int | None = None):
         names = [column_names] if isinstance(column_names, str) else list(column_names or [])
         if not names:
             raise ValueError("GeneratorDataset: column_names is required (one name per value the source yields)")
@@ -258,6 +300,10 @@ class GeneratorDataset(Dataset):
                              "(__getitem__ and __len__); use .shuffle(buffer_size) for an iterable source")
         self._shuffle = bool(shuffle)
         self._seed = None if seed is None else int(seed)
+        self._num_shards, self._shard_id = _check_shards(num_shards, shard_id, "GeneratorDataset")
+        if self._num_shards is not None and self._num_shards > 1 and not self._random_access:
+            raise ValueError("GeneratorDataset: num_shards needs a random-accessible source (__getitem__ and __len__) "
+                             "so every shard can pick its rows")
         self._size = None
         self._one_shot = not self._random_access and not callable(source) and hasattr(source, "__next__")
         self._one_shot_used = False
@@ -269,9 +315,12 @@ class GeneratorDataset(Dataset):
     def get_batch_size(self) -> int:
         return 1
 
+    def _full_size(self) -> int:
+        return len(self.source)
+
     def get_dataset_size(self) -> int:
         if self._random_access:
-            return len(self.source)
+            return _shard_rows(len(self.source), _shard_of(self)[0])
         if self._size is None:
             if self._one_shot:
                 raise TypeError("GeneratorDataset: the size of a one-shot iterator source is unknown "

@@ -2,6 +2,7 @@
 
 ``pipeline(graph)`` is what Model runs on a traced training step before execution:
   dce            -- drop nodes no output or effect needs (first, so dead readers add no ordering);
+  insert_allreduce -- data_parallel: one AllReduce per gradient bucket, launched as its gradients are ready;
   graph_kernel   -- with enable_graph_kernel=True: expand composites, simplify, fuse, generate kernels;
   order_effects  -- control dependencies so in-place updates run after every reader;
   place          -- host/device placement, copies inserted at the boundaries;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from runtime import context
 from runtime.ir.graph import Graph
+from runtime.passes.allreduce import insert_allreduce
 from runtime.passes.dce import dce
 from runtime.passes.effects import order_effects
 from runtime.passes.graph_kernel import graph_kernel
@@ -28,7 +30,7 @@ def device_passes(graph: Graph) -> Graph:
 
 def pipeline(graph: Graph) -> Graph:
     graph.verify()
-    passes = [dce] + ([graph_kernel] if context.get_context("enable_graph_kernel") else []) + \
+    passes = [dce, insert_allreduce] + ([graph_kernel] if context.get_context("enable_graph_kernel") else []) + \
         [order_effects, place, assign_streams]
     for p in passes:
         graph = p(graph)

@@ -18,6 +18,7 @@ from runtime.ir.graph import Graph
 
 AICPU_OPS = frozenset({"gather", "gather_grad", "unique_ids", "unique_rows_sum", "unique_mask", "one_hot",
                        "argmax"})
+COMM_OPS = frozenset({"all_reduce", "all_gather"})  # collectives: the comm stream, whatever their dtype
 STREAMS = ("aicore0", "aicore1", "aicpu", "comm", "host")
 MANY = object()
 
@@ -45,12 +46,12 @@ def assign_streams(graph: Graph) -> Graph:
     for n in graph.nodes:
         if n.op in ("input", "param", "const"):
             continue
-        if n.ann.get("placement") == "host":
+        if n.op in COMM_OPS:
+            s = "comm"
+        elif n.ann.get("placement") == "host":
             s = "host"
         elif n.op in AICPU_OPS or n.dtype.name == "float64" and n.op != "assign":
             s = "aicpu"
-        elif n.op == "allreduce":
-            s = "comm"
         elif two and n.ann.get("phase") in ("backward", "update") and feeds.get(n.id) not in (None, MANY):
             s = "aicore1"
         else:
