@@ -24,13 +24,8 @@ def layout(run_id=None, **_):
 
 
 def _body(run_id: str):
-    st = store()
-    bd = st.get(run_id, "step_breakdown", analysis.step_breakdown)
-    s = st.get(run_id, "step_summary", analysis.step_summary)
-    types = st.get(run_id, "op_type_stats", analysis.op_type_stats)
-    pipe = st.get(run_id, "data_pipeline", analysis.data_pipeline)
-    peak = st.get(run_id, "memory_peak", analysis.memory_peak)
-    advice = st.get(run_id, "recommendations", analysis.recommendations)
+    ov = store().get(run_id, "overview", analysis.overview)
+    bd, s, types, pipe, peak, advice = ov.breakdown, ov.summary, ov.op_types, ov.pipeline, ov.memory_peak, ov.advice
 
     fig = go.Figure()
     for col, label, color in PARTS:

@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from insight.analysis._io import as_run
 from insight.analysis.memory import MemoryPeak, memory_peak
 from insight.analysis.ops import op_type_stats
 from insight.analysis.pipeline import (ALL_FULL, HOST_EMPTY_RATIO, INPUT_HIGH, INPUT_MODERATE, PipelineReport,
                                        data_pipeline)
 from insight.analysis.steps import StepSummary, step_breakdown, summarize
-from insight.trace import Run
+from insight.trace import Run, as_run
 
 ITERATION_INTERVAL_MS = 0.5
 COMM_SHARE = 0.10
@@ -45,9 +44,9 @@ class Recommendation:
 def recommendations(run: Run | str | os.PathLike, rank: int = 0) -> list[Recommendation]:
     """Most severe first."""
     run = as_run(run)
-    bd = step_breakdown(run, rank)
-    return advise(summarize(bd), data_pipeline(run, rank, breakdown=bd), memory_peak(run, rank=rank),
-                  op_type_stats(run, rank=rank))
+    return run.memo(("recommendations", rank), lambda: advise(
+        summarize(step_breakdown(run, rank)), data_pipeline(run, rank), memory_peak(run, rank=rank),
+        op_type_stats(run, rank=rank)))
 
 
 def advise(s: StepSummary, pipe: PipelineReport, peak: MemoryPeak, types: pd.DataFrame) -> list[Recommendation]:

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from insight.analysis._io import as_run
 from insight.analysis.ops import op_type_stats
 from insight.analysis.steps import step_breakdown, summarize
-from insight.trace import Run
+from insight.trace import Run, as_run
 
 SUMMARY_FIELDS = ("step_time_ms", "iteration_interval_ms", "fp_bp_ms", "tail_ms", "allreduce_ms",
                   "device_utilization", "input_share")

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from insight.analysis._io import NS_PER_MS, as_run, capacity_bytes, read
-from insight.trace import Run
+from insight.trace import NS_PER_MS, Run, as_run, capacity_bytes, read
 
 MEM_COLUMNS = {"t_ns": -1, "action": "", "device": "device", "kind": "", "tensor": "", "op": "", "scope": "",
                "size": 0, "offset": -1, "in_use": 0, "capacity": -1, "step": -1, "shape": "", "dtype": ""}
@@ -16,6 +15,10 @@ DISPLAY_POINTS = 2000
 
 
 def _events(run: Run, device: str, rank: int) -> pd.DataFrame:
+    return run.memo(("memory_events", device, rank), lambda: _read_events(run, device, rank))
+
+
+def _read_events(run: Run, device: str, rank: int) -> pd.DataFrame:
     m = read(run, "memory", MEM_COLUMNS, required=("t_ns", "action", "size", "in_use"), rank=rank)
     m = m[m["device"] == device]
     return m.sort_values("t_ns", kind="stable").reset_index(drop=True)
@@ -67,6 +70,10 @@ class MemoryPeak:
 
 def memory_peak(run: Run | str | os.PathLike, device: str = "device", rank: int = 0) -> MemoryPeak:
     run = as_run(run)
+    return run.memo(("memory_peak", device, rank), lambda: _memory_peak(run, device, rank))
+
+
+def _memory_peak(run: Run, device: str, rank: int) -> MemoryPeak:
     m = _events(run, device, rank)
     cap = int(m["capacity"].max()) if len(m) and m["capacity"].max() > 0 else capacity_bytes(run)
     live_cols = ["name", "op", "kind", "size", "shape", "dtype", "scope", "offset", "allocated_ns", "step"]

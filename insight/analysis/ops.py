@@ -11,8 +11,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from insight.analysis._io import NS_PER_MS, as_run, read, task_columns
-from insight.trace import Run
+from insight.trace import NS_PER_MS, Run, as_run, read, task_columns
 
 OP_COLUMNS = task_columns("step", "graph", "task_id", "name", "op", "kind", "stream", "scope", "start_ns", "end_ns",
                           "flops", "shape", "dtype", "fused_ops")
@@ -23,6 +22,11 @@ MAX_LISTED = 6  # distinct shapes / dtypes / scopes listed in one cell
 def op_tasks(run: Run | str | os.PathLike, kinds=None, graph: str | None = None, rank: int = 0) -> pd.DataFrame:
     """The task rows the op tables aggregate, with ``dur_ns`` (= end_ns - start_ns)."""
     run = as_run(run)
+    kinds = None if kinds is None else tuple(kinds)
+    return run.memo(("op_tasks", kinds, graph, rank), lambda: _op_tasks(run, kinds, graph, rank))
+
+
+def _op_tasks(run: Run, kinds, graph, rank) -> pd.DataFrame:
     t = read(run, "tasks", OP_COLUMNS, required=("name", "op", "start_ns", "end_ns"), rank=rank)
     keep = ~t["kind"].isin(SYNC_KINDS) if kinds is None else t["kind"].isin(kinds)
     if graph is not None:
@@ -73,7 +77,14 @@ def _aggregate(t: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def op_stats(run: Run | str | os.PathLike, kinds=None, graph: str | None = None, rank: int = 0) -> pd.DataFrame:
     """Per op (graph, name): op type, calls, total/avg/min/max ms, share, FLOPs, achieved FLOP/s, shapes,
-    dtypes, stream, scope, fused_ops; sorted by total time, largest first."""
+    dtypes, stream, scope, fused_ops; sorted by total time, largest first. FLOPs are the cost model's
+    estimates from shapes, so ``flop_per_s`` is an estimated rate."""
+    run = as_run(run)
+    kinds = None if kinds is None else tuple(kinds)
+    return run.memo(("op_stats", kinds, graph, rank), lambda: _op_stats(run, kinds, graph, rank))
+
+
+def _op_stats(run: Run, kinds, graph, rank) -> pd.DataFrame:
     t = op_tasks(run, kinds, graph, rank)
     # an op's name is unique in its graph, so op type and kind come along with the key
     out = _aggregate(t, ["graph", "name"])
@@ -90,6 +101,12 @@ def op_stats(run: Run | str | os.PathLike, kinds=None, graph: str | None = None,
 
 def op_type_stats(run: Run | str | os.PathLike, kinds=None, graph: str | None = None, rank: int = 0) -> pd.DataFrame:
     """Per op type: the same columns as ``op_stats`` plus ``ops`` (distinct op names of the type)."""
+    run = as_run(run)
+    kinds = None if kinds is None else tuple(kinds)
+    return run.memo(("op_type_stats", kinds, graph, rank), lambda: _op_type_stats(run, kinds, graph, rank))
+
+
+def _op_type_stats(run: Run, kinds, graph, rank) -> pd.DataFrame:
     t = op_tasks(run, kinds, graph, rank)
     out = _aggregate(t, ["op"])
     names = t.groupby("op")["name"].nunique() if len(t) else pd.Series(dtype=np.int64)

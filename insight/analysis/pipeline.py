@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from insight.analysis._io import NS_PER_MS, as_run, read
 from insight.analysis.steps import step_breakdown, summarize
-from insight.trace import Run
+from insight.trace import NS_PER_MS, Run, as_run, read
 
 HOST_EMPTY_RATIO = 0.30
 CHILD_GAP = 0.1
@@ -79,11 +78,17 @@ class PipelineReport:
 
 def data_pipeline(run: Run | str | os.PathLike, rank: int = 0, breakdown: pd.DataFrame | None = None) -> PipelineReport:
     run = as_run(run)
+    if breakdown is None:
+        return run.memo(("data_pipeline", rank), lambda: _data_pipeline(run, rank, step_breakdown(run, rank)))
+    return _data_pipeline(run, rank, breakdown)
+
+
+def _data_pipeline(run: Run, rank: int, breakdown: pd.DataFrame) -> PipelineReport:
     pipes = read(run, "dataset_pipeline", PIPE_COLUMNS, required=("pipeline_id", "op_id", "parent_id"), rank=rank)
     samples = read(run, "dataset_queues", QUEUE_COLUMNS, required=("pipeline_id", "op_id", "depth"), rank=rank)
     stats = read(run, "dataset_ops", OPS_COLUMNS, required=("pipeline_id", "op_id"), rank=rank)
     dq = read(run, "device_queue", DQ_COLUMNS, required=("action", "depth", "step"), rank=rank)
-    bd = step_breakdown(run, rank) if breakdown is None else breakdown
+    bd = breakdown
 
     rep = PipelineReport(ops=_ops_table(pipes, samples, stats), device_queue=_device_queue_per_step(dq))
     ops = rep.ops

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from insight.analysis._io import NS_PER_MS, as_run, empty_frame, read, task_columns
-from insight.trace import Run
+from insight.trace import NS_PER_MS, Run, as_run, empty_frame, read, task_columns
 
 STEP_COLUMNS = {"step": -1, "epoch": -1, "begin_ns": -1, "get_next_start_ns": -1, "get_next_end_ns": -1,
                 "fp_start_ns": -1, "bp_end_ns": -1, "end_ns": -1, "fp_start_op": "", "bp_end_op": "",
@@ -37,17 +36,19 @@ DEVICE_KINDS = ("kernel", "memcpy_h2d", "memcpy_d2h")  # work; GetNext is a wait
 def step_breakdown(run: Run | str | os.PathLike, rank: int = 0) -> pd.DataFrame:
     """One row per recorded step, in time order: ``*_ns`` integer columns and the same in ``*_ms``."""
     run = as_run(run)
-    st = read(run, "steps", STEP_COLUMNS, required=("step", "fp_start_ns", "bp_end_ns", "end_ns"), rank=rank)
-    tasks = read(run, "tasks", TASK_TIME_COLUMNS, required=("start_ns", "end_ns"), rank=rank)
-    return _breakdown(st, tasks)
+    return run.memo(("step_breakdown", rank), lambda: _breakdown(
+        _steps(run, rank), read(run, "tasks", TASK_TIME_COLUMNS, required=("start_ns", "end_ns"), rank=rank)))
 
 
 def step_times(run: Run | str | os.PathLike, rank: int = 0) -> pd.DataFrame:
     """The breakdown from the step markers alone (no task data is read, so it is cheap for run
     listings); ``allreduce`` and ``device_busy`` are 0 here."""
     run = as_run(run)
-    st = read(run, "steps", STEP_COLUMNS, required=("step", "fp_start_ns", "bp_end_ns", "end_ns"), rank=rank)
-    return _breakdown(st, empty_frame(TASK_TIME_COLUMNS))
+    return run.memo(("step_times", rank), lambda: _breakdown(_steps(run, rank), empty_frame(TASK_TIME_COLUMNS)))
+
+
+def _steps(run: Run, rank: int) -> pd.DataFrame:
+    return read(run, "steps", STEP_COLUMNS, required=("step", "fp_start_ns", "bp_end_ns", "end_ns"), rank=rank)
 
 
 def _breakdown(st: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:

@@ -40,8 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from insight.analysis._io import NS_PER_MS, as_run, bad_file, empty_frame, read, rel, table_files
-from insight.trace import Run, TraceError
+from insight.trace import NS_PER_MS, Run, TraceError, as_run, empty_frame, read, read_rows
 
 PER_PX = 2.0            # a lane shows exact tasks while it holds at most this many per pixel of the window
 MAX_TASKS = 20_000      # and all exact lanes together at most this many
@@ -257,48 +256,37 @@ def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list]:
 
 def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tuple,
                   dictionary: tuple) -> pa.Table | None:
-    files = table_files(run, table, rank)
-    if not files:
+    """``columns`` (name -> default) of ``table`` from the run's column cache: strings dictionary-encoded,
+    numbers int64 with nulls filled, absent columns filled with their default; None for an absent table."""
+    names = run.schema_names(table, rank)
+    if names is None:
         return None
-    tables = []
-    for f in files:
-        try:
-            names = pq.read_schema(f).names
-            missing = [c for c in required if c not in names]
-            if missing:
-                raise TraceError(f"run {run.name!r}: {rel(run, f)} has no column {', '.join(map(repr, missing))}")
-            present = [c for c in columns if c in names]
-            t = pq.read_table(f, columns=present, read_dictionary=[c for c in dictionary if c in present])
-        except TraceError:
-            raise
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
-            raise bad_file(run, f, e) from None
-        n = t.num_rows
-        cols = {}
-        for c, default in columns.items():
-            if c in t.column_names:
-                a = t.column(c)
-                if isinstance(default, str):
-                    if not (pa.types.is_dictionary(a.type) or pa.types.is_string(a.type)
-                            or pa.types.is_large_string(a.type)):
-                        a = pc.cast(a, pa.string())
-                    if not pa.types.is_dictionary(a.type):
-                        a = pc.dictionary_encode(a)
-                else:
-                    if not (pa.types.is_integer(a.type) or pa.types.is_floating(a.type)):
-                        raise TraceError(f"run {run.name!r}: {rel(run, f)}: column {c!r} holds {a.type}, "
-                                         f"expected numbers")
-                    if a.null_count:
-                        a = pc.fill_null(a, default)
-                    a = pc.cast(a, pa.int64(), safe=False)
-                cols[c] = a
-            elif isinstance(default, str):
-                cols[c] = pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)),
-                                                                           pa.array([default]))])
+    read(run, table, {}, required=required, rank=rank)  # a required column missing from any file: TraceError
+    present = [c for c in columns if c in names]
+    t = run.arrow(table, rank, present)
+    n = t.num_rows if present else run.num_rows(table, rank)
+    cols = {}
+    for c, default in columns.items():
+        if c in present:
+            a = t.column(c)
+            if isinstance(default, str):
+                if pa.types.is_null(a.type):
+                    a = pc.cast(a, pa.string())
+                if not pa.types.is_dictionary(a.type):
+                    a = pc.dictionary_encode(a)
             else:
-                cols[c] = pa.chunked_array([pa.array(np.full(n, default, np.int64))])
-        tables.append(pa.table(cols))
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                if not (pa.types.is_integer(a.type) or pa.types.is_floating(a.type) or pa.types.is_null(a.type)):
+                    raise TraceError(f"run {run.name!r}: table {table}: column {c!r} holds {a.type}, expected numbers")
+                if a.null_count:
+                    a = pc.fill_null(pc.cast(a, pa.int64(), safe=False), default)
+                a = pc.cast(a, pa.int64(), safe=False)
+            cols[c] = a
+        elif isinstance(default, str):
+            cols[c] = pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)),
+                                                                       pa.array([default]))])
+        else:
+            cols[c] = pa.chunked_array([pa.array(np.full(n, default, np.int64))])
+    return pa.table(cols)
 
 
 def _read_task_table(run: Run, rank: int, columns: dict = DETAIL_COLUMNS) -> pa.Table:
@@ -312,49 +300,7 @@ def _read_task_table(run: Run, rank: int, columns: dict = DETAIL_COLUMNS) -> pa.
 
 def _read_rows(run: Run, rank: int, rows: np.ndarray, columns: dict) -> pa.Table:
     """Rows of ``tasks`` by global position, reading just the row groups that hold them."""
-    groups = []  # (global start, file, row group, rows)
-    at = 0
-    for f in table_files(run, "tasks", rank):
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except Exception as e:  # noqa: BLE001
-            raise bad_file(run, f, e) from None
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            groups.append((at, f, g, n))
-            at += n
-    if len(rows) and (rows.min() < 0 or rows.max() >= at):
-        raise IndexError(f"task rows out of range (the run holds {at} tasks)")
-    starts = np.array([g[0] for g in groups], np.int64)
-    which = np.searchsorted(starts, rows, side="right") - 1
-    parts, order = [], []
-    strings = [c for c, d in columns.items() if isinstance(d, str)]
-    for k in np.unique(which):
-        g0, f, g, _ = groups[k]
-        sel = np.flatnonzero(which == k)
-        try:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            t = pf.read_row_group(g, columns=[c for c in columns if c in names])
-        except Exception as e:  # noqa: BLE001
-            raise bad_file(run, f, e) from None
-        t = t.take(pa.array(rows[sel] - g0))
-        cols = {}
-        for c, d in columns.items():
-            if c in t.column_names:
-                a = t.column(c)
-                cols[c] = pc.cast(a, pa.string()) if c in strings else pc.cast(pc.fill_null(a, d), pa.int64(),
-                                                                                     safe=False)
-            else:
-                cols[c] = pa.array([d] * t.num_rows, pa.string() if c in strings else pa.int64())
-        parts.append(pa.table(cols))
-        order.append(sel)
-    if not parts:
-        return pa.table({c: pa.array([], pa.string() if c in strings else pa.int64()) for c in columns})
-    out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    back = np.empty(len(rows), np.int64)
-    back[np.concatenate(order)] = np.arange(len(rows))
-    return out.take(pa.array(back))
+    return read_rows(run, "tasks", rows, columns, rank)
 
 
 def _np(col: pa.ChunkedArray) -> np.ndarray:
