@@ -4,9 +4,9 @@
 * ``call(fn, ptrs, dims, c0, nch)`` -- calls a generated C kernel (a function pointer obtained with
   ctypes) with the GIL released; cheaper than a ctypes call.
 * ``interpret(code, ptrs, dims, c0, nch)`` -- the tile interpreter: runs a kernel plan (encoded by
-  ``runtime/passes/graph_kernel/kernels.py``) without any compiler, evaluating each instruction
+  ``runtime/codegen/interpreter.py``) without any compiler, evaluating each instruction
   over tiles of up to 256 elements of the innermost axis, with the same loop order, the same
-  element functions (``fusion_ops.h``) and the same accumulation order as the generated C, so
+  element functions (``codegen/element_ops.h``) and the same accumulation order as the generated C, so
   both paths give bit-identical results.
 """
 import numpy as np
@@ -19,7 +19,7 @@ from libc.math cimport INFINITY
 
 cnp.import_array()
 
-cdef extern from "passes/graph_kernel/fusion_ops.h" nogil:
+cdef extern from "codegen/element_ops.h" nogil:
     float fk_sel(int c, float a, float b)
     float fk_bool(int c)
     float fk_select(float c, float a, float b)
@@ -47,7 +47,7 @@ ctypedef void (*kernel_fn)(void **P, const int64_t *D, int64_t c0, int64_t nch, 
 DEF T = 256          # tile length along the innermost axis (a multiple of the 8 lanes)
 DEF MAXK = 16
 
-# value kinds and opcodes (must match runtime/passes/graph_kernel/plan.py OPCODES)
+# value kinds and opcodes (must match runtime/codegen/subgraph.py OPCODES)
 DEF K_IN = 0
 DEF K_CONST = 1
 DEF K_RED = 2

@@ -24,8 +24,9 @@ from runtime.nn.transformer import BertSmall, MultiHeadAttention, bert_batch
 from runtime.ops import api as F
 from runtime.passes import assign_streams, order_effects, place
 from runtime.passes.dce import dce
-from runtime.passes.graph_kernel import dumps, expand, fuse, graph_kernel, kernels, simplify
-from runtime.passes.graph_kernel.plan import OPCODES
+from runtime import codegen as kernels
+from runtime.codegen import OPCODES, interpreter
+from runtime.passes.graph_kernel import dumps, expand, fuse, graph_kernel, simplify
 
 F32 = np.float32
 
@@ -250,7 +251,7 @@ def test_no_compiler_falls_back_to_the_interpreter():
 
 
 def test_output_buffer_pool_never_hands_out_live_memory():
-    pool = kernels._BufferPool(limit=64 << 20)
+    pool = kernels.BufferPool(limit=64 << 20)
     a = pool.empty((512, 512), F32, 1 << 20)
     a[:] = 1.0
     view = a[3:]                                   # a view keeps the buffer alive
@@ -263,8 +264,7 @@ def test_output_buffer_pool_never_hands_out_live_memory():
 
 
 def test_opcode_tables_agree():
-    from runtime import _fusion
-    assert _fusion.opcodes() == OPCODES
+    assert interpreter.opcodes() == OPCODES
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -800,7 +800,7 @@ import numpy as np, sys
 from runtime.core import GraphBuilder, building
 from runtime.ir.graph import Graph
 from runtime.ops import api as F
-from runtime.passes.graph_kernel import graph_kernel, kernels
+from runtime.passes.graph_kernel import graph_kernel
 g = Graph("cache_probe"); b = GraphBuilder(g)
 with building(b):
     x = b.input("x", (33, 17), np.float32)

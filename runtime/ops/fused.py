@@ -1,8 +1,8 @@
-"""Primitives produced by graph-kernel fusion (``runtime/passes/graph_kernel``).
+"""Primitives produced by graph-kernel fusion (``runtime/passes/graph_kernel``), run with ``runtime.codegen``.
 
 * ``fused``        -- one generated kernel for a group of elementwise / broadcast / reduce ops.
-                      attrs: ``_subgraph`` (the group, see ``plan.SubGraph``), ``_program`` (its compiled
-                      kernel, attached by the codegen pass; built lazily otherwise), ``kernel`` (the
+                      attrs: ``_subgraph`` (the group, a ``runtime.codegen.SubGraph``), ``_program`` (its
+                      kernel, attached by the ``build_kernels`` pass; built lazily otherwise), ``kernel`` (the
                       kernel's name, shown in dumps) and optionally ``_prologue``: per kernel input,
                       None or ``(matmul op, transpose_a, transpose_b)`` -- that input is a GEMM of the
                       next two node inputs, computed first (library call into a recycled buffer). With one output the node *is* that output; with
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.ops.registry import Primitive, ShapeError, register
+from runtime.codegen import aligned_empty, program_for
+from runtime.ops.registry import Primitive, ShapeError, get_primitive, register
 
 
 def _check_inputs(name, shapes, dtypes, sg):
@@ -35,7 +36,6 @@ def _check_inputs(name, shapes, dtypes, sg):
 
 def _prologue_shapes(shapes, dtypes, prologue):
     """Input shapes of the kernel once its GEMM prologue has run."""
-    from runtime.ops.registry import get_primitive
     out_s, out_d, k = [], [], 0
     for spec in prologue:
         if spec is None:
@@ -65,14 +65,35 @@ def _fused_infer(shapes, dtypes, attrs):
 
 
 def _fused_kernel(*arrays, _subgraph, _program=None, kernel=None, _prologue=None, **_):
-    prog = _program if _program is not None else _program_cached(_subgraph)
+    prog = _program if _program is not None else program_for(_subgraph)
     if _prologue:
         arrays = _run_prologue(arrays, _prologue)
+    if prog.backend() == "numpy":
+        return _op_by_op(_subgraph, arrays)
     return prog(*arrays)
 
 
+def _op_by_op(sg, arrays):
+    """The group evaluated with the primitives' own kernels (no compiler, no Cython helper): the values of
+    running it unfused."""
+    env: list = [None] * len(sg.ops)
+
+    def get(r):
+        return env[r] if r >= 0 else np.asarray(arrays[-1 - r])
+    for j, o in enumerate(sg.ops):
+        if o.op == "const":
+            env[j] = np.asarray(o.attrs["value"], o.dtype).reshape(o.shape)
+            continue
+        env[j] = np.asarray(get_primitive(o.op).kernel(*[get(a) for a in o.args], **o.attrs))
+    outs = [np.ascontiguousarray(get(r)).astype(sg.ref_dtype(r), copy=False).reshape(sg.ref_shape(r))
+            for r in sg.outputs]
+    if sg.inplace:
+        np.copyto(arrays[0], outs[0])
+        return arrays[0]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 def _run_prologue(arrays, prologue):
-    from runtime.passes.graph_kernel.kernels import _aligned_empty
     out, k = [], 0
     for spec in prologue:
         if spec is None:
@@ -87,14 +108,9 @@ def _run_prologue(arrays, prologue):
         if tb:
             b = np.swapaxes(b, -1, -2)
         shape = a.shape[:-2] + (a.shape[-2], b.shape[-1])
-        c = _aligned_empty(shape, np.float32, int(np.prod(shape, dtype=np.int64)) * 4)
+        c = aligned_empty(shape, np.float32, int(np.prod(shape, dtype=np.int64)) * 4)
         out.append(np.matmul(a, b, out=c))
     return out
-
-
-def _program_cached(sg):
-    from runtime.passes.graph_kernel.kernels import program_for
-    return program_for(sg)
 
 
 def _out_bytes(sg):
@@ -161,8 +177,7 @@ def _uniform_kernel(shape, _rng):
     nbytes = int(np.prod(shape, dtype=np.int64)) * 4
     if nbytes < (1 << 20):
         return _rng.random(shape, dtype=np.float32)
-    from runtime.passes.graph_kernel.kernels import _aligned_empty
-    out = _aligned_empty(shape, np.float32, nbytes)      # recycled memory: no page faults
+    out = aligned_empty(shape, np.float32, nbytes)      # recycled memory: no page faults
     return _rng.random(shape, dtype=np.float32, out=out)
 
 
@@ -171,7 +186,6 @@ register(Primitive("uniform", "source", lambda s, d, a: (tuple(a["shape"]), np.d
 
 
 def _gemm_infer(shapes, dtypes, attrs):
-    from runtime.ops.registry import get_primitive
     return get_primitive(attrs["op"]).infer(shapes, dtypes, attrs)
 
 
@@ -180,7 +194,6 @@ def _gemm_kernel(a, b, op, transpose_a, transpose_b):
 
 
 def _gemm_cost(node):
-    from runtime.ops.registry import get_primitive
     return get_primitive(node.attrs["op"]).cost(node)
 
 

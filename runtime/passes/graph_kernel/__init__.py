@@ -27,7 +27,8 @@ graph is not modified. Four Graph -> Graph passes, one module each:
        other large GEMMs become ``fused_gemm`` nodes (the same library call into recycled buffers).
    Nodes are named like ``Fused_Mul_Add_Tanh_12``; ``ann["fused_ops"]`` lists the member op types
    (the profiler shows it per task) and ``ann["fused_from"]`` the expanded composites.
-4. ``codegen``  -- one kernel per fused node (``plan.analyze`` -> ``cgen`` -> ``kernels``):
+4. ``build_kernels`` -- one kernel per fused node, built by ``runtime.codegen`` (``schedule.analyze`` ->
+   ``c_source.generate`` -> ``kernel_cache``, or the ``interpreter``):
      * the group is mapped onto one iteration domain (common refinement of its shapes, collapsed);
        broadcast inputs (bias, per-channel statistics, scalars) are read by index arithmetic
        (stride 0), never materialised; views are free;
@@ -38,7 +39,7 @@ graph is not modified. Four Graph -> Graph passes, one module each:
        when the group consumes them, with their consumers (phases that recompute within the chunk);
      * values needed again in a later phase are kept in a per-thread chunk buffer instead of being
        recomputed when that is cheaper; large flat outputs are written with non-temporal stores;
-       kernel outputs of a megabyte or more come from a small caching allocator (``kernels._pool``)
+       kernel outputs of a megabyte or more come from a small caching allocator (``codegen.buffers``)
        so they do not pay a page fault per 4 KB on every step;
      * C compiled by gcc ``-O3 -fopenmp -march=native -shared -fPIC -ffp-contract=off
        -fno-math-errno``, cached in ``$XDG_CACHE_HOME/insight/kernels`` (``~/.cache/...``) under a
@@ -47,8 +48,8 @@ graph is not modified. Four Graph -> Graph passes, one module each:
        processes. Kernels are generic in the sizes: identical groups share one compiled function;
      * fallback: with no working compiler the same plan runs on the Cython tile interpreter
        (``runtime/_fusion.pyx``), bit-identical to the compiled kernels (same element functions in
-       ``fusion_ops.h``, same loop and accumulation order, no FMA contraction); see
-       ``kernels.set_backend``.
+       ``codegen/element_ops.h``, same loop and accumulation order, no FMA contraction); see
+       ``runtime.codegen.set_backend``.
 
 ``graph_kernel(graph, dump_dir=...)`` writes ``<name>.before.txt`` / ``<name>.after.txt`` (the stable
 ``Graph.dump`` text); ``dumps(graph)`` returns both texts and the fused graph.
@@ -58,14 +59,13 @@ from __future__ import annotations
 import os
 
 from runtime.ir.graph import Graph, Node
-from runtime.passes.graph_kernel.codegen import codegen
+from runtime.passes.dce import dce
+from runtime.passes.graph_kernel.build_kernels import build_kernels
 from runtime.passes.graph_kernel.expand import expand
 from runtime.passes.graph_kernel.fuse import fuse
-from runtime.passes.graph_kernel.kernels import backend, set_backend  # noqa: F401
-from runtime.passes.dce import dce
 from runtime.passes.graph_kernel.simplify import simplify
 
-__all__ = ["graph_kernel", "dumps", "expand", "simplify", "fuse", "codegen", "clone", "set_backend", "backend"]
+__all__ = ["graph_kernel", "dumps", "expand", "simplify", "fuse", "build_kernels", "clone"]
 
 
 def clone(graph: Graph) -> Graph:
@@ -91,7 +91,7 @@ def graph_kernel(graph: Graph, dump_dir: str | os.PathLike | None = None) -> Gra
     g = expand(g)
     g = simplify(g)
     g = fuse(g)
-    g = codegen(g)
+    g = build_kernels(g)
     g = dce(g)           # scalar constants now inlined into kernels
     g.verify()
     g.meta["graph_kernel"] = True

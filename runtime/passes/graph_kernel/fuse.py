@@ -2,12 +2,12 @@
 
 Grouping (XLA loop + input fusion, TVM's elementwise / broadcast / injective / reduction patterns):
 
-* fusible: the primitives the kernel language covers (``plan.FUSIBLE_OPS``: elementwise, broadcast,
+* fusible: the primitives the kernel language covers (``codegen.subgraph.FUSIBLE_OPS``: elementwise, broadcast,
   reshape-like views and sum / max reductions) on float32 / bool tensors. Matmul, conv, gather,
   pooling, one-hot, random sources, copies and effects are never members (opaque);
 * every fusible node starts as its own group; in topological order each producer -> consumer edge
   between two groups is merged when both are in the same training phase and on the same target,
-  the merged group still maps onto one iteration domain (``plan.analyze``: broadcasts by index
+  the merged group still maps onto one iteration domain (``codegen.schedule.analyze``: broadcasts by index
   arithmetic, every reduction's input spanning the whole domain), and the merge creates no cycle:
   no path may leave the group and come back, through other nodes *or other groups* (checked by a
   bounded search over data edges and the ordering constraints below);
@@ -47,8 +47,8 @@ import numpy as np
 
 from runtime.ir.graph import Graph, IRError, Node
 from runtime.ops.registry import get_primitive
-from runtime.passes.graph_kernel.plan import (REDUCE_OPS, VIEW_OPS, NotFusible, SOp, SubGraph, analyze,
-                                              op_supported)
+from runtime.codegen.schedule import analyze
+from runtime.codegen.subgraph import REDUCE_OPS, VIEW_OPS, NotFusible, op_supported, scalar_const, subgraph_of
 
 LEAVES = ("input", "param", "const")
 VIEWS_OF_VAR = {"reshape", "transpose", "expand_dims", "squeeze", "broadcast_to", "slice"}
@@ -64,10 +64,6 @@ def _fusible(n: Node) -> bool:
     if n.op in LEAVES or n.size == 0:
         return False
     return op_supported(n.op, n.attrs, [i.dtype for i in n.inputs], n.dtype)
-
-
-def _scalar_const(n: Node) -> bool:
-    return n.op == "const" and n.size == 1 and n.dtype in (np.float32, np.bool_)
 
 
 def _key(n: Node):
@@ -97,51 +93,6 @@ class _Groups:
         self.minpos[a] = min(self.minpos[a], self.minpos.pop(b))
         self.maxpos[a] = max(self.maxpos[a], self.maxpos.pop(b))
         return a
-
-
-def subgraph_of(members: list[Node], outputs: list[Node], inplace_var: Node | None = None,
-                cut: dict[int, Node] | None = None):
-    """The SubGraph of ``members`` (topological) plus the external input nodes, in order.
-
-    ``cut`` maps member ids to nodes read instead of recomputing them (inputs of the kernel).
-    """
-    cut = cut or {}
-    ids = {m.id for m in members if m.id not in cut}
-    inputs: list[Node] = []
-    in_index: dict[int, int] = {}
-    if inplace_var is not None:
-        inputs.append(inplace_var)
-        in_index[inplace_var.id] = 0
-    ops: list[SOp] = []
-    index: dict[int, int] = {}
-    const_ops: dict[int, int] = {}
-
-    def ref(x: Node) -> int:
-        if x.id in ids:
-            return index[x.id]
-        if x.id in cut:
-            x = cut[x.id]
-        if _scalar_const(x):
-            if x.id not in const_ops:
-                ops.append(SOp("const", (), {"value": np.asarray(x.attrs["value"]).reshape(())}, x.shape, x.dtype))
-                const_ops[x.id] = len(ops) - 1
-            return const_ops[x.id]
-        if x.id not in in_index:
-            in_index[x.id] = len(inputs)
-            inputs.append(x)
-        return -1 - in_index[x.id]
-
-    for m in members:
-        if m.id not in ids:
-            continue
-        args = tuple(ref(i) for i in m.inputs)
-        attrs = {k: v for k, v in m.attrs.items() if not k.startswith("_")}
-        ops.append(SOp(m.op, args, attrs, m.shape, m.dtype))
-        index[m.id] = len(ops) - 1
-    outs = [ref(o) for o in outputs]
-    sg = SubGraph([i.shape for i in inputs], [i.dtype for i in inputs], ops, outs, inplace=inplace_var is not None,
-                  names=[m.op for m in members if m.id in ids])
-    return sg, inputs
 
 
 def _camel(op: str) -> str:
@@ -236,7 +187,7 @@ def fuse(graph: Graph) -> Graph:
         ext = set()
         for m in members:
             for i in m.inputs:
-                if i.id not in ids and not _scalar_const(i):
+                if i.id not in ids and not scalar_const(i):
                     ext.add(i.id)
         return len(ext)
 

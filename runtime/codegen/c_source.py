@@ -19,7 +19,8 @@ import math
 
 import numpy as np
 
-from runtime.passes.graph_kernel.plan import BINARY, LANES, TERNARY, UNARY, Plan
+from runtime.codegen.schedule import LANES, Plan
+from runtime.codegen.subgraph import BINARY, TERNARY, UNARY
 
 _TEMPLATES = {**UNARY, **BINARY, **TERNARY}
 

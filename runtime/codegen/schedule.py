@@ -1,7 +1,4 @@
-"""The fused-group mini IR (``SubGraph``) and its iteration-space analysis (``analyze`` -> ``Plan``).
-
-A ``SubGraph`` is a self-contained list of primitive ops (no Node objects): op ``j`` reads
-external inputs (``ref < 0``: input ``-1 - ref``) or earlier ops (``ref >= 0``).
+"""The schedule of a fused group: ``analyze(SubGraph) -> Plan``, how ONE kernel walks the group.
 
 ``analyze`` maps every value of the group onto ONE iteration domain and decides how a single
 kernel walks it:
@@ -32,115 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-F32 = np.dtype(np.float32)
-BOOL = np.dtype(np.bool_)
-
-
-class NotFusible(Exception):
-    """The group cannot be expressed as one kernel (reason in the message)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# the op table: op -> (arity, C expression template, interpreter opcode)
-# ---------------------------------------------------------------------------------------------
-UNARY = {
-    "neg": "(-{0})", "exp": "fk_exp({0})", "log": "fk_log({0})", "sqrt": "fk_sqrt({0})",
-    "rsqrt": "fk_rsqrt({0})", "tanh": "fk_tanh({0})", "sigmoid": "fk_sigmoid({0})", "relu": "fk_relu({0})",
-    "abs": "fk_abs({0})", "sign": "fk_sign({0})", "square": "fk_square({0})", "reciprocal": "fk_recip({0})",
-    "tobool": "fk_bool({0} != 0.0f)",
-}
-BINARY = {
-    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-    "maximum": "fk_max({0}, {1})", "minimum": "fk_min({0}, {1})",
-    "equal": "fk_bool({0} == {1})", "not_equal": "fk_bool({0} != {1})", "less": "fk_bool({0} < {1})",
-    "less_equal": "fk_bool({0} <= {1})", "greater": "fk_bool({0} > {1})",
-    "greater_equal": "fk_bool({0} >= {1})", "relu_grad": "fk_relu_grad({0}, {1})",
-    "leaky_relu": "fk_leaky({0}, {1})",
-}
-TERNARY = {"select": "fk_select({0}, {1}, {2})"}
-# interpreter opcodes (must match runtime/_fusion.pyx)
-OPCODES = {name: 10 + k for k, name in enumerate(list(UNARY) + list(BINARY) + list(TERNARY))}
-K_IN, K_CONST, K_RED = 0, 1, 2
-
-VIEW_OPS = frozenset({"reshape", "expand_dims", "squeeze", "broadcast_to"})
-REDUCE_OPS = frozenset({"reduce_sum", "reduce_max"})
-ELEMENTWISE_OPS = frozenset(set(UNARY) - {"tobool"} | set(BINARY) - {"leaky_relu"} | set(TERNARY)
-                            | {"leaky_relu", "cast"})
-FUSIBLE_OPS = ELEMENTWISE_OPS | VIEW_OPS | REDUCE_OPS
-SUBGRAPH_OPS = FUSIBLE_OPS | {"const"}   # "const": a scalar literal inlined into the kernel
+from runtime.codegen.subgraph import BOOL, REDUCE_OPS, SUBGRAPH_OPS, VIEW_OPS, NotFusible, SubGraph
 
 LANES = 8          # lane partials when the innermost axis is reduced
 CHUNK_ELEMS = 16384  # target elements per chunk (x the group's arrays: a cache-sized tile)
 PHASED_CHUNK_ELEMS = 4096   # multi-phase kernels re-read the chunk once per phase: keep it in L1/L2
 MAX_CHUNKS_CROSS = 128      # per-chunk partials of reductions over axis 0 are combined serially
 CROSS_BUDGET = 16 << 20  # bytes of per-chunk partial accumulators allowed
-
-
-def op_supported(op: str, attrs: dict, in_dtypes, out_dtype) -> bool:
-    """Can this primitive be a member of a fused group (the fuser's whitelist)?"""
-    if op not in FUSIBLE_OPS:
-        return False
-    if np.dtype(out_dtype) not in (F32, BOOL):
-        return False
-    if any(np.dtype(d) not in (F32, BOOL) for d in in_dtypes):
-        return False
-    if op == "cast":
-        return True
-    if op in REDUCE_OPS:
-        return np.dtype(out_dtype) == F32
-    if op in ("select",):
-        return True
-    if op in BINARY and op not in ("equal", "not_equal", "less", "less_equal", "greater", "greater_equal"):
-        return all(np.dtype(d) == F32 for d in in_dtypes)
-    if op in UNARY:
-        return all(np.dtype(d) == F32 for d in in_dtypes)
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# the mini IR
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class SOp:
-    op: str
-    args: tuple          # refs: >= 0 op index, < 0 input (-1 - k)
-    attrs: dict
-    shape: tuple
-    dtype: np.dtype
-
-
-@dataclass
-class SubGraph:
-    in_shapes: list
-    in_dtypes: list
-    ops: list            # SOp, topological
-    outputs: list        # op indices (or input refs < 0: pass-through is not allowed)
-    inplace: bool = False  # output 0 is written into input 0 (fused_assign)
-    names: list = field(default_factory=list)   # original op types, for names / profiling
-
-    def ref_shape(self, r):
-        return tuple(self.ops[r].shape) if r >= 0 else tuple(self.in_shapes[-1 - r])
-
-    def ref_dtype(self, r):
-        return np.dtype(self.ops[r].dtype) if r >= 0 else np.dtype(self.in_dtypes[-1 - r])
-
-    def key(self) -> tuple:
-        """Hashable description (shapes included) used to share compiled programs."""
-        ops = tuple((o.op, o.args, _attr_key(o.attrs), tuple(o.shape), np.dtype(o.dtype).str) for o in self.ops)
-        return (tuple(map(tuple, self.in_shapes)), tuple(np.dtype(d).str for d in self.in_dtypes), ops,
-                tuple(self.outputs), self.inplace)
-
-
-def _attr_key(attrs):
-    out = []
-    for k in sorted(attrs):
-        v = attrs[k]
-        if isinstance(v, np.ndarray):
-            v = (v.dtype.str, v.shape, v.tobytes())
-        elif isinstance(v, list):
-            v = tuple(v)
-        out.append((k, v))
-    return tuple(out)
 
 
 @functools.lru_cache(maxsize=1 << 16)
