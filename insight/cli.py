@@ -31,7 +31,7 @@ EXIT_USAGE = 2
 
 # Subcommands that live in their own module: each module has ``add_parser(subparsers)`` (adding one or
 # more sub-parsers) and ``run(args) -> int``. Wiring a new one is one line here.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("insight.importer.cli",)
 
 
 class UsageError(Exception):
