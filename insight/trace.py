@@ -487,8 +487,8 @@ def check_schema(run: Run, table: str, path: Path, schema: pa.Schema) -> None:
             continue
         got = _kind_of(field.type)
         if got not in _ACCEPTS[want]:
-            raise run.error(f"{run.rel(path)}: column {field.name!r} holds {field.type}, expected {_EXPECTED[want]} "
-                            f"(docs/trace-format.md)")
+            raise run.error(f"{run.rel(path)}: column {field.name!r} holds {_EXPECTED.get(got, field.type)}, "
+                            f"expected {_EXPECTED[want]} (docs/trace-format.md)")
 
 
 # -- reading what an analyzer needs -------------------------------------------------------------------------
@@ -499,9 +499,8 @@ def read(run: Run, table: str, columns: dict, required: tuple = (), rank: int = 
     names = run.schema_names(table, rank)
     if names is None:
         return empty_frame(columns)
-    files = run.table_files(table, rank)
     e = run._entry(table, rank)
-    for f, schema in zip(e.files if e else files, e.schemas if e else []):
+    for f, schema in zip(e.files, e.schemas):
         missing = [c for c in required if c not in schema.names]
         if missing:
             raise run.error(f"{run.rel(f)} has no column {', '.join(map(repr, missing))}")
