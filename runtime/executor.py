@@ -22,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from runtime import hooks
+from runtime import _exec, hooks
 from runtime.device.memory import DeviceOutOfMemoryError, LiveTensor, fmt_bytes, get_device
 from runtime.device.tasks import TaskList, compile_tasks
 from runtime.ir.graph import Graph, Node, toposort
@@ -97,8 +97,8 @@ class CompiledGraph:
         self.other_streams = [s for s in active if s != self.main_stream]
         self._workers: dict[str, _Worker] = {}
         # the single-stream fast path: (out, kernel, ins, attrs, frees) tuples
-        self._flat = [(t.out, t.kernel, t.ins, t.attrs, t.frees) for t in self.tl.tasks if t.kind not in
-                      ("event_record", "event_wait")]
+        self._flat = [(t.out, t.kernel, tuple(t.ins), t.attrs, tuple(t.frees)) for t in self.tl.tasks
+                      if t.kind not in ("event_record", "event_wait")]
         self.steps = self._flat  # kernel launches per step (len() is the task count)
         self.last_markers: dict | None = None
         self._table_generation = -1
@@ -168,22 +168,12 @@ class CompiledGraph:
         self._bind_inputs(env, feeds, copy=get_next is None)
         c1 = clock() if tracing else 0
         if not self.other_streams:
-            if tracing:  # the same loop, plus two clock reads per task into plain lists
-                starts: list = []
-                ends: list = []
-                s_app, e_app = starts.append, ends.append
-                for out, kernel, ins, attrs, frees in self._flat:
-                    s_app(clock())
-                    env[out] = kernel(*[env[i] for i in ins], **attrs)
-                    e_app(clock())
-                    for f in frees:
-                        env[f] = None
-                records = (starts, ends)
+            if tracing:  # the same compiled loop, stamping each task into preallocated arrays
+                n = len(self._flat)
+                records = (np.empty(n, np.int64), np.empty(n, np.int64))
+                _exec.run_flat(self._flat, env, *records)
             else:
-                for out, kernel, ins, attrs, frees in self._flat:
-                    env[out] = kernel(*[env[i] for i in ins], **attrs)
-                    for f in frees:
-                        env[f] = None
+                _exec.run_flat(self._flat, env)
                 records = None
         else:
             records = self._run_streams(env, tracing)
@@ -321,8 +311,7 @@ class CompiledGraph:
                           "flops": 0, "bytes": nbytes, "phase": "input"})
         if isinstance(records, tuple):  # one stream: tasks ran in task order, ids are fixed
             ids = self._flat_ids
-            starts = np.array(records[0], np.int64)
-            ends = np.array(records[1], np.int64)
+            starts, ends = records
             fi, bi = self._flat_markers
             fp_start = int(starts[fi]) if fi >= 0 else t_begin
             bp_end = int(ends[bi]) if bi >= 0 else fp_start

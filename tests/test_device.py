@@ -1,11 +1,13 @@
 """The simulated device: memory pool and plan, streams and events, placement, data sink mode."""
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import batches
-from runtime import Model, context, hooks, nn
+from runtime import Model, _exec, context, hooks, nn
 from runtime.core import GraphBuilder, building
 from runtime.dataset import NumpySlicesDataset
 from runtime.device.memory import ALIGN, DeviceOutOfMemoryError, LiveTensor, MemoryPool, parse_size
@@ -340,3 +342,12 @@ def test_activation_oom_names_largest_tensors_then_smaller_model_trains(rng):
     losses = [m2.train_step(x[:128], y[:128]) for _ in range(30)]
     assert losses[-1] < losses[0]
     assert get_device().pool.in_use > in_use_after  # the small model's memory is really accounted
+
+
+def test_the_executor_loop_reads_the_clock_of_perf_counter_ns():
+    """Task stamps from the compiled loop line up with every other event's time.perf_counter_ns()."""
+    for _ in range(100):
+        a = time.perf_counter_ns()
+        b = _exec.now_ns()
+        c = time.perf_counter_ns()
+        assert a <= b <= c
