@@ -38,7 +38,9 @@ def _local_imports(path: Path):
 
 
 def test_no_function_local_imports_in_the_runtime():
-    found = [hit for p in sorted((ROOT / "runtime").rglob("*.py")) for hit in _local_imports(p)]
+    # runtime/examples are user scripts (leaves nothing imports): they may import the profiler lazily
+    found = [hit for p in sorted((ROOT / "runtime").rglob("*.py")) if "examples" not in p.parts
+             for hit in _local_imports(p)]
     assert not found, "function-local imports hide import cycles; import at module level:\n" + "\n".join(found)
 
 
