@@ -6,6 +6,11 @@ Every ``flush()`` drains all collectors and writes each table's new rows as one 
 ``manifest.json`` atomically (temporary file + ``os.replace``). So a process killed at any instant
 leaves every part and the manifest either complete or absent. ``compact()`` turns each table's parts
 into ``rank_0/<table>.parquet`` (again via a temporary file and a rename) and removes the parts.
+
+A write that fails (disk full, quota, permissions) removes its temporary file; a failed flush keeps the
+rows it could not write and writes them with the next flush, so a passing problem loses nothing. When the
+run cannot be finished, ``fail()`` marks it ``"status": "failed"`` with the error in the manifest, so
+readers report the run as failed instead of reading a half-written run as a good one.
 """
 from __future__ import annotations
 
@@ -50,9 +55,20 @@ def read_part(path: Path, schema: pa.Schema) -> pa.Table:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 class RunWriter:
@@ -71,6 +87,7 @@ class RunWriter:
         self.flushes = 0
         self.background_cpu_s = 0.0  # CPU time of the background thread's flushes (what recording costs besides the hook)
         self.error: BaseException | None = None
+        self._pending: dict[str, list] = {}  # rows a failed flush could not write: written by the next one
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,25 +114,35 @@ class RunWriter:
         d.mkdir(exist_ok=True)
         n = self.parts[table]
         tmp = d / f".part-{n:05d}.parquet.tmp"
-        pq.write_table(t, tmp, store_schema=False, **write_options(SCHEMAS[table]))
-        os.replace(tmp, d / f"part-{n:05d}.parquet")
+        try:
+            pq.write_table(t, tmp, store_schema=False, **write_options(SCHEMAS[table]))
+            os.replace(tmp, d / f"part-{n:05d}.parquet")
+        except BaseException:
+            _unlink_quietly(tmp)  # give back the space a half-written part took
+            raise
         self.parts[table] = n + 1
         self.rows[table] += t.num_rows
 
     def flush(self, final: bool = False) -> int:
         """Drain every collector into one new part per table, then rewrite the manifest. Returns the rows written."""
         with self._lock:
-            out: dict[str, list] = {}
+            out, self._pending = self._pending, {}
             for c in self.collectors:
                 for table, t in c.drain(self.t0, final).items():
                     out.setdefault(table, []).append(t)
             written = 0
             # the steps part last: a step on disk always has its tasks and memory rows on disk too
-            for table, ts in sorted(out.items(), key=lambda kv: kv[0] == "steps"):
+            items = sorted(out.items(), key=lambda kv: kv[0] == "steps")
+            for k, (table, ts) in enumerate(items):
                 t = concat(ts)
                 if t is None or table not in self.parts:
                     continue
-                self._write_part(table, t)
+                try:
+                    self._write_part(table, t)
+                except BaseException:
+                    # keep this table's rows and every later table's (the steps last) for the next flush
+                    self._pending = {tb: [concat(x)] for tb, x in items[k:] if concat(x) is not None}
+                    raise
                 written += t.num_rows
             self.flushes += 1
             self.write_manifest()
@@ -191,9 +218,56 @@ class RunWriter:
             os.replace(parts[0], dest)
         else:
             tmp = self.rank_dir / f".{table}.parquet.tmp"
-            self._merge(parts, SCHEMAS[table], tmp)
-            os.replace(tmp, dest)  # from here readers use it; the parts are leftovers
+            try:
+                self._merge(parts, SCHEMAS[table], tmp)
+                os.replace(tmp, dest)  # from here readers use it; the parts are leftovers
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
         if d.is_dir():
             for p in d.iterdir():
                 p.unlink()
             d.rmdir()
+
+    # -- failure ------------------------------------------------------------------------------------------
+    def fail(self, error: BaseException) -> bool:
+        """The run cannot be finished: remove temporary files, then mark the manifest ``failed`` with
+        ``error`` (the tables listed are what is on disk). Never raises; returns whether the manifest was
+        written (on a full disk the atomic write may not fit: the manifest is then rewritten in place,
+        and if even that fails it is left unreadable, which readers also report as an error)."""
+        with self._lock:
+            try:  # this writer's temporary files only: .part-NNNNN.parquet.tmp, .<table>.parquet.tmp
+                for t in self.tables:
+                    for tmp in [*(self.rank_dir / t).glob(".part-*.parquet.tmp"), self.rank_dir / f".{t}.parquet.tmp"]:
+                        _unlink_quietly(tmp)
+            except OSError:
+                pass
+            _unlink_quietly(self.run_dir / f".{MANIFEST}.tmp")
+            m = self.manifest
+            m["status"] = "failed"
+            m["error"] = " ".join(f"{type(error).__name__}: {error}".split())[:1000]
+            prefix = f"rank_{self.rank}"
+            tables = {}
+            for t in self.tables:
+                if (self.rank_dir / f"{t}.parquet").exists():
+                    tables[t] = f"{prefix}/{t}.parquet"
+                elif any((self.rank_dir / t).glob("part-*.parquet")):
+                    tables[t] = f"{prefix}/{t}/"
+            m["tables"] = tables
+            m["step_count"] = self.rows.get("steps", 0) if "steps" in tables else 0
+            try:
+                if self.on_flush is not None:
+                    self.on_flush(m)
+            except Exception:  # noqa: BLE001 - the failure record matters more than the stream list
+                pass
+            try:
+                write_json_atomic(self.run_dir / MANIFEST, m)
+                return True
+            except OSError:
+                pass
+            try:  # no room for a second copy: truncating the old manifest frees its blocks
+                with open(self.run_dir / MANIFEST, "w") as f:
+                    json.dump(m, f, separators=(",", ":"))
+                return True
+            except OSError:
+                return False

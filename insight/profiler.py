@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import atexit
 import enum
+import fcntl
+import json
 import os
 import platform
 import shutil
@@ -33,8 +35,8 @@ from pathlib import Path
 from collectors import (SCHEMA_VERSION, GraphRegistry, GraphsCollector, HostOpsCollector, MemoryCollector,
                         MindDataCollector, RunWriter, StepsCollector, TasksCollector)
 from collectors.tasks import StepStore
-from collectors.writer import MANIFEST
-from runtime import hooks
+from collectors.writer import MANIFEST, write_json_atomic
+from runtime import communication, hooks
 from runtime.train.callback import Callback
 
 
@@ -121,6 +123,76 @@ def _runtime_info() -> dict:
     return {"version": v, "python": platform.python_version()}
 
 
+# -- multi-process runs (mpirun): one rank_<r>/ per process in the same run directory -------------------------
+def _rank_info() -> tuple[int, int]:
+    """(rank, group size) of this process: from runtime.communication once init() ran, else (0, 1)."""
+    if not communication.is_initialized():
+        n = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
+        if n.isdigit() and int(n) > 1:
+            raise ProfilerError(f"Profiler: this process is one of {n} started by mpirun, but runtime.communication."
+                                f"init() has not been called: call it before creating the Profiler so every rank "
+                                f"records its own rank_<r>/ of the run")
+        return 0, 1
+    return communication.rank_and_size()
+
+
+def merge_rank_manifests(run_dir: Path) -> dict:
+    """Rewrite ``run_dir/manifest.json`` as the merge of every ``rank_<r>/manifest.json`` fragment, under an
+    exclusive lock on ``run_dir/.manifest.lock``: every rank calls this after writing its fragment, so the last
+    merge -- whichever rank finishes last, or when several finish at once -- sees every rank's final state.
+    ``ranks`` lists the ranks that wrote, ``group_size`` how many there were meant to be, ``rank_status`` each
+    rank's status / step count / clock zero; ``status`` is failed if any rank failed, running while any runs."""
+    with open(run_dir / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        frags = {}
+        for f in run_dir.glob("rank_*/" + MANIFEST):
+            try:
+                m = json.loads(f.read_text())
+                frags[int(m["ranks"][0])] = m
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                continue  # unreadable fragments are reported by the readers as missing ranks
+        if not frags:
+            return {}
+        ranks = sorted(frags)
+        merged = dict(frags[ranks[0]])
+        statuses = [frags[r].get("status") for r in ranks]
+        merged["status"] = "failed" if "failed" in statuses else "running" if "running" in statuses else "complete"
+        errors = [f"rank {r}: {frags[r]['error']}" for r in ranks if frags[r].get("error")]
+        if errors:
+            merged["error"] = "; ".join(errors)
+        merged["ranks"] = ranks
+        merged["group_size"] = max([len(ranks)] + [int(frags[r].get("group_size") or 1) for r in ranks])
+        merged["step_count"] = max(int(frags[r].get("step_count") or 0) for r in ranks)
+        streams = {s["stream_id"]: s for r in ranks for s in frags[r].get("streams", [])}
+        merged["streams"] = [streams[k] for k in sorted(streams)]
+        merged["rank_status"] = {str(r): {k: frags[r].get(k) for k in ("status", "step_count", "start_perf_ns",
+                                                                     "created")} for r in ranks}
+        write_json_atomic(run_dir / MANIFEST, merged)
+        return merged
+
+
+class RankWriter(RunWriter):
+    """The writer of one rank of a multi-process run: its manifest is the fragment ``rank_<r>/manifest.json``;
+    after each write the run's ``manifest.json`` is re-merged from all fragments (``merge_rank_manifests``)."""
+
+    def _as_fragment(self, write):
+        run_dir, self.run_dir = self.run_dir, self.rank_dir  # the base class writes <run_dir>/manifest.json
+        try:
+            return write()
+        finally:
+            self.run_dir = run_dir
+            merge_rank_manifests(run_dir)
+
+    def write_manifest(self, status: str | None = None, compacted: bool = False) -> None:
+        self._as_fragment(lambda: super(RankWriter, self).write_manifest(status, compacted))
+
+    def fail(self, error: BaseException) -> bool:
+        try:
+            return self._as_fragment(lambda: super(RankWriter, self).fail(error))
+        except Exception:  # noqa: BLE001 - fail() never raises (the merge itself may not fit on a full disk)
+            return False
+
+
 class Profiler:
     def __init__(self, output_path, start_profile: bool = True, profile_memory: bool = True,
                  data_process: bool = True, schedule: Schedule | None = None, flush_interval: float = 1.0,
@@ -150,7 +222,9 @@ class Profiler:
         self._closed = True
         self._k = 0  # step-end events seen since start (the schedule's step counter)
         self.last_step: int | None = None  # the global step of the last step-end event seen
-        self._check_output_path()
+        self._rank, self._group = _rank_info()  # an mpirun job: each rank records rank_<r>/ of the same run
+        if self._rank == 0:  # (rank 0 checks the run directory for every rank)
+            self._check_output_path()
         if start_profile:
             self.start()
 
@@ -159,6 +233,14 @@ class Profiler:
         p = self.path
         if p.exists() and not p.is_dir():
             raise ProfilerError(f"Profiler: output_path {str(p)!r} exists and is not a directory")
+        # the nearest existing ancestor must be a directory this process can create entries in
+        anc = p
+        while not os.path.lexists(anc) and anc.parent != anc:
+            anc = anc.parent
+        if anc != p and not anc.is_dir():
+            raise ProfilerError(f"Profiler: cannot create output_path {str(p)!r}: {str(anc)!r} is not a directory")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise ProfilerError(f"Profiler: cannot write output_path {str(p)!r}: permission denied on {str(anc)!r}")
         if self.overwrite:
             return
         if (p / MANIFEST).exists():
@@ -202,11 +284,28 @@ class Profiler:
             raise
         self._state = "running"
 
+    def _prepare_dir(self) -> dict:
+        """Check and create the run directory. In a multi-process run rank 0 does it and every rank gets the
+        outcome and the run's identity in one MPI broadcast, which also starts the ranks' clocks together."""
+        ident, err = {"run_id": uuid.uuid4().hex, "created": datetime.now(timezone.utc).isoformat()}, None
+        if self._rank == 0:
+            try:
+                self._check_output_path()
+                self.path.mkdir(parents=True, exist_ok=True)
+                if self.overwrite:
+                    self._clear_output_path()
+            except ProfilerError as e:
+                err = e
+            except OSError as e:
+                err = self._path_error(e)
+        if self._group > 1:
+            err, ident = communication.broadcast_object((err, ident))
+        if err is not None:
+            raise err
+        return ident
+
     def _start(self) -> None:
-        self._check_output_path()
-        self.path.mkdir(parents=True, exist_ok=True)
-        if self.overwrite:
-            self._clear_output_path()
+        ident = self._prepare_dir()
         registry = GraphRegistry()
         self._graphs = GraphsCollector(registry)
         self._steps = StepsCollector()
@@ -226,18 +325,24 @@ class Profiler:
 
         from runtime import context
         from runtime.device.memory import get_device
-        created = datetime.now(timezone.utc)
         t0 = time.perf_counter_ns()
         manifest = {
-            "schema_version": SCHEMA_VERSION, "run_id": uuid.uuid4().hex, "name": self.path.resolve().name,
-            "created": created.isoformat(), "start_perf_ns": t0, "status": "running",
+            "schema_version": SCHEMA_VERSION, "run_id": ident["run_id"], "name": self.path.resolve().name,
+            "created": ident["created"], "start_perf_ns": t0, "status": "running",
             "device": {"target": context.get_context("device_target"),
                        "capacity_bytes": int(get_device().pool.capacity)},
-            "streams": [], "ranks": [0], "step_count": 0, "tables": {}, "options": self._options(),
+            "streams": [], "ranks": [self._rank], "step_count": 0, "tables": {}, "options": self._options(),
             "runtime": _runtime_info(),
         }
-        self._writer = RunWriter(self.path, manifest, collectors, t0, tables, on_flush=self._update_manifest)
-        self._writer.write_manifest("running")
+        if self._group > 1:
+            manifest["group_size"] = self._group
+        try:
+            self._writer = (RunWriter if self._group == 1 else RankWriter)(
+                self.path, manifest, collectors, t0, tables, rank=self._rank, on_flush=self._update_manifest)
+            self._writer.write_manifest("running")
+        except OSError as e:
+            self._writer = None
+            raise self._path_error(e) from None
 
         self._k = 0
         self._recording = self._decide(0, None)
@@ -245,6 +350,11 @@ class Profiler:
         self._listener = self._make_listener()
         hooks.subscribe(self._listener)
         self._writer.start_thread(self.flush_interval)
+
+    def _path_error(self, e: OSError) -> ProfilerError:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.path) else ""
+        return ProfilerError(f"Profiler: cannot write the run to output_path {str(self.path)!r}{where}: "
+                             f"{e.strerror or type(e).__name__}")
 
     def _options(self) -> dict:
         return {"start_profile": self.start_profile, "profile_memory": self.profile_memory,
@@ -265,15 +375,17 @@ class Profiler:
             if self._state != "running":
                 return
             self._state = "stopping"
+        w = self._writer
         try:
             self._detach()
-            w = self._writer
             w.stop_thread()
             w.flush(final=True)
             w.compact("complete")
         except Exception as e:
-            raise ProfilerError(f"Profiler: could not finish the run {str(self.path)!r}: "
-                                f"{type(e).__name__}: {e}") from e
+            # e.g. the disk is full: the run must not stay "running" (or look complete) -- mark it failed
+            recorded = w.fail(e)
+            raise ProfilerError(f"Profiler: could not finish the run {str(self.path)!r}: {type(e).__name__}: {e}"
+                                + ("; the run is marked failed" if recorded else "")) from e
         finally:
             self._state = "stopped"
             with _active_lock:

@@ -106,7 +106,6 @@ def test_errors_through_the_real_entry_point(tmp_path):
 
 
 def test_demo_profiles_a_run_and_reports_it(tmp_path, capsys):
-    pytest.importorskip("insight.profiler")
     assert main(["demo", "--epochs", "1", "--output", str(tmp_path), "--name", "d"]) == 0
     out = capsys.readouterr().out
     assert "data sink mode" in out and "test accuracy" in out and str(tmp_path / "d") in out
