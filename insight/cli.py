@@ -175,6 +175,11 @@ def report_lines(run_path, top: int = 10, rank: int = 0) -> list[str]:
         L.append("Memory: no memory events recorded")
     L.append("")
 
+    # cluster: every rank of a multi-process run (the sections above are --rank's)
+    from insight.analysis.cluster import cluster_lines, cluster_report, is_cluster_run
+    if is_cluster_run(run):
+        L += cluster_lines(cluster_report(run)) + [""]
+
     # advice
     L.append("Advice" if advice else "Advice: nothing stands out")
     for r in advice:

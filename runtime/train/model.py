@@ -11,7 +11,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtime import context, core, hooks
+from runtime import communication, context, core, hooks
 from runtime.autodiff import grad, grad_eager
 from runtime.core import GraphBuilder, Tensor, building
 from runtime.device.queue import SinkFeeder
@@ -20,6 +20,7 @@ from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
 from runtime.nn.embedding import flush_host_tables
 from runtime.nn.optim import OptimizerGroup
+from runtime.ops.comm import reduce_gradients_eager
 from runtime.train.callback import CallbackList, RunContext
 from runtime.train.metrics import get_metric
 
@@ -48,6 +49,7 @@ class Model:
         self._train_graphs: dict = {}
         self._eval_graphs: dict = {}
         self.step = 0
+        self._params_broadcast = False
         if optimizer is not None:
             network.trainable_params()  # names parameters by their path before tracing
 
@@ -71,6 +73,7 @@ class Model:
             params = self.optimizer.parameters
             with core.annotate(phase="backward"):
                 grads = grad(loss, params, sparse=self.optimizer.sparse)
+            g.meta["gradients"] = list(zip(params, grads))  # for the data-parallel AllReduce pass
             target = {"primitive_target": self.optimizer.target} if self.optimizer.target else {}
             with core.annotate(phase="update", **target):
                 self.optimizer(grads)
@@ -112,6 +115,9 @@ class Model:
         from the device queue (data sink mode) and is already on the device."""
         self.optimizer.step_begin(self.step)
         self.last_markers = None
+        if communication.data_parallel() and not self._params_broadcast:  # every rank starts from rank 0's values
+            communication.broadcast_parameters(self.network.get_parameters() + self.optimizer.state_parameters())
+            self._params_broadcast = True
         if context.get_context("mode") == context.GRAPH_MODE:
             exe = self.train_graph(data, label)
             out = exe({"data": data, "label": label}, step=self.step, get_next=get_next)
@@ -124,8 +130,12 @@ class Model:
                 logits = self.network(Tensor(data))
                 loss_t = self.loss_fn(logits, Tensor(label))
             grads = grad_eager(tape, loss_t, self.optimizer.parameters, sparse=self.optimizer.sparse)
+            if communication.data_parallel():
+                grads = reduce_gradients_eager(grads)
             self.optimizer(grads)
             loss = loss_t.asnumpy()
+            if communication.data_parallel():  # the global batch's loss, as the graph's AllReduce gives it
+                loss = communication.all_reduce(np.asarray(loss), "mean")
         self.step += 1
         return float(loss)
 
@@ -211,6 +221,7 @@ class Model:
         finally:
             batches.close()
             bar.close()
+            flush_host_tables()  # deferred host-table updates (EmbeddingLookup overlap) are final
         cbs.end(ctx)
         return params
 
@@ -220,7 +231,6 @@ class Model:
             m.clear()
         for batch in valid_dataset:
             data, label = _batch_tuple(batch)
-            flush_host_tables()  # deferred host-table updates (EmbeddingLookup overlap) are final
             logits, loss = self._forward(data, label)
             for m in metrics.values():
                 m.update(logits, label, loss)

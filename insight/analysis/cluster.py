@@ -1,0 +1,304 @@
+"""Cluster analysis of a multi-process (data-parallel) run: MindInsight's cluster step trace, stragglers and
+HTA's communication/computation overlap, over every ``rank_<r>/`` of the run.
+
+* Per rank and step (``steps``): the step trace of each rank (iteration interval, fp+bp, tail; from the
+  step markers, as ``steps.step_times``), and from the task table: ``comm_ns`` (the union of the
+  communication kernels' intervals -- tasks of kind ``kernel`` on the ``comm`` stream), ``compute_ns``
+  (the union of every other stream's ``kernel`` intervals), ``overlap_ns`` (time computing while
+  communicating: the intersection of the two unions) and ``comm_alone_ns = comm_ns - overlap_ns``
+  (communicating with no compute running), plus the AllReduce count and bytes of the step.
+* Per rank (``ranks``): the averages over the rank's steps (the first step excluded when there are more,
+  as in ``steps.summarize``), ``overlap_pct = 100 * sum(overlap_ns) / sum(comm_ns)`` over those steps (HTA),
+  and the rank's status: ``ok``, or what is wrong with it (missing, failed, still running, unreadable, no
+  steps, steps that disagree with the other ranks) -- a broken rank is reported and the others still show.
+* Stragglers: a rank whose mean step time or iteration interval exceeds the median over the ranks
+  by more than ``margin`` (default 20%, MindInsight's cluster rule) *and* by at least ``min_excess_ms``
+  (default 0.5 ms, so microsecond jitter is not a straggler), with the numbers as the reason. When the
+  ranks recorded different steps, they are compared over the steps they all recorded.
+
+The task tables of all ranks are read as ONE pyarrow dataset (each file's ``rank_<r>`` directory is a
+partition column), and every per-step quantity is computed with numpy over whole columns (an event sweep
+for the unions) -- no Python loop over rows.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from insight.analysis.steps import averaged_steps, step_times
+from insight.trace import NS_PER_MS, Run, TraceError, as_run
+
+MARGIN = 0.2          # a rank more than 20% above the median over ranks is a straggler (MindInsight)
+MIN_EXCESS_MS = 0.5   # ... and at least this much above it
+METRICS = (("step_time", "step time"), ("iteration_interval", "iteration interval"))
+COMM_OPS = ("all_reduce", "all_gather")
+_BUCKET = re.compile(r"^AllReduce_bucket(\d+)$")
+STEP_COLUMNS = ["rank", "step", "iteration_interval_ns", "fp_bp_ns", "tail_ns", "step_time_ns", "comm_ns",
+                "compute_ns", "overlap_ns", "comm_alone_ns", "allreduce_count", "allreduce_bytes"]
+
+
+@dataclass
+class ClusterReport:
+    """``ranks``: one row per expected rank (summary, status, straggler flag and reason); ``steps``: one row per
+    (rank, step); ``stragglers``: one row per (rank, metric) over the margin; ``buckets``: AllReduce buckets per
+    rank (mean time, bytes); ``problems``: one message per rank that is not ok."""
+    ranks: pd.DataFrame
+    steps: pd.DataFrame
+    stragglers: pd.DataFrame
+    buckets: pd.DataFrame
+    problems: list = field(default_factory=list)
+    group_size: int = 1
+    margin: float = MARGIN
+    min_excess_ms: float = MIN_EXCESS_MS
+    common_steps: int = 0
+
+
+def expected_ranks(run: Run) -> list[int]:
+    """Ranks the run should have: 0..group_size-1, the manifest's ranks and any rank_<r>/ on disk."""
+    group = int(run.manifest.get("group_size") or 1)
+    found = set(run.ranks) | set(range(group))
+    try:
+        found |= {int(p.name[5:]) for p in run.path.glob("rank_*") if p.name[5:].isdigit()}
+    except OSError:
+        pass
+    return sorted(found)
+
+
+def is_cluster_run(run: Run | str | os.PathLike) -> bool:
+    run = as_run(run)
+    return len(expected_ranks(run)) > 1
+
+
+def _rank_status(run: Run, rank: int) -> tuple[str, str]:
+    per = (run.manifest.get("rank_status") or {}).get(str(rank))
+    if not (run.path / f"rank_{rank}").is_dir():
+        return "missing", f"rank {rank}: no rank_{rank}/ directory in the run (the process never wrote its trace)"
+    if per is None and rank not in run.ranks:
+        return "missing", f"rank {rank}: not listed in the manifest (its process did not finish writing)"
+    status = (per or {}).get("status") or run.manifest.get("status") or ""
+    if status == "failed":
+        return "failed", f"rank {rank}: its recording failed"
+    if status == "running":
+        return "running", f"rank {rank}: still recording, or its process died before the end of the run"
+    return "ok", ""
+
+
+# -- the task tables of every rank as one dataset -------------------------------------------------------------
+def _task_dataset(run: Run, ranks: list[int]) -> pa.Table:
+    files = []
+    for r in ranks:
+        files += [str(f) for f in run.table_files("tasks", r)]
+    cols = ["rank_dir", "step", "stream", "kind", "op", "name", "start_ns", "end_ns", "bytes"]
+    empty = pa.table({"rank": pa.array([], pa.int64()), **{c: pa.array([], pa.int64()) for c in
+                                                           ("step", "start_ns", "end_ns", "bytes")},
+                      "stream": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
+                      "op": pa.array([], pa.string()), "name": pa.array([], pa.string())})
+    if not files:
+        return empty
+    part = ds.DirectoryPartitioning(pa.schema([("rank_dir", pa.string())]))
+    try:
+        d = ds.dataset(files, format="parquet", partitioning=part, partition_base_dir=str(run.path))
+        t = d.to_table(columns=cols, filter=(ds.field("step") >= 0) & (ds.field("kind") == "kernel")
+                       & (ds.field("end_ns") >= ds.field("start_ns")))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+        raise TraceError(f"run {run.name!r}: cannot read the task tables of ranks {ranks} as one dataset "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    rank = pc.cast(pc.utf8_slice_codeunits(t.column("rank_dir"), 5), pa.int64())
+    out = {"rank": rank}
+    for c in ("step", "start_ns", "end_ns", "bytes"):
+        out[c] = pc.cast(t.column(c), pa.int64())
+    for c in ("stream", "kind", "op", "name"):
+        a = t.column(c)
+        out[c] = a.cast(pa.string()) if pa.types.is_dictionary(a.type) else a
+    return pa.table(out)
+
+
+def _sweep(group: np.ndarray, start: np.ndarray, end: np.ndarray, is_comm: np.ndarray, n_groups: int):
+    """Per group: (comm union, compute union, overlap) lengths, by one sweep over sorted interval ends."""
+    k = len(start)
+    if k == 0:
+        z = np.zeros(n_groups, np.int64)
+        return z, z.copy(), z.copy()
+    t = np.concatenate([start, end])
+    g = np.concatenate([group, group])
+    delta = np.concatenate([np.ones(k, np.int64), -np.ones(k, np.int64)])
+    comm = np.concatenate([is_comm, is_comm])
+    order = np.lexsort((delta, t, g))  # ends before starts at equal times: touching intervals do not overlap
+    t, g, delta, comm = t[order], g[order], delta[order], comm[order]
+    n_comm = np.cumsum(np.where(comm, delta, 0))   # every group's intervals close before the next group
+    n_comp = np.cumsum(np.where(comm, 0, delta))
+    seg = np.zeros(len(t), np.int64)
+    same = g[1:] == g[:-1]
+    seg[:-1] = np.where(same, t[1:] - t[:-1], 0)
+    in_comm, in_comp = n_comm > 0, n_comp > 0
+    comm_u = np.bincount(g, weights=seg * in_comm, minlength=n_groups)
+    comp_u = np.bincount(g, weights=seg * in_comp, minlength=n_groups)
+    over = np.bincount(g, weights=seg * (in_comm & in_comp), minlength=n_groups)
+    return comm_u.astype(np.int64), comp_u.astype(np.int64), over.astype(np.int64)
+
+
+def _comm_per_step(tasks: pa.Table, keys: pd.DataFrame) -> pd.DataFrame:
+    """comm / compute / overlap / comm-alone ns and AllReduce count / bytes for each (rank, step) of ``keys``."""
+    rank = tasks.column("rank").to_numpy()
+    step = tasks.column("step").to_numpy()
+    idx = pd.MultiIndex.from_frame(keys[["rank", "step"]])
+    gid = idx.get_indexer(pd.MultiIndex.from_arrays([rank, step]))
+    keep = gid >= 0
+    is_comm = (pc.equal(tasks.column("stream"), "comm").to_numpy(zero_copy_only=False)).astype(bool)
+    start = tasks.column("start_ns").to_numpy()
+    end = tasks.column("end_ns").to_numpy()
+    n = len(keys)
+    comm_u, comp_u, over = _sweep(gid[keep], start[keep], end[keep], is_comm[keep], n)
+    is_ar = pc.equal(tasks.column("op"), "all_reduce").to_numpy(zero_copy_only=False).astype(bool) & keep
+    nbytes = tasks.column("bytes").to_numpy()
+    out = keys[["rank", "step"]].copy()
+    out["comm_ns"] = comm_u
+    out["compute_ns"] = comp_u
+    out["overlap_ns"] = over
+    out["comm_alone_ns"] = comm_u - over
+    out["allreduce_count"] = np.bincount(gid[is_ar], minlength=n).astype(np.int64)
+    out["allreduce_bytes"] = np.bincount(gid[is_ar], weights=nbytes[is_ar], minlength=n).astype(np.int64)
+    return out
+
+
+def _buckets(tasks: pa.Table) -> pd.DataFrame:
+    cols = ["rank", "bucket", "name", "op", "count", "bytes", "mean_ms"]
+    mask = pc.is_in(tasks.column("op"), pa.array(COMM_OPS))
+    t = tasks.filter(mask).select(["rank", "name", "op", "start_ns", "end_ns", "bytes"]).to_pandas()
+    if t.empty:
+        return pd.DataFrame(columns=cols)
+    t["dur"] = t["end_ns"] - t["start_ns"]
+    g = t.groupby(["rank", "name", "op"], sort=True).agg(count=("dur", "size"), bytes=("bytes", "max"),
+                                                         mean_ns=("dur", "mean")).reset_index()
+    g["bucket"] = pd.to_numeric(g["name"].str.extract(_BUCKET, expand=False), errors="coerce").fillna(-1).astype(int)
+    g["mean_ms"] = g["mean_ns"] / NS_PER_MS
+    return g.sort_values(["rank", "bucket", "name"]).reset_index(drop=True)[cols]
+
+
+# -- the report -------------------------------------------------------------------------------------------------
+def cluster_report(run: Run | str | os.PathLike, margin: float = MARGIN,
+                   min_excess_ms: float = MIN_EXCESS_MS) -> ClusterReport:
+    run = as_run(run)
+    ranks = expected_ranks(run)
+    status, problems, frames = {}, [], []
+    for r in ranks:  # one small steps table per rank (markers only)
+        st, msg = _rank_status(run, r)
+        if st != "missing":
+            try:
+                bd = step_times(run, r)
+            except TraceError as e:
+                st, msg = "unreadable", f"rank {r}: {e}"
+            else:
+                if bd.empty:
+                    st, msg = ("no steps" if st == "ok" else st), (msg or f"rank {r}: no steps recorded")
+                bd = bd.assign(rank=r)
+                frames.append(bd[["rank", "step", "iteration_interval_ns", "fp_bp_ns", "tail_ns", "step_time_ns"]])
+        status[r] = [st, msg]
+    readable = [r for r in ranks if status[r][0] not in ("missing", "unreadable")]
+    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STEP_COLUMNS[:6])
+    steps = steps.astype({c: np.int64 for c in steps.columns})
+    try:
+        tasks = _task_dataset(run, readable)
+    except TraceError as e:  # one bad file: fall back to rank by rank, so the other ranks still show
+        parts = []
+        for r in readable:
+            try:
+                parts.append(_task_dataset(run, [r]))
+            except TraceError as e_r:
+                status[r] = ["unreadable", f"rank {r}: {e_r}"]
+        tasks = pa.concat_tables(parts) if parts else _task_dataset(run, [])
+        del e
+    comm = _comm_per_step(tasks, steps)
+    steps = steps.merge(comm, on=["rank", "step"], how="left")[STEP_COLUMNS] if len(steps) else \
+        pd.DataFrame(columns=STEP_COLUMNS)
+    buckets = _buckets(tasks)
+
+    # ranks that disagree on the steps recorded: compare everyone over the common steps
+    have = {r: set(steps.loc[steps["rank"] == r, "step"].tolist()) for r in readable if status[r][0] != "no steps"}
+    common = set.intersection(*have.values()) if have else set()
+    if have and any(s != common for s in have.values()) and len(have) > 1:
+        for r, s in have.items():
+            if s != common:
+                extra = sorted(s - common)
+                lo, hi = (min(s), max(s)) if s else (-1, -1)
+                msg = (f"rank {r}: recorded {len(s)} steps ({lo}-{hi}) but only {len(common)} are common to every "
+                       f"rank; {len(extra)} step(s) beyond them (e.g. {extra[:3]}) are left out of the comparison")
+                status[r] = ["steps differ" if status[r][0] == "ok" else status[r][0],
+                             "; ".join(m for m in (status[r][1], msg) if m)]
+    # per-rank summary
+    rows = []
+    for r in ranks:
+        sr = steps[steps["rank"] == r]
+        used = averaged_steps(sr[sr["step"].isin(common)] if len(common) and len(have) > 1 else sr)
+        row = {"rank": r, "status": status[r][0], "message": status[r][1], "steps": len(sr),
+               "steps_compared": len(used)}
+        for c in ("step_time", "iteration_interval", "fp_bp", "tail", "comm", "comm_alone", "compute"):
+            row[f"{c}_ms"] = float(used[f"{c}_ns"].mean() / NS_PER_MS) if len(used) else float("nan")
+        comm_total = float(used["comm_ns"].sum()) if len(used) else 0.0
+        row["overlap_pct"] = 100.0 * float(used["overlap_ns"].sum()) / comm_total if comm_total > 0 else float("nan")
+        row["allreduce_per_step"] = float(used["allreduce_count"].mean()) if len(used) else float("nan")
+        row["allreduce_bytes_per_step"] = float(used["allreduce_bytes"].mean()) if len(used) else float("nan")
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    stragglers = _stragglers(summary, margin, min_excess_ms)
+    flagged = stragglers.groupby("rank")["reason"].agg("; ".join) if len(stragglers) else pd.Series(dtype=object)
+    summary["straggler"] = summary["rank"].isin(flagged.index)
+    summary["reason"] = summary["rank"].map(flagged).fillna("")
+    problems = [status[r][1] for r in ranks if status[r][1]]
+    return ClusterReport(summary, steps, stragglers, buckets, problems,
+                         group_size=int(run.manifest.get("group_size") or len(ranks)), margin=margin,
+                         min_excess_ms=min_excess_ms, common_steps=len(common))
+
+
+def _stragglers(summary: pd.DataFrame, margin: float, min_excess_ms: float) -> pd.DataFrame:
+    cols = ["rank", "metric", "value_ms", "median_ms", "excess_pct", "reason"]
+    ok = summary[summary["steps_compared"] > 0]
+    if len(ok) < 2:
+        return pd.DataFrame(columns=cols)
+    out = []
+    for key, label in METRICS:  # each metric a vector over the ranks
+        v = ok[f"{key}_ms"]
+        med = float(v.median())
+        hit = ok[(v > med * (1 + margin)) & (v - med >= min_excess_ms)]
+        for r, x in zip(hit["rank"], hit[f"{key}_ms"]):
+            pct = 100.0 * (x - med) / med if med > 0 else float("inf")
+            out.append({"rank": int(r), "metric": label, "value_ms": float(x), "median_ms": med, "excess_pct": pct,
+                        "reason": f"{label} {x:.2f} ms vs median {med:.2f} ms over ranks (+{pct:.0f}%, margin "
+                                  f"{margin * 100:.0f}%)"})
+    return pd.DataFrame(out, columns=cols)
+
+
+def cluster_lines(report: ClusterReport) -> list[str]:
+    """The cluster section of ``insight report`` (plain text lines)."""
+    s = report.ranks
+    lines = [f"Cluster: {len(s)} ranks (group size {report.group_size}); straggler rule: above the median over ranks "
+             f"by more than {report.margin * 100:.0f}% and {report.min_excess_ms:g} ms", ""]
+    head = (f"{'rank':>4}  {'status':<12} {'steps':>5} {'step ms':>8} {'interval':>8} {'fp+bp':>8} {'tail':>8} "
+            f"{'comm':>8} {'alone':>8} {'overlap':>8} {'AllReduce/step':>14}")
+    lines.append("  " + head)
+
+    def f(v, fmt="{:8.2f}"):
+        return fmt.format(v) if pd.notna(v) else f"{'-':>8}"
+    for row in s.itertuples():
+        lines.append(f"  {row.rank:>4}  {row.status:<12} {row.steps:>5} {f(row.step_time_ms)} {f(row.iteration_interval_ms)}"
+                     f" {f(row.fp_bp_ms)} {f(row.tail_ms)} {f(row.comm_ms)} {f(row.comm_alone_ms)} "
+                     f"{f(row.overlap_pct, '{:7.1f}%')} {f(row.allreduce_per_step, '{:14.1f}')}")
+    lines.append("")
+    if report.stragglers.empty:
+        lines.append("  stragglers: none")
+    else:
+        for row in report.stragglers.itertuples():
+            lines.append(f"  straggler: rank {row.rank} -- {row.reason}")
+    for p in report.problems:
+        lines.append(f"  problem: {p}")
+    return lines
+
+
+__all__ = ["ClusterReport", "cluster_report", "cluster_lines", "is_cluster_run", "expected_ranks"]
