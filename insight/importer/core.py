@@ -229,5 +229,5 @@ def _shift_rank(rank_dir: Path, delta: int) -> None:
                 for c in times:
                     a = t.column(c).to_numpy()
                     t = t.set_column(t.schema.get_field_index(c), c, pa.array(np.where(a == -1, -1, a + delta)))
-                w.write_table(t.cast(dschema), row_group_size=t.num_rows)
+                w.write_table(t.cast(dschema), row_group_size=max(t.num_rows, 1))
         os.replace(dst, src)

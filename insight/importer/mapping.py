@@ -264,6 +264,8 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     mem = cols.memory.all()
     firsts = [a.min() for a in (start[~drop] if n else start, fl["ts"], mem["ts"]) if len(a)]
     zero = int(min(firsts)) if firsts else 0
+    if flavor == "insight":  # our exporter writes times relative to the run start: keep that zero
+        zero = min(zero, 0)
 
     # -- device work -> its launch (correlation id), steps, phases
     corr = x["corr"]
@@ -410,7 +412,7 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
                                    device.get("capacity_bytes", 0), s_num, s_start, s_end, zero)
 
     # -- flows
-    tables["flows"] = _flows(fl, strings, lanes, start, end, task, new_pos, zero)
+    tables["flows"] = _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero)
 
     counts = {"events": cols.n_events, "tasks": int(len(rows)), "steps": int(len(s_num)),
               "memory": int(len(mem["ts"])), "flows": int(len(tables["flows"]["cat"])),
@@ -536,7 +538,7 @@ def _lane_index(lanes, start, end, rows) -> dict:
     return out
 
 
-def _flows(fl, strings, lanes, start, end, task, new_pos, zero) -> dict:
+def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
     empty = {"cat": np.zeros(0, object), "id": np.zeros(0, object), "src_task": np.zeros(0, np.int64),
              "dst_task": np.zeros(0, np.int64), "src_ns": np.zeros(0, np.int64), "dst_ns": np.zeros(0, np.int64)}
     if not len(fl["ts"]):
@@ -548,10 +550,24 @@ def _flows(fl, strings, lanes, start, end, task, new_pos, zero) -> dict:
     if pairs.empty:
         return empty
     index = _lane_index(lanes, start, end, np.flatnonzero(task))
-    s_rows = np.array([bind(index, int(ln), int(t), "enclosing") for ln, t in zip(pairs["lane_s"], pairs["ts_s"])],
+    # Kineto's flow id is the correlation id: the slices on the flow's two lanes that carry it are its ends
+    # (several launches can start in the same microsecond, so time alone can pick the wrong one)
+    by_corr = {}
+    for r in np.flatnonzero(task & (corr >= 0)):
+        by_corr.setdefault((int(lanes[r]), int(corr[r])), r)
+    ids = strings[pairs["id"].to_numpy()]
+
+    def end_row(ln, t, fid, mode):
+        if isinstance(fid, str) and fid.isdigit():
+            r = by_corr.get((int(ln), int(fid)))
+            if r is not None and start[r] <= t <= max(end[r], start[r]):
+                return int(r)
+        return bind(index, int(ln), int(t), mode)
+
+    s_rows = np.array([end_row(ln, t, i, "enclosing") for ln, t, i in zip(pairs["lane_s"], pairs["ts_s"], ids)],
                       np.int64)
-    f_rows = np.array([bind(index, int(ln), int(t), "enclosing" if bp else "next")
-                       for ln, t, bp in zip(pairs["lane_f"], pairs["ts_f"], pairs["bp_f"])], np.int64)
+    f_rows = np.array([end_row(ln, t, i, "enclosing" if bp else "next")
+                       for ln, t, bp, i in zip(pairs["lane_f"], pairs["ts_f"], pairs["bp_f"], ids)], np.int64)
     return {"cat": strings[pairs["cat"].to_numpy()], "id": strings[pairs["id"].to_numpy()],
             "src_task": np.where(s_rows >= 0, new_pos[np.clip(s_rows, 0, None)], -1),
             "dst_task": np.where(f_rows >= 0, new_pos[np.clip(f_rows, 0, None)], -1),

@@ -1,0 +1,349 @@
+"""``insight import``: Kineto / Chrome trace JSON into Insight runs.
+
+Every expected number is computed in the test from the raw JSON (json.load here is fine: the inputs are
+small), never taken from the importer: a real CUDA trace (HTA's AlexNet sample, ../shared/data/kineto), a CPU
+torch.profiler trace made by tests/data/make_cpu_trace.py, small synthetic Kineto traces whose step
+categories are worked out by hand, a generic Chrome trace, two ranks, our own export (round trip) and
+malformed files (one line on stderr, exit 2, no run left behind).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from insight import analysis
+from insight.analysis import gpu
+from insight.cli import main as cli_main
+from insight.trace import open_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ALEXNET = ROOT.parent / "shared" / "data" / "kineto" / "alexnet_gpu.pt.trace.json.gz"
+CPU_TRACE = ROOT / "tests" / "data" / "torch_cpu_mlp.pt.trace.json.gz"
+CATS = [f"{c}_ns" for c in gpu.CATEGORIES]
+
+
+def _raw(path: Path) -> dict:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def _import(tmp_path: Path, *traces, name="run", expect=0) -> Path:
+    out = tmp_path / "runs" / name
+    rc = cli_main(["import", *map(str, traces), "--output", str(out)])
+    assert rc == expect
+    return out
+
+
+def _tasks(run: Path, rank: int = 0) -> pd.DataFrame:
+    return pd.read_parquet(run / f"rank_{rank}" / "tasks.parquet")
+
+
+def _write(path: Path, doc, gz: bool = False) -> Path:
+    data = json.dumps(doc).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+# -- a real CUDA trace ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def alexnet(tmp_path_factory):
+    return _import(tmp_path_factory.mktemp("alex"), ALEXNET, name="alexnet")
+
+
+def test_alexnet_kernels_streams_and_steps_equal_the_raw_json(alexnet):
+    raw = [e for e in _raw(ALEXNET)["traceEvents"] if isinstance(e, dict)]
+    kernels = [e for e in raw if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    per_stream = Counter()
+    for e in kernels:
+        per_stream[f"gpu{e['pid']}.stream{e['tid']}"] += round(e["dur"] * 1000)
+    steps = [e for e in raw if e.get("ph") == "X" and re.fullmatch(r"ProfilerStep#\d+", str(e.get("name")))]
+    expected_steps = len(steps) or 1  # no ProfilerStep: the whole trace is one step (the TensorBoard plugin's rule)
+
+    t = _tasks(alexnet)
+    assert (t["kind"] == "kernel").sum() == len(kernels) == 79
+    by_stream = gpu.kernel_time_by_stream(alexnet)
+    assert dict(zip(by_stream["stream"], by_stream["total_ns"])) == dict(per_stream)
+    assert int(by_stream["kernels"].sum()) == len(kernels)
+    run = open_run(alexnet)
+    assert len(run.table("steps")) == expected_steps == run.manifest["step_count"]
+    assert run.manifest["source"] == "kineto"
+    props = _raw(ALEXNET)["deviceProperties"][0]
+    assert run.manifest["device"]["target"] == props["name"]
+    assert run.manifest["device"]["capacity_bytes"] == props["totalGlobalMem"]
+
+
+def test_alexnet_every_device_task_links_to_its_launch(alexnet):
+    raw = _raw(ALEXNET)["traceEvents"]
+    launch = {e["args"]["correlation"]: e["name"] for e in raw
+              if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    t = _tasks(alexnet)
+    dev = t[t["kind"].isin(["kernel", "memcpy_h2d", "memcpy_d2h", "memcpy_d2d", "memset"])]
+    assert len(dev) == sum(1 for e in raw if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    assert (dev["launch_task"] >= 0).all()
+    src = t.iloc[dev["launch_task"].to_numpy()]
+    assert list(src["name"]) == [launch[c] for c in dev["correlation"]]
+    assert (src["correlation"].to_numpy() == dev["correlation"].to_numpy()).all()
+    # the flows table holds the ac2g arrows, bound to the launch and the kernel
+    flows = pd.read_parquet(alexnet / "rank_0" / "flows.parquet")
+    ac2g = flows[flows["cat"] == "ac2g"]
+    pairs = {e["id"] for e in raw if e.get("ph") == "s"} & {e["id"] for e in raw if e.get("ph") == "f"}
+    assert len(ac2g) == len(pairs)
+    assert (ac2g["src_task"] >= 0).all() and (ac2g["dst_task"] >= 0).all()
+    assert (t["correlation"].to_numpy()[ac2g["src_task"]] == t["correlation"].to_numpy()[ac2g["dst_task"]]).all()
+
+
+def test_alexnet_category_breakdown_tiles_each_step(alexnet):
+    bd = gpu.gpu_step_breakdown(alexnet)
+    assert len(bd) == 1
+    assert (bd[CATS].sum(axis=1) == bd["step_time_ns"]).all()
+    assert (bd[CATS] >= 0).all().all()
+    raw = _raw(ALEXNET)["traceEvents"]
+    # nothing outranks kernels: Kernel is the length of the union of the kernel intervals (two streams overlap)
+    ks = sorted((round(e["ts"] * 1000), round((e["ts"] + e["dur"]) * 1000)) for e in raw if e.get("cat") == "kernel")
+    assert ks[0][0] >= min(round(e["ts"] * 1000) for e in raw if e.get("cat") == "cpu_op")  # all inside the step
+    union, reach = 0, None
+    for a, b in ks:
+        if reach is None or a > reach:
+            union, reach = union + (b - a), b
+        elif b > reach:
+            union, reach = union + (b - reach), b
+    assert union < sum(b - a for a, b in ks)  # they do overlap
+    assert int(bd["kernel_ns"].iloc[0]) == union
+    assert "Kernel" in "\n".join(gpu.report_lines(alexnet))
+
+
+def test_alexnet_report_and_analyses_run(alexnet):
+    rc = subprocess.run([sys.executable, "-m", "insight.cli", "report", str(alexnet)], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120)
+    assert rc.returncode == 0, rc.stderr
+    assert "Top op types" in rc.stdout
+    top = gpu.top_kernels(alexnet, None)
+    assert int(top["calls"].sum()) == 79
+    idle = gpu.idle_time_by_stream(alexnet)
+    assert set(idle["stream"]) == set(gpu.kernel_time_by_stream(alexnet)["stream"])
+    assert np.allclose(idle["host_wait_ns"] + idle["kernel_wait_ns"] + idle["other_ns"], idle["idle_ns"])
+
+
+# -- synthetic Kineto traces with hand-worked categories -----------------------------------------------------
+def _x(cat, name, ts, dur, pid=100, tid=100, **args):
+    return {"ph": "X", "cat": cat, "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+
+def _gpu_trace():
+    """Two steps. Step 1 (host 0..100 us): DataLoader 0-5, cpu op 5-30 launching a kernel (10-15 -> 20-50)
+    and a memcpy (16-18 -> 40-60). Step 2 (host 100..200): cpu op 150-195 launching an NCCL kernel (190-195 ->
+    198-230), so the step ends at 230 on the device. Times in us."""
+    ev = [
+        {"ph": "M", "name": "thread_name", "pid": 0, "tid": 7, "args": {"name": "stream 7 "}},
+        _x("user_annotation", "ProfilerStep#1", 0, 100),
+        _x("user_annotation", "enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", 0, 5),
+        _x("cpu_op", "aten::mm", 5, 25, **{"External id": 1}),
+        _x("cuda_runtime", "cudaLaunchKernel", 10, 5, correlation=11, **{"External id": 1}),
+        _x("kernel", "void gemm_kernel<float>(float*)", 20, 30, pid=0, tid=7, correlation=11, **{"External id": 1}),
+        _x("cuda_runtime", "cudaMemcpyAsync", 16, 2, correlation=12, **{"External id": 1}),
+        _x("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 40, 20, pid=0, tid=7, correlation=12, bytes=4096),
+        {"ph": "s", "cat": "ac2g", "name": "ac2g", "id": 11, "pid": 100, "tid": 100, "ts": 10},
+        {"ph": "f", "cat": "ac2g", "name": "ac2g", "id": 11, "pid": 0, "tid": 7, "ts": 20, "bp": "e"},
+        _x("user_annotation", "ProfilerStep#2", 100, 100),
+        _x("cpu_op", "nccl:all_reduce", 150, 45, **{"External id": 2}),
+        _x("cuda_runtime", "cudaLaunchKernel", 190, 5, correlation=13, **{"External id": 2}),
+        _x("kernel", "ncclKernel_AllReduce_RING_LL_Sum_float(ncclDevComm*)", 198, 32, pid=0, tid=7, correlation=13),
+        {"ph": "i", "s": "t", "name": "[memory]", "pid": 100, "tid": 100, "ts": 6,
+         "args": {"Addr": 4096, "Bytes": 1024, "Total Allocated": 1024, "Total Reserved": 2048, "Device Type": 1,
+                  "Device Id": 0}},
+        {"ph": "i", "s": "t", "name": "[memory]", "pid": 100, "tid": 100, "ts": 29,
+         "args": {"Addr": 4096, "Bytes": -1024, "Total Allocated": 0, "Total Reserved": 2048, "Device Type": 1,
+                  "Device Id": 0}},
+        {"ph": "Z", "name": "something new", "pid": 1, "tid": 1, "ts": 3},
+        {"ph": "C", "name": "counter", "pid": 1, "tid": 1, "ts": 3, "args": {"v": 1}},
+    ]
+    return {"schemaVersion": 1, "deviceProperties": [{"id": 0, "name": "Test GPU", "totalGlobalMem": 1 << 30}],
+            "traceEvents": ev, "baseTimeNanoseconds": 1_700_000_000_000_000_000}
+
+
+def test_synthetic_gpu_trace_categories_by_hand(tmp_path, capsys):
+    src = _write(tmp_path / "t.json", _gpu_trace())
+    run = _import(tmp_path, src)
+    out = capsys.readouterr().out
+    assert "1 ph 'Z' events" in out and "1 ph 'C' events (counters)" in out  # counted and reported
+    bd = gpu.gpu_step_breakdown(run).set_index("step")
+    us = 1000
+    # step 1 = [0, 100]: kernel 20-50; memcpy 50-60 (40-50 is kernel); runtime 10-15, 16-18; DataLoader 0-5;
+    # CPU exec 5-10, 15-16, 18-20; other 60-100
+    s1 = bd.loc[1]
+    assert (s1.start_ns, s1.end_ns) == (0, 100 * us)
+    assert [s1[c] for c in CATS] == [30 * us, 10 * us, 0, 0, 7 * us, 5 * us, 8 * us, 40 * us]
+    # step 2 = [100, 230] (its NCCL kernel ends at 230): communication 150-195 (the host op, outranking the
+    # launch at 190-195) + 198-230 (the NCCL kernel); other 100-150 and 195-198
+    s2 = bd.loc[2]
+    assert (s2.start_ns, s2.end_ns) == (100 * us, 230 * us)
+    assert [s2[c] for c in CATS] == [0, 0, 0, 77 * us, 0, 0, 0, 53 * us]
+    assert (bd[CATS].sum(axis=1) == bd["step_time_ns"]).all()
+    # the step markers: forward = the step's first host op, no backward: fp+bp ends with the forward work
+    st = open_run(run).table("steps").set_index("step")
+    assert st.loc[1, "fp_start_op"] == "aten::mm" and st.loc[1, "get_next_end_ns"] == 5 * us
+    t = _tasks(run)
+    k = t[t["kind"] == "kernel"].set_index("op")
+    assert set(k.index) == {"gemm_kernel", "ncclKernel_AllReduce_RING_LL_Sum_float"}
+    assert k.loc["gemm_kernel", "scope"] == "aten::mm" and k.loc["gemm_kernel", "phase"] == "forward"
+    assert k.loc["gemm_kernel", "step"] == 1 and k.loc["ncclKernel_AllReduce_RING_LL_Sum_float", "step"] == 2
+    assert t.loc[t["kind"] == "memcpy_d2h", "bytes"].tolist() == [4096]
+    mem = open_run(run).table("memory")
+    assert mem["action"].tolist() == ["alloc", "free"] and mem["op"].tolist() == ["aten::mm", "aten::mm"]
+    peak = analysis.memory_peak(run)
+    assert peak.peak_bytes == 1024 and peak.capacity == 1 << 30 and peak.allocations == peak.frees == 1
+    assert open_run(run).manifest["created"].startswith("2023-11-14")  # baseTimeNanoseconds is Unix time
+
+
+# -- a CPU torch.profiler trace ------------------------------------------------------------------------------
+def test_cpu_torch_profiler_trace_imports_with_steps_and_ops(tmp_path):
+    raw = _raw(CPU_TRACE)["traceEvents"]
+    steps = sorted(int(m.group(1)) for e in raw if (m := re.fullmatch(r"ProfilerStep#(\d+)", str(e.get("name")))))
+    cpu_ops = Counter(e["name"] for e in raw if e.get("cat") == "cpu_op")
+    mem = [e for e in raw if e.get("name") == "[memory]"]
+    run = _import(tmp_path, CPU_TRACE)
+    st = open_run(run).table("steps")
+    assert sorted(st["step"]) == steps and len(steps) >= 3
+    t = _tasks(run)
+    got = Counter(t.loc[t["kind"] == "cpu_op", "name"])
+    assert got == cpu_ops
+    ops = analysis.op_stats(run).set_index("name")
+    assert ops.loc["aten::addmm", "calls"] == cpu_ops["aten::addmm"]
+    # phases: autograd's ops are backward, the optimizer's are update, the DataLoader's input
+    ph = t.groupby("phase")["name"].agg(set)
+    assert any(n.startswith("autograd::engine::evaluate_function") for n in ph["backward"])
+    assert "Optimizer.step#SGD.step" in ph["update"] and "aten::linear" in ph["forward"]
+    assert any(n.startswith("enumerate(DataLoader)#") for n in ph["input"])
+    bd = analysis.step_breakdown(run)
+    assert (bd["iteration_interval_ns"] + bd["fp_bp_ns"] + bd["tail_ns"] == bd["step_time_ns"]).all()
+    assert (bd["fp_bp_ns"] > 0).all() and (bd["iteration_interval_ns"] > 0).all()
+    g = gpu.gpu_step_breakdown(run)
+    assert (g[CATS].sum(axis=1) == g["step_time_ns"]).all() and (g["dataloader_ns"] > 0).all()
+    m = open_run(run).table("memory")
+    assert len(m) == len(mem) and set(m["device"]) == {"device"}  # a CPU-only trace: the CPU is the device
+    assert analysis.memory_peak(run).peak_bytes == max(e["args"]["Total Allocated"] for e in mem)
+
+
+# -- round trip: our export -> import -----------------------------------------------------------------------
+def test_round_trip_of_our_chrome_export(tmp_path):
+    from insight.export import export_chrome
+    from tests.synthetic_runs import training_run
+
+    base = tmp_path / "base"
+    base.mkdir()
+    orig = training_run(base, "synth").path
+    trace = tmp_path / "synth.trace.json.gz"
+    export_chrome(orig, trace, gzip=True)
+    back = _import(tmp_path, trace, name="back")
+    cols = ["graph", "name", "op", "kind", "calls", "total_ns", "min_ms", "max_ms", "stream", "scope", "shapes",
+            "dtypes", "flops"]
+    pd.testing.assert_frame_equal(analysis.op_stats(orig)[cols], analysis.op_stats(back)[cols])
+    keys = ["step", "start_ns", "fp_start_ns", "bp_end_ns", "end_ns", "step_time_ns", "device_busy_ns"]
+    pd.testing.assert_frame_equal(analysis.step_breakdown(orig)[keys], analysis.step_breakdown(back)[keys])
+    assert open_run(back).manifest["source"] == "chrome"
+
+
+# -- generic Chrome traces, several ranks ----------------------------------------------------------------------
+def test_generic_chrome_trace_imports_as_lanes_and_tasks(tmp_path):
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "Browser"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "Main"}},
+          {"ph": "B", "name": "Layout", "cat": "blink", "pid": 1, "tid": 2, "ts": 10.5},
+          {"ph": "X", "name": "Paint", "cat": "blink", "pid": 1, "tid": 2, "ts": 11, "dur": 2},
+          {"ph": "E", "pid": 1, "tid": 2, "ts": 20.25},
+          {"ph": "X", "name": "IO", "cat": "net", "pid": 1, "tid": 3, "ts": 5, "dur": 30}]
+    run = _import(tmp_path, _write(tmp_path / "chrome.json", ev))  # a bare array, no Kineto fields
+    t = _tasks(run).sort_values("start_ns")
+    assert list(t["name"]) == ["IO", "Layout", "Paint"]
+    assert list(t["stream"]) == ["Browser/3", "Browser/Main", "Browser/Main"]
+    assert list(t["dur_ns"]) == [30_000, 9_750, 2_000]
+    st = open_run(run).table("steps")
+    assert len(st) == 1 and st["end_ns"].iloc[0] - st["begin_ns"].iloc[0] == 30_000
+    assert open_run(run).manifest["source"] == "chrome"
+
+
+def test_two_ranks_are_one_run_on_one_clock(tmp_path):
+    def trace(rank, base_ns):
+        return {"distributedInfo": {"rank": rank, "world_size": 2}, "baseTimeNanoseconds": base_ns,
+                "traceEvents": [_x("user_annotation", "ProfilerStep#0", 0, 50), _x("cpu_op", "aten::add", 10, 5)]}
+    a = _write(tmp_path / "r1.json.gz", trace(1, 2_000_000), gz=True)
+    b = _write(tmp_path / "r0.json.gz", trace(0, 1_000_000), gz=True)
+    run = _import(tmp_path, a, b)
+    r = open_run(run)
+    assert r.ranks == [0, 1]
+    t0, t1 = _tasks(run, 0), _tasks(run, 1)
+    assert t0["start_ns"].tolist() == [10_000] and t1["start_ns"].tolist() == [1_010_000]  # rank 1 starts 1 ms later
+    assert len(r.table("steps", rank=1)) == 1
+    dup = _write(tmp_path / "again.json", trace(0, 0))
+    assert cli_main(["import", str(b), str(dup), "--output", str(tmp_path / "dup")]) == 2
+
+
+# -- malformed input: one line, exit 2, nothing left behind ---------------------------------------------------
+def _malformed_cases(tmp_path: Path) -> dict:
+    good = json.dumps(_gpu_trace()).encode()
+    gz = gzip.compress(good)
+    missing_ts = _gpu_trace()
+    del missing_ts["traceEvents"][5]["ts"]
+    return {
+        "truncated.json.gz": gz[: len(gz) // 2],
+        "truncated.json": good[: len(good) * 2 // 3],
+        "toplevel.json": b"42",
+        "string.json": b'"traceEvents"',
+        "nots.json": json.dumps(missing_ts).encode(),
+        "badjson.json": good.replace(b'"dur": 30', b'"dur": 30 x', 1),
+        "events-not-array.json": b'{"traceEvents": {"ph": "X"}}',
+    }
+
+
+def test_malformed_inputs_give_one_line_exit_2_and_no_run(tmp_path, capsys):
+    cases = _malformed_cases(tmp_path)
+    outdir = tmp_path / "runs"
+    outdir.mkdir()
+    for k, (fname, data) in enumerate(cases.items()):
+        src = tmp_path / fname
+        src.write_bytes(data)
+        out = outdir / fname.replace(".", "_")
+        if k == 0:  # the real command once, in its own process
+            p = subprocess.run([sys.executable, "-m", "insight.cli", "import", str(src), "--output", str(out)],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120)
+            rc, err = p.returncode, p.stderr
+        else:
+            rc = cli_main(["import", str(src), "--output", str(out)])
+            err = capsys.readouterr().err
+        assert rc == 2, (fname, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and str(src) in lines[0], (fname, err)
+        assert "Traceback" not in err
+        if fname not in ("events-not-array.json",):
+            assert re.search(r"at byte \d+", lines[0]), (fname, lines[0])
+        assert not out.exists(), fname
+        assert list(outdir.iterdir()) == [], (fname, list(outdir.iterdir()))
+
+
+def test_malformed_offsets_point_at_the_problem(tmp_path):
+    missing_ts = _gpu_trace()
+    del missing_ts["traceEvents"][5]["ts"]
+    data = json.dumps(missing_ts).encode()
+    src = tmp_path / "nots.json"
+    src.write_bytes(data)
+    from insight.importer import MalformedTrace, import_traces
+
+    with pytest.raises(MalformedTrace) as e:
+        import_traces([src], tmp_path / "out")
+    # the offset is where the event without ts begins
+    at = e.value.offset
+    assert data[at:at + 1] == b"{" and b'"name": "void gemm_kernel' in data[at:at + 120]
+    assert "has no \"ts\"" in str(e.value)
+    cut = json.dumps(_gpu_trace()).encode()[:1000]
+    src.write_bytes(cut)
+    with pytest.raises(MalformedTrace) as e:
+        import_traces([src], tmp_path / "out")
+    assert "truncated" in str(e.value) and 900 <= e.value.offset <= 1000
