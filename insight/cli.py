@@ -213,12 +213,15 @@ def _report(args) -> int:
 def _runs(args) -> int:
     from insight import analysis as A
     from insight.analysis.steps import step_times
-    from insight.trace import find_runs, open_run
+    from insight.trace import discover_runs
 
     rows = []
-    for p in find_runs(args.dir):
+    for entry in discover_runs(args.dir):  # a broken run (bad manifest, a link out of the dir) is one row
+        p = entry.path
         try:
-            run = open_run(p)
+            if entry.run is None:
+                raise TraceError(entry.error)
+            run = entry.run
             m = run.manifest
             s = A.summarize(step_times(run))  # markers only: listing never reads task tables
             rows.append([_cut(run.name, 40), _cut(m.get("created", ""), 25), s.steps, _ms(s.step_time_ms),
