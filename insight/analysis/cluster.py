@@ -248,9 +248,9 @@ def cluster_report(run: Run | str | os.PathLike, margin: float = MARGIN,
         rows.append(row)
     summary = pd.DataFrame(rows)
     stragglers = _stragglers(summary, margin, min_excess_ms)
-    flagged = stragglers.groupby("rank")["reason"].agg("; ".join) if len(stragglers) else pd.Series(dtype=object)
-    summary["straggler"] = summary["rank"].isin(flagged.index)
-    summary["reason"] = summary["rank"].map(flagged).fillna("")
+    flagged = stragglers.groupby("rank")["reason"].agg("; ".join).to_dict() if len(stragglers) else {}
+    summary["straggler"] = summary["rank"].isin(list(flagged))
+    summary["reason"] = [flagged.get(r, "") for r in summary["rank"]]
     problems = [status[r][1] for r in ranks if status[r][1]]
     return ClusterReport(summary, steps, stragglers, buckets, problems,
                          group_size=int(run.manifest.get("group_size") or len(ranks)), margin=margin,

@@ -55,7 +55,8 @@ def _all_reduce_cost(node):
 
 
 register(Primitive("all_reduce", "opaque", _all_reduce_infer, _all_reduce_kernel, _all_reduce_grad,
-                   cost_fn=_all_reduce_cost, attrs_doc="op: sum | mean; bucket: the fusion bucket's index"))
+                   cost_fn=_all_reduce_cost, attrs_doc="op: sum | mean; bucket: the fusion bucket's index",
+                   extra={"gradcheck": "tests/test_data_parallel.py"}))
 
 
 def _all_gather_infer(shapes, dtypes, attrs):

@@ -64,7 +64,7 @@ def insert_allreduce(graph: Graph) -> Graph:
             if not isinstance(g, SparseGrad):
                 continue
             for part, t in (("indices", g.indices), ("rows", g.values)):
-                node = _symbolic(t)
+                node = t.node if t.is_symbolic else None  # the ids may be a graph input (a leaf): gathered too
                 if node is None or node.id in remap:
                     continue
                 box = {}
