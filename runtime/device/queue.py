@@ -87,6 +87,13 @@ class DeviceQueue:
                                         "wait_ns": t1 - t0 if waited else 0, "step": self.step})
         return item, t0, t1
 
+    def peek(self):
+        """The next item without removing it, or None if there is none yet (never blocks). Lets host
+        work of the next step start early (EmbeddingLookup's prefetch of its ids)."""
+        with self._cv:
+            item = self._items[0] if self._items else None
+        return None if item is _END else item
+
     def finish(self, error: BaseException | None = None) -> None:
         """The producer is done (or failed): consumers drain what is left, then stop."""
         with self._cv:
@@ -112,8 +119,11 @@ class DeviceQueue:
 class SinkFeeder:
     """The host thread of sink mode: dataset -> H2D copy -> DeviceQueue, for ``epochs`` passes."""
 
+    active: "DeviceQueue | None" = None  # the queue of the running sink loop (for prefetchers)
+
     def __init__(self, dataset, epochs: int, capacity: int = 8, to_arrays=None):
         self.queue = DeviceQueue(capacity)
+        SinkFeeder.active = self.queue
         self._dataset = dataset
         self._epochs = epochs
         self._to_arrays = to_arrays or (lambda b: tuple(np.asarray(x) for x in b))
@@ -147,5 +157,7 @@ class SinkFeeder:
             self.queue.finish(e)
 
     def close(self):
+        if SinkFeeder.active is self.queue:
+            SinkFeeder.active = None
         self.queue.close()
         self.thread.join(timeout=5)

@@ -5,7 +5,7 @@
 
     uid  = emb_unique(ids)        distinct ids of the batch (padded to len(ids) with uid[0])
     inv  = emb_inverse(ids)       position of every id in uid
-    rows = gather(table, uid)     on the table's side
+    rows = emb_lookup(table, uid) on the table's side (rows[k] = table[uid[k]])
     out  = gather(rows, inv)      on the device
 
 so with ``target="CPU"`` the table, the unique/gather and the optimizer update run on the host and
@@ -14,11 +14,14 @@ id on the device and only those rows cross device->host, as ``SparseGrad(uid, ro
 LazyAdam then run the fused Cython kernels (``runtime/_kernels_embedding.pyx``), touching only those
 rows. With ``target="DEVICE"`` the same graph runs on the device (a model that fits).
 
-Overlap (host tables, ``overlap=True``): the host optimizer update of step k is deferred. When step
-k+1 looks the table up, the rows it reads are updated first (the rows the two batches share), the
-rest of the update is finished on a host thread while the device computes step k+1. Every value
-is the one serial execution produces (row updates are independent; the rows step k+1 reads are
-final before it reads them). ``flush_host_tables()`` completes every deferred update (Model.train
+Overlap (host tables, ``overlap=True``, ``HostTableEngine``): the host optimizer update of step k is
+deferred. When step k+1 looks the table up, the rows it reads are updated first (the rows the two
+batches share); then, on a host thread while the device computes step k+1, the rest of the update
+runs and the lookup of step k+2 is prefetched (in data sink mode the next batch already waits in the
+device queue: its ids are computed by re-running the pure ops that lead from the batch to the ids,
+then unique + gather). When step k+2 comes, only the rows it shares with step k+1's update are read
+again. Every value is the one serial execution produces: row updates are independent, and every row
+a lookup returns has every earlier update applied. ``flush_host_tables()`` completes every deferred update (Model.train
 calls it when training ends; do it before reading a host table's values by hand).
 """
 from __future__ import annotations
@@ -30,12 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from runtime import _kernels as K
+from runtime import _kernels_embedding as KE
 from runtime import core, hooks
 from runtime import random as _random
 from runtime.core import bind
+from runtime.device.queue import SinkFeeder
 from runtime.nn.cell import Cell
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
+from runtime.ops.registry import get_primitive
 
 clock = time.perf_counter_ns
 _TABLES: "weakref.WeakKeyDictionary[Parameter, EmbeddingLookup]" = weakref.WeakKeyDictionary()
@@ -88,70 +95,177 @@ def _init_table(shape, init, dtype, key: str) -> np.ndarray:
     return out
 
 
-class HostTableEngine:
-    """Defers the optimizer update of one host table across a step boundary (see the module doc)."""
+class _Prefetch:
+    __slots__ = ("ids", "uid", "inv", "count", "rows", "table")
 
-    def __init__(self, name: str):
-        self.name = name
-        self._pending = None     # (fn, var, slots, uid, grad, args, step)
-        self._rest = None        # future of the update of the rows the next batch did not read
+    def __init__(self, ids, uid, inv, count, rows, table):
+        self.ids, self.uid, self.inv, self.count, self.rows, self.table = ids, uid, inv, count, rows, table
+
+
+def _ids_program(node):
+    """A snapshot of the pure computation from the graph inputs to ``node`` (the lookup's ids), or None
+    if it reads a parameter or has side effects -- what the prefetch re-runs on the next batch."""
+    seen: dict = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.id in seen:
+            continue
+        if n.op == "param" or (n.op not in ("input", "const") and get_primitive(n.op).category in ("effect", "source")):
+            return None
+        seen[n.id] = n
+        stack.extend(n.inputs)
+    prog = [(n.id, n.op, [i.id for i in n.inputs], dict(n.attrs)) for n in sorted(seen.values(), key=lambda n: n.id)]
+    if not any(op == "input" for _, op, _, _ in prog):
+        return None
+    return prog, node.id
+
+
+def _run_program(program, batch):
+    """The ids of the batch ``(data, label)`` (Model's feed names) computed by the snapshot."""
+    prog, target = program
+    env = {}
+    for nid, op, ins, attrs in prog:
+        if op == "input":
+            k = {"data": 0, "label": 1}.get(attrs.get("name"))
+            if k is None or k >= len(batch):
+                return None
+            env[nid] = batch[k]
+        elif op == "const":
+            env[nid] = attrs["value"]
+        else:
+            env[nid] = get_primitive(op).kernel(*[env[i] for i in ins], **attrs)
+    return env[target]
+
+
+class HostTableEngine:
+    """The host side of one table: defers its optimizer update across the step boundary and prefetches
+    the next batch's lookup while the device computes (see the module doc). Runs its background work on
+    one host thread, in order, so the table is never read and written at once."""
+
+    def __init__(self, name: str, num_rows: int):
+        self.name, self.num_rows = name, int(num_rows)
+        self._pending = None     # (fn, var, slots, uid, grad, args, step): a deferred update
+        self._job = None         # future: the rest of an update, then the prefetch of the next batch
         self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._pre: _Prefetch | None = None   # the next batch's lookup, valid up to the pending update
+        self._last = None        # (ids, uid, inv) of the last unique
+        self._table = None
+        self.program = None      # how to compute the ids from a batch (set when a training step is traced)
         self.step = 0
-        self.shared_rows = self.rest_rows = 0  # totals, for the benchmark
+        self.shared_rows = self.rest_rows = 0
+        self.prefetch_hits = self.prefetch_misses = 0
         _ENGINES.add(self)
 
-    def _wait_rest(self):
-        f, self._rest = self._rest, None
+    # -- helpers ---------------------------------------------------------------------------------
+    def _wait_job(self):
+        f, self._job = self._job, None
         if f is not None:
             f.result()  # re-raises a failure of the host thread
+
+    def _emit(self, name, op, t0, step, shape, nbytes, phase):
+        if hooks.listening:
+            hooks.emit("task", {"task_id": -3, "name": f"{name}/{self.name}", "op": op, "kind": "kernel",
+                                "stream_id": 4, "stream": "host", "scope": self.name, "start_ns": t0,
+                                "end_ns": clock(), "step": step, "graph": "host_tables", "shape": shape,
+                                "dtype": "float32", "flops": 0, "bytes": int(nbytes), "phase": phase})
 
     def _apply(self, p, idx, label: str):
         fn, var, slots, uid, grad, args, step = p
         t0 = clock()
         u, g = (uid, grad) if idx is None else (uid[idx], grad[idx])
         fn(var, *slots, u, g, len(u), *args)
-        if hooks.listening:
-            hooks.emit("task", {"task_id": -3, "name": f"{fn.__name__}[{label}]/{self.name}", "op": fn.__name__,
-                                "kind": "kernel", "stream_id": 4, "stream": "host", "scope": self.name,
-                                "start_ns": t0, "end_ns": clock(), "step": step, "graph": "host_tables",
-                                "shape": f"{len(u)}x{var.shape[1]}", "dtype": "float32", "flops": int(g.size * 12),
-                                "bytes": int(g.nbytes * (1 + 2 * (1 + len(slots)))), "phase": "update"})
+        self._emit(f"{fn.__name__}[{label}]", fn.__name__, t0, step, f"{len(u)}x{var.shape[1]}",
+                   g.nbytes * (1 + 2 * (1 + len(slots))), "update")
+
+    def _prefetch(self):
+        queue = SinkFeeder.active
+        batch = queue.peek() if (queue is not None and self.program is not None) else None
+        if batch is None or self._table is None:
+            return
+        t0 = clock()
+        ids = _run_program(self.program, batch)
+        if ids is None or ids.ndim != 1:
+            return
+        uid, inv, count = KE.unique_inverse(ids, self.num_rows)
+        rows = K.embedding_gather(self._table, uid)
+        self._pre = _Prefetch(ids, uid, inv, count, rows, self._table)
+        self._emit("EmbeddingLookup[prefetch]", "emb_lookup", t0, self.step + 1, f"{count}x{rows.shape[1]}",
+                   rows.nbytes, "forward")
+
+    def _background(self, p, rest):
+        if p is not None and rest.size:
+            self._apply(p, rest, "other rows")
+        self._prefetch()
+
+    # -- called by the kernels ---------------------------------------------------------------------
+    def unique(self, ids, num_rows):
+        """(uid, inv) of ``ids``: from the prefetch when it computed these ids."""
+        with self._lock:
+            last = self._last
+            if last is not None and (last[0] is ids or np.array_equal(last[0], ids)):
+                return last[1], last[2]
+            self._wait_job()
+            pre = self._pre
+            if pre is not None and np.array_equal(pre.ids, ids):
+                self._last = (ids, pre.uid, pre.inv)
+                return pre.uid, pre.inv
+            uid, inv, _ = KE.unique_inverse(ids, num_rows)
+            self._last = (np.array(ids, copy=True), uid, inv)
+            return uid, inv
+
+    def lookup(self, table, ids, uid):
+        """The rows ``table[uid]`` as serial execution would read them now."""
+        with self._lock:
+            self._wait_job()
+            self._table = table
+            count = KE.unique_count(uid)
+            pre, self._pre = self._pre, None
+            p, self._pending = self._pending, None
+            rest = np.zeros(0, np.int64)
+            shared = None
+            if p is not None:  # finish the deferred update of the rows this batch reads, now
+                mask = np.isin(p[3], uid[:count], assume_unique=True)
+                sel, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
+                self.shared_rows += sel.size
+                self.rest_rows += rest.size
+                if sel.size:
+                    self._apply(p, sel, "rows read next")
+                    shared = p[3][sel]
+            if pre is not None and pre.table is table and pre.uid.shape == uid.shape and np.array_equal(pre.uid, uid):
+                rows = pre.rows
+                if shared is not None:  # the prefetch read these rows before the update above
+                    pos = np.flatnonzero(np.isin(uid[:count], shared, assume_unique=True))
+                    rows[pos] = table[uid[pos]]
+                self.prefetch_hits += 1
+            else:
+                rows = K.embedding_gather(table, uid)
+                self.prefetch_misses += pre is not None
+            if rest.size or self.program is not None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"host-{self.name}")
+                self._job = self._pool.submit(self._background, p, rest)
+            return rows
 
     def defer(self, fn, var, slots, uid, grad, count, args):
         with self._lock:
-            self._wait_rest()
+            self._wait_job()
             if self._pending is not None:  # two updates with no lookup between: finish the first
                 self._apply(self._pending, None, "all rows")
+                self._pre = None
             grad = grad.reshape(uid.shape[0], -1)
             self._pending = (fn, var, tuple(slots), uid[:count], grad[:count], args, self.step)
+            self._last = None
             self.step += 1
-
-    def before_lookup(self, uid, count):
-        """Called with the distinct ids a lookup is about to read: make exactly those rows final."""
-        with self._lock:
-            self._wait_rest()
-            p, self._pending = self._pending, None
-            if p is None:
-                return
-            shared = np.isin(p[3], uid[:count], assume_unique=True)
-            sel = np.flatnonzero(shared)
-            rest = np.flatnonzero(~shared)
-            self.shared_rows += sel.size
-            self.rest_rows += rest.size
-            if sel.size:
-                self._apply(p, sel, "rows read next")
-            if rest.size:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"host-opt-{self.name}")
-                self._rest = self._pool.submit(self._apply, p, rest, "other rows")
 
     def flush(self):
         with self._lock:
-            self._wait_rest()
+            self._wait_job()
             p, self._pending = self._pending, None
             if p is not None:
                 self._apply(p, None, "all rows")
+                self._pre = None
 
 
 class EmbeddingLookup(Cell):
@@ -170,7 +284,7 @@ class EmbeddingLookup(Cell):
         self.target, self.sparse = target, bool(sparse)
         self.embedding_table = Parameter(_init_table((self.vocab_size, self.embedding_size), embedding_table, dtype,
                                                      f"EmbeddingLookup/{self.vocab_size}x{self.embedding_size}"))
-        self.engine = HostTableEngine(f"table{self.vocab_size}x{self.embedding_size}") \
+        self.engine = HostTableEngine(f"table{self.vocab_size}x{self.embedding_size}", self.vocab_size) \
             if (target == "CPU" and sparse and overlap) else None
         if sparse:
             _TABLES[self.embedding_table] = self
@@ -196,8 +310,11 @@ class EmbeddingLookup(Cell):
             attrs = {"num_rows": self.vocab_size}
             if self.engine is not None:
                 attrs["_engine"] = self.engine
+                if flat.node is not None and self.training:
+                    self.engine.program = _ids_program(flat.node)
             uid = bind("emb_unique", [flat], attrs)
-            inv = bind("emb_inverse", [flat], {"num_rows": self.vocab_size})
-            rows = F.gather(self.embedding_table, uid)
+            inv = bind("emb_inverse", [flat], attrs)
+            rows = bind("emb_lookup", [self.embedding_table, flat, uid],
+                        {"_engine": self.engine} if self.engine is not None else {})
         out = F.gather(rows, inv)
         return F.reshape(out, shape + (self.embedding_size,))

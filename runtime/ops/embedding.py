@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime import _kernels as K
 from runtime import _kernels_embedding as KE
+from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
 
 
@@ -30,13 +32,14 @@ def _ids_infer(name, out_dtype):
 
 
 def _unique_kernel(ids, num_rows, _engine=None):
-    uid, _, count = KE.unique_inverse(ids, num_rows)
     if _engine is not None:
-        _engine.before_lookup(uid, count)
-    return uid
+        return _engine.unique(ids, num_rows)[0]
+    return KE.unique_inverse(ids, num_rows)[0]
 
 
-def _inverse_kernel(ids, num_rows):
+def _inverse_kernel(ids, num_rows, _engine=None):
+    if _engine is not None:
+        return _engine.unique(ids, num_rows)[1]
     return KE.unique_inverse(ids, num_rows)[1]
 
 
@@ -48,6 +51,32 @@ register(Primitive("emb_unique", "opaque", _ids_infer("emb_unique", np.int64), _
                    cost_fn=_hash_cost))
 register(Primitive("emb_inverse", "opaque", _ids_infer("emb_inverse", np.int32), _inverse_kernel,
                    cost_fn=_hash_cost))
+
+
+def _lookup_infer(shapes, dtypes, attrs):
+    table, ids, uid = (tuple(s) for s in shapes)
+    if len(table) != 2 or len(ids) != 1 or uid != ids:
+        raise ShapeError(f"emb_lookup: expects a (rows, dim) table, 1-d ids and their unique list of the same "
+                         f"length; got table {table}, ids {ids}, unique {uid}")
+    return (ids[0], table[1]), dtypes[0]
+
+
+def _lookup_kernel(table, ids, uid, _engine=None):
+    """rows[k] = table[uid[k]]: the distinct rows a batch reads (padding rows repeat row uid[0])."""
+    if _engine is not None:
+        return _engine.lookup(table, ids, uid)
+    return K.embedding_gather(table, uid)
+
+
+def _lookup_grad(g, y, table, ids, uid, **attrs):
+    return [F.gather_grad(uid, g, table.shape[0]), None, None]
+
+
+# the rows of a batch's distinct ids; with an engine (host table) they may come from a prefetch made
+# while the device computed the previous step (exactly the values a serial gather reads, see nn.embedding)
+register(Primitive("emb_lookup", "opaque", _lookup_infer, _lookup_kernel, _lookup_grad,
+                   cost_fn=lambda n: (0, 2 * n.nbytes + n.inputs[2].nbytes),
+                   extra={"gradcheck": "tests/test_wide_deep.py"}))
 
 
 def _sparse_infer(name, nslots):
