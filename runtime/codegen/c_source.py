@@ -60,59 +60,85 @@ def generate(plan: Plan) -> tuple[str, str]:
 
 
 def _gen(plan: Plan, name: str) -> str:
-    K = plan.K
-    n_in, n_out, n_red = len(plan.in_masks), len(plan.outs), len(plan.reds)
-    vals, reds, outs = plan.vals, plan.reds, plan.outs
-    inplace = plan.inplace
-    R = "" if inplace else " restrict"
-    w = _W()
-    out_lines = [f"void {name}(void **P, const int64_t *D, int64_t c0, int64_t nch, int nth)", "{"]
-    # -- sizes and pointers -----------------------------------------------------------------------
-    for a in range(K):
-        w(f"const int64_t D{a} = D[{a}];")
-    w("const int64_t NTOT = " + " * ".join(f"D{a}" for a in range(K)) + ";")
-    w("(void)NTOT; (void)c0; (void)nch; (void)nth;")
-    for k in range(n_in):
-        t = "unsigned char" if plan.in_u8[k] else "float"
-        w(f"const {t} *{R} in{k} = (const {t} *)P[{k}];")
-    for k, o in enumerate(outs):
-        if o.phase == -2:
-            continue
-        t = "unsigned char" if o.u8 else "float"
-        w(f"{t} *{R} out{k} = ({t} *)P[{n_in + k}];")
-    for r in range(n_red):
-        w(f"float *{R} res{r} = (float *)P[{n_in + n_out + r}];")
-        w(f"double *{R} acc{r} = (double *)P[{n_in + n_out + n_red + r}];")
-        w(f"(void)res{r}; (void)acc{r};")
-    # -- strides per mask ----------------------------------------------------------------------------
-    masks = set()
-    for v in vals:
-        if v.kind in ("in", "red"):
-            masks.add(v.mask)
-    for r in reds:
-        masks.add(r.kmask)
-    full = (1 << K) - 1
-    masks.add(full)
-    for o in outs:
-        masks.add(o.mask)
-    for m in sorted(masks):
-        for a in range(K):
-            if m >> a & 1:
-                inner = [f"D{b}" for b in range(a + 1, K) if m >> b & 1]
-                w(f"const int64_t s{m}_{a} = {' * '.join(inner) if inner else '1'};")
-            else:
-                w(f"const int64_t s{m}_{a} = 0;")
-        w(f"(void)s{m}_0;")
-        sz = " * ".join(f"D{a}" for a in range(K) if m >> a & 1) or "1"
-        w(f"const int64_t n{m} = {sz}; (void)n{m};")
-    # -- the phases ---------------------------------------------------------------------------------------
-    ident = {"sum": "0.0", "max": "(-INFINITY)"}
-    need_of, cload, cstore = _plan_cache(plan)
-    cached = sorted({v for vs in cstore.values() for v in vs})
-    ROW = " * ".join(f"D{a}" for a in range(1, K)) or "1"
+    return _Emitter(plan).function(name)
 
-    def acc_stmt(r, v, lane):
-        rd = reds[r]
+
+_IDENT = {"sum": "0.0", "max": "(-INFINITY)"}
+
+
+class _Emitter:
+    """Writes the C function of one plan: declarations, per-mask strides, then the streaming path (flat
+    elementwise kernels), the chunk loop of the "local" or "global" mode, and the epilogues (outputs
+    smaller than the domain). Each method emits one part; the loop order and the accumulation order are
+    those of the interpreter."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.K = plan.K
+        self.vals, self.reds, self.outs = plan.vals, plan.reds, plan.outs
+        self.R = "" if plan.inplace else " restrict"
+        self.full = (1 << self.K) - 1
+        self.ROW = " * ".join(f"D{a}" for a in range(1, self.K)) or "1"
+        self.w = _W()
+        self.need_of, self.cload, self.cstore = _plan_cache(plan)
+        self.cached = sorted({v for vs in self.cstore.values() for v in vs})
+        self.sign = _signs(plan)
+
+    def function(self, name: str) -> str:
+        self.declarations()
+        self.strides()
+        if self.streamable():
+            self.stream_path()
+        if self.plan.mode == "local":
+            self.local_mode()
+        else:
+            self.global_mode()
+        self.epilogues()
+        head = [f"void {name}(void **P, const int64_t *D, int64_t c0, int64_t nch, int nth)", "{"]
+        return "\n".join(head + self.w.lines + ["}", ""])
+
+    # -- declarations --------------------------------------------------------------------------------------
+    def declarations(self):
+        w, plan, K, R = self.w, self.plan, self.K, self.R
+        n_in, n_out, n_red = len(plan.in_masks), len(self.outs), len(self.reds)
+        for a in range(K):
+            w(f"const int64_t D{a} = D[{a}];")
+        w("const int64_t NTOT = " + " * ".join(f"D{a}" for a in range(K)) + ";")
+        w("(void)NTOT; (void)c0; (void)nch; (void)nth;")
+        for k in range(n_in):
+            t = "unsigned char" if plan.in_u8[k] else "float"
+            w(f"const {t} *{R} in{k} = (const {t} *)P[{k}];")
+        for k, o in enumerate(self.outs):
+            if o.phase == -2:
+                continue
+            t = "unsigned char" if o.u8 else "float"
+            w(f"{t} *{R} out{k} = ({t} *)P[{n_in + k}];")
+        for r in range(n_red):
+            w(f"float *{R} res{r} = (float *)P[{n_in + n_out + r}];")
+            w(f"double *{R} acc{r} = (double *)P[{n_in + n_out + n_red + r}];")
+            w(f"(void)res{r}; (void)acc{r};")
+
+    def strides(self):
+        """s<mask>_<axis> (element strides of a value spanning mask) and n<mask> (its size)."""
+        w, K = self.w, self.K
+        masks = {v.mask for v in self.vals if v.kind in ("in", "red")}
+        masks |= {r.kmask for r in self.reds}
+        masks.add(self.full)
+        masks |= {o.mask for o in self.outs}
+        for m in sorted(masks):
+            for a in range(K):
+                if m >> a & 1:
+                    inner = [f"D{b}" for b in range(a + 1, K) if m >> b & 1]
+                    w(f"const int64_t s{m}_{a} = {' * '.join(inner) if inner else '1'};")
+                else:
+                    w(f"const int64_t s{m}_{a} = 0;")
+            w(f"(void)s{m}_0;")
+            sz = " * ".join(f"D{a}" for a in range(K) if m >> a & 1) or "1"
+            w(f"const int64_t n{m} = {sz}; (void)n{m};")
+
+    # -- expressions -----------------------------------------------------------------------------------------
+    def acc_stmt(self, r, v, lane):
+        rd, K = self.reds[r], self.K
         x = f"(double)v{v}"
         if rd.cls == "S1":
             tgt = f"A{r}[{lane}]" if rd.lanes == LANES else f"A{r}"
@@ -129,8 +155,8 @@ def _gen(plan: Plan, name: str) -> str:
             return f"{tgt} = fk_max({tgt}, v{v});"
         return f"{tgt} = fk_dmax({tgt}, {x});"
 
-    def load(v):
-        val = vals[v]
+    def load(self, v):
+        val, K = self.vals[v], self.K
         if val.kind == "const":
             return c_float(val.c)
         m = val.mask
@@ -140,149 +166,151 @@ def _gen(plan: Plan, name: str) -> str:
             idx = f"o{m} + jj" if m >> (K - 1) & 1 else f"o{m}"
         if val.kind == "in":
             e = f"in{val.a}[{idx}]"
-            return f"(float){e}" if plan.in_u8[val.a] else e
+            return f"(float){e}" if self.plan.in_u8[val.a] else e
         return f"res{val.a}[{idx}]"
 
-    sign = _signs(plan)
-
-    def expr(v):
+    def expr(self, v):
+        vals = self.vals
         val = vals[v]
         if val.kind != "op":
-            return load(v)
+            return self.load(v)
         args = [f"v{a}" for a in val.args]
         if val.op == "select" and vals[val.args[0]].kind == "op" and vals[val.args[0]].op in _CMP:
             c = vals[val.args[0]]      # select on a comparison: one blend on the compare mask
             return f"fk_sel(v{c.args[0]} {_CMP[c.op]} v{c.args[1]}, {args[1]}, {args[2]})"
-        if val.op == "exp" and sign.get(val.args[0]) == -1:
+        if val.op == "exp" and self.sign.get(val.args[0]) == -1:
             return f"fk_exp_nonpos({args[0]})"   # same values: the overflow clamp can never apply
         return _TEMPLATES[val.op].format(*args)
 
-    def body(need, stores, accs, lane, p=None):
-        loads, keep = cload.get(p, set()), cstore.get(p, set())
-        cidx = (f"o{full} - a * ({ROW}) + jj" if K > 1 else "jj - a")
+    # -- loops -----------------------------------------------------------------------------------------------
+    def body(self, need, stores, accs, lane, p=None):
+        w, K = self.w, self.K
+        loads, keep = self.cload.get(p, set()), self.cstore.get(p, set())
+        cidx = (f"o{self.full} - a * ({self.ROW}) + jj" if K > 1 else "jj - a")
         for v in need:
             if v in loads:
                 w(f"const float v{v} = sc{v}[{cidx}];")
             else:
-                w(f"const float v{v} = {expr(v)};")
+                w(f"const float v{v} = {self.expr(v)};")
             if v in keep:
                 w(f"sc{v}[{cidx}] = v{v};")
         for k in stores:
-            o = outs[k]
-            idx = f"o{full} + jj" if K > 1 else "jj"
+            o = self.outs[k]
+            idx = f"o{self.full} + jj" if K > 1 else "jj"
             if o.u8:
                 w(f"out{k}[{idx}] = (unsigned char)(v{o.val} != 0.0f);")
             else:
                 w(f"out{k}[{idx}] = v{o.val};")
         for r in accs:
-            w(acc_stmt(r, reds[r].src, lane))
+            w(self.acc_stmt(r, self.reds[r].src, lane))
 
-    def offsets(used_masks, levels):
+    def offsets(self, used_masks, levels):
         """o<m> = sum_{a < levels} i_a * s<m>_a."""
         for m in sorted(used_masks):
             terms = [f"i{a} * s{m}_{a}" for a in range(levels) if m >> a & 1]
-            w(f"const int64_t o{m} = {' + '.join(terms) if terms else '0'}; (void)o{m};")
+            self.w(f"const int64_t o{m} = {' + '.join(terms) if terms else '0'}; (void)o{m};")
 
-    def inner_loop(need, stores, accs, j0, j1, p=None):
-        lanes = any(reds[r].lanes == LANES for r in accs)
-        if lanes:
+    def inner_loop(self, need, stores, accs, j0, j1, p=None):
+        w = self.w
+        if any(self.reds[r].lanes == LANES for r in accs):
             w("{")
             w.ind += 1
             w(f"int64_t j = {j0};")
             w.open(f"for (; j + 8 <= {j1}; j += 8)")
             w.open("for (int l = 0; l < 8; l++)")
             w("const int64_t jj = j + l;")
-            body(need, stores, accs, "l", p)
+            self.body(need, stores, accs, "l", p)
             w.close()
             w.close()
             w.open(f"for (int l = 0; j < {j1}; j++, l++)")
             w("const int64_t jj = j;")
-            body(need, stores, accs, "l", p)
+            self.body(need, stores, accs, "l", p)
             w.close()
             w.ind -= 1
             w("}")
         else:
             w.open(f"for (int64_t jj = {j0}; jj < {j1}; jj++)")
-            body(need, stores, accs, "0", p)
+            self.body(need, stores, accs, "0", p)
             w.close()
 
-    def used_masks(need, stores, accs):
-        ms = set()
-        for v in need:
-            if vals[v].kind in ("in", "red"):
-                ms.add(vals[v].mask)
+    def used_masks(self, need, stores, accs):
+        ms = {self.vals[v].mask for v in need if self.vals[v].kind in ("in", "red")}
         if stores:
-            ms.add(full)
-        for r in accs:
-            if reds[r].cls == "S2":
-                ms.add(reds[r].kmask)
+            ms.add(self.full)
+        ms |= {self.reds[r].kmask for r in accs if self.reds[r].cls == "S2"}
         return ms
 
-    def s1_decl(r):
-        rd = reds[r]
+    def s1_decl(self, r):
+        rd = self.reds[r]
         t = "double" if rd.kind == "sum" else "float"
         if rd.lanes == LANES:
-            w(f"{t} A{r}[8] = {{{', '.join([ident[rd.kind]] * 8)}}};")
+            self.w(f"{t} A{r}[8] = {{{', '.join([_IDENT[rd.kind]] * 8)}}};")
         else:
-            w(f"{t} A{r} = {ident[rd.kind]};")
+            self.w(f"{t} A{r} = {_IDENT[rd.kind]};")
 
-    def s1_final(r):
-        rd = reds[r]
+    def s1_final(self, r):
+        rd = self.reds[r]
         tree = "fk_tree_sum" if rd.kind == "sum" else "fk_tree_maxf"
         return f"{tree}(A{r})" if rd.lanes == LANES else f"A{r}"
 
-    def phase_loops(p):
-        need = need_of[p]
-        stores = [k for k, o in enumerate(outs) if o.phase == p]
+    def phase_loops(self, p):
+        """The loop nest of phase p over one chunk [a, b) of axis 0: S1 accumulators open and close at the
+        axis where their reduced suffix starts."""
+        w, K, reds = self.w, self.K, self.reds
+        need = self.need_of[p]
+        stores = [k for k, o in enumerate(self.outs) if o.phase == p]
         accs = [r for r, rd in enumerate(reds) if rd.phase == p]
-        ms = used_masks(need, stores, accs)
-        if cload.get(p) or cstore.get(p):
-            ms.add(full)
+        ms = self.used_masks(need, stores, accs)
+        if self.cload.get(p) or self.cstore.get(p):
+            ms.add(self.full)
         s1_at = {}
         for r in accs:
             if reds[r].cls == "S1":
                 s1_at.setdefault(reds[r].sfx, []).append(r)
         for r in s1_at.get(0, []):
-            s1_decl(r)
+            self.s1_decl(r)
         if K == 1:
-            inner_loop(need, stores, accs, "a", "b", p)
+            self.inner_loop(need, stores, accs, "a", "b", p)
         else:
             for a in range(K - 1):
                 lo = "a" if a == 0 else "0"
                 hi = "b" if a == 0 else f"D{a}"
                 w.open(f"for (int64_t i{a} = {lo}; i{a} < {hi}; i{a}++)")
                 for r in s1_at.get(a + 1, []):
-                    s1_decl(r)
-            offsets(ms, K - 1)
-            inner_loop(need, stores, accs, "0", f"D{K - 1}", p)
+                    self.s1_decl(r)
+            self.offsets(ms, K - 1)
+            self.inner_loop(need, stores, accs, "0", f"D{K - 1}", p)
             for a in reversed(range(K - 1)):
                 for r in s1_at.get(a + 1, []):
                     rd = reds[r]
                     terms = [f"i{b} * s{rd.kmask}_{b}" for b in range(a + 1) if rd.kmask >> b & 1]
-                    w(f"res{r}[{' + '.join(terms) if terms else '0'}] = (float){s1_final(r)};")
+                    w(f"res{r}[{' + '.join(terms) if terms else '0'}] = (float){self.s1_final(r)};")
                 w.close()
         for r in s1_at.get(0, []):
-            w(f"acc{r}[ch] = {s1_final(r)};")
+            w(f"acc{r}[ch] = {self.s1_final(r)};")
 
-    def s2_setup(p, chunk_local):
+    # -- reductions ------------------------------------------------------------------------------------------
+    def s2_setup(self, p, chunk_local):
         """Pointers (and, in local mode, initialisation) of the S2 accumulators of phase p."""
-        for r, rd in enumerate(reds):
+        w, R = self.w, self.R
+        for r, rd in enumerate(self.reds):
             if rd.phase != p or rd.cls != "S2":
                 continue
             per = f"n{rd.kmask} * {rd.lanes}"
             if rd.cross:
                 w(f"double *{R} acp{r} = acc{r} + ch * ({per});")
                 if chunk_local:
-                    w(f"for (int64_t e = 0; e < {per}; e++) acp{r}[e] = {ident[rd.kind]};")
+                    w(f"for (int64_t e = 0; e < {per}; e++) acp{r}[e] = {_IDENT[rd.kind]};")
             else:
                 w(f"double *{R} acp{r} = acc{r};")
                 if chunk_local:
                     row = f"(n{rd.kmask} / D0) * {rd.lanes}"
-                    w(f"for (int64_t e = a * {row}; e < b * {row}; e++) acp{r}[e] = {ident[rd.kind]};")
+                    w(f"for (int64_t e = a * {row}; e < b * {row}; e++) acp{r}[e] = {_IDENT[rd.kind]};")
 
-    def s2_finalize_rows(p):
+    def s2_finalize_rows(self, p):
         """Local mode: S2 reductions keeping axis 0 finish with the chunk's rows."""
-        for r, rd in enumerate(reds):
+        w = self.w
+        for r, rd in enumerate(self.reds):
             if rd.phase != p or rd.cls != "S2" or rd.cross:
                 continue
             row = f"(n{rd.kmask} / D0)"
@@ -290,13 +318,14 @@ def _gen(plan: Plan, name: str) -> str:
             w(f"res{r}[e] = (float){_lane_sum(rd, f'acc{r}', 'e')};")
             w.close()
 
-    def combine(r):
-        rd = reds[r]
+    def combine(self, r):
+        """The result of reduction r from its per-chunk (or per-lane) partials, in chunk order."""
+        w, rd = self.w, self.reds[r]
         comb = "+" if rd.kind == "sum" else None
         if rd.cls == "S1":
             w("{")
             w.ind += 1
-            w(f"double t = {ident[rd.kind]};")
+            w(f"double t = {_IDENT[rd.kind]};")
             w.open("for (int64_t c = 0; c < nch; c++)")
             w(f"t = t + acc{r}[c];" if comb else f"t = fk_dmax(t, acc{r}[c]);")
             w.close()
@@ -307,7 +336,7 @@ def _gen(plan: Plan, name: str) -> str:
         per = f"(n{rd.kmask} * {rd.lanes})"
         if rd.cross:
             w.open(f"for (int64_t e = 0; e < n{rd.kmask}; e++)")
-            w(f"double t = {ident[rd.kind]};")
+            w(f"double t = {_IDENT[rd.kind]};")
             w.open("for (int64_t c = 0; c < nch; c++)")
             x = _lane_sum(rd, f"(acc{r} + c * {per})", "e")
             w(f"t = t + {x};" if comb else f"t = fk_dmax(t, {x});")
@@ -319,15 +348,19 @@ def _gen(plan: Plan, name: str) -> str:
             w(f"res{r}[e] = (float){_lane_sum(rd, f'acc{r}', 'e')};")
             w.close()
 
-    par = "if (nch > 1 && nth > 1 && NTOT >= 65536) num_threads(nth)"
-    streamable = (K == 1 and not reds and plan.nphases == 1 and not inplace and outs
-                  and all(o.phase == 0 and not o.u8 for o in outs))
-    if streamable:
-        # large flat elementwise kernels: tiles of 64 computed in registers, written with
-        # non-temporal stores (no read-for-ownership of the output, no cache pollution)
+    # -- the three loop structures -----------------------------------------------------------------------------
+    def streamable(self) -> bool:
+        plan, outs = self.plan, self.outs
+        return (self.K == 1 and not self.reds and plan.nphases == 1 and not plan.inplace and bool(outs)
+                and all(o.phase == 0 and not o.u8 for o in outs))
+
+    def stream_path(self):
+        """Large flat elementwise kernels: tiles of 64 computed in registers, written with non-temporal
+        stores (no read-for-ownership of the output, no cache pollution)."""
+        w, outs = self.w, self.outs
         w(f"if (NTOT * {4 * len(outs)} >= (int64_t){STREAM_BYTES}) {{")
         w.ind += 1
-        w(f"#pragma omp parallel for schedule(dynamic, 1) {par}")
+        w(f"#pragma omp parallel for schedule(dynamic, 1) {_PAR}")
         w.open("for (int64_t ch = 0; ch < nch; ch++)")
         w("const int64_t a = ch * c0, b = (a + c0 < D0) ? a + c0 : D0;")
         w.open("for (int64_t j = a; j < b; j += 64)")
@@ -336,8 +369,8 @@ def _gen(plan: Plan, name: str) -> str:
             w(f"float t{k}[64];")
         w.open("for (int64_t q = 0; q < m; q++)")
         w("const int64_t jj = j + q;")
-        for v in plan.phase_vals[0]:
-            w(f"const float v{v} = {expr(v)};")
+        for v in self.plan.phase_vals[0]:
+            w(f"const float v{v} = {self.expr(v)};")
         for k, o in enumerate(outs):
             w(f"t{k}[q] = v{o.val};")
         w.close()
@@ -349,12 +382,15 @@ def _gen(plan: Plan, name: str) -> str:
         w("return;")
         w.ind -= 1
         w("}")
-    if plan.mode == "local":
+
+    def local_mode(self):
+        """One parallel loop over chunks of axis 0; every phase runs on the chunk before the next chunk."""
+        w, plan = self.w, self.plan
         if plan.nphases and any(plan.phase_vals):
-            w(f"#pragma omp parallel {par}")
+            w(f"#pragma omp parallel {_PAR}")
             w.open("")
-            for v in cached:
-                w(f"float *sc{v} = (float *)malloc(sizeof(float) * c0 * ({ROW}));")
+            for v in self.cached:
+                w(f"float *sc{v} = (float *)malloc(sizeof(float) * c0 * ({self.ROW}));")
             w("#pragma omp for schedule(dynamic, 1)")
             w.open("for (int64_t ch = 0; ch < nch; ch++)")
             w("const int64_t a = ch * c0, b = (a + c0 < D0) ? a + c0 : D0;")
@@ -362,69 +398,77 @@ def _gen(plan: Plan, name: str) -> str:
                 if not plan.phase_vals[p]:
                     continue
                 w.open("")
-                s2_setup(p, True)
-                phase_loops(p)
-                s2_finalize_rows(p)
+                self.s2_setup(p, True)
+                self.phase_loops(p)
+                self.s2_finalize_rows(p)
                 w.close()
             w.close()
-            for v in cached:
+            for v in self.cached:
                 w(f"free(sc{v});")
             w.close()
-        for r, rd in enumerate(reds):
+        for r, rd in enumerate(self.reds):
             if rd.cross:
-                combine(r)
-    else:
+                self.combine(r)
+
+    def global_mode(self):
+        """One parallel pass over the whole domain per phase, reductions combined between phases."""
+        w, plan = self.w, self.plan
         for p in range(plan.nphases):
             if not plan.phase_vals[p]:
                 continue
-            for r, rd in enumerate(reds):
+            for r, rd in enumerate(self.reds):
                 if rd.phase == p and rd.cls == "S2":
                     n = f"n{rd.kmask} * {rd.lanes}" + (" * nch" if rd.cross else "")
-                    w(f"for (int64_t e = 0; e < {n}; e++) acc{r}[e] = {ident[rd.kind]};")
-            w(f"#pragma omp parallel for schedule(dynamic, 1) {par}")
+                    w(f"for (int64_t e = 0; e < {n}; e++) acc{r}[e] = {_IDENT[rd.kind]};")
+            w(f"#pragma omp parallel for schedule(dynamic, 1) {_PAR}")
             w.open("for (int64_t ch = 0; ch < nch; ch++)")
             w("const int64_t a = ch * c0, b = (a + c0 < D0) ? a + c0 : D0;")
-            s2_setup(p, False)
-            phase_loops(p)
+            self.s2_setup(p, False)
+            self.phase_loops(p)
             w.close()
-            for r, rd in enumerate(reds):
+            for r, rd in enumerate(self.reds):
                 if rd.phase == p and (rd.cross or rd.cls == "S2"):
-                    combine(r)
-    # -- epilogue: outputs smaller than the domain -----------------------------------------------------
-    for k, o in enumerate(outs):
-        if o.phase != -1:
-            continue
-        need = plan.epi_vals[k]
-        w.open("")
-        ms = used_masks(need, [], [])
-        ms.add(o.mask)
-        if K == 1:
-            hi = "D0" if o.mask & 1 else "1"
-            w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
-        else:
-            for a in range(K - 1):
-                hi = f"D{a}" if o.mask >> a & 1 else "1"
-                w.open(f"for (int64_t i{a} = 0; i{a} < {hi}; i{a}++)")
-            offsets(ms, K - 1)
-            hi = f"D{K - 1}" if o.mask >> (K - 1) & 1 else "1"
-            w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
-        for v in need:
-            w(f"const float v{v} = {expr(v)};")
-        m = o.mask
-        if K == 1:
-            idx = "jj" if m & 1 else "0"
-        else:
-            idx = f"o{m} + jj" if m >> (K - 1) & 1 else f"o{m}"
-        if o.u8:
-            w(f"out{k}[{idx}] = (unsigned char)(v{o.val} != 0.0f);")
-        else:
-            w(f"out{k}[{idx}] = v{o.val};")
-        w.close()
-        if K > 1:
-            for _ in range(K - 1):
-                w.close()
-        w.close()
-    return "\n".join(out_lines + w.lines + ["}", ""])
+                    self.combine(r)
+
+    def epilogues(self):
+        """Outputs smaller than the domain: a loop nest over their own axes after the main loops."""
+        w, K = self.w, self.K
+        for k, o in enumerate(self.outs):
+            if o.phase != -1:
+                continue
+            need = self.plan.epi_vals[k]
+            w.open("")
+            ms = self.used_masks(need, [], [])
+            ms.add(o.mask)
+            if K == 1:
+                hi = "D0" if o.mask & 1 else "1"
+                w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
+            else:
+                for a in range(K - 1):
+                    hi = f"D{a}" if o.mask >> a & 1 else "1"
+                    w.open(f"for (int64_t i{a} = 0; i{a} < {hi}; i{a}++)")
+                self.offsets(ms, K - 1)
+                hi = f"D{K - 1}" if o.mask >> (K - 1) & 1 else "1"
+                w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
+            for v in need:
+                w(f"const float v{v} = {self.expr(v)};")
+            m = o.mask
+            if K == 1:
+                idx = "jj" if m & 1 else "0"
+            else:
+                idx = f"o{m} + jj" if m >> (K - 1) & 1 else f"o{m}"
+            if o.u8:
+                w(f"out{k}[{idx}] = (unsigned char)(v{o.val} != 0.0f);")
+            else:
+                w(f"out{k}[{idx}] = v{o.val};")
+            w.close()
+            if K > 1:
+                for _ in range(K - 1):
+                    w.close()
+            w.close()
+
+
+_PAR = "if (nch > 1 && nth > 1 && NTOT >= 65536) num_threads(nth)"
 
 
 def _lane_sum(rd, base: str, e: str) -> str:

@@ -188,15 +188,42 @@ def _axis_map_c(shape, pat: int, dims) -> list[int]:
 
 
 def analyze(sg: SubGraph) -> Plan:
-    ops = sg.ops
-    if not ops:
+    """The kernel plan of a group, or NotFusible (with the reason) when it is not one kernel."""
+    _check_ops(sg)
+    N, rdims = _domain(sg)
+    pat = _patterns(sg, N, rdims)
+    red_of = _reduced_axes(sg, pat, rdims, N)
+    dims, cpat, cred = _collapse(rdims, pat, red_of)
+    vals, reds, ref_val = _values(sg, dims, cpat, cred)
+    _phases(vals, reds)
+    outs = _outputs(sg, vals, reds, ref_val, cpat, dims, N)
+    nphases = 1 + max([r.phase for r in reds] + [o.phase for o in outs if o.phase >= 0] + [0])
+    mode = "local" if all(not (r.rmask & 1) for r in reds if r.consumed) else "global"
+    _classify_reductions(reds, dims)
+    c0, nchunks = _chunks(dims, reds, nphases, mode)
+    in_masks = [0] * len(sg.in_shapes)
+    for v in vals:
+        if v.kind == "in":
+            in_masks[v.a] = v.mask
+    in_u8 = [np.dtype(d) == BOOL for d in sg.in_dtypes]
+    plan = Plan(dims, mode, c0, nchunks, in_masks, in_u8, vals, reds, outs, nphases, sg.inplace)
+    _phase_work(plan, N)
+    return plan
+
+
+def _check_ops(sg: SubGraph) -> None:
+    if not sg.ops:
         raise NotFusible("empty group")
-    for o in ops:
+    for o in sg.ops:
         if o.op not in SUBGRAPH_OPS:
             raise NotFusible(f"{o.op} is not fusible")
-    # -- the domain ----------------------------------------------------------------------------
+
+
+def _domain(sg: SubGraph):
+    """(N, refined dims): the largest element count in the group and the common refinement of every
+    shape of that size (outermost first)."""
     iter_sizes = []
-    for o in ops:
+    for o in sg.ops:
         if o.op in REDUCE_OPS:
             iter_sizes.append(_size(sg.ref_shape(o.args[0])))
         iter_sizes.append(_size(o.shape))
@@ -204,18 +231,22 @@ def analyze(sg: SubGraph) -> Plan:
     if N == 0:
         raise NotFusible("empty tensors")
     full_shapes = []
-    for j, o in enumerate(ops):
+    for o in sg.ops:
         if _size(o.shape) == N:
             full_shapes.append(tuple(o.shape))
         for r in o.args:
             if _size(sg.ref_shape(r)) == N:
                 full_shapes.append(sg.ref_shape(r))
-    rdims = _refine(full_shapes, N) if N > 1 else [1]
+    return N, (_refine(full_shapes, N) if N > 1 else [1])
+
+
+def _patterns(sg: SubGraph, N: int, rdims) -> dict:
+    """ref -> mask of the refined axes the value spans (inputs: negative refs), by a fixpoint over the
+    group: full-size values span everything, scalars nothing, reductions drop their axes, views keep
+    their operand's pattern, broadcasts give each operand the axes it really has."""
     R = len(rdims)
     ALL = (1 << R) - 1
-
-    # -- patterns (fixpoint over the group) ----------------------------------------------------------
-    pat: dict[int, int] = {}   # ref -> mask over refined axes  (inputs: negative refs)
+    pat: dict[int, int] = {}
 
     def setpat(ref, m):
         old = pat.get(ref)
@@ -226,7 +257,7 @@ def analyze(sg: SubGraph) -> Plan:
             raise NotFusible(f"value used with two broadcast patterns ({old:b} vs {m:b})")
         return False
 
-    for j, o in enumerate(ops):
+    for j, o in enumerate(sg.ops):
         for r in list(o.args) + [j]:
             s = sg.ref_shape(r)
             if _size(s) == N and N > 1:
@@ -236,16 +267,11 @@ def analyze(sg: SubGraph) -> Plan:
     changed = True
     while changed:
         changed = False
-        for j, o in enumerate(ops):
+        for j, o in enumerate(sg.ops):
             if o.op in REDUCE_OPS:
                 a = o.args[0]
                 if a in pat and j not in pat:
-                    am = _axis_map(sg.ref_shape(a), pat[a], rdims)
-                    axes = _norm_axes(o.attrs.get("axis"), len(sg.ref_shape(a)))
-                    red = 0
-                    for i in axes:
-                        red |= am[i]
-                    changed |= setpat(j, pat[a] & ~red)
+                    changed |= setpat(j, pat[a] & ~_reduced_mask(sg, o, pat[a], rdims))
                 continue
             if o.op in VIEW_OPS and o.op != "broadcast_to":
                 a = o.args[0]
@@ -261,49 +287,65 @@ def analyze(sg: SubGraph) -> Plan:
                         changed |= setpat(j, pat[a])
                         break
             if j in pat:
-                om = _axis_map(o.shape, pat[j], rdims)
-                n = len(o.shape)
                 for a in o.args:
-                    s = sg.ref_shape(a)
-                    off = n - len(s)
-                    m = 0
-                    for i, d in enumerate(s):
-                        od = o.shape[i + off]
-                        if d == od:
-                            if od != 1:
-                                m |= om[i + off]
-                        elif d != 1:
-                            raise NotFusible(f"{o.op}: cannot broadcast {s} to {o.shape}")
-                    changed |= setpat(a, m)
-    for j, o in enumerate(ops):
+                    changed |= setpat(a, _operand_mask(o, sg.ref_shape(a), pat[j], rdims))
+    for j, o in enumerate(sg.ops):
         for r in list(o.args) + [j]:
             if r not in pat:
                 raise NotFusible(f"cannot place {sg.ref_shape(r)} in the domain {rdims}")
             _axis_map(sg.ref_shape(r), pat[r], rdims)   # raises if the layout does not fit
+    return pat
 
-    # -- reductions in refined axes -------------------------------------------------------------------
+
+def _reduced_mask(sg: SubGraph, o, in_pat: int, rdims) -> int:
+    """The refined axes reduction ``o`` sums over, for an input spanning ``in_pat``."""
+    s = sg.ref_shape(o.args[0])
+    am = _axis_map(s, in_pat, rdims)
+    red = 0
+    for i in _norm_axes(o.attrs.get("axis"), len(s)):
+        red |= am[i]
+    return red
+
+
+def _operand_mask(o, s, out_pat: int, rdims) -> int:
+    """The refined axes an operand of shape ``s`` spans when broadcast to ``o``'s output (pattern out_pat)."""
+    om = _axis_map(o.shape, out_pat, rdims)
+    off = len(o.shape) - len(s)
+    m = 0
+    for i, d in enumerate(s):
+        od = o.shape[i + off]
+        if d == od:
+            if od != 1:
+                m |= om[i + off]
+        elif d != 1:
+            raise NotFusible(f"{o.op}: cannot broadcast {s} to {o.shape}")
+    return m
+
+
+def _reduced_axes(sg: SubGraph, pat: dict, rdims, N: int) -> dict:
+    """op index -> refined axes reduced, for every reduction (whose input must span the whole domain)."""
+    ALL = (1 << len(rdims)) - 1
     red_of: dict[int, int] = {}
-    for j, o in enumerate(ops):
+    for j, o in enumerate(sg.ops):
         if o.op in REDUCE_OPS:
             a = o.args[0]
             if pat[a] != ALL and N > 1:
                 raise NotFusible("a reduction's input must span the whole domain")
-            am = _axis_map(sg.ref_shape(a), pat[a], rdims)
-            red = 0
-            for i in _norm_axes(o.attrs.get("axis"), len(sg.ref_shape(a))):
-                red |= am[i]
-            red_of[j] = red
+            red_of[j] = _reduced_mask(sg, o, pat[a], rdims)
+    return red_of
 
-    # -- collapse adjacent axes behaving alike ----------------------------------------------------------
+
+def _collapse(rdims, pat: dict, red_of: dict):
+    """Merge adjacent refined axes every pattern and reduction treats alike: (dims, patterns, reduced axes)
+    over the collapsed axes."""
     masks = list(pat.values()) + list(red_of.values())
     groups = [[0]]
-    for a in range(1, R):
+    for a in range(1, len(rdims)):
         if all((m >> a & 1) == (m >> (a - 1) & 1) for m in masks):
             groups[-1].append(a)
         else:
             groups.append([a])
     dims = tuple(math.prod(rdims[a] for a in g) for g in groups)
-    K = len(dims)
 
     def cmask(m):
         out = 0
@@ -311,18 +353,17 @@ def analyze(sg: SubGraph) -> Plan:
             if m >> g[0] & 1:
                 out |= 1 << k
         return out
+    return dims, {r: cmask(m) for r, m in pat.items()}, {j: cmask(m) for j, m in red_of.items()}
 
-    cpat = {r: cmask(m) for r, m in pat.items()}
-    cred = {j: cmask(m) for j, m in red_of.items()}
-    CALL = (1 << K) - 1
 
-    # -- SSA values (views are aliases) ---------------------------------------------------------------
+def _values(sg: SubGraph, dims, cpat: dict, cred: dict):
+    """SSA values of the kernel (views are aliases, casts to float are free, scalars are literals) and its
+    reductions: (vals, reds, op ref -> value id)."""
+    CALL = (1 << len(dims)) - 1
     vals: list[Val] = []
     ref_val: dict[int, int] = {}
-    in_index: dict[int, int] = {}
     consts: dict[str, int] = {}
     reds: list[Red] = []
-    red_index: dict[int, int] = {}
 
     def value_of(ref) -> int:
         if ref in ref_val:
@@ -332,7 +373,7 @@ def analyze(sg: SubGraph) -> Plan:
         ref_val[ref] = len(vals) - 1
         return ref_val[ref]
 
-    for j, o in enumerate(ops):
+    for j, o in enumerate(sg.ops):
         if o.op == "const":
             ref_val[j] = _const(vals, consts, float(np.asarray(o.attrs["value"]).reshape(-1)[0]))
             continue
@@ -341,7 +382,6 @@ def analyze(sg: SubGraph) -> Plan:
             continue
         if o.op in REDUCE_OPS:
             src = value_of(o.args[0])
-            r = len(reds)
             rmask = cred[j]
             if rmask == 0:       # reducing only size-1 axes: the identity
                 ref_val[j] = src
@@ -349,27 +389,27 @@ def analyze(sg: SubGraph) -> Plan:
             reds.append(Red(src=src, kind="sum" if o.op == "reduce_sum" else "max", rmask=rmask,
                             kmask=CALL & ~rmask, phase=0, cls="", sfx=0, lanes=1, cross=bool(rmask & 1),
                             consumed=False))
-            red_index[j] = r
-            vals.append(Val("red", a=r, mask=CALL & ~rmask))
+            vals.append(Val("red", a=len(reds) - 1, mask=CALL & ~rmask))
             ref_val[j] = len(vals) - 1
             continue
         args = [value_of(a) for a in o.args]
         op = o.op
         if op == "cast":
-            src_dt, dst_dt = sg.ref_dtype(o.args[0]), np.dtype(o.dtype)
-            if dst_dt == BOOL and src_dt != BOOL:
+            if np.dtype(o.dtype) == BOOL and sg.ref_dtype(o.args[0]) != BOOL:
                 op = "tobool"
             else:
                 ref_val[j] = args[0]
                 continue
         if op == "leaky_relu":
-            c = _const(vals, consts, float(np.float32(o.attrs["alpha"])))
-            args = args + [c]
+            args = args + [_const(vals, consts, float(np.float32(o.attrs["alpha"])))]
         vals.append(Val("op", op=op, args=tuple(args), mask=cpat[j]))
         ref_val[j] = len(vals) - 1
-    # constants: fold scalar const inputs? (inputs stay inputs; the fuse pass inlines scalar consts)
+    return vals, reds, ref_val
 
-    # -- phases ---------------------------------------------------------------------------------------
+
+def _phases(vals: list, reds: list) -> None:
+    """A value is computed in the phase after the last reduction it reads; a reduction a later value reads
+    is ``consumed`` (the kernel splits into phases around it)."""
     for v in vals:
         if v.kind == "op":
             v.phase = max([vals[a].phase for a in v.args] or [0])
@@ -382,13 +422,16 @@ def analyze(sg: SubGraph) -> Plan:
             for a in v.args:
                 if vals[a].kind == "red":
                     reds[vals[a].a].consumed = True
-    out_refs = list(sg.outputs)
+
+
+def _outputs(sg: SubGraph, vals, reds, ref_val, cpat, dims, N) -> list:
+    """Where each output is written: by its reduction (-2), in the main loop of its phase (full-size
+    outputs) or in an epilogue loop over its own axes (-1)."""
+    CALL = (1 << len(dims)) - 1
     outs: list[Out] = []
-    for k, ref in enumerate(out_refs):
+    for k, ref in enumerate(sg.outputs):
         v = ref_val[ref]
-        dt = sg.ref_dtype(ref)
-        shape = sg.ref_shape(ref)
-        val = vals[v]
+        dt, shape, val = sg.ref_dtype(ref), sg.ref_shape(ref), vals[v]
         omask = cpat[ref]          # the output's own pattern (a view may broadcast its value)
         if val.kind == "red" and omask == val.mask and reds[val.a].out < 0 and not sg.inplace:
             reds[val.a].out = k
@@ -402,52 +445,47 @@ def analyze(sg: SubGraph) -> Plan:
             raise NotFusible("in-place kernels are elementwise")
         if outs[0].phase == -2:
             raise NotFusible("in-place output of a reduction")
-    nphases = 1 + max([r.phase for r in reds] + [o.phase for o in outs if o.phase >= 0] + [0])
-    local = all(not (r.rmask & 1) for r in reds if r.consumed)
-    mode = "local" if local else "global"
+    return outs
 
-    # -- reduction classes ----------------------------------------------------------------------------------
+
+def _classify_reductions(reds: list, dims) -> None:
+    """S1: reduces a suffix of the axes (a register accumulator per row); S2: a scattered accumulator.
+    Eight lanes when the innermost axis is reduced and long enough."""
+    K = len(dims)
+    CALL = (1 << K) - 1
     for r in reds:
-        sfx = None
-        for s in range(K):
-            if r.rmask == (CALL & ~((1 << s) - 1)):
-                sfx = s
-                break
+        sfx = next((s for s in range(K) if r.rmask == (CALL & ~((1 << s) - 1))), None)
         r.cls = "S1" if sfx is not None else "S2"
         r.sfx = sfx if sfx is not None else -1
-        inner_red = bool(r.rmask >> (K - 1) & 1)
-        r.lanes = LANES if inner_red and dims[-1] >= 16 else 1
+        r.lanes = LANES if (r.rmask >> (K - 1) & 1) and dims[-1] >= 16 else 1
 
-    # -- chunks of axis 0 ----------------------------------------------------------------------------------
+
+def _chunks(dims, reds, nphases: int, mode: str):
+    """(rows of axis 0 per chunk, number of chunks): cache-sized, at least ~8 chunks for two threads, and
+    few enough that the per-chunk partials of reductions over axis 0 stay within CROSS_BUDGET."""
+    K = len(dims)
     row = _size(dims[1:])
-    target = PHASED_CHUNK_ELEMS if (nphases > 1 and local) else CHUNK_ELEMS
+    target = PHASED_CHUNK_ELEMS if (nphases > 1 and mode == "local") else CHUNK_ELEMS
     c0 = max(1, target // row) if K > 1 else target
     c0 = min(c0, dims[0])
     if dims[0] >= 16 and K > 1:
         c0 = min(c0, -(-dims[0] // 8))   # at least ~8 chunks to balance two threads
-    cross_bytes = 0
-    plan_tmp = Plan(dims, mode, c0, 1, [], [], vals, reds, outs, nphases, sg.inplace)
-    for r in reds:
-        if r.cls == "S2" and r.cross:
-            cross_bytes += plan_tmp.mask_size(r.kmask) * r.lanes * 8
+    probe = Plan(dims, mode, c0, 1, [], [], [], reds, [], nphases, False)
+    cross_bytes = sum(probe.mask_size(r.kmask) * r.lanes * 8 for r in reds if r.cls == "S2" and r.cross)
     if cross_bytes:
         max_chunks = min(MAX_CHUNKS_CROSS, max(1, CROSS_BUDGET // cross_bytes))
         while -(-dims[0] // c0) > max_chunks:
             c0 *= 2
         c0 = min(c0, dims[0])
-    nchunks = -(-dims[0] // c0)
+    return c0, -(-dims[0] // c0)
 
-    in_masks = [0] * len(sg.in_shapes)
-    in_u8 = [np.dtype(d) == BOOL for d in sg.in_dtypes]
-    for v in vals:
-        if v.kind == "in":
-            in_masks[v.a] = v.mask
-    plan = Plan(dims, mode, c0, nchunks, in_masks, in_u8, vals, reds, outs, nphases, sg.inplace)
 
-    # -- what each phase evaluates ----------------------------------------------------------------------------
+def _phase_work(plan: Plan, N: int) -> None:
+    """The values each phase and each epilogue evaluates (dependency closures), and the flop count."""
+    vals = plan.vals
+
     def closure(roots):
-        need = set()
-        stack = list(roots)
+        need, stack = set(), list(roots)
         while stack:
             v = stack.pop()
             if v in need:
@@ -457,16 +495,11 @@ def analyze(sg: SubGraph) -> Plan:
                 stack.extend(vals[v].args)
         return sorted(need)
 
-    plan.phase_vals = []
-    for p in range(nphases):
-        roots = [r.src for r in reds if r.phase == p] + [o.val for o in outs if o.phase == p]
-        plan.phase_vals.append(closure(roots))
-    plan.epi_vals = [closure([o.val]) if o.phase == -1 else [] for o in outs]
-    fl = 0
-    for p, vs in enumerate(plan.phase_vals):
-        fl += sum(1 for v in vs if vals[v].kind == "op") * N
-    plan.flops = int(fl + sum(N for _ in reds))
-    return plan
+    plan.phase_vals = [closure([r.src for r in plan.reds if r.phase == p] + [o.val for o in plan.outs if o.phase == p])
+                       for p in range(plan.nphases)]
+    plan.epi_vals = [closure([o.val]) if o.phase == -1 else [] for o in plan.outs]
+    fl = sum(sum(1 for v in vs if vals[v].kind == "op") * N for vs in plan.phase_vals)
+    plan.flops = int(fl + N * len(plan.reds))
 
 
 def _const(vals, consts, c) -> int:

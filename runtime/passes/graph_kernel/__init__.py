@@ -2,8 +2,14 @@
 
 ``graph_kernel(graph) -> graph`` runs over the whole training step (forward + backward + optimizer
 update are one graph). It expects a verified, DCE'd graph without ordering deps (it runs after
-``dce`` and before ``order_effects``) and returns a graph that passes ``graph.verify()``. The input
-graph is not modified. Four Graph -> Graph passes, one module each:
+``dce`` and before ``order_effects``) and returns a graph that passes ``graph.verify()``.
+
+Copy or in place: ``graph_kernel`` copies the graph (``clone``: fresh nodes, leaves keep their bound
+variables) and runs the passes on the copy, so the graph it is given is not modified. The four passes
+themselves rewrite the nodes they are given in place (``expand``, ``simplify`` and ``fuse`` rewire the
+inputs of the nodes they keep and return a new Graph object over them; ``build_kernels`` annotates the
+fused nodes with their programs); each module says so. Kernel generation itself is ``runtime.codegen``.
+Four Graph -> Graph passes, one module each:
 
 1. ``expand``   -- composites into primitives, forward and backward: gelu / gelu_grad, layer_norm and
    its two gradients, softmax / log_softmax and their gradients, softmax_cross_entropy (+grad),

@@ -20,6 +20,13 @@ fused kernels accumulate in double, like those kernels):
 Elementwise primitives that already are single instructions of the kernel language (tanh, sigmoid,
 relu, sqrt, ...) and the optimizers' updates (add / mul / sqrt / div + assign) are left alone.
 Only float32 nodes are expanded (fusion only generates float32 kernels).
+
+Rules: ``RULES`` maps a composite op to the function building its expansion with the ops API (the one
+special case, ``dropout_mask``, needs the phases of its users and is ``expand_dropout``).
+
+In place: ``expand`` rewires the ``inputs`` / ``deps`` of the nodes it keeps to the expansions, so the nodes
+of the graph it is given change; it returns a new ``Graph`` object over them (new nodes for the expansions).
+Run it on a copy when the original must survive (``graph_kernel`` clones first).
 """
 from __future__ import annotations
 

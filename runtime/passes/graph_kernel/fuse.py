@@ -37,18 +37,28 @@ Outlining a group (the IR is single-output):
 
 Nodes are named ``Fused_<Op>_<Op>..._<id>`` and carry ``ann["fused_ops"]`` (the member op types, in
 order; the profiler reads it) and ``ann["phase"]`` / ``primitive_target`` of the group.
+
+Stages (``fuse`` calls them in order): ``_facts`` (users, positions, ``_ordering_constraints``), ``_group``
+(merging with ``_one_kernel`` and ``_creates_cycle``), ``_worth_a_kernel``, ``_absorbable_assigns``,
+``_outline_group`` (``_inplace_plans``, ``_main_kernel`` with its ``fused_get`` outputs, ``_inplace_kernel``),
+``_unfused_units`` (large GEMMs as ``fused_gemm``), ``_rewire``, ``_gemm_prologues``, ``_schedule``.
+
+In place: the groups become new nodes, but the nodes left unfused are the graph's own, with their
+``inputs`` / ``deps`` rewired to the new producers (``_rewire``); the result is a new ``Graph`` object.
+Run it on a copy when the original must survive (``graph_kernel`` clones first).
 """
 from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.ir.graph import Graph, IRError, Node
-from runtime.ops.registry import get_primitive
 from runtime.codegen.schedule import analyze
 from runtime.codegen.subgraph import REDUCE_OPS, VIEW_OPS, NotFusible, op_supported, scalar_const, subgraph_of
+from runtime.ir.graph import Graph, IRError, Node
+from runtime.ops.registry import get_primitive
 
 LEAVES = ("input", "param", "const")
 VIEWS_OF_VAR = {"reshape", "transpose", "expand_dims", "squeeze", "broadcast_to", "slice"}
@@ -60,6 +70,97 @@ GEMM_OPS = ("matmul", "batch_matmul")
 GEMM_POOL_BYTES = 1 << 20  # other GEMMs at least this large become fused_gemm (recycled output buffers)
 
 
+def fuse(graph: Graph) -> Graph:
+    """Group, check for cycles, outline (multi-output, in-place assigns), GEMM prologues, schedule."""
+    facts = _facts(graph)
+    groups = [ms for ms in _group(facts) if _worth_a_kernel(ms)]
+    out = _Outline(facts)
+    in_group = {m.id: k for k, ms in enumerate(groups) for m in ms}
+    absorbed = _absorbable_assigns(facts, in_group)
+    for k, ms in enumerate(groups):
+        _outline_group(out, ms, absorbed.get(k, []))
+    _unfused_units(out, in_group)
+    _rewire(out)
+    _gemm_prologues(out, {out.producer(n).id for n in graph.outputs.values()})
+    result = Graph(graph.name)
+    result.nodes = _schedule(out)
+    result.outputs = {name: out.producer(n) for name, n in graph.outputs.items()}
+    result.effects = [out.replaced.get(e.id, e) for e in graph.effects]
+    result.meta = dict(graph.meta)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# facts about the input graph: users, positions, ordering constraints
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Facts:
+    nodes: list
+    pos: dict                   # node id -> position in the input order
+    by_id: dict
+    users: dict                 # node id -> nodes reading it
+    out_ids: set                # ids of the graph's outputs
+    after: dict                 # node id -> nodes that must come after it (ordering constraints)
+    effects_on: dict            # variable id -> effect nodes updating it, in order
+
+    def succ(self, n: Node) -> list:
+        return self.users.get(n.id, []) + self.after.get(n.id, [])
+
+
+def _facts(graph: Graph) -> _Facts:
+    nodes = list(graph.nodes)
+    users: dict[int, list[Node]] = defaultdict(list)
+    for n in nodes:
+        for i in n.inputs:
+            users[i.id].append(n)
+    pos = {n.id: k for k, n in enumerate(nodes)}
+    after, effects_on = _ordering_constraints(nodes, pos, users)
+    return _Facts(nodes, pos, {n.id: n for n in nodes}, users, {n.id for n in graph.outputs.values()},
+                  after, effects_on)
+
+
+def _ordering_constraints(nodes, pos, users):
+    """Extra edges (all forward in the input order): an in-place update after every earlier reader of its
+    variable (through views) and before every later one, updates of one variable in order, random
+    sources sharing a generator in order. Returns (after, effects_on)."""
+    after: dict[int, list[Node]] = defaultdict(list)
+    effects_on: dict[int, list[Node]] = defaultdict(list)
+    for n in nodes:
+        for d in n.deps:
+            after[d.id].append(n)
+        if n.op in LEAVES or get_primitive(n.op).category != "effect":
+            continue
+        var = n.inputs[0]
+        prev = effects_on[var.id]
+        if prev:
+            after[prev[-1].id].append(n)
+        effects_on[var.id].append(n)
+        stack, seen = [var], set()
+        while stack:
+            v = stack.pop()
+            for u in users.get(v.id, []):
+                if u is n or u.id in seen:
+                    continue
+                seen.add(u.id)
+                if pos[u.id] < pos[n.id]:
+                    after[u.id].append(n)
+                else:
+                    after[n.id].append(u)
+                if u.op in VIEWS_OF_VAR:
+                    stack.append(u)
+    last_rng: dict[int, Node] = {}
+    for n in nodes:
+        rng = n.attrs.get("_rng")
+        if rng is not None:
+            if id(rng) in last_rng:
+                after[last_rng[id(rng)].id].append(n)
+            last_rng[id(rng)] = n
+    return after, effects_on
+
+
+# ---------------------------------------------------------------------------------------------------
+# grouping and the cycle check
+# ---------------------------------------------------------------------------------------------------
 def _fusible(n: Node) -> bool:
     if n.op in LEAVES or n.size == 0:
         return False
@@ -71,6 +172,8 @@ def _key(n: Node):
 
 
 class _Groups:
+    """Disjoint groups of nodes with their first and last positions (union by size)."""
+
     def __init__(self, nodes, pos):
         self.pos = pos
         self.gid: dict[int, int] = {}
@@ -95,6 +198,408 @@ class _Groups:
         return a
 
 
+def _group(facts: _Facts) -> list[list[Node]]:
+    """Merge producer -> consumer edges between fusible nodes, in order, when both are in the same phase
+    and on the same target, the union stays small, maps onto one iteration domain and closes no cycle."""
+    fus = [n for n in facts.nodes if _fusible(n)]
+    fus_ids = {n.id for n in fus}
+    G = _Groups(fus, facts.pos)
+    for n in fus:
+        for p in n.inputs:
+            if p.id not in fus_ids:
+                continue
+            ga, gb = G.gid[p.id], G.gid[n.id]
+            if ga == gb or _key(p) != _key(n):
+                continue
+            merged = sorted(G.members[ga] + G.members[gb], key=lambda m: facts.pos[m.id])
+            if len(merged) > MAX_MEMBERS or _n_inputs(merged) > MAX_INPUTS:
+                continue
+            if not _one_kernel(merged) or _creates_cycle(G, ga, gb, facts):
+                continue
+            G.merge(ga, gb)
+    return list(G.members.values())
+
+
+def _n_inputs(members) -> int:
+    ids = {m.id for m in members}
+    return len({i.id for m in members for i in m.inputs if i.id not in ids and not scalar_const(i)})
+
+
+def _one_kernel(members) -> bool:
+    """Does the group map onto one iteration domain (``codegen.schedule.analyze`` accepts it)?"""
+    try:
+        sg, _ = subgraph_of(members, members)
+        analyze(sg)
+        return True
+    except NotFusible:
+        return False
+
+
+def _creates_cycle(G: _Groups, a: int, b: int, facts: _Facts) -> bool:
+    """Would merging groups ``a`` and ``b`` close a cycle: a path (data edges or ordering constraints) that
+    leaves the union and comes back, through other nodes or other groups (a group is entered whole)?
+    The search is bounded by the union's last position: nothing after it can lead back."""
+    pos = facts.pos
+    union = {m.id for m in G.members[a]} | {m.id for m in G.members[b]}
+    limit = max(G.maxpos[a], G.maxpos[b])
+
+    def key(x: Node) -> int:
+        g = G.gid.get(x.id)
+        return G.minpos[g] if g is not None else pos[x.id]
+    stack = [s for m in G.members[a] + G.members[b] for s in facts.succ(m) if s.id not in union and key(s) < limit]
+    visited: set[int] = set()
+    while stack:
+        x = stack.pop()
+        if x.id in visited:
+            continue
+        g = G.gid.get(x.id)
+        items = G.members[g] if g is not None else [x]
+        for y in items:
+            visited.add(y.id)
+        for y in items:
+            if pos[y.id] >= limit:
+                continue
+            for s in facts.succ(y):
+                if s.id in union:
+                    return True
+                if s.id not in visited and key(s) < limit:
+                    stack.append(s)
+    return False
+
+
+def _worth_a_kernel(members) -> bool:
+    """Not a group of views only, nor one small elementwise op (cheaper as a numpy call)."""
+    compute = [m for m in members if m.op not in VIEW_OPS]
+    if not compute:
+        return False
+    return not (len(compute) == 1 and compute[0].size < MIN_LONE_SIZE and compute[0].op not in REDUCE_OPS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# outlining: main kernel (multi-output), in-place assigns, views kept for outside readers
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    """Nodes scheduled together (a kernel and its ``fused_get`` nodes, or one unfused node) and the input
+    graph's nodes they compute (whose ordering constraints they inherit)."""
+    nodes: list
+    members: list
+
+
+@dataclass
+class _Outline:
+    facts: _Facts
+    units: list = field(default_factory=list)
+    value_of: dict = field(default_factory=dict)         # old node id -> new node producing its value
+    unit_of_member: dict = field(default_factory=lambda: defaultdict(list))
+    replaced: dict = field(default_factory=dict)         # absorbed assign id -> its fused_assign node
+    edges: list = field(default_factory=list)            # extra (unit, unit) order: main kernel first
+    view_exports: set = field(default_factory=set)       # view members whose outside users read the view
+
+    def add(self, nodes, members) -> int:
+        k = len(self.units)
+        self.units.append(_Unit(list(nodes), list(members)))
+        for m in members:
+            self.unit_of_member[m.id].append(k)
+        return k
+
+    def producer(self, x: Node) -> Node:
+        return self.value_of.get(x.id, x)
+
+
+def _absorbable_assigns(facts: _Facts, in_group: dict) -> dict:
+    """group -> [(assign, var, value)]: float32 parameter updates (the only update of that variable) whose
+    value a kernel group computes, in the same phase and target and of the variable's shape."""
+    absorbed: dict[int, list[tuple[Node, Node, Node]]] = defaultdict(list)
+    for n in facts.nodes:
+        if n.op != "assign":
+            continue
+        var, val = n.inputs
+        k = in_group.get(val.id)
+        if k is None or var.op != "param" or var.dtype != np.float32 or len(facts.effects_on[var.id]) != 1:
+            continue
+        if _key(n) != _key(val) or var.shape != val.shape:
+            continue
+        absorbed[k].append((n, var, val))
+    return absorbed
+
+
+def _outline_group(out: _Outline, ms: list, inplace: list) -> None:
+    facts = out.facts
+    mids = {m.id for m in ms}
+    plans, need_from_main = _inplace_plans(facts, ms, inplace)
+    assign_ids = {a.id for a, *_ in plans}
+    ext = {}
+    for m in ms:
+        us = [u for u in facts.users.get(m.id, []) if u.id not in mids and u.id not in assign_ids]
+        if us or m.id in facts.out_ids:
+            ext[m.id] = us
+    main_outs = [m for m in ms if m.id in ext]
+    # a member that only re-views an input (a reshape of it) is not worth a copy: its outside users keep the
+    # plain view node
+    for m in list(main_outs):
+        if m.op in VIEW_OPS and m.op != "broadcast_to" and m.inputs[0].id not in mids:
+            main_outs.remove(m)
+            out.view_exports.add(m.id)
+    main_outs += [r for r in need_from_main if r not in main_outs]
+    main_outs.sort(key=lambda m: facts.pos[m.id])
+    main_unit = _main_kernel(out, mids, main_outs) if main_outs else None
+    for plan in plans:
+        u = _inplace_kernel(out, *plan)
+        if main_unit is not None:
+            out.edges.append((main_unit, u))
+
+
+def _cone(facts: _Facts, root: Node, member_ids: set, stop: set) -> list[Node]:
+    """Members ``root`` depends on (in input order), not looking through the ``stop`` members."""
+    need, stack = set(), [root]
+    while stack:
+        x = stack.pop()
+        if x.id in need or x.id not in member_ids:
+            continue
+        need.add(x.id)
+        if x.id in stop and x is not root:
+            continue
+        stack.extend(x.inputs)
+    return [facts.by_id[i] for i in sorted(need, key=lambda i: facts.pos[i])]
+
+
+def _inplace_plans(facts: _Facts, ms: list, inplace: list):
+    """For each absorbed assign, in order: (assign, var, value, body, cut) with ``body`` the value's cone cut
+    at other assigned values and at reductions (``cut``: read from their kernels instead). Returns
+    ([], []) -- every assign stays an ordinary ``assign`` -- when a body would read a variable an earlier
+    in-place kernel already overwrote, alias its own variable through a non-identity view, or not map onto
+    one kernel. Also returns the reductions the main kernel must output for the bodies."""
+    mids = {m.id for m in ms}
+    vals = {v.id for _, _, v in inplace}
+    reductions = {m.id for m in ms if m.op in REDUCE_OPS}
+    plans, need_from_main, written = [], [], set()
+    for a, var, val in sorted(inplace, key=lambda t: facts.pos[t[2].id]):
+        stop = (vals - {val.id}) | reductions
+        members = _cone(facts, val, mids, stop)
+        cut = [m for m in members if m.id in stop and m is not val]
+        body = [m for m in members if not (m.id in stop and m is not val)]
+        ext_reads = {i.id for m in body for i in m.inputs if i.id not in mids}
+        if (ext_reads | _view_roots(facts, ext_reads)) & written:
+            return [], []
+        if any(_aliases_var(facts.by_id.get(i), var, mids) for i in ext_reads if i in facts.by_id):
+            return [], []
+        written.add(var.id)
+        need_from_main += [c for c in cut if c.op in REDUCE_OPS and c not in need_from_main]
+        plans.append((a, var, val, body, cut))
+    for a, var, val, body, cut in plans:
+        try:
+            sg, _ = subgraph_of(body, [val], inplace_var=var, cut={c.id: c for c in cut})
+            analyze(sg)
+        except NotFusible:
+            return [], []
+    return plans, need_from_main
+
+
+def _view_roots(facts: _Facts, ids) -> set:
+    """The tensors behind views: reading reshape(v) reads v."""
+    roots = set()
+    for i in ids:
+        x = facts.by_id.get(i)
+        while x is not None and x.op in VIEWS_OF_VAR:
+            x = x.inputs[0]
+        if x is not None:
+            roots.add(x.id)
+    return roots
+
+
+def _main_kernel(out: _Outline, mids: set, main_outs: list) -> int:
+    """One ``fused`` node computing ``main_outs``; with several outputs a tuple plus one ``fused_get`` each."""
+    facts = out.facts
+    members, seen = [], set()
+    for o in main_outs:
+        for m in _cone(facts, o, mids, set()):
+            if m.id not in seen:
+                seen.add(m.id)
+                members.append(m)
+    members.sort(key=lambda m: facts.pos[m.id])
+    sg, ins = subgraph_of(members, main_outs)
+    fnode = Node("fused", list(ins), {"_subgraph": sg}, (0,), np.uint8, scope=_scope(members),
+                 ann={**_group_ann(members)})
+    shape, dtype = get_primitive("fused").infer([i.shape for i in ins], [i.dtype for i in ins], fnode.attrs)
+    fnode.shape, fnode.dtype = tuple(shape), np.dtype(dtype)
+    fnode.name = _name(members, fnode.id)
+    fnode.ann["fused_ops"] = [m.op for m in members]
+    if len(main_outs) == 1:
+        out.value_of[main_outs[0].id] = fnode
+        return out.add([fnode], members)
+    gets = []
+    for j, o in enumerate(main_outs):
+        g = Node("fused_get", [fnode], {"index": j, "shape": o.shape, "dtype": o.dtype.name}, o.shape, o.dtype,
+                 scope=o.scope, ann={k: v for k, v in fnode.ann.items() if k != "fused_ops"})
+        g.name = f"{fnode.name}_out{j}"
+        gets.append(g)
+        out.value_of[o.id] = g
+    return out.add([fnode] + gets, members)
+
+
+def _inplace_kernel(out: _Outline, a: Node, var: Node, val: Node, body: list, cut: list) -> int:
+    """A ``fused_assign`` effect computing ``val`` straight into ``var``; it replaces the ``assign``."""
+    sg, ins = subgraph_of(body, [val], inplace_var=var, cut={c.id: c for c in cut})
+    node = Node("fused_assign", list(ins), {"_subgraph": sg}, var.shape, var.dtype, scope=_scope(body),
+                ann={**_group_ann(body)})
+    node.name = _name(body, node.id)
+    node.ann["fused_ops"] = [m.op for m in body] + ["assign"]
+    out.replaced[a.id] = node
+    out.value_of[a.id] = node
+    out.value_of.setdefault(val.id, node)     # users of the value outside read the updated variable
+    return out.add([node], body + [a])
+
+
+def _unfused_units(out: _Outline, in_group: dict) -> None:
+    """Every node no kernel computes is a unit of its own; large float32 GEMMs become ``fused_gemm`` (the
+    same library call into recycled output buffers)."""
+    for n in out.facts.nodes:
+        if (n.id in in_group and n.id not in out.view_exports) or n.id in out.replaced:
+            continue
+        node = n
+        if n.op in GEMM_OPS and n.dtype == np.float32 and n.nbytes >= GEMM_POOL_BYTES:
+            node = Node("fused_gemm", list(n.inputs), {"op": n.op, "transpose_a": bool(n.attrs["transpose_a"]),
+                                                       "transpose_b": bool(n.attrs["transpose_b"])},
+                        n.shape, n.dtype, scope=n.scope, deps=list(n.deps), ann=dict(n.ann))
+            node.name = n.name
+            out.value_of[n.id] = node
+        out.add([node], [n])
+        out.value_of.setdefault(n.id, n)
+
+
+def _rewire(out: _Outline) -> None:
+    """Inputs of every unit's nodes read the new producers; members' deps move to the unit's first node.
+    (This rewires the unfused nodes of the input graph in place.)"""
+    for u in out.units:
+        for node in u.nodes:
+            if node.op != "fused_get":
+                node.inputs = [out.producer(i) for i in node.inputs]
+        mset = {m.id for m in u.members}
+        u.nodes[0].deps = _dedupe([out.producer(d) for m in u.members for d in m.deps if d.id not in mset])
+
+
+# ---------------------------------------------------------------------------------------------------
+# GEMM prologues
+# ---------------------------------------------------------------------------------------------------
+def _gemm_prologues(out: _Outline, out_ids: set) -> None:
+    """Run a GEMM as the prologue of the ``fused`` kernel that is its only reader in the fused graph.
+
+    Decided on the outlined graph, where every reader of the GEMM's value is known: the main kernel,
+    the group's in-place kernels (``fused_assign``), views of it exported to outside consumers and
+    unfused nodes. A prologue GEMM has no node of its own, so one more reader of any kind would read a
+    value that is not in the graph. Each absorbed GEMM's unit merges into its kernel's unit (its members,
+    and so its ordering constraints, move along).
+    """
+    units = out.units
+    readers: dict[int, list[Node]] = defaultdict(list)
+    unit_of_node: dict[int, int] = {}
+    for k, u in enumerate(units):
+        for node in u.nodes:
+            unit_of_node[node.id] = k
+            for i in _dedupe(list(node.inputs) + list(node.deps)):
+                readers[i.id].append(node)
+    into: dict[int, int] = {}            # absorbed GEMM unit -> kernel unit
+    for k, u in enumerate(units):
+        fnode = u.nodes[0]
+        if fnode.op != "fused":
+            continue
+        spec, new_inputs, gemms = [], [], []
+        for x in fnode.inputs:
+            j = unit_of_node.get(x.id)
+            if _prologue_gemm(x, fnode, readers, out_ids) and j is not None and len(units[j].nodes) == 1:
+                op = x.attrs["op"] if x.op == "fused_gemm" else x.op
+                spec.append((op, bool(x.attrs["transpose_a"]), bool(x.attrs["transpose_b"])))
+                new_inputs.extend(x.inputs)
+                fnode.deps = _dedupe(fnode.deps + list(x.deps))
+                gemms.append(units[j].members[0])
+                into[j] = k
+            else:
+                spec.append(None)
+                new_inputs.append(x)
+        if not gemms:
+            continue
+        fnode.inputs = new_inputs
+        fnode.attrs["_prologue"] = tuple(spec)
+        fnode.name = _name(gemms + u.members, fnode.id)
+        fnode.ann["fused_ops"] = [g.op for g in gemms] + list(fnode.ann["fused_ops"])
+        u.members = gemms + u.members
+    if into:
+        _merge_units(out, into)
+
+
+def _prologue_gemm(x: Node, fnode: Node, readers, out_ids) -> bool:
+    """Can GEMM node ``x`` run inside ``fnode``: float32, same phase and target, read by nothing else?"""
+    if x.op not in GEMM_OPS and x.op != "fused_gemm":
+        return False
+    return (x.dtype == np.float32 and x.id not in out_ids and _key(x) == _key(fnode)
+            and [r.id for r in readers.get(x.id, [])] == [fnode.id])
+
+
+def _merge_units(out: _Outline, into: dict) -> None:
+    """Drop the units in ``into`` (unit -> the unit that now computes its members) and renumber."""
+    renum, kept = {}, []
+    for k, u in enumerate(out.units):
+        if k not in into:
+            renum[k] = len(kept)
+            kept.append(u)
+    for j, k in into.items():
+        renum[j] = renum[k]
+    out.units = kept
+    out.unit_of_member = defaultdict(list, {mid: list(dict.fromkeys(renum[k] for k in us))
+                                            for mid, us in out.unit_of_member.items()})
+    out.edges = [(renum[a], renum[b]) for a, b in out.edges if renum[a] != renum[b]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------------
+def _schedule(out: _Outline) -> list[Node]:
+    """Kahn's algorithm over units (data edges, the members' ordering constraints, main kernel before its
+    in-place kernels), earliest input position first, so the new order stays close to the old one."""
+    units, facts = out.units, out.facts
+    node_unit = {node.id: k for k, u in enumerate(units) for node in u.nodes}
+    preds: list[set] = [set() for _ in units]
+    for k, u in enumerate(units):
+        for node in u.nodes:
+            for i in list(node.inputs) + list(node.deps):
+                j = node_unit.get(i.id)
+                if j is not None and j != k:
+                    preds[k].add(j)
+    for n in facts.nodes:
+        for s in facts.after.get(n.id, []):
+            for a in out.unit_of_member.get(n.id, []):
+                for b in out.unit_of_member.get(s.id, []):
+                    if a != b:
+                        preds[b].add(a)
+    for a, b in out.edges:
+        preds[b].add(a)
+    prio = [min(facts.pos[m.id] for m in u.members) for u in units]
+    succs: list[list[int]] = [[] for _ in units]
+    indeg = [len(p) for p in preds]
+    for k, ps in enumerate(preds):
+        for j in ps:
+            succs[j].append(k)
+    heap = [(prio[k], k) for k in range(len(units)) if indeg[k] == 0]
+    heapq.heapify(heap)
+    order: list[Node] = []
+    done = 0
+    while heap:
+        _, k = heapq.heappop(heap)
+        done += 1
+        order.extend(units[k].nodes)
+        for s in succs[k]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                heapq.heappush(heap, (prio[s], s))
+    if done != len(units):
+        raise IRError("graph-kernel fusion produced a cyclic schedule")
+    return order
+
+
+# ---------------------------------------------------------------------------------------------------
+# names and annotations
+# ---------------------------------------------------------------------------------------------------
 def _camel(op: str) -> str:
     return "".join(p.capitalize() for p in op.split("_"))
 
@@ -124,452 +629,6 @@ def _scope(members: list[Node]) -> str:
             k += 1
         common = common[:k]
     return "/".join(common) if common else "/".join(scopes[-1])
-
-
-# ---------------------------------------------------------------------------------------------------
-# the pass
-# ---------------------------------------------------------------------------------------------------
-def fuse(graph: Graph) -> Graph:
-    nodes = list(graph.nodes)
-    pos = {n.id: k for k, n in enumerate(nodes)}
-    by_id = {n.id: n for n in nodes}
-    users: dict[int, list[Node]] = defaultdict(list)
-    for n in nodes:
-        for i in n.inputs:
-            users[i.id].append(n)
-    out_ids = {n.id for n in graph.outputs.values()}
-
-    # -- ordering constraints (all go forward in the original order) -------------------------------------
-    after: dict[int, list[Node]] = defaultdict(list)      # a -> nodes that must come after a
-    effects_on: dict[int, list[Node]] = defaultdict(list)
-    for n in nodes:
-        for d in n.deps:
-            after[d.id].append(n)
-        if n.op in LEAVES:
-            continue
-        if get_primitive(n.op).category == "effect":
-            var = n.inputs[0]
-            prev = effects_on[var.id]
-            if prev:
-                after[prev[-1].id].append(n)
-            effects_on[var.id].append(n)
-            stack, seen = [var], set()
-            while stack:
-                v = stack.pop()
-                for u in users.get(v.id, []):
-                    if u is n or u.id in seen:
-                        continue
-                    seen.add(u.id)
-                    if pos[u.id] < pos[n.id]:
-                        after[u.id].append(n)
-                    else:
-                        after[n.id].append(u)
-                    if u.op in VIEWS_OF_VAR:
-                        stack.append(u)
-    last_rng: dict[int, Node] = {}
-    for n in nodes:
-        rng = n.attrs.get("_rng")
-        if rng is not None:
-            if id(rng) in last_rng:
-                after[last_rng[id(rng)].id].append(n)
-            last_rng[id(rng)] = n
-
-    def succ(n: Node):
-        return users.get(n.id, []) + after.get(n.id, [])
-
-    # -- grouping ----------------------------------------------------------------------------------------------
-    fus = [n for n in nodes if _fusible(n)]
-    fus_ids = {n.id for n in fus}
-    G = _Groups(fus, pos)
-
-    def n_inputs(members):
-        ids = {m.id for m in members}
-        ext = set()
-        for m in members:
-            for i in m.inputs:
-                if i.id not in ids and not scalar_const(i):
-                    ext.add(i.id)
-        return len(ext)
-
-    def valid(members) -> bool:
-        try:
-            sg, _ = subgraph_of(members, members)
-            analyze(sg)
-            return True
-        except NotFusible:
-            return False
-
-    def creates_cycle(a: int, b: int) -> bool:
-        union = {m.id for m in G.members[a]} | {m.id for m in G.members[b]}
-        limit = max(G.maxpos[a], G.maxpos[b])
-
-        def key(x: Node) -> int:
-            g = G.gid.get(x.id)
-            return G.minpos[g] if g is not None else pos[x.id]
-        stack = []
-        for m in G.members[a] + G.members[b]:
-            for s in succ(m):
-                if s.id not in union and key(s) < limit:
-                    stack.append(s)
-        visited: set[int] = set()
-        while stack:
-            x = stack.pop()
-            if x.id in visited:
-                continue
-            g = G.gid.get(x.id)
-            items = G.members[g] if g is not None else [x]
-            for y in items:
-                visited.add(y.id)
-            for y in items:
-                if pos[y.id] >= limit:
-                    continue
-                for s in succ(y):
-                    if s.id in union:
-                        return True
-                    if s.id not in visited and key(s) < limit:
-                        stack.append(s)
-        return False
-
-    for n in fus:
-        for p in n.inputs:
-            if p.id not in fus_ids:
-                continue
-            ga, gb = G.gid[p.id], G.gid[n.id]
-            if ga == gb or _key(p) != _key(n):
-                continue
-            merged = sorted(G.members[ga] + G.members[gb], key=lambda m: pos[m.id])
-            if len(merged) > MAX_MEMBERS or n_inputs(merged) > MAX_INPUTS:
-                continue
-            if not valid(merged):
-                continue
-            if creates_cycle(ga, gb):
-                continue
-            G.merge(ga, gb)
-
-    # -- which groups become kernels -----------------------------------------------------------------------
-    def worth(members) -> bool:
-        compute = [m for m in members if m.op not in VIEW_OPS]
-        if not compute:
-            return False
-        if len(compute) == 1 and compute[0].size < MIN_LONE_SIZE and compute[0].op not in REDUCE_OPS:
-            return False
-        return True
-
-    groups = [ms for ms in G.members.values() if worth(ms)]
-    in_group: dict[int, int] = {}
-    for k, ms in enumerate(groups):
-        for m in ms:
-            in_group[m.id] = k
-
-    # -- in-place outputs (assigns absorbed) ------------------------------------------------------------------
-    absorbed: dict[int, list[tuple[Node, Node, Node]]] = defaultdict(list)   # group -> (assign, var, value)
-    for n in nodes:
-        if n.op != "assign":
-            continue
-        var, val = n.inputs
-        k = in_group.get(val.id)
-        if k is None or var.op != "param" or var.dtype != np.float32 or len(effects_on[var.id]) != 1:
-            continue
-        if _key(n) != _key(val) or var.shape != val.shape:
-            continue
-        absorbed[k].append((n, var, val))
-
-    # -- outline ------------------------------------------------------------------------------------------------
-    units: list[dict] = []          # {"nodes": [...], "members": [...], "deps_in": [...]}
-    value_of: dict[int, Node] = {}  # old node id -> new node producing its value
-    unit_of_member: dict[int, list[int]] = defaultdict(list)
-    replaced: dict[int, Node] = {}  # absorbed assign id -> fused_assign node
-    extra_unit_edges: list[tuple[int, int]] = []
-    view_exports: list[Node] = []   # view members whose outside users read the plain view node
-
-    def cone(root: Node, member_ids: set, stop: set) -> list[Node]:
-        need, stack = set(), [root]
-        while stack:
-            x = stack.pop()
-            if x.id in need or x.id not in member_ids:
-                continue
-            need.add(x.id)
-            if x.id in stop and x is not root:
-                continue
-            stack.extend(x.inputs)
-        return [by_id[i] for i in sorted(need, key=lambda i: pos[i])]
-
-    for k, ms in enumerate(groups):
-        mids = {m.id for m in ms}
-        inplace = absorbed.get(k, [])
-        assign_ids = {a.id for a, _, _ in inplace}
-        vals = {v.id: (a, var) for a, var, v in inplace}
-        ext = {}
-        for m in ms:
-            us = [u for u in users.get(m.id, []) if u.id not in mids and u.id not in assign_ids]
-            if us or m.id in out_ids:
-                ext[m.id] = us
-        # in-place kernels: cones cut at other assigned values and at reductions
-        plans = []
-        need_from_main: list[Node] = []
-        ok = True
-        order = sorted(inplace, key=lambda t: pos[t[2].id])
-        written: set[int] = set()
-        for a, var, val in order:
-            stop = (set(vals) - {val.id}) | {m.id for m in ms if m.op in REDUCE_OPS}
-            members = cone(val, mids, stop)
-            cut_ids = [m for m in members if m.id in stop and m is not val]
-            body = [m for m in members if not (m.id in stop and m is not val)]
-            # reads of variables already overwritten by an earlier in-place kernel
-            ext_reads = {i.id for m in body for i in m.inputs if i.id not in mids}
-            roots = set()
-            for i in ext_reads:      # through views: reading reshape(v) reads v
-                x = by_id.get(i)
-                while x is not None and x.op in VIEWS_OF_VAR:
-                    x = x.inputs[0]
-                if x is not None:
-                    roots.add(x.id)
-            if (ext_reads | roots) & written:
-                ok = False
-                break
-            if any(_aliases_var(by_id.get(i), var, mids) for i in ext_reads if i in by_id):
-                ok = False
-                break
-            written.add(var.id)
-            for c in cut_ids:
-                if c.op in REDUCE_OPS and c not in need_from_main:
-                    need_from_main.append(c)
-            plans.append((a, var, val, body, cut_ids))
-        if ok:
-            for a, var, val, body, cut_ids in plans:
-                try:
-                    sg, _ = subgraph_of(body, [val], inplace_var=var, cut={c.id: c for c in cut_ids})
-                    analyze(sg)
-                except NotFusible:
-                    ok = False
-                    break
-        if not ok:
-            inplace, plans, need_from_main = [], [], []
-            assign_ids = set()
-            for m in ms:
-                us = [u for u in users.get(m.id, []) if u.id not in mids]
-                if us or m.id in out_ids:
-                    ext[m.id] = us
-        # main kernel outputs: members used outside (not only by absorbed assigns) + reductions for the K's
-        main_outs = [m for m in ms if m.id in ext and (ext[m.id] or m.id in out_ids)]
-        # a member that only re-views an input (a reshape of it) is not worth a copy: its outside users
-        # keep the plain view node
-        for m in list(main_outs):
-            if m.op in VIEW_OPS and m.op != "broadcast_to" and m.inputs[0].id not in mids:
-                main_outs.remove(m)
-                view_exports.append(m)
-        for r in need_from_main:
-            if r not in main_outs:
-                main_outs.append(r)
-        main_outs.sort(key=lambda m: pos[m.id])
-        main_unit = None
-        if main_outs:
-            members = []
-            seen = set()
-            for o in main_outs:
-                for m in cone(o, mids, set()):
-                    if m.id not in seen:
-                        seen.add(m.id)
-                        members.append(m)
-            members.sort(key=lambda m: pos[m.id])
-            sg, ins = subgraph_of(members, main_outs)
-            unit = {"members": list(members), "inputs": list(ins)}
-            fnode = Node("fused", list(ins), {"_subgraph": sg}, (0,), np.uint8, scope=_scope(members),
-                         ann={**_group_ann(members)})
-            shape, dtype = get_primitive("fused").infer([i.shape for i in ins], [i.dtype for i in ins], fnode.attrs)
-            fnode.shape, fnode.dtype = tuple(shape), np.dtype(dtype)
-            fnode.name = _name(members, fnode.id)
-            fnode.ann["fused_ops"] = [m.op for m in members]
-            if len(main_outs) == 1:
-                unit["nodes"] = [fnode]
-                value_of[main_outs[0].id] = fnode
-            else:
-                gets = []
-                for j, o in enumerate(main_outs):
-                    g = Node("fused_get", [fnode], {"index": j, "shape": o.shape, "dtype": o.dtype.name}, o.shape,
-                             o.dtype, scope=o.scope, ann={k2: v for k2, v in fnode.ann.items() if k2 != "fused_ops"})
-                    g.name = f"{fnode.name}_out{j}"
-                    gets.append(g)
-                    value_of[o.id] = g
-                unit["nodes"] = [fnode] + gets
-            main_unit = len(units)
-            units.append(unit)
-            for m in members:
-                unit_of_member[m.id].append(main_unit)
-        for a, var, val, body, cut_ids in plans:
-            cut = {c.id: c for c in cut_ids}
-            sg, ins = subgraph_of(body, [val], inplace_var=var, cut=cut)
-            node = Node("fused_assign", list(ins), {"_subgraph": sg}, var.shape, var.dtype, scope=_scope(body),
-                        ann={**_group_ann(body)})
-            node.name = _name(body, node.id)
-            node.ann["fused_ops"] = [m.op for m in body] + ["assign"]
-            u = len(units)
-            units.append({"nodes": [node], "members": body + [a], "inputs": ins, "assign": a})
-            replaced[a.id] = node
-            value_of[a.id] = node
-            value_of.setdefault(val.id, node)     # users of the value outside read the updated variable
-            for m in body:
-                unit_of_member[m.id].append(u)
-            unit_of_member[a.id].append(u)
-            if main_unit is not None:
-                extra_unit_edges.append((main_unit, u))
-
-    # unfused nodes are their own units; the other large GEMMs write into recycled buffers too
-    exported = {m.id for m in view_exports}
-    for n in nodes:
-        if (n.id in in_group and n.id not in exported) or n.id in replaced:
-            continue
-        node = n
-        if n.op in GEMM_OPS and n.dtype == np.float32 and n.nbytes >= GEMM_POOL_BYTES:
-            node = Node("fused_gemm", list(n.inputs), {"op": n.op, "transpose_a": bool(n.attrs["transpose_a"]),
-                                                       "transpose_b": bool(n.attrs["transpose_b"])},
-                        n.shape, n.dtype, scope=n.scope, deps=list(n.deps), ann=dict(n.ann))
-            node.name = n.name
-            value_of[n.id] = node
-        u = len(units)
-        units.append({"nodes": [node], "members": [n], "inputs": None})
-        unit_of_member[n.id].append(u)
-        value_of.setdefault(n.id, n)
-
-    # rewire inputs of unfused nodes and of new nodes to the new producers
-    def producer(x: Node) -> Node:
-        return value_of.get(x.id, x)
-
-    for u in units:
-        for node in u["nodes"]:
-            if node.op == "fused_get":
-                continue
-            node.inputs = [producer(i) for i in node.inputs]
-        # deps of members (none before order_effects) move to the unit's first node
-        mset = {m.id for m in u["members"]}
-        head = u["nodes"][0]
-        head.deps = _dedupe([producer(d) for m in u["members"] for d in m.deps if d.id not in mset])
-
-    units, unit_of_member, extra_unit_edges = _gemm_prologues(units, unit_of_member, extra_unit_edges, out_ids,
-                                                              {producer(n).id for n in graph.outputs.values()})
-
-    # -- schedule: Kahn over units, earliest original position first ---------------------------------------------
-    node_unit: dict[int, int] = {}
-    for k, u in enumerate(units):
-        for node in u["nodes"]:
-            node_unit[node.id] = k
-    preds: list[set] = [set() for _ in units]
-    for k, u in enumerate(units):
-        for node in u["nodes"]:
-            for i in list(node.inputs) + list(node.deps):
-                j = node_unit.get(i.id)
-                if j is not None and j != k:
-                    preds[k].add(j)
-    for n in nodes:
-        for s in after.get(n.id, []):
-            for a in unit_of_member.get(n.id, []):
-                for b in unit_of_member.get(s.id, []):
-                    if a != b:
-                        preds[b].add(a)
-    for a, b in extra_unit_edges:
-        preds[b].add(a)
-    prio = [min(pos[m.id] for m in u["members"]) for u in units]
-    succs: list[list[int]] = [[] for _ in units]
-    indeg = [len(p) for p in preds]
-    for k, ps in enumerate(preds):
-        for j in ps:
-            succs[j].append(k)
-    heap = [(prio[k], k) for k in range(len(units)) if indeg[k] == 0]
-    heapq.heapify(heap)
-    order: list[Node] = []
-    done = 0
-    while heap:
-        _, k = heapq.heappop(heap)
-        done += 1
-        order.extend(units[k]["nodes"])
-        for s in succs[k]:
-            indeg[s] -= 1
-            if indeg[s] == 0:
-                heapq.heappush(heap, (prio[s], s))
-    if done != len(units):
-        raise IRError("graph-kernel fusion produced a cyclic schedule")
-
-    out = Graph(graph.name)
-    out.nodes = order
-    out.outputs = {name: producer(n) for name, n in graph.outputs.items()}
-    out.effects = [replaced.get(e.id, e) for e in graph.effects]
-    out.meta = dict(graph.meta)
-    return out
-
-
-def _gemm_prologues(units, unit_of_member, extra_unit_edges, out_ids, new_out_ids):
-    """Run a GEMM as the prologue of the ``fused`` kernel that is its only reader in the fused graph.
-
-    Decided on the outlined graph, where every reader of the GEMM's value is known: the main kernel,
-    the group's in-place kernels (``fused_assign``), views of it exported to outside consumers and
-    unfused nodes. A prologue GEMM has no node of its own, so one more reader of any kind would read a
-    value that is not in the graph. Returns the units with each absorbed GEMM merged into its kernel's
-    unit (its members, and so its ordering constraints, move along), the member -> units map and the
-    extra edges renumbered.
-    """
-    readers: dict[int, list[Node]] = defaultdict(list)
-    unit_of_node: dict[int, int] = {}
-    for k, u in enumerate(units):
-        for node in u["nodes"]:
-            unit_of_node[node.id] = k
-            for i in _dedupe(list(node.inputs) + list(node.deps)):
-                readers[i.id].append(node)
-    into: dict[int, int] = {}            # absorbed GEMM unit -> kernel unit
-    for k, u in enumerate(units):
-        fnode = u["nodes"][0]
-        if fnode.op != "fused":
-            continue
-        spec, new_inputs, gemms = [], [], []
-        for x in fnode.inputs:
-            j = unit_of_node.get(x.id)
-            if _prologue_gemm(x, fnode, readers, new_out_ids) and j is not None and len(units[j]["nodes"]) == 1:
-                op = x.attrs["op"] if x.op == "fused_gemm" else x.op
-                spec.append((op, bool(x.attrs["transpose_a"]), bool(x.attrs["transpose_b"])))
-                new_inputs.extend(x.inputs)
-                fnode.deps = _dedupe(fnode.deps + list(x.deps))
-                gemms.append(units[j]["members"][0])
-                into[j] = k
-            else:
-                spec.append(None)
-                new_inputs.append(x)
-        if not gemms:
-            continue
-        fnode.inputs = new_inputs
-        fnode.attrs["_prologue"] = tuple(spec)
-        members = [m for m in u["members"] if m.op != "assign"]
-        fnode.name = _name(gemms + members, fnode.id)
-        fnode.ann["fused_ops"] = [g.op for g in gemms] + list(fnode.ann["fused_ops"])
-        u["members"] = gemms + u["members"]
-    if not into:
-        return units, unit_of_member, extra_unit_edges
-    renum, kept = {}, []
-    for k, u in enumerate(units):
-        if k not in into:
-            renum[k] = len(kept)
-            kept.append(u)
-    for j, k in into.items():
-        renum[j] = renum[k]
-    new_map = defaultdict(list)
-    for mid, us in unit_of_member.items():
-        new_map[mid] = _dedupe_ints(renum[k] for k in us)
-    edges = [(renum[a], renum[b]) for a, b in extra_unit_edges if renum[a] != renum[b]]
-    return kept, new_map, edges
-
-
-def _prologue_gemm(x: Node, fnode: Node, readers, out_ids) -> bool:
-    """Can GEMM node ``x`` run inside ``fnode``: float32, same phase and target, read by nothing else?"""
-    if x.op not in GEMM_OPS and x.op != "fused_gemm":
-        return False
-    return (x.dtype == np.float32 and x.id not in out_ids and _key(x) == _key(fnode)
-            and [r.id for r in readers.get(x.id, [])] == [fnode.id])
-
-
-def _dedupe_ints(xs):
-    out = []
-    for x in xs:
-        if x not in out:
-            out.append(x)
-    return out
 
 
 def _dedupe(xs):

@@ -12,6 +12,13 @@
   its statistics from ``x`` in its own fused kernel rather than forcing the forward kernel to
   write ``x_hat`` to memory. Random sources and effects are never merged;
 * DCE -- drop what no output or effect needs.
+
+Rules: ``RULES`` maps an op to its algebraic rewrite (a function of the node returning an existing node, a
+new node or None); folding and CSE apply to every op.
+
+In place: each round rewires the ``inputs`` / ``deps`` of the nodes it keeps to their replacements, so the
+nodes of the graph it is given change; it returns a new ``Graph`` object (replacements are new nodes). Run
+it on a copy when the original must survive (``graph_kernel`` clones first).
 """
 from __future__ import annotations
 
@@ -74,62 +81,114 @@ def _new(op, inputs, attrs, like: Node) -> Node:
     return Node(op, inputs, attrs, shape, dtype, scope=like.scope, ann=dict(like.ann))
 
 
+def _same(x: Node, n: Node) -> bool:
+    """Can ``x`` stand for ``n`` (same shape and dtype: the identity did not broadcast or cast)?"""
+    return x.shape == n.shape and x.dtype == n.dtype
+
+
+def _neutral_either_side(value):
+    """``x op c`` or ``c op x`` with the constant ``c`` all ``value`` -> x."""
+    def rule(n: Node):
+        for x, c in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+            if _is_const(c, value) and _same(x, n):
+                return x
+        return None
+    return rule
+
+
+def _neutral_right(value):
+    """``x op c`` with the constant ``c`` all ``value`` -> x."""
+    def rule(n: Node):
+        x, c = n.inputs
+        return x if _is_const(c, value) and _same(x, n) else None
+    return rule
+
+
+def _neg(n: Node):
+    x = n.inputs[0]
+    return x.inputs[0] if x.op == "neg" else None
+
+
+def _as_reshape(n: Node):
+    return _new("reshape", [n.inputs[0]], {"shape": n.shape}, n)
+
+
+def _reshape(n: Node):
+    x = n.inputs[0]
+    if x.shape == n.shape:
+        return x
+    if x.op == "reshape":
+        return _new("reshape", [x.inputs[0]], {"shape": n.shape}, n)
+    return None
+
+
+def _identity_if_same(n: Node):
+    return n.inputs[0] if _same(n.inputs[0], n) else None
+
+
+def _transpose(n: Node):
+    x = n.inputs[0]
+    perm = tuple(n.attrs["perm"])
+    if perm == tuple(range(len(perm))):
+        return x
+    if x.op == "transpose":
+        comp = tuple(tuple(x.attrs["perm"])[p] for p in perm)
+        if comp == tuple(range(len(comp))):
+            return x.inputs[0]
+        return _new("transpose", [x.inputs[0]], {"perm": comp}, n)
+    return None
+
+
+def _slice(n: Node):
+    """The whole tensor, or exactly one input of a ``concat``."""
+    src = n.inputs[0]
+    begin, end = tuple(n.attrs["begin"]), tuple(n.attrs["end"])
+    if all(b == 0 for b in begin) and end == src.shape:
+        return src
+    if src.op != "concat":
+        return None
+    ax = src.attrs["axis"] % len(src.shape)
+    off = 0
+    for x in src.inputs:
+        lo, hi = off, off + x.shape[ax]
+        if begin[ax] == lo and end[ax] == hi and all(
+                (b == 0 and e == s) for a, (b, e, s) in enumerate(zip(begin, end, src.shape)) if a != ax):
+            return x
+        off = hi
+    return None
+
+
+def _reduce_size1(n: Node):
+    """A reduction over size-1 axes only: a reshape (or nothing)."""
+    x = n.inputs[0]
+    if x.size != n.size:
+        return None
+    return _new("reshape", [x], {"shape": n.shape}, n) if x.shape != n.shape else x
+
+
+# op -> rule(node) returning an existing node, a new node, or None (no rewrite)
+RULES = {
+    "mul": _neutral_either_side(1),
+    "add": _neutral_either_side(0),
+    "sub": _neutral_right(0),
+    "div": _neutral_right(1),
+    "neg": _neg,
+    "expand_dims": _as_reshape,      # canonical form: reshape
+    "squeeze": _as_reshape,
+    "reshape": _reshape,
+    "broadcast_to": _identity_if_same,
+    "cast": _identity_if_same,
+    "transpose": _transpose,
+    "slice": _slice,
+    "reduce_sum": _reduce_size1,
+    "reduce_max": _reduce_size1,
+}
+
+
 def _rewrite(n: Node):
     """An algebraic rewrite of ``n``: an existing node, a new node, or None."""
-    op, ins = n.op, n.inputs
-    same = lambda x: x.shape == n.shape and x.dtype == n.dtype  # noqa: E731
-    if op == "mul":
-        for x, c in ((ins[0], ins[1]), (ins[1], ins[0])):
-            if _is_const(c, 1) and same(x):
-                return x
-    if op == "add":
-        for x, c in ((ins[0], ins[1]), (ins[1], ins[0])):
-            if _is_const(c, 0) and same(x):
-                return x
-    if op == "sub" and _is_const(ins[1], 0) and same(ins[0]):
-        return ins[0]
-    if op == "div" and _is_const(ins[1], 1) and same(ins[0]):
-        return ins[0]
-    if op == "neg" and ins[0].op == "neg":
-        return ins[0].inputs[0]
-    if op in ("expand_dims", "squeeze"):
-        return _new("reshape", [ins[0]], {"shape": n.shape}, n)
-    if op == "reshape":
-        if ins[0].shape == n.shape:
-            return ins[0]
-        if ins[0].op == "reshape":
-            return _new("reshape", [ins[0].inputs[0]], {"shape": n.shape}, n)
-    if op == "broadcast_to" and same(ins[0]):
-        return ins[0]
-    if op == "cast" and same(ins[0]):
-        return ins[0]
-    if op == "transpose":
-        perm = tuple(n.attrs["perm"])
-        if perm == tuple(range(len(perm))):
-            return ins[0]
-        if ins[0].op == "transpose":
-            inner = tuple(ins[0].attrs["perm"])
-            comp = tuple(inner[p] for p in perm)
-            if comp == tuple(range(len(comp))):
-                return ins[0].inputs[0]
-            return _new("transpose", [ins[0].inputs[0]], {"perm": comp}, n)
-    if op == "slice":
-        begin, end = tuple(n.attrs["begin"]), tuple(n.attrs["end"])
-        if all(b == 0 for b in begin) and end == ins[0].shape:
-            return ins[0]
-        src = ins[0]
-        if src.op == "concat":
-            ax = src.attrs["axis"] % len(src.shape)
-            off = 0
-            for x in src.inputs:
-                lo, hi = off, off + x.shape[ax]
-                if begin[ax] == lo and end[ax] == hi and all(
-                        (b == 0 and e == s) for a, (b, e, s) in enumerate(zip(begin, end, src.shape)) if a != ax):
-                    return x
-                off = hi
-    if op in ("reduce_sum", "reduce_max") and ins[0].size == n.size:
-        return _new("reshape", [ins[0]], {"shape": n.shape}, n) if ins[0].shape != n.shape else ins[0]
-    return None
+    rule = RULES.get(n.op)
+    return rule(n) if rule is not None else None
 
 
 def _fold(n: Node):
