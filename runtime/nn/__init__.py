@@ -9,6 +9,8 @@ from runtime.nn.optim import (FTRL, SGD, Adam, AdamW, AdamWeightDecay, LazyAdam,
                               SparseGrad)
 from runtime.nn.embedding import EmbeddingLookup  # noqa: F401  (host/device embedding tables, sparse path)
 from runtime.nn.parameter import Parameter
+from runtime.nn.quant import (ActQuant, Conv2dBnAct, Conv2dBnFoldQuant, Conv2dQuant, DenseBnAct,  # noqa: F401
+                               DenseQuant, FakeQuantWithMinMax, ReLUQuant, TensorAdd, TensorAddQuant)
 
 __all__ = [
     "Cell", "initializer", "Parameter", "ELU", "GELU", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d",

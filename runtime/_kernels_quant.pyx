@@ -1,0 +1,473 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: extra_compile_args = -march=native
+"""Kernels of quantization-aware training and of the integer-only int8 inference engine.
+
+Fake quantization (float32 / float64, used while training):
+
+* ``fake_quant(x, scale, nmin, nmax, zp, inner)``  -- ``x`` viewed as (outer, C, inner), one (scale, nudged
+  min, nudged max, zero point) per channel C (C == 1: per tensor): ``q = floor((clamp(x) - nmin) / scale + 0.5)``
+  counted from the range's lowest level, ``out = (q + qmin - zp) * scale`` -- an integer times the scale, so real
+  0 comes out as exactly 0 (TensorFlow / MindSpore nudged fake quantization, round half up);
+* ``fake_quant_grad(g, x, nmin, nmax, inner)`` -- the straight-through estimator: ``g`` where
+  ``nmin <= x <= nmax``, 0 outside the clamp range;
+* ``quantize(x, scale, nmin, nmax, qmin)``      -- float32 -> int8 with the same arithmetic as
+  ``fake_quant`` (``q + qmin``, signed), so the engine's input equals the simulation's bit for bit.
+
+Integer-only inference (int8 activations and weights, int32 accumulation, no float in the hot loops):
+
+* ``conv2d_int8`` (im2col per image into a thread-local buffer padded with the input zero point, then
+  int8 dot products), ``dense_int8``: ``acc = bias + sum x*w`` in int32, then requantised with a
+  per-output-channel Q31 multiplier in [0.5, 1) and a rounding right shift (``_mbqm``: one rounding of the
+  64-bit product, as TFLite's single-rounding mode), plus the output zero point, clamped to
+  [act_min, act_max] (a fused ReLU clamps at the zero point);
+* ``requant_int8`` (int8 -> int8 at another scale), ``relu_int8``, ``maxpool_int8``, ``add_int8`` (both
+  inputs rescaled to a common scale with 20 bits of headroom, TFLite's quantized add);
+* ``dequantize`` -- int8 -> float32 at the model's output.
+
+Every heavy loop runs with the GIL released, in parallel (OpenMP) when there is enough work.
+"""
+
+import numpy as np
+cimport numpy as cnp
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange, parallel
+from libc.math cimport floor
+from libc.stdint cimport int8_t, int32_t, int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+cnp.import_array()
+
+__all__ = ["fake_quant", "fake_quant_grad", "quantize", "dequantize", "conv2d_int8", "dense_int8",
+           "requant_int8", "relu_int8", "maxpool_int8", "add_int8", "multiply_by_quantized_multiplier"]
+
+cdef int32_t INT32_MIN = -2147483648
+cdef int32_t INT32_MAX = 2147483647
+
+
+cdef inline int _threads(Py_ssize_t work, Py_ssize_t units) noexcept nogil:
+    """Threads for a kernel: serial below ~64k elements of work or with a single unit of parallel work."""
+    cdef int nt = openmp.omp_get_max_threads()
+    if work < 65536 or units < 2:
+        return 1
+    if nt > units:
+        nt = <int>units
+    return nt if nt > 0 else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed-point requantization
+# ---------------------------------------------------------------------------------------------
+cdef inline int32_t _mbqm(int32_t x, int32_t mult, int shift) noexcept nogil:
+    """x * M with M = mult * 2^(shift - 31), mult a Q31 value in [2^30, 2^31): the 64-bit product shifted
+    right by 31 - shift with ONE rounding, half up (TFLite's single-rounding MultiplyByQuantizedMultiplier).
+    Half up is the rounding of the fake quantization (floor(t + 0.5)); gemmlowp's two-step rounding
+    (SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT) would round ~0.1% of outputs the other way."""
+    cdef int total = 31 - shift
+    cdef int64_t p = <int64_t>x * <int64_t>mult
+    if total <= 0:
+        p = p << (-total)
+    else:
+        p = (p + (<int64_t>1 << (total - 1))) >> total
+    if p > INT32_MAX:
+        return INT32_MAX
+    if p < INT32_MIN:
+        return INT32_MIN
+    return <int32_t>p
+
+
+cdef inline int8_t _clamp8(int32_t v, int32_t lo, int32_t hi) noexcept nogil:
+    if v < lo:
+        v = lo
+    if v > hi:
+        v = hi
+    return <int8_t>v
+
+
+def multiply_by_quantized_multiplier(acc, mult, shift):
+    """Elementwise x * M (int32 in, int32 out) with the engine's fixed-point arithmetic (for tests)."""
+    a = np.ascontiguousarray(acc, dtype=np.int32)
+    m = np.ascontiguousarray(np.broadcast_to(mult, a.shape), dtype=np.int32)
+    s = np.ascontiguousarray(np.broadcast_to(shift, a.shape), dtype=np.int32)
+    out = np.empty_like(a)
+    cdef int32_t[::1] av = a.reshape(-1), mv = m.reshape(-1), sv = s.reshape(-1), ov = out.reshape(-1)
+    cdef Py_ssize_t i, n = a.size
+    with nogil:
+        for i in range(n):
+            ov[i] = _mbqm(av[i], mv[i], sv[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# fake quantization (training)
+# ---------------------------------------------------------------------------------------------
+def _check_channels(x, inner, scale, nmin, nmax, fn):
+    if inner <= 0 or x.size % inner:
+        raise ValueError(f"{fn}: inner size {inner} does not divide a tensor of shape {x.shape}")
+    c = scale.shape[0]
+    if nmin.shape[0] != c or nmax.shape[0] != c or (x.size // inner) % c:
+        raise ValueError(f"{fn}: {c} channels of scale / {nmin.shape[0]} nmin / {nmax.shape[0]} nmax do not fit "
+                         f"a tensor of shape {x.shape} with inner size {inner}")
+
+
+cdef void _fq(const floating* x, floating* out, const floating* scale, const floating* lo,
+              const floating* hi, const floating* zlo, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t inner,
+              int nt) noexcept nogil:
+    cdef Py_ssize_t r, i, c
+    cdef floating v, s, l, h, t, z
+    for r in prange(rows, schedule="static", num_threads=nt):
+        c = r % C
+        s = scale[c]
+        l = lo[c]
+        h = hi[c]
+        z = zlo[c]
+        for i in range(inner):
+            v = x[r * inner + i]
+            if v < l:
+                v = l
+            if v > h:
+                v = h
+            t = (v - l) / s + <floating>0.5
+            t = <floating>floor(t) + z
+            out[r * inner + i] = t * s
+
+
+cdef void _fq_grad(const floating* g, const floating* x, floating* out, const floating* lo,
+                   const floating* hi, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t inner, int nt) noexcept nogil:
+    cdef Py_ssize_t r, i, c
+    cdef floating v, l, h
+    for r in prange(rows, schedule="static", num_threads=nt):
+        c = r % C
+        l = lo[c]
+        h = hi[c]
+        for i in range(inner):
+            v = x[r * inner + i]
+            out[r * inner + i] = g[r * inner + i] if (v >= l and v <= h) else <floating>0
+
+
+def fake_quant(x, scale, nmin, nmax, zlo, Py_ssize_t inner):
+    """Fake-quantize ``x`` (float32/64, viewed as (outer, C, inner)) with per-channel scale / nudged range;
+    ``zlo`` = qmin - zero_point per channel (the integer value of the lowest level)."""
+    fn = "fake_quant"
+    xa = np.ascontiguousarray(x)
+    if xa.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{fn}: expects float32 or float64, got {xa.dtype}")
+    sa = np.ascontiguousarray(scale, dtype=xa.dtype).reshape(-1)
+    la = np.ascontiguousarray(nmin, dtype=xa.dtype).reshape(-1)
+    ha = np.ascontiguousarray(nmax, dtype=xa.dtype).reshape(-1)
+    za = np.ascontiguousarray(zlo, dtype=xa.dtype).reshape(-1)
+    _check_channels(xa, inner, sa, la, ha, fn)
+    _check_channels(xa, inner, sa, za, za, fn)
+    out = np.empty_like(xa)
+    cdef Py_ssize_t rows = xa.size // inner if inner else 0, C = sa.shape[0]
+    if xa.size == 0:
+        return out
+    cdef int nt = _threads(xa.size, rows)
+    cdef float[::1] xf, of, sf, lf, hf, zf
+    cdef double[::1] xd, od, sd, ld, hd, zd
+    if xa.dtype == np.float32:
+        xf, of, sf, lf, hf, zf = xa.reshape(-1), out.reshape(-1), sa, la, ha, za
+        with nogil:
+            _fq[float](&xf[0], &of[0], &sf[0], &lf[0], &hf[0], &zf[0], rows, C, inner, nt)
+    else:
+        xd, od, sd, ld, hd, zd = xa.reshape(-1), out.reshape(-1), sa, la, ha, za
+        with nogil:
+            _fq[double](&xd[0], &od[0], &sd[0], &ld[0], &hd[0], &zd[0], rows, C, inner, nt)
+    return out
+
+
+def fake_quant_grad(g, x, nmin, nmax, Py_ssize_t inner):
+    """Straight-through estimator: ``g`` inside the nudged [nmin, nmax] of each channel, 0 outside."""
+    fn = "fake_quant_grad"
+    xa = np.ascontiguousarray(x)
+    if xa.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{fn}: expects float32 or float64, got {xa.dtype}")
+    ga = np.ascontiguousarray(g, dtype=xa.dtype)
+    if ga.shape != xa.shape:
+        raise ValueError(f"{fn}: g {ga.shape} and x {xa.shape} differ")
+    la = np.ascontiguousarray(nmin, dtype=xa.dtype).reshape(-1)
+    ha = np.ascontiguousarray(nmax, dtype=xa.dtype).reshape(-1)
+    _check_channels(xa, inner, la, la, ha, fn)
+    out = np.empty_like(xa)
+    cdef Py_ssize_t rows = xa.size // inner if inner else 0, C = la.shape[0]
+    if xa.size == 0:
+        return out
+    cdef int nt = _threads(xa.size, rows)
+    cdef float[::1] gf, xf, of, lf, hf
+    cdef double[::1] gd, xd, od, ld, hd
+    if xa.dtype == np.float32:
+        gf, xf, of, lf, hf = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), la, ha
+        with nogil:
+            _fq_grad[float](&gf[0], &xf[0], &of[0], &lf[0], &hf[0], rows, C, inner, nt)
+    else:
+        gd, xd, od, ld, hd = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), la, ha
+        with nogil:
+            _fq_grad[double](&gd[0], &xd[0], &od[0], &ld[0], &hd[0], rows, C, inner, nt)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the model boundary: float32 <-> int8
+# ---------------------------------------------------------------------------------------------
+def quantize(x, float scale, float nmin, float nmax, int qmin):
+    """float32 -> int8 exactly as ``fake_quant`` rounds: ``floor((clamp(x) - nmin) / scale + 0.5) + qmin``."""
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(xa.shape, dtype=np.int8)
+    cdef float[::1] xv = xa.reshape(-1)
+    cdef int8_t[::1] ov = out.reshape(-1)
+    cdef Py_ssize_t i, n = xa.size
+    cdef float v, t
+    cdef int nt = _threads(n, n)
+    if n == 0:
+        return out
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            v = xv[i]
+            if v < nmin:
+                v = nmin
+            if v > nmax:
+                v = nmax
+            t = (v - nmin) / scale + <float>0.5
+            ov[i] = <int8_t>(<int32_t>floor(t) + qmin)
+    return out
+
+
+def dequantize(q, float scale, int zero_point):
+    """int8 -> float32: (q - zero_point) * scale."""
+    qa = np.ascontiguousarray(q, dtype=np.int8)
+    out = np.empty(qa.shape, dtype=np.float32)
+    cdef int8_t[::1] qv = qa.reshape(-1)
+    cdef float[::1] ov = out.reshape(-1)
+    cdef Py_ssize_t i, n = qa.size
+    cdef int nt = _threads(n, n)
+    if n == 0:
+        return out
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            ov[i] = <float>(<int32_t>qv[i] - zero_point) * scale
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 GEMM-like kernels
+# ---------------------------------------------------------------------------------------------
+cdef inline int32_t _dot8(const int8_t* a, const int8_t* b, Py_ssize_t n) noexcept nogil:
+    cdef int32_t acc = 0
+    cdef Py_ssize_t k
+    for k in range(n):
+        acc = acc + <int32_t>a[k] * <int32_t>b[k]
+    return acc
+
+
+cdef inline void _dot8x4(const int8_t* a, const int8_t* w, Py_ssize_t n, int32_t* acc) noexcept nogil:
+    """Four dot products of one activation row with four consecutive weight rows."""
+    cdef int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef Py_ssize_t k
+    cdef int32_t av
+    cdef const int8_t* w0 = w
+    cdef const int8_t* w1 = w + n
+    cdef const int8_t* w2 = w + 2 * n
+    cdef const int8_t* w3 = w + 3 * n
+    for k in range(n):
+        av = a[k]
+        s0 = s0 + av * <int32_t>w0[k]
+        s1 = s1 + av * <int32_t>w1[k]
+        s2 = s2 + av * <int32_t>w2[k]
+        s3 = s3 + av * <int32_t>w3[k]
+    acc[0] = s0
+    acc[1] = s1
+    acc[2] = s2
+    acc[3] = s3
+
+
+cdef void _row_out(const int8_t* a, const int8_t* w, Py_ssize_t K, Py_ssize_t O, const int32_t* bias,
+                   const int32_t* mult, const int32_t* shift, int32_t zp_y, int32_t lo, int32_t hi,
+                   int8_t* out, Py_ssize_t ostride) noexcept nogil:
+    """out[o * ostride] = requant(bias[o] + a . w[o]) for every output channel o."""
+    cdef Py_ssize_t o
+    cdef int32_t acc4[4]
+    cdef int j
+    o = 0
+    while o + 4 <= O:
+        _dot8x4(a, w + o * K, K, acc4)
+        for j in range(4):
+            out[(o + j) * ostride] = _clamp8(zp_y + _mbqm(bias[o + j] + acc4[j], mult[o + j], shift[o + j]), lo, hi)
+        o = o + 4
+    while o < O:
+        out[o * ostride] = _clamp8(zp_y + _mbqm(bias[o] + _dot8(a, w + o * K, K), mult[o], shift[o]), lo, hi)
+        o = o + 1
+
+
+cdef void _im2row(const int8_t* x, int8_t* rows, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                  Py_ssize_t ph, Py_ssize_t pw, int8_t pad) noexcept nogil:
+    """rows[(oh*OW + ow), (c*kh + i)*kw + j] = x[c, oh*sh - ph + i, ow*sw - pw + j] (pad outside)."""
+    cdef Py_ssize_t K = C * kh * kw, oh, ow, c, i, j, ih, iw
+    cdef int8_t* r
+    for oh in range(OH):
+        for ow in range(OW):
+            r = rows + (oh * OW + ow) * K
+            for c in range(C):
+                for i in range(kh):
+                    ih = oh * sh - ph + i
+                    for j in range(kw):
+                        iw = ow * sw - pw + j
+                        if ih < 0 or ih >= H or iw < 0 or iw >= W:
+                            r[(c * kh + i) * kw + j] = pad
+                        else:
+                            r[(c * kh + i) * kw + j] = x[(c * H + ih) * W + iw]
+
+
+def _vec32(a, n, what, fn):
+    v = np.ascontiguousarray(a, dtype=np.int32).reshape(-1)
+    if v.shape[0] != n:
+        raise ValueError(f"{fn}: {what} has {v.shape[0]} entries for {n} output channels")
+    return v
+
+
+def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph, int pw,
+                int zp_x, int zp_y, int act_min, int act_max):
+    """int8 NCHW convolution: w (O, C*kh*kw) int8, bias (O,) int32 with the input zero point folded in
+    (bias - zp_x * sum(w[o])), padding = zp_x (real zero); returns (N, O, OH, OW) int8."""
+    fn = "conv2d_int8"
+    xa = np.ascontiguousarray(x)
+    wa = np.ascontiguousarray(w)
+    if xa.dtype != np.int8 or wa.dtype != np.int8 or xa.ndim != 4 or wa.ndim != 2:
+        raise TypeError(f"{fn}: expects int8 x (N, C, H, W) and int8 w (O, C*kh*kw), got {xa.dtype} {xa.shape} "
+                        f"and {wa.dtype} {wa.shape}")
+    cdef Py_ssize_t N = xa.shape[0], C = xa.shape[1], H = xa.shape[2], W = xa.shape[3]
+    cdef Py_ssize_t O = wa.shape[0], K = wa.shape[1]
+    if K != C * kh * kw:
+        raise ValueError(f"{fn}: weight rows of {K} do not match C*kh*kw = {C}*{kh}*{kw}")
+    cdef Py_ssize_t OH = (H + 2 * ph - kh) // sh + 1, OW = (W + 2 * pw - kw) // sw + 1
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"{fn}: a {kh}x{kw} kernel does not fit {H}x{W} with padding ({ph}, {pw})")
+    cdef int32_t[::1] bv = _vec32(bias, O, "bias", fn), mv = _vec32(mult, O, "mult", fn)
+    cdef int32_t[::1] sv = _vec32(shift, O, "shift", fn)
+    out = np.empty((N, O, OH, OW), dtype=np.int8)
+    if out.size == 0:
+        return out
+    cdef const int8_t[:, :, :, ::1] xv = xa
+    cdef const int8_t[:, ::1] wv = wa
+    cdef int8_t[:, :, :, ::1] ov = out
+    cdef Py_ssize_t L = OH * OW, n, l
+    cdef int nt = _threads(N * L * O * K, N)
+    cdef int8_t* rows
+    cdef int8_t* op
+    with nogil, parallel(num_threads=nt):
+        rows = <int8_t*>malloc(L * K * sizeof(int8_t))
+        if rows != NULL:
+            for n in prange(N, schedule="static"):
+                _im2row(&xv[n, 0, 0, 0], rows, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw, <int8_t>zp_x)
+                op = &ov[n, 0, 0, 0]
+                for l in range(L):
+                    _row_out(rows + l * K, &wv[0, 0], K, O, &bv[0], &mv[0], &sv[0], zp_y, act_min, act_max,
+                             op + l, L)
+            free(rows)
+    return out
+
+
+def dense_int8(x, w, bias, mult, shift, int zp_y, int act_min, int act_max):
+    """int8 fully connected layer: x (N, K), w (O, K), bias (O,) int32 with the input zero point folded in."""
+    fn = "dense_int8"
+    xa = np.ascontiguousarray(x)
+    wa = np.ascontiguousarray(w)
+    if xa.dtype != np.int8 or wa.dtype != np.int8 or xa.ndim != 2 or wa.ndim != 2 or xa.shape[1] != wa.shape[1]:
+        raise ValueError(f"{fn}: expects int8 x (N, K) and w (O, K), got {xa.dtype} {xa.shape} and "
+                         f"{wa.dtype} {wa.shape}")
+    cdef Py_ssize_t N = xa.shape[0], K = xa.shape[1], O = wa.shape[0], n
+    cdef int32_t[::1] bv = _vec32(bias, O, "bias", fn), mv = _vec32(mult, O, "mult", fn)
+    cdef int32_t[::1] sv = _vec32(shift, O, "shift", fn)
+    out = np.empty((N, O), dtype=np.int8)
+    if out.size == 0:
+        return out
+    cdef const int8_t[:, ::1] xv = xa
+    cdef const int8_t[:, ::1] wv = wa
+    cdef int8_t[:, ::1] ov = out
+    cdef int nt = _threads(N * O * K, N)
+    with nogil:
+        for n in prange(N, schedule="static", num_threads=nt):
+            _row_out(&xv[n, 0], &wv[0, 0], K, O, &bv[0], &mv[0], &sv[0], zp_y, act_min, act_max, &ov[n, 0], 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 elementwise and pooling
+# ---------------------------------------------------------------------------------------------
+def requant_int8(x, int zp_in, int mult, int shift, int zp_out, int act_min, int act_max):
+    """int8 at one scale -> int8 at another: zp_out + (x - zp_in) * M, clamped."""
+    xa = np.ascontiguousarray(x, dtype=np.int8)
+    out = np.empty(xa.shape, dtype=np.int8)
+    cdef const int8_t[::1] xv = xa.reshape(-1)
+    cdef int8_t[::1] ov = out.reshape(-1)
+    cdef Py_ssize_t i, n = xa.size
+    cdef int nt = _threads(n, n)
+    if n == 0:
+        return out
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            ov[i] = _clamp8(zp_out + _mbqm(<int32_t>xv[i] - zp_in, mult, shift), act_min, act_max)
+    return out
+
+
+def relu_int8(x, int zero_point, int act_max):
+    """ReLU in the quantized domain: clamp to [zero_point, act_max] (real 0 is exactly zero_point); a requant
+    with multiplier 1 (2^30 * 2^(1 - 31)), which is exact."""
+    return requant_int8(x, zero_point, 1 << 30, 1, zero_point, zero_point, act_max)
+
+
+def maxpool_int8(x, int kh, int kw, int sh, int sw):
+    """Max pooling of int8 NCHW without padding (max commutes with the monotonic quantization)."""
+    fn = "maxpool_int8"
+    xa = np.ascontiguousarray(x)
+    if xa.dtype != np.int8 or xa.ndim != 4:
+        raise TypeError(f"{fn}: expects an int8 (N, C, H, W) tensor, got {xa.dtype} {xa.shape}")
+    cdef Py_ssize_t N = xa.shape[0], C = xa.shape[1], H = xa.shape[2], W = xa.shape[3]
+    cdef Py_ssize_t OH = (H - kh) // sh + 1, OW = (W - kw) // sw + 1, p, oh, ow, i, j
+    if kh < 1 or kw < 1 or sh < 1 or sw < 1 or OH <= 0 or OW <= 0:
+        raise ValueError(f"{fn}: a {kh}x{kw} window with stride ({sh}, {sw}) does not fit {H}x{W}")
+    out = np.empty((N, C, OH, OW), dtype=np.int8)
+    if out.size == 0:
+        return out
+    cdef const int8_t[::1] xv = xa.reshape(-1)
+    cdef int8_t[::1] ov = out.reshape(-1)
+    cdef int8_t m, v
+    cdef int nt = _threads(xa.size, N * C)
+    with nogil:
+        for p in prange(N * C, schedule="static", num_threads=nt):
+            for oh in range(OH):
+                for ow in range(OW):
+                    m = -128
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = xv[p * H * W + (oh * sh + i) * W + ow * sw + j]
+                            if v > m:
+                                m = v
+                    ov[p * OH * OW + oh * OW + ow] = m
+    return out
+
+
+def add_int8(a, b, int zp_a, int mult_a, int shift_a, int zp_b, int mult_b, int shift_b, int left_shift,
+             int zp_out, int mult_out, int shift_out, int act_min, int act_max):
+    """Quantized a + b (same shape): both rescaled to a common scale with ``left_shift`` bits of headroom,
+    summed in int32, requantised to the output scale (TFLite's int8 add)."""
+    aa = np.ascontiguousarray(a, dtype=np.int8)
+    ba = np.ascontiguousarray(b, dtype=np.int8)
+    if aa.shape != ba.shape:
+        raise ValueError(f"add_int8: shapes {aa.shape} and {ba.shape} differ")
+    out = np.empty(aa.shape, dtype=np.int8)
+    cdef const int8_t[::1] av = aa.reshape(-1)
+    cdef const int8_t[::1] bv = ba.reshape(-1)
+    cdef int8_t[::1] ov = out.reshape(-1)
+    cdef Py_ssize_t i, n = aa.size
+    cdef int32_t sa, sb
+    cdef int nt = _threads(n, n)
+    if n == 0:
+        return out
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            sa = _mbqm((<int32_t>av[i] - zp_a) * (1 << left_shift), mult_a, shift_a)
+            sb = _mbqm((<int32_t>bv[i] - zp_b) * (1 << left_shift), mult_b, shift_b)
+            ov[i] = _clamp8(zp_out + _mbqm(sa + sb, mult_out, shift_out), act_min, act_max)
+    return out

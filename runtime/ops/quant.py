@@ -1,0 +1,318 @@
+"""Quantization primitives: fake quantization for training and the int8 inference kernels.
+
+Fake quantization (MindSpore 0.5's FakeQuantPerLayer / FakeQuantPerChannel, TensorFlow's nudged scheme):
+
+* ``fake_quant_perlayer(x, min, max, step)`` / ``fake_quant_perchannel(x, min, max, step)``: ``min`` / ``max``
+  are the observed range ((1,) per tensor, (C,) per channel along ``channel_axis``); the range is widened
+  to contain 0, made symmetric when ``symmetric``, and *nudged* so that real 0 is exactly representable
+  (``quant_params``). ``out = (floor((clamp(x) - nmin) / scale + 0.5) + qmin - zero_point) * scale`` (an
+  integer times the scale: real 0 stays exactly 0).
+  While ``training`` and ``step < quant_delay`` the op is the identity (quantization has not started).
+* backward: the straight-through estimator -- ``g`` where ``nmin <= x <= nmax``, 0 outside
+  (``fake_quant_perlayer_grad`` / ``fake_quant_perchannel_grad``); ``min``, ``max`` and ``step`` get none.
+  Before ``quant_delay`` the gradient passes unmasked.
+* fusion category ``elementwise``; kernels in ``runtime/_kernels_quant.pyx``.
+
+The int8 engine (``*_int8``, ``quantize``, ``dequantize``) runs a converted model on integers only:
+int8 activations and weights, int32 accumulation, requantization by a Q31 multiplier and a shift
+(``quantize_multiplier``). They are ``opaque`` primitives without backward rules, so an int8 model is an
+ordinary graph that the executor runs and the profiler records.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from runtime import _kernels_quant as KQ
+from runtime.core import Tensor, as_tensor, bind
+from runtime.ops.registry import Primitive, ShapeError, register
+
+F32 = np.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# quantization parameters
+# ----------------------------------------------------------------------------------------------
+def quant_range(num_bits: int, narrow_range: bool) -> tuple[int, int]:
+    """(qmin, qmax) of the unsigned representation: [0 or 1, 2^bits - 1]."""
+    return (1 if narrow_range else 0), (1 << int(num_bits)) - 1
+
+
+def quant_params(mn, mx, num_bits=8, narrow_range=False, symmetric=False, dtype=F32):
+    """Nudged quantization parameters per channel, computed in ``dtype`` exactly as the kernels use them.
+
+    Returns (scale, nmin, nmax, zero_point): ``zero_point`` in the unsigned domain [qmin, qmax]; the
+    signed int8 value of ``q`` is ``q - 2^(bits-1)``. Symmetric ranges have zero point 2^(bits-1)
+    (signed 0) by construction."""
+    dt = np.dtype(dtype)
+    mn = np.minimum(np.asarray(mn, dt).reshape(-1), dt.type(0))
+    mx = np.maximum(np.asarray(mx, dt).reshape(-1), dt.type(0))
+    qmin, qmax = quant_range(num_bits, narrow_range)
+    if symmetric:
+        a = np.maximum(-mn, mx)
+        mn, mx = -a, a
+    scale = ((mx - mn) / dt.type(qmax - qmin)).astype(dt)
+    scale = np.where(scale > 0, scale, dt.type(1.0)).astype(dt)   # an all-zero range: any scale works
+    if symmetric:
+        zp = np.full(scale.shape, 1 << (int(num_bits) - 1), dtype=np.int64)
+    else:
+        zp_from_min = dt.type(qmin) - mn / scale
+        zp = np.floor(np.clip(zp_from_min, qmin, qmax) + dt.type(0.5)).astype(np.int64)
+    nmin = ((qmin - zp).astype(dt) * scale).astype(dt)
+    nmax = ((qmax - zp).astype(dt) * scale).astype(dt)
+    return scale, nmin, nmax, zp
+
+
+def quantize_multiplier(m: float) -> tuple[int, int]:
+    """Real multiplier -> (Q31 multiplier in [2^30, 2^31), shift) with m = mult * 2^(shift - 31)."""
+    if not m > 0 or not math.isfinite(m):
+        if m == 0:
+            return 0, 0
+        raise ValueError(f"quantize_multiplier: the multiplier must be positive and finite, got {m}")
+    mant, exp = math.frexp(m)            # m = mant * 2^exp, mant in [0.5, 1)
+    q = int(round(mant * (1 << 31)))
+    if q == (1 << 31):
+        q //= 2
+        exp += 1
+    if exp < -31:                         # below int32 resolution: the product rounds to 0
+        return 0, 0
+    if exp > 30:
+        raise ValueError(f"quantize_multiplier: multiplier {m} is too large for int32 requantization")
+    return q, exp
+
+
+# ----------------------------------------------------------------------------------------------
+# fake quantization
+# ----------------------------------------------------------------------------------------------
+def _layout(shape, axis):
+    if axis is None:
+        return int(np.prod(shape, dtype=np.int64)) or 1
+    return int(np.prod(shape[axis + 1:], dtype=np.int64))
+
+
+def _fq_infer(name, per_channel):
+    def infer(shapes, dtypes, attrs):
+        xs = tuple(shapes[0])
+        if np.dtype(dtypes[0]).kind != "f":
+            raise ShapeError(f"{name}: expects a floating-point tensor, got {np.dtype(dtypes[0])}")
+        nbits = attrs["num_bits"]
+        if not 2 <= int(nbits) <= 8:
+            raise ShapeError(f"{name}: num_bits must be in 2..8, got {nbits}")
+        k = 1 if name.endswith("_grad") else 0          # the grad ops take (g, x, min, max, step)
+        if k and tuple(shapes[1]) != xs:
+            raise ShapeError(f"{name}: g {xs} and x {tuple(shapes[1])} differ")
+        if per_channel:
+            ax = attrs["channel_axis"]
+            if not 0 <= ax < len(xs):
+                raise ShapeError(f"{name}: channel_axis {ax} is out of range for x {xs}")
+            want = (xs[ax],)
+        else:
+            want = (1,)
+        for what, s, d in (("min", shapes[1 + k], dtypes[1 + k]), ("max", shapes[2 + k], dtypes[2 + k])):
+            if tuple(s) != want or np.dtype(d).kind != "f":
+                raise ShapeError(f"{name}: {what} must be a float tensor of shape {want} for x {xs}, "
+                                 f"got {tuple(s)} {np.dtype(d)}")
+        if tuple(shapes[3 + k]) != () or np.dtype(dtypes[3 + k]).kind not in "iu":
+            raise ShapeError(f"{name}: step must be an integer scalar, got {tuple(shapes[3 + k])} "
+                             f"{np.dtype(dtypes[3 + k])}")
+        return xs, dtypes[0]
+    return infer
+
+
+def _quantizing(step, quant_delay, training) -> bool:
+    return (not training) or int(step) >= int(quant_delay)
+
+
+def _fq_kernel(per_channel):
+    def kernel(x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
+        if not _quantizing(step, quant_delay, training):
+            return np.array(x, copy=True)
+        scale, nmin, nmax, zp = quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
+        zlo = quant_range(num_bits, narrow_range)[0] - zp
+        return KQ.fake_quant(x, scale, nmin, nmax, zlo, _layout(x.shape, channel_axis if per_channel else None))
+    return kernel
+
+
+def _fq_grad_kernel(per_channel):
+    def kernel(g, x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
+        if not _quantizing(step, quant_delay, training):
+            return np.array(g, copy=True)
+        _, nmin, nmax, _ = quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
+        return KQ.fake_quant_grad(g, x, nmin, nmax, _layout(x.shape, channel_axis if per_channel else None))
+    return kernel
+
+
+def _fq_grad_rule(grad_name):
+    def rule(g, y, x, mn, mx, step, **attrs):
+        return [bind(grad_name, [g, x, mn, mx, step], attrs), None, None, None]
+    return rule
+
+
+for _name, _pc, _ms in (("fake_quant_perlayer", False, "FakeQuantPerLayer"),
+                        ("fake_quant_perchannel", True, "FakeQuantPerChannel")):
+    register(Primitive(_name, "elementwise", _fq_infer(_name, _pc), _fq_kernel(_pc), _fq_grad_rule(_name + "_grad"),
+                       flops_per_element=6, differentiable_inputs=(0,),
+                       attrs_doc="num_bits, narrow_range, symmetric, quant_delay, training[, channel_axis]",
+                       extra={"mindspore_name": _ms, "gradcheck": "tests/test_quant.py"}))
+    register(Primitive(_name + "_grad", "elementwise", _fq_infer(_name + "_grad", _pc), _fq_grad_kernel(_pc),
+                       flops_per_element=2, attrs_doc="as the forward op",
+                       extra={"mindspore_name": _ms + "Grad"}))
+
+
+def _fq_attrs(num_bits, narrow_range, symmetric, quant_delay, training):
+    return {"num_bits": int(num_bits), "narrow_range": bool(narrow_range), "symmetric": bool(symmetric),
+            "quant_delay": int(quant_delay), "training": bool(training)}
+
+
+def _t(x, like=None):
+    return x if isinstance(x, Tensor) else as_tensor(x, like)
+
+
+def fake_quant_perlayer(x, mn, mx, step, num_bits=8, narrow_range=False, symmetric=False, quant_delay=0,
+                        training=True):
+    """Fake-quantize a whole tensor with one (min, max) range of shape (1,)."""
+    return bind("fake_quant_perlayer", [_t(x), _t(mn), _t(mx), _t(step)],
+                _fq_attrs(num_bits, narrow_range, symmetric, quant_delay, training))
+
+
+def fake_quant_perchannel(x, mn, mx, step, channel_axis=0, num_bits=8, narrow_range=False, symmetric=False,
+                          quant_delay=0, training=True):
+    """Fake-quantize each slice along ``channel_axis`` with its own (min, max) (shapes (C,))."""
+    attrs = _fq_attrs(num_bits, narrow_range, symmetric, quant_delay, training)
+    attrs["channel_axis"] = int(channel_axis)
+    return bind("fake_quant_perchannel", [_t(x), _t(mn), _t(mx), _t(step)], attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the int8 engine
+# ----------------------------------------------------------------------------------------------
+def _need(name, cond, msg):
+    if not cond:
+        raise ShapeError(f"{name}: {msg}")
+
+
+def _int8_in(name, shapes, dtypes, k, ndim=None):
+    _need(name, np.dtype(dtypes[k]) == np.int8, f"input {k} must be int8, got {np.dtype(dtypes[k])}")
+    if ndim is not None:
+        _need(name, len(shapes[k]) == ndim, f"input {k} must be {ndim}-d, got {tuple(shapes[k])}")
+
+
+def _channel_vectors(name, shapes, dtypes, first, o):
+    for k, what in zip(range(first, first + 3), ("bias", "multiplier", "shift")):
+        _need(name, tuple(shapes[k]) == (o,) and np.dtype(dtypes[k]) == np.int32,
+              f"{what} must be int32 of shape ({o},), got {tuple(shapes[k])} {np.dtype(dtypes[k])}")
+
+
+def _quantize_infer(shapes, dtypes, attrs):
+    _need("quantize", np.dtype(dtypes[0]) == np.float32, f"expects float32 input, got {np.dtype(dtypes[0])}")
+    return shapes[0], np.dtype(np.int8)
+
+
+register(Primitive("quantize", "elementwise", _quantize_infer,
+                   lambda x, scale, nmin, nmax, qmin: KQ.quantize(x, scale, nmin, nmax, qmin),
+                   flops_per_element=4, attrs_doc="scale, nmin, nmax, qmin", extra={"mindspore_name": "Quant"}))
+
+
+def _dequantize_infer(shapes, dtypes, attrs):
+    _int8_in("dequantize", shapes, dtypes, 0)
+    return shapes[0], np.dtype(np.float32)
+
+
+register(Primitive("dequantize", "elementwise", _dequantize_infer,
+                   lambda q, scale, zero_point: KQ.dequantize(q, scale, zero_point),
+                   flops_per_element=2, attrs_doc="scale, zero_point", extra={"mindspore_name": "Dequant"}))
+
+
+def _conv_int8_infer(shapes, dtypes, attrs):
+    name = "conv2d_int8"
+    _int8_in(name, shapes, dtypes, 0, 4)
+    _int8_in(name, shapes, dtypes, 1, 2)
+    n, c, h, w = shapes[0]
+    o, k = shapes[1]
+    kh, kw = attrs["kernel"]
+    (sh, sw), (ph, pw) = attrs["stride"], attrs["padding"]
+    _need(name, k == c * kh * kw, f"weight {tuple(shapes[1])} does not fit {c} input channels and a "
+                                  f"{kh}x{kw} kernel (x {tuple(shapes[0])})")
+    _channel_vectors(name, shapes, dtypes, 2, o)
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    _need(name, oh > 0 and ow > 0, f"a {kh}x{kw} kernel does not fit {h}x{w} with padding ({ph}, {pw})")
+    return (n, o, oh, ow), np.dtype(np.int8)
+
+
+def _conv_int8_kernel(x, w, bias, mult, shift, kernel, stride, padding, zp_x, zp_y, act_min, act_max):
+    return KQ.conv2d_int8(x, w, bias, mult, shift, kernel[0], kernel[1], stride[0], stride[1], padding[0],
+                          padding[1], zp_x, zp_y, act_min, act_max)
+
+
+def _gemm_cost(node):
+    k = node.inputs[1].shape[1]
+    return 2 * node.size * k, node.nbytes + sum(i.nbytes for i in node.inputs)
+
+
+register(Primitive("conv2d_int8", "opaque", _conv_int8_infer, _conv_int8_kernel, cost_fn=_gemm_cost,
+                   attrs_doc="kernel, stride, padding, zp_x, zp_y, act_min, act_max",
+                   extra={"mindspore_name": "Conv2DInt8"}))
+
+
+def _dense_int8_infer(shapes, dtypes, attrs):
+    name = "dense_int8"
+    _int8_in(name, shapes, dtypes, 0, 2)
+    _int8_in(name, shapes, dtypes, 1, 2)
+    _need(name, shapes[0][1] == shapes[1][1], f"x {tuple(shapes[0])} and weight {tuple(shapes[1])} do not fit")
+    _channel_vectors(name, shapes, dtypes, 2, shapes[1][0])
+    return (shapes[0][0], shapes[1][0]), np.dtype(np.int8)
+
+
+register(Primitive("dense_int8", "opaque", _dense_int8_infer,
+                   lambda x, w, bias, mult, shift, zp_y, act_min, act_max: KQ.dense_int8(
+                       x, w, bias, mult, shift, zp_y, act_min, act_max),
+                   cost_fn=_gemm_cost, attrs_doc="zp_y, act_min, act_max", extra={"mindspore_name": "MatMulInt8"}))
+
+
+def _same_int8(name):
+    def infer(shapes, dtypes, attrs):
+        _int8_in(name, shapes, dtypes, 0)
+        return shapes[0], np.dtype(np.int8)
+    return infer
+
+
+register(Primitive("requant_int8", "elementwise", _same_int8("requant_int8"),
+                   lambda x, zp_in, mult, shift, zp_out, act_min, act_max: KQ.requant_int8(
+                       x, zp_in, mult, shift, zp_out, act_min, act_max),
+                   flops_per_element=3, attrs_doc="zp_in, mult, shift, zp_out, act_min, act_max",
+                   extra={"mindspore_name": "Requant"}))
+register(Primitive("relu_int8", "elementwise", _same_int8("relu_int8"),
+                   lambda x, zero_point, act_max: KQ.relu_int8(x, zero_point, act_max),
+                   attrs_doc="zero_point, act_max", extra={"mindspore_name": "ReLUInt8"}))
+
+
+def _maxpool_int8_infer(shapes, dtypes, attrs):
+    _int8_in("max_pool_int8", shapes, dtypes, 0, 4)
+    n, c, h, w = shapes[0]
+    (kh, kw), (sh, sw) = attrs["kernel"], attrs["stride"]
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    _need("max_pool_int8", oh > 0 and ow > 0, f"a {kh}x{kw} window does not fit {h}x{w}")
+    return (n, c, oh, ow), np.dtype(np.int8)
+
+
+register(Primitive("max_pool_int8", "opaque", _maxpool_int8_infer,
+                   lambda x, kernel, stride: KQ.maxpool_int8(x, kernel[0], kernel[1], stride[0], stride[1]),
+                   cost_fn=lambda n: (n.inputs[0].size, n.nbytes + n.inputs[0].nbytes),
+                   attrs_doc="kernel, stride", extra={"mindspore_name": "MaxPoolInt8"}))
+
+
+def _add_int8_infer(shapes, dtypes, attrs):
+    _int8_in("add_int8", shapes, dtypes, 0)
+    _int8_in("add_int8", shapes, dtypes, 1)
+    _need("add_int8", tuple(shapes[0]) == tuple(shapes[1]), f"shapes {tuple(shapes[0])} and {tuple(shapes[1])} differ")
+    return shapes[0], np.dtype(np.int8)
+
+
+register(Primitive("add_int8", "elementwise", _add_int8_infer,
+                   lambda a, b, **p: KQ.add_int8(a, b, p["zp_a"], p["mult_a"], p["shift_a"], p["zp_b"], p["mult_b"],
+                                                 p["shift_b"], p["left_shift"], p["zp_out"], p["mult_out"],
+                                                 p["shift_out"], p["act_min"], p["act_max"]),
+                   flops_per_element=8, attrs_doc="zp_a, mult_a, shift_a, zp_b, mult_b, shift_b, left_shift, "
+                                                  "zp_out, mult_out, shift_out, act_min, act_max",
+                   extra={"mindspore_name": "AddInt8"}))
