@@ -79,7 +79,8 @@ def _categories(t: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def _merged(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def merged_intervals(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of ``[start, end)`` intervals (any order) as sorted disjoint (starts, ends)."""
     if not len(start):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     o = np.argsort(start, kind="stable")
@@ -111,7 +112,7 @@ def tile(steps: pd.DataFrame, cat: np.ndarray, start: np.ndarray, end: np.ndarra
     out = np.zeros((len(steps), len(CATEGORIES)), np.int64)
     if not len(steps):
         return out
-    merged = [_merged(start[cat == c], end[cat == c]) for c in range(len(CATEGORIES) - 1)]
+    merged = [merged_intervals(start[cat == c], end[cat == c]) for c in range(len(CATEGORIES) - 1)]
     pts = np.unique(np.concatenate([s_start, s_end] + [a for m in merged for a in m]))
     seg0, seg1 = pts[:-1], pts[1:]
     if not len(seg0):
@@ -195,7 +196,7 @@ def kernel_time_by_stream(run: Run | str | os.PathLike, rank: int = 0) -> pd.Dat
     rows = []
     for s, g in k.groupby("stream", sort=True):
         st, en = g["start_ns"].to_numpy(np.int64), g["end_ns"].to_numpy(np.int64)
-        ms, me = _merged(st, en)
+        ms, me = merged_intervals(st, en)
         rows.append({"stream": s, "kernels": len(g), "total_ns": int((en - st).sum()), "busy_ns": int((me - ms).sum()),
                      "span_ns": int(en.max() - st.min())})
     out = pd.DataFrame(rows, columns=["stream", "kernels", "total_ns", "busy_ns", "span_ns"])

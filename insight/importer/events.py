@@ -1,24 +1,28 @@
 """Pass 1 of an import: trace events -> compact columns (numpy arrays and interned strings).
 
-``EventColumns.feed(batch)`` is called with each batch of parsed events. It keeps, per complete slice (``X``,
-or a matched ``B``/``E`` pair), a handful of integers and string codes -- never the event objects -- so a
-trace of millions of events costs tens of bytes per event. Metadata (``M``) names processes and threads,
-flow ends (``s``/``t``/``f``) and ``[memory]`` instant events get their own small columns, and everything
-else is counted by kind (``skipped``) and reported, never an error. An event that breaks the format (not
-an object, no ``ph``, a timed event without a numeric ``ts``) raises ``BadEvent``.
+``EventColumns.feed(batch)`` is called with each batch of parsed events (thousands at a time). It works a
+column at a time over the batch -- one list comprehension per field, numpy for the numbers, dictionary
+look-ups through ``map`` for the strings -- and keeps, per complete slice (``X``, or a matched ``B``/``E``
+pair), a handful of integers and string codes, never the event objects: a trace of millions of events
+costs tens of bytes per event. Metadata (``M``) names processes and threads, flow ends (``s``/``t``/``f``)
+and ``[memory]`` instant events get their own small columns, and everything else is counted by kind
+(``skipped``) and reported, never an error. An event that breaks the format (not an object, no ``ph``, a
+timed event without a numeric ``ts``) raises ``BadEvent`` with its index in the batch.
 """
 from __future__ import annotations
 
 from collections import Counter
+from operator import itemgetter
 
 import numpy as np
+import orjson
 
-FLUSH = 1 << 16  # rows kept in Python lists before they move into numpy chunks
-NUMERIC = (int, float)
+TIMED = {"X", "B", "E", "i", "I", "s", "f", "t", "C", "b", "e", "n"}
+EMPTY: dict = {}
 
 
 class Interner:
-    """Strings <-> int32 codes (code 0 is the empty string)."""
+    """Strings <-> codes (code 0 is the empty string)."""
 
     def __init__(self):
         self.codes: dict = {"": 0}
@@ -32,6 +36,16 @@ class Interner:
             c = self.codes[s] = len(self.values)
             self.values.append(s)
         return c
+
+    def many(self, values: list) -> np.ndarray:
+        """Codes of a list of values (strings normally; anything else as its text)."""
+        try:
+            codes = list(map(self.codes.get, values))
+        except TypeError:  # an unhashable value (a list as a name)
+            codes = [None] * len(values)
+        if None in codes:
+            codes = [c if c is not None else self(v) for c, v in zip(codes, values)]
+        return np.array(codes, np.int64)
 
     def array(self) -> np.ndarray:
         return np.array(self.values, dtype=object)
@@ -63,46 +77,73 @@ def _types(v) -> str:
 
 
 class Columns:
-    """Append-only int64 columns, moved from Python lists into numpy chunks every FLUSH rows."""
+    """Append-only integer columns kept as numpy chunks; a chunk that is all one value is kept as that value
+    (Kineto traces never fill the columns of our own exporter's args)."""
 
-    def __init__(self, names: tuple):
+    def __init__(self, names: tuple, small: tuple = ()):
         self.names = names
-        self.lists = {n: [] for n in names}
+        self.dtypes = {n: np.int32 if n in small else np.int64 for n in names}
         self.chunks = {n: [] for n in names}
-        self.n = 0
 
-    def flush(self) -> None:
-        for k, lst in self.lists.items():
-            if lst:
-                self.chunks[k].append(np.array(lst, np.int64))
-                lst.clear()
+    def add(self, cols: dict) -> None:
+        for n in self.names:
+            v = cols[n]
+            if isinstance(v, tuple):  # (value, count)
+                self.chunks[n].append(v)
+            else:
+                self.chunks[n].append(np.asarray(v, self.dtypes[n]))
+
+    def __len__(self) -> int:
+        ch = self.chunks[self.names[0]]
+        return sum(c[1] if isinstance(c, tuple) else len(c) for c in ch)
 
     def get(self, name: str) -> np.ndarray:
-        self.flush()
-        ch = self.chunks[name]
-        return np.concatenate(ch) if ch else np.zeros(0, np.int64)
+        ch = [np.full(c[1], c[0], self.dtypes[name]) if isinstance(c, tuple) else c for c in self.chunks[name]]
+        return np.concatenate(ch).astype(np.int64, copy=False) if ch else np.zeros(0, np.int64)
+
+    def constant(self, name: str):
+        """The column's single value when every row holds it, else None."""
+        vals = {c[0] if isinstance(c, tuple) else None for c in self.chunks[name]}
+        return vals.pop() if len(vals) == 1 and None not in vals else None
 
     def all(self) -> dict:
-        self.flush()
         return {n: self.get(n) for n in self.names}
+
+    def lazy(self) -> dict:
+        return LazyColumns(self)
+
+
+class LazyColumns(dict):
+    """``{name: array}`` materialising each column on first use."""
+
+    def __init__(self, cols: Columns):
+        super().__init__()
+        self._cols = cols
+
+    def __missing__(self, name):
+        v = self[name] = self._cols.get(name)
+        return v
 
 
 SLICE_COLS = ("ts", "dur", "name", "cat", "lane", "corr", "ext", "bytes", "flops", "shape", "dtype",
               # the args our own exporter writes (insight/export.py): op, step, task_id, graph, scope, phase
+              # for tasks; epoch and the step-trace phases (ns) for its step slices
               "a_op", "a_step", "a_task", "a_graph", "a_scope", "a_phase", "a_epoch", "a_ii", "a_fpbp")
-FLOW_COLS = ("ph", "cat", "id", "lane", "ts", "bp")
+FLOW_COLS = ("ph", "cat", "id", "id_str", "lane", "ts", "bp")  # id: an integer id, else -1 and id_str
 MEM_COLS = ("ts", "lane", "addr", "bytes", "allocated", "reserved", "dev_type", "dev_id")
 A_DEFAULTS = (0, -1, -1, 0, 0, 0, -1, -1, -1)  # a_op .. a_fpbp when absent
 
 
-def _ns_of_ms(v) -> int:
-    return round(v * 1e6) if type(v) in NUMERIC else -1
+def _take(events: list, idx: np.ndarray) -> list:
+    if len(idx) == 1:
+        return [events[int(idx[0])]]
+    return list(itemgetter(*idx.tolist())(events)) if len(idx) else []
 
 
 class EventColumns:
     def __init__(self):
         self.strings = Interner()
-        self.slices = Columns(SLICE_COLS)
+        self.slices = Columns(SLICE_COLS, small=("name", "cat", "lane", "shape", "dtype"))
         self.flows = Columns(FLOW_COLS)
         self.memory = Columns(MEM_COLS)
         self.lanes: dict = {}            # (pid, tid) -> lane code
@@ -113,146 +154,179 @@ class EventColumns:
         self.skipped: Counter = Counter()  # what was not imported, by kind
         self.open: dict = {}             # lane -> stack of B events
         self.n_events = 0
+        self._shapes: dict = {}          # orjson text of Input Dims -> code of our notation
 
     def lane(self, pid, tid) -> int:
         key = (pid, tid)
-        c = self.lanes.get(key)
+        try:
+            c = self.lanes.get(key)
+        except TypeError:  # a list or object as pid/tid: keep it as text
+            return self.lane(_text(pid), _text(tid))
         if c is None:
-            try:
-                hash(key)
-            except TypeError:  # a list or object as pid/tid: keep it as text
-                return self.lane(_text(pid), _text(tid))
             c = self.lanes[key] = len(self.lane_keys)
             self.lane_keys.append(key)
         return c
 
-    # -- the hot loop ---------------------------------------------------------------------------------
-    def feed(self, events: list) -> None:
+    def _lanes(self, evs: list) -> np.ndarray:
+        keys = [(e.get("pid"), e.get("tid")) for e in evs]
+        try:
+            codes = list(map(self.lanes.get, keys))
+        except TypeError:
+            codes = [None] * len(keys)
+        if None in codes:
+            codes = [c if c is not None else self.lane(*k) for c, k in zip(codes, keys)]
+        return np.array(codes, np.int64)
+
+    # -- a batch --------------------------------------------------------------------------------------
+    def feed(self, events: list, base: int = 0) -> None:
         from insight.importer.reader import BadEvent
 
-        S = self.slices.lists
-        ts_, dur_, name_, cat_, lane_, corr_, ext_ = (S[k].append for k in ("ts", "dur", "name", "cat", "lane",
-                                                                             "corr", "ext"))
-        bytes_, flops_, shape_, dtype_ = (S[k].append for k in ("bytes", "flops", "shape", "dtype"))
-        a_cols = [S[k].append for k in ("a_op", "a_step", "a_task", "a_graph", "a_scope", "a_phase", "a_epoch",
-                                        "a_ii", "a_fpbp")]
-        intern = self.strings
-        lanes = self.lanes
-        lane_of = self.lane
-        skipped = self.skipped
-        for k, e in enumerate(events):
-            if type(e) is not dict:
-                raise BadEvent(k, f"is {type(e).__name__ if e is not None else 'null'}, not a JSON object")
-            ph = e.get("ph")
-            if ph == "X":
-                ts = e.get("ts")
-                if type(ts) not in NUMERIC:
-                    ts = _number(ts, k, "ts", e)
-                dur = e.get("dur", 0)
-                if type(dur) not in NUMERIC:
-                    if dur is None:
-                        dur = 0
-                        skipped["X events without dur (imported with dur 0)"] += 1
-                    else:
-                        dur = _number(dur, k, "dur", e)
-                key = (e.get("pid"), e.get("tid"))
-                ln = lanes.get(key)
-                if ln is None:
-                    ln = lane_of(*key)
-                args = e.get("args")
-                ts_(round(ts * 1000))
-                dur_(round(dur * 1000))
-                name_(intern(e.get("name", "")))
-                cat_(intern(e.get("cat", "")))
-                lane_(ln)
-                if args:
-                    self._args(args, corr_, ext_, bytes_, flops_, shape_, dtype_, a_cols)
+        try:
+            phs = [e.get("ph") for e in events]
+        except AttributeError:
+            k = next(i for i, e in enumerate(events) if type(e) is not dict)
+            e = events[k]
+            raise BadEvent(k, f"is {type(e).__name__ if e is not None else 'null'}, not a JSON object") from None
+        ph = np.array(phs, dtype=object)
+        is_x = ph == "X"
+        if is_x.all():
+            self._slices(events, np.arange(len(events)))
+        else:
+            if (ph == None).any():  # noqa: E711 - elementwise on an object array
+                raise BadEvent(int(np.flatnonzero(ph == None)[0]), "has no \"ph\" (event type)")  # noqa: E711
+            self._slices(events, np.flatnonzero(is_x))
+            fl = np.flatnonzero((ph == "s") | (ph == "f") | (ph == "t"))
+            if len(fl):
+                self._flows(events, fl)
+            inst = np.flatnonzero((ph == "i") | (ph == "I"))
+            if len(inst):
+                self._instants(events, inst)
+            for k in np.flatnonzero(ph == "M"):
+                self._meta(events[k])
+            rest = np.flatnonzero(~is_x & (ph != "s") & (ph != "f") & (ph != "t") & (ph != "i") & (ph != "I")
+                                  & (ph != "M"))
+            for k in rest:
+                e, p = events[k], phs[k]
+                if p in TIMED and type(e.get("ts")) not in (int, float):
+                    _ns([e.get("ts")], np.array([k]), "ts", events)
+                if p == "B" or p == "E":
+                    self._begin_end(e, p)
                 else:
-                    corr_(-1), ext_(-1), bytes_(-1), flops_(-1), shape_(0), dtype_(0)
-                    for a, d in zip(a_cols, A_DEFAULTS):
-                        a(d)
-                if len(S["ts"]) >= FLUSH:
-                    self.slices.flush()
-            elif ph == "M":
-                self._meta(e)
-            elif ph in ("s", "f", "t"):
-                ts = e.get("ts")
-                if type(ts) not in NUMERIC:
-                    ts = _number(ts, k, "ts", e)
-                fid = e.get("id")
-                if fid is None:
-                    fid = e.get("id2") or e.get("bind_id")
-                F = self.flows.lists
-                F["ph"].append(ord(ph))
-                F["cat"].append(intern(e.get("cat", "")))
-                F["id"].append(intern(_text(fid)))
-                F["lane"].append(lane_of(e.get("pid"), e.get("tid")))
-                F["ts"].append(round(ts * 1000))
-                F["bp"].append(1 if e.get("bp") == "e" else 0)
-                if len(F["ts"]) >= FLUSH:
-                    self.flows.flush()
-            elif ph in ("i", "I"):
-                ts = e.get("ts")
-                if type(ts) not in NUMERIC:
-                    ts = _number(ts, k, "ts", e)
-                if e.get("name") == "[memory]":
-                    self._mem(e, ts)
-                else:
-                    skipped[f"instant events ({e.get('name', '')[:40] or 'unnamed'})"
-                            if e.get("s") == "g" else "instant events"] += 1
-            elif ph == "B" or ph == "E":
-                ts = e.get("ts")
-                if type(ts) not in NUMERIC:
-                    ts = _number(ts, k, "ts", e)
-                self._begin_end(e, ph, ts, skipped)
-            elif ph is None:
-                raise BadEvent(k, "has no \"ph\" (event type)")
-            else:
-                if "ts" not in e and ph not in ("M",):
-                    raise BadEvent(k, f"{_text(ph)!r} event has no \"ts\"")
-                skipped[f"ph {_text(ph)!r} events" + (" (counters)" if ph == "C" else "")] += 1
+                    self.skipped[f"ph {_text(p)!r} events" + (" (counters)" if p == "C" else "")] += 1
         self.n_events += len(events)
 
-    def _args(self, args, corr_, ext_, bytes_, flops_, shape_, dtype_, a_cols) -> None:
-        intern = self.strings
-        g = args.get
-        v = g("correlation", -1)
-        corr_(v if type(v) is int else -1)
-        v = g("External id", -1)
-        ext_(v if type(v) is int else -1)
-        v = g("bytes", -1)
-        bytes_(v if type(v) is int else -1)
-        v = g("flops", -1)
-        flops_(v if type(v) is int else (int(v) if type(v) is float else -1))
-        v = g("shape")  # ours, else Kineto's input shapes and types
-        shape_(intern(v) if v is not None else intern(_dims(g("Input Dims"))))
-        v = g("dtype")
-        dtype_(intern(v) if v is not None else intern(_types(g("Input type"))))
-        op = g("op")
-        if op is not None:  # a task written by our exporter
-            a_cols[0](intern(op))
-            v = g("step", -1)
-            a_cols[1](v if type(v) is int else -1)
-            v = g("task_id", -1)
-            a_cols[2](v if type(v) is int else -1)
-            a_cols[3](intern(g("graph", "")))
-            a_cols[4](intern(g("scope", "")))
-            a_cols[5](intern(g("phase", "")))
-            a_cols[6](-1), a_cols[7](-1), a_cols[8](-1)
-        elif "iteration_interval_ms" in args:  # a step slice written by our exporter
-            a_cols[0](intern(g("fp_start_op", "")))
-            v = g("step", -1)
-            a_cols[1](v if type(v) is int else -1)
-            a_cols[2](-1), a_cols[3](0)
-            a_cols[4](intern(g("bp_end_op", "")))
-            a_cols[5](0)
-            v = g("epoch", -1)
-            a_cols[6](v if type(v) is int else -1)
-            a_cols[7](_ns_of_ms(g("iteration_interval_ms")))
-            a_cols[8](_ns_of_ms(g("fp_bp_ms")))
+    def _slices(self, events: list, idx: np.ndarray) -> None:
+        if not len(idx):
+            return
+        xs = _take(events, idx)
+        n = len(xs)
+        ts = _ns([e.get("ts") for e in xs], idx, "ts", events)
+        durs = [e.get("dur") for e in xs]
+        if None in durs:
+            missing = sum(d is None for d in durs)
+            self.skipped["X events without dur (imported with dur 0)"] += missing
+            durs = [0 if d is None else d for d in durs]
+        dur = _ns(durs, idx, "dur", events)
+        S = self.strings
+        argss = [e.get("args") or EMPTY for e in xs]
+        cols = {"ts": ts, "dur": dur, "name": S.many([e.get("name", "") for e in xs]),
+                "cat": S.many([e.get("cat", "") for e in xs]), "lane": self._lanes(xs)}
+        nums = [(a.get("correlation", -1), a.get("External id", -1), a.get("bytes", -1), a.get("flops", -1))
+                for a in argss]
+        a = np.array(nums)
+        if a.dtype.kind != "i" or a.ndim != 2:
+            a = np.array([[_int_or_float(v) for v in row] for row in nums], np.int64).reshape(n, 4)
+        cols["corr"], cols["ext"], cols["bytes"], cols["flops"] = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+        cols["shape"] = np.zeros(n, np.int64)
+        cols["dtype"] = np.zeros(n, np.int64)
+        described = [i for i, a in enumerate(argss) if "Input Dims" in a or "shape" in a or "dtype" in a
+                     or "Input type" in a]
+        for i in described:
+            self._describe(argss[i], cols, i)
+        ours = [i for i, a in enumerate(argss) if "op" in a or "iteration_interval_ms" in a]
+        for c, d in zip(SLICE_COLS[11:], A_DEFAULTS):
+            cols[c] = np.full(n, d, np.int64) if ours else (d, n)
+        for i in ours:
+            self._our_args(argss[i], cols, i)
+        self.slices.add(cols)
+
+    def _describe(self, a: dict, cols: dict, i: int) -> None:
+        """Shape and dtype: ours (``shape``, ``dtype``), else Kineto's ``Input Dims`` / ``Input type``."""
+        S = self.strings
+        s = a.get("shape")
+        if s is not None:
+            cols["shape"][i] = S(s)
         else:
-            for a, d in zip(a_cols, A_DEFAULTS):
-                a(d)
+            d = a.get("Input Dims")
+            if d is not None:
+                key = orjson.dumps(d)
+                c = self._shapes.get(key)
+                if c is None:
+                    c = self._shapes[key] = S(_dims(d))
+                cols["shape"][i] = c
+        t = a.get("dtype")
+        if t is not None:
+            cols["dtype"][i] = S(t)
+        else:
+            t = a.get("Input type")
+            if t is not None:
+                key = orjson.dumps(t)
+                c = self._shapes.get(key)
+                if c is None:
+                    c = self._shapes[key] = S(_types(t))
+                cols["dtype"][i] = c
+
+    def _our_args(self, a: dict, cols: dict, i: int) -> None:
+        """The args of a task or step slice written by insight.export."""
+        S = self.strings
+        g = a.get
+        if "op" in a:
+            cols["a_op"][i] = S(g("op"))
+            cols["a_step"][i] = _int(g("step"))
+            cols["a_task"][i] = _int(g("task_id"))
+            cols["a_graph"][i] = S(g("graph", ""))
+            cols["a_scope"][i] = S(g("scope", ""))
+            cols["a_phase"][i] = S(g("phase", ""))
+        else:
+            cols["a_op"][i] = S(g("fp_start_op", ""))
+            cols["a_step"][i] = _int(g("step"))
+            cols["a_scope"][i] = S(g("bp_end_op", ""))
+            cols["a_epoch"][i] = _int(g("epoch"))
+            cols["a_ii"][i] = _ns_of_ms(g("iteration_interval_ms"))
+            cols["a_fpbp"][i] = _ns_of_ms(g("fp_bp_ms"))
+
+    def _flows(self, events: list, idx: np.ndarray) -> None:
+        fs = _take(events, idx)
+        ids = [e.get("id") for e in fs]
+        if None in ids:
+            ids = [i if i is not None else (e.get("id2") or e.get("bind_id")) for i, e in zip(ids, fs)]
+        num = np.array(ids)
+        if num.dtype.kind == "i":  # Kineto: the correlation id
+            id_num, id_str = num.astype(np.int64, copy=False), np.zeros(len(ids), np.int64)
+        else:
+            id_num = np.array([i if type(i) is int else -1 for i in ids], np.int64)
+            id_str = self.strings.many([_text(i) if type(i) is not int else "" for i in ids])
+        self.flows.add({"ph": np.array([ord(e["ph"]) for e in fs], np.int64),
+                        "cat": self.strings.many([e.get("cat", "") for e in fs]), "id": id_num, "id_str": id_str,
+                        "lane": self._lanes(fs), "ts": _ns([e.get("ts") for e in fs], idx, "ts", events),
+                        "bp": np.array([e.get("bp") == "e" for e in fs], np.int64)})
+
+    def _instants(self, events: list, idx: np.ndarray) -> None:
+        ins = _take(events, idx)
+        ts = _ns([e.get("ts") for e in ins], idx, "ts", events)
+        names = [e.get("name") for e in ins]
+        mem = np.array([nm == "[memory]" for nm in names], bool)
+        for nm in (names[i] for i in np.flatnonzero(~mem)):
+            self.skipped[f"instant events ({_text(nm)[:40] or 'unnamed'})"] += 1
+        if not mem.any():
+            return
+        ms = [ins[i] for i in np.flatnonzero(mem)]
+        args = [e.get("args") or EMPTY for e in ms]
+        self.memory.add({"ts": ts[mem], "lane": self._lanes(ms),
+                         **{c: _ints([a.get(key, -1) for a in args])
+                            for c, key in (("addr", "Addr"), ("bytes", "Bytes"), ("allocated", "Total Allocated"),
+                                           ("reserved", "Total Reserved"), ("dev_type", "Device Type"),
+                                           ("dev_id", "Device Id"))}})
 
     def _meta(self, e: dict) -> None:
         name, args = e.get("name"), e.get("args") or {}
@@ -263,66 +337,83 @@ class EventColumns:
             self.process_labels[pid] = _text(args.get("labels", ""))
         elif name == "thread_name":
             self.thread_names[(pid, tid)] = _text(args.get("name", ""))
-        elif name in ("process_sort_index", "thread_sort_index"):
-            pass
-        else:
+        elif name not in ("process_sort_index", "thread_sort_index"):
             self.skipped[f"metadata events ({_text(name)[:40]})"] += 1
 
-    def _mem(self, e: dict, ts) -> None:
-        a = e.get("args") or {}
-        M = self.memory.lists
-
-        def num(key):
-            v = a.get(key, -1)
-            return v if type(v) is int else (int(v) if type(v) is float else -1)
-
-        M["ts"].append(round(ts * 1000))
-        M["lane"].append(self.lane(e.get("pid"), e.get("tid")))
-        M["addr"].append(num("Addr"))
-        M["bytes"].append(num("Bytes"))
-        M["allocated"].append(num("Total Allocated"))
-        M["reserved"].append(num("Total Reserved"))
-        M["dev_type"].append(num("Device Type"))
-        M["dev_id"].append(num("Device Id"))
-        if len(M["ts"]) >= FLUSH:
-            self.memory.flush()
-
-    def _begin_end(self, e: dict, ph: str, ts, skipped) -> None:
+    def _begin_end(self, e: dict, ph: str) -> None:
         ln = self.lane(e.get("pid"), e.get("tid"))
         stack = self.open.setdefault(ln, [])
+        ts = e["ts"]
         if ph == "B":
             stack.append((ts, e))
             return
         if not stack:
-            skipped["E events without a matching B"] += 1
+            self.skipped["E events without a matching B"] += 1
             return
         t0, b = stack.pop()
         x = dict(b)
         x.update({"ph": "X", "ts": t0, "dur": max(ts - t0, 0)})
         if e.get("args"):
             x["args"] = {**(b.get("args") or {}), **e["args"]}
-        self.feed([x])
-        self.n_events -= 1
+        self._slices([x], np.array([0]))
 
     def finish(self) -> None:
         for stack in self.open.values():
             if stack:
                 self.skipped["B events without a matching E"] += len(stack)
         self.open.clear()
-        self.slices.flush()
-        self.flows.flush()
-        self.memory.flush()
 
 
-def _number(v, k: int, field: str, e: dict):
-    from insight.importer.reader import BadEvent
+def _int(v) -> int:
+    return v if type(v) is int else -1
 
-    if v is None:
-        raise BadEvent(k, f"{_text(e.get('ph'))!r} event {_text(e.get('name', ''))[:60]!r} has no \"{field}\"")
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            pass
-    raise BadEvent(k, f"{_text(e.get('ph'))!r} event {_text(e.get('name', ''))[:60]!r}: \"{field}\" is "
-                      f"{_text(v)[:30]!r}, not a number")
+
+def _ns_of_ms(v) -> int:
+    return round(v * 1e6) if type(v) in (int, float) else -1
+
+
+def _int_or_float(v) -> int:
+    if type(v) is int and -2**63 <= v < 2**63:
+        return v
+    if type(v) is float and v == v and abs(v) < 2**63:
+        return int(v)
+    return -1
+
+
+def _ints(values: list) -> np.ndarray:
+    """Integer args (-1 where missing or not an integer)."""
+    a = np.array(values)
+    if a.dtype.kind == "i":
+        return a.astype(np.int64, copy=False)
+    return np.array([_int_or_float(v) for v in values], np.int64)
+
+
+def _ns(values: list, idx: np.ndarray, field: str, events: list) -> np.ndarray:
+    """Microsecond times (ints or floats) -> int64 nanoseconds; a missing or non-numeric one is a BadEvent."""
+    a = np.array(values)
+    if a.dtype.kind == "i":
+        return a.astype(np.int64, copy=False) * 1000
+    if a.dtype.kind == "f" and np.isfinite(a).all():
+        return np.rint(a * 1000).astype(np.int64)
+    out = np.empty(len(values), np.int64)
+    for k, v in enumerate(values):
+        if type(v) is int:
+            out[k] = v * 1000
+            continue
+        if type(v) is float and v == v and abs(v) < 9e15:
+            out[k] = round(v * 1000)
+            continue
+        if isinstance(v, str):
+            try:
+                out[k] = round(float(v) * 1000)
+                continue
+            except (ValueError, OverflowError):
+                pass
+        from insight.importer.reader import BadEvent
+
+        e = events[int(idx[k])]
+        what = f"{_text(e.get('ph'))!r} event {_text(e.get('name', ''))[:60]!r}"
+        if v is None:
+            raise BadEvent(int(idx[k]), f"{what} has no \"{field}\"")
+        raise BadEvent(int(idx[k]), f"{what}: \"{field}\" is {_text(v)[:30]!r}, not a number")
+    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from insight.analysis.gpu import merged_intervals
 from insight.importer.events import EventColumns
 
 NONE = -1
@@ -76,26 +77,12 @@ def _starts(values: np.ndarray, prefixes) -> np.ndarray:
     return np.array([isinstance(v, str) and v.startswith(tuple(prefixes)) for v in values], bool)
 
 
-def merge(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Union of intervals as sorted disjoint (starts, ends)."""
-    if not len(start):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    o = np.argsort(start, kind="stable")
-    s, e = start[o], end[o]
-    reach = np.maximum.accumulate(e)
-    new = np.ones(len(s), bool)
-    new[1:] = s[1:] > reach[:-1]
-    first = np.flatnonzero(new)
-    last = np.r_[first[1:] - 1, len(s) - 1]
-    return s[first], reach[last]
-
-
 def inside(lane: np.ndarray, start: np.ndarray, end: np.ndarray, r_lane, r_start, r_end) -> np.ndarray:
     """For each slice: does one of the ranges on its lane contain it?"""
     out = np.zeros(len(lane), bool)
     for ln in np.unique(r_lane):
         sel = r_lane == ln
-        ms, me = merge(r_start[sel], r_end[sel])
+        ms, me = merged_intervals(r_start[sel], r_end[sel])
         rows = np.flatnonzero(lane == ln)
         if not len(rows):
             continue
@@ -150,7 +137,7 @@ def detect_flavor(cols: EventColumns, header: dict, cats: set) -> str:
 def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     cols.finish()
     S = cols.strings
-    x = cols.slices.all()
+    x = cols.slices.lazy()
     strings = S.array()
     n = len(x["ts"])
     start = x["ts"]
@@ -544,31 +531,37 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
     if not len(fl["ts"]):
         return empty
     df = pd.DataFrame(fl)
-    src = df[df["ph"] == ord("s")].drop_duplicates(["cat", "id"], keep="first")
-    dst = df[df["ph"] != ord("s")].drop_duplicates(["cat", "id"], keep="last")
-    pairs = src.merge(dst, on=["cat", "id"], suffixes=("_s", "_f"))
+    key = ["cat", "id", "id_str"]
+    src = df[df["ph"] == ord("s")].drop_duplicates(key, keep="first")
+    dst = df[df["ph"] != ord("s")].drop_duplicates(key, keep="last")
+    pairs = src.merge(dst, on=key, suffixes=("_s", "_f"))
     if pairs.empty:
         return empty
     index = _lane_index(lanes, start, end, np.flatnonzero(task))
     # Kineto's flow id is the correlation id: the slices on the flow's two lanes that carry it are its ends
     # (several launches can start in the same microsecond, so time alone can pick the wrong one)
-    by_corr = {}
-    for r in np.flatnonzero(task & (corr >= 0)):
-        by_corr.setdefault((int(lanes[r]), int(corr[r])), r)
-    ids = strings[pairs["id"].to_numpy()]
+    rows = np.flatnonzero(task & (corr >= 0))
+    carriers = pd.DataFrame({"lane": lanes[rows], "id": corr[rows], "row": rows}).drop_duplicates(["lane", "id"])
 
-    def end_row(ln, t, fid, mode):
-        if isinstance(fid, str) and fid.isdigit():
-            r = by_corr.get((int(ln), int(fid)))
-            if r is not None and start[r] <= t <= max(end[r], start[r]):
-                return int(r)
-        return bind(index, int(ln), int(t), mode)
+    def ends(side: str, mode) -> np.ndarray:
+        ln, t, fid = (pairs[f"{c}_{side}"].to_numpy() if f"{c}_{side}" in pairs else pairs[c].to_numpy()
+                      for c in ("lane", "ts", "id"))
+        hit = pd.DataFrame({"lane": ln, "id": fid}).merge(carriers, on=["lane", "id"], how="left")["row"]
+        r = hit.fillna(-1).to_numpy(np.int64)
+        ok = (r >= 0) & (fid >= 0)
+        rr = np.clip(r, 0, None)
+        ok &= (start[rr] <= t) & (t <= np.maximum(end[rr], start[rr]))
+        out = np.where(ok, r, -1)
+        modes = mode if isinstance(mode, np.ndarray) else np.full(len(t), mode, object)
+        for i in np.flatnonzero(~ok):  # by time alone
+            out[i] = bind(index, int(ln[i]), int(t[i]), modes[i])
+        return out
 
-    s_rows = np.array([end_row(ln, t, i, "enclosing") for ln, t, i in zip(pairs["lane_s"], pairs["ts_s"], ids)],
-                      np.int64)
-    f_rows = np.array([end_row(ln, t, i, "enclosing" if bp else "next")
-                       for ln, t, bp, i in zip(pairs["lane_f"], pairs["ts_f"], pairs["bp_f"], ids)], np.int64)
-    return {"cat": strings[pairs["cat"].to_numpy()], "id": strings[pairs["id"].to_numpy()],
+    s_rows = ends("s", "enclosing")
+    f_rows = ends("f", np.where(pairs["bp_f"].to_numpy() == 1, "enclosing", "next").astype(object))
+    ids = np.where(pairs["id"].to_numpy() >= 0, pairs["id"].astype(str).to_numpy(object),
+                   strings[pairs["id_str"].to_numpy()])
+    return {"cat": strings[pairs["cat"].to_numpy()], "id": ids.astype(object),
             "src_task": np.where(s_rows >= 0, new_pos[np.clip(s_rows, 0, None)], -1),
             "dst_task": np.where(f_rows >= 0, new_pos[np.clip(f_rows, 0, None)], -1),
             "src_ns": pairs["ts_s"].to_numpy() - zero, "dst_ns": pairs["ts_f"].to_numpy() - zero}
