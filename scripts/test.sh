@@ -13,6 +13,16 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     exit 1
   fi
 fi
+# data-parallel tests run `mpirun -n 2`: Debian's OpenMPI (mpi4py, in the test extra, builds against it)
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev) >/dev/null 2>&1 \
+      || { echo "could not install openmpi-bin and libopenmpi-dev with apt-get" >&2; exit 1; }
+  else
+    echo "OpenMPI is missing: install it (apt-get install openmpi-bin libopenmpi-dev)" >&2
+    exit 1
+  fi
+fi
 python -m pip install --quiet --disable-pip-version-check -e ".[test]" || { echo "install failed" >&2; exit 1; }
 python -m pytest -q "$@"
 rc=$?
