@@ -134,7 +134,7 @@ def report_lines(run_path, top: int = 10, rank: int = 0) -> list[str]:
         L += _table([[_cut(r.name, 32), _cut(r.op, 16), r.calls, f"{r.total_ms:.3f}", f"{r.avg_ms:.4f}", _pct(r.share),
                       _gflops(r.flop_per_s), _cut(r.scope, 28)]
                      for r in A.top_n(ops, top).itertuples()],
-                    ["op", "type", "calls", "total ms", "avg ms", "share", "GFLOP/s", "scope"], right={2, 3, 4, 5, 6})
+                    ["op", "type", "calls", "total ms", "avg ms", "share", "est.GFLOP/s", "scope"], right={2, 3, 4, 5, 6})
         L.append("")
     else:
         L += ["Ops: no tasks recorded", ""]

@@ -9,7 +9,12 @@ arguments (all durations in integer microseconds -> exact nanoseconds):
   the ``comm`` stream from bp_end, overlapping the update (``tail = max(update, allreduce)``);
 * the first step's interval is ``first_interval_us`` (it is excluded from averages);
 * memory: parameters allocated at t=0, then each step allocates its activations and frees them;
-  the peak is in step ``peak_step`` where an extra ``peak_extra`` tensor is alive;
+  the peak is in step ``peak_step`` where an extra ``peak_extra`` tensor is alive (these rows are the
+  plan's liveness, ``source = "planned"``; without ``pool`` the table has no ``source`` column, as runs
+  recorded before it); with ``pool=True`` the MemoryPool's blocks too (``source = "pool"``): the
+  parameters at t=0, the activation reserve (``sum(act_bytes) + peak_extra``) at 1 us, the kernel pool
+  (``POOL_KERNEL``) at step 1's fp_start, a data-queue batch (``POOL_QUEUE``) from each push to its pop and
+  a workspace (``POOL_WORKSPACE``) from fp_start + 5 us to bp_end in every step;
 * device queue: one push and one pop per step; pops in ``empty_steps`` waited;
 * dataset pipeline ``batch(0) <- map(1) <- numpy_slices(2)`` whose output queues hold the sampled
   ``depths`` given per op.
@@ -36,6 +41,7 @@ BWD = (("matmul_grad_4", "matmul", 500, "Gradients/LeNet/fc1"), ("conv2d_grad_5"
                                                                   "Gradients/LeNet/conv1"))
 UPD = (("assign_6", "assign", 100, "Momentum"), ("assign_7", "assign", 100, "Momentum"))
 FLOPS = {"conv2d": 2_000_000, "matmul": 500_000, "conv2d_grad": 4_000_000}
+POOL_KERNEL, POOL_QUEUE, POOL_WORKSPACE = 1 * MB, MB // 2, MB // 4
 
 PIPE_DEFAULT = (
     {"op_id": 0, "op_type": "batch", "parent_id": -1, "num_workers": 1, "queue_capacity": 16, "depths": [12, 14, 16, 16]},
@@ -59,6 +65,7 @@ class Expected:
     peak_step: int = -1
     peak_tensors: list = field(default_factory=list)
     capacity: int = 0
+    pool_peak_bytes: int = 0
 
 
 def write_table(run_dir: Path, table: str, df: pd.DataFrame | pa.Table, parts: int | None = None, rank: int = 0):
@@ -110,7 +117,7 @@ def _task_frame(rows):
 def training_run(base, name="synth", *, n_steps=5, first_step=1, interval_us=1000, first_interval_us=5000,
                  fwd=FWD, bwd=BWD, upd=UPD, allreduce_us=0, sink=True, h2d_us=0, capacity=64 * MB,
                  param_bytes=8 * MB, act_bytes=(2 * MB, 3 * MB), peak_step=None, peak_extra=4 * MB,
-                 empty_steps=(), pipeline=PIPE_DEFAULT, parts=None, memory=True, extra_tasks=()) -> Expected:
+                 empty_steps=(), pipeline=PIPE_DEFAULT, parts=None, memory=True, extra_tasks=(), pool=False) -> Expected:
     """See the module docstring. ``interval_us`` may be a list (one per step after the first)."""
     run = Path(base) / name
     run.mkdir(parents=True, exist_ok=True)
@@ -194,6 +201,7 @@ def training_run(base, name="synth", *, n_steps=5, first_step=1, interval_us=100
                         "kind": "activation", "tensor": tn, "op": op, "scope": "LeNet", "size": size, "offset": -1,
                         "in_use": in_use, "capacity": capacity, "step": s, "shape": shape, "dtype": "float32"})
         t = end  # the next step begins asking for data when this one ends
+    pool_rows = _pool_rows(steps, param_bytes, sum(act_bytes) + peak_extra, capacity) if pool else []
     tables = {}
     task_df = _task_frame(tasks)
     tables["tasks"] = write_table(run, "tasks", task_df, parts)
@@ -203,6 +211,9 @@ def training_run(base, name="synth", *, n_steps=5, first_step=1, interval_us=100
     tables["steps"] = write_table(run, "steps", sdf)
     if memory:
         mdf = pd.DataFrame(mem)
+        if pool:
+            mdf = pd.concat([mdf.assign(source="planned"), pd.DataFrame(pool_rows)], ignore_index=True)
+            mdf = mdf.sort_values("t_ns", kind="stable").reset_index(drop=True)
         mdf["step"] = mdf["step"].astype(np.int32)
         tables["memory"] = write_table(run, "memory", mdf)
     if sink:
@@ -221,7 +232,29 @@ def training_run(base, name="synth", *, n_steps=5, first_step=1, interval_us=100
         step_time_ns=[r["end_ns"] - (steps[i - 1]["end_ns"] if i else r["begin_ns"]) for i, r in enumerate(steps)],
         interval_ns=[i * US for i in intervals], fp_bp_ns=fp_bp * US, tail_ns=tail * US, allreduce_ns=allreduce_us * US,
         n_tasks=len(task_df), task_total_ns=int(task_df.loc[~sync, "dur_ns"].sum()), peak_bytes=peak_bytes,
-        peak_step=peak_step, peak_tensors=["params", "act_a", "act_b", "big_tensor"], capacity=capacity)
+        peak_step=peak_step, peak_tensors=["params", "act_a", "act_b", "big_tensor"], capacity=capacity,
+        pool_peak_bytes=(param_bytes + sum(act_bytes) + peak_extra + POOL_KERNEL + POOL_QUEUE) if pool else 0)
+
+
+def _pool_rows(steps, param_bytes, reserve, capacity) -> list[dict]:
+    """The MemoryPool's blocks of a synthetic run (see the module docstring), ``in_use`` the running sum."""
+    ev = [(0, "alloc", "parameter", "params", param_bytes), (1 * US, "alloc", "activation_reserve",
+                                                             "train_step.activations", reserve)]
+    for k, r in enumerate(steps):
+        if k == 0:
+            ev.append((r["fp_start_ns"], "alloc", "kernel_pool", "fused.buffers", POOL_KERNEL))
+        ev.append((r["begin_ns"] - 200 * US, "alloc", "queue", f"batch_{r['step']}", POOL_QUEUE))
+        ev.append((r["fp_start_ns"], "free", "queue", f"batch_{r['step']}", POOL_QUEUE))
+        ev.append((r["fp_start_ns"] + 5 * US, "alloc", "workspace", f"ws_{r['step']}", POOL_WORKSPACE))
+        ev.append((r["bp_end_ns"], "free", "workspace", f"ws_{r['step']}", POOL_WORKSPACE))
+    ev.sort(key=lambda e: (e[0], e[1] == "alloc"))  # a free before an alloc at the same instant
+    rows, in_use = [], 0
+    for t, action, kind, name, size in ev:
+        in_use += size if action == "alloc" else -size
+        rows.append({"t_ns": t, "action": action, "device": "device", "kind": kind, "tensor": name, "op": "",
+                     "scope": "", "size": size, "offset": -1, "in_use": in_use, "capacity": capacity, "step": -1,
+                     "shape": "", "dtype": "", "source": "pool"})
+    return rows
 
 
 def write_pipeline(run: Path, ops, t0: int = 0, n_samples: int = 100, pipeline_ids=(0,)) -> dict:

@@ -178,6 +178,35 @@ def test_memory_timeline_is_downsampled_with_the_peak_kept(tmp_path):
     assert len(A.memory_timeline(r.path, max_points=10_000)) == 1 + 800 * 4 + 2
 
 
+def test_memory_by_kind_pool_and_planned(tmp_path):
+    from synthetic_runs import POOL_KERNEL, POOL_QUEUE, POOL_WORKSPACE
+    r = training_run(tmp_path, "pool", pool=True)
+    assert A.memory_sources(r.path) == ["pool", "planned"]
+    pk = A.memory_peak(r.path)  # the pool: what the device really held
+    assert pk.source == "pool" and pk.peak_bytes == r.pool_peak_bytes
+    assert set(pk.live["kind"]) == {"parameter", "activation_reserve", "kernel_pool", "queue"}
+    assert pk.live.set_index("kind")["size"].to_dict() == {
+        "parameter": 8 * MB, "activation_reserve": 9 * MB, "kernel_pool": POOL_KERNEL, "queue": POOL_QUEUE}
+    assert pk.step in r.steps  # pool events carry no step: the step holding the peak's time
+    # the plan's liveness is still there, labelled as such, and never added to the pool's blocks
+    planned = A.memory_peak(r.path, source="planned")
+    assert planned.source == "planned" and planned.peak_bytes == r.peak_bytes
+    u = A.memory_usage(r.path, max_points=100_000)
+    kinds = ["parameter", "activation_reserve", "workspace", "queue", "kernel_pool"]
+    assert list(u.columns) == ["t_ns", "t_ms", *kinds, "untracked", "in_use"]
+    assert (u[kinds].sum(axis=1) + u["untracked"] == u["in_use"]).all() and (u["untracked"] == 0).all()
+    assert u["workspace"].max() == POOL_WORKSPACE and u["in_use"].max() == r.pool_peak_bytes
+    pu = A.memory_usage(r.path, source="planned", max_points=100_000)
+    assert list(pu.columns) == ["t_ns", "t_ms", "parameter", "activation", "untracked", "in_use"]
+    assert pu["in_use"].max() == r.peak_bytes and pu["activation"].max() == r.peak_bytes - 8 * MB
+    # an old run (no source column) is all planned; live tensors at a time come from one source
+    old = training_run(tmp_path, "old")
+    assert A.memory_sources(old.path) == ["planned"] and A.memory_peak(old.path).source == "planned"
+    lt = A.memory_intervals(r.path)
+    assert lt.source == "pool" and A.in_use_at(lt, pk.t_ns) == pk.peak_bytes
+    assert A.live_at(lt, pk.t_ns)["size"].sum() == pk.peak_bytes
+
+
 def test_fragmentation_from_offsets(tmp_path):
     run = tmp_path / "frag"
     rows = [("alloc", "a", 0, 100), ("alloc", "b", 100, 100), ("alloc", "c", 300, 100), ("free", "b", -1, 100)]
@@ -311,14 +340,8 @@ def test_functions_accept_a_run_object(run):
 
 # -- integration: real runs recorded by insight.Profiler ---------------------------------------------------
 def _profiler():
-    try:
-        import insight
-        return insight.Profiler
-    except (ImportError, AttributeError):
-        return None
-
-
-needs_profiler = pytest.mark.skipif(_profiler() is None, reason="insight.Profiler has not landed")
+    import insight
+    return insight.Profiler
 
 
 class _StepEnds:
@@ -367,7 +390,6 @@ def digits_run(tmp_path_factory, digits):
     return run, ends.t
 
 
-@needs_profiler
 def test_profiled_digits_breakdown_matches_measured_step_time(digits_run):
     run, ends = digits_run
     bd = A.step_breakdown(run)
@@ -386,7 +408,6 @@ def test_profiled_digits_breakdown_matches_measured_step_time(digits_run):
     assert 0 < s.device_utilization <= 1
 
 
-@needs_profiler
 def test_profiled_digits_op_table_and_chrome_export(digits_run, tmp_path):
     run, _ = digits_run
     tasks = pd.read_parquet(run / "rank_0" / "tasks.parquet")
@@ -410,7 +431,6 @@ def _slow_scale(x):
     return x * 2.0 - 1.0
 
 
-@needs_profiler
 def test_profiled_slow_map_is_input_bound_and_named(tmp_path, digits):
     run = tmp_path / "slow"
     _train_digits(run, digits, map_fn=_slow_scale, workers=1, n=320, epochs=2)

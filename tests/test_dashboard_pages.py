@@ -17,7 +17,7 @@ import pytest
 
 from dashboard.components import fmt_ms
 from insight import analysis
-from tests.synthetic_runs import MB, truncate, training_run
+from synthetic_runs import MB, truncate, training_run
 
 SECRET_OP = "secretop"
 # synth2 against synth: conv2d faster, relu removed, gelu added, conv2d_grad slower, the rest unchanged
@@ -60,6 +60,7 @@ def base(tmp_path_factory):
     broken = training_run(b, "broken")
     truncate(broken.path / "rank_0" / "tasks.parquet", 0.4)
     training_run(b, "nomem", memory=False)
+    training_run(b, "pooled", pool=True)
     _real_run(b / "real")
     secret = training_run(root / "outside", "secret", fwd=((f"{SECRET_OP}_1", SECRET_OP, 400, "S"),))
     return {"base": b, "synth": synth, "secret": secret.path, "root": root}
@@ -67,25 +68,12 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(base):
-    from dash import _callback
-
     from dashboard.app import create_app
     from dashboard.data import store
-    from dashboard.pages import compare, memory, operators
-    # dash.callback registrations are handed to the first app that serves a request; if an earlier test
-    # module's app took them, register them again for this one
-    if not any("op-per-step" in k for k in _callback.GLOBAL_CALLBACK_MAP):
-        for m in (operators, memory, compare):
-            importlib.reload(m)
-    a = create_app(base["base"], reload_interval=0)
+
+    a = create_app(base["base"], reload_interval=0)  # its callbacks are its own (app.callback)
     a.run_store = store()
-    taken_map, taken_list = dict(_callback.GLOBAL_CALLBACK_MAP), list(_callback.GLOBAL_CALLBACK_LIST)
-    a.server.test_client().get("/")  # first request: the router and the callbacks are set up
-    # ... which moved every dash.callback registration into this app: hand them back for the apps that
-    # other test modules build after this one
-    for k, v in taken_map.items():
-        _callback.GLOBAL_CALLBACK_MAP.setdefault(k, v)
-    _callback.GLOBAL_CALLBACK_LIST.extend(c for c in taken_list if c not in _callback.GLOBAL_CALLBACK_LIST)
+    a.server.test_client().get("/")  # first request: the router is set up
     return a
 
 
@@ -173,6 +161,8 @@ def test_operators_tables_equal_the_analysis(app, base, run_id):
     ids = {c["id"] for c in find(lay, "op-table").columns}
     assert {"name", "op", "calls", "total_ms", "avg_ms", "min_ms", "max_ms", "share", "flops", "flop_per_s",
             "shapes", "dtypes", "stream", "scope", "fused_ops"} <= ids
+    names = {c["id"]: c["name"] for c in find(lay, "op-table").columns}
+    assert (names["flops"], names["flop_per_s"]) == ("Est. FLOPs", "Est. FLOP/s")  # estimates, labelled so
     # the per-step chart starts on the top op
     fig = find(lay, "op-per-step").figure
     per = analysis.op_time_per_step(path, ops["name"].iloc[0])
@@ -239,7 +229,7 @@ def test_memory_page_equals_the_analysis(app, base):
     fig = find(lay, "mem-timeline").figure
     star = next(t for t in fig.data if t.name == "peak")
     assert star.x[0] == pytest.approx(peak.t_ns / 1e6) and star.y[0] == pytest.approx(exp.peak_bytes / MB)
-    curve = next(t for t in fig.data if t.name == "in use")
+    curve = next(t for t in fig.data if t.name == "planned in use")  # a run without pool events: all planned
     assert max(curve.y) == pytest.approx(exp.peak_bytes / MB)
     bounds = next(t for t in fig.data if t.name == "step boundary")
     assert len([x for x in bounds.x if x is not None]) == 2 * (len(exp.steps) + 1)
@@ -277,6 +267,56 @@ def test_memory_click_lists_the_tensors_alive_then(app, base):
     rpeak = analysis.memory_peak(real)
     _, _, rrows = mem.inspect({"points": [{"x": 0, "customdata": [rpeak.t_ns, rpeak.step]}]}, "real")
     assert sum(r["size"] for r in rrows) == rpeak.live_bytes
+
+
+def test_memory_page_shows_the_pool_by_kind_and_labels_the_plan(app, base):
+    mem = P("memory")
+    path = base["base"] / "pooled"
+    peak = analysis.memory_peak(path)
+    lay = mem.layout(run_id="pooled")
+    assert peak.source == "pool" and text(find(lay, "mem-peak")) == f"{peak.peak_bytes / MB:.2f} MB"
+    fig = find(lay, "mem-timeline").figure
+    names = [t.name for t in fig.data]
+    stacked = {t.name: t for t in fig.data if getattr(t, "stackgroup", None) == "kinds"}
+    assert set(stacked) == {"parameters", "activation reserve", "workspace", "data-queue batches",
+                            "kernel buffer pool"}
+    usage = analysis.memory_usage(path)
+    assert list(stacked["kernel buffer pool"].y) == pytest.approx(list(usage["kernel_pool"] / MB))
+    assert "in use" in names and any(n.startswith("planned liveness") for n in names)
+    assert "MemoryPool" in fig.layout.title.text
+    assert "planned" in text(find(lay, "mem-source")) and "Measured" in text(find(lay, "mem-source"))
+    # a run with only planned rows is labelled planned: its curve, its stack, its title
+    fig = find(mem.layout(run_id="synth"), "mem-timeline").figure
+    names = [t.name for t in fig.data]
+    assert "in use" not in names and "planned in use" in names and "planned activations" in names
+    assert fig.layout.title.text.startswith("Planned")
+
+
+def test_pages_use_only_public_analysis_and_dash_api():
+    """Pages lay out what insight.analysis returns: no private module, no reading of tables, no Dash
+    internals anywhere in the dashboard."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "dashboard"
+    for f in sorted(root.rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods, names = [a.name for a in node.names], []
+            else:
+                continue
+            for m in mods:
+                assert m == "__future__" or not any(p.startswith("_") for p in m.split(".")), (f.name, m)
+                assert not m.startswith(("pyarrow", "runtime")), (f.name, m)
+            if (getattr(node, "module", None) or "").startswith(("insight", "dash")):
+                assert not any(n.startswith("_") for n in names), (f.name, names)
+        src = f.read_text()
+        assert "dash._" not in src and "GLOBAL_CALLBACK" not in src, f.name
+        if f.parent.name == "pages":
+            assert "read_parquet" not in src and ".groupby(" not in src, f.name
 
 
 def test_memory_page_without_memory_data(app):

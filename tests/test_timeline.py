@@ -58,42 +58,13 @@ def runs(tmp_path_factory):
     return r
 
 
-def _ours(text) -> bool:
-    return "tl-" in str(text)  # every callback of the timeline page writes a tl-* component
-
-
 @pytest.fixture(scope="module")
 def app(runs):
-    """One app for this module's page tests and its browser test.
-
-    ``dash.callback`` / ``clientside_callback`` register globally and the first app to serve a request takes
-    them all (the clientside functions too). If an earlier test module's app took ours, register them again
-    (re-import the page module, after dropping any stale copies); once this app has them, hand them back for
-    the apps other modules build later."""
-    import importlib
-
-    from dash import _callback
-
-    import dashboard.pages.timeline
+    """One app for this module's page tests and its browser test (its callbacks are its own)."""
     from dashboard.app import create_app
 
-    g_map, g_list, g_js = _callback.GLOBAL_CALLBACK_MAP, _callback.GLOBAL_CALLBACK_LIST, _callback.GLOBAL_INLINE_SCRIPTS
-    complete = (any("tl-graph.figure" in k for k in g_map) and any("xaxis.autorange" in js for js in g_js)
-                and any("getElementById('tl-graph')" in js for js in g_js))
-    if not complete:
-        for k in [k for k in g_map if _ours(k)]:
-            del g_map[k]
-        g_list[:] = [c for c in g_list if not _ours(c.get("output"))]
-        g_js[:] = [js for js in g_js if "xaxis.autorange" not in js and "getElementById('tl-graph')" not in js]
-        importlib.reload(dashboard.pages.timeline)
-    taken = ({k: v for k, v in g_map.items() if _ours(k)}, [c for c in g_list if _ours(c.get("output"))],
-             [js for js in g_js if "xaxis.autorange" in js or "getElementById('tl-graph')" in js])
     a = create_app(runs["base"])
-    a.server.test_client().get("/")  # the first request: this app takes the registrations
-    for k, v in taken[0].items():
-        g_map.setdefault(k, v)
-    g_list.extend(c for c in taken[1] if c not in g_list)
-    g_js.extend(js for js in taken[2] if js not in g_js)
+    a.server.test_client().get("/")  # the first request: the router is set up
     return a
 
 
@@ -361,7 +332,7 @@ def _click(client, run_id, point):
 def test_click_shows_every_field(client):
     client.page("/run/big/timeline")
     text = _click(client, "big", {"customdata": 3 * 4 + 0, "x": 1.0})  # row 3 of tasks
-    for k in ("flops", "shape", "fused ops", "scope", "stream", "dur ns", "Net/backbone"):
+    for k in ("est. flops", "est. bytes", "shape", "fused ops", "scope", "stream", "dur ns", "Net/backbone"):
         assert k in text
     assert "\\\\x01" in text  # the control character in the name is shown escaped
     assert "Busy share" in _click(client, "big", {"x": 3.0, "curveNumber": 1})
@@ -379,6 +350,67 @@ def test_download_route_serves_the_gzip_chrome_trace(client, runs):
     assert client.c.get("/download/%2E%2E/trace.json.gz").status_code == 404  # never outside the base dir
     bad = client.c.get("/download/corrupt/trace.json.gz")
     assert bad.status_code == 422 and b"cannot read" in bad.data
+
+
+def test_forged_timeline_inputs_are_bounded(client):
+    """A forged callback asking for a window 1e7 pixels wide is clamped: fast and small; values that are not
+    numbers give a message in the page, not a 500."""
+    client.page("/run/big/timeline")
+    t = time.perf_counter()
+    fig, info, n, _ = client.figure("big", 1e7)
+    assert time.perf_counter() - t < 10 and n < 2_000_000, n
+    busy = [tr for tr in fig["data"] if tr["type"] == "scatter"]
+    assert busy and all(len(_typed_len(tr["x"])) <= 2 * 4096 + 10 for tr in busy)
+    for width in (-5, "abc", None, True, float("nan"), [1, 2], {"a": 1}):
+        fig, info, _, _ = client.figure("big", width)  # the default width: no error
+        assert fig["data"]
+    for relayout in ({"xaxis.range[0]": "x", "xaxis.range[1]": 2}, {"xaxis.range": [1, float("inf")]},
+                     {"xaxis.range": [0, 1e300]}, {"xaxis.range[0]": [1], "xaxis.range[1]": {}}):
+        fig, info, _, _ = client.figure("big", 1000, relayout=relayout, trigger="relayout")
+        assert "invalid view" in info
+    for step in ("abc", 10 ** 30, -1, 1.5, [3]):
+        fig, info, _, _ = client.figure("sink", 1000, step=step, trigger="step")
+        assert "no step" in info
+    res, _, _ = client._post("..tl-graph.figure...tl-info.children..",
+                             [{"id": "tl-graph", "property": "figure"}, {"id": "tl-info", "property": "children"}],
+                             [{"id": "tl-xrange", "property": "data", "value": None},
+                              {"id": "tl-step", "property": "value", "value": None},
+                              {"id": "tl-reset", "property": "n_clicks", "value": 0},
+                              {"id": "tl-width", "property": "data", "value": 800}],
+                             state=[{"id": "tl-run", "property": "data", "value": "x" * 10_000}])
+    assert res["response"]["tl-info"]["children"] == "no such run"
+    for cd in (float("inf"), -8, 10 ** 18, "x"):
+        assert "no details" in _click(client, "sink", {"customdata": cd, "x": 1.0}) or \
+            "Busy share" in _click(client, "sink", {"customdata": cd, "x": 1.0})
+
+
+def _typed_len(spec):
+    import base64
+    if isinstance(spec, dict) and "bdata" in spec:
+        return np.frombuffer(base64.b64decode(spec["bdata"]), dtype=np.dtype(spec["dtype"]))
+    return spec
+
+
+def test_download_ids_are_bounded_and_traces_live_in_the_cache_dir(client, runs, tmp_path, monkeypatch):
+    from dashboard import routes
+
+    routes.cleanup_trace_cache()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert client.c.get("/download/" + "a" * 10_000 + "/trace.json.gz").status_code == 404
+    assert client.c.get("/download/" + "%2E" * 3000 + "/trace.json.gz").status_code == 404
+    r = client.c.get("/download/sink/trace.json.gz")
+    assert r.status_code == 200
+    d = routes.trace_cache_dir()
+    assert d.parent == tmp_path / "cache" / "insight" / "traces" and list(d.glob("*.trace.json.gz"))
+    # a directory left by a server that died is removed by the next one
+    stale = d.parent / "999999999-dead"
+    stale.mkdir()
+    routes.cleanup_trace_cache()
+    assert not d.exists()
+    assert client.c.get("/download/sink/trace.json.gz").status_code == 200
+    assert not stale.exists()
+    routes.cleanup_trace_cache()
+    assert list((tmp_path / "cache" / "insight" / "traces").iterdir()) == []
 
 
 def test_pipeline_page(client):

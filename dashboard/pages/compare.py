@@ -17,7 +17,7 @@ import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, callback, dash_table, dcc, html
+from dash import Input, Output, dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme, Sign
 
 from dashboard.components import error_panel, fmt_ms, graph, stat_card
@@ -258,8 +258,6 @@ def _view(a: str, b: str, cmp):
 
 
 # -- the pickers rewrite the URL; the page router re-renders with the new query ----------------------------
-@callback(Output(PAGES_LOCATION, "search"), Input("compare-a", "value"), Input("compare-b", "value"),
-          prevent_initial_call=True)
 def pick(a, b):
     return compare_search(a, b)
 
@@ -267,3 +265,8 @@ def pick(a, b):
 def compare_search(a, b) -> str:
     q = {k: v for k, v in (("a", a), ("b", b)) if v}
     return "?" + urlencode(q) if q else ""
+
+
+def register_callbacks(app) -> None:
+    app.callback(Output(PAGES_LOCATION, "search"), Input("compare-a", "value"), Input("compare-b", "value"),
+                 prevent_initial_call=True)(pick)

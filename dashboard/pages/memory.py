@@ -2,30 +2,30 @@
 
 * stat cards: peak (and when), capacity, peak share of capacity, fragmentation at the peak (when the
   offsets are known), allocation and free counts;
-* the in-use curve (``memory_timeline``, downsampled keeping every bucket's extremes), alloc / free
-  markers, step boundaries as vertical lines, the peak marked with its time, and the capacity line
-  (the y axis fits the data or spans the whole capacity);
+* memory in use stacked by kind (``memory_usage``: parameters, activation reserve, workspace, data-queue
+  batches, kernel buffer pool -- the MemoryPool's real blocks), the in-use curve (``memory_timeline``,
+  downsampled keeping every bucket's extremes), alloc / free markers, step boundaries as vertical lines, the
+  peak marked with its time, and the capacity line (the y axis fits the data or spans the whole capacity);
+  the static plan's activation liveness is drawn beside the pool's blocks and labelled *planned*; a run with
+  only planned rows (recorded before the pool reported its blocks) is labelled planned throughout;
 * the tensors alive at the peak (``memory_peak(...).live``);
-* click-to-inspect: clicking the curve lists the tensors alive at that instant, computed here from the
-  memory events (allocated at or before t, not freed by t).
+* click-to-inspect: clicking the curve lists the blocks alive at that instant (``live_at``).
+
+Everything shown comes from ``insight.analysis``; this module only lays it out.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, State, callback, dash_table, dcc, html
+from dash import Input, Output, State, dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme
 
 from dashboard.components import graph, run_page, stat_card
 from dashboard.data import RunNotFound, store
 from insight import analysis
-from insight.analysis._io import read
-from insight.analysis.memory import MEM_COLUMNS
-from insight.trace import Run, TraceError
+from insight.trace import TraceError
 
 MB = 2 ** 20
 NS_PER_MS = 1e6
@@ -62,48 +62,12 @@ def layout(run_id=None, **_):
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-@dataclass
-class Lifetimes:
-    """Every allocation of device memory with its lifetime (``intervals``: ``name, op, kind, size, shape,
-    dtype, scope, offset, step, alloc_ns, free_ns``, ``free_ns`` = -1 when never freed) and the exact
-    in-use curve (``t_ns``, ``in_use`` of every event)."""
-    intervals: pd.DataFrame
-    t_ns: np.ndarray
-    in_use: np.ndarray
-
-
-def memory_intervals(run: Run, device: str = "device") -> Lifetimes:
-    """The allocations of ``device`` memory and their lifetimes, from the run's memory events.
-
-    A tensor's allocations and frees pair up in order (the n-th free of a name ends its n-th allocation);
-    tensors without a name are keyed by offset, as ``memory_peak`` does."""
-    m = read(run, "memory", MEM_COLUMNS, required=("t_ns", "action", "size", "in_use"))
-    m = m[m["device"] == device].sort_values("t_ns", kind="stable").reset_index(drop=True)
-    key = m["tensor"].where(m["tensor"] != "", "@" + m["offset"].astype(str))
-    m = m.assign(key=key)
-    a = m[m["action"] == "alloc"].copy()
-    f = m[m["action"] == "free"].copy()
-    a["n"] = a.groupby("key").cumcount()
-    f["n"] = f.groupby("key").cumcount()
-    ends = f[["key", "n", "t_ns"]].rename(columns={"t_ns": "free_ns"})
-    out = a.merge(ends, on=["key", "n"], how="left")
-    out["free_ns"] = out["free_ns"].fillna(-1).astype(np.int64)
-    out = out.rename(columns={"tensor": "name", "t_ns": "alloc_ns"})
-    out = out[["name", "op", "kind", "size", "shape", "dtype", "scope", "offset", "step", "alloc_ns", "free_ns"]]
-    return Lifetimes(out, m["t_ns"].to_numpy(), m["in_use"].to_numpy())
-
-
-def live_at(lt: Lifetimes, t_ns: int) -> pd.DataFrame:
-    """The allocations alive at ``t_ns``: allocated at or before it and not freed by then, largest first."""
-    iv = lt.intervals
-    alive = (iv["alloc_ns"] <= t_ns) & ((iv["free_ns"] < 0) | (iv["free_ns"] > t_ns))
-    return iv[alive].sort_values(["size", "alloc_ns"], ascending=[False, True], kind="stable").reset_index(drop=True)
-
-
-def in_use_at(lt: Lifetimes, t_ns: int) -> int | None:
-    """Device bytes in use after the last event at or before ``t_ns`` (parameters included)."""
-    i = int(np.searchsorted(lt.t_ns, t_ns, side="right")) - 1
-    return int(lt.in_use[i]) if i >= 0 else None
+KIND_LABELS = {"parameter": "parameters", "activation": "activations", "activation_reserve": "activation reserve",
+               "workspace": "workspace", "queue": "data-queue batches", "kernel_pool": "kernel buffer pool",
+               "untracked": "untracked (alignment, blocks from before recording)", "other": "other"}
+KIND_COLORS = {"parameter": "#457b9d", "activation": "#f4a261", "activation_reserve": "#a8dadc",
+               "workspace": "#e9c46a", "queue": "#2a9d8f", "kernel_pool": "#8338ec", "untracked": "#ced4da",
+               "other": "#adb5bd"}
 
 
 def live_rows(df: pd.DataFrame) -> list[dict]:
@@ -122,8 +86,8 @@ def live_rows(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _intervals(run_id: str) -> Lifetimes:
-    return store().get(run_id, "memory_intervals", memory_intervals)
+def _intervals(run_id: str) -> analysis.Lifetimes:
+    return store().get(run_id, "memory_intervals", analysis.memory_intervals)
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
@@ -142,14 +106,20 @@ def fmt_bytes(n) -> str:
 
 
 # -- figure -------------------------------------------------------------------------------------------------
-def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit") -> go.Figure:
+def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit", usage: pd.DataFrame | None = None,
+                    planned: pd.DataFrame | None = None) -> go.Figure:
+    """``tl``: ``memory_timeline`` of ``peak.source``; ``usage``: ``memory_usage`` of the same source (stacked by
+    kind); ``planned``: the planned rows' timeline when ``tl`` is the pool's (drawn as the plan's liveness)."""
     fig = go.Figure()
+    is_plan = peak.source == "planned"
     if tl.empty:
         fig.add_annotation(text="No device memory events in this run (profile_memory off?)", showarrow=False,
                            x=0.5, y=0.5, xref="paper", yref="paper")
         fig.update_layout(height=240)
         return fig
     ymax = float(tl["in_use_mb"].max())
+    if planned is not None and len(planned):
+        ymax = max(ymax, float(planned["in_use_mb"].max()))
     cap_mb = peak.capacity / MB if peak.capacity else 0.0
     top = max(ymax, cap_mb) if scale == "capacity" and cap_mb else ymax
     top = top * 1.08 or 1.0
@@ -165,10 +135,27 @@ def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit"
         fig.add_scatter(x=mids, y=[top * 0.985] * len(bd), mode="text", text=[f"{s}" for s in bd["step"]],
                         textfont=dict(size=9, color="#999"), name="step number", hoverinfo="skip",
                         showlegend=False, visible=True if len(bd) <= 40 else "legendonly")
+    # in use, stacked by kind: what the bytes were (the untracked rest makes the stack reach the curve)
+    if usage is not None and len(usage):
+        kinds = [c for c in usage.columns if c not in ("t_ns", "t_ms", "in_use")]
+        for k in kinds:
+            if not (usage[k] > 0).any():
+                continue
+            label = ("planned " if is_plan else "") + KIND_LABELS.get(k, k)
+            fig.add_scatter(x=usage["t_ms"], y=usage[k] / MB, mode="lines", line_shape="hv", stackgroup="kinds",
+                            name=label, line=dict(width=0.5, color=KIND_COLORS.get(k, "#adb5bd")),
+                            hovertemplate=f"{label}: %{{y:.4f}} MB<extra></extra>")
+    curve = "planned in use" if is_plan else "in use"
     custom = np.stack([tl["t_ns"].to_numpy(), tl["step"].to_numpy()], axis=-1)
-    fig.add_scatter(x=tl["t_ms"], y=tl["in_use_mb"], mode="lines", line_shape="hv", name="in use",
+    fig.add_scatter(x=tl["t_ms"], y=tl["in_use_mb"], mode="lines", line_shape="hv", name=curve,
                     line=dict(color="#3a86ff", width=1.5), customdata=custom,
-                    hovertemplate="%{x:.3f} ms<br>%{y:.4f} MB in use<br>step %{customdata[1]}<extra></extra>")
+                    hovertemplate=f"%{{x:.3f}} ms<br>%{{y:.4f}} MB {curve}<br>step %{{customdata[1]}}<extra></extra>")
+    if planned is not None and len(planned):
+        fig.add_scatter(x=planned["t_ms"], y=planned["in_use_mb"], mode="lines", line_shape="hv",
+                        name="planned liveness (parameters + live activations, inside the reserve)",
+                        line=dict(color="#e76f51", width=1.2, dash="dot"),
+                        hovertemplate="%{x:.3f} ms<br>%{y:.4f} MB planned (static plan at measured times)"
+                                      "<extra></extra>")
     if len(tl) <= MAX_MARKERS:
         for action, symbol, color in (("alloc", "triangle-up", "#2a9d8f"), ("free", "triangle-down", "#e76f51")):
             sel = tl[tl["action"] == action]
@@ -184,7 +171,8 @@ def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit"
                         hovertemplate="peak %{y:.4f} MB at %{x:.3f} ms<extra></extra>")
         fig.add_annotation(x=px, y=py, text=f"peak {fmt_mb(peak.peak_bytes)} at {px:.3f} ms (step {peak.step})",
                            showarrow=True, arrowhead=2, ax=40, ay=-30, bgcolor="rgba(255,255,255,0.85)")
-    title = "Device memory in use"
+    title = ("Planned device memory: the static plan's liveness at measured task times" if is_plan
+             else "Device memory in use (MemoryPool blocks, stacked by kind)")
     if cap_mb:
         if cap_mb <= top:
             fig.add_hline(y=cap_mb, line_color="#d00000", line_dash="dash",
@@ -198,11 +186,34 @@ def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit"
 
 
 # -- the page -----------------------------------------------------------------------------------------------
-def _body(run_id: str):
+def _source_note(peak, planned) -> str:
+    if peak.source == "planned":
+        return ("Planned liveness: the static memory plan's activations replayed at the measured task times "
+                "(this run has no MemoryPool events), not measured usage.")
+    return ("Measured: the MemoryPool's blocks (parameters, the step's activation reserve, workspace, data-queue "
+            "batches, the kernel buffer pool)." + (" The dotted line is the plan's activation liveness inside the "
+                                                   "reserve (planned, not measured)." if planned is not None else ""))
+
+
+def _planned_timeline(run):
+    return analysis.memory_timeline(run, source="planned")
+
+
+def _data(run_id: str):
+    """(peak, timeline, breakdown, usage by kind, planned timeline or None) of the run's main memory source."""
     st = store()
     peak = st.get(run_id, "memory_peak", analysis.memory_peak)
     tl = st.get(run_id, "memory_timeline", analysis.memory_timeline)
     bd = st.get(run_id, "step_breakdown", analysis.step_breakdown)
+    usage = st.get(run_id, "memory_usage", analysis.memory_usage)
+    sources = st.get(run_id, "memory_sources", analysis.memory_sources)
+    planned = (st.get(run_id, "memory_timeline:planned", _planned_timeline)
+               if peak.source != "planned" and "planned" in sources else None)
+    return peak, tl, bd, usage, planned
+
+
+def _body(run_id: str):
+    peak, tl, bd, usage, planned = _data(run_id)
     iv = _intervals(run_id)
     if tl.empty and not len(iv.intervals):
         return html.Div([html.H2("Memory"), html.P(
@@ -237,7 +248,8 @@ def _body(run_id: str):
                                                           {"label": " whole capacity", "value": "capacity"}],
                                  value=scale, inline=True, inputStyle={"marginLeft": 10})],
                  style={"display": "flex", "gap": 6, "alignItems": "center"}),
-        graph("mem-timeline", timeline_figure(tl, peak, bd, scale)),
+        graph("mem-timeline", timeline_figure(tl, peak, bd, scale, usage, planned)),
+        html.P(_source_note(peak, planned), className="muted", id="mem-source"),
         html.P("Click a point of the curve to list the tensors alive at that time. Alloc/free markers and step "
                "boundaries can be toggled from the legend.", className="muted"),
         html.Div([html.H3("Tensors alive at the clicked time", id="mem-at-title"),
@@ -254,38 +266,34 @@ def _body(run_id: str):
 
 
 # -- callbacks ----------------------------------------------------------------------------------------------
-@callback(Output("mem-timeline", "figure"), Input("mem-scale", "value"), State("mem-run", "data"),
-          prevent_initial_call=True)
 def rescale(scale, run_id):
     try:
-        st = store()
-        return timeline_figure(st.get(run_id, "memory_timeline", analysis.memory_timeline),
-                               st.get(run_id, "memory_peak", analysis.memory_peak),
-                               st.get(run_id, "step_breakdown", analysis.step_breakdown), scale or "fit")
+        peak, tl, bd, usage, planned = _data(run_id)
+        return timeline_figure(tl, peak, bd, scale if scale in ("fit", "capacity") else "fit", usage, planned)
     except (RunNotFound, TraceError):
         return dash.no_update
 
 
 def clicked_time_ns(click: dict | None) -> int | None:
-    """The time of a clicked point: the event's exact ``t_ns`` when the point carries it, else its x (ms)."""
-    if not click or not click.get("points"):
-        return None
-    p = click["points"][0]
-    cd = p.get("customdata")
-    if isinstance(cd, (list, tuple)) and cd and cd[0] is not None:
-        try:
-            return int(cd[0])
-        except (TypeError, ValueError):
-            pass
-    x = p.get("x")
+    """The time of a clicked point: the event's exact ``t_ns`` when the point carries it, else its x (ms).
+    None for anything else (clicks come from the browser and may be forged)."""
     try:
-        return int(round(float(x) * NS_PER_MS))
-    except (TypeError, ValueError):
-        return None
+        p = click["points"][0] if isinstance(click, dict) and click.get("points") else None
+        if not isinstance(p, dict):
+            return None
+        cd = p.get("customdata")
+        if isinstance(cd, (list, tuple)) and cd and isinstance(cd[0], (int, float)) and not isinstance(cd[0], bool):
+            if abs(cd[0]) < 2 ** 62:
+                return int(cd[0])
+        x = p.get("x")
+        if isinstance(x, (int, float, str)) and not isinstance(x, bool):
+            v = float(x) * NS_PER_MS
+            return int(round(v)) if np.isfinite(v) and abs(v) < 2 ** 62 else None
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError):
+        pass
+    return None
 
 
-@callback(Output("mem-at-title", "children"), Output("mem-at-summary", "children"), Output("mem-at-table", "data"),
-          Input("mem-timeline", "clickData"), State("mem-run", "data"), prevent_initial_call=True)
 def inspect(click, run_id):
     t = clicked_time_ns(click)
     if t is None:
@@ -293,13 +301,21 @@ def inspect(click, run_id):
     try:
         iv = _intervals(run_id)
     except RunNotFound:
-        return "Tensors alive at the clicked time", f"There is no run named {run_id!r}.", []
+        return "Tensors alive at the clicked time", f"There is no run named {str(run_id)[:80]!r}.", []
     except TraceError as e:
         return "Tensors alive at the clicked time", str(e), []
-    live = live_at(iv, t)
-    used = in_use_at(iv, t)
+    live = analysis.live_at(iv, t)
+    used = analysis.in_use_at(iv, t)
     step = live["step"].max() if len(live) else None
     summary = (f"{len(live)} tensors, {fmt_mb(int(live['size'].sum()))} recorded"
                + (f"; {fmt_mb(used)} in use (parameters included)" if used is not None else ""))
     return (f"Tensors alive at {t / NS_PER_MS:.3f} ms" + (f" (step {step})" if step is not None else ""),
             summary, live_rows(live))
+
+
+def register_callbacks(app) -> None:
+    app.callback(Output("mem-timeline", "figure"), Input("mem-scale", "value"), State("mem-run", "data"),
+                 prevent_initial_call=True)(rescale)
+    app.callback(Output("mem-at-title", "children"), Output("mem-at-summary", "children"),
+                 Output("mem-at-table", "data"), Input("mem-timeline", "clickData"), State("mem-run", "data"),
+                 prevent_initial_call=True)(inspect)

@@ -1,6 +1,8 @@
 """Operators: MindInsight's operator-performance page / torch.profiler's operator view.
 
 * a top-N chart of op types or ops (bar or pie, N selectable; the pie folds the rest into "(other)"),
+* FLOPs come from each primitive's cost model (shapes, not counters): the columns say "Est. FLOPs" and
+  "Est. FLOP/s";
 * the per-op-type table and the per-op table (native sort and per-column filter, a fuzzy search box,
   page sizes 10/20/50), numbers kept numeric so they sort as numbers and shown in human units,
 * the time (and calls) per step of the op or op type selected by clicking a table row or a bar.
@@ -16,7 +18,7 @@ import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, State, callback, ctx, dash_table, dcc, html
+from dash import Input, Output, State, ctx, dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme, Symbol
 
 from dashboard.components import fmt_ms, graph, run_page, stat_card
@@ -51,7 +53,7 @@ def _text(id_, name):
 
 STAT_COLUMNS = [_num("calls", "Calls", COUNT), _num("total_ms", "Total (ms)", MS), _num("avg_ms", "Avg (ms)", MS),
                 _num("min_ms", "Min (ms)", MS), _num("max_ms", "Max (ms)", MS), _num("share", "Share", PCT),
-                _num("flops", "FLOPs", si("")), _num("flop_per_s", "Achieved FLOP/s", si("")),
+                _num("flops", "Est. FLOPs", si("")), _num("flop_per_s", "Est. FLOP/s", si("")),
                 _text("shapes", "Shapes"), _text("dtypes", "Dtype"), _text("stream", "Stream"),
                 _text("scope", "Scope"), _text("fused_ops", "Fused ops")]
 TYPE_COLUMNS = [_text("op", "Op type"), _num("ops", "Ops", COUNT)] + STAT_COLUMNS
@@ -82,7 +84,25 @@ def layout(run_id=None, **_):
 
 # -- data ---------------------------------------------------------------------------------------------------
 def _kinds(choice) -> tuple | None:
-    return KINDS.get(choice or "all")
+    return KINDS.get(choice if isinstance(choice, str) and choice in KINDS else "all")
+
+
+def _choice(value, allowed, default):
+    """A callback input from the browser (which a client can forge): one of ``allowed``, else ``default``."""
+    try:
+        return value if value in allowed else default
+    except TypeError:  # unhashable
+        return default
+
+
+def _count(value, default: int, most: int) -> int:
+    """A positive count from the browser, at most ``most``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
+        return default
+    return int(min(most, max(1, value)))
+
+
+MAX_QUERY = 200  # characters of a search query
 
 
 def type_table(run_id: str, kinds=None) -> pd.DataFrame:
@@ -120,7 +140,7 @@ def op_rows(ops: pd.DataFrame) -> list[dict]:
 def fuzzy_match(query: str, names, others=()) -> bool:
     """Every whitespace-separated term of ``query`` (case-insensitive) is a substring of one of the fields
     or a subsequence of one of the ``names`` (``cgi`` finds ``conv2d_grad_input``)."""
-    terms = [t for t in re.split(r"\s+", (query or "").lower()) if t]
+    terms = [t for t in re.split(r"\s+", str(query or "")[:MAX_QUERY].lower()) if t]
     short = [str(f or "").lower() for f in names]
     texts = short + [str(f or "").lower() for f in others]
     for t in terms:
@@ -201,9 +221,9 @@ def per_step_figure(per: pd.DataFrame, title: str) -> go.Figure:
 
 
 def selection_figure(run_id: str, sel: dict | None) -> go.Figure:
-    if not sel:
+    if not isinstance(sel, dict) or sel.get("by") not in ("op", "name") or not isinstance(sel.get("name"), str):
         return per_step_figure(pd.DataFrame(), "Select an op or op type to see its time per step")
-    by, name = sel["by"], sel["name"]
+    by, name = sel["by"], sel["name"][:1000]
     per = store().get(run_id, f"op_time_per_step:{by}", analysis.op_time_per_step, name, by)
     what = f"op type {name}" if by == "op" else f"op {name}" + (f" ({sel['op']})" if sel.get("op") else "")
     return per_step_figure(per, f"Time per step of {what}")
@@ -297,43 +317,31 @@ def _safe(run_id, fn, fallback):
         return fallback
 
 
-@callback(Output("op-type-table", "data"), Output("op-type-count", "children"), Output("op-type-table", "tooltip_data"),
-          Input("op-type-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
-          prevent_initial_call=True)
 def filter_types(query, kinds, run_id):
     rows = _safe(run_id, lambda: type_rows(type_table(run_id, _kinds(kinds))), [])
-    rows = search_rows(rows, query)
+    rows = search_rows(rows, query if isinstance(query, str) else "")
     return rows, f"{len(rows)} rows", _tooltips(rows)
 
 
-@callback(Output("op-table", "data"), Output("op-count", "children"), Output("op-table", "tooltip_data"),
-          Input("op-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
-          prevent_initial_call=True)
 def filter_ops(query, kinds, run_id):
     rows = _safe(run_id, lambda: op_rows(op_table(run_id, _kinds(kinds))), [])
-    rows = search_rows(rows, query)
+    rows = search_rows(rows, query if isinstance(query, str) else "")
     return rows, f"{len(rows)} rows", _tooltips(rows)
 
 
-@callback(Output("op-type-table", "page_size"), Output("op-type-table", "page_current"),
-          Input("op-type-page-size", "value"), prevent_initial_call=True)
 def type_page_size(size):
-    return int(size or PAGE_SIZES[0]), 0
+    return _choice(size, PAGE_SIZES, PAGE_SIZES[0]), 0
 
 
-@callback(Output("op-table", "page_size"), Output("op-table", "page_current"),
-          Input("op-page-size", "value"), prevent_initial_call=True)
 def op_page_size(size):
-    return int(size or PAGE_SIZES[0]), 0
+    return _choice(size, PAGE_SIZES, PAGE_SIZES[0]), 0
 
 
-@callback(Output("ops-top-chart", "figure"), Input("ops-chart-kind", "value"), Input("ops-top-n", "value"),
-          Input("ops-top-by", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
-          prevent_initial_call=True)
 def update_top_chart(kind, n, by, kinds, run_id):
     k = _kinds(kinds)
     try:
-        return top_figure(type_table(run_id, k), op_table(run_id, k), by or "op", int(n or 20), kind or "bar")
+        return top_figure(type_table(run_id, k), op_table(run_id, k), _choice(by, ("op", "name"), "op"),
+                          _count(n, 20, max(TOP_N_CHOICES)), _choice(kind, ("bar", "pie"), "bar"))
     except (RunNotFound, TraceError) as e:
         return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
 
@@ -345,8 +353,6 @@ def _message_figure(text: str) -> go.Figure:
     return fig
 
 
-@callback(Output("op-selection", "data"), Input("op-type-table", "active_cell"), Input("op-table", "active_cell"),
-          Input("ops-top-chart", "clickData"), State("ops-top-by", "value"), prevent_initial_call=True)
 def select(type_cell, op_cell, click, top_by):
     return selection_from(ctx.triggered_id, type_cell, op_cell, click, top_by)
 
@@ -366,10 +372,29 @@ def selection_from(trigger, type_cell, op_cell, click, top_by) -> dict:
     return dash.no_update
 
 
-@callback(Output("op-per-step", "figure"), Input("op-selection", "data"), State("ops-run", "data"),
-          prevent_initial_call=True)
 def show_selection(sel, run_id):
     try:
         return selection_figure(run_id, sel)
     except (RunNotFound, TraceError) as e:
         return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
+
+
+def register_callbacks(app) -> None:
+    app.callback(Output("op-type-table", "data"), Output("op-type-count", "children"),
+                 Output("op-type-table", "tooltip_data"), Input("op-type-search", "value"),
+                 Input("ops-kinds", "value"), State("ops-run", "data"), prevent_initial_call=True)(filter_types)
+    app.callback(Output("op-table", "data"), Output("op-count", "children"), Output("op-table", "tooltip_data"),
+                 Input("op-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+                 prevent_initial_call=True)(filter_ops)
+    app.callback(Output("op-type-table", "page_size"), Output("op-type-table", "page_current"),
+                 Input("op-type-page-size", "value"), prevent_initial_call=True)(type_page_size)
+    app.callback(Output("op-table", "page_size"), Output("op-table", "page_current"), Input("op-page-size", "value"),
+                 prevent_initial_call=True)(op_page_size)
+    app.callback(Output("ops-top-chart", "figure"), Input("ops-chart-kind", "value"), Input("ops-top-n", "value"),
+                 Input("ops-top-by", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+                 prevent_initial_call=True)(update_top_chart)
+    app.callback(Output("op-selection", "data"), Input("op-type-table", "active_cell"),
+                 Input("op-table", "active_cell"), Input("ops-top-chart", "clickData"), State("ops-top-by", "value"),
+                 prevent_initial_call=True)(select)
+    app.callback(Output("op-per-step", "figure"), Input("op-selection", "data"), State("ops-run", "data"),
+                 prevent_initial_call=True)(show_selection)

@@ -245,7 +245,8 @@ def _ops_table(ops: pd.DataFrame):
 def _queue_figure(q: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     if len(q):
-        for name, g in q.groupby("queue", sort=False):
+        for name in q["queue"].unique():  # one line per queue
+            g = q[q["queue"] == name]
             fig.add_trace(go.Scatter(x=g["t_ms"].to_numpy(float), y=g["depth"].to_numpy(float), mode="lines",
                                      line=dict(shape="hv", width=1.5), name=str(name),
                                      hovertemplate=f"{name}<br>%{{x:,.3f}} ms · depth %{{y}}<extra></extra>"))

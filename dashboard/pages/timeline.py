@@ -13,29 +13,29 @@ for exact tasks, or one filled ``Scatter`` polygon for busy bins -- never a shap
 go to the browser as typed (base64) arrays.
 
 Hover shows a task's name, op, lane, scope and duration; a click shows every field (op, stream, scope,
-duration, shape, dtype, FLOPs, bytes, fused ops ...). The Chrome trace (``insight.export.export_chrome``,
-gzip) is served by a Flask route, ``/download/<run_id>/trace.json.gz`` (``register_routes``).
+duration, shape, dtype, estimated FLOPs and bytes, fused ops ...). The Chrome trace (``insight.export.export_chrome``,
+gzip) is served by the Flask route of ``dashboard.routes``, ``/download/<run_id>/trace.json.gz``.
+
+Callback inputs come from the browser and may be forged: the width is clamped to ``MAX_WIDTH`` pixels, the
+view to the run's span (and at least 1 us), a step must be one of the run's; anything else is an error
+message in the page (``tl-info``), never a 500.
 """
 from __future__ import annotations
 
 import base64
-import hashlib
 import html as _html
 import re
-import tempfile
-import threading
-from pathlib import Path
 
 import dash
 import numpy as np
-from dash import Input, Output, State, callback, clientside_callback, ctx, dcc, html
+from dash import Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
 from dashboard.components import GRAPH_CONFIG, run_page, stat_card
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.analysis import timeline as tl
-from insight.trace import TraceError, open_run
+from insight.trace import TraceError
 
 DEFAULT_WIDTH = 1200      # plot-area pixels when the browser has not told us yet
 PAD = 0.25                # the server also sends this share of the window on each side: small pans need no wait
@@ -49,7 +49,8 @@ BUSY_COLOR = "rgba(58, 134, 255, 0.55)"
 COLORSCALE = [p for k, c in enumerate(COLORS) for p in ((k / len(COLORS), c), ((k + 1) / len(COLORS), c))]
 BUTTON = {"padding": "6px 12px", "border": "1px solid #bbb", "borderRadius": "4px", "background": "#fff",
           "cursor": "pointer", "fontSize": "14px"}
-DOWNLOAD_PATH = "/download/<run_id>/trace.json.gz"
+MIN_WIDTH, MAX_WIDTH = 100, 4096  # plot-area pixels a client may ask for
+MAX_ABS_MS = 1e12                 # times beyond this (about 30 years) are not a view of a run
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -267,9 +268,20 @@ def _window(data: tl.TimelineData, t0: float, t1: float, width_px: int):
     return win, (int(np.floor(t0)), int(np.ceil(t1)))
 
 
+def _finite(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return f if np.isfinite(f) and abs(f) < MAX_ABS_MS else None
+
+
 def _x_range(relayout: dict | None):
-    """(t0_ns, t1_ns) from plotly's relayoutData, "auto" for a reset, None if the x axis did not move."""
-    if not relayout:
+    """(t0_ns, t1_ns) from plotly's relayoutData, "auto" for a reset, None if the x axis did not move.
+    ValueError for a range that is not two finite numbers (a forged request)."""
+    if not relayout or not isinstance(relayout, dict):
         return None
     if relayout.get("xaxis.autorange"):
         return "auto"
@@ -279,11 +291,19 @@ def _x_range(relayout: dict | None):
         a, b = relayout["xaxis.range"]
     else:
         return None
-    try:
-        a, b = float(a) * 1e6, float(b) * 1e6
-    except (TypeError, ValueError):
-        return None
+    a, b = _finite(a), _finite(b)
+    if a is None or b is None:
+        raise ValueError("the x range must be two finite numbers of milliseconds")
+    a, b = a * 1e6, b * 1e6
     return (min(a, b), max(a, b))
+
+
+def clamp_width(width) -> int:
+    """The plot width a client sent, as pixels in [MIN_WIDTH, MAX_WIDTH] (DEFAULT_WIDTH when not a number)."""
+    w = _finite(width) if not isinstance(width, str) else None
+    if w is None:
+        return DEFAULT_WIDTH
+    return int(min(MAX_WIDTH, max(MIN_WIDTH, w)))
 
 
 def _info(win: analysis.TimelineWindow, view) -> str:
@@ -297,14 +317,13 @@ def _info(win: analysis.TimelineWindow, view) -> str:
     return " · ".join(parts)
 
 
-@callback(Output("tl-graph", "figure"), Output("tl-info", "children"),
-          Input("tl-xrange", "data"), Input("tl-step", "value"), Input("tl-reset", "n_clicks"),
-          Input("tl-width", "data"), State("tl-run", "data"))
 def update_figure(relayout, step, _reset, width, run_id):
     if not run_id:
         raise PreventUpdate
-    trig = ctx.triggered_id
-    width_px = int(width) if isinstance(width, (int, float)) and width >= 100 else DEFAULT_WIDTH
+    if not isinstance(run_id, str) or len(run_id) > 255:
+        return _placeholder(90 + LANE_HEIGHT), "no such run"
+    trig = ctx.triggered_id if ctx else None
+    width_px = clamp_width(width)
     try:
         data = _data(run_id)
         if not data.lanes:
@@ -317,40 +336,36 @@ def update_figure(relayout, step, _reset, width, run_id):
             if rng != "auto":
                 view = rng
         elif trig in ("tl-step", None, "tl-width") and step is not None:
-            r = data.step_range(step)
-            if r is not None:
-                pad = max(1, (r[1] - r[0]) // 50)
-                view = (r[0] - pad, r[1] + pad)
+            s = _finite(step)
+            r = data.step_range(int(s)) if s is not None and s == int(s) else None
+            if r is None:
+                return _placeholder(90 + LANE_HEIGHT * len(data.lanes)), f"this run has no step {str(step)[:40]}"
+            pad = max(1, (r[1] - r[0]) // 50)
+            view = (r[0] - pad, r[1] + pad)
         win, view = _window(data, view[0], view[1], width_px)
         return build_figure(data, win, view, width_px, uirevision=run_id), _info(win, view)
     except (TraceError, RunNotFound) as e:
         return _placeholder(90 + LANE_HEIGHT), f"cannot read this run: {e}"
+    except ValueError as e:
+        return _placeholder(90 + LANE_HEIGHT), f"invalid view: {e}"
 
 
 # plotly's relayoutData -> tl-xrange, only when the x axis moved (zoom, pan, double-click): resizes and
 # autosize events never reach the server -- nor supersede a window being fetched
-clientside_callback(
-    """function(rl) {
+XRANGE_JS = """function(rl) {
         if (!rl || !(rl['xaxis.autorange'] || 'xaxis.range[0]' in rl || Array.isArray(rl['xaxis.range']))) {
             return window.dash_clientside.no_update;
         }
         return Object.assign({}, rl, {n: Date.now()});
-    }""",
-    Output("tl-xrange", "data"), Input("tl-graph", "relayoutData"), prevent_initial_call=True)
-
-
+    }"""
 # the plot area's width in pixels: what one busy bin per pixel means
-clientside_callback(
-    """function(run) {
+WIDTH_JS = """function(run) {
         var el = document.getElementById('tl-graph');
         var w = (el && el.clientWidth) ? el.clientWidth : window.innerWidth - 60;
         return Math.max(200, Math.round(w - 210));
-    }""",
-    Output("tl-width", "data"), Input("tl-run", "data"))
+    }"""
 
 
-@callback(Output("tl-details", "children"), Input("tl-graph", "clickData"), State("tl-run", "data"),
-          prevent_initial_call=True)
 def show_details(click, run_id):
     try:
         pt = (click or {}).get("points", [{}])[0]
@@ -358,14 +373,28 @@ def show_details(click, run_id):
         if not run_id or not pt:
             raise PreventUpdate
         if not isinstance(cd, (int, float)) or isinstance(cd, bool):  # a busy bin (its customdata is for hover)
+            x = _finite(pt.get("x")) or 0.0
             return html.Div([html.H4("Busy share"), html.P(
-                f"At {float(pt.get('x') or 0):,.3f} ms this lane shows the share of each pixel it was busy, not single "
+                f"At {x:,.3f} ms this lane shows the share of each pixel it was busy, not single "
                 f"tasks: zoom in (drag a box or scroll) until it shows exact tasks, then click one.")])
         source, row = SOURCES[int(cd) % 4], int(cd) // 4
         rec = analysis.task_details(_data(run_id), source, row)
-    except (TraceError, RunNotFound, IndexError, ValueError) as e:
-        return html.P(f"no details: {e}", className="muted")
+    except PreventUpdate:
+        raise
+    except (TraceError, RunNotFound, IndexError, ValueError, OverflowError, TypeError, AttributeError) as e:
+        return html.P(f"no details: {str(e)[:200]}", className="muted")
     return _details_panel(source, rec)
+
+
+def register_callbacks(app) -> None:
+    app.callback(Output("tl-graph", "figure"), Output("tl-info", "children"),
+                 Input("tl-xrange", "data"), Input("tl-step", "value"), Input("tl-reset", "n_clicks"),
+                 Input("tl-width", "data"), State("tl-run", "data"))(update_figure)
+    app.clientside_callback(XRANGE_JS, Output("tl-xrange", "data"), Input("tl-graph", "relayoutData"),
+                            prevent_initial_call=True)
+    app.clientside_callback(WIDTH_JS, Output("tl-width", "data"), Input("tl-run", "data"))
+    app.callback(Output("tl-details", "children"), Input("tl-graph", "clickData"), State("tl-run", "data"),
+                 prevent_initial_call=True)(show_details)
 
 
 def _fmt(k: str, v) -> str:
@@ -385,6 +414,9 @@ DETAIL_ORDER = ("name", "op", "kind", "stream", "scope", "phase", "step", "graph
                 "end_ns", "shape", "dtype", "flops", "bytes", "fused_ops")
 
 
+DETAIL_LABELS = {"flops": "est. flops", "bytes": "est. bytes"}  # the cost model's estimates from shapes
+
+
 def _details_panel(source: str, rec: dict):
     if not rec:
         return html.P("no details", className="muted")
@@ -396,52 +428,7 @@ def _details_panel(source: str, rec: dict):
     else:
         keys = [k for k in DETAIL_ORDER if k in rec] + [k for k in rec if k not in DETAIL_ORDER]
         title = _fmt("name", rec.get("name") or rec.get("op") or "task")
-    rows = [html.Tr([html.Th(k.replace("_", " "), style={"textAlign": "left", "paddingRight": "16px"}),
+    rows = [html.Tr([html.Th(DETAIL_LABELS.get(k, k.replace("_", " ")), style={"textAlign": "left",
+                                                                                "paddingRight": "16px"}),
                      html.Td(_fmt(k, rec[k]))]) for k in keys]
     return html.Div([html.H4(title, id="tl-details-title"), html.Table(html.Tbody(rows), id="tl-details-table")])
-
-
-# -- the Chrome trace download ----------------------------------------------------------------------------
-_export_lock = threading.Lock()
-_export_dir: Path | None = None
-
-
-def _export(run, out_dir: str) -> Path:
-    from insight.export import export_chrome
-
-    key = hashlib.sha1(str(run.path).encode()).hexdigest()[:16]
-    out = Path(out_dir) / f"{key}.trace.json.gz"
-    export_chrome(run, out, gzip=True)
-    return out
-
-
-def chrome_trace_file(run_id: str) -> Path:
-    """The run's gzip Chrome trace, exported once per version of the run (RunStore cache)."""
-    global _export_dir
-    with _export_lock:  # one export at a time: a million tasks take a few seconds and much CPU
-        if _export_dir is None:
-            _export_dir = Path(tempfile.mkdtemp(prefix="insight-traces-"))
-        path = store().get(run_id, "chrome_trace", _export, str(_export_dir))
-        if not Path(path).exists():  # the temporary file was cleaned away: export again, same name
-            path = _export(open_run(store().path(run_id)), str(_export_dir))
-        return path
-
-
-def register_routes(server) -> None:
-    """Add the Chrome-trace download route to the app's Flask server (called once by create_app)."""
-    from flask import abort, send_file
-
-    if "insight_chrome_trace" in server.view_functions:
-        return
-
-    def download(run_id: str):
-        try:
-            path = chrome_trace_file(run_id)
-        except RunNotFound:
-            abort(404, f"no run named {run_id!r}")
-        except TraceError as e:
-            return str(e), 422, {"Content-Type": "text/plain; charset=utf-8"}
-        return send_file(path, mimetype="application/gzip", as_attachment=True,
-                         download_name=f"{run_id}.trace.json.gz", max_age=0)
-
-    server.add_url_rule(DOWNLOAD_PATH, endpoint="insight_chrome_trace", view_func=download)

@@ -25,8 +25,6 @@ aicpu, comm, host (then any other stream), the host's sink feeder thread (``Tran
 ``data_sink``) on its own lane, and PyNative host ops (``host_ops``) when present. Waits (``get_next``,
 ``event_wait``, ``event_record``) are drawn but do not count as busy.
 
-Also here, for the data-pipeline page: ``queue_depths`` (sampled connector-queue depth over time, plus the
-device queue) and ``pipeline_per_step`` (host and device queue per step: depth, empty and full counts).
 """
 from __future__ import annotations
 
@@ -38,9 +36,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from insight.trace import NS_PER_MS, Run, TraceError, as_run, empty_frame, read, read_rows
+from insight.trace import Run, TraceError, as_run, empty_frame, read, read_rows
 
 PER_PX = 2.0            # a lane shows exact tasks while it holds at most this many per pixel of the window
 MAX_TASKS = 20_000      # and all exact lanes together at most this many
@@ -451,82 +448,3 @@ def task_details(run, source: str, row: int) -> dict:
         return {}
     rec = df.iloc[0].to_dict()
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
-
-
-# -- the data pipeline's queues over time ---------------------------------------------------------------
-QUEUE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "t_ns": -1, "depth": 0, "capacity": -1}
-PIPE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "op_type": "", "parent_id": -1, "queue_capacity": -1}
-DQ_COLUMNS = {"t_ns": -1, "action": "", "depth": 0, "capacity": -1, "wait_ns": 0, "step": -1}
-
-
-def queue_depths(run: Run | str | os.PathLike, rank: int = 0, pipeline_ids=None) -> pd.DataFrame:
-    """Sampled depth of every pipeline op's output queue (``pipeline_ids``: only these pipelines), plus the
-    device queue's depth after each push / pop: ``queue`` (label), ``op_id`` (-1: device queue), ``root``
-    (the host queue: the root op's output), ``t_ns``, ``t_ms``, ``depth``, ``capacity``."""
-    run = as_run(run)
-    cols = ["queue", "op_id", "root", "pipeline_id", "t_ns", "t_ms", "depth", "capacity"]
-    q = read(run, "dataset_queues", QUEUE_COLUMNS, required=("pipeline_id", "op_id", "depth"), rank=rank)
-    p = read(run, "dataset_pipeline", PIPE_COLUMNS, required=("pipeline_id", "op_id", "parent_id"), rank=rank)
-    if pipeline_ids is not None:
-        q = q[q["pipeline_id"].isin(list(pipeline_ids))]
-    info = p.drop_duplicates(["op_id"]).set_index("op_id")
-    frames = []
-    if len(q):
-        q = q.copy()
-        q["op_type"] = q["op_id"].map(info["op_type"]).fillna("op") if len(info) else "op"
-        q["root"] = q["op_id"].map(info["parent_id"] == -1).fillna(False).astype(bool) if len(info) else False
-        q["queue"] = [f"{t} #{o} output" + (" (host queue)" if r else "") for t, o, r in
-                      zip(q["op_type"], q["op_id"], q["root"])]
-        frames.append(q)
-    dq = read(run, "device_queue", DQ_COLUMNS, required=("action", "depth"), rank=rank)
-    if len(dq):
-        frames.append(dq.assign(queue="device queue", op_id=-1, root=False, pipeline_id=-1))
-    if not frames:
-        return pd.DataFrame({c: pd.Series([], dtype=object) for c in cols})
-    out = pd.concat([f[[c for c in cols if c != "t_ms"]] for f in frames], ignore_index=True)
-    out = out[out["t_ns"] >= 0].sort_values(["op_id", "t_ns"], kind="stable").reset_index(drop=True)
-    out["t_ms"] = out["t_ns"] / NS_PER_MS
-    return out[cols]
-
-
-def pipeline_per_step(run: Run | str | os.PathLike, rank: int = 0, report=None,
-                      breakdown: pd.DataFrame | None = None) -> pd.DataFrame:
-    """MindInsight's step-interval view, per step: the host queue (root op's output, sampled) -- mean
-    depth, samples, empty samples -- and the device queue -- ``device_depth`` (mean after push/pop),
-    pushes, pops, ``device_empty`` (GetNext found it empty and waited), ``device_full`` (a push filled it),
-    GetNext wait. Host samples belong to the step whose time range (step trace) holds them."""
-    from insight.analysis.pipeline import data_pipeline
-    from insight.analysis.steps import step_times
-
-    run = as_run(run)
-    bd = step_times(run, rank) if breakdown is None else breakdown
-    rep = data_pipeline(run, rank) if report is None else report
-    cols = ["step", "start_ns", "end_ns", "host_depth", "host_samples", "host_empty", "host_capacity", "device_depth",
-            "device_pushes", "device_pops", "device_empty", "device_full", "device_capacity", "get_wait_ms"]
-    if bd.empty:
-        return pd.DataFrame({c: pd.Series([], dtype=float) for c in cols})
-    out = bd[["step", "start_ns", "end_ns"]].sort_values("start_ns", kind="stable").reset_index(drop=True)
-    q = queue_depths(run, rank, rep.pipeline_ids or None)
-    host = q[q["root"].astype(bool)] if len(q) else q
-    if len(host):
-        t = host["t_ns"].to_numpy(np.int64)
-        k = np.searchsorted(out["start_ns"].to_numpy(np.int64), t, side="right") - 1
-        ok = (k >= 0) & (t < out["end_ns"].to_numpy(np.int64)[np.clip(k, 0, None)])
-        h = pd.DataFrame({"k": k[ok], "depth": host["depth"].to_numpy()[ok], "cap": host["capacity"].to_numpy()[ok]})
-        g = h.groupby("k")
-        out["host_depth"] = g["depth"].mean()
-        out["host_samples"] = g.size()
-        out["host_empty"] = g["depth"].apply(lambda d: int((d <= 0).sum()))
-        out["host_capacity"] = g["cap"].max()
-    for c in ("host_depth", "host_samples", "host_empty", "host_capacity"):
-        if c not in out:
-            out[c] = np.nan
-    out[["host_samples", "host_empty"]] = out[["host_samples", "host_empty"]].fillna(0).astype(np.int64)
-    dq = rep.device_queue.set_index("step") if len(rep.device_queue) else None
-    for c, src in (("device_depth", "mean_depth"), ("device_pushes", "pushes"), ("device_pops", "pops"),
-                   ("device_empty", "empty"), ("device_full", "full"), ("device_capacity", "capacity"),
-                   ("get_wait_ms", "get_wait_ms")):
-        out[c] = out["step"].map(dq[src]) if dq is not None else np.nan
-    for c in ("device_pushes", "device_pops", "device_empty", "device_full"):
-        out[c] = out[c].fillna(0).astype(np.int64)
-    return out[cols]
