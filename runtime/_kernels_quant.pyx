@@ -252,51 +252,56 @@ def dequantize(q, float scale, int zero_point):
 # ---------------------------------------------------------------------------------------------
 # int8 GEMM-like kernels
 # ---------------------------------------------------------------------------------------------
-cdef inline int32_t _dot8(const int8_t* a, const int8_t* b, Py_ssize_t n) noexcept nogil:
-    cdef int32_t acc = 0
-    cdef Py_ssize_t k
-    for k in range(n):
-        acc = acc + <int32_t>a[k] * <int32_t>b[k]
-    return acc
+DEF OB = 16       # output channels per register block: one 512-bit vector of int32 (or two 256-bit, ...)
+
+cdef extern from *:
+    """
+    /* A block of 16 int32 accumulators as one GCC vector: the compiler maps it onto the widest vector
+       registers the target has (AVX-512: one register; AVX2: two; SSE: four), no intrinsics needed. */
+    #include <string.h>
+    typedef int32_t iq_v16si __attribute__((vector_size(64)));
+    static inline void iq_gemm_block16(const int8_t* a, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op,
+                                       const int32_t* bias, int32_t* out) {
+        iq_v16si acc, w;
+        memcpy(&acc, bias, sizeof(acc));
+        for (Py_ssize_t k = 0; k < K; ++k) {
+            memcpy(&w, wT + k * Op, sizeof(w));
+            acc += (int32_t)a[k] * w;
+        }
+        memcpy(out, &acc, sizeof(acc));
+    }
+    """
+    void iq_gemm_block16(const int8_t* a, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op, const int32_t* bias,
+                         int32_t* out) noexcept nogil
 
 
-cdef inline void _dot8x4(const int8_t* a, const int8_t* w, Py_ssize_t n, int32_t* acc) noexcept nogil:
-    """Four dot products of one activation row with four consecutive weight rows."""
-    cdef int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0
-    cdef Py_ssize_t k
-    cdef int32_t av
-    cdef const int8_t* w0 = w
-    cdef const int8_t* w1 = w + n
-    cdef const int8_t* w2 = w + 2 * n
-    cdef const int8_t* w3 = w + 3 * n
-    for k in range(n):
-        av = a[k]
-        s0 = s0 + av * <int32_t>w0[k]
-        s1 = s1 + av * <int32_t>w1[k]
-        s2 = s2 + av * <int32_t>w2[k]
-        s3 = s3 + av * <int32_t>w3[k]
-    acc[0] = s0
-    acc[1] = s1
-    acc[2] = s2
-    acc[3] = s3
+cdef void _gemm_rows(const int8_t* a, Py_ssize_t M, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op,
+                     const int32_t* bias, int32_t* acc) noexcept nogil:
+    """acc[m, o] = bias[o] + sum_k a[m, k] * wT[k, o] in int32 for o < Op (a multiple of OB, zero-padded),
+    OB channels at a time in vector registers."""
+    cdef Py_ssize_t m, o0
+    for m in range(M):
+        o0 = 0
+        while o0 < Op:
+            iq_gemm_block16(a + m * K, K, wT + o0, Op, bias + o0, acc + m * Op + o0)
+            o0 = o0 + OB
 
 
-cdef void _row_out(const int8_t* a, const int8_t* w, Py_ssize_t K, Py_ssize_t O, const int32_t* bias,
-                   const int32_t* mult, const int32_t* shift, int32_t zp_y, int32_t lo, int32_t hi,
-                   int8_t* out, Py_ssize_t ostride) noexcept nogil:
-    """out[o * ostride] = requant(bias[o] + a . w[o]) for every output channel o."""
-    cdef Py_ssize_t o
-    cdef int32_t acc4[4]
-    cdef int j
-    o = 0
-    while o + 4 <= O:
-        _dot8x4(a, w + o * K, K, acc4)
-        for j in range(4):
-            out[(o + j) * ostride] = _clamp8(zp_y + _mbqm(bias[o + j] + acc4[j], mult[o + j], shift[o + j]), lo, hi)
-        o = o + 4
-    while o < O:
-        out[o * ostride] = _clamp8(zp_y + _mbqm(bias[o] + _dot8(a, w + o * K, K), mult[o], shift[o]), lo, hi)
-        o = o + 1
+cdef void _requant_rows(const int32_t* acc, Py_ssize_t M, Py_ssize_t O, Py_ssize_t Op, const int32_t* mult,
+                        const int64_t* rnd, const int64_t* total, int32_t zp, int32_t lo, int32_t hi, int8_t* out,
+                        Py_ssize_t mstride, Py_ssize_t ostride) noexcept nogil:
+    """out[m * mstride + o * ostride] = clamp(zp + round(acc[m, o] * M_o)): the 64-bit product shifted right by
+    31 - shift_o with one rounding (as ``_mbqm``; clamping in 64 bits equals saturating to int32 first)."""
+    cdef Py_ssize_t m, o
+    cdef int64_t v
+    for m in range(M):
+        for o in range(O):
+            v = zp + ((<int64_t>acc[m * Op + o] * mult[o] + rnd[o]) >> total[o])
+            if v < lo:
+                v = lo
+            if v > hi:
+                v = hi
+            out[m * mstride + o * ostride] = <int8_t>v
 
 
 cdef void _im2row(const int8_t* x, int8_t* rows, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
@@ -326,6 +331,22 @@ def _vec32(a, n, what, fn):
     return v
 
 
+def _gemm_operands(w, bias, mult, shift, fn):
+    """(w transposed to int32 (K, Op) and bias (Op,), zero-padded to Op = a multiple of OB; mult, rounding
+    constant and right shift per channel) for the GEMM kernels."""
+    cdef Py_ssize_t O = w.shape[0], Op = (w.shape[0] + OB - 1) // OB * OB
+    b = np.zeros(Op, np.int32)
+    b[:O] = _vec32(bias, O, "bias", fn)
+    m = _vec32(mult, O, "mult", fn)
+    total = 31 - _vec32(shift, O, "shift", fn).astype(np.int64)
+    if np.any(total < 1) or np.any(total > 62):
+        raise ValueError(f"{fn}: requantization shifts must be in [-31, 30], got {list(31 - total)}")
+    rnd = np.left_shift(np.int64(1), total - 1)
+    wT = np.zeros((w.shape[1], Op), np.int32)
+    wT[:, :O] = w.T
+    return wT, b, m, rnd, np.ascontiguousarray(total)
+
+
 def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph, int pw,
                 int zp_x, int zp_y, int act_min, int act_max):
     """int8 NCHW convolution: w (O, C*kh*kw) int8, bias (O,) int32 with the input zero point folded in
@@ -343,29 +364,33 @@ def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph,
     cdef Py_ssize_t OH = (H + 2 * ph - kh) // sh + 1, OW = (W + 2 * pw - kw) // sw + 1
     if OH <= 0 or OW <= 0:
         raise ValueError(f"{fn}: a {kh}x{kw} kernel does not fit {H}x{W} with padding ({ph}, {pw})")
-    cdef int32_t[::1] bv = _vec32(bias, O, "bias", fn), mv = _vec32(mult, O, "mult", fn)
-    cdef int32_t[::1] sv = _vec32(shift, O, "shift", fn)
+    wT, b, m, rnd, total = _gemm_operands(wa, bias, mult, shift, fn)
     out = np.empty((N, O, OH, OW), dtype=np.int8)
     if out.size == 0:
         return out
     cdef const int8_t[:, :, :, ::1] xv = xa
-    cdef const int8_t[:, ::1] wv = wa
+    cdef const int32_t[:, ::1] wv = wT
+    cdef const int32_t[::1] bv = b, mv = m
+    cdef const int64_t[::1] rv = rnd, tv = total
     cdef int8_t[:, :, :, ::1] ov = out
-    cdef Py_ssize_t L = OH * OW, n, l
+    cdef Py_ssize_t L = OH * OW, n, Op = wT.shape[1]
     cdef int nt = _threads(N * L * O * K, N)
     cdef int8_t* rows
-    cdef int8_t* op
+    cdef int32_t* acc
     with nogil, parallel(num_threads=nt):
         rows = <int8_t*>malloc(L * K * sizeof(int8_t))
-        if rows != NULL:
+        acc = <int32_t*>malloc(L * Op * sizeof(int32_t))
+        if rows != NULL and acc != NULL:
             for n in prange(N, schedule="static"):
                 _im2row(&xv[n, 0, 0, 0], rows, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw, <int8_t>zp_x)
-                op = &ov[n, 0, 0, 0]
-                for l in range(L):
-                    _row_out(rows + l * K, &wv[0, 0], K, O, &bv[0], &mv[0], &sv[0], zp_y, act_min, act_max,
-                             op + l, L)
-            free(rows)
+                _gemm_rows(rows, L, K, &wv[0, 0], Op, &bv[0], acc)
+                _requant_rows(acc, L, O, Op, &mv[0], &rv[0], &tv[0], zp_y, act_min, act_max, &ov[n, 0, 0, 0], 1, L)
+        free(rows)
+        free(acc)
     return out
+
+
+DEF ROW_BLOCK = 32
 
 
 def dense_int8(x, w, bias, mult, shift, int zp_y, int act_min, int act_max):
@@ -376,19 +401,29 @@ def dense_int8(x, w, bias, mult, shift, int zp_y, int act_min, int act_max):
     if xa.dtype != np.int8 or wa.dtype != np.int8 or xa.ndim != 2 or wa.ndim != 2 or xa.shape[1] != wa.shape[1]:
         raise ValueError(f"{fn}: expects int8 x (N, K) and w (O, K), got {xa.dtype} {xa.shape} and "
                          f"{wa.dtype} {wa.shape}")
-    cdef Py_ssize_t N = xa.shape[0], K = xa.shape[1], O = wa.shape[0], n
-    cdef int32_t[::1] bv = _vec32(bias, O, "bias", fn), mv = _vec32(mult, O, "mult", fn)
-    cdef int32_t[::1] sv = _vec32(shift, O, "shift", fn)
+    cdef Py_ssize_t N = xa.shape[0], K = xa.shape[1], O = wa.shape[0], blk, r0, rn
+    wT, b, m, rnd, total = _gemm_operands(wa, bias, mult, shift, fn)
+    cdef Py_ssize_t Op = wT.shape[1]
     out = np.empty((N, O), dtype=np.int8)
     if out.size == 0:
         return out
     cdef const int8_t[:, ::1] xv = xa
-    cdef const int8_t[:, ::1] wv = wa
+    cdef const int32_t[:, ::1] wv = wT
+    cdef const int32_t[::1] bv = b, mv = m
+    cdef const int64_t[::1] rv = rnd, tv = total
     cdef int8_t[:, ::1] ov = out
-    cdef int nt = _threads(N * O * K, N)
-    with nogil:
-        for n in prange(N, schedule="static", num_threads=nt):
-            _row_out(&xv[n, 0], &wv[0, 0], K, O, &bv[0], &mv[0], &sv[0], zp_y, act_min, act_max, &ov[n, 0], 1)
+    cdef Py_ssize_t nblk = (N + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef int nt = _threads(N * O * K, nblk)
+    cdef int32_t* acc
+    with nogil, parallel(num_threads=nt):
+        acc = <int32_t*>malloc(ROW_BLOCK * Op * sizeof(int32_t))
+        if acc != NULL:
+            for blk in prange(nblk, schedule="static"):
+                r0 = blk * ROW_BLOCK
+                rn = N - r0 if N - r0 < ROW_BLOCK else ROW_BLOCK
+                _gemm_rows(&xv[r0, 0], rn, K, &wv[0, 0], Op, &bv[0], acc)
+                _requant_rows(acc, rn, O, Op, &mv[0], &rv[0], &tv[0], zp_y, act_min, act_max, &ov[r0, 0], O, 1)
+        free(acc)
     return out
 
 
