@@ -7,15 +7,14 @@ from urllib.parse import quote, unquote
 from dash import dcc, html
 
 from dashboard.data import RunNotFound, store
+from insight.analysis.pipeline import VERDICT_TEXT
 from insight.trace import TraceError
 
 RUN_PAGES = [("overview", "Overview"), ("operators", "Operators"), ("pipeline", "Data pipeline"),
              ("timeline", "Timeline"), ("memory", "Memory")]
 
-# how pages word insight.analysis.data_pipeline's verdict
-PIPELINE_VERDICTS = {"data_processing": "Data processing is the bottleneck",
-                     "data_transfer": "Host-to-device transfer is the bottleneck",
-                     "none": "The data pipeline keeps up", "unknown": "Not enough data-pipeline data for a verdict"}
+# how every view words insight.analysis.data_pipeline's one verdict
+PIPELINE_VERDICTS = VERDICT_TEXT
 
 # every figure can be saved as PNG from its mode bar
 GRAPH_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}

@@ -141,12 +141,13 @@ def report_lines(run_path, top: int = 10, rank: int = 0) -> list[str]:
 
     # data pipeline
     L.append("Data pipeline")
-    verdicts = {"data_processing": "data processing is the bottleneck", "data_transfer": "data transfer is the bottleneck",
-                "none": "data is not the bottleneck", "unknown": "no data-pipeline data recorded"}
     L.append(f"  input-bound: {pipe.input_bound} (input share {_pct(pipe.input_share)}; <5% not, 5-20% moderately, "
              f">=20% highly)")
-    L.append(f"  verdict: {verdicts.get(pipe.verdict, pipe.verdict)}"
-             + (f"; bottleneck op: {pipe.bottleneck_label}" if pipe.bottleneck_label else ""))
+    L.append(f"  verdict: {pipe.verdict_text[0].lower() + pipe.verdict_text[1:]}"  # the analysis' one verdict
+             + (f"; {'bottleneck op' if pipe.verdict == 'data_processing' else 'slowest stage'}: "
+                f"{pipe.bottleneck_label}" if pipe.bottleneck_label else ""))
+    if pipe.verdict_reason:
+        L.append(f"    because {pipe.verdict_reason}")
     if pipe.host_queue_empty_ratio is not None:
         L.append(f"  host queue empty in {_pct(pipe.host_queue_empty_ratio)} of {pipe.host_queue_samples} samples; "
                  f"device queue empty at {pipe.device_queue_empty_pops} of {pipe.device_queue_pops} GetNext")

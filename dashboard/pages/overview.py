@@ -6,7 +6,7 @@ import dash
 import plotly.graph_objects as go
 from dash import html
 
-from dashboard.components import PIPELINE_VERDICTS, fmt_ms, graph, run_page, stat_card
+from dashboard.components import fmt_ms, graph, run_page, stat_card
 from dashboard.data import store
 from insight import analysis
 
@@ -54,12 +54,12 @@ def _body(run_id: str):
                   f"{peak.share_of_capacity * 100:.2f} % of capacity" if peak.capacity else ""),
     ], className="cards")
 
-    verdict = PIPELINE_VERDICTS.get(pipe.verdict, pipe.verdict)
     pipe_box = html.Div([html.H4("Data pipeline"),
-                         html.P([html.B(verdict, id="pipeline-verdict"),
+                         html.P([html.B(pipe.verdict_text, id="pipeline-verdict"),
                                  f" — input-bound: {pipe.input_bound} "
                                  f"({pipe.input_share * 100:.1f} % of the step)" if pipe.input_share == pipe.input_share
                                  else ""]),
+                         html.P(pipe.verdict_reason, className="muted", id="pipeline-verdict-reason"),
                          html.Ul([html.Li(a) for a in pipe.advice])], className="panel")
     advice_box = html.Div([html.H4("Advice"), html.Ul(
         [html.Li([html.B(r.title), f" — {r.detail}"], className=f"advice-{r.severity}") for r in advice]

@@ -20,7 +20,7 @@ from dash import dash_table, dcc, html
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.components import PIPELINE_VERDICTS, graph, run_page, stat_card
+from dashboard.components import graph, run_page, stat_card
 from dashboard.data import store
 from insight import analysis
 
@@ -67,7 +67,7 @@ def _no_data(manifest: dict):
 def _verdict(rep):
     share = rep.input_share
     cards = html.Div([
-        stat_card("Verdict", PIPELINE_VERDICTS.get(rep.verdict, rep.verdict), "stat-pipe-verdict"),
+        stat_card("Verdict", rep.verdict_text, "stat-pipe-verdict"),
         stat_card("Input-bound", rep.input_bound, "stat-pipe-input",
                   f"{share * 100:.1f} % of the step waits for input" if share == share else ""),
         stat_card("Host queue empty", "—" if rep.host_queue_empty_ratio is None else
@@ -75,14 +75,18 @@ def _verdict(rep):
                   f"of {rep.host_queue_samples} samples (> 30 %: data processing is slow)"),
         stat_card("Device queue empty", f"{rep.device_queue_empty_pops} / {rep.device_queue_pops}"
                   if len(rep.device_queue) else "—", "stat-pipe-dq-empty",
-                  "GetNext calls that waited (after the first step)" if len(rep.device_queue)
-                  else "no device queue: not trained in sink mode"),
-        stat_card("Bottleneck op", rep.bottleneck_label or ("the consumer (training step)" if rep.consumer_bottleneck
-                                                            else "—"), "stat-pipe-bottleneck"),
+                  (f"GetNext calls that waited (after the first step): {rep.empty_pops_host_empty} with the host "
+                   f"queue empty too, {rep.empty_pops_host_ready} with batches on the host; under "
+                   f"{analysis.pipeline.NOISE_FLOOR:.0%} of the steps is noise")
+                  if len(rep.device_queue) else "no device queue: not trained in sink mode"),
+        stat_card("Bottleneck op" if rep.verdict == "data_processing" else "Slowest stage",
+                  rep.bottleneck_label or ("the consumer (training step)" if rep.consumer_bottleneck else "—"),
+                  "stat-pipe-bottleneck"),
     ], className="cards")
     advice = html.Ul([html.Li(a) for a in rep.advice] or [html.Li("Nothing to flag.")], id="pipeline-advice")
-    return html.Div([cards, html.Div([html.H4(PIPELINE_VERDICTS.get(rep.verdict, rep.verdict), id="pipeline-verdict"), advice],
-                                     className="panel")])
+    return html.Div([cards, html.Div([html.H4(rep.verdict_text, id="pipeline-verdict"),
+                                      html.P(rep.verdict_reason, className="muted", id="pipeline-verdict-reason"),
+                                      advice], className="panel")])
 
 
 # -- data processing -------------------------------------------------------------------------------------

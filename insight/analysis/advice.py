@@ -1,7 +1,8 @@
 """Recommendations: structured advice, each item citing the number and the threshold that triggered it.
 
 Thresholds (profilers.md): MindInsight -- average iteration interval above 0.5 ms, host queue empty in
-more than 30% of batches, communication above 10% of the step; XProf -- input share 5% / 20%;
+more than 30% of batches (the data pipeline's one verdict, ``data_pipeline(...).verdict``, noise floor 1%
+of the steps), communication above 10% of the step; XProf -- input share 5% / 20%;
 torch.profiler -- device utilisation under 50%, peak memory above 90% of capacity.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import pandas as pd
 
 from insight.analysis.memory import MemoryPeak, memory_peak
 from insight.analysis.ops import op_type_stats
-from insight.analysis.pipeline import (ALL_FULL, HOST_EMPTY_RATIO, INPUT_HIGH, INPUT_MODERATE, PipelineReport,
-                                       data_pipeline)
+from insight.analysis.pipeline import (ALL_FULL, HOST_EMPTY_RATIO, INPUT_HIGH, INPUT_MODERATE, NOISE_FLOOR,
+                                       VERDICT_TEXT, PipelineReport, data_pipeline)
 from insight.analysis.steps import StepSummary, step_breakdown, summarize
 from insight.trace import Run, as_run
 
@@ -69,21 +70,23 @@ def advise(s: StepSummary, pipe: PipelineReport, peak: MemoryPeak, types: pd.Dat
             f"{'>= ' + format(INPUT_HIGH, '.0%') if high else format(INPUT_MODERATE, '.0%') + '-' + format(INPUT_HIGH, '.0%')}"
             f" is {pipe.input_bound} input-bound){where}", "input_share", pipe.input_share,
             INPUT_HIGH if high else INPUT_MODERATE))
-    if pipe.verdict == "data_processing":
+    if pipe.verdict == "data_processing":  # the pipeline's one verdict, cited with the numbers behind it
         tip = next((a for a in pipe.advice[1:] if pipe.bottleneck_label and pipe.bottleneck_label in a), "")
+        by_host = pipe.host_queue_empty_ratio is not None and pipe.host_queue_empty_ratio > HOST_EMPTY_RATIO
         add(Recommendation(
-            "data_processing", "critical", "Data processing is the bottleneck"
+            "data_processing", "critical", VERDICT_TEXT["data_processing"]
             + (f": {pipe.bottleneck_label}" if pipe.bottleneck_label else ""),
-            f"the host queue was empty in {pipe.host_queue_empty_ratio:.0%} of samples (threshold "
-            f"{HOST_EMPTY_RATIO:.0%})" + (f"; {tip}" if tip else ""),
-            "host_queue_empty_ratio", pipe.host_queue_empty_ratio, HOST_EMPTY_RATIO))
+            (f"the host queue was empty in {pipe.host_queue_empty_ratio:.0%} of samples (threshold "
+             f"{HOST_EMPTY_RATIO:.0%})" if by_host else pipe.verdict_reason) + (f"; {tip}" if tip else ""),
+            "host_queue_empty_ratio" if by_host else "getnext_wait_host_empty_ratio",
+            float(pipe.host_queue_empty_ratio) if by_host else pipe.empty_pops_host_empty / max(pipe.device_queue_pops, 1),
+            HOST_EMPTY_RATIO if by_host else NOISE_FLOOR))
     elif pipe.verdict == "data_transfer":
-        ratio = pipe.device_queue_empty_pops / max(pipe.device_queue_pops, 1)
         add(Recommendation(
-            "data_transfer", "warning", "Data transfer is the bottleneck",
-            f"GetNext found the device queue empty {pipe.device_queue_empty_pops} times in {pipe.device_queue_pops} "
-            f"steps while the host queue kept up: raise the prefetch size (config.set_prefetch_size) and "
-            f"Model.train(sink_queue_size=...)", "device_queue_empty_ratio", ratio, 0.0))
+            "data_transfer", "warning", VERDICT_TEXT["data_transfer"],
+            f"{pipe.verdict_reason} (noise floor {NOISE_FLOOR:.0%} of the steps): raise the prefetch size "
+            f"(config.set_prefetch_size) and Model.train(sink_queue_size=...)", "getnext_wait_host_ready_ratio",
+            pipe.empty_pops_host_ready / max(pipe.device_queue_pops, 1), NOISE_FLOOR))
     if pipe.verdict != "data_processing" and pipe.bottleneck_op_id is not None:
         row = pipe.ops[pipe.ops["op_id"] == pipe.bottleneck_op_id].iloc[0]
         add(Recommendation(

@@ -4,9 +4,21 @@ Queue usage of an op is the mean sampled depth / capacity of its *output* queue 
 The host queue is the root op's output queue (the one the consumer -- the sink feeder or the training
 loop -- reads). Rules (profilers.md):
 
-* host queue empty in more than 30% of its samples (taken while the pipeline delivered batches: from
-  its first batch to its last) -> data processing is the bottleneck; otherwise a
-  device queue found empty by a GetNext (any step after the first) -> data transfer is;
+* one verdict (``PipelineReport.verdict``; every view words it with ``VERDICT_TEXT`` and explains it with
+  ``verdict_reason``), with a noise floor: a queue found empty in under 1% of the steps is not a
+  bottleneck. In order:
+
+  1. no pipeline samples and no device-queue pops -> ``unknown``;
+  2. the step does not wait for data -- input share under 5% (not input-bound) and GetNext found the
+     device queue empty in under 1% of the steps after the first -> ``none``;
+  3. the host queue (the root op's output) empty in more than 30% of its samples, taken while the
+     pipeline delivered batches (from its first batch to its last) -> ``data_processing`` (MindInsight);
+  4. each GetNext that found the device queue empty is attributed by the host queue during its wait
+     (its samples inside the wait, else the nearest one within ``ATTRIBUTION_NS``): empty there too -> the
+     pipeline had no batch (processing); holding batches -> they had not reached the device (transfer);
+     processing waits in at least 1% of the steps and at least as many as transfer waits ->
+     ``data_processing``; else transfer waits in at least 1% of the steps -> ``data_transfer``;
+  5. otherwise ``none``: steps wait before their first op, but not for the data pipeline;
 * an op whose child's queue usage exceeds its own by more than 0.1 is flagged (it drains its input
   slower than it fills it); a leaf (source) op with usage under 0.6 is flagged;
 * every queue at 0.8 or more -> the consumer (the training step) is the bottleneck, not the data;
@@ -36,6 +48,11 @@ LEAF_USAGE = 0.6
 ALL_FULL = 0.8
 INPUT_MODERATE = 0.05
 INPUT_HIGH = 0.20
+NOISE_FLOOR = 0.01          # a queue empty in under 1% of the steps is not a bottleneck
+ATTRIBUTION_NS = 25_000_000  # a host-queue sample this close to a GetNext wait tells what the host held
+VERDICT_TEXT = {"data_processing": "Data processing is the bottleneck",
+                "data_transfer": "Host-to-device transfer is the bottleneck",
+                "none": "The data pipeline keeps up", "unknown": "Not enough data-pipeline data for a verdict"}
 
 PIPE_COLUMNS = {"pipeline_id": -1, "op_id": -1, "op_type": "", "parent_id": -1, "num_workers": 1,
                 "queue_capacity": -1}
@@ -66,13 +83,24 @@ class PipelineReport:
     host_queue_samples: int = 0
     device_queue_pops: int = 0
     device_queue_empty_pops: int = 0  # after the first step
+    empty_pops_host_empty: int = 0    # ... of which the host queue was empty too (the pipeline had no batch)
+    empty_pops_host_ready: int = 0    # ... of which the host queue held batches (they had not reached the device)
     verdict: str = "unknown"          # data_processing | data_transfer | none | unknown
+    verdict_reason: str = ""          # the rule and the numbers that gave the verdict
     consumer_bottleneck: bool = False
     bottleneck_op_id: int | None = None
     bottleneck_op_type: str = ""
     input_share: float = float("nan")
     input_bound: str = "unknown"      # not | moderately | highly | unknown
     advice: list = field(default_factory=list)
+
+    @property
+    def verdict_text(self) -> str:
+        return VERDICT_TEXT.get(self.verdict, self.verdict)
+
+    @property
+    def device_queue_empty_ratio(self) -> float | None:
+        return self.device_queue_empty_pops / self.device_queue_pops if self.device_queue_pops else None
 
     @property
     def bottleneck_label(self) -> str:
@@ -108,23 +136,87 @@ def _data_pipeline(run: Run, rank: int, breakdown: pd.DataFrame) -> PipelineRepo
     else:
         later = dq[dq["action"] == "pop"]
     rep.device_queue_pops = int(len(later))
-    rep.device_queue_empty_pops = int((later["wait_ns"] > 0).sum())
+    waited = later[later["wait_ns"] > 0]
+    rep.device_queue_empty_pops = int(len(waited))
+    if len(waited):
+        host = samples[samples["pipeline_id"].isin(rep.pipeline_ids) & samples["op_id"].isin(
+            ops.loc[ops["parent_id"] == -1, "op_id"])] if len(ops) else samples.iloc[:0]
+        empty, ready = _attribute_waits(waited, host)
+        rep.empty_pops_host_empty, rep.empty_pops_host_ready = empty, ready
 
     usage = ops["queue_usage"].dropna() if len(ops) else pd.Series(dtype=float)
     rep.consumer_bottleneck = bool(len(usage) and len(usage) == len(ops) and (usage >= ALL_FULL).all())
-    if rep.host_queue_empty_ratio is not None and rep.host_queue_empty_ratio > HOST_EMPTY_RATIO:
-        rep.verdict = "data_processing"
-    elif rep.device_queue_empty_pops > 0:
-        rep.verdict = "data_transfer"
-    elif rep.host_queue_empty_ratio is not None or rep.device_queue_pops:
-        rep.verdict = "none"
-    _pick_bottleneck(rep)
-
     s = summarize(bd)
     rep.input_share = s.input_share
     rep.input_bound = input_bound_class(s.input_share)
+    rep.verdict, rep.verdict_reason = _verdict(rep)
+    _pick_bottleneck(rep)
     rep.advice = _advice(rep, ops)
     return rep
+
+
+def _attribute_waits(waited: pd.DataFrame, host: pd.DataFrame) -> tuple[int, int]:
+    """Of the GetNext calls that waited, how many found the host queue empty too, and how many found it
+    holding batches (the others have no host-queue sample near them)."""
+    if host.empty:
+        return 0, 0
+    h = host.sort_values("t_ns", kind="stable")
+    t = h["t_ns"].to_numpy(np.int64)
+    d = h["depth"].to_numpy()
+    empty = ready = 0
+    for end, wait in zip(waited["t_ns"].to_numpy(np.int64), waited["wait_ns"].to_numpy(np.int64)):
+        start = end - max(int(wait), 0)
+        lo, hi = np.searchsorted(t, start, "left"), np.searchsorted(t, end, "right")
+        if hi > lo:
+            inside = d[lo:hi]
+        else:  # no sample during the wait: the nearest one, if close
+            k = np.clip([lo - 1, lo], 0, len(t) - 1)
+            gap = np.minimum(np.abs(t[k] - start), np.abs(t[k] - end))
+            j = k[int(gap.argmin())]
+            if min(abs(t[j] - start), abs(t[j] - end)) > ATTRIBUTION_NS:
+                continue
+            inside = d[j:j + 1]
+        if (inside <= 0).any():
+            empty += 1
+        else:
+            ready += 1
+    return empty, ready
+
+
+def _pct(v: float) -> str:
+    return f"{v:.1%}"
+
+
+def _verdict(rep: PipelineReport) -> tuple[str, str]:
+    """The one verdict and its reason (the rules in the module docstring)."""
+    host, pops = rep.host_queue_empty_ratio, rep.device_queue_pops
+    if host is None and not pops:
+        return "unknown", "no data-pipeline samples and no device-queue pops were recorded"
+    share = rep.input_share
+    dq = rep.device_queue_empty_ratio or 0.0
+    share_known = share == share
+    waits = (f"GetNext found the device queue empty in {rep.device_queue_empty_pops} of {pops} steps "
+             f"({_pct(dq)})") if pops else "no device queue (not sink mode)"
+    if (not share_known or share < INPUT_MODERATE) and dq < NOISE_FLOOR:
+        return "none", (f"the step does not wait for data: input share "
+                        f"{_pct(share) if share_known else 'unknown'} (< {INPUT_MODERATE:.0%}) and {waits}; "
+                        f"a queue empty in under {NOISE_FLOOR:.0%} of the steps is not a bottleneck")
+    if host is not None and host > HOST_EMPTY_RATIO:
+        return "data_processing", (f"the host queue was empty in {_pct(host)} of {rep.host_queue_samples} samples "
+                                   f"(> {HOST_EMPTY_RATIO:.0%}): the pipeline does not produce batches fast enough")
+    floor = NOISE_FLOOR * max(pops, 1)
+    if pops and rep.empty_pops_host_empty >= floor and rep.empty_pops_host_empty >= rep.empty_pops_host_ready:
+        return "data_processing", (f"{rep.empty_pops_host_empty} of {pops} GetNext calls "
+                                   f"({_pct(rep.empty_pops_host_empty / pops)}) waited while the host queue was "
+                                   f"empty too: the pipeline had no batch ready")
+    if pops and rep.empty_pops_host_ready >= floor:
+        return "data_transfer", (f"{rep.empty_pops_host_ready} of {pops} GetNext calls "
+                                 f"({_pct(rep.empty_pops_host_ready / pops)}) found the device queue empty while "
+                                 f"the host queue held batches: they had not reached the device")
+    return "none", (f"steps spend {_pct(share) if share_known else '?'} of their time before the first op, but "
+                    f"the queues had data ({waits}; host queue empty in "
+                    f"{_pct(host) if host is not None else '?'} of samples): host work between steps, not the "
+                    f"data pipeline")
 
 
 def _while_running(rs: pd.DataFrame) -> pd.DataFrame:
@@ -247,11 +339,9 @@ def _knob(row) -> str:
 def _advice(rep: PipelineReport, ops: pd.DataFrame) -> list[str]:
     out = []
     if rep.verdict == "data_processing":
-        out.append(f"the host queue was empty in {rep.host_queue_empty_ratio:.0%} of samples (> {HOST_EMPTY_RATIO:.0%}): "
-                   f"data processing is the bottleneck")
+        out.append(f"{rep.verdict_reason}: data processing is the bottleneck")
     elif rep.verdict == "data_transfer":
-        out.append(f"the device queue was empty at {rep.device_queue_empty_pops} of {rep.device_queue_pops} GetNext "
-                   f"calls while the host queue kept up: data transfer is the bottleneck; raise the prefetch size "
+        out.append(f"{rep.verdict_reason}: data transfer is the bottleneck; raise the prefetch size "
                    f"(runtime.dataset.config.set_prefetch_size) and Model.train(sink_queue_size=...)")
     if rep.bottleneck_op_id is not None:
         row = ops[ops["op_id"] == rep.bottleneck_op_id].iloc[0]
