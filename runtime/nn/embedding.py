@@ -63,19 +63,20 @@ def flush_host_tables() -> None:
         e.flush()
 
 
-def _init_table(shape, init, dtype, key: str) -> np.ndarray:
-    """Initialise in float32 chunks (a 10M x 32 table never exists in float64)."""
+def _init_table(shape, init, dtype, key: str, out: np.ndarray) -> np.ndarray:
+    """Initialise ``out`` in place, in float32 chunks (a 10M x 32 table never exists in float64)."""
     if isinstance(init, np.ndarray):
         if init.shape != tuple(shape):
             raise ValueError(f"EmbeddingLookup: table of shape {init.shape} given for {tuple(shape)}")
-        return np.ascontiguousarray(init, dtype=dtype)
-    out = np.empty(shape, dtype)
+        out[...] = init
+        return out
     if isinstance(init, (int, float)):
         out.fill(init)
         return out
     name = str(init).lower()
     if name in ("zeros", "ones"):
-        out.fill(0.0 if name == "zeros" else 1.0)
+        if name == "ones":
+            out.fill(1.0)
         return out
     rng = _random.generator(None, key)
     flat = out.reshape(-1)
@@ -282,8 +283,10 @@ class EmbeddingLookup(Cell):
                              f"{vocab_size} x {embedding_size}")
         self.vocab_size, self.embedding_size = int(vocab_size), int(embedding_size)
         self.target, self.sparse = target, bool(sparse)
-        self.embedding_table = Parameter(_init_table((self.vocab_size, self.embedding_size), embedding_table, dtype,
-                                                     f"EmbeddingLookup/{self.vocab_size}x{self.embedding_size}"))
+        shape = (self.vocab_size, self.embedding_size)
+        self.embedding_table = Parameter(np.zeros(shape, dtype))  # filled in place: the table never exists twice
+        _init_table(shape, embedding_table, dtype, f"EmbeddingLookup/{shape[0]}x{shape[1]}",
+                    self.embedding_table.data)
         self.engine = HostTableEngine(f"table{self.vocab_size}x{self.embedding_size}", self.vocab_size) \
             if (target == "CPU" and sparse and overlap) else None
         if sparse:

@@ -66,7 +66,10 @@ class Optimizer:
 
     # -- state ----------------------------------------------------------------------------------
     def _slot(self, p: Parameter, kind: str, init=0.0) -> Parameter:
-        s = Parameter(np.full(p.shape, init, dtype=p.dtype), name=f"{kind}.{p.name}", requires_grad=False)
+        # zeros first (lazily mapped pages), filled in place: a slot of a huge table never exists twice
+        s = Parameter(np.zeros(p.shape, dtype=p.dtype), name=f"{kind}.{p.name}", requires_grad=False)
+        if init:
+            s.data.fill(init)
         s.owner = p
         self._state.append(s)
         return s
