@@ -175,8 +175,9 @@ def test_a_slow_data_pipeline_makes_its_rank_the_straggler(straggler, capsys):
     s = rep.stragglers
     assert list(s["rank"]) == [1] and list(s["metric"]) == ["iteration interval"], s
     r0, r1 = rep.ranks.set_index("rank").loc[0], rep.ranks.set_index("rank").loc[1]
-    assert r1.iteration_interval_ms > 10 > r0.iteration_interval_ms  # rank 1 waits ~20 ms for each batch ...
-    assert r0.comm_ms > 10  # ... and rank 0 waits for rank 1 inside its AllReduce
+    # rank 1 waits for each batch (up to 20 ms, less on a machine so busy that the steps slow down too) ...
+    assert r1.iteration_interval_ms > max(3.0, 2 * r0.iteration_interval_ms)
+    assert r0.comm_ms > r1.comm_ms  # ... while rank 0 waits for rank 1 inside its AllReduce
     assert abs(r0.step_time_ms - r1.step_time_ms) < 0.2 * r1.step_time_ms  # the ranks stay in lock-step
     assert insight_main(["report", str(run)]) == 0
     out = capsys.readouterr().out

@@ -91,33 +91,74 @@ def _rank_status(run: Run, rank: int) -> tuple[str, str]:
 
 
 # -- the task tables of every rank as one dataset -------------------------------------------------------------
-def _task_dataset(run: Run, ranks: list[int]) -> pa.Table:
+@dataclass
+class _Tasks:
+    """The kernel tasks of every rank (numpy columns) and the communication tasks with their names."""
+    rank: np.ndarray
+    step: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    is_comm: np.ndarray
+    is_allreduce: np.ndarray
+    nbytes: np.ndarray
+    comm: pd.DataFrame
+
+
+_STRINGS = ["stream", "op", "kind", "name"]
+
+
+def _dict_mask(col: pa.ChunkedArray, values) -> np.ndarray:
+    """``col in values`` for a dictionary-encoded column, by comparing indices chunk by chunk (no decoding)."""
+    out = []
+    for ch in col.chunks:
+        if pa.types.is_dictionary(ch.type):
+            hit = np.isin(np.asarray(ch.dictionary.to_pylist(), dtype=object), list(values))
+            idx = ch.indices.to_numpy(zero_copy_only=False)
+            out.append(hit[idx] if len(hit) else np.zeros(len(ch), bool))
+        else:
+            out.append(pc.is_in(ch, pa.array(list(values))).to_numpy(zero_copy_only=False).astype(bool))
+    return np.concatenate(out) if out else np.zeros(0, bool)
+
+
+def _task_dataset(run: Run, ranks: list[int]) -> _Tasks:
     files = []
     for r in ranks:
         files += [str(f) for f in run.table_files("tasks", r)]
-    cols = ["rank_dir", "step", "stream", "kind", "op", "name", "start_ns", "end_ns", "bytes"]
-    empty = pa.table({"rank": pa.array([], pa.int64()), **{c: pa.array([], pa.int64()) for c in
-                                                           ("step", "start_ns", "end_ns", "bytes")},
-                      "stream": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
-                      "op": pa.array([], pa.string()), "name": pa.array([], pa.string())})
     if not files:
-        return empty
+        z = np.zeros(0, np.int64)
+        return _Tasks(z, z, z, z, z.astype(bool), z.astype(bool), z,
+                      pd.DataFrame(columns=["rank", "name", "op", "start_ns", "end_ns", "bytes"]))
     part = ds.DirectoryPartitioning(pa.schema([("rank_dir", pa.string())]))
+    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=_STRINGS))
     try:
-        d = ds.dataset(files, format="parquet", partitioning=part, partition_base_dir=str(run.path))
-        t = d.to_table(columns=cols, filter=(ds.field("step") >= 0) & (ds.field("kind") == "kernel")
+        d = ds.dataset(files, format=fmt, partitioning=part, partition_base_dir=str(run.path))
+        t = d.to_table(columns=["rank_dir", "step", "stream", "op", "name", "start_ns", "end_ns", "bytes"],
+                       filter=(ds.field("step") >= 0) & (ds.field("kind") == "kernel")
                        & (ds.field("end_ns") >= ds.field("start_ns")))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as e:
         raise TraceError(f"run {run.name!r}: cannot read the task tables of ranks {ranks} as one dataset "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    rank = pc.cast(pc.utf8_slice_codeunits(t.column("rank_dir"), 5), pa.int64())
-    out = {"rank": rank}
-    for c in ("step", "start_ns", "end_ns", "bytes"):
-        out[c] = pc.cast(t.column(c), pa.int64())
-    for c in ("stream", "kind", "op", "name"):
-        a = t.column(c)
-        out[c] = a.cast(pa.string()) if pa.types.is_dictionary(a.type) else a
-    return pa.table(out)
+    rd = t.column("rank_dir")
+    rank = np.zeros(t.num_rows, np.int64)
+    for r in ranks:  # one mask per rank directory (a handful), not per row
+        rank[_dict_mask(rd, [f"rank_{r}"])] = r
+    is_comm = _dict_mask(t.column("stream"), ["comm"])
+
+    def num(c):
+        return pc.cast(t.column(c), pa.int64()).to_numpy()
+    start, end, nbytes = num("start_ns"), num("end_ns"), num("bytes")
+    sel = np.flatnonzero(is_comm)  # the communication tasks: a few per step
+    comm = pd.DataFrame({"rank": rank[sel], "name": t.column("name").take(sel).cast(pa.string()).to_numpy(
+                             zero_copy_only=False).astype(str),
+                         "op": t.column("op").take(sel).cast(pa.string()).to_numpy(zero_copy_only=False).astype(str),
+                         "start_ns": start[sel], "end_ns": end[sel], "bytes": nbytes[sel]})
+    return _Tasks(rank, num("step"), start, end, is_comm, _dict_mask(t.column("op"), ["all_reduce"]), nbytes, comm)
+
+
+def _concat_tasks(parts: list[_Tasks]) -> _Tasks:
+    cat = [np.concatenate([getattr(p, f) for p in parts]) for f in ("rank", "step", "start", "end", "is_comm",
+                                                                    "is_allreduce", "nbytes")]
+    return _Tasks(*cat, pd.concat([p.comm for p in parts], ignore_index=True))
 
 
 def _sweep(group: np.ndarray, start: np.ndarray, end: np.ndarray, is_comm: np.ndarray, n_groups: int):
@@ -127,54 +168,68 @@ def _sweep(group: np.ndarray, start: np.ndarray, end: np.ndarray, is_comm: np.nd
         z = np.zeros(n_groups, np.int64)
         return z, z.copy(), z.copy()
     t = np.concatenate([start, end])
-    g = np.concatenate([group, group])
-    delta = np.concatenate([np.ones(k, np.int64), -np.ones(k, np.int64)])
-    comm = np.concatenate([is_comm, is_comm])
-    order = np.lexsort((delta, t, g))  # ends before starts at equal times: touching intervals do not overlap
-    t, g, delta, comm = t[order], g[order], delta[order], comm[order]
-    n_comm = np.cumsum(np.where(comm, delta, 0))   # every group's intervals close before the next group
-    n_comp = np.cumsum(np.where(comm, 0, delta))
-    seg = np.zeros(len(t), np.int64)
-    same = g[1:] == g[:-1]
-    seg[:-1] = np.where(same, t[1:] - t[:-1], 0)
+    g = np.concatenate([group, group]).astype(np.int64)
+    is_start = np.zeros(2 * k, np.int64)
+    is_start[:k] = 1
+    t_rel = t - t.min()
+    if int(t_rel.max()) < (1 << 40) and n_groups < (1 << 21):  # one int64 sort key: group | time | start bit
+        order = np.argsort((g << 42) | (t_rel << 1) | is_start, kind="stable")
+    else:
+        order = np.lexsort((is_start, t, g))  # ends before starts at equal times: touching intervals do not overlap
+    t, g = t[order], g[order]
+    comm = np.concatenate([is_comm, is_comm])[order]
+    delta = (is_start[order] * 2 - 1).astype(np.int32)
+    d_comm = delta * comm
+    n_comm = np.cumsum(d_comm, dtype=np.int32)   # every group's intervals close before the next group
+    n_comp = np.cumsum(delta - d_comm, dtype=np.int32)
+    seg = np.empty(len(t), np.int64)
+    seg[:-1] = t[1:] - t[:-1]
+    seg[-1] = 0
+    first = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # each group's first event (events sorted by group)
+    seg[first[1:] - 1] = 0  # no segment across two groups
     in_comm, in_comp = n_comm > 0, n_comp > 0
-    comm_u = np.bincount(g, weights=seg * in_comm, minlength=n_groups)
-    comp_u = np.bincount(g, weights=seg * in_comp, minlength=n_groups)
-    over = np.bincount(g, weights=seg * (in_comm & in_comp), minlength=n_groups)
-    return comm_u.astype(np.int64), comp_u.astype(np.int64), over.astype(np.int64)
+    ids = g[first]
+    out = []
+    for m in (in_comm, in_comp, in_comm & in_comp):
+        v = np.zeros(n_groups, np.int64)
+        v[ids] = np.add.reduceat(np.where(m, seg, 0), first)
+        out.append(v)
+    return tuple(out)
 
 
-def _comm_per_step(tasks: pa.Table, keys: pd.DataFrame) -> pd.DataFrame:
+def _comm_per_step(tasks: _Tasks, keys: pd.DataFrame) -> pd.DataFrame:
     """comm / compute / overlap / comm-alone ns and AllReduce count / bytes for each (rank, step) of ``keys``."""
-    rank = tasks.column("rank").to_numpy()
-    step = tasks.column("step").to_numpy()
-    idx = pd.MultiIndex.from_frame(keys[["rank", "step"]])
-    gid = idx.get_indexer(pd.MultiIndex.from_arrays([rank, step]))
-    keep = gid >= 0
-    is_comm = (pc.equal(tasks.column("stream"), "comm").to_numpy(zero_copy_only=False)).astype(bool)
-    start = tasks.column("start_ns").to_numpy()
-    end = tasks.column("end_ns").to_numpy()
     n = len(keys)
-    comm_u, comp_u, over = _sweep(gid[keep], start[keep], end[keep], is_comm[keep], n)
-    is_ar = pc.equal(tasks.column("op"), "all_reduce").to_numpy(zero_copy_only=False).astype(bool) & keep
-    nbytes = tasks.column("bytes").to_numpy()
     out = keys[["rank", "step"]].copy()
+    if n == 0:
+        for c in STEP_COLUMNS[6:]:
+            out[c] = pd.Series([], dtype=np.int64)
+        return out
+    steps_max = int(max(keys["step"].max(), tasks.step.max() if len(tasks.step) else 0)) + 1
+    lookup = np.full((int(keys["rank"].max()) + 1) * steps_max, -1, np.int64)  # (rank, step) -> row of keys
+    lookup[keys["rank"].to_numpy() * steps_max + keys["step"].to_numpy()] = np.arange(n)
+    flat = tasks.rank * steps_max + tasks.step
+    ok = (tasks.rank <= keys["rank"].max()) & (tasks.step < steps_max)
+    gid = np.full(len(flat), -1, np.int64)
+    gid[ok] = lookup[flat[ok]]
+    keep = gid >= 0
+    comm_u, comp_u, over = _sweep(gid[keep], tasks.start[keep], tasks.end[keep], tasks.is_comm[keep], n)
+    is_ar = tasks.is_allreduce & keep
     out["comm_ns"] = comm_u
     out["compute_ns"] = comp_u
     out["overlap_ns"] = over
     out["comm_alone_ns"] = comm_u - over
     out["allreduce_count"] = np.bincount(gid[is_ar], minlength=n).astype(np.int64)
-    out["allreduce_bytes"] = np.bincount(gid[is_ar], weights=nbytes[is_ar], minlength=n).astype(np.int64)
+    out["allreduce_bytes"] = np.bincount(gid[is_ar], weights=tasks.nbytes[is_ar], minlength=n).astype(np.int64)
     return out
 
 
-def _buckets(tasks: pa.Table) -> pd.DataFrame:
+def _buckets(tasks: _Tasks) -> pd.DataFrame:
     cols = ["rank", "bucket", "name", "op", "count", "bytes", "mean_ms"]
-    mask = pc.is_in(tasks.column("op"), pa.array(COMM_OPS))
-    t = tasks.filter(mask).select(["rank", "name", "op", "start_ns", "end_ns", "bytes"]).to_pandas()
+    t = tasks.comm[tasks.comm["op"].isin(COMM_OPS)]
     if t.empty:
         return pd.DataFrame(columns=cols)
-    t["dur"] = t["end_ns"] - t["start_ns"]
+    t = t.assign(dur=t["end_ns"] - t["start_ns"])
     g = t.groupby(["rank", "name", "op"], sort=True).agg(count=("dur", "size"), bytes=("bytes", "max"),
                                                          mean_ns=("dur", "mean")).reset_index()
     g["bucket"] = pd.to_numeric(g["name"].str.extract(_BUCKET, expand=False), errors="coerce").fillna(-1).astype(int)
@@ -213,7 +268,7 @@ def cluster_report(run: Run | str | os.PathLike, margin: float = MARGIN,
                 parts.append(_task_dataset(run, [r]))
             except TraceError as e_r:
                 status[r] = ["unreadable", f"rank {r}: {e_r}"]
-        tasks = pa.concat_tables(parts) if parts else _task_dataset(run, [])
+        tasks = _concat_tasks(parts) if parts else _task_dataset(run, [])
         del e
     comm = _comm_per_step(tasks, steps)
     steps = steps.merge(comm, on=["rank", "step"], how="left")[STEP_COLUMNS] if len(steps) else \
