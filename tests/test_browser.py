@@ -632,7 +632,57 @@ def test_step_breakdown_figure_downloads_as_png(e2e):
     assert _severe(drv) == []
 
 
-# -- last (it adds a run to the base dir, and takes it away again) ---------------------------------------------
+# -- near the end (they add runs to the base dir, and take them away again) -------------------------------------
+def test_runs_page_lists_healthy_runs_beside_broken_ones(e2e):
+    """Runs with bad manifests, a deeply nested one, a 5000-digit schema_version and a run directory that is a
+    symbolic link out of the base dir are rows with their error; the healthy runs are listed beside them, and
+    a run named with = : # ? opens from its link."""
+    drv = e2e.driver
+    base = e2e.run("run-a").parent
+    odd = "lr=0.1:b#c?d"
+    added = {"bad-device": '"device": "x"', "bad-ranks": '"ranks": 5', "bad-version": '"schema_version": "1"'}
+    outside = base.parent / "outside-run"
+    try:
+        shutil.copytree(e2e.run("run-b"), base / odd)
+        for name, field in added.items():
+            shutil.copytree(e2e.run("run-b"), base / name)
+            m = json.loads((base / name / "manifest.json").read_text())
+            m.update(json.loads("{" + field + "}"))
+            (base / name / "manifest.json").write_text(json.dumps(m))
+        for name, text in (("deep", '{"schema_version": 1, "o": ' + "[" * 5000 + "]" * 5000 + "}"),
+                           ("huge-version", '{"schema_version": 1' + "0" * 5000 + "}")):
+            (base / name).mkdir()
+            (base / name / "manifest.json").write_text(text)
+        shutil.copytree(e2e.run("run-b"), outside)
+        os.symlink(outside, base / "linked")
+        broken = sorted(list(added) + ["deep", "huge-version", "linked", "run-broken"])
+        everything = sorted(["run-a", "run-b", odd] + broken)
+        _open(e2e, "/")
+        _wait(drv, lambda: sorted(_cells(drv, "runs-table", "run")) == everything,
+              f"the runs table to list {everything} (re-scanned every 1 s)")
+        rows = dict(zip(_cells(drv, "runs-table", "run"), _cells(drv, "runs-table", "status")))
+        assert rows["run-a"] == rows["run-b"] == rows[odd] == "complete"
+        for name in broken:
+            assert rows[name].startswith("error:"), (name, rows[name])
+        assert "device" in rows["bad-device"] and "nested" in rows["deep"] and "digits" in rows["huge-version"]
+        assert "symbolic link" in rows["linked"] and "newer" not in rows["bad-version"]
+        assert _severe(drv) == []
+        # the oddly named run's link is encoded once: its overview opens
+        [link] = [a for a in drv.find_elements("css selector", "#runs-table td[data-dash-column=run] a")
+                  if a.text == odd]
+        link.click()
+        _wait(drv, lambda: drv.find_elements("id", "stat-avg-step") or drv.find_elements("id", "not-found"),
+              "the run's overview or a not-found page")
+        assert not drv.find_elements("id", "not-found"), drv.find_element("tag name", "main").text
+        assert _text(drv, "current-run") == odd
+    finally:
+        for name in [odd, *added, "deep", "huge-version"]:
+            shutil.rmtree(base / name, ignore_errors=True)
+        if (base / "linked").is_symlink():
+            (base / "linked").unlink()
+        shutil.rmtree(outside, ignore_errors=True)
+
+
 def test_run_with_a_non_ascii_name_opens_from_the_runs_table(e2e):
     drv = e2e.driver
     name = "run-\u00fc"
