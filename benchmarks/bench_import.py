@@ -71,8 +71,10 @@ def write_trace(path: Path, n_events: int, seed: int = 0) -> int:
         f.write('{\n  "schemaVersion": 1,\n  "deviceProperties": [{"id": 0, "name": "Synthetic GPU", '
                 '"totalGlobalMem": 85899345920}],\n  "distributedInfo": {"backend": "nccl", "rank": 0, '
                 '"world_size": 1},\n  "traceEvents": [\n')
-        meta = [f'  {{"name": "process_name", "ph": "M", "ts": 0, "pid": {pid}, "tid": 0, "args": {{"name": "python"}}}}',
-                f'  {{"name": "thread_name", "ph": "M", "ts": 0, "pid": {pid}, "tid": {tid}, "args": {{"name": "main"}}}}',
+        meta = [f'  {{"name": "process_name", "ph": "M", "ts": 0, "pid": {pid}, "tid": 0, '
+                f'"args": {{"name": "python"}}}}',
+                f'  {{"name": "thread_name", "ph": "M", "ts": 0, "pid": {pid}, "tid": {tid}, '
+                f'"args": {{"name": "main"}}}}',
                 '  {"name": "thread_name", "ph": "M", "ts": 0, "pid": 0, "tid": 7, "args": {"name": "stream 7 "}}',
                 '  {"name": "thread_name", "ph": "M", "ts": 0, "pid": 0, "tid": 20, "args": {"name": "stream 20 "}}']
         f.write(",\n".join(meta))
@@ -100,7 +102,8 @@ def write_trace(path: Path, n_events: int, seed: int = 0) -> int:
                 n += _x(body, "kernel", KERNELS[rnd.randrange(len(KERNELS))], 0, stream, kt, rnd.uniform(3, 40),
                         f'"External id": {ext}, "queued": 0, "device": 0, "context": 1, "stream": {stream}, '
                         f'"correlation": {corr}, "registers per thread": 32, "shared memory": 0, "blocks per SM": 1.2, '
-                        f'"warps per SM": 4.5, "grid": [80, 1, 1], "block": [128, 1, 1], "est. achieved occupancy %": 6')
+                        f'"warps per SM": 4.5, "grid": [80, 1, 1], "block": [128, 1, 1], '
+                        f'"est. achieved occupancy %": 6')
                 body.append(f'  {{\n    "ph": "s", "id": {corr}, "pid": {pid}, "tid": {tid}, "ts": {lt:.3f},\n'
                             f'    "cat": "ac2g", "name": "ac2g"\n  }}')
                 body.append(f'  {{\n    "ph": "f", "id": {corr}, "pid": 0, "tid": {stream}, "ts": {kt:.3f},\n'
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
         if not args.skip_json_load:
             dt2, rss2, rows, _ = measure(HTA_PATH, trace)
             assert rows == n, (rows, n)
-            print(f"json.load + pandas  : {dt2:7.2f} s  {n / dt2 / 1e3:8.0f}k events/s  peak RSS {rss2 / 2**20:7.0f} MiB"
+            print(f"json.load + pandas  : {dt2:7.2f} s  {n / dt2 / 1e3:8.0f}k events/s  "
+                  f"peak RSS {rss2 / 2**20:7.0f} MiB"
                   f"  (HTA's default path, before its own parsing)")
             print(f"insight import is {dt2 / dt:.2f}x the speed with {rss2 / max(rss, 1):.1f}x less peak memory")
         print(f"load after: {os.getloadavg()[0]:.2f}")

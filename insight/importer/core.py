@@ -28,11 +28,12 @@ from collectors.buffers import dictionary_schema
 from collectors.schema import SCHEMA_VERSION, SCHEMAS, TIME_COLUMNS
 from collectors.writer import MANIFEST, write_json_atomic, write_options
 from insight.importer.events import EventColumns
-from insight.importer.mapping import RankTables, build
+from insight.importer.mapping import Codes, RankTables, build
 from insight.importer.reader import MalformedTrace, TraceReader
 
 ROW_GROUP = 1 << 18
 PROGRESS_MIN_BYTES = 8 << 20  # a progress bar for inputs at least this large
+MAX_STREAMS = 256  # listed in the manifest (its reader's limit); the tasks table names every stream anyway
 _I64, _S = pa.int64(), pa.string()
 # the tasks table of an imported run carries three more columns (the format lets writers add columns)
 TASK_SCHEMA = pa.schema(list(SCHEMAS["tasks"]) + [pa.field("correlation", _I64), pa.field("external_id", _I64),
@@ -162,7 +163,7 @@ def _manifest(out: Path, name: str | None, ranks: dict, zero: int) -> dict:
     return {
         "schema_version": SCHEMA_VERSION, "run_id": uuid.uuid4().hex, "name": name or out.name,
         "created": created.isoformat(), "start_perf_ns": int(zero), "status": "complete",
-        "device": first["device"], "streams": first["streams"], "ranks": sorted(ranks),
+        "device": first["device"], "streams": first["streams"][:MAX_STREAMS], "ranks": sorted(ranks),
         "step_count": int(first["counts"].get("steps", 0)),
         "tables": {t: f"rank_{min(ranks)}/{t}.parquet" for t in TABLE_SCHEMAS},
         "options": {}, "runtime": {"version": _version(), "python": sys.version.split()[0]},
@@ -212,9 +213,18 @@ def _write_rank(run_dir: Path, rt: RankTables) -> None:
         with pq.ParquetWriter(d / f"{table}.parquet", dschema, store_schema=False, **write_options(schema)) as w:
             if n == 0:
                 w.write_table(dschema.empty_table())
+            # string codes: one compact dictionary per column (the values it uses), indices per row group
+            dicts = {}
+            for f in schema:
+                v = cols.get(f.name) if cols else None
+                if isinstance(v, Codes):
+                    used, inv = np.unique(v.codes, return_inverse=True)
+                    dicts[f.name] = (inv.astype(np.int32), pa.array(v.values[used].tolist(), _S))
             for a in range(0, n, ROW_GROUP):
                 b = min(n, a + ROW_GROUP)
-                arrays = [_arrow(cols[f.name][a:b] if f.name in cols else _default(f.type, b - a), f.type)
+                arrays = [pa.DictionaryArray.from_arrays(pa.array(dicts[f.name][0][a:b]), dicts[f.name][1])
+                          if f.name in dicts else
+                          _arrow(cols[f.name][a:b] if f.name in cols else _default(f.type, b - a), f.type)
                           for f in schema]
                 w.write_table(pa.Table.from_arrays(arrays, schema=dschema), row_group_size=b - a)
 

@@ -99,7 +99,7 @@ class Columns:
 
     def get(self, name: str) -> np.ndarray:
         ch = [np.full(c[1], c[0], self.dtypes[name]) if isinstance(c, tuple) else c for c in self.chunks[name]]
-        return np.concatenate(ch).astype(np.int64, copy=False) if ch else np.zeros(0, np.int64)
+        return np.concatenate(ch) if ch else np.zeros(0, self.dtypes[name])
 
     def constant(self, name: str):
         """The column's single value when every row holds it, else None."""

@@ -41,6 +41,16 @@ MEMCPY_KINDS = {"htod": "memcpy_h2d", "dtoh": "memcpy_d2h", "dtod": "memcpy_d2d"
 
 
 @dataclass
+class Codes:
+    """A string column as codes into ``values`` (written as a dictionary column, never as Python strings)."""
+    codes: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+@dataclass
 class RankTables:
     flavor: str
     rank: int
@@ -138,6 +148,10 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     cols.finish()
     S = cols.strings
     x = cols.slices.lazy()
+    for c in ("ts", "dur", "name", "cat", "lane", "corr", "ext", "bytes", "flops", "shape", "dtype"):
+        x[c]  # materialised now: the chunks can go (half the memory of pass 1)
+    if cols.slices.constant("a_op") is not None:  # nothing from our own exporter
+        cols.slices.chunks.clear()
     strings = S.array()
     n = len(x["ts"])
     start = x["ts"]
@@ -168,14 +182,16 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
                 kind[sel] = S(HOST_KINDS.get(cl, cl or "slice"))
         else:
             kind[sel] = S(strings[c] or "slice")
-    names = strings[x["name"]] if n else np.zeros(0, object)
+
+    def names(idx):
+        return strings[x["name"][idx]]
 
     lanes = x["lane"]
     n_lanes = len(cols.lane_keys)
     if flavor == "kineto":
         mc = kind == S("memcpy")
         if mc.any():
-            kinds_mc = np.array([_memcpy_kind(v) for v in names[mc]], object)
+            kinds_mc = np.array([_memcpy_kind(v) for v in names(mc)], object)
             kind[mc] = [S(v) for v in kinds_mc]
     # -- lanes -> streams
     dev_events = np.bincount(lanes[is_dev], minlength=n_lanes) if n else np.zeros(n_lanes, np.int64)
@@ -249,6 +265,8 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     # time zero: the first imported timestamp of this file
     fl = cols.flows.all()
     mem = cols.memory.all()
+    cols.flows.chunks.clear()
+    cols.memory.chunks.clear()
     firsts = [a.min() for a in (start[~drop] if n else start, fl["ts"], mem["ts"]) if len(a)]
     zero = int(min(firsts)) if firsts else 0
     if flavor == "insight":  # our exporter writes times relative to the run start: keep that zero
@@ -290,45 +308,44 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
             has = launcher >= 0
             task_step[has] = step_of(start[launcher[has]], s_start, s_end, s_num)
             phase, fp_start, bp_end, fp_op, bp_op, gn_start, gn_end = _phases(
-                S, strings, names, kind, lanes, start, end, is_dev, task, launcher, task_step, s_num, s_start, s_end)
+                S, strings, x["name"], kind, lanes, start, end, is_dev, task, launcher, task_step, s_num,
+                s_start, s_end)
         else:
             phase = np.zeros(n, np.int64)
             fp_start, bp_end = s_start.copy(), s_end.copy()
             fp_op = bp_op = np.array([""] * len(s_num), object)
             gn_start = gn_end = np.full(len(s_num), -1, np.int64)
 
-    # -- op type, scope
+    # -- op type, scope: string codes (into S) like every string column of the tasks table
+    nc = x["name"]
     if flavor == "insight":
-        op = strings[x["a_op"]]
-        scope = strings[x["a_scope"]]
-        graph = strings[x["a_graph"]]
-        task_id = x["a_task"]
+        op, scope, graph, task_id = x["a_op"], x["a_scope"], x["a_graph"], x["a_task"]
     else:
-        op = names.copy()
+        op = nc.copy()
         if flavor == "kineto" and n:
             kc = np.flatnonzero(kind == S("kernel"))
             if len(kc):
-                uniq, inv = np.unique(x["name"][kc], return_inverse=True)
-                op[kc] = np.array([kernel_class(strings[u]) for u in uniq], object)[inv]
-            for kname in ("memcpy_h2d", "memcpy_d2h", "memcpy_d2d", "memcpy_h2h", "memcpy_p2p", "memcpy"):
-                sel = kind == S(kname)
-                if sel.any():
-                    op[sel] = np.array([v.split(" (")[0] for v in names[sel]], object)
-            sel = kind == S("memset")
-            op[sel] = "Memset"
-        scope = np.array([""] * n, object) if n else np.zeros(0, object)
+                uniq, inv = np.unique(nc[kc], return_inverse=True)
+                op[kc] = np.array([S(kernel_class(strings[u])) for u in uniq], np.int64)[inv]
+            mc = np.flatnonzero(np.isin(kind, [S(k) for k in ("memcpy_h2d", "memcpy_d2h", "memcpy_d2d", "memcpy_h2h",
+                                                               "memcpy_p2p", "memcpy")]))
+            if len(mc):
+                uniq, inv = np.unique(nc[mc], return_inverse=True)
+                op[mc] = np.array([S(strings[u].split(" (")[0]) for u in uniq], np.int64)[inv]
+            op[kind == S("memset")] = S("Memset")
+        scope = np.zeros(n, np.int64)
         if flavor == "kineto" and n:
             # a device task's scope: the host op that launched it (same External id), else the launch itself
             ext = x["ext"]
             cpu = np.flatnonzero((kind == S("cpu_op")) & (ext >= 0))
             dv = np.flatnonzero(is_dev)
             if len(dv):
-                byext = pd.Series(names[cpu], index=ext[cpu])
+                byext = pd.Series(nc[cpu], index=ext[cpu])
                 byext = byext[~byext.index.duplicated(keep="last")]
-                sc = pd.Series(ext[dv]).map(byext).to_numpy(object)
-                lsc = np.where(launcher[dv] >= 0, names[np.clip(launcher[dv], 0, None)], "")
-                scope[dv] = np.where(pd.isna(sc), lsc, sc)
-        graph = np.array([""] * n, object) if n else np.zeros(0, object)
+                sc = pd.Series(ext[dv]).map(byext).to_numpy(float)
+                lsc = np.where(launcher[dv] >= 0, nc[np.clip(launcher[dv], 0, None)], 0)
+                scope[dv] = np.where(np.isnan(sc), lsc, np.nan_to_num(sc)).astype(np.int64)
+        graph = np.zeros(n, np.int64)
         task_id = np.full(n, -1, np.int64)
 
     # -- streams, in display order: device streams first
@@ -352,14 +369,16 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     rows = rows[np.argsort(start[rows], kind="stable")]
     new_pos = np.full(n, -1, np.int64)
     new_pos[rows] = np.arange(len(rows))
+    def codes(c):
+        return Codes(c[rows], strings)
+
     tasks = {
-        "step": task_step[rows], "graph": graph[rows], "task_id": task_id[rows], "name": names[rows], "op": op[rows],
-        "kind": strings[kind[rows]], "stream": strings[stream_of_lane[lanes[rows]]],
-        "stream_id": sid_of_lane[lanes[rows]], "scope": scope[rows],
-        "phase": strings[phase[rows]], "start_ns": start[rows] - zero, "end_ns": end[rows] - zero,
-        "dur_ns": end[rows] - start[rows], "flops": x["flops"][rows], "bytes": x["bytes"][rows],
-        "shape": strings[x["shape"][rows]], "dtype": strings[x["dtype"][rows]],
-        "fused_ops": np.array([""] * len(rows), object),
+        "step": task_step[rows], "graph": codes(graph), "task_id": task_id[rows], "name": codes(nc), "op": codes(op),
+        "kind": codes(kind), "stream": Codes(stream_of_lane[lanes[rows]], strings),
+        "stream_id": sid_of_lane[lanes[rows]], "scope": codes(scope), "phase": codes(phase),
+        "start_ns": start[rows] - zero, "end_ns": end[rows] - zero, "dur_ns": end[rows] - start[rows],
+        "flops": x["flops"][rows], "bytes": x["bytes"][rows], "shape": codes(x["shape"]), "dtype": codes(x["dtype"]),
+        "fused_ops": Codes(np.zeros(len(rows), np.int64), strings),
         "correlation": corr[rows], "external_id": x["ext"][rows],
         "launch_task": np.where(launcher[rows] >= 0, new_pos[np.clip(launcher[rows], 0, None)], -1),
     }
@@ -375,7 +394,7 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     tables = {"tasks": tasks, "steps": steps}
     if len(host_op_rows):
         h = host_op_rows[np.argsort(start[host_op_rows], kind="stable")]
-        tables["host_ops"] = {"op": strings[x["a_op"][h]], "name": names[h], "scope": strings[x["a_scope"][h]],
+        tables["host_ops"] = {"op": strings[x["a_op"][h]], "name": names(h), "scope": strings[x["a_scope"][h]],
                               "start_ns": start[h] - zero, "end_ns": end[h] - zero}
 
     # -- device properties, memory
@@ -395,7 +414,7 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     else:
         device = {"target": "", "capacity_bytes": 0}
     if len(mem["ts"]):
-        tables["memory"] = _memory(mem, cols, S, strings, names, kind, lanes, start, end, task, main_dev, has_gpu,
+        tables["memory"] = _memory(mem, cols, S, strings, x["name"], kind, lanes, start, end, task, main_dev, has_gpu,
                                    device.get("capacity_bytes", 0), s_num, s_start, s_end, zero)
 
     # -- flows
@@ -443,14 +462,16 @@ def _steps(flavor, kind, S, start, end, step_rows, step_num, launcher, is_dev, d
     return num, s_start, s_end
 
 
-def _phases(S, strings, names, kind, lanes, start, end, is_dev, task, launcher, task_step, s_num, s_start, s_end):
+def _phases(S, strings, name_codes, kind, lanes, start, end, is_dev, task, launcher, task_step, s_num,
+            s_start, s_end):
     n = len(start)
     host = ~is_dev & task
     ph = np.zeros(n, np.int64)
-    uniq, inv = np.unique(names, return_inverse=True) if n else (np.zeros(0, object), np.zeros(0, np.int64))
+    uniq, inv = np.unique(name_codes, return_inverse=True)
+    uniq_names = strings[uniq]
 
     def named(prefixes):
-        return _starts(uniq, prefixes)[inv] if n else np.zeros(0, bool)
+        return _starts(uniq_names, prefixes)[inv] if n else np.zeros(0, bool)
 
     masks = {}
     for label, prefixes in (("input", DATALOADER), ("update", OPTIMIZER), ("backward", BACKWARD)):
@@ -495,10 +516,10 @@ def _phases(S, strings, names, kind, lanes, start, end, is_dev, task, launcher, 
     for s, i in idx.items():
         if s in fw_first:
             r = fw_first[s]
-            fp_start[i], fp_op[i] = start[r], names[r]
+            fp_start[i], fp_op[i] = start[r], strings[name_codes[r]]
         if s in bw_last:
             r = bw_last[s]
-            bp_end[i], bp_op[i] = end[r], names[r]
+            bp_end[i], bp_op[i] = end[r], strings[name_codes[r]]
         elif s in fw_last:
             bp_end[i] = end[fw_last[s]]
         else:
@@ -530,11 +551,13 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
              "dst_task": np.zeros(0, np.int64), "src_ns": np.zeros(0, np.int64), "dst_ns": np.zeros(0, np.int64)}
     if not len(fl["ts"]):
         return empty
-    df = pd.DataFrame(fl)
     key = ["cat", "id", "id_str"]
-    src = df[df["ph"] == ord("s")].drop_duplicates(key, keep="first")
-    dst = df[df["ph"] != ord("s")].drop_duplicates(key, keep="last")
+    is_s = fl["ph"] == ord("s")
+    src = pd.DataFrame({k: v[is_s] for k, v in fl.items() if k != "ph"}).drop_duplicates(key, keep="first")
+    dst = pd.DataFrame({k: v[~is_s] for k, v in fl.items() if k != "ph"}).drop_duplicates(key, keep="last")
+    fl.clear()
     pairs = src.merge(dst, on=key, suffixes=("_s", "_f"))
+    del src, dst
     if pairs.empty:
         return empty
     index = _lane_index(lanes, start, end, np.flatnonzero(task))
@@ -567,7 +590,7 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
             "src_ns": pairs["ts_s"].to_numpy() - zero, "dst_ns": pairs["ts_f"].to_numpy() - zero}
 
 
-def _memory(mem, cols, S, strings, names, kind, lanes, start, end, task, main_dev, has_gpu, capacity, s_num, s_start,
+def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, main_dev, has_gpu, capacity, s_num, s_start,
             s_end, zero) -> dict:
     o = np.argsort(mem["ts"], kind="stable")
     m = {k: v[o] for k, v in mem.items()}
@@ -583,8 +606,9 @@ def _memory(mem, cols, S, strings, names, kind, lanes, start, end, task, main_de
     # the op that allocated: the innermost host op around the event on its thread
     index = _lane_index(lanes, start, end, np.flatnonzero(task & (kind == S("cpu_op"))))
     op_rows = np.array([bind(index, int(ln), int(tt), "enclosing") for ln, tt in zip(m["lane"], t)], np.int64)
-    op = np.where(op_rows >= 0, names[np.clip(op_rows, 0, None)] if len(names) else "", "")
-    return {"t_ns": t - zero, "action": np.where(b >= 0, "alloc", "free").astype(object), "device": device.astype(object),
+    op = np.where(op_rows >= 0, strings[name_codes[np.clip(op_rows, 0, None)]] if len(name_codes) else "", "")
+    return {"t_ns": t - zero, "action": np.where(b >= 0, "alloc", "free").astype(object),
+            "device": device.astype(object),
             "kind": np.array([""] * len(t), object),
             "tensor": np.array([f"0x{a:x}" if a >= 0 else "" for a in m["addr"]], object),
             "op": op.astype(object), "scope": np.array([""] * len(t), object), "size": np.abs(b),

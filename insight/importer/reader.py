@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import orjson
 
-CHUNK = 4 << 20          # decompressed bytes read at a time
+CHUNK = 2 << 20          # decompressed bytes read at a time
 MAX_CANDIDATES = 4       # cut points tried before reading more data
 MAX_VALUE = 64 << 20     # a top-level value other than traceEvents larger than this is an error
 WS = b" \t\r\n"
