@@ -1,20 +1,23 @@
 """Graph-kernel fusion: the same training step with ``enable_graph_kernel`` off and on, interleaved in
-one run (median of rounds), plus the memory bandwidth of one fused elementwise kernel.
+one run (median of rounds), plus the memory bandwidth of fused elementwise kernels.
 
-    python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick]
+    python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick] [--part all|bert|bandwidth]
 
 1. BERT-small encoder training step (4 layers, hidden 256, 4 heads, sequence 128, batch 16, Adam):
    step time unfused vs fused and the speed-up. Goal: >= 1.3x.
-2. An elementwise-heavy chain: gelu backward (expanded: ~25 primitives) on 16M floats, fused into one
-   kernel, against ``np.copyto`` of the same number of bytes (read 2 x 64 MB, write 64 MB) measured in
-   the same run. Goal: >= 60% of the copy bandwidth.
+2. An elementwise-heavy chain: gelu backward (expanded: ~25 primitives, an exp and a division per
+   element) on 16M floats, fused into one kernel, against ``np.copyto`` of the same number of bytes
+   (read 2 x 64 MB, write 64 MB) measured in the same run. Goal: >= 60% of the copy bandwidth.
+3. A chain of only cheap ops (mul / add / select, same traffic). Goal: >= 80% of the copy bandwidth.
 
 The training graphs are compiled through the regular pass pipeline (``enable_graph_kernel`` switches fusion
-on); the gelu chain is one ``graph_kernel`` call.
+on); the elementwise chains are one ``graph_kernel`` call each. The kernels use every core
+(``INSIGHT_FUSION_THREADS``); figures on a shared machine vary with its load.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -24,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's runtime, whatever is installed
 
-from runtime import Model, context, nn
+from runtime import Model, _kernels, codegen, context, nn
 from runtime.core import GraphBuilder, building
 from runtime.ir.graph import Graph
 from runtime.nn.transformer import BertSmall, bert_batch
@@ -47,19 +50,25 @@ def bert_step(fuse: bool, batch: int, seq: int, layers: int, hidden: int, heads:
     return exe, feeds, build
 
 
-def gelu_chain(n: int):
-    """gelu_grad(x, g) on n floats as a graph, fused into one kernel; returns (fused kernel, graph)."""
-    g = Graph("gelu_backward")
+def fused_chain(name: str, n: int, fn):
+    """``fn(x, dy)`` on n floats as a graph, fused into one kernel; returns the kernel's program."""
+    g = Graph(name)
     b = GraphBuilder(g)
     with building(b):
         x = b.input("x", (n,), np.float32)
         dy = b.input("dy", (n,), np.float32)
-        g.outputs = {"dx": F.gelu_grad(x, dy).node}
+        g.outputs = {"dx": fn(x, dy).node}
     fused = graph_kernel(g)
-    node = next(m for m in fused.nodes if m.op == "fused")
+    (node,) = [m for m in fused.nodes if m.op not in ("input", "const")]
+    assert node.op == "fused", fused.dump()
     print(f"  fused into 1 kernel: {node.name} ({len(node.ann['fused_ops'])} primitives: "
           f"{','.join(dict.fromkeys(node.ann['fused_ops']))})")
-    return node.attrs["_program"], fused
+    return node.attrs["_program"]
+
+
+def cheap_chain(x, dy):
+    """mul / add / select only: dy * 0.5 + x where x > 0, else dy * 0.25 - 1."""
+    return F.select(F.greater(x, 0.0), F.add(F.mul(dy, 0.5), x), F.sub(F.mul(dy, 0.25), 1.0))
 
 
 def timeit(fn, reps):
@@ -69,12 +78,7 @@ def timeit(fn, reps):
     return (time.perf_counter() - t0) / reps
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="a smaller BERT (for a smoke run)")
-    args = ap.parse_args()
+def bert(args):
     cfg = dict(batch=16, seq=128, layers=4, hidden=256, heads=4)
     if args.quick:
         cfg = dict(batch=4, seq=64, layers=2, hidden=128, heads=4)
@@ -97,36 +101,79 @@ def main():
     print(f"  best round                                      unfused {min(t_off) * 1e3:7.1f} ms   "
           f"fused {min(t_on) * 1e3:7.1f} ms   speed-up {min(t_off) / min(t_on):.2f}x")
 
+
+def bandwidth(args):
     n = 16 * 1024 * 1024
-    print(f"gelu backward, {n} float32 elements (read 2 x {n * 4 >> 20} MB, write {n * 4 >> 20} MB)")
-    kernel, graph = gelu_chain(n)
-    from runtime import _kernels
+    print(f"elementwise chains, {n} float32 elements (read 2 x {n * 4 >> 20} MB, write {n * 4 >> 20} MB)")
+    gelu = fused_chain("gelu_backward", n, F.gelu_grad)
+    cheap = fused_chain("cheap_chain", n, cheap_chain)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n, dtype=np.float32)
     dy = rng.standard_normal(n, dtype=np.float32)
     src = np.empty(3 * n // 2, np.float32)
     src[:] = 1.0
     dst = np.empty_like(src)            # copy 2 x (3n/2 x 4) bytes = the kernel's 3 x n x 4 bytes of traffic
-    ref = _kernels.gelu_bwd(x, dy)
-    out = kernel(x, dy)
-    assert np.allclose(out, ref, rtol=1e-5, atol=1e-6)
-    del out
+    assert np.allclose(gelu(x, dy), _kernels.gelu_bwd(x, dy), rtol=1e-5, atol=1e-6)
+    want = np.where(x > 0, dy * np.float32(0.5) + x, dy * np.float32(0.25) - np.float32(1.0))
+    assert np.array_equal(cheap(x, dy), want)
     np.copyto(dst, src)
-    t_copy, t_fused, t_unf = [], [], []
-    for _ in range(args.rounds):
-        t_copy.append(timeit(lambda: np.copyto(dst, src), 3))
-        t_fused.append(timeit(lambda: kernel(x, dy), 3))      # the kernel call, output buffer included
-        t_unf.append(timeit(lambda: _kernels.gelu_bwd(x, dy), 3))
-        t_copy.append(timeit(lambda: np.copyto(dst, src), 3))
-    bytes_moved = 3 * n * 4
-    bw_copy = bytes_moved / statistics.median(t_copy) / 1e9
-    bw_fused = bytes_moved / statistics.median(t_fused) / 1e9
-    bw_unf = bytes_moved / statistics.median(t_unf) / 1e9
-    best = bytes_moved / min(t_fused) / 1e9 / (bytes_moved / min(t_copy) / 1e9)
-    print(f"  np.copyto            {statistics.median(t_copy) * 1e3:7.2f} ms  {bw_copy:6.1f} GB/s")
-    print(f"  fused gelu_grad      {statistics.median(t_fused) * 1e3:7.2f} ms  {bw_fused:6.1f} GB/s  "
-          f"= {100 * bw_fused / bw_copy:.0f}% of copy bandwidth (goal >= 60%; best round {100 * best:.0f}%)")
-    print(f"  Cython gelu_bwd op   {statistics.median(t_unf) * 1e3:7.2f} ms  {bw_unf:6.1f} GB/s  (the unfused primitive)")
+    runs = {"copy": [], "gelu": [], "cheap": [], "cython": []}
+    for _ in range(args.rounds):      # interleaved: every figure sees the same machine load
+        runs["copy"].append(timeit(lambda: np.copyto(dst, src), 3))
+        runs["gelu"].append(timeit(lambda: gelu(x, dy), 3))      # the kernel call, output buffer included
+        runs["cheap"].append(timeit(lambda: cheap(x, dy), 3))
+        runs["cython"].append(timeit(lambda: _kernels.gelu_bwd(x, dy), 3))
+        runs["copy"].append(timeit(lambda: np.copyto(dst, src), 3))
+    moved = 3 * n * 4
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    bw = {k: moved / t / 1e9 for k, t in med.items()}
+    print(f"  np.copyto            {med['copy'] * 1e3:7.2f} ms  {bw['copy']:6.1f} GB/s")
+    for key, label, goal in (("gelu", "fused gelu_grad", 60), ("cheap", "fused mul/add/select", 80)):
+        best = min(runs["copy"]) / min(runs[key])
+        print(f"  {label:20s} {med[key] * 1e3:7.2f} ms  {bw[key]:6.1f} GB/s  = {100 * bw[key] / bw['copy']:.0f}% of "
+              f"copy bandwidth (goal >= {goal}%; best round {100 * best:.0f}%)")
+    print(f"  Cython gelu_bwd op   {med['cython'] * 1e3:7.2f} ms  {bw['cython']:6.1f} GB/s  (the unfused primitive)")
+    compute_cost()
+
+
+def compute_cost(n: int = 1 << 16, reps: int = 100, repeats: int = 7):
+    """CPU time per element of each fused chain on ONE thread with its data in cache: what the kernel
+    costs when memory is not the limit (best of ``repeats``). Thread CPU time does not count time the
+    thread waits for a core, so this figure moves far less with the machine's load than wall times do.
+    12 bytes per element / (ns per element / cores) is the bandwidth at which the kernel turns
+    compute-bound."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(n, dtype=np.float32)
+    dy = rng.standard_normal(n, dtype=np.float32)
+    print(f"compute cost, one thread, {n} elements in cache (best of {repeats} x {reps} calls, thread CPU time):")
+    chains = {label: fused_chain(label.replace(" ", "_").replace("/", "_"), n, fn)
+              for label, fn in (("fused gelu_grad", F.gelu_grad), ("fused mul/add/select", cheap_chain))}
+    best = {label: float("inf") for label in chains}
+    with codegen.threads(1):
+        for _ in range(repeats):          # interleaved
+            for label, kernel in chains.items():
+                kernel(x, dy)
+                t0 = time.thread_time()
+                for _ in range(reps):
+                    kernel(x, dy)
+                best[label] = min(best[label], (time.thread_time() - t0) / (reps * n) * 1e9)
+    for label, ns in best.items():
+        print(f"  {label:20s} {ns:6.3f} ns/element -> compute-bound at {12 / ns * (os.cpu_count() or 1):5.1f} GB/s "
+              f"on {os.cpu_count()} cores")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="a smaller BERT (for a smoke run)")
+    ap.add_argument("--part", choices=("all", "bert", "bandwidth"), default="all")
+    args = ap.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if args.part in ("all", "bert"):
+        bert(args)
+    if args.part in ("all", "bandwidth"):
+        bandwidth(args)
 
 
 if __name__ == "__main__":

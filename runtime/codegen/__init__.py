@@ -21,10 +21,11 @@ It never imports the passes or the primitives.
 """
 from runtime.codegen.buffers import BufferPool, aligned_empty
 from runtime.codegen.kernel_cache import cache_dir, compiler, compiler_available
-from runtime.codegen.program import Program, backend, get_backend, prepare, program_for, set_backend, set_threads
+from runtime.codegen.program import (Program, backend, get_backend, prepare, program_for, set_backend, set_threads,
+                                     threads)
 from runtime.codegen.schedule import Plan, analyze
 from runtime.codegen.subgraph import OPCODES, NotFusible, SOp, SubGraph, op_supported, subgraph_of
 
 __all__ = ["BufferPool", "aligned_empty", "cache_dir", "compiler", "compiler_available", "Program", "backend",
-           "get_backend", "prepare", "program_for", "set_backend", "set_threads", "Plan", "analyze", "OPCODES",
+           "get_backend", "prepare", "program_for", "set_backend", "set_threads", "threads", "Plan", "analyze", "OPCODES",
            "NotFusible", "SOp", "SubGraph", "op_supported", "subgraph_of"]

@@ -1,6 +1,9 @@
 """C source for a kernel ``Plan``: one function, one pass over memory in cache-sized chunks of
-domain axis 0, OpenMP over the chunks, every value an inline scalar expression (so the innermost
-loop auto-vectorises and no temporary array is ever allocated).
+domain axis 0, OpenMP over the chunks, every value an inline scalar expression (so no temporary
+array is ever allocated). The element functions are branch-free (``element_ops.h``) and every innermost
+loop whose iterations are independent -- elementwise work, the 8 lanes of a reduction, accumulators
+indexed by the innermost axis -- carries ``#pragma omp simd``, so gcc vectorises it (``-march=native``)
+whatever its cost model says; a loop accumulating into one scalar keeps its sequential order.
 
 Signature of the generated function::
 
@@ -210,6 +213,13 @@ class _Emitter:
             terms = [f"i{a} * s{m}_{a}" for a in range(levels) if m >> a & 1]
             self.w(f"const int64_t o{m} = {' + '.join(terms) if terms else '0'}; (void)o{m};")
 
+    def independent(self, accs) -> bool:
+        """Do the iterations of the innermost loop touch disjoint accumulators (none, or S2 accumulators
+        indexed by the innermost axis)? Then ``#pragma omp simd`` cannot change the accumulation order."""
+        K = self.K
+        return all(self.reds[r].cls == "S2" and self.reds[r].lanes == 1 and self.reds[r].kmask >> (K - 1) & 1
+                   for r in accs)
+
     def inner_loop(self, need, stores, accs, j0, j1, p=None):
         w = self.w
         if any(self.reds[r].lanes == LANES for r in accs):
@@ -217,6 +227,7 @@ class _Emitter:
             w.ind += 1
             w(f"int64_t j = {j0};")
             w.open(f"for (; j + 8 <= {j1}; j += 8)")
+            w("#pragma omp simd")          # lane l accumulates into its own partial: order kept per lane
             w.open("for (int l = 0; l < 8; l++)")
             w("const int64_t jj = j + l;")
             self.body(need, stores, accs, "l", p)
@@ -229,6 +240,8 @@ class _Emitter:
             w.ind -= 1
             w("}")
         else:
+            if self.independent(accs):
+                w("#pragma omp simd")
             w.open(f"for (int64_t jj = {j0}; jj < {j1}; jj++)")
             self.body(need, stores, accs, "0", p)
             w.close()
@@ -367,6 +380,7 @@ class _Emitter:
         w("const int64_t m = (b - j < 64) ? b - j : 64;")
         for k in range(len(outs)):
             w(f"float t{k}[64];")
+        w("#pragma omp simd")
         w.open("for (int64_t q = 0; q < m; q++)")
         w("const int64_t jj = j + q;")
         for v in self.plan.phase_vals[0]:
@@ -442,6 +456,7 @@ class _Emitter:
             ms.add(o.mask)
             if K == 1:
                 hi = "D0" if o.mask & 1 else "1"
+                w("#pragma omp simd")
                 w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
             else:
                 for a in range(K - 1):
@@ -449,6 +464,7 @@ class _Emitter:
                     w.open(f"for (int64_t i{a} = 0; i{a} < {hi}; i{a}++)")
                 self.offsets(ms, K - 1)
                 hi = f"D{K - 1}" if o.mask >> (K - 1) & 1 else "1"
+                w("#pragma omp simd")
                 w.open(f"for (int64_t jj = 0; jj < {hi}; jj++)")
             for v in need:
                 w(f"const float v{v} = {self.expr(v)};")

@@ -34,19 +34,29 @@ def get_backend() -> str:
     return _state["backend"]
 
 
-@contextlib.contextmanager
 def backend(name: str):
-    old = _state["backend"]
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _state["backend"] = old
+    """Use backend ``name`` inside the block."""
+    return _temporarily("backend", name, set_backend)
 
 
 def set_threads(n: int) -> None:
     """Threads per kernel (default: the CPU count; results do not depend on it)."""
     _state["threads"] = max(1, int(n))
+
+
+def threads(n: int):
+    """Run kernels on ``n`` threads inside the block (e.g. 1 to measure one thread's CPU time)."""
+    return _temporarily("threads", n, set_threads)
+
+
+@contextlib.contextmanager
+def _temporarily(key: str, value, setter):
+    old = _state[key]
+    setter(value)
+    try:
+        yield
+    finally:
+        _state[key] = old
 
 
 class Program:

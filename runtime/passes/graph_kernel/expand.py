@@ -3,7 +3,8 @@
 Forward and backward composites are rewritten with the functional ops API, mirroring the formulas
 of the Cython kernels they replace (``runtime/_kernels.pyx``) operation by operation, so the
 expanded float32 graph computes the same values up to the rounding of reductions (which the
-fused kernels accumulate in double, like those kernels):
+fused kernels accumulate in double, like those kernels) and of the transcendental functions (the
+kernels' exp / log / tanh are the same Cephes algorithms, evaluated with FMAs: within an ulp):
 
 * ``gelu`` / ``gelu_grad``        -- tanh approximation as ``x * sigmoid(2u)`` with ``a = exp(-2|u|)``;
 * ``layer_norm``, ``layer_norm_grad``, ``layer_norm_grad_params`` -- statistics over the last axis,
