@@ -32,14 +32,14 @@ cimport numpy as cnp
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from libc.math cimport floor
+from libc.math cimport floor, floorf
 from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 cnp.import_array()
 
-__all__ = ["fake_quant", "fake_quant_grad", "quantize", "dequantize", "conv2d_int8", "dense_int8",
+__all__ = ["quant_params", "fake_quant", "fake_quant_grad", "quantize", "dequantize", "conv2d_int8", "dense_int8",
            "requant_int8", "relu_int8", "maxpool_int8", "add_int8", "multiply_by_quantized_multiplier"]
 
 cdef int32_t INT32_MIN = -2147483648
@@ -102,6 +102,72 @@ def multiply_by_quantized_multiplier(acc, mult, shift):
 # ---------------------------------------------------------------------------------------------
 # fake quantization (training)
 # ---------------------------------------------------------------------------------------------
+cdef inline floating _fl(floating v) noexcept nogil:
+    if floating is float:
+        return floorf(v)
+    else:
+        return floor(v)
+
+
+cdef void _nudge(const floating* mn_in, const floating* mx_in, Py_ssize_t C, int qmin, int qmax, bint symmetric,
+                 floating* scale, floating* nmin, floating* nmax, floating* zlo, int64_t* zp) noexcept nogil:
+    """TensorFlow's nudged range per channel, every step rounded in ``floating`` (the one implementation:
+    the kernels and ``runtime.ops.quant.quant_params`` both call it)."""
+    cdef Py_ssize_t c
+    cdef floating mn, mx, a, s, zf, z
+    for c in range(C):
+        mn = mn_in[c] if mn_in[c] < 0 else <floating>0
+        mx = mx_in[c] if mx_in[c] > 0 else <floating>0
+        if symmetric:
+            a = -mn if -mn > mx else mx
+            mn = -a
+            mx = a
+        s = (mx - mn) / <floating>(qmax - qmin)
+        if not s > 0:
+            s = 1
+        if symmetric:
+            z = <floating>((qmax + 1) // 2)          # signed zero: [0, 2^b - 1] and [1, 2^b - 1] both -> 2^(b-1)
+        else:
+            zf = <floating>qmin - mn / s
+            if zf < qmin:
+                zf = qmin
+            if zf > qmax:
+                zf = qmax
+            z = _fl(zf + <floating>0.5)
+        scale[c] = s
+        nmin[c] = (<floating>qmin - z) * s
+        nmax[c] = (<floating>qmax - z) * s
+        zlo[c] = <floating>qmin - z
+        zp[c] = <int64_t>z
+
+
+def quant_params(mn, mx, int num_bits, bint narrow_range, bint symmetric, dtype):
+    """(scale, nmin, nmax, zlo = qmin - zero_point, zero_point) per channel in ``dtype`` (float32/float64)."""
+    dt = np.dtype(dtype)
+    if dt != np.float32 and dt != np.float64:
+        raise TypeError(f"quant_params: dtype must be float32 or float64, got {dt}")
+    lo = np.ascontiguousarray(mn, dtype=dt).reshape(-1)
+    hi = np.ascontiguousarray(mx, dtype=dt).reshape(-1)
+    if lo.shape != hi.shape:
+        raise ValueError(f"quant_params: min {lo.shape} and max {hi.shape} differ")
+    cdef Py_ssize_t C = lo.shape[0]
+    cdef int qmin = 1 if narrow_range else 0, qmax = (1 << num_bits) - 1
+    scale, nmin, nmax, zlo = (np.empty(C, dt) for _ in range(4))
+    zp = np.empty(C, np.int64)
+    cdef int64_t[::1] zv = zp
+    cdef float[::1] af, bf, sf, nf, xf, lf
+    cdef double[::1] ad, bd, sd, nd, xd, ld
+    if C == 0:
+        return scale, nmin, nmax, zlo, zp
+    if dt == np.float32:
+        af, bf, sf, nf, xf, lf = lo, hi, scale, nmin, nmax, zlo
+        _nudge[float](&af[0], &bf[0], C, qmin, qmax, symmetric, &sf[0], &nf[0], &xf[0], &lf[0], &zv[0])
+    else:
+        ad, bd, sd, nd, xd, ld = lo, hi, scale, nmin, nmax, zlo
+        _nudge[double](&ad[0], &bd[0], C, qmin, qmax, symmetric, &sd[0], &nd[0], &xd[0], &ld[0], &zv[0])
+    return scale, nmin, nmax, zlo, zp
+
+
 def _check_channels(x, inner, scale, nmin, nmax, fn):
     if inner <= 0 or x.size % inner:
         raise ValueError(f"{fn}: inner size {inner} does not divide a tensor of shape {x.shape}")
@@ -129,7 +195,7 @@ cdef void _fq(const floating* x, floating* out, const floating* scale, const flo
             if v > h:
                 v = h
             t = (v - l) / s + <floating>0.5
-            t = <floating>floor(t) + z
+            t = _fl(t) + z
             out[r * inner + i] = t * s
 
 

@@ -12,11 +12,12 @@ Their QAT twins:
   exponential moving average with ``ema_decay`` whose first observed batch seeds the average, else the
   current tensor's min / max) followed by a fake-quant primitive with the straight-through estimator;
   ``quant_delay`` training steps pass the tensor through unquantized (the observer still runs);
-* ``Conv2dBnFoldQuant`` -- BatchNorm folded into the conv weights during training: the batch statistics
-  come from a float conv of the raw weights; the weights are folded with the running std
-  (``W * gamma / sigma_running``), fake-quantized per channel, convolved, and the result corrected by
-  ``sigma_running / sigma_batch`` with bias ``beta - gamma * mu_batch / sigma_batch`` (Jacob et al. 2018,
-  Krishnamoorthi 2018). After ``freeze_bn`` steps the running statistics are used (correction 1, bias
+* ``Conv2dBnFoldQuant`` -- BatchNorm folded into the conv weights during training: the weights are folded
+  with the running std (``W * gamma / sigma_running``), fake-quantized per channel and convolved; the batch
+  statistics are those of that output scaled back by ``sigma_running / gamma`` (the unfolded conv, as
+  PyTorch's ConvBn2d computes them: one convolution where MindSpore runs a second one with the float
+  weights); the result is corrected by ``sigma_running / sigma_batch`` with bias
+  ``beta - gamma * mu_batch / sigma_batch`` (Jacob et al. 2018, Krishnamoorthi 2018). After ``freeze_bn`` steps the running statistics are used (correction 1, bias
   ``beta - gamma * mu_running / sigma_running``) and no longer updated; evaluation always uses them;
 * ``Conv2dQuant`` / ``DenseQuant`` -- fake-quantized weights (per channel, symmetric by default);
 * ``ActQuant`` (an activation then an activation fake-quant), ``ReLUQuant``, ``TensorAddQuant``.
@@ -279,11 +280,15 @@ class Conv2dBnFoldQuant(_QuantCell):
         if not self.training:
             bias = F.sub(self.beta, F.div(F.mul(self.gamma, self.moving_mean), std_run))
             return F.add(y, F.reshape(bias, cshape))
-        # batch statistics of the unfolded float conv (the gradient flows through them)
-        y0 = self._conv(x, self.weight)
-        mean_b = F.reduce_mean(y0, (0, 2, 3))
-        yc = F.sub(y0, F.reshape(mean_b, cshape))
-        var_b = F.reduce_mean(F.mul(yc, yc), (0, 2, 3))
+        # batch statistics of the unfolded conv, recovered from the folded one (one convolution, not two:
+        # PyTorch's ConvBn2d "approximate" form; MindSpore runs a second conv with the float weights).
+        # The gradient flows through them.
+        # Computed on y and rescaled per channel: mean_B = mean(y) k, var_B = var(y) k^2 with k = sigma_run / gamma.
+        k = F.div(std_run, self.gamma)
+        mean_y = F.reduce_mean(y, (0, 2, 3), keepdims=True)
+        yc = F.sub(y, mean_y)
+        var_b = F.mul(F.reduce_mean(F.mul(yc, yc), (0, 2, 3)), F.mul(k, k))
+        mean_b = F.mul(F.reshape(mean_y, (c,)), k)
         std_b = F.sqrt(F.add(var_b, self.eps))
         frozen = F.greater_equal(self.step, self.freeze_bn)
         corr = F.select(frozen, Tensor(np.ones((c,), self.weight.dtype)), F.div(std_run, std_b))
@@ -291,7 +296,7 @@ class Conv2dBnFoldQuant(_QuantCell):
                         F.sub(self.beta, F.div(F.mul(self.gamma, mean_b), std_b)))
         out = F.add(F.mul(y, F.reshape(corr, cshape)), F.reshape(bias, cshape))
         # running statistics: updated until freeze_bn, then kept
-        n = y0.size // c
+        n = y.size // c
         m = self.momentum
         unbiased = F.mul(var_b, float(n) / max(n - 1, 1))
         F.assign(self.moving_mean, F.select(frozen, self.moving_mean,

@@ -40,27 +40,14 @@ def quant_range(num_bits: int, narrow_range: bool) -> tuple[int, int]:
 
 
 def quant_params(mn, mx, num_bits=8, narrow_range=False, symmetric=False, dtype=F32):
-    """Nudged quantization parameters per channel, computed in ``dtype`` exactly as the kernels use them.
+    """Nudged quantization parameters per channel, computed in ``dtype`` exactly as the kernels use them
+    (one implementation, in ``runtime/_kernels_quant.pyx``).
 
-    Returns (scale, nmin, nmax, zero_point): ``zero_point`` in the unsigned domain [qmin, qmax]; the
-    signed int8 value of ``q`` is ``q - 2^(bits-1)``. Symmetric ranges have zero point 2^(bits-1)
-    (signed 0) by construction."""
-    dt = np.dtype(dtype)
-    mn = np.minimum(np.asarray(mn, dt).reshape(-1), dt.type(0))
-    mx = np.maximum(np.asarray(mx, dt).reshape(-1), dt.type(0))
-    qmin, qmax = quant_range(num_bits, narrow_range)
-    if symmetric:
-        a = np.maximum(-mn, mx)
-        mn, mx = -a, a
-    scale = ((mx - mn) / dt.type(qmax - qmin)).astype(dt)
-    scale = np.where(scale > 0, scale, dt.type(1.0)).astype(dt)   # an all-zero range: any scale works
-    if symmetric:
-        zp = np.full(scale.shape, 1 << (int(num_bits) - 1), dtype=np.int64)
-    else:
-        zp_from_min = dt.type(qmin) - mn / scale
-        zp = np.floor(np.clip(zp_from_min, qmin, qmax) + dt.type(0.5)).astype(np.int64)
-    nmin = ((qmin - zp).astype(dt) * scale).astype(dt)
-    nmax = ((qmax - zp).astype(dt) * scale).astype(dt)
+    The range is widened to contain 0 (and made symmetric when ``symmetric``); the zero point is rounded
+    so that real 0 is a level. Returns (scale, nmin, nmax, zero_point): ``zero_point`` in the unsigned
+    domain [qmin, qmax]; the signed int8 value of ``q`` is ``q - 2^(bits-1)``, and symmetric ranges have
+    zero point 2^(bits-1) (signed 0)."""
+    scale, nmin, nmax, _, zp = KQ.quant_params(mn, mx, int(num_bits), bool(narrow_range), bool(symmetric), dtype)
     return scale, nmin, nmax, zp
 
 
@@ -128,8 +115,7 @@ def _fq_kernel(per_channel):
     def kernel(x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
         if not _quantizing(step, quant_delay, training):
             return np.array(x, copy=True)
-        scale, nmin, nmax, zp = quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
-        zlo = quant_range(num_bits, narrow_range)[0] - zp
+        scale, nmin, nmax, zlo, _ = KQ.quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
         return KQ.fake_quant(x, scale, nmin, nmax, zlo, _layout(x.shape, channel_axis if per_channel else None))
     return kernel
 
@@ -138,7 +124,7 @@ def _fq_grad_kernel(per_channel):
     def kernel(g, x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
         if not _quantizing(step, quant_delay, training):
             return np.array(g, copy=True)
-        _, nmin, nmax, _ = quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
+        _, nmin, nmax, _, _ = KQ.quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
         return KQ.fake_quant_grad(g, x, nmin, nmax, _layout(x.shape, channel_axis if per_channel else None))
     return kernel
 

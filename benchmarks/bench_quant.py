@@ -1,0 +1,142 @@
+"""Quantization: int8 inference against fp32 and onnxruntime, and the QAT training step against fp32.
+
+    python benchmarks/bench_quant.py [--rounds 15] [--quick]
+
+Model: LeNet-with-BN on the 8x8 digits (``runtime.examples.qat.LeNetBN``), trained a few epochs in fp32,
+fine-tuned with QAT, converted to int8.
+
+1. Inference, batch 256: our fp32 model (its eval graph: conv, BatchNorm, ReLU, pooling, dense) vs the
+   integer-only int8 model (its graph of int8 kernels) vs onnxruntime running the QDQ export of the same
+   int8 model (CPUExecutionProvider, default threads). Goal: int8 >= 1.5x faster than our fp32; the
+   onnxruntime ratio is reported.
+2. Training step, batch 32, graph-kernel fusion on: the QAT network (BN folded with the batch-statistics
+   correction, fake quant of weights and activations, EMA observers) vs the fp32 network. Goal: <= 1.5x.
+
+Each round times every variant back to back (interleaved, so load changes hit them alike); the figures
+are medians over rounds and the ratios are medians of the per-round (paired) ratios. The machine load
+(1-minute load average) is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's runtime, whatever is installed
+
+from runtime import context  # noqa: E402
+from runtime.dataset.digits import load_digits_split  # noqa: E402
+from runtime.examples.qat import LeNetBN, train  # noqa: E402
+from runtime.train import Model  # noqa: E402
+from runtime.train.quant import convert_quant_network, convert_to_int8, export_onnx  # noqa: E402
+from runtime import nn  # noqa: E402
+from runtime.examples.qat import loss_fn  # noqa: E402
+
+
+def per_call(fn, reps):
+    """(wall seconds, CPU seconds of this process -- every thread) per call."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
+
+
+def interleaved(variants: dict, rounds: int, reps: int) -> tuple[dict, dict]:
+    """({name: [wall s per call, one per round]}, the same in CPU seconds); the variants run back to back in
+    every round."""
+    for fn in variants.values():       # warm-up: compile graphs, fault in buffers
+        fn()
+        fn()
+    wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            w, c = per_call(fn, reps)
+            wall[k].append(w)
+            cpu[k].append(c)
+    return wall, cpu
+
+
+def paired(times: dict, a: str, b: str) -> float:
+    """Median over rounds of times[a] / times[b]."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="fewer epochs and rounds (checks that it runs)")
+    a = ap.parse_args(argv)
+    rounds = 5 if a.quick else a.rounds
+    epochs, qat_epochs = (3, 1) if a.quick else (10, 3)
+    print(f"load average before: {load()}  ({os.cpu_count()} cores)")
+
+    context.set_context(mode=context.GRAPH_MODE, seed=1)
+    xtr, ytr, xte, yte = load_digits_split(seed=0)
+    fp32_net = LeNetBN()
+    fp32 = train(fp32_net, xtr, ytr, epochs, 0.05)
+    xb = np.ascontiguousarray(np.resize(xte, (256,) + xte.shape[1:]))
+    fp32_pred = fp32.predict(xb)
+    fp32.predict(xb)
+    # the QAT twin of a copy of the trained network (the converter rewrites the network it is given)
+    qat_src = LeNetBN()
+    for p, q in zip(qat_src.get_parameters(), fp32_net.get_parameters()):
+        p.set_data(q.data)
+    qnet = convert_quant_network(qat_src, freeze_bn=(qat_epochs - 1) * (len(xtr) // 32))
+    train(qnet, xtr, ytr, qat_epochs, 0.005)
+    int8 = convert_to_int8(qnet, xte.shape[1:])
+    agree = float((int8.predict(xb).argmax(1) == fp32_pred.argmax(1)).mean())
+    print(f"models: LeNet-BN, fp32 trained {epochs} epochs, QAT {qat_epochs} epochs; int8/fp32 argmax agreement "
+          f"on the batch {agree:.3f}")
+
+    variants = {"fp32": lambda: fp32.predict(xb), "int8": lambda: int8.predict(xb)}
+    try:
+        import onnxruntime as ort
+        path = export_onnx(int8, os.path.join(tempfile.mkdtemp(), "lenet_int8.onnx"))
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        variants["onnxruntime int8"] = lambda: sess.run(None, {"data": xb})
+    except ImportError:
+        print("onnxruntime not installed (pip install .[onnx]): its column is skipped")
+    t, tc = interleaved(variants, rounds, 5)
+    print(f"\n1. inference, batch 256 ({rounds} rounds x 5 calls, medians; CPU = this process's CPU time):")
+    for k, v in t.items():
+        print(f"   {k:18s} {1e3 * statistics.median(v):8.2f} ms wall ({256 / statistics.median(v):9.0f} images/s)"
+              f"   {1e3 * statistics.median(tc[k]):8.2f} ms CPU")
+    print(f"   int8 speed-up over our fp32: {paired(t, 'fp32', 'int8'):.2f}x wall, "
+          f"{paired(tc, 'fp32', 'int8'):.2f}x CPU   (goal >= 1.5x)")
+    if "onnxruntime int8" in t:
+        print(f"   onnxruntime int8 / our int8 time: {paired(t, 'onnxruntime int8', 'int8'):.2f} wall, "
+              f"{paired(tc, 'onnxruntime int8', 'int8'):.2f} CPU (< 1: onnxruntime faster)")
+
+    context.set_context(enable_graph_kernel=True)
+    try:
+        step_fp32 = LeNetBN()
+        step_q = LeNetBN()
+        for p, q in zip(step_q.get_parameters(), step_fp32.get_parameters()):
+            p.set_data(q.data)
+        step_q = convert_quant_network(step_q)
+        models = {k: Model(n, loss_fn(), nn.Momentum(n.trainable_params(), 0.01, 0.9), progress=False)
+                  for k, n in (("fp32", step_fp32), ("qat", step_q))}
+        xs, ys = xtr[:32], ytr[:32]
+        t2, t2c = interleaved({k: (lambda m=m: m.train_step(xs, ys)) for k, m in models.items()}, rounds, 10)
+    finally:
+        context.set_context(enable_graph_kernel=False)
+    print(f"\n2. training step, batch 32, enable_graph_kernel=True ({rounds} rounds x 10 steps, medians):")
+    for k, v in t2.items():
+        print(f"   {k:6s} {1e3 * statistics.median(v):8.3f} ms/step wall   {1e3 * statistics.median(t2c[k]):8.3f} ms CPU")
+    print(f"   QAT / fp32 step: {paired(t2, 'qat', 'fp32'):.2f}x wall, {paired(t2c, 'qat', 'fp32'):.2f}x CPU   "
+          f"(goal <= 1.5x)")
+    print(f"\nload average after: {load()}")
+
+
+if __name__ == "__main__":
+    main()
