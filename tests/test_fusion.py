@@ -282,6 +282,24 @@ def test_no_compiler_falls_back_to_the_interpreter():
         np.testing.assert_array_equal(a, b)
 
 
+def test_numpy_backend_runs_fused_groups_op_by_op(rng):
+    """The last resort (no Cython helper): the fused primitive evaluates its group with the primitives' kernels."""
+    g = Graph("np_backend")
+    b = GraphBuilder(g)
+    with building(b):
+        x = b.input("x", (6, 40), F32)
+        g.outputs = {"y": F.layer_norm(F.softmax(F.mul(x, 3.0), -1), np.ones(40, F32), np.zeros(40, F32), 1e-5).node}
+    feeds = {"x": rng.normal(size=(6, 40)).astype(F32)}
+    with kernels.backend("numpy"):
+        fused = graph_kernel(dce(g))
+        (node,) = [n for n in fused.nodes if n.op == "fused"]
+        assert node.attrs["_program"].backend() == "numpy"
+        with pytest.raises(RuntimeError, match="op by op"):
+            node.attrs["_program"](feeds["x"])
+        got = run_graph(g, feeds, True)["y"]
+    np.testing.assert_allclose(got, run_graph(g, feeds, False)["y"], rtol=1e-5, atol=1e-5)
+
+
 def test_output_buffer_pool_never_hands_out_live_memory():
     pool = kernels.BufferPool(limit=64 << 20)
     a = pool.empty((512, 512), F32, 1 << 20)
