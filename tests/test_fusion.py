@@ -224,7 +224,9 @@ def test_models_train_to_the_same_losses(model, digits):
     assert on[-1] < on[0]
     for p_on, p_off in zip(net_on.get_parameters(), net_off.get_parameters()):
         if p_on.name.endswith(("key.bias", "k.bias")):
-            continue   # the attention key bias: its gradient is exactly 0 in exact arithmetic (softmax shift invariance): Adam moves it by noise
+            # the attention key bias: its gradient is exactly 0 in exact arithmetic (softmax shift invariance),
+            # so Adam moves it by rounding noise
+            continue
         np.testing.assert_allclose(p_on.data, p_off.data, rtol=1e-4, atol=1e-5, err_msg=p_on.name)
 
 

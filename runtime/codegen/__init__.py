@@ -27,5 +27,5 @@ from runtime.codegen.schedule import Plan, analyze
 from runtime.codegen.subgraph import OPCODES, NotFusible, SOp, SubGraph, op_supported, subgraph_of
 
 __all__ = ["BufferPool", "aligned_empty", "cache_dir", "compiler", "compiler_available", "Program", "backend",
-           "get_backend", "prepare", "program_for", "set_backend", "set_threads", "threads", "Plan", "analyze", "OPCODES",
-           "NotFusible", "SOp", "SubGraph", "op_supported", "subgraph_of"]
+           "get_backend", "prepare", "program_for", "set_backend", "set_threads", "threads", "Plan", "analyze",
+           "OPCODES", "NotFusible", "SOp", "SubGraph", "op_supported", "subgraph_of"]

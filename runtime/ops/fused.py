@@ -5,8 +5,10 @@
                       kernel, attached by the ``build_kernels`` pass; built lazily otherwise), ``kernel`` (the
                       kernel's name, shown in dumps) and optionally ``_prologue``: per kernel input,
                       None or ``(matmul op, transpose_a, transpose_b)`` -- that input is a GEMM of the
-                      next two node inputs, computed first (library call into a recycled buffer). With one output the node *is* that output; with
-                      several it returns a tuple and ``fused_get`` nodes pick the outputs.
+                      next two node inputs, computed first (library call into a recycled buffer). With
+                      one output the node *is* that output; with several it returns a tuple and
+                      ``fused_get`` nodes pick the outputs. On the ``numpy`` backend the group is
+                      evaluated op by op with the primitives' own kernels.
 * ``fused_get``    -- output ``index`` of a multi-output ``fused`` node (no computation).
 * ``fused_assign`` -- an in-place group output: computes the group's value elementwise straight into the
                       variable ``inputs[0]`` (an effect, like ``assign``; returns the variable).
