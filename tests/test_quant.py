@@ -84,6 +84,63 @@ def test_int8_engine_matches_the_fake_quant_simulation(lenet):
     assert worst <= 1
 
 
+class ResTiny(nn.Cell):
+    """A residual block (conv-BN-ReLU, conv-BN, TensorAdd, ReLU) for the add / relu int8 paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2dBnAct(1, 8, 3, has_bn=True, activation="relu")
+        self.conv2 = nn.Conv2dBnAct(8, 8, 3, has_bn=True, activation="relu")
+        self.conv3 = nn.Conv2dBnAct(8, 8, 3, has_bn=True)
+        self.add = nn.TensorAdd()
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2, 2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.DenseBnAct(8 * 4 * 4, 10)
+
+    def construct(self, x):
+        a = self.conv1(x)
+        y = self.relu(self.add(a, self.conv3(self.conv2(a))))
+        return self.fc(self.flatten(self.pool(y)))
+
+
+@pytest.mark.parametrize("bn_fold, num_bits", [(True, (8, 8)), (True, (4, 8)), (False, (8, 8))],
+                         ids=["folded", "folded_4bit_weights", "bn_kept_float"])
+def test_residual_network_converts_to_int8_and_onnx(bn_fold, num_bits, tmp_path):
+    """TensorAdd -> add_int8, a standalone ReLU -> relu_int8, 4-bit weights, and BN left in float during QAT
+    (bn_fold=False: folded at conversion, so the engine's weights differ from the simulated ones)."""
+    from runtime.dataset.digits import load_digits_split
+    from runtime.examples.qat import accuracy, train
+
+    context.set_context(mode=context.GRAPH_MODE, seed=4)
+    try:
+        xtr, ytr, xte, yte = load_digits_split(seed=0)
+        net = ResTiny()
+        train(net, xtr, ytr, 3, 0.05)
+        qnet = convert_quant_network(net, bn_fold=bn_fold, freeze_bn=40, num_bits=num_bits)
+        qat = train(qnet, xtr, ytr, 1, 0.005)
+        int8 = convert_to_int8(qnet, (1, 8, 8), snap_biases=bn_fold)
+        assert [o["op"] for o in int8.ops] == ["quantize", "conv", "conv", "conv", "add", "relu", "maxpool",
+                                                "flatten", "dense", "dequantize"]
+        qat._eval_graphs.clear()
+        same, worst, argmax = _agreement(int8, qat.predict(xte), xte)
+        print(f"residual bn_fold={bn_fold} bits={num_bits}: {100 * same:.2f}% identical, max {worst} LSB, "
+              f"argmax {argmax:.4f}, accuracy QAT {accuracy(qat.predict, xte, yte):.4f} "
+              f"int8 {accuracy(int8.predict, xte, yte):.4f}")
+        if bn_fold:
+            assert same >= 0.99 and worst <= 1
+        else:
+            assert argmax >= 0.97
+        assert accuracy(int8.predict, xte, yte) >= 0.9
+        ort = pytest.importorskip("onnxruntime")
+        sess = ort.InferenceSession(export_onnx(int8, tmp_path / "res.onnx"), providers=["CPUExecutionProvider"])
+        theirs, ours = sess.run(None, {"data": xte})[0], int8.predict(xte)
+        assert (theirs.argmax(1) == ours.argmax(1)).mean() >= 0.995
+        assert np.abs(theirs - ours).max() <= int8.output_quant[0] * 1.001
+    finally:
+        context.reset_context()
+
+
 def test_int8_model_file_is_a_quarter_of_fp32_and_round_trips(lenet, tmp_path):
     assert lenet["int8_bytes"] <= 0.26 * lenet["fp32_bytes"], (lenet["int8_bytes"], lenet["fp32_bytes"])
     int8 = lenet["int8_model"]
