@@ -236,7 +236,7 @@ def test_cpu_torch_profiler_trace_imports_with_steps_and_ops(tmp_path):
 # -- round trip: our export -> import -----------------------------------------------------------------------
 def test_round_trip_of_our_chrome_export(tmp_path):
     from insight.export import export_chrome
-    from tests.synthetic_runs import training_run
+    from synthetic_runs import training_run
 
     base = tmp_path / "base"
     base.mkdir()
@@ -347,3 +347,160 @@ def test_malformed_offsets_point_at_the_problem(tmp_path):
     with pytest.raises(MalformedTrace) as e:
         import_traces([src], tmp_path / "out")
     assert "truncated" in str(e.value) and 900 <= e.value.offset <= 1000
+
+
+# -- every dashboard page on imported runs (the pages' layout functions, in-process) ---------------------------
+def _find(c, id_):
+    if getattr(c, "id", None) == id_:
+        return c
+    kids = getattr(c, "children", None)
+    if kids is None or isinstance(kids, str):
+        return None
+    for k in kids if isinstance(kids, (list, tuple)) else [kids]:
+        hit = _find(k, id_)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _text(c) -> str:
+    if c is None or isinstance(c, (str, int, float)):
+        return "" if c is None else str(c)
+    if isinstance(c, (list, tuple)):
+        return " ".join(_text(k) for k in c)
+    return _text(getattr(c, "children", None))
+
+
+def _imported_base(root: Path) -> Path:
+    base = root / "runs"
+    for name, traces in (("alexnet", [ALEXNET]), ("cpu", [CPU_TRACE])):
+        assert cli_main(["import", *map(str, traces), "--output", str(base / name)]) == 0
+    gpu_trace = _write(root / "gpu.json.gz", _gpu_trace(), gz=True)
+    assert cli_main(["import", str(gpu_trace), "--output", str(base / "gpu")]) == 0
+    r0, r1 = _gpu_trace(), _gpu_trace()
+    r0["distributedInfo"], r1["distributedInfo"] = {"rank": 0}, {"rank": 1}
+    assert cli_main(["import", str(_write(root / "r0.json", r0)), str(_write(root / "r1.json", r1)),
+                     "--output", str(base / "two-ranks")]) == 0
+    return base
+
+
+@pytest.fixture(scope="module")
+def dash_app(tmp_path_factory):
+    from dashboard.app import create_app
+    from dashboard.data import store
+
+    base = _imported_base(tmp_path_factory.mktemp("imported"))
+    app = create_app(base, reload_interval=0)
+    return {"base": base, "store": store()}
+
+
+@pytest.mark.parametrize("run_id", ["alexnet", "cpu", "gpu", "two-ranks"])
+@pytest.mark.parametrize("page", ["overview", "operators", "pipeline", "timeline", "memory", "cluster"])
+def test_every_page_renders_for_imported_runs(dash_app, run_id, page):
+    import importlib
+
+    from dashboard.data import set_store
+
+    set_store(dash_app["store"])
+    lay = importlib.import_module(f"dashboard.pages.{page}").layout(run_id=run_id)
+    err = _find(lay, "error-panel")
+    assert err is None, f"{page} of {run_id}: {_text(err)}"
+    assert _find(lay, "not-found") is None
+
+
+def test_page_contents_for_an_imported_gpu_run(dash_app):
+    import importlib
+
+    from dashboard.data import set_store
+
+    set_store(dash_app["store"])
+    run = dash_app["base"] / "alexnet"
+    s = analysis.step_summary(run)
+    lay = importlib.import_module("dashboard.pages.overview").layout(run_id="alexnet")
+    assert _text(_find(lay, "stat-avg-step")) == f"{s.step_time_ms:.3f} ms"
+    types = analysis.op_type_stats(run)
+    lay = importlib.import_module("dashboard.pages.operators").layout(run_id="alexnet")
+    assert _text(_find(lay, "ops-top-type")) == str(types["op"].iloc[0])
+    data = analysis.load_timeline(run)
+    assert {"gpu0.stream7", "gpu0.stream20", "host"} <= {ln.key for ln in data.lanes}
+    lay = importlib.import_module("dashboard.pages.compare").layout(a="alexnet", b="cpu")
+    assert _find(lay, "error-panel") is None
+    peak = analysis.memory_peak(dash_app["base"] / "cpu")
+    lay = importlib.import_module("dashboard.pages.memory").layout(run_id="cpu")
+    assert _text(_find(lay, "mem-peak")) == f"{peak.peak_bytes / 2**20:.2f} MB"
+
+
+# -- the same in the browser -----------------------------------------------------------------------------------
+@pytest.mark.browser
+@pytest.mark.parametrize("page", ["overview", "operators", "timeline", "memory"])
+def test_browser_opens_the_pages_of_an_imported_run(browser_imported, page):
+    from test_browser import READY, _figure_ready, _open, _settle, _severe, _wait_text
+
+    e2e = browser_imported
+    run = "cpu" if page == "memory" else "alexnet"
+    _open(e2e, f"/run/{run}/{page}")
+    text_id, graph_id = READY[page]
+    _wait_text(e2e.driver, text_id)
+    _figure_ready(e2e.driver, graph_id)
+    _settle(e2e.driver)
+    assert not e2e.driver.find_elements("id", "error-panel")
+    assert _severe(e2e.driver) == [], f"console errors on the {page} page of {run}"
+
+
+@pytest.fixture(scope="module")
+def browser_imported(tmp_path_factory):
+    """The real server on a base dir of imported runs and one headless Chromium (tests/test_browser.py's way)."""
+    import os
+    import shutil
+    import time
+    from types import SimpleNamespace
+
+    from test_browser import CHROMEDRIVER, _free_port, _http
+
+    if not Path(CHROMEDRIVER).exists() and not shutil.which("chromedriver"):
+        pytest.skip("chromedriver is not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    tmp = tmp_path_factory.mktemp("imported_e2e")
+    base = _imported_base(tmp)
+    state = tmp / "state"
+    state.mkdir()
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(state), PYTHONUNBUFFERED="1")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    err = open(tmp / "server.err", "w+")
+    server = subprocess.Popen([sys.executable, "-m", "insight.cli", "start", "--summary-base-dir", str(base),
+                               "--port", str(port), "--reload-interval", "1"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=err)
+    driver = None
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, f"the server exited: {Path(err.name).read_text()[-2000:]}"
+            try:
+                if _http(url + "/", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer within 90 s"
+            time.sleep(0.2)
+        opts = webdriver.ChromeOptions()
+        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200"):
+            opts.add_argument(a)
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER if Path(CHROMEDRIVER).exists()
+                                                  else shutil.which("chromedriver")), options=opts)
+        driver.set_page_load_timeout(60)
+        yield SimpleNamespace(base=base, url=url, driver=driver)
+    finally:
+        if driver is not None:
+            driver.quit()
+        subprocess.run([sys.executable, "-m", "insight.cli", "stop", "--port", str(port)], cwd=ROOT, env=env,
+                       capture_output=True, timeout=60)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        err.close()

@@ -29,7 +29,7 @@ from collectors.schema import SCHEMA_VERSION, SCHEMAS, TIME_COLUMNS
 from collectors.writer import MANIFEST, write_json_atomic, write_options
 from insight.importer.events import EventColumns
 from insight.importer.mapping import Codes, RankTables, build
-from insight.importer.reader import MalformedTrace, TraceReader
+from insight.importer.reader import TraceReader
 
 ROW_GROUP = 1 << 18
 PROGRESS_MIN_BYTES = 8 << 20  # a progress bar for inputs at least this large

@@ -102,24 +102,36 @@ def inside(lane: np.ndarray, start: np.ndarray, end: np.ndarray, r_lane, r_start
     return out
 
 
-def bind(lane_sorted: dict, lane: int, t: int, mode: str) -> int:
-    """The slice a flow end binds to on ``lane`` at time ``t``: one starting exactly at ``t`` (the innermost),
-    else (``enclosing``) the innermost slice containing ``t`` or (``next``) the first starting after it."""
-    ent = lane_sorted.get(lane)
-    if ent is None:
-        return NONE
-    starts, ends, rows = ent
-    k = int(np.searchsorted(starts, t, side="right")) - 1
-    if k >= 0 and starts[k] == t:
-        return int(rows[k])
-    if mode == "next":
-        return int(rows[k + 1]) if k + 1 < len(rows) else NONE
-    j = k
-    while j >= 0 and k - j < 64:
-        if ends[j] >= t:
-            return int(rows[j])
-        j -= 1
-    return NONE
+def bind_many(lane_sorted: dict, lanes: np.ndarray, ts: np.ndarray, enclosing: np.ndarray) -> np.ndarray:
+    """The slice each flow end (or instant event) binds to on its lane at its time: one starting exactly then
+    (the innermost), else -- ``enclosing`` -- the innermost slice open then, or -- not ``enclosing`` (an ``f``
+    without ``"bp": "e"``) -- the next one to start. Vectorised per lane; -1 when there is none."""
+    out = np.full(len(ts), NONE, np.int64)
+    for ln in np.unique(lanes):
+        ent = lane_sorted.get(int(ln))
+        if ent is None:
+            continue
+        starts, ends, rows = ent
+        sel = np.flatnonzero(lanes == ln)
+        t = ts[sel]
+        k = np.searchsorted(starts, t, side="right") - 1
+        kk = np.clip(k, 0, None)
+        exact = (k >= 0) & (starts[kk] == t)
+        res = np.where(exact, rows[kk], NONE)
+        nxt = ~exact & ~enclosing[sel]
+        res[nxt] = np.where(k[nxt] + 1 < len(rows), rows[np.clip(k[nxt] + 1, 0, len(rows) - 1)], NONE)
+        todo = np.flatnonzero(~exact & enclosing[sel] & (k >= 0))
+        j = k[todo]
+        for _ in range(64):  # walk back to the innermost slice still open at t
+            if not len(todo):
+                break
+            hit = ends[j] >= t[todo]
+            res[todo[hit]] = rows[j[hit]]
+            todo, j = todo[~hit], j[~hit] - 1
+            keep = j >= 0
+            todo, j = todo[keep], j[keep]
+        out[sel] = res
+    return out
 
 
 def step_of(t: np.ndarray, s_start: np.ndarray, s_end: np.ndarray, s_num: np.ndarray) -> np.ndarray:
@@ -566,7 +578,7 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
     rows = np.flatnonzero(task & (corr >= 0))
     carriers = pd.DataFrame({"lane": lanes[rows], "id": corr[rows], "row": rows}).drop_duplicates(["lane", "id"])
 
-    def ends(side: str, mode) -> np.ndarray:
+    def ends(side: str, enclosing: np.ndarray) -> np.ndarray:
         ln, t, fid = (pairs[f"{c}_{side}"].to_numpy() if f"{c}_{side}" in pairs else pairs[c].to_numpy()
                       for c in ("lane", "ts", "id"))
         hit = pd.DataFrame({"lane": ln, "id": fid}).merge(carriers, on=["lane", "id"], how="left")["row"]
@@ -575,13 +587,13 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
         rr = np.clip(r, 0, None)
         ok &= (start[rr] <= t) & (t <= np.maximum(end[rr], start[rr]))
         out = np.where(ok, r, -1)
-        modes = mode if isinstance(mode, np.ndarray) else np.full(len(t), mode, object)
-        for i in np.flatnonzero(~ok):  # by time alone
-            out[i] = bind(index, int(ln[i]), int(t[i]), modes[i])
+        rest = np.flatnonzero(~ok)  # by time alone
+        if len(rest):
+            out[rest] = bind_many(index, ln[rest], t[rest], enclosing[rest])
         return out
 
-    s_rows = ends("s", "enclosing")
-    f_rows = ends("f", np.where(pairs["bp_f"].to_numpy() == 1, "enclosing", "next").astype(object))
+    s_rows = ends("s", np.ones(len(pairs), bool))
+    f_rows = ends("f", pairs["bp_f"].to_numpy() == 1)
     ids = np.where(pairs["id"].to_numpy() >= 0, pairs["id"].astype(str).to_numpy(object),
                    strings[pairs["id_str"].to_numpy()])
     return {"cat": strings[pairs["cat"].to_numpy()], "id": ids.astype(object),
@@ -590,8 +602,8 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
             "src_ns": pairs["ts_s"].to_numpy() - zero, "dst_ns": pairs["ts_f"].to_numpy() - zero}
 
 
-def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, main_dev, has_gpu, capacity, s_num, s_start,
-            s_end, zero) -> dict:
+def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, main_dev, has_gpu, capacity, s_num,
+            s_start, s_end, zero) -> dict:
     o = np.argsort(mem["ts"], kind="stable")
     m = {k: v[o] for k, v in mem.items()}
     t = m["ts"]
@@ -605,7 +617,7 @@ def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, ma
     cap = np.where(main, capacity if capacity else -1, -1)
     # the op that allocated: the innermost host op around the event on its thread
     index = _lane_index(lanes, start, end, np.flatnonzero(task & (kind == S("cpu_op"))))
-    op_rows = np.array([bind(index, int(ln), int(tt), "enclosing") for ln, tt in zip(m["lane"], t)], np.int64)
+    op_rows = bind_many(index, m["lane"], t, np.ones(len(t), bool))
     op = np.where(op_rows >= 0, strings[name_codes[np.clip(op_rows, 0, None)]] if len(name_codes) else "", "")
     return {"t_ns": t - zero, "action": np.where(b >= 0, "alloc", "free").astype(object),
             "device": device.astype(object),
