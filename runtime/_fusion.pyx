@@ -258,7 +258,7 @@ cdef inline double _lanes(const double* A, int64_t L, int kind) noexcept nogil:
 
 cdef void _phase(const Prog* g, int p, int64_t ch, int64_t a, int64_t b, float* regs, double* A,
                  double** acc, const int64_t* accper, bint local) noexcept nogil:
-    """One phase over the chunk rows [a, b) of axis 0 (mirrors cgen.phase_loops)."""
+    """One phase over the chunk rows [a, b) of axis 0 (mirrors codegen.c_source._Emitter.phase_loops)."""
     cdef int K = g.K
     cdef int64_t idx[MAXK]
     cdef int64_t r, k, t, i, e, n, j, jrel, lo, hi, v, s, kind, lanes, rowk
