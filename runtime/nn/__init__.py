@@ -9,6 +9,7 @@ from runtime.nn.optim import (FTRL, SGD, Adam, AdamW, AdamWeightDecay, LazyAdam,
                               SparseGrad)
 from runtime.nn.embedding import EmbeddingLookup  # noqa: F401  (host/device embedding tables, sparse path)
 from runtime.nn.parameter import Parameter
+from runtime.nn.gnn import FeatureDropout, GATConv, GCNConv, GraphStructure, SparseFeatures  # noqa: F401  (GNN)
 from runtime.nn.quant import (ActQuant, Conv2dBnAct, Conv2dBnFoldQuant, Conv2dQuant, DenseBnAct,  # noqa: F401
                                DenseQuant, FakeQuantWithMinMax, ReLUQuant, TensorAdd, TensorAddQuant)
 
