@@ -24,6 +24,7 @@ from insight import analysis
 from insight.analysis import gpu
 from insight.cli import main as cli_main
 from insight.trace import open_run
+from test_dashboard_pages import find, text
 
 ROOT = Path(__file__).resolve().parents[1]
 ALEXNET = ROOT.parent / "shared" / "data" / "kineto" / "alexnet_gpu.pt.trace.json.gz"
@@ -350,27 +351,6 @@ def test_malformed_offsets_point_at_the_problem(tmp_path):
 
 
 # -- every dashboard page on imported runs (the pages' layout functions, in-process) ---------------------------
-def _find(c, id_):
-    if getattr(c, "id", None) == id_:
-        return c
-    kids = getattr(c, "children", None)
-    if kids is None or isinstance(kids, str):
-        return None
-    for k in kids if isinstance(kids, (list, tuple)) else [kids]:
-        hit = _find(k, id_)
-        if hit is not None:
-            return hit
-    return None
-
-
-def _text(c) -> str:
-    if c is None or isinstance(c, (str, int, float)):
-        return "" if c is None else str(c)
-    if isinstance(c, (list, tuple)):
-        return " ".join(_text(k) for k in c)
-    return _text(getattr(c, "children", None))
-
-
 def _imported_base(root: Path) -> Path:
     base = root / "runs"
     for name, traces in (("alexnet", [ALEXNET]), ("cpu", [CPU_TRACE])):
@@ -403,9 +383,9 @@ def test_every_page_renders_for_imported_runs(dash_app, run_id, page):
 
     set_store(dash_app["store"])
     lay = importlib.import_module(f"dashboard.pages.{page}").layout(run_id=run_id)
-    err = _find(lay, "error-panel")
-    assert err is None, f"{page} of {run_id}: {_text(err)}"
-    assert _find(lay, "not-found") is None
+    err = find(lay, "error-panel")
+    assert err is None, f"{page} of {run_id}: {text(err)}"
+    assert find(lay, "not-found") is None
 
 
 def test_page_contents_for_an_imported_gpu_run(dash_app):
@@ -417,17 +397,17 @@ def test_page_contents_for_an_imported_gpu_run(dash_app):
     run = dash_app["base"] / "alexnet"
     s = analysis.step_summary(run)
     lay = importlib.import_module("dashboard.pages.overview").layout(run_id="alexnet")
-    assert _text(_find(lay, "stat-avg-step")) == f"{s.step_time_ms:.3f} ms"
+    assert text(find(lay, "stat-avg-step")) == f"{s.step_time_ms:.3f} ms"
     types = analysis.op_type_stats(run)
     lay = importlib.import_module("dashboard.pages.operators").layout(run_id="alexnet")
-    assert _text(_find(lay, "ops-top-type")) == str(types["op"].iloc[0])
+    assert text(find(lay, "ops-top-type")) == str(types["op"].iloc[0])
     data = analysis.load_timeline(run)
     assert {"gpu0.stream7", "gpu0.stream20", "host"} <= {ln.key for ln in data.lanes}
     lay = importlib.import_module("dashboard.pages.compare").layout(a="alexnet", b="cpu")
-    assert _find(lay, "error-panel") is None
+    assert find(lay, "error-panel") is None
     peak = analysis.memory_peak(dash_app["base"] / "cpu")
     lay = importlib.import_module("dashboard.pages.memory").layout(run_id="cpu")
-    assert _text(_find(lay, "mem-peak")) == f"{peak.peak_bytes / 2**20:.2f} MB"
+    assert text(find(lay, "mem-peak")) == f"{peak.peak_bytes / 2**20:.2f} MB"
 
 
 # -- the same in the browser -----------------------------------------------------------------------------------
