@@ -168,6 +168,66 @@ def test_the_run_lists_both_ranks(fused):
         assert pq.read_metadata(run / f"rank_{r}" / "steps.parquet").num_rows == 50
 
 
+SPARSE = textwrap.dedent("""\
+    import sys
+    import numpy as np
+    from runtime import Model, communication, context, nn
+    from runtime.dataset import NumpySlicesDataset
+    from runtime.train.callback import Callback
+
+    class Net(nn.Cell):  # an embedding table (sparse gradient, LazyAdam) and a Dense layer (dense gradient)
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.fc = nn.Embedding(500, 8), nn.Dense(4 * 8, 2)
+
+        def construct(self, ids):
+            return self.fc(self.embedding(ids).reshape(ids.shape[0], -1))
+
+    class Losses(Callback):
+        def __init__(self):
+            self.values = []
+
+        def step_end(self, rc):
+            self.values.append(float(rc.original_args()["net_outputs"]))
+
+    out, parallel = sys.argv[1], sys.argv[2] == "dp"
+    if parallel:
+        communication.init()
+        context.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True)
+    rank, size = communication.rank_and_size()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 500, size=(256, 4)).astype(np.int32)
+    labels = (ids.sum(1) % 2).astype(np.int32)
+    for mode in (context.GRAPH_MODE, context.PYNATIVE_MODE):
+        context.set_context(mode=mode, seed=0)
+        net = Net()
+        model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+                      nn.LazyAdam(net.trainable_params(), learning_rate=0.01), progress=False)
+        ds = NumpySlicesDataset((ids, labels), ["ids", "label"]).batch(32 // size, drop_remainder=True)
+        rec = Losses()
+        model.train(2, ds, callbacks=[rec])
+        np.savez(f"{out}/{mode}_{rank}.npz", losses=rec.values, table=net.embedding.embedding_table.data,
+                 w=net.fc.weight.data)
+""")
+
+
+def test_sparse_gradients_and_pynative_over_two_ranks_equal_one_process(base):
+    script, one, two = base / "sparse.py", base / "sparse-one", base / "sparse-two"
+    script.write_text(SPARSE)
+    one.mkdir(), two.mkdir()
+    subprocess.run([sys.executable, str(script), str(one), "alone"], cwd=ROOT, check=True, timeout=TIMEOUT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    mpirun(2, [str(script), str(two), "dp"])
+    for mode in (context.GRAPH_MODE, context.PYNATIVE_MODE):
+        ref, r0, r1 = (np.load(d / f"{mode}_{r}.npz") for d, r in ((one, 0), (two, 0), (two, 1)))
+        assert len(ref["losses"]) == len(r0["losses"]) == 16
+        np.testing.assert_array_equal(r0["losses"], r1["losses"])
+        np.testing.assert_allclose(r0["losses"], ref["losses"], rtol=1e-5)
+        for k in ("table", "w"):
+            np.testing.assert_array_equal(r0[k], r1[k])
+            assert np.linalg.norm(r0[k] - ref[k]) / np.linalg.norm(ref[k]) <= 1e-6, (mode, k)
+
+
 # -- stragglers, overlap, broken ranks -----------------------------------------------------------------------
 def test_a_slow_data_pipeline_makes_its_rank_the_straggler(straggler, capsys):
     run, _ = straggler

@@ -150,7 +150,8 @@ def _mpi_op(op: str):
 def all_reduce(x: np.ndarray, op: str = "sum") -> np.ndarray:
     """Element-wise reduction of ``x`` over the group, the same result on every rank (a new array).
     A non-blocking ``Iallreduce`` waited for on the calling thread (mpi4py releases the GIL while waiting)."""
-    x = np.ascontiguousarray(x)
+    shape = np.shape(x)
+    x = np.ascontiguousarray(x).reshape(shape)  # (ascontiguousarray makes a 0-d array 1-d)
     if _state.comm is None or _state.size == 1:
         out = np.array(x, copy=True)
     else:

@@ -102,19 +102,29 @@ def unpack(flat: Tensor, shapes) -> list[Tensor]:
     return out
 
 
+def gather_sparse_gradients(grads: list, names: list[str] | None = None) -> list:
+    """Every SparseGrad's indices and rows all-gathered over the group (rows averaged with ``gradients_mean``),
+    before the optimizer sees them: its row-wise update then sums every rank's rows for a repeated id.
+    Dense gradients pass through (the AllReduce pass buckets them). Works traced and eagerly."""
+    size = communication.rank_and_size()[1]
+    mean = context.get_auto_parallel_context("gradients_mean")
+    out = list(grads)
+    for k, g in enumerate(grads):
+        if not isinstance(g, SparseGrad):
+            continue
+        ids, rows = all_gather(g.indices, size), all_gather(g.values, size)
+        if names is not None and ids.node is not None:
+            ids.node.name, rows.node.name = f"AllGather_{names[k]}_indices", f"AllGather_{names[k]}_rows"
+        out[k] = SparseGrad(ids, F.mul(rows, 1.0 / size) if mean and size > 1 else rows, g.dense_shape)
+    return out
+
+
 def reduce_gradients_eager(grads: list) -> list:
     """PYNATIVE_MODE: AllReduce already-computed gradients (Tensors; SparseGrads are all-gathered as rows), one
     message per bucket of ``all_reduce_fusion_config``, averaged with ``gradients_mean``. Returns them in order."""
     buckets = communication.fusion_buckets(len(grads))
     op = "mean" if context.get_auto_parallel_context("gradients_mean") else "sum"
-    out = list(grads)
-    size = communication.rank_and_size()[1]
-    for k, g in enumerate(grads):
-        if isinstance(g, SparseGrad):
-            rows = all_gather(g.values, size)
-            if op == "mean":
-                rows = F.mul(rows, 1.0 / size)
-            out[k] = SparseGrad(all_gather(g.indices, size), rows, g.dense_shape)
+    out = gather_sparse_gradients(grads)
     for b, idx in enumerate(buckets):
         dense = [k for k in idx if not isinstance(grads[k], SparseGrad)]
         if not dense:

@@ -13,8 +13,10 @@ parallel_mode="data_parallel")``. ``Model.build_train_graph`` records the step's
 * ``gradients_mean=True`` averages (``op="mean"``), otherwise sums.
 * The step's loss rides in the first bucket to be launched (4 more bytes), so every rank reports the
   loss of the global batch, the same number on every rank.
-* A sparse gradient (``SparseGrad`` from an embedding gather) is not densified: its indices and rows are
-  all-gathered (``all_gather``), and the optimizer's duplicate-row summation adds the ranks' rows up.
+* A sparse gradient (``SparseGrad`` from an embedding gather) is not densified and not bucketed:
+  ``Model`` all-gathers its indices and rows (``ops.comm.gather_sparse_gradients``) before building the
+  optimizer -- the optimizer's shapes depend on the number of rows -- and its duplicate-row summation adds
+  the ranks' rows up.
 
 Only the optimizer's uses (nodes of phase ``update``) are rewired; the backward keeps the local values.
 """
@@ -59,23 +61,6 @@ def insert_allreduce(graph: Graph) -> Graph:
         return new
 
     with core.building(builder), core.annotate(phase="update"), core.scope_override("AllReduce"):
-        # sparse gradients: all-gather indices and rows
-        for p, g in pairs:
-            if not isinstance(g, SparseGrad):
-                continue
-            for part, t in (("indices", g.indices), ("rows", g.values)):
-                node = t.node if t.is_symbolic else None  # the ids may be a graph input (a leaf): gathered too
-                if node is None or node.id in remap:
-                    continue
-                box = {}
-                new = build(lambda: box.setdefault("t", C.all_gather(t, size)))
-                new[-1].name = f"AllGather_{p.name}_{part}"
-                after.setdefault(node.id, []).extend(new)
-                gathered = box["t"]
-                if part == "rows" and op == "mean" and size > 1:
-                    new = build(lambda: box.__setitem__("t", F.mul(gathered, 1.0 / size)))
-                    unpacks.append(([node.id], new))
-                remap[node.id] = box["t"].node
         # dense gradients: one all_reduce per bucket
         loss = graph.outputs.get("loss")
         loss_done = loss is None or loss.size != 1 or loss.op in LEAVES

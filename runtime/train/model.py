@@ -20,7 +20,7 @@ from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
 from runtime.nn.embedding import flush_host_tables
 from runtime.nn.optim import OptimizerGroup
-from runtime.ops.comm import reduce_gradients_eager
+from runtime.ops.comm import gather_sparse_gradients, reduce_gradients_eager
 from runtime.train.callback import CallbackList, RunContext
 from runtime.train.metrics import get_metric
 
@@ -73,6 +73,9 @@ class Model:
             params = self.optimizer.parameters
             with core.annotate(phase="backward"):
                 grads = grad(loss, params, sparse=self.optimizer.sparse)
+            if communication.data_parallel():  # sparse rows are gathered before the optimizer sizes its update
+                with core.annotate(phase="update"), core.scope_override("AllReduce"):
+                    grads = gather_sparse_gradients(grads, [p.name for p in params])
             g.meta["gradients"] = list(zip(params, grads))  # for the data-parallel AllReduce pass
             target = {"primitive_target": self.optimizer.target} if self.optimizer.target else {}
             with core.annotate(phase="update", **target):
