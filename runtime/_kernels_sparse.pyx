@@ -69,7 +69,7 @@ cdef float[::1] _table = np.arange(65536, dtype=np.uint16).view(np.float16).asty
 fill_h2f(&_table[0])
 
 __all__ = ["spmm", "sddmm", "edge_gather_dst", "edge_gather_src", "edge_reduce",
-           "edge_softmax", "edge_softmax_bwd", "threads_for"]
+           "edge_softmax", "edge_softmax_bwd", "threads_for", "f32_to_f16"]
 
 cdef Py_ssize_t _MIN_WORK = 1 << 20  # below this many multiply-adds a kernel runs serially (OpenMP
 # start-up and barriers cost more than they save on ~1 ms kernels, and far more on a loaded machine)
@@ -101,6 +101,13 @@ cdef inline real std(double v, real dummy) noexcept nogil:
         return f2h(<float>v)
     else:
         return <real>v
+
+
+def f32_to_f16(const float[::1] a, half_t[::1] out):
+    """The kernels' float32 -> float16 store, exposed so tests can compare its rounding with numpy's."""
+    cdef Py_ssize_t i
+    for i in range(a.shape[0]):
+        out[i] = f2h(a[i])
 
 
 def threads_for(Py_ssize_t work):

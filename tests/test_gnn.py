@@ -112,19 +112,28 @@ def test_kernels_match_numpy(dtype, tol):
 
 
 def test_float16_rounding_matches_numpy():
-    """Products of two float16 numbers are exact in float32, so sddmm with D=1 shows the kernel's
-    float32 -> float16 rounding: it must be numpy's (round to nearest even, overflow to inf, subnormals)."""
+    """The kernels' float32 -> float16 store rounds like numpy: to nearest even, overflow to inf,
+    subnormals, signed zeros, NaN stays NaN; and float16 -> float32 loads are exact (edge_gather copies)."""
+    from runtime import _kernels_sparse as KS
+
     rng = np.random.default_rng(3)
-    n = 4000
-    a = np.concatenate([rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 3, n), [300.0, -300.0, 1e-4, 0.0]])
-    b = np.concatenate([rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n), [300.0, 300.0, 1e-4, -1.0]])
-    a, b = a.astype(np.float16), b.astype(np.float16)
-    k = len(a)
-    st = S.CSRStructure(np.arange(k + 1), np.arange(k), (k, k))  # the identity pattern
-    got = S.sddmm(st, a.reshape(k, 1), b.reshape(k, 1)).asnumpy()
-    with np.errstate(over="ignore"):  # 300 * 300 overflows float16 to inf, as it should
-        want = (np.float32(0.0) + a.astype(np.float32) * b.astype(np.float32)).astype(np.float16)  # a sum from 0
-    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    n = 20000
+    a = (rng.standard_normal(n) * 10.0 ** rng.uniform(-9, 6, n)).astype(np.float32)
+    a = np.concatenate([a, np.float32([65504, 65520, 65519.99, -70000, 6e-8, 3e-8, 2.98e-8, 0.0, -0.0, np.inf,
+                                       -np.inf, np.nan])])
+    got = np.empty(a.size, np.uint16)
+    KS.f32_to_f16(a, got)
+    with np.errstate(over="ignore"):
+        want = a.astype(np.float16).view(np.uint16)
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(np.float16)).all()
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)  # every half, through a per-edge copy
+    k = every.size
+    st = S.CSRStructure(np.arange(k + 1), np.arange(k), (k, k))
+    out = S.edge_gather(st, every.reshape(k, 1), "src").asnumpy().ravel()
+    same = ~np.isnan(every)
+    np.testing.assert_array_equal(out.view(np.uint16)[same], every.view(np.uint16)[same])
 
 
 def test_shape_errors_name_the_op():

@@ -208,6 +208,19 @@ def _empty(shape, dtype):
     return out, _store(out)
 
 
+def _via_float32(kernel):
+    """float16 storage, float32 compute for the products with an inner D loop (SpMM, SDDMM): numpy's
+    vectorised float16<->float32 conversion plus the float32 kernel beat converting element by element
+    inside the loop (the Cython float16 path stays for the per-edge ops). Same accumulation (float32),
+    same rounding of the result (to nearest even)."""
+    def run(*arrays, **attrs):
+        if arrays[5].dtype != np.float16:
+            return kernel(*arrays, **attrs)
+        up = [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+        return kernel(*up, **attrs).astype(np.float16)
+    return run
+
+
 def _spmm_kernel(indptr, indices, t_indptr, t_indices, t_perm, vals, x, transpose):
     e = indices.shape[0]
     h = 1 if vals.ndim == 1 else vals.shape[1]
@@ -316,9 +329,9 @@ def _edge_cost(flops_per_entry):
     return cost
 
 
-register(Primitive("spmm", "opaque", _spmm_infer, _spmm_kernel, _spmm_grad, cost_fn=_spmm_cost,
+register(Primitive("spmm", "opaque", _spmm_infer, _via_float32(_spmm_kernel), _spmm_grad, cost_fn=_spmm_cost,
                    attrs_doc="transpose: multiply by A^T (walks the transposed structure)", extra=_CHECKED))
-register(Primitive("sddmm", "opaque", _sddmm_infer, _sddmm_kernel, _sddmm_grad, cost_fn=_sddmm_cost,
+register(Primitive("sddmm", "opaque", _sddmm_infer, _via_float32(_sddmm_kernel), _sddmm_grad, cost_fn=_sddmm_cost,
                    extra=_CHECKED))
 register(Primitive("edge_gather", "opaque", _edge_infer("edge_gather", True), _gather_kernel, _gather_grad,
                    cost_fn=_edge_cost(0), attrs_doc="side: 'dst' (row) or 'src' (column) node", extra=_CHECKED))
