@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -155,8 +156,9 @@ def main():
     xs, ys, vocab = model_batches(gen, gen.sample(rows, seed=1), a.batch)
     cfg = WideDeepConfig.small(vocab_size=vocab, batch_size=a.batch, emb_dim=a.dim,
                                deep_layers=tuple(int(d) for d in a.deep.split(",")))
+    blas = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ}
     print(f"Wide&Deep dim {cfg.emb_dim}, deep {a.deep}, batch {a.batch}, vocabulary {vocab:,}; "
-          f"{len(xs)} steps per round")
+          f"{len(xs)} steps per round; load {os.getloadavg()[0]:.1f}; {blas or 'default BLAS/OpenMP threads'}")
 
     # 1. ours vs torch, interleaved
     ours = make_ours(cfg)

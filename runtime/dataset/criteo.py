@@ -1,6 +1,6 @@
 """A streaming reader of Criteo click logs (the Kaggle and Terabyte text files) as a MindData source.
 
-Format: one example per line, tab-separated: label (0/1), 13 integer fields (I1..I13), 26
+Format (plain or .gz): one example per line, tab-separated: label (0/1), 13 integer fields (I1..I13), 26
 categorical fields (C1..C26, 32-bit hashes as hex strings); an empty field is missing.
 
 Preprocessing (MindSpore's Wide&Deep model zoo): every row becomes 39 (id, value) pairs --
@@ -25,6 +25,7 @@ silently.
 """
 from __future__ import annotations
 
+import gzip
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ class CriteoReader:
         bad = 0
         examples: list[str] = []
         for path in self.paths:
-            with open(path, "r", encoding="ascii", errors="replace", newline="\n") as fh:
+            opener = gzip.open if path.suffix == ".gz" else open  # the Terabyte days come gzipped
+            with opener(path, "rt", encoding="ascii", errors="replace", newline="\n") as fh:
                 for lineno, line in enumerate(fh, 1):
                     try:
                         yield _parse_line(line, lambda: f"{path}:{lineno}")

@@ -186,10 +186,13 @@ class HostTableEngine:
         if batch is None or self._table is None:
             return
         t0 = clock()
-        ids = _run_program(self.program, batch)
-        if ids is None or ids.ndim != 1:
+        try:
+            ids = _run_program(self.program, batch)
+            if ids is None or ids.ndim != 1:
+                return
+            uid, inv, count = KE.unique_inverse(ids, self.num_rows)
+        except Exception:  # noqa: BLE001 - a bad batch fails in its own step, with its own error
             return
-        uid, inv, count = KE.unique_inverse(ids, self.num_rows)
         rows = K.embedding_gather(self._table, uid)
         self._pre = _Prefetch(ids, uid, inv, count, rows, self._table)
         self._emit("EmbeddingLookup[prefetch]", "emb_lookup", t0, self.step + 1, f"{count}x{rows.shape[1]}",
