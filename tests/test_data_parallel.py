@@ -338,6 +338,46 @@ def test_ranks_that_disagree_or_are_missing_are_reported_per_rank(fused, tmp_pat
     assert "problem: rank 2: no rank_2/ directory" in out and "problem: rank 0: recorded 50 steps" in out
 
 
+def test_rank_manifests_merge_whatever_order_the_ranks_finish_in(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from insight.profiler import merge_rank_manifests
+
+    def fragment(rank, status, steps):
+        d = tmp_path / f"rank_{rank}"
+        d.mkdir(exist_ok=True)
+        m = {"schema_version": 1, "run_id": "x", "name": "run", "created": "", "start_perf_ns": 1 + rank,
+             "status": status, "ranks": [rank], "group_size": 3, "step_count": steps,
+             "streams": [{"stream_id": 3 if rank else 0, "name": "comm" if rank else "aicore0"}],
+             "tables": {"tasks": f"rank_{rank}/tasks.parquet"}}
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    fragment(0, "complete", 50)
+    fragment(1, "running", 20)
+    m = merge_rank_manifests(tmp_path)
+    assert m["status"] == "running" and m["ranks"] == [0, 1] and m["group_size"] == 3
+    assert m["rank_status"]["1"] == {"status": "running", "step_count": 20, "start_perf_ns": 2, "created": ""}
+    assert [s["name"] for s in m["streams"]] == ["aicore0", "comm"]
+    fragment(1, "complete", 50)
+    fragment(2, "complete", 50)
+    with ThreadPoolExecutor(8) as pool:  # several ranks merging at once: every merge sees every fragment
+        list(pool.map(lambda _: merge_rank_manifests(tmp_path), range(32)))
+    final = json.loads((tmp_path / "manifest.json").read_text())
+    assert final["status"] == "complete" and final["ranks"] == [0, 1, 2] and final["step_count"] == 50
+    fragment(2, "failed", 10)
+    assert merge_rank_manifests(tmp_path)["status"] == "failed"
+
+
+def test_a_profiler_in_an_mpirun_job_before_init_says_so(tmp_path, monkeypatch):
+    import insight
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setattr(communication._state, "comm", None)
+    with pytest.raises(insight.ProfilerError, match=r"one of 2 started by mpirun.*init\(\) has not been called"):
+        insight.Profiler(output_path=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # -- in-process: the pass, the primitive, sharding, errors (a process without mpirun is a group of one) ------------
 def _lenet_model():
     from runtime.examples.data_parallel import LeNet5
