@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-# distutils: extra_compile_args = -march=native
+# distutils: extra_compile_args = -march=native -fno-math-errno -fno-trapping-math
 """Kernels of quantization-aware training and of the integer-only int8 inference engine.
 
 Fake quantization (float32 / float64, used while training):
@@ -177,26 +177,28 @@ def _check_channels(x, inner, scale, nmin, nmax, fn):
                          f"a tensor of shape {x.shape} with inner size {inner}")
 
 
+cdef inline void _fq_row(const floating* x, floating* out, Py_ssize_t n, floating s, floating l, floating h,
+                         floating z) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v, t
+    for i in range(n):
+        v = x[i]
+        v = l if v < l else v
+        v = h if v > h else v
+        t = _fl((v - l) / s + <floating>0.5) + z
+        out[i] = t * s
+
+
 cdef void _fq(const floating* x, floating* out, const floating* scale, const floating* lo,
               const floating* hi, const floating* zlo, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t inner,
               int nt) noexcept nogil:
-    cdef Py_ssize_t r, i, c
-    cdef floating v, s, l, h, t, z
+    cdef Py_ssize_t r, c
+    if rows == 1:
+        _fq_row(x, out, inner, scale[0], lo[0], hi[0], zlo[0])
+        return
     for r in prange(rows, schedule="static", num_threads=nt):
         c = r % C
-        s = scale[c]
-        l = lo[c]
-        h = hi[c]
-        z = zlo[c]
-        for i in range(inner):
-            v = x[r * inner + i]
-            if v < l:
-                v = l
-            if v > h:
-                v = h
-            t = (v - l) / s + <floating>0.5
-            t = _fl(t) + z
-            out[r * inner + i] = t * s
+        _fq_row(x + r * inner, out + r * inner, inner, scale[c], lo[c], hi[c], zlo[c])
 
 
 cdef void _fq_grad(const floating* g, const floating* x, floating* out, const floating* lo,

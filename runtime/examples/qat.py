@@ -91,6 +91,11 @@ def median_time(fn, repeat=15, warmup=2) -> float:
     return statistics.median(ts)
 
 
+def _profiler(path):
+    import insight  # examples may use the profiler; the runtime proper never imports it
+    return insight.Profiler(output_path=path, overwrite=True)
+
+
 def run(epochs=10, qat_epochs=3, lr=0.05, qat_lr=0.005, freeze_bn_epochs=None, seed=1, profile=None,
         output=None, net_factory=LeNetBN, flatten=False, progress_print=print):
     """The whole pipeline; returns a dict of the measured figures and the three models."""
@@ -112,8 +117,7 @@ def run(epochs=10, qat_epochs=3, lr=0.05, qat_lr=0.005, freeze_bn_epochs=None, s
     freeze = (freeze_bn_epochs if freeze_bn_epochs is not None else max(qat_epochs - 1, 0)) * steps_per_epoch
     qnet = convert_quant_network(net, bn_fold=True, freeze_bn=freeze, quant_delay=(0, 0))
     if profile:
-        import insight  # the profiler is optional for the runtime; the example uses it on request
-        with insight.Profiler(output_path=profile):
+        with _profiler(profile):
             qat = train(qnet, xtr, ytr, qat_epochs, qat_lr)
     else:
         qat = train(qnet, xtr, ytr, qat_epochs, qat_lr)
@@ -126,8 +130,7 @@ def run(epochs=10, qat_epochs=3, lr=0.05, qat_lr=0.005, freeze_bn_epochs=None, s
     res["int8_acc"] = accuracy(int8.predict, xte, yte)
     res["int8_ms"] = 1e3 * median_time(lambda: int8.predict(xb))
     if profile:
-        import insight
-        with insight.Profiler(output_path=profile.rstrip("/") + "-int8"):
+        with _profiler(profile.rstrip("/") + "-int8"):
             for _ in range(3):
                 int8.predict(xb)
     res.update(fp32_model=fp32, qat_model=qat, qat_net=qnet, int8_model=int8, test=(xte, yte))
