@@ -12,12 +12,15 @@ timed event without a numeric ``ts``) raises ``BadEvent`` with its index in the 
 from __future__ import annotations
 
 from collections import Counter
+from itertools import repeat
 from operator import itemgetter
 
 import numpy as np
 import orjson
 
 TIMED = {"X", "B", "E", "i", "I", "s", "f", "t", "C", "b", "e", "n"}
+P_X, P_FLOW, P_INSTANT, P_META, P_OTHER = range(5)
+PH_CODES = {"X": P_X, "s": P_FLOW, "f": P_FLOW, "t": P_FLOW, "i": P_INSTANT, "I": P_INSTANT, "M": P_META}
 EMPTY: dict = {}
 
 
@@ -168,7 +171,9 @@ class EventColumns:
         return c
 
     def _lanes(self, evs: list) -> np.ndarray:
-        keys = [(e.get("pid"), e.get("tid")) for e in evs]
+        return self._lane_codes([(e.get("pid"), e.get("tid")) for e in evs])
+
+    def _lane_codes(self, keys) -> np.ndarray:
         try:
             codes = list(map(self.lanes.get, keys))
         except TypeError:
@@ -187,25 +192,26 @@ class EventColumns:
             k = next(i for i, e in enumerate(events) if type(e) is not dict)
             e = events[k]
             raise BadEvent(k, f"is {type(e).__name__ if e is not None else 'null'}, not a JSON object") from None
-        ph = np.array(phs, dtype=object)
-        is_x = ph == "X"
-        if is_x.all():
+        try:
+            ph = np.array(list(map(PH_CODES.get, phs, repeat(P_OTHER, len(phs)))), np.int8)
+        except TypeError:  # an unhashable "ph"
+            ph = np.array([PH_CODES.get(p, P_OTHER) if isinstance(p, str) else P_OTHER for p in phs], np.int8)
+        if (ph == P_X).all():
             self._slices(events, np.arange(len(events)))
         else:
-            if (ph == None).any():  # noqa: E711 - elementwise on an object array
-                raise BadEvent(int(np.flatnonzero(ph == None)[0]), "has no \"ph\" (event type)")  # noqa: E711
-            self._slices(events, np.flatnonzero(is_x))
-            fl = np.flatnonzero((ph == "s") | (ph == "f") | (ph == "t"))
+            none = [k for k in np.flatnonzero(ph == P_OTHER) if phs[k] is None]
+            if none:
+                raise BadEvent(int(none[0]), "has no \"ph\" (event type)")
+            self._slices(events, np.flatnonzero(ph == P_X))
+            fl = np.flatnonzero(ph == P_FLOW)
             if len(fl):
                 self._flows(events, fl)
-            inst = np.flatnonzero((ph == "i") | (ph == "I"))
+            inst = np.flatnonzero(ph == P_INSTANT)
             if len(inst):
                 self._instants(events, inst)
-            for k in np.flatnonzero(ph == "M"):
+            for k in np.flatnonzero(ph == P_META):
                 self._meta(events[k])
-            rest = np.flatnonzero(~is_x & (ph != "s") & (ph != "f") & (ph != "t") & (ph != "i") & (ph != "I")
-                                  & (ph != "M"))
-            for k in rest:
+            for k in np.flatnonzero(ph == P_OTHER):
                 e, p = events[k], phs[k]
                 if p in TIMED and type(e.get("ts")) not in (int, float):
                     _ns([e.get("ts")], np.array([k]), "ts", events)
@@ -220,29 +226,24 @@ class EventColumns:
             return
         xs = _take(events, idx)
         n = len(xs)
-        ts = _ns([e.get("ts") for e in xs], idx, "ts", events)
-        durs = [e.get("dur") for e in xs]
+        # one pass over the events, then columns (zip(*rows) transposes in C)
+        rows = [(e.get("ts"), e.get("dur"), e.get("name", ""), e.get("cat", ""), (e.get("pid"), e.get("tid")),
+                 e.get("args") or EMPTY) for e in xs]
+        ts, durs, names, cats, keys, argss = zip(*rows)
+        del rows
+        ts = _ns(ts, idx, "ts", events)
         if None in durs:
-            missing = sum(d is None for d in durs)
-            self.skipped["X events without dur (imported with dur 0)"] += missing
+            self.skipped["X events without dur (imported with dur 0)"] += sum(d is None for d in durs)
             durs = [0 if d is None else d for d in durs]
-        dur = _ns(durs, idx, "dur", events)
         S = self.strings
-        argss = [e.get("args") or EMPTY for e in xs]
-        cols = {"ts": ts, "dur": dur, "name": S.many([e.get("name", "") for e in xs]),
-                "cat": S.many([e.get("cat", "") for e in xs]), "lane": self._lanes(xs)}
+        cols = {"ts": ts, "dur": _ns(durs, idx, "dur", events), "name": S.many(names), "cat": S.many(cats),
+                "lane": self._lane_codes(keys)}
         nums = [(a.get("correlation", -1), a.get("External id", -1), a.get("bytes", -1), a.get("flops", -1))
                 for a in argss]
-        a = np.array(nums)
-        if a.dtype.kind != "i" or a.ndim != 2:
-            a = np.array([[_int_or_float(v) for v in row] for row in nums], np.int64).reshape(n, 4)
-        cols["corr"], cols["ext"], cols["bytes"], cols["flops"] = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
-        cols["shape"] = np.zeros(n, np.int64)
-        cols["dtype"] = np.zeros(n, np.int64)
-        described = [i for i, a in enumerate(argss) if "Input Dims" in a or "shape" in a or "dtype" in a
-                     or "Input type" in a]
-        for i in described:
-            self._describe(argss[i], cols, i)
+        for c, vals in zip(("corr", "ext", "bytes", "flops"), zip(*nums)):
+            cols[c] = _ints(vals)
+        cols["shape"] = self._described(argss, "shape", "Input Dims", _dims)
+        cols["dtype"] = self._described(argss, "dtype", "Input type", _types)
         ours = [i for i, a in enumerate(argss) if "op" in a or "iteration_interval_ms" in a]
         for c, d in zip(SLICE_COLS[11:], A_DEFAULTS):
             cols[c] = np.full(n, d, np.int64) if ours else (d, n)
@@ -250,31 +251,30 @@ class EventColumns:
             self._our_args(argss[i], cols, i)
         self.slices.add(cols)
 
-    def _describe(self, a: dict, cols: dict, i: int) -> None:
-        """Shape and dtype: ours (``shape``, ``dtype``), else Kineto's ``Input Dims`` / ``Input type``."""
-        S = self.strings
-        s = a.get("shape")
-        if s is not None:
-            cols["shape"][i] = S(s)
+    def _described(self, argss, ours: str, kineto: str, fmt) -> np.ndarray:
+        """Codes of a shape/dtype column: our exporter's string arg, else Kineto's list (formatted by ``fmt``,
+        once per distinct list)."""
+        out = np.zeros(len(argss), np.int64)
+        got = [i for i, a in enumerate(argss) if ours in a or kineto in a]
+        if not got:
+            return out
+        S, cache = self.strings, self._shapes
+        vals = [argss[i].get(ours) for i in got]
+        if None in vals:
+            raw = [argss[i].get(kineto) if v is None else None for v, i in zip(vals, got)]
+            keys = [orjson.dumps(r) if r is not None else None for r in raw]
+            codes = list(map(cache.get, keys))
+            for k, (v, r, key, c) in enumerate(zip(vals, raw, keys, codes)):
+                if v is not None:
+                    vals[k] = S(v)
+                elif c is not None:
+                    vals[k] = c
+                else:
+                    vals[k] = cache[key] = S(fmt(r))
         else:
-            d = a.get("Input Dims")
-            if d is not None:
-                key = orjson.dumps(d)
-                c = self._shapes.get(key)
-                if c is None:
-                    c = self._shapes[key] = S(_dims(d))
-                cols["shape"][i] = c
-        t = a.get("dtype")
-        if t is not None:
-            cols["dtype"][i] = S(t)
-        else:
-            t = a.get("Input type")
-            if t is not None:
-                key = orjson.dumps(t)
-                c = self._shapes.get(key)
-                if c is None:
-                    c = self._shapes[key] = S(_types(t))
-                cols["dtype"][i] = c
+            vals = S.many(vals)
+        out[got] = vals
+        return out
 
     def _our_args(self, a: dict, cols: dict, i: int) -> None:
         """The args of a task or step slice written by insight.export."""
