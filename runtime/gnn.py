@@ -1,6 +1,6 @@
 """GCN and GAT node classification on the Planetoid graphs, with the papers' hyperparameters.
 
-* GCN (Kipf & Welling 2017): 2 GCNConv layers, 16 hidden, ReLU, dropout 0.5, Adam lr 0.01, L2 5e-4 on
+* GCN (Kipf & Welling 2017): 2 GCNConv layers without bias, 16 hidden, ReLU, dropout 0.5, Adam lr 0.01, L2 5e-4 on
   the first layer's weights only, 200 epochs, stop once the validation loss exceeds the mean of the
   previous 10 epochs.
 * GAT (Velickovic et al. 2018): 8 heads x 8 hidden (concatenated), ELU, one output head (averaged),
@@ -56,9 +56,10 @@ class GCN(_PlanetoidNet):
     def __init__(self, graph, features, num_classes, hidden=16, dropout=0.5, seed=None):
         super().__init__(graph, features)
         self.drop_in = FeatureDropout(1.0 - dropout, seed)
-        self.conv1 = GCNConv(features.shape[1], hidden)
+        # no bias, as in the authors' implementation (tkipf/gcn: GraphConvolution(bias=False))
+        self.conv1 = GCNConv(features.shape[1], hidden, has_bias=False)
         self.drop_hidden = FeatureDropout(1.0 - dropout, seed)
-        self.conv2 = GCNConv(hidden, num_classes)
+        self.conv2 = GCNConv(hidden, num_classes, has_bias=False)
 
     def hidden(self, values):
         return F.relu(self.conv1(self.drop_in(self._x(values)), self.graph))

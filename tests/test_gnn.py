@@ -486,6 +486,27 @@ def test_profiled_gcn_run_lists_the_sparse_kernels(tmp_path):
     assert any("conv1" in s for s in spmm["scope"]) and any("Gradients" in s for s in spmm["scope"])
     gat = op_stats_for_gat(tmp_path / "gat", d)
     assert {"edge_softmax", "edge_softmax_grad", "sddmm", "edge_gather", "edge_reduce"} <= set(gat["op"])
+    # the dashboard's operators page of both runs lists them
+    from dashboard.app import create_app
+    from dashboard.data import set_store, store
+
+    app = create_app(tmp_path, reload_interval=0)
+    app.run_store = store()
+    set_store(app.run_store)
+    client = app.server.test_client()
+    client.get("/")
+    for run, kernels in (("run", ("spmm",)), ("gat", ("spmm", "edge_softmax", "edge_softmax_grad"))):
+        r = client.post("/_dash-update-component", json={
+            "output": ".._pages_content.children..._pages_store.data..",
+            "outputs": [{"id": "_pages_content", "property": "children"},
+                        {"id": "_pages_store", "property": "data"}],
+            "inputs": [{"id": "_pages_location", "property": "pathname", "value": f"/run/{run}/operators"},
+                       {"id": "_pages_location", "property": "search", "value": ""}],
+            "changedPropIds": ["_pages_location.pathname"], "state": []})
+        assert r.status_code == 200
+        page = r.get_data(as_text=True)
+        for k in kernels:
+            assert f'"{k}"' in page, f"the operators page of {run} does not list {k}"
 
 
 def op_stats_for_gat(path, d):
