@@ -8,9 +8,9 @@ at the first step, each rank reads its own shard of the shuffled data (``global_
 step), and the gradients are AllReduced (averaged) in buckets on the ``comm`` stream while the backward
 goes on. The loss printed is the global batch's, the same on every rank.
 
-Options: ``--steps 50 --global-batch 64 --fusion 2,5`` (AllReduce split indices; none: one AllReduce per
+Options: ``--steps 200 --global-batch 64 --fusion 2,5`` (AllReduce split indices; none: one AllReduce per
 parameter), ``--stand-alone`` (no communication at all: the single-process reference), ``--delay-rank R
---delay-ms 20`` (rank R's data pipeline sleeps that long per batch: a straggler), ``--out DIR`` (each rank
+--delay-ms 20`` (rank R's data pipeline sleeps that long per batch: a straggler, best seen with ``--prefetch 2``), ``--out DIR`` (each rank
 writes its parameters and losses to ``DIR/rank_<r>.npz``). OpenMP threads per rank: ``mpirun -x
 OMP_NUM_THREADS=1 ...``.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import Model, communication, context, nn
-from runtime.dataset import NumpySlicesDataset
+from runtime.dataset import NumpySlicesDataset, config
 from runtime.dataset.digits import load_digits_split
 from runtime.train.callback import Callback
 
@@ -79,13 +79,15 @@ class _Delay:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m runtime.examples.data_parallel", description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--fusion", default="", help="AllReduce split indices, e.g. 2,5 (none: one AllReduce per parameter)")
     p.add_argument("--stand-alone", action="store_true", help="no MPI, no AllReduce: the single-process reference")
     p.add_argument("--delay-rank", type=int, default=-1)
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--sink", type=int, default=1, help="1: data sink mode (GetNext from the device queue)")
+    p.add_argument("--prefetch", type=int, default=0, help="queue sizes of the data pipeline and the device queue "
+                   "(0: the defaults); small values stop prefetching from hiding a slow pipeline")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="", help="write DIR/rank_<r>.npz (parameters and losses)")
@@ -134,7 +136,10 @@ def train(args, callbacks=()) -> dict:
     rec = _Record(args.steps)
     epochs = -(-args.steps // per_epoch)
     t0 = time.perf_counter()
-    model.train(epochs, ds, callbacks=[rec, *callbacks], dataset_sink_mode=bool(args.sink))
+    if args.prefetch:
+        config.set_prefetch_size(args.prefetch)
+    model.train(epochs, ds, callbacks=[rec, *callbacks], dataset_sink_mode=bool(args.sink),
+                sink_queue_size=args.prefetch or 8)
     wall = time.perf_counter() - t0
     params = {p.name: p.data.copy() for p in net.trainable_params()}
     return {"rank": rank, "size": size, "losses": np.array(rec.losses), "params": params, "wall_s": wall,
