@@ -668,6 +668,29 @@ def test_random_graphs_compiled_equals_interpreter():
             np.testing.assert_allclose(a[k], c[k], rtol=2e-5, atol=2e-5, err_msg=k)
 
 
+def test_select_on_a_comparison_kept_in_the_chunk_cache_compiles(rng):
+    """c = exp(tanh x) > 1.5 feeds a reduction (phase 0) and a select after it (phase 1), which reads c from the
+    per-chunk cache: the select's compare-mask shortcut must not name operands that phase never computed."""
+    g = Graph("sel_cache")
+    b = GraphBuilder(g)
+    with building(b):
+        x = b.input("x", (64, 64), F32)
+        e = F.exp(F.tanh(x))
+        c = F.greater(e, 1.5)
+        s = F.reduce_sum(F.select(c, e, F.mul(x, 0.0)), -1, True)
+        g.outputs = {"y": F.select(c, F.div(e, F.add(s, 1.0)), x).node}
+    fused = graph_kernel(dce(g))
+    (node,) = [n for n in fused.nodes if n.op == "fused"]
+    assert node.ann["fused_ops"] == ["tanh", "exp", "greater", "mul", "select", "reduce_sum", "add", "div", "select"]
+    feeds = {"x": rng.normal(size=(64, 64)).astype(F32)}
+    with kernels.backend("interp"):
+        want, ref = run_graph(g, feeds, True)["y"], run_graph(g, feeds, False)["y"]
+    if kernels.compiler_available():
+        with kernels.backend("c"):           # raises if the kernel does not compile
+            np.testing.assert_array_equal(run_graph(g, feeds, True)["y"], want)
+    np.testing.assert_allclose(want, ref, rtol=1e-6, atol=1e-6)
+
+
 def _seeded_gemm_spec(seed):
     r = np.random.default_rng(seed)
     heads = int(r.integers(1, 3))

@@ -86,6 +86,7 @@ class _Emitter:
         self.need_of, self.cload, self.cstore = _plan_cache(plan)
         self.cached = sorted({v for vs in self.cstore.values() for v in vs})
         self.sign = _signs(plan)
+        self.defined = None      # values declared in the loop being written (None: its whole closure)
 
     def function(self, name: str) -> str:
         self.declarations()
@@ -178,17 +179,23 @@ class _Emitter:
         if val.kind != "op":
             return self.load(v)
         args = [f"v{a}" for a in val.args]
-        if val.op == "select" and vals[val.args[0]].kind == "op" and vals[val.args[0]].op in _CMP:
-            c = vals[val.args[0]]      # select on a comparison: one blend on the compare mask
+        c = vals[val.args[0]] if val.op == "select" else None
+        if c is not None and c.kind == "op" and c.op in _CMP and self.declared(*c.args):
+            # select on a comparison: one blend on the compare mask (when the comparison's operands are in
+            # this loop: a comparison loaded from the chunk cache left them behind in an earlier phase)
             return f"fk_sel(v{c.args[0]} {_CMP[c.op]} v{c.args[1]}, {args[1]}, {args[2]})"
         if val.op == "exp" and self.sign.get(val.args[0]) == -1:
             return f"fk_exp_nonpos({args[0]})"   # same values: the overflow clamp can never apply
         return _TEMPLATES[val.op].format(*args)
 
+    def declared(self, *vs) -> bool:
+        return self.defined is None or all(v in self.defined for v in vs)
+
     # -- loops -----------------------------------------------------------------------------------------------
     def body(self, need, stores, accs, lane, p=None):
         w, K = self.w, self.K
         loads, keep = self.cload.get(p, set()), self.cstore.get(p, set())
+        self.defined = set(need)
         cidx = (f"o{self.full} - a * ({self.ROW}) + jj" if K > 1 else "jj - a")
         for v in need:
             if v in loads:
@@ -383,6 +390,7 @@ class _Emitter:
         w("#pragma omp simd")
         w.open("for (int64_t q = 0; q < m; q++)")
         w("const int64_t jj = j + q;")
+        self.defined = set(self.plan.phase_vals[0])
         for v in self.plan.phase_vals[0]:
             w(f"const float v{v} = {self.expr(v)};")
         for k, o in enumerate(outs):
@@ -451,6 +459,7 @@ class _Emitter:
             if o.phase != -1:
                 continue
             need = self.plan.epi_vals[k]
+            self.defined = set(need)
             w.open("")
             ms = self.used_masks(need, [], [])
             ms.add(o.mask)
