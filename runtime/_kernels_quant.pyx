@@ -35,7 +35,7 @@ from cython.parallel cimport prange, parallel
 from libc.math cimport floor, floorf
 from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cnp.import_array()
 
@@ -324,72 +324,99 @@ DEF OB = 16       # output channels per register block: one 512-bit vector of in
 
 cdef extern from *:
     """
-    /* A block of 16 int32 accumulators as one GCC vector: the compiler maps it onto the widest vector
-       registers the target has (AVX-512: one register; AVX2: two; SSE: four), no intrinsics needed. */
+    /* 16 output channels at a time as GCC generic vectors: the compiler maps them onto the widest vector
+       registers of the target (AVX-512: one register of int32; AVX2: two; SSE: four), no intrinsics.
+       acc = bias + sum_k a[k] * wT[k, :16] in int32; then per lane zp + ((acc * mult + rnd) >> total) in
+       int64 (one rounding, half up), clamped to [lo, hi], and the first nvalid lanes stored with a stride. */
     #include <string.h>
     typedef int32_t iq_v16si __attribute__((vector_size(64)));
-    static inline void iq_gemm_block16(const int8_t* a, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op,
-                                       const int32_t* bias, int32_t* out) {
+    typedef int64_t iq_v16di __attribute__((vector_size(128)));
+    static inline void iq_gemm_requant16(const int8_t* a, Py_ssize_t astride, Py_ssize_t K,
+                                         const int32_t* wT, Py_ssize_t Op,
+                                         const int32_t* bias, const int64_t* mult, const int64_t* rnd,
+                                         const int64_t* total, int64_t zp, int64_t lo, int64_t hi, int nvalid,
+                                         int8_t* out, Py_ssize_t ostride) {
         iq_v16si acc, w;
+        iq_v16di v, m, r, t, lov, hiv, mask;
         memcpy(&acc, bias, sizeof(acc));
         for (Py_ssize_t k = 0; k < K; ++k) {
             memcpy(&w, wT + k * Op, sizeof(w));
-            acc += (int32_t)a[k] * w;
+            acc += (int32_t)a[k * astride] * w;
         }
-        memcpy(out, &acc, sizeof(acc));
+        memcpy(&m, mult, sizeof(m));
+        memcpy(&r, rnd, sizeof(r));
+        memcpy(&t, total, sizeof(t));
+        v = __builtin_convertvector(acc, iq_v16di);
+        v = ((v * m + r) >> t) + zp;
+        lov = v - v + lo;
+        hiv = v - v + hi;
+        mask = v < lov;
+        v = (mask & lov) | (~mask & v);
+        mask = v > hiv;
+        v = (mask & hiv) | (~mask & v);
+        for (int j = 0; j < nvalid; ++j)
+            out[j * ostride] = (int8_t)v[j];
     }
     """
-    void iq_gemm_block16(const int8_t* a, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op, const int32_t* bias,
-                         int32_t* out) noexcept nogil
+    void iq_gemm_requant16(const int8_t* a, Py_ssize_t astride, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op,
+                           const int32_t* bias,
+                           const int64_t* mult, const int64_t* rnd, const int64_t* total, int64_t zp, int64_t lo,
+                           int64_t hi, int nvalid, int8_t* out, Py_ssize_t ostride) noexcept nogil
 
 
-cdef void _gemm_rows(const int8_t* a, Py_ssize_t M, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op,
-                     const int32_t* bias, int32_t* acc) noexcept nogil:
-    """acc[m, o] = bias[o] + sum_k a[m, k] * wT[k, o] in int32 for o < Op (a multiple of OB, zero-padded),
-    OB channels at a time in vector registers."""
+cdef void _gemm_requant_rows(const int8_t* a, Py_ssize_t am, Py_ssize_t ak, Py_ssize_t M, Py_ssize_t K,
+                             const int32_t* wT, Py_ssize_t O,
+                             Py_ssize_t Op, const int32_t* bias, const int64_t* mult, const int64_t* rnd,
+                             const int64_t* total, int32_t zp, int32_t lo, int32_t hi, int8_t* out,
+                             Py_ssize_t mstride, Py_ssize_t ostride) noexcept nogil:
+    """out[m * mstride + o * ostride] = clamp(zp + requant(bias[o] + sum_k a[m * am + k * ak] w[o, k])) for o < O;
+    wT is
+    (K, Op) int32 with Op a multiple of OB (zero-padded), mult / rnd / total padded to Op too."""
     cdef Py_ssize_t m, o0
+    cdef int nvalid
     for m in range(M):
         o0 = 0
         while o0 < Op:
-            iq_gemm_block16(a + m * K, K, wT + o0, Op, bias + o0, acc + m * Op + o0)
+            nvalid = OB if O - o0 >= OB else <int>(O - o0)
+            iq_gemm_requant16(a + m * am, ak, K, wT + o0, Op, bias + o0, mult + o0, rnd + o0, total + o0, zp, lo, hi,
+                              nvalid, out + m * mstride + o0 * ostride, ostride)
             o0 = o0 + OB
 
 
-cdef void _requant_rows(const int32_t* acc, Py_ssize_t M, Py_ssize_t O, Py_ssize_t Op, const int32_t* mult,
-                        const int64_t* rnd, const int64_t* total, int32_t zp, int32_t lo, int32_t hi, int8_t* out,
-                        Py_ssize_t mstride, Py_ssize_t ostride) noexcept nogil:
-    """out[m * mstride + o * ostride] = clamp(zp + round(acc[m, o] * M_o)): the 64-bit product shifted right by
-    31 - shift_o with one rounding (as ``_mbqm``; clamping in 64 bits equals saturating to int32 first)."""
-    cdef Py_ssize_t m, o
-    cdef int64_t v
-    for m in range(M):
-        for o in range(O):
-            v = zp + ((<int64_t>acc[m * Op + o] * mult[o] + rnd[o]) >> total[o])
-            if v < lo:
-                v = lo
-            if v > hi:
-                v = hi
-            out[m * mstride + o * ostride] = <int8_t>v
-
-
-cdef void _im2row(const int8_t* x, int8_t* rows, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                  Py_ssize_t ph, Py_ssize_t pw, int8_t pad) noexcept nogil:
-    """rows[(oh*OW + ow), (c*kh + i)*kw + j] = x[c, oh*sh - ph + i, ow*sw - pw + j] (pad outside)."""
-    cdef Py_ssize_t K = C * kh * kw, oh, ow, c, i, j, ih, iw
-    cdef int8_t* r
-    for oh in range(OH):
-        for ow in range(OW):
-            r = rows + (oh * OW + ow) * K
-            for c in range(C):
-                for i in range(kh):
+cdef void _im2col8(const int8_t* x, int8_t* cols, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                   Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                   Py_ssize_t ph, Py_ssize_t pw, int8_t pad) noexcept nogil:
+    """cols[(c*kh + i)*kw + j, oh*OW + ow] = x[c, oh*sh - ph + i, ow*sw - pw + j], ``pad`` outside: for each
+    kernel offset and output row, the valid output columns form one range (a memcpy at stride 1)."""
+    cdef Py_ssize_t L = OH * OW, c, i, j, oh, ih, lo, hi, ow
+    cdef int8_t* dst
+    cdef const int8_t* src
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                # output columns ow with 0 <= ow*sw - pw + j < W
+                lo = (pw - j + sw - 1) // sw if pw > j else 0
+                hi = (W - 1 + pw - j) // sw + 1 if W - 1 + pw - j >= 0 else 0
+                if hi > OW:
+                    hi = OW
+                if lo > hi:
+                    lo = hi
+                for oh in range(OH):
+                    dst = cols + ((c * kh + i) * kw + j) * L + oh * OW
                     ih = oh * sh - ph + i
-                    for j in range(kw):
-                        iw = ow * sw - pw + j
-                        if ih < 0 or ih >= H or iw < 0 or iw >= W:
-                            r[(c * kh + i) * kw + j] = pad
-                        else:
-                            r[(c * kh + i) * kw + j] = x[(c * H + ih) * W + iw]
+                    if ih < 0 or ih >= H or hi == lo:
+                        memset(dst, pad, OW)
+                        continue
+                    if lo > 0:
+                        memset(dst, pad, lo)
+                    src = x + (c * H + ih) * W + lo * sw - pw + j
+                    if sw == 1:
+                        memcpy(dst + lo, src, hi - lo)
+                    else:
+                        for ow in range(hi - lo):
+                            dst[lo + ow] = src[ow * sw]
+                    if hi < OW:
+                        memset(dst + hi, pad, OW - hi)
 
 
 def _vec32(a, n, what, fn):
@@ -400,19 +427,21 @@ def _vec32(a, n, what, fn):
 
 
 def _gemm_operands(w, bias, mult, shift, fn):
-    """(w transposed to int32 (K, Op) and bias (Op,), zero-padded to Op = a multiple of OB; mult, rounding
-    constant and right shift per channel) for the GEMM kernels."""
+    """(w transposed to int32 (K, Op); bias, multiplier, rounding constant, right shift per channel), all
+    zero-padded to Op = a multiple of OB channels, for the GEMM kernels."""
     cdef Py_ssize_t O = w.shape[0], Op = (w.shape[0] + OB - 1) // OB * OB
     b = np.zeros(Op, np.int32)
     b[:O] = _vec32(bias, O, "bias", fn)
-    m = _vec32(mult, O, "mult", fn)
-    total = 31 - _vec32(shift, O, "shift", fn).astype(np.int64)
+    total = np.full(Op, 31, np.int64)
+    total[:O] = 31 - _vec32(shift, O, "shift", fn).astype(np.int64)
     if np.any(total < 1) or np.any(total > 62):
-        raise ValueError(f"{fn}: requantization shifts must be in [-31, 30], got {list(31 - total)}")
+        raise ValueError(f"{fn}: requantization shifts must be in [-31, 30], got {list(31 - total[:O])}")
+    m = np.zeros(Op, np.int64)
+    m[:O] = _vec32(mult, O, "mult", fn)
     rnd = np.left_shift(np.int64(1), total - 1)
     wT = np.zeros((w.shape[1], Op), np.int32)
     wT[:, :O] = w.T
-    return wT, b, m, rnd, np.ascontiguousarray(total)
+    return wT, b, m, rnd, total
 
 
 def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph, int pw,
@@ -438,23 +467,20 @@ def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph,
         return out
     cdef const int8_t[:, :, :, ::1] xv = xa
     cdef const int32_t[:, ::1] wv = wT
-    cdef const int32_t[::1] bv = b, mv = m
-    cdef const int64_t[::1] rv = rnd, tv = total
+    cdef const int32_t[::1] bv = b
+    cdef const int64_t[::1] mv = m, rv = rnd, tv = total
     cdef int8_t[:, :, :, ::1] ov = out
     cdef Py_ssize_t L = OH * OW, n, Op = wT.shape[1]
     cdef int nt = _threads(N * L * O * K, N)
     cdef int8_t* rows
-    cdef int32_t* acc
     with nogil, parallel(num_threads=nt):
         rows = <int8_t*>malloc(L * K * sizeof(int8_t))
-        acc = <int32_t*>malloc(L * Op * sizeof(int32_t))
-        if rows != NULL and acc != NULL:
+        if rows != NULL:
             for n in prange(N, schedule="static"):
-                _im2row(&xv[n, 0, 0, 0], rows, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw, <int8_t>zp_x)
-                _gemm_rows(rows, L, K, &wv[0, 0], Op, &bv[0], acc)
-                _requant_rows(acc, L, O, Op, &mv[0], &rv[0], &tv[0], zp_y, act_min, act_max, &ov[n, 0, 0, 0], 1, L)
+                _im2col8(&xv[n, 0, 0, 0], rows, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw, <int8_t>zp_x)
+                _gemm_requant_rows(rows, 1, L, L, K, &wv[0, 0], O, Op, &bv[0], &mv[0], &rv[0], &tv[0], zp_y, act_min,
+                                   act_max, &ov[n, 0, 0, 0], 1, L)
         free(rows)
-        free(acc)
     return out
 
 
@@ -477,21 +503,17 @@ def dense_int8(x, w, bias, mult, shift, int zp_y, int act_min, int act_max):
         return out
     cdef const int8_t[:, ::1] xv = xa
     cdef const int32_t[:, ::1] wv = wT
-    cdef const int32_t[::1] bv = b, mv = m
-    cdef const int64_t[::1] rv = rnd, tv = total
+    cdef const int32_t[::1] bv = b
+    cdef const int64_t[::1] mv = m, rv = rnd, tv = total
     cdef int8_t[:, ::1] ov = out
     cdef Py_ssize_t nblk = (N + ROW_BLOCK - 1) // ROW_BLOCK
     cdef int nt = _threads(N * O * K, nblk)
-    cdef int32_t* acc
-    with nogil, parallel(num_threads=nt):
-        acc = <int32_t*>malloc(ROW_BLOCK * Op * sizeof(int32_t))
-        if acc != NULL:
-            for blk in prange(nblk, schedule="static"):
-                r0 = blk * ROW_BLOCK
-                rn = N - r0 if N - r0 < ROW_BLOCK else ROW_BLOCK
-                _gemm_rows(&xv[r0, 0], rn, K, &wv[0, 0], Op, &bv[0], acc)
-                _requant_rows(acc, rn, O, Op, &mv[0], &rv[0], &tv[0], zp_y, act_min, act_max, &ov[r0, 0], O, 1)
-        free(acc)
+    with nogil:
+        for blk in prange(nblk, schedule="static", num_threads=nt):
+            r0 = blk * ROW_BLOCK
+            rn = N - r0 if N - r0 < ROW_BLOCK else ROW_BLOCK
+            _gemm_requant_rows(&xv[r0, 0], K, 1, rn, K, &wv[0, 0], O, Op, &bv[0], &mv[0], &rv[0], &tv[0], zp_y, act_min,
+                               act_max, &ov[r0, 0], O, 1)
     return out
 
 
