@@ -140,9 +140,9 @@ def _x(cat, name, ts, dur, pid=100, tid=100, **args):
 
 
 def _gpu_trace():
-    """Two steps. Step 1 (host 0..100 us): DataLoader 0-5, cpu op 5-30 launching a kernel (10-15 -> 20-50)
-    and a memcpy (16-18 -> 40-60). Step 2 (host 100..200): cpu op 150-195 launching an NCCL kernel (190-195 ->
-    198-230), so the step ends at 230 on the device. Times in us."""
+    """Two steps. Step 1 (host 0..100 us): DataLoader 0-5, cpu op 5-30 launching a kernel (10-15 -> 20-50 on
+    stream 7) and a memcpy (16-18 -> 40-60). Step 2 (host 100..200): cpu op 150-195 launching an NCCL kernel
+    (190-195 -> 198-230 on stream 20), so the step ends at 230 on the device. Times in us."""
     ev = [
         {"ph": "M", "name": "thread_name", "pid": 0, "tid": 7, "args": {"name": "stream 7 "}},
         _x("user_annotation", "ProfilerStep#1", 0, 100),
@@ -157,7 +157,7 @@ def _gpu_trace():
         _x("user_annotation", "ProfilerStep#2", 100, 100),
         _x("cpu_op", "nccl:all_reduce", 150, 45, **{"External id": 2}),
         _x("cuda_runtime", "cudaLaunchKernel", 190, 5, correlation=13, **{"External id": 2}),
-        _x("kernel", "ncclKernel_AllReduce_RING_LL_Sum_float(ncclDevComm*)", 198, 32, pid=0, tid=7, correlation=13),
+        _x("kernel", "ncclKernel_AllReduce_RING_LL_Sum_float(ncclDevComm*)", 198, 32, pid=0, tid=20, correlation=13),
         {"ph": "i", "s": "t", "name": "[memory]", "pid": 100, "tid": 100, "ts": 6,
          "args": {"Addr": 4096, "Bytes": 1024, "Total Allocated": 1024, "Total Reserved": 2048, "Device Type": 1,
                   "Device Id": 0}},
@@ -194,10 +194,13 @@ def test_synthetic_gpu_trace_categories_by_hand(tmp_path, capsys):
     assert st.loc[1, "fp_start_op"] == "aten::mm" and st.loc[1, "get_next_end_ns"] == 5 * us
     t = _tasks(run)
     k = t[t["kind"] == "kernel"].set_index("op")
-    assert set(k.index) == {"gemm_kernel", "ncclKernel_AllReduce_RING_LL_Sum_float"}
+    assert set(k.index) == {"gemm_kernel", "all_reduce"}  # an NCCL kernel's op is its collective
     assert k.loc["gemm_kernel", "scope"] == "aten::mm" and k.loc["gemm_kernel", "phase"] == "forward"
-    assert k.loc["gemm_kernel", "step"] == 1 and k.loc["ncclKernel_AllReduce_RING_LL_Sum_float", "step"] == 2
+    assert k.loc["gemm_kernel", "step"] == 1 and k.loc["all_reduce", "step"] == 2
     assert t.loc[t["kind"] == "memcpy_d2h", "bytes"].tolist() == [4096]
+    # the stream running only NCCL kernels is the format's "comm" stream: the step trace's AllReduce sees it
+    assert set(t.loc[t["kind"] == "kernel", "stream"]) == {"gpu0.stream7", "comm"}
+    assert analysis.step_breakdown(run).set_index("step")["allreduce_ns"].to_dict() == {1: 0, 2: 32 * us}
     mem = open_run(run).table("memory")
     assert mem["action"].tolist() == ["alloc", "free"] and mem["op"].tolist() == ["aten::mm", "aten::mm"]
     peak = analysis.memory_peak(run)

@@ -217,9 +217,11 @@ def _write_rank(run_dir: Path, rt: RankTables) -> None:
             dicts = {}
             for f in schema:
                 v = cols.get(f.name) if cols else None
-                if isinstance(v, Codes):
-                    used, inv = np.unique(v.codes, return_inverse=True)
-                    dicts[f.name] = (inv.astype(np.int32), pa.array(v.values[used].tolist(), _S))
+                if isinstance(v, Codes):  # (bincount, not a sort: codes index a known table)
+                    used = np.flatnonzero(np.bincount(v.codes, minlength=len(v.values)))
+                    remap = np.zeros(len(v.values), np.int32)
+                    remap[used] = np.arange(len(used), dtype=np.int32)
+                    dicts[f.name] = (remap[v.codes], pa.array(v.values[used].tolist(), _S))
             for a in range(0, n, ROW_GROUP):
                 b = min(n, a + ROW_GROUP)
                 arrays = [pa.DictionaryArray.from_arrays(pa.array(dicts[f.name][0][a:b]), dicts[f.name][1])

@@ -242,8 +242,10 @@ class EventColumns:
                 for a in argss]
         for c, vals in zip(("corr", "ext", "bytes", "flops"), zip(*nums)):
             cols[c] = _ints(vals)
-        cols["shape"] = self._described(argss, "shape", "Input Dims", _dims)
-        cols["dtype"] = self._described(argss, "dtype", "Input type", _types)
+        # shapes and dtypes come together (ours: shape + dtype; Kineto's record_shapes: Input Dims + Input type)
+        got = [i for i, a in enumerate(argss) if "Input Dims" in a or "shape" in a]
+        cols["shape"] = self._described(argss, got, "shape", "Input Dims", _dims)
+        cols["dtype"] = self._described(argss, got, "dtype", "Input type", _types)
         ours = [i for i, a in enumerate(argss) if "op" in a or "iteration_interval_ms" in a]
         for c, d in zip(SLICE_COLS[11:], A_DEFAULTS):
             cols[c] = np.full(n, d, np.int64) if ours else (d, n)
@@ -251,11 +253,10 @@ class EventColumns:
             self._our_args(argss[i], cols, i)
         self.slices.add(cols)
 
-    def _described(self, argss, ours: str, kineto: str, fmt) -> np.ndarray:
-        """Codes of a shape/dtype column: our exporter's string arg, else Kineto's list (formatted by ``fmt``,
-        once per distinct list)."""
+    def _described(self, argss, got: list, ours: str, kineto: str, fmt) -> np.ndarray:
+        """Codes of a shape/dtype column for the events ``got``: our exporter's string arg, else Kineto's list
+        (formatted by ``fmt``, once per distinct list)."""
         out = np.zeros(len(argss), np.int64)
-        got = [i for i, a in enumerate(argss) if ours in a or kineto in a]
         if not got:
             return out
         S, cache = self.strings, self._shapes

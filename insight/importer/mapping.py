@@ -232,12 +232,19 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
         cpu_per_lane = np.bincount(lanes[kind == S("cpu_op")], minlength=n_lanes) if n else np.zeros(n_lanes)
         host_lanes = [ln for ln in range(n_lanes) if host_events[ln] and not dev_events[ln]]
         main = max(host_lanes, key=lambda ln: (steps_per_lane[ln], cpu_per_lane[ln], host_events[ln]), default=None)
+        # the device stream that runs only NCCL kernels (the most of them) is the format's "comm" stream
+        kern = kind == S("kernel")
+        is_nccl = _nccl_mask(strings, x["name"]) & kern
+        all_k = np.bincount(lanes[kern], minlength=n_lanes)
+        nccl_k = np.bincount(lanes[is_nccl], minlength=n_lanes)
+        only = [ln for ln in range(n_lanes) if nccl_k[ln] and nccl_k[ln] == all_k[ln]]
+        comm_lane = max(only, key=lambda ln: nccl_k[ln]) if only else None
         for ln in range(n_lanes):
             pid, tid = cols.lane_keys[ln]
             if dev_events[ln]:
                 sid = f"stream{tid}" if _is_int(tid) and int(tid) >= 0 else _slug(cols.thread_names.get((pid, tid))
                                                                                   or f"tid{tid}")
-                lane_name[ln] = f"gpu{pid}.{sid}"
+                lane_name[ln] = "comm" if ln == comm_lane else f"gpu{pid}.{sid}"
                 lane_kind[ln] = "device"
             elif host_events[ln]:
                 lane_name[ln] = "host" if ln == main else f"host.{_slug(str(tid))}"
@@ -345,6 +352,10 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
                 uniq, inv = np.unique(nc[mc], return_inverse=True)
                 op[mc] = np.array([S(strings[u].split(" (")[0]) for u in uniq], np.int64)[inv]
             op[kind == S("memset")] = S("Memset")
+            nccl = np.flatnonzero(_nccl_mask(strings, nc) & (kind == S("kernel")))
+            if len(nccl):  # a collective's kernel: the collective (all_reduce, all_gather, ...)
+                uniq, inv = np.unique(nc[nccl], return_inverse=True)
+                op[nccl] = np.array([S(_collective(strings[u])) for u in uniq], np.int64)[inv]
         scope = np.zeros(n, np.int64)
         if flavor == "kineto" and n:
             # a device task's scope: the host op that launched it (same External id), else the launch itself
@@ -627,6 +638,26 @@ def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, ma
             "offset": np.full(len(t), -1, np.int64), "in_use": m["allocated"], "capacity": cap,
             "step": step_of(t, s_start, s_end, s_num), "shape": np.array([""] * len(t), object),
             "dtype": np.array([""] * len(t), object)}
+
+
+COLLECTIVES = (("allreduce", "all_reduce"), ("allgather", "all_gather"), ("reducescatter", "reduce_scatter"),
+               ("broadcast", "broadcast"), ("alltoall", "all_to_all"), ("sendrecv", "send_recv"), ("send", "send"),
+               ("recv", "recv"), ("reduce", "reduce"))
+
+
+def _nccl_mask(strings: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    uniq, inv = np.unique(codes, return_inverse=True)
+    return np.array(["nccl" in str(strings[u]).lower() for u in uniq], bool)[inv] if len(codes) else \
+        np.zeros(0, bool)
+
+
+def _collective(name: str) -> str:
+    """An NCCL kernel's collective: ``ncclDevKernel_AllGather_RING_LL(...)`` -> ``all_gather``."""
+    key = name.lower().replace("_", "")
+    for k, v in COLLECTIVES:
+        if k in key:
+            return v
+    return kernel_class(name)
 
 
 def _memcpy_kind(name: str) -> str:
