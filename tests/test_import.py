@@ -487,3 +487,27 @@ def browser_imported(tmp_path_factory):
             server.kill()
             server.wait()
         err.close()
+
+
+# -- the streaming reader itself --------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_reader_cuts_anywhere_and_gives_the_events_json_load_gives(tmp_path, chunk):
+    """Tiny chunks force cuts inside strings holding '}', inside nested args (objects in lists) and inside
+    numbers; the pieces must still be exactly the events, and keys after the array must be read."""
+    from insight.importer.reader import TraceReader
+
+    ev = [{"ph": "X", "name": 'a}, {"b": 1}]', "ts": 1.5, "dur": 2, "pid": 1, "tid": 1,
+           "args": {"nested": [{"x": {"y": "}"}}, {"z": []}], "s": 'é}\\"}'}},
+          {"ph": "i", "name": "[memory]", "ts": 123456789012, "pid": 1, "tid": 1, "args": {"Bytes": -5}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "main }"}}] * 5
+    doc = {"schemaVersion": 1, "deviceProperties": [{"id": 0, "x": [1, {"}": "{"}]}], "traceEvents": ev,
+           "traceName": "t}", "baseTimeNanoseconds": 1234567890123456789}
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+    r = TraceReader(src, chunk=chunk)
+    got = [e for batch in r.batches() for e in batch]
+    assert got == ev
+    assert r.header == {k: v for k, v in doc.items() if k != "traceEvents"}
+    gz = tmp_path / "t.json.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    assert [e for batch in TraceReader(gz, chunk=chunk).batches() for e in batch] == ev
