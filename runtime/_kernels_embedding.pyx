@@ -2,9 +2,9 @@
 """Kernels of the sparse embedding path (EmbeddingLookup, FusedSparseFtrl, FusedSparseLazyAdam).
 
 * ``unique_inverse(ids)``: the distinct ids of a batch in first-occurrence order, padded to ``len(ids)``
-  with ``uid[0]`` (static shapes: a padding entry repeats the first id, so every generic consumer --
-  gather, gather_grad, the dedup path of the optimizers -- stays correct), their count, and for every
-  id its position in the unique list. One pass with an open-addressing hash table (no sort).
+  with ``uid[0]``, their count, and for every id its position in the unique list. One pass, no sort:
+  a position per table row when the vocabulary is small enough for that map to stay in cache, else
+  an open-addressing hash table.
 * ``unique_count(uid)``: the count back from a padded unique list.
 * ``sparse_ftrl`` / ``sparse_lazy_adam``: in-place updates of the rows ``uid[:count]`` of a float32
   table and its optimizer slots from the summed gradient rows ``grad[:count]``; rows run in parallel
@@ -19,13 +19,14 @@ from cython.parallel cimport prange
 from libc.math cimport sqrtf, fabsf
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 cnp.import_array()
 
 
 cdef inline int _threads(Py_ssize_t rows, Py_ssize_t D) noexcept nogil:
     cdef Py_ssize_t t
-    if rows * (D + 8) < 16384 or rows < 2:
+    if rows * (D + 4) < 131072 or rows < 2:  # below ~100k elements a thread team costs more than it saves
         return 1
     t = openmp.omp_get_max_threads()
     return <int>(t if t > 1 else 1)
@@ -55,10 +56,13 @@ def unique_inverse(ids, int64_t num_rows=-1):
         if lo < 0 or hi >= num_rows:
             bad = a[(a < 0) | (a >= num_rows)][0]
             raise IndexError(f"EmbeddingLookup: id {int(bad)} is outside the table of {num_rows} rows")
-    while cap < 2 * n:
-        cap *= 2
     cdef cnp.ndarray[int64_t, ndim=1] uid = np.empty(n, np.int64)
     cdef cnp.ndarray[int32_t, ndim=1] inv = np.empty(n, np.int32)
+    if num_rows > 0 and num_rows <= max(8 * n, 1 << 21):
+        count = _unique_direct(&a[0], n, num_rows, &uid[0], &inv[0])
+        return uid, inv, count
+    while cap < 2 * n:
+        cap *= 2
     cdef int64_t *keys = <int64_t *> malloc(cap * sizeof(int64_t))
     cdef int32_t *pos = <int32_t *> malloc(cap * sizeof(int32_t))
     if keys == NULL or pos == NULL:
@@ -90,6 +94,29 @@ def unique_inverse(ids, int64_t num_rows=-1):
     free(keys)
     free(pos)
     return uid, inv, count
+
+
+cdef Py_ssize_t _unique_direct(int64_t *ap, Py_ssize_t n, int64_t num_rows, int64_t *up, int32_t *ip) except -1:
+    """unique_inverse with a position per table row (ids checked to lie in [0, num_rows)): no hashing,
+    and the map (4 bytes a row) stays in cache for vocabularies up to a few million."""
+    cdef int32_t *pos = <int32_t *> malloc(num_rows * sizeof(int32_t))
+    cdef Py_ssize_t k, count = 0
+    cdef int64_t key
+    if pos == NULL:
+        raise MemoryError()
+    with nogil:
+        memset(pos, 0xFF, num_rows * sizeof(int32_t))  # -1 everywhere
+        for k in range(n):
+            key = ap[k]
+            if pos[key] < 0:
+                pos[key] = <int32_t> count
+                up[count] = key
+                count += 1
+            ip[k] = pos[key]
+        for k in range(count, n):
+            up[k] = up[0]
+    free(pos)
+    return count
 
 
 def unique_count(uid):

@@ -19,6 +19,7 @@ from runtime.device import DeviceOutOfMemoryError
 from runtime.models.wide_deep import WideDeepConfig, auc, build_model, pack_batch, predict_scores
 from runtime.nn.embedding import flush_host_tables
 from runtime.ops import api as F
+from runtime.ops.registry import get_primitive
 from runtime.train import Model
 from runtime.train.callback import Callback
 from tests.gradcheck_util import check_gradients, param
@@ -112,11 +113,32 @@ def test_emb_lookup_gradient_float64():
     table = param(rng.standard_normal((6, 3)))
     ids = Tensor(np.array([4, 1, 4, 0, 1], np.int64))
 
+    uid = Tensor(np.array([4, 1, 0], np.int64))  # the distinct ids (emb_unique is graph-only)
+
     def fn():
-        uid = bind("emb_unique", [ids], {"num_rows": 6})
         rows = bind("emb_lookup", [table, ids, uid])
-        return F.gather(rows, bind("emb_inverse", [ids], {"num_rows": 6}))
+        return bind("emb_expand", [rows, bind("emb_inverse", [ids], {"num_rows": 6})])
     check_gradients(fn, [table], ["emb_lookup.table"])
+
+
+def test_emb_expand_gradient_float64():
+    rng = np.random.default_rng(6)
+    rows = param(rng.standard_normal((4, 3)))
+    inv = Tensor(np.array([3, 0, 0, 2, 1, 3, 3], np.int32))
+    check_gradients(lambda: bind("emb_expand", [rows, inv]), [rows], ["emb_expand.rows"])
+
+
+def test_only_the_distinct_rows_are_computed_and_copied():
+    """Capacity in the IR, the distinct rows at run time: rows and their gradient have `count` rows."""
+    ids = np.array([5, 3, 5, 5, 9, 3], np.int64)
+    uid = get_primitive("emb_unique").kernel(ids, num_rows=10)
+    np.testing.assert_array_equal(uid, [5, 3, 9])
+    table = np.arange(20, dtype=np.float32).reshape(10, 2)
+    rows = bind("emb_lookup", [Tensor(table), Tensor(ids), Tensor(uid)]).asnumpy()
+    assert rows.shape == (3, 2)
+    g = bind("emb_rows_grad", [Tensor(KE.unique_inverse(ids)[1]), Tensor(np.ones((6, 2), np.float32)),
+                               Tensor(rows)]).asnumpy()
+    np.testing.assert_array_equal(g[:, 0], [3, 2, 1])  # id 5 read 3 times, 3 twice, 9 once
 
 
 # -- out of device memory, then on the host -------------------------------------------------------------

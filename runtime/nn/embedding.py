@@ -3,14 +3,16 @@
 ``EmbeddingLookup(vocab_size, embedding_size, target="CPU"|"DEVICE", sparse=True)`` as MindSpore's
 ``nn.EmbeddingLookup``. With ``sparse=True`` a lookup of ids (any shape) is
 
-    uid  = emb_unique(ids)        distinct ids of the batch (padded to len(ids) with uid[0])
+    uid  = emb_unique(ids)        the distinct ids of the batch
     inv  = emb_inverse(ids)       position of every id in uid
     rows = emb_lookup(table, uid) on the table's side (rows[k] = table[uid[k]])
-    out  = gather(rows, inv)      on the device
+    out  = emb_expand(rows, inv)  rows[inv], on the device
+
+(the IR declares len(ids) rows as capacity; the kernels produce and copy only the distinct ones)
 
 so with ``target="CPU"`` the table, the unique/gather and the optimizer update run on the host and
 only ``rows`` cross host->device; the backward of ``gather(rows, inv)`` sums the gradient per distinct
-id on the device and only those rows cross device->host, as ``SparseGrad(uid, rows)``. FTRL and
+id on the device (emb_rows_grad) and only those rows cross device->host, as ``SparseGrad(uid, rows)``. FTRL and
 LazyAdam then run the fused Cython kernels (``runtime/_kernels_embedding.pyx``), touching only those
 rows. With ``target="DEVICE"`` the same graph runs on the device (a model that fits).
 
@@ -37,7 +39,7 @@ from runtime import _kernels as K
 from runtime import _kernels_embedding as KE
 from runtime import core, hooks
 from runtime import random as _random
-from runtime.core import bind
+from runtime.core import Tensor, bind
 from runtime.device.queue import SinkFeeder
 from runtime.nn.cell import Cell
 from runtime.nn.parameter import Parameter
@@ -191,6 +193,7 @@ class HostTableEngine:
             if ids is None or ids.ndim != 1:
                 return
             uid, inv, count = KE.unique_inverse(ids, self.num_rows)
+            uid = uid[:count]
         except Exception:  # noqa: BLE001 - a bad batch fails in its own step, with its own error
             return
         rows = K.embedding_gather(self._table, uid)
@@ -215,7 +218,8 @@ class HostTableEngine:
             if pre is not None and np.array_equal(pre.ids, ids):
                 self._last = (ids, pre.uid, pre.inv)
                 return pre.uid, pre.inv
-            uid, inv, _ = KE.unique_inverse(ids, num_rows)
+            uid, inv, count = KE.unique_inverse(ids, num_rows)
+            uid = uid[:count]
             self._last = (np.array(ids, copy=True), uid, inv)
             return uid, inv
 
@@ -306,7 +310,7 @@ class EmbeddingLookup(Cell):
     def construct(self, ids):
         self.check(ids.dtype.kind in "iu", f"expects integer ids but got dtype {ids.dtype}")
         host = {"primitive_target": "CPU"} if self.on_host else {}
-        if not self.sparse:
+        if not self.sparse or self.embedding_table.dtype != np.float32:  # the fused kernels are float32
             with core.annotate(**host):
                 return F.gather(self.embedding_table, ids)
         shape = tuple(ids.shape)
@@ -318,9 +322,13 @@ class EmbeddingLookup(Cell):
                 attrs["_engine"] = self.engine
                 if flat.node is not None and self.training:
                     self.engine.program = _ids_program(flat.node)
-            uid = bind("emb_unique", [flat], attrs)
+            if flat.is_symbolic:
+                uid = bind("emb_unique", [flat], attrs)
+            else:  # eager: the distinct ids are known now (an op's eager output must match its inferred shape)
+                u, _, count = KE.unique_inverse(flat.asnumpy(), self.vocab_size)
+                uid = Tensor(u[:count])
             inv = bind("emb_inverse", [flat], attrs)
             rows = bind("emb_lookup", [self.embedding_table, flat, uid],
                         {"_engine": self.engine} if self.engine is not None else {})
-        out = F.gather(rows, inv)
+        out = bind("emb_expand", [rows, inv])
         return F.reshape(out, shape + (self.embedding_size,))

@@ -1,17 +1,26 @@
 """Primitives of the sparse embedding path (EmbeddingLookup and the fused sparse optimizers).
 
-* ``emb_unique(ids)``  -- the distinct ids of a batch, first-occurrence order, padded to ``len(ids)``
-  with the first id (static shapes; the padding repeats a real id, so gather / gather_grad and the
-  generic sparse optimizers stay correct). No gradient (integer output).
-* ``emb_inverse(ids)`` -- for every id, its position in ``emb_unique(ids)`` (int32).
+The number of distinct ids of a batch is known only when it runs. Shapes in the IR are static, so the
+nodes below declare a capacity (the number of ids, ``n``) and their kernels return only the ``count``
+rows in use: ``uid`` (count,), ``rows`` and their gradient (count, dim). The memory plan reserves the
+capacity; what is computed and copied host<->device is the distinct rows only.
+
+* ``emb_unique(ids)``          -- the distinct ids of a batch, first-occurrence order. No gradient.
+  Graph mode only (its result is shorter than its declared capacity); eager code computes the
+  distinct ids directly (``EmbeddingLookup`` does).
+* ``emb_inverse(ids)``         -- for every id, its position in ``emb_unique(ids)`` (int32).
+* ``emb_lookup(table, ids, uid)`` -- rows[k] = table[uid[k]] (on the table's side); gradient: the
+  distinct-row gradient scattered into the table, which autodiff hands to sparse optimizers as
+  ``SparseGrad(uid, rows)``.
+* ``emb_expand(rows, inv)``    -- rows[inv]: every id's row (on the device); its gradient sums the
+  gradient per distinct id (``emb_rows_grad``), so only those rows cross device->host.
 * ``sparse_ftrl(var, accum, linear, uid, grad, lr)`` and
   ``sparse_lazy_adam(var, m, v, uid, grad, lr_t)`` -- MindSpore's FusedSparseFtrl /
-  FusedSparseLazyAdam: in-place updates of the distinct rows ``uid`` only (Cython, OpenMP over rows).
+  FusedSparseLazyAdam: in-place updates of the rows ``uid`` only (Cython, OpenMP over rows).
 
 A host table can carry an engine (attr ``_engine``, ``runtime.nn.embedding.HostTableEngine``): its
 optimizer update is then deferred and finished on a host thread while the device computes the next
-step; ``emb_unique`` first completes the deferred update of exactly the rows the new batch reads, so
-every value is the one serial execution would produce.
+step, and the next lookup is prefetched; every value is the one serial execution produces.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import numpy as np
 
 from runtime import _kernels as K
 from runtime import _kernels_embedding as KE
+from runtime.core import bind
 from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
 
@@ -34,7 +44,8 @@ def _ids_infer(name, out_dtype):
 def _unique_kernel(ids, num_rows, _engine=None):
     if _engine is not None:
         return _engine.unique(ids, num_rows)[0]
-    return KE.unique_inverse(ids, num_rows)[0]
+    uid, _, count = KE.unique_inverse(ids, num_rows)
+    return uid[:count]
 
 
 def _inverse_kernel(ids, num_rows, _engine=None):
@@ -55,14 +66,14 @@ register(Primitive("emb_inverse", "opaque", _ids_infer("emb_inverse", np.int32),
 
 def _lookup_infer(shapes, dtypes, attrs):
     table, ids, uid = (tuple(s) for s in shapes)
-    if len(table) != 2 or len(ids) != 1 or uid != ids:
-        raise ShapeError(f"emb_lookup: expects a (rows, dim) table, 1-d ids and their unique list of the same "
-                         f"length; got table {table}, ids {ids}, unique {uid}")
-    return (ids[0], table[1]), dtypes[0]
+    if len(table) != 2 or len(ids) != 1 or len(uid) != 1 or uid[0] > ids[0]:
+        raise ShapeError(f"emb_lookup: expects a (rows, dim) table, 1-d ids and their distinct ids; got table "
+                         f"{table}, ids {ids}, distinct ids {uid}")
+    return (uid[0], table[1]), dtypes[0]
 
 
 def _lookup_kernel(table, ids, uid, _engine=None):
-    """rows[k] = table[uid[k]]: the distinct rows a batch reads (padding rows repeat row uid[0])."""
+    """rows[k] = table[uid[k]]: the distinct rows a batch reads."""
     if _engine is not None:
         return _engine.lookup(table, ids, uid)
     return K.embedding_gather(table, uid)
@@ -72,11 +83,48 @@ def _lookup_grad(g, y, table, ids, uid, **attrs):
     return [F.gather_grad(uid, g, table.shape[0]), None, None]
 
 
-# the rows of a batch's distinct ids; with an engine (host table) they may come from a prefetch made
-# while the device computed the previous step (exactly the values a serial gather reads, see nn.embedding)
+# with an engine (host table) the rows may come from a prefetch made while the device computed the
+# previous step (exactly the values a serial gather reads, see runtime.nn.embedding)
 register(Primitive("emb_lookup", "opaque", _lookup_infer, _lookup_kernel, _lookup_grad,
                    cost_fn=lambda n: (0, 2 * n.nbytes + n.inputs[2].nbytes),
                    extra={"gradcheck": "tests/test_wide_deep.py"}))
+
+
+def _expand_infer(shapes, dtypes, attrs):
+    rows, inv = tuple(shapes[0]), tuple(shapes[1])
+    if len(rows) != 2 or len(inv) != 1 or np.dtype(dtypes[1]).kind not in "iu":
+        raise ShapeError(f"emb_expand: expects (rows, dim) distinct rows and 1-d integer positions, got {rows} "
+                         f"and {inv} {np.dtype(dtypes[1])}")
+    return (inv[0], rows[1]), dtypes[0]
+
+
+def _expand_kernel(rows, inv):
+    return K.embedding_gather(np.ascontiguousarray(rows), inv)
+
+
+def _expand_grad(g, y, rows, inv):
+    return [bind("emb_rows_grad", [inv, g, rows]), None]
+
+
+register(Primitive("emb_expand", "opaque", _expand_infer, _expand_kernel, _expand_grad,
+                   cost_fn=lambda n: (0, 2 * n.nbytes + n.inputs[1].nbytes),
+                   extra={"gradcheck": "tests/test_wide_deep.py"}))
+
+
+def _rows_grad_infer(shapes, dtypes, attrs):
+    inv, g, rows = (tuple(s) for s in shapes)
+    if g != (inv[0], rows[1]):
+        raise ShapeError(f"emb_rows_grad: gradient {g} does not match positions {inv} and rows {rows}")
+    return rows, dtypes[1]
+
+
+def _rows_grad_kernel(inv, g, rows):
+    """The gradient of each distinct row: the sum over the ids that read it (as many rows as ``rows``)."""
+    return K.embedding_scatter_add(inv, np.ascontiguousarray(g), rows.shape[0])
+
+
+register(Primitive("emb_rows_grad", "opaque", _rows_grad_infer, _rows_grad_kernel,
+                   cost_fn=lambda n: (n.inputs[1].size, n.nbytes + n.inputs[1].nbytes)))
 
 
 def _sparse_infer(name, nslots):
