@@ -250,7 +250,11 @@ class CompiledGraph:
             for ev in events:
                 ev.set()
         for f in done:
-            f.wait()
+            # once a stream failed, do not wait for one blocked in a collective whose peers will never come
+            # (their step is waiting for this rank's AllReduce): raise, so the job ends instead of hanging
+            while not f.wait(0.05):
+                if errors:
+                    break
         if errors:
             stream, err = errors[0]
             raise err

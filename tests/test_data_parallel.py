@@ -417,6 +417,34 @@ def test_a_group_of_one_trains_like_stand_alone(digits):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_failing_stream_does_not_wait_for_a_collective_that_never_completes(digits, monkeypatch):
+    import threading
+    import time
+
+    from runtime.ops.registry import get_primitive
+
+    xtr, ytr, _, _ = digits
+    peer = threading.Event()  # the other rank, which never arrives: it waits for this rank's step
+
+    def blocked(*xs, **attrs):
+        peer.wait(60)
+        return np.concatenate([np.ravel(x) for x in xs])
+
+    def broken(*a, **k):
+        raise FloatingPointError("a kernel failed on this rank")
+    monkeypatch.setattr(get_primitive("all_reduce"), "kernel", blocked)
+    monkeypatch.setattr(get_primitive("conv2d_grad_filter"), "kernel", broken)
+    context.set_auto_parallel_context(parallel_mode="data_parallel", all_reduce_fusion_config=[2, 5])
+    _, model = _lenet_model()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(FloatingPointError, match="a kernel failed on this rank"):
+            model.train_step(xtr[:32], ytr[:32])
+        assert time.monotonic() - t0 < 30  # raised while the comm stream was still blocked
+    finally:
+        peer.set()
+
+
 def test_sparse_gradients_are_all_gathered_as_rows_not_densified():
     from runtime.examples.host_placement import WideDeepish  # an embedding table trained by LazyAdam
     context.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True)
