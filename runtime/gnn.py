@@ -178,7 +178,10 @@ class Result:
 
 
 def build(model_name: str, data, seed: int = 0, mixed_precision: bool = False, loss_scale_manager=None):
-    """(Model, network, early-stopping callback factory inputs) for ``model_name`` on a Planetoid dataset."""
+    """(Model, the bare network, its Config) for ``model_name`` ("gcn" or "gat") on a Planetoid dataset, seeded;
+    with ``mixed_precision`` the Model trains the O2 network with loss scaling (dynamic by default)."""
+    if model_name not in CONFIGS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(CONFIGS)}")
     cfg = CONFIGS[model_name]
     _random.set_seed(seed)
     graph = GraphStructure.from_csr(data.adjacency)

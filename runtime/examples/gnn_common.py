@@ -100,7 +100,7 @@ def main(model: str, argv=None) -> int:
             r = gnn.train(model, data, seed=seed, mixed_precision=args.mixed_precision, epochs=args.epochs)
             accs.append(r.test_acc)
             print(f"seed {seed}: test accuracy {r.test_acc:.1f}%  (val {r.val_acc:.1f}%, {r.epochs} epochs, "
-                  f"{r.epoch_ms:.1f} ms/epoch)", flush=True)
+                  f"{r.epoch_ms:.1f} ms/epoch with the validation pass)", flush=True)
         print(f"{model.upper()} {args.dataset}{tag}: test accuracy {np.mean(accs):.2f} +- {np.std(accs):.2f} % "
               f"over {args.seeds} seeds")
         return 0
