@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -993,3 +994,8 @@ def test_profiler_op_table_shows_fused_ops_and_fewer_launches(tmp_path):
     assert len(fused_rows) and fused_rows["name"].str.startswith("Fused_").all()
     assert (fused_rows["fused_ops"].str.len() > 0).all() and fused_rows["fused_ops"].str.contains("exp").any()
     assert not tables[False]["name"].str.startswith("Fused_").any()
+    # the fused kernels' cached output buffers are device memory held between steps: pool rows of their own
+    mem = pd.read_parquet(tmp_path / "fused" / "rank_0" / "memory.parquet")
+    pool = mem[mem["source"] == "pool"]
+    assert {"parameter", "activation_reserve", "kernel_pool"} <= set(pool["kind"])
+    assert set(mem.loc[mem["source"] == "planned", "kind"]) == {"activation"}
