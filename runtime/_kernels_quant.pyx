@@ -4,11 +4,12 @@
 
 Fake quantization (float32 / float64, used while training):
 
-* ``fake_quant(x, scale, nmin, nmax, zp, inner)``  -- ``x`` viewed as (outer, C, inner), one (scale, nudged
-  min, nudged max, zero point) per channel C (C == 1: per tensor): ``q = floor((clamp(x) - nmin) / scale + 0.5)``
+* ``fake_quant(x, min, max, num_bits, narrow_range, symmetric, inner)`` -- ``x`` viewed as (outer, C, inner),
+  one observed (min, max) per channel C (C == 1: per tensor), nudged in C (``_nudge``, also behind
+  ``quant_params``): ``q = floor((clamp(x) - nmin) / scale + 0.5)``
   counted from the range's lowest level, ``out = (q + qmin - zp) * scale`` -- an integer times the scale, so real
   0 comes out as exactly 0 (TensorFlow / MindSpore nudged fake quantization, round half up);
-* ``fake_quant_grad(g, x, nmin, nmax, inner)`` -- the straight-through estimator: ``g`` where
+* ``fake_quant_grad(g, x, min, max, num_bits, narrow_range, symmetric, inner)`` -- the straight-through estimator: ``g`` where
   ``nmin <= x <= nmax``, 0 outside the clamp range;
 * ``quantize(x, scale, nmin, nmax, qmin)``      -- float32 -> int8 with the same arithmetic as
   ``fake_quant`` (``q + qmin``, signed), so the engine's input equals the simulation's bit for bit.
@@ -144,37 +145,10 @@ cdef void _nudge(const floating* mn_in, const floating* mx_in, Py_ssize_t C, int
 def quant_params(mn, mx, int num_bits, bint narrow_range, bint symmetric, dtype):
     """(scale, nmin, nmax, zlo = qmin - zero_point, zero_point) per channel in ``dtype`` (float32/float64)."""
     dt = np.dtype(dtype)
-    if dt != np.float32 and dt != np.float64:
-        raise TypeError(f"quant_params: dtype must be float32 or float64, got {dt}")
     lo = np.ascontiguousarray(mn, dtype=dt).reshape(-1)
-    hi = np.ascontiguousarray(mx, dtype=dt).reshape(-1)
-    if lo.shape != hi.shape:
-        raise ValueError(f"quant_params: min {lo.shape} and max {hi.shape} differ")
-    cdef Py_ssize_t C = lo.shape[0]
-    cdef int qmin = 1 if narrow_range else 0, qmax = (1 << num_bits) - 1
-    scale, nmin, nmax, zlo = (np.empty(C, dt) for _ in range(4))
-    zp = np.empty(C, np.int64)
-    cdef int64_t[::1] zv = zp
-    cdef float[::1] af, bf, sf, nf, xf, lf
-    cdef double[::1] ad, bd, sd, nd, xd, ld
-    if C == 0:
-        return scale, nmin, nmax, zlo, zp
-    if dt == np.float32:
-        af, bf, sf, nf, xf, lf = lo, hi, scale, nmin, nmax, zlo
-        _nudge[float](&af[0], &bf[0], C, qmin, qmax, symmetric, &sf[0], &nf[0], &xf[0], &lf[0], &zv[0])
-    else:
-        ad, bd, sd, nd, xd, ld = lo, hi, scale, nmin, nmax, zlo
-        _nudge[double](&ad[0], &bd[0], C, qmin, qmax, symmetric, &sd[0], &nd[0], &xd[0], &ld[0], &zv[0])
-    return scale, nmin, nmax, zlo, zp
-
-
-def _check_channels(x, inner, scale, nmin, nmax, fn):
-    if inner <= 0 or x.size % inner:
-        raise ValueError(f"{fn}: inner size {inner} does not divide a tensor of shape {x.shape}")
-    c = scale.shape[0]
-    if nmin.shape[0] != c or nmax.shape[0] != c or (x.size // inner) % c:
-        raise ValueError(f"{fn}: {c} channels of scale / {nmin.shape[0]} nmin / {nmax.shape[0]} nmax do not fit "
-                         f"a tensor of shape {x.shape} with inner size {inner}")
+    _, P = _fq_args(np.empty(lo.shape[0], dt), lo, mx, num_bits, narrow_range, symmetric, 1, "quant_params")
+    cdef int qmin = 1 if narrow_range else 0
+    return P[0], P[1], P[2], P[3], (qmin - P[3]).astype(np.int64)
 
 
 cdef inline void _fq_row(const floating* x, floating* out, Py_ssize_t n, floating s, floating l, floating h,
@@ -214,64 +188,83 @@ cdef void _fq_grad(const floating* g, const floating* x, floating* out, const fl
             out[r * inner + i] = g[r * inner + i] if (v >= l and v <= h) else <floating>0
 
 
-def fake_quant(x, scale, nmin, nmax, zlo, Py_ssize_t inner):
-    """Fake-quantize ``x`` (float32/64, viewed as (outer, C, inner)) with per-channel scale / nudged range;
-    ``zlo`` = qmin - zero_point per channel (the integer value of the lowest level)."""
-    fn = "fake_quant"
+def _fq_args(x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner, fn):
+    """x as a contiguous float array and its per-channel (scale, nmin, nmax, zlo) rows, nudged in C."""
     xa = np.ascontiguousarray(x)
-    if xa.dtype not in (np.float32, np.float64):
+    if xa.dtype != np.float32 and xa.dtype != np.float64:
         raise TypeError(f"{fn}: expects float32 or float64, got {xa.dtype}")
-    sa = np.ascontiguousarray(scale, dtype=xa.dtype).reshape(-1)
-    la = np.ascontiguousarray(nmin, dtype=xa.dtype).reshape(-1)
-    ha = np.ascontiguousarray(nmax, dtype=xa.dtype).reshape(-1)
-    za = np.ascontiguousarray(zlo, dtype=xa.dtype).reshape(-1)
-    _check_channels(xa, inner, sa, la, ha, fn)
-    _check_channels(xa, inner, sa, za, za, fn)
+    lo = np.ascontiguousarray(mn, dtype=xa.dtype).reshape(-1)
+    hi = np.ascontiguousarray(mx, dtype=xa.dtype).reshape(-1)
+    cdef Py_ssize_t C = lo.shape[0]
+    if hi.shape[0] != C or C == 0 or inner <= 0 or xa.size % (C * inner):
+        raise ValueError(f"{fn}: {C} channels of min / {hi.shape[0]} of max with inner size {inner} do not fit "
+                         f"a tensor of shape {xa.shape}")
+    if not 2 <= num_bits <= 16:
+        raise ValueError(f"{fn}: num_bits must be in 2..16, got {num_bits}")
+    P = np.empty((4, C), xa.dtype)
+    zp = np.empty(C, np.int64)
+    cdef int64_t[::1] zv = zp
+    cdef float[:, ::1] pf
+    cdef float[::1] lf, hf
+    cdef double[:, ::1] pd
+    cdef double[::1] ld, hd
+    cdef int qmin = 1 if narrow_range else 0, qmax = (1 << num_bits) - 1
+    if xa.dtype == np.float32:
+        pf, lf, hf = P, lo, hi
+        _nudge[float](&lf[0], &hf[0], C, qmin, qmax, symmetric, &pf[0, 0], &pf[1, 0], &pf[2, 0], &pf[3, 0], &zv[0])
+    else:
+        pd, ld, hd = P, lo, hi
+        _nudge[double](&ld[0], &hd[0], C, qmin, qmax, symmetric, &pd[0, 0], &pd[1, 0], &pd[2, 0], &pd[3, 0], &zv[0])
+    return xa, P
+
+
+def fake_quant(x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner):
+    """Fake-quantize ``x`` (float32/64, viewed as (outer, C, inner)) with the nudged range of each channel's
+    observed (min, max) (``mn`` / ``mx`` of shape (C,))."""
+    xa, P = _fq_args(x, mn, mx, num_bits, narrow_range, symmetric, inner, "fake_quant")
     out = np.empty_like(xa)
-    cdef Py_ssize_t rows = xa.size // inner if inner else 0, C = sa.shape[0]
+    cdef Py_ssize_t rows = xa.size // inner, C = P.shape[1]
     if xa.size == 0:
         return out
     cdef int nt = _threads(xa.size, rows)
-    cdef float[::1] xf, of, sf, lf, hf, zf
-    cdef double[::1] xd, od, sd, ld, hd, zd
+    cdef float[::1] xf, of
+    cdef float[:, ::1] pf
+    cdef double[::1] xd, od
+    cdef double[:, ::1] pd
     if xa.dtype == np.float32:
-        xf, of, sf, lf, hf, zf = xa.reshape(-1), out.reshape(-1), sa, la, ha, za
+        xf, of, pf = xa.reshape(-1), out.reshape(-1), P
         with nogil:
-            _fq[float](&xf[0], &of[0], &sf[0], &lf[0], &hf[0], &zf[0], rows, C, inner, nt)
+            _fq[float](&xf[0], &of[0], &pf[0, 0], &pf[1, 0], &pf[2, 0], &pf[3, 0], rows, C, inner, nt)
     else:
-        xd, od, sd, ld, hd, zd = xa.reshape(-1), out.reshape(-1), sa, la, ha, za
+        xd, od, pd = xa.reshape(-1), out.reshape(-1), P
         with nogil:
-            _fq[double](&xd[0], &od[0], &sd[0], &ld[0], &hd[0], &zd[0], rows, C, inner, nt)
+            _fq[double](&xd[0], &od[0], &pd[0, 0], &pd[1, 0], &pd[2, 0], &pd[3, 0], rows, C, inner, nt)
     return out
 
 
-def fake_quant_grad(g, x, nmin, nmax, Py_ssize_t inner):
-    """Straight-through estimator: ``g`` inside the nudged [nmin, nmax] of each channel, 0 outside."""
-    fn = "fake_quant_grad"
-    xa = np.ascontiguousarray(x)
-    if xa.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{fn}: expects float32 or float64, got {xa.dtype}")
+def fake_quant_grad(g, x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner):
+    """Straight-through estimator: ``g`` inside each channel's nudged [nmin, nmax], 0 outside."""
+    xa, P = _fq_args(x, mn, mx, num_bits, narrow_range, symmetric, inner, "fake_quant_grad")
     ga = np.ascontiguousarray(g, dtype=xa.dtype)
     if ga.shape != xa.shape:
-        raise ValueError(f"{fn}: g {ga.shape} and x {xa.shape} differ")
-    la = np.ascontiguousarray(nmin, dtype=xa.dtype).reshape(-1)
-    ha = np.ascontiguousarray(nmax, dtype=xa.dtype).reshape(-1)
-    _check_channels(xa, inner, la, la, ha, fn)
+        raise ValueError(f"fake_quant_grad: g {ga.shape} and x {xa.shape} differ")
     out = np.empty_like(xa)
-    cdef Py_ssize_t rows = xa.size // inner if inner else 0, C = la.shape[0]
+    cdef Py_ssize_t rows = xa.size // inner, C = P.shape[1]
     if xa.size == 0:
         return out
     cdef int nt = _threads(xa.size, rows)
-    cdef float[::1] gf, xf, of, lf, hf
-    cdef double[::1] gd, xd, od, ld, hd
+    cdef float[::1] gf, xf, of
+    cdef float[:, ::1] pf
+    cdef double[::1] gd, xd, od
+    cdef double[:, ::1] pd
     if xa.dtype == np.float32:
-        gf, xf, of, lf, hf = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), la, ha
+        gf, xf, of, pf = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), P
         with nogil:
-            _fq_grad[float](&gf[0], &xf[0], &of[0], &lf[0], &hf[0], rows, C, inner, nt)
+            _fq_grad[float](&gf[0], &xf[0], &of[0], &pf[1, 0], &pf[2, 0], rows, C, inner, nt)
     else:
-        gd, xd, od, ld, hd = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), la, ha
+        gd, xd, od, pd = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), P
         with nogil:
-            _fq_grad[double](&gd[0], &xd[0], &od[0], &ld[0], &hd[0], rows, C, inner, nt)
+            _fq_grad[double](&gd[0], &xd[0], &od[0], &pd[1, 0], &pd[2, 0], rows, C, inner, nt)
     return out
 
 

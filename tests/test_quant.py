@@ -246,7 +246,7 @@ def test_fake_quant_forward_levels_and_nudging():
     x = np.linspace(-3, 3, 1001).astype(np.float32)
     for bits in (4, 8):
         scale, nmin, nmax, zp = quant_params(np.array([-1.0]), np.array([2.0]), bits)
-        y = KQ.fake_quant(x, scale, nmin, nmax, 0 - zp, x.size)
+        y = KQ.fake_quant(x, np.array([-1.0]), np.array([2.0]), bits, False, False, x.size)
         assert len(np.unique(y)) == 2 ** bits                     # every level used, no more
         assert 0.0 in np.unique(y)                                 # real zero is exactly representable
         assert y.min() == nmin[0] and y.max() == nmax[0]

@@ -8,9 +8,10 @@ Fused float Cells, the starting point of ``runtime.train.quant.convert_quant_net
 
 Their QAT twins:
 
-* ``FakeQuantWithMinMax`` -- an observer (``minq`` / ``maxq``: per tensor or per channel; ``ema=True``: an
-  exponential moving average with ``ema_decay`` whose first observed batch seeds the average, else the
-  current tensor's min / max) followed by a fake-quant primitive with the straight-through estimator;
+* ``FakeQuantWithMinMax`` -- an observer (per tensor or per channel; ``ema=True``: ``minq`` / ``maxq`` hold an
+  exponential moving average with ``ema_decay`` whose first observed batch seeds the average; ``ema=False``,
+  as for weights: the current tensor's min / max, in training and evaluation alike) followed by a
+  fake-quant primitive with the straight-through estimator;
   ``quant_delay`` training steps pass the tensor through unquantized (the observer still runs);
 * ``Conv2dBnFoldQuant`` -- BatchNorm folded into the conv weights during training: the weights are folded
   with the running std (``W * gamma / sigma_running``), fake-quantized per channel and convolved; the batch
@@ -171,7 +172,7 @@ class FakeQuantWithMinMax(_QuantCell):
                 first = F.equal(self.step, 0)
                 mn = F.select(first, mn, F.add(F.mul(self.minq, d), F.mul(mn, 1.0 - d)))
                 mx = F.select(first, mx, F.add(F.mul(self.maxq, d), F.mul(mx, 1.0 - d)))
-            if self.training:
+            if self.training and self.ema:     # without EMA the range is recomputed from x every time
                 F.assign(self.minq, mn)
                 F.assign(self.maxq, mx)
         else:

@@ -115,8 +115,8 @@ def _fq_kernel(per_channel):
     def kernel(x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
         if not _quantizing(step, quant_delay, training):
             return np.array(x, copy=True)
-        scale, nmin, nmax, zlo, _ = KQ.quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
-        return KQ.fake_quant(x, scale, nmin, nmax, zlo, _layout(x.shape, channel_axis if per_channel else None))
+        return KQ.fake_quant(x, mn, mx, num_bits, narrow_range, symmetric,
+                             _layout(x.shape, channel_axis if per_channel else None))
     return kernel
 
 
@@ -124,8 +124,8 @@ def _fq_grad_kernel(per_channel):
     def kernel(g, x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
         if not _quantizing(step, quant_delay, training):
             return np.array(g, copy=True)
-        _, nmin, nmax, _, _ = KQ.quant_params(mn, mx, num_bits, narrow_range, symmetric, x.dtype)
-        return KQ.fake_quant_grad(g, x, nmin, nmax, _layout(x.shape, channel_axis if per_channel else None))
+        return KQ.fake_quant_grad(g, x, mn, mx, num_bits, narrow_range, symmetric,
+                                  _layout(x.shape, channel_axis if per_channel else None))
     return kernel
 
 
