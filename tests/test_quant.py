@@ -392,6 +392,12 @@ def test_conversion_errors_name_the_cell():
         convert_to_int8(qnet, (4,))
     with pytest.raises(QuantConversionError, match="expects the QuantNetwork"):
         convert_to_int8(net, (4,))
+    conv = convert_quant_network(LeNetBN())
+    with pytest.raises(QuantConversionError, match=r"Conv2dBnFoldQuant.* at 'QuantNetwork/network/conv1/conv'.*"
+                                                   r"expects \(N, C, H, W\) input, got \(N, 64\)"):
+        convert_to_int8(conv, (64,))
+    with pytest.raises(TypeError, match="expects an Int8Model"):
+        export_onnx(conv, "unused.onnx")
 
 
 # ----------------------------------------------------------------------------------------------

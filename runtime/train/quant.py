@@ -326,6 +326,9 @@ class _Lowering:
 
     def conv(self, cell, x, w, b):
         x = self.need_q(cell, x)
+        if len(x.sample_shape) != 3:
+            self.fail(cell, f"expects (N, C, H, W) input, got (N, {', '.join(map(str, x.sample_shape))}) -- check "
+                            f"input_shape")
         c, h, wd = x.sample_shape
         (kh, kw), (sh, sw), (ph, pw) = cell.kernel_size, cell.stride, cell.padding
         oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
@@ -386,6 +389,8 @@ class _Lowering:
 
     def max_pool(self, cell: MaxPool2d, x):
         x = self.need_q(cell, x)
+        if len(x.sample_shape) != 3:
+            self.fail(cell, f"expects (N, C, H, W) input, got (N, {', '.join(map(str, x.sample_shape))})")
         if cell.padding != (0, 0):
             self.fail(cell, "padded max pooling (pad_mode='same') has no int8 lowering")
         c, h, w = x.sample_shape
@@ -657,6 +662,8 @@ class Int8Model:
             meta = json.loads(zlib.decompress(data[start:start + n]))
         except (zlib.error, ValueError) as e:
             raise ValueError(f"load_int8: {path} has a corrupt header ({e})") from None
+        if meta.get("v") != 1:
+            raise ValueError(f"load_int8: {path} is format version {meta.get('v')}; this runtime reads version 1")
         body = memoryview(data)[start + n:]
         arrays = {}
         for key, (dt, shape, off) in meta["arrays"].items():
@@ -684,6 +691,9 @@ def export_onnx(model: Int8Model, path, opset: int = 13) -> str:
     """Write ``model`` as a QDQ ONNX model: QuantizeLinear / DequantizeLinear around int8 activations,
     int8 weights with per-axis scales (axis 0), int32 biases at scale s_x * s_w. Input ``data`` (N, ...)
     float32, output ``logits`` float32. Needs ``pip install .[onnx]``."""
+    if not isinstance(model, Int8Model):
+        raise TypeError(f"export_onnx: expects an Int8Model (from convert_to_int8 or load_int8), got "
+                        f"{type(model).__name__}")
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
