@@ -178,10 +178,11 @@ def test_tables_exceeding_the_device_fail_at_compile_and_train_on_the_host():
 # -- learning: synthetic data with a known optimum ----------------------------------------------------
 def test_one_epoch_reaches_the_bayes_optimal_auc_on_synthetic_data():
     gen = CriteoSynthetic(vocab_scale=5e-5, seed=0, **GEN)
-    xs, ys, vocab = model_batches(gen, gen.sample(150_000, seed=1), 500)
+    xs, ys, vocab = model_batches(gen, gen.sample(150_000, seed=1), 1000)
     test = gen.sample(20_000, seed=2)
-    xt, yt, _ = model_batches(gen, test, 500)
-    net, model = build_model(WideDeepConfig.small(vocab_size=vocab, batch_size=500, **SMALL), host=True)
+    xt, yt, _ = model_batches(gen, test, 1000)
+    cfg = WideDeepConfig.small(vocab_size=vocab, batch_size=1000, **dict(SMALL, adam_lr=8e-3))
+    net, model = build_model(cfg, host=True)
     model.train(1, _dataset(xs, ys), dataset_sink_mode=True)
     got = auc(np.concatenate(yt), predict_scores(model, xt))
     bayes = test.bayes_auc
@@ -191,7 +192,7 @@ def test_one_epoch_reaches_the_bayes_optimal_auc_on_synthetic_data():
 
 def test_host_and_device_modes_give_identical_losses_and_auc():
     gen = CriteoSynthetic(vocab_scale=5e-5, seed=4, **GEN)
-    xs, ys, vocab = model_batches(gen, gen.sample(30_000, seed=1), 500)
+    xs, ys, vocab = model_batches(gen, gen.sample(12_000, seed=1), 500)
     xt, yt, _ = model_batches(gen, gen.sample(5_000, seed=2), 500)
     cfg = WideDeepConfig.small(vocab_size=vocab, batch_size=500, **SMALL)
     out = {}
