@@ -8,7 +8,7 @@
     rows = emb_lookup(table, uid) on the table's side (rows[k] = table[uid[k]])
     out  = emb_expand(rows, inv)  rows[inv], on the device
 
-(the IR declares len(ids) rows as capacity; the kernels produce and copy only the distinct ones)
+(the IR declares min(len(ids), vocab) rows as capacity; the kernels produce and copy only the distinct ones)
 
 so with ``target="CPU"`` the table, the unique/gather and the optimizer update run on the host and
 only ``rows`` cross host->device; the backward of ``gather(rows, inv)`` sums the gradient per distinct

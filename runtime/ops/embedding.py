@@ -1,8 +1,8 @@
 """Primitives of the sparse embedding path (EmbeddingLookup and the fused sparse optimizers).
 
 The number of distinct ids of a batch is known only when it runs. Shapes in the IR are static, so the
-nodes below declare a capacity (the number of ids, ``n``) and their kernels return only the ``count``
-rows in use: ``uid`` (count,), ``rows`` and their gradient (count, dim). The memory plan reserves the
+nodes below declare a capacity (min(number of ids, table rows)) and their kernels return only the
+``count`` rows in use: ``uid`` (count,), ``rows`` and their gradient (count, dim). The memory plan reserves the
 capacity; what is computed and copied host<->device is the distinct rows only.
 
 * ``emb_unique(ids)``          -- the distinct ids of a batch, first-occurrence order. No gradient.
@@ -33,11 +33,14 @@ from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
 
 
-def _ids_infer(name, out_dtype):
+def _ids_infer(name, out_dtype, distinct=False):
     def infer(shapes, dtypes, attrs):
         if len(shapes[0]) != 1 or np.dtype(dtypes[0]).kind not in "iu":
             raise ShapeError(f"{name}: expects 1-d integer ids, got {tuple(shapes[0])} {np.dtype(dtypes[0])}")
-        return tuple(shapes[0]), np.dtype(out_dtype)
+        n = int(shapes[0][0])
+        if distinct:  # capacity: no more distinct ids than ids, nor than table rows
+            n = min(n, int(attrs["num_rows"]))
+        return (n,), np.dtype(out_dtype)
     return infer
 
 
@@ -58,7 +61,7 @@ def _hash_cost(n):
     return 8 * n.size, 3 * n.nbytes
 
 
-register(Primitive("emb_unique", "opaque", _ids_infer("emb_unique", np.int64), _unique_kernel,
+register(Primitive("emb_unique", "opaque", _ids_infer("emb_unique", np.int64, distinct=True), _unique_kernel,
                    cost_fn=_hash_cost))
 register(Primitive("emb_inverse", "opaque", _ids_infer("emb_inverse", np.int32), _inverse_kernel,
                    cost_fn=_hash_cost))
