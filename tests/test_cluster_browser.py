@@ -92,7 +92,7 @@ def test_cluster_page_flags_the_slow_rank_with_its_reason(cluster_e2e):
     assert "rank 1 — iteration interval" in flags and "rank 0" not in flags
     assert _column(drv, "rank") == ["0", "1"]
     reasons = _column(drv, "reason")
-    assert reasons[0] == "" and reasons[1].startswith("iteration interval")
+    assert reasons[0] == "" and "iteration interval" in reasons[1]
     want = rep.ranks.set_index("rank")
     assert [float(v) for v in _column(drv, "iteration_interval_ms")] == \
         [round(float(want.loc[r, "iteration_interval_ms"]), 3) for r in (0, 1)]
