@@ -133,6 +133,7 @@ def import_traces(paths, output, name: str | None = None, progress: bool = False
             ranks[rank] = {"path": str(p), "rank": rank, "flavor": rt.flavor, "counts": rt.counts,
                            "skipped": rt.skipped, "zero": rt.zero_abs_ns, "streams": rt.streams,
                            "device": rt.device, "header": rt.header}
+            del rt  # this rank's tables are on disk: free them before the next file is read
             files.append(ranks[rank])
         zero = min(r["zero"] for r in ranks.values())
         for r, info in ranks.items():
