@@ -257,6 +257,68 @@ def test_fake_quant_forward_levels_and_nudging():
     np.testing.assert_allclose(hi, [0.5, 2.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("symmetric, narrow_range, bits", [(False, False, 8), (True, False, 8), (True, True, 8),
+                                                         (False, True, 4)])
+def test_fusible_expansion_of_fake_quant_is_bit_identical(symmetric, narrow_range, bits):
+    """``EXPAND_RULES`` writes the fake quant and its STE with primitives graph-kernel fusion covers; they
+    compute exactly what the kernels compute (forward and gradient, per tensor and per channel)."""
+    from runtime.core import bind
+    from runtime.ops import quant as Q
+
+    rng = np.random.default_rng(bits + 2 * symmetric + narrow_range)
+    x = Tensor((rng.standard_normal((8, 6, 5, 5)) * 3).astype(np.float32))
+    g = Tensor(rng.standard_normal(x.shape).astype(np.float32))
+    mn, mx = rng.uniform(-3, 0.5, 6).astype(np.float32), rng.uniform(-0.2, 4, 6).astype(np.float32)
+    mn[2] = mx[2] = 0.0                                                  # an all-zero channel
+    for step, delay in ((3, 0), (3, 5)):
+        st = Tensor(np.asarray(step, np.int32))
+        kw = dict(num_bits=bits, narrow_range=narrow_range, symmetric=symmetric, quant_delay=delay, training=True)
+        for ins, attrs, prim in (([x, Tensor(mn), Tensor(mx), st], {**kw, "channel_axis": 1}, "fake_quant_perchannel"),
+                                 ([x, Tensor(mn[:1]), Tensor(mx[:1]), st], kw, "fake_quant_perlayer")):
+            np.testing.assert_array_equal(Q.EXPAND_RULES[prim](*ins, **attrs).asnumpy(), bind(prim, ins, attrs).asnumpy())
+            np.testing.assert_array_equal(Q.EXPAND_RULES[prim + "_grad"](g, *ins, **attrs).asnumpy(),
+                                          bind(prim + "_grad", [g] + ins, attrs).asnumpy())
+
+
+def test_with_the_expansion_registered_fusion_fuses_fake_quant_with_its_neighbours(monkeypatch):
+    """What wiring ``EXPAND_RULES`` into graph-kernel fusion gives: the observer, the nudge, the fake quant and
+    the next add become one generated kernel with the primitive path's output, bit for bit."""
+    import sys as _sys
+
+    from runtime.core import GraphBuilder, building
+    from runtime.executor import CompiledGraph
+    from runtime.ir.graph import Graph
+    from runtime.ops import quant as Q
+    from runtime.passes import pipeline
+
+    xv = (np.random.default_rng(0).standard_normal((64, 4096)) * 3).astype(np.float32)
+
+    def build():
+        g = Graph("fq")
+        b = GraphBuilder(g)
+        with building(b):
+            y = F.mul(b.input("x", xv.shape, np.float32), 1.5)
+            mn = F.reshape(F.neg(F.reduce_max(F.neg(y))), (1,))
+            mx = F.reshape(F.reduce_max(y), (1,))
+            q = fake_quant_perlayer(y, mn, mx, Tensor(np.asarray(0, np.int32)), training=False)
+            g.outputs = {"out": F.add(q, 1.0).node}
+        return g
+
+    ref = CompiledGraph(pipeline(build()))({"x": xv})["out"]
+    rules = _sys.modules["runtime.passes.graph_kernel.expand"].RULES
+    for op, rule in Q.EXPAND_RULES.items():
+        monkeypatch.setitem(rules, op, rule)
+    context.set_context(enable_graph_kernel=True)
+    try:
+        fused = pipeline(build())
+    finally:
+        context.reset_context()
+    kernels = [n for n in fused.nodes if n.op not in ("input", "const", "param")]
+    assert [n.op for n in kernels] == ["fused"], [n.op for n in kernels]
+    assert {"reduce_max", "minimum", "maximum", "div", "add"} <= set(kernels[0].ann["fused_ops"])
+    np.testing.assert_array_equal(CompiledGraph(fused)({"x": xv})["out"], ref)
+
+
 def _bn_fold_cell(freeze_bn):
     cell = nn.Conv2dBnFoldQuant(2, 3, 3, pad_mode="pad", padding=1, quant_delay=10 ** 6, freeze_bn=freeze_bn,
                                 dtype=np.float64)

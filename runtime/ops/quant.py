@@ -26,6 +26,7 @@ import numpy as np
 
 from runtime import _kernels_quant as KQ
 from runtime.core import Tensor, as_tensor, bind
+from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
 
 F32 = np.float32
@@ -168,6 +169,78 @@ def fake_quant_perchannel(x, mn, mx, step, channel_axis=0, num_bits=8, narrow_ra
     attrs = _fq_attrs(num_bits, narrow_range, symmetric, quant_delay, training)
     attrs["channel_axis"] = int(channel_axis)
     return bind("fake_quant_perchannel", [_t(x), _t(mn), _t(mx), _t(step)], attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake quantization in fusible primitives (for graph-kernel fusion's expand pass)
+# ----------------------------------------------------------------------------------------------
+_MAGIC = float(np.float32(1.5 * 2 ** 23))
+
+
+def _floor_small(u):
+    """floor(u) for 0 <= u < 2^22 from float32 add / sub / compare / cast: adding and subtracting 1.5 * 2^23
+    rounds to the nearest integer (exact in float32, no fast-math), then one step down where that rounded up."""
+    r = F.sub(F.add(u, _MAGIC), _MAGIC)
+    return F.sub(r, F.cast(F.greater(r, u), u.dtype))
+
+
+def _nudged(mn, mx, num_bits, narrow_range, symmetric):
+    """(scale, nmin, nmax, zlo) per channel with the operations, in the order, of the kernels' ``_nudge``."""
+    qmin, qmax = quant_range(num_bits, narrow_range)
+    mn, mx = F.minimum(mn, 0.0), F.maximum(mx, 0.0)
+    if symmetric:
+        a = F.maximum(F.neg(mn), mx)
+        mn, mx = F.neg(a), a
+    s = F.div(F.sub(mx, mn), float(qmax - qmin))
+    s = F.select(F.greater(s, 0.0), s, 1.0)
+    if symmetric:
+        z = Tensor(np.full(tuple(s.shape), (qmax + 1) // 2, np.dtype(s.dtype)))
+    else:
+        zf = F.minimum(F.maximum(F.sub(float(qmin), F.div(mn, s)), float(qmin)), float(qmax))
+        z = _floor_small(F.add(zf, 0.5))
+    return s, F.mul(F.sub(float(qmin), z), s), F.mul(F.sub(float(qmax), z), s), F.sub(float(qmin), z)
+
+
+def _expand_parts(x, mn, mx, num_bits, narrow_range, symmetric, channel_axis):
+    s, lo, hi, zlo = _nudged(mn, mx, num_bits, narrow_range, symmetric)
+    if channel_axis is not None:
+        shape = tuple(x.shape[channel_axis] if i == channel_axis else 1 for i in range(x.ndim))
+        s, lo, hi, zlo = (F.reshape(v, shape) for v in (s, lo, hi, zlo))
+    return s, lo, hi, zlo
+
+
+def _gated(step, quant_delay, training, quantized, passthrough):
+    if not training or quant_delay <= 0:
+        return quantized
+    return F.select(F.greater_equal(step, int(quant_delay)), quantized, passthrough)
+
+
+def expand_fake_quant(x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training, channel_axis=None):
+    """``fake_quant_*`` written with elementwise primitives graph-kernel fusion can fuse (clamp, sub, div, add,
+    compare, cast, select, mul): bit-identical to the kernel, float32 only."""
+    s, lo, hi, zlo = _expand_parts(x, mn, mx, num_bits, narrow_range, symmetric, channel_axis)
+    v = F.minimum(F.maximum(x, lo), hi)
+    t = F.add(F.div(F.sub(v, lo), s), 0.5)
+    return _gated(step, quant_delay, training, F.mul(F.add(_floor_small(t), zlo), s), x)
+
+
+def expand_fake_quant_grad(g, x, mn, mx, step, num_bits, narrow_range, symmetric, quant_delay, training,
+                           channel_axis=None):
+    """The straight-through estimator of ``expand_fake_quant``: g inside [nmin, nmax], 0 outside."""
+    _, lo, hi, _ = _expand_parts(x, mn, mx, num_bits, narrow_range, symmetric, channel_axis)
+    zero = F.zeros_like(g)
+    masked = F.select(F.greater_equal(x, lo), F.select(F.less_equal(x, hi), g, zero), zero)
+    return _gated(step, quant_delay, training, masked, g)
+
+
+# graph-kernel fusion's expand pass can take these as rules (op -> rule(*inputs, **attrs)):
+#   runtime.passes.graph_kernel.expand.RULES.update(runtime.ops.quant.EXPAND_RULES)
+EXPAND_RULES = {
+    "fake_quant_perlayer": expand_fake_quant,
+    "fake_quant_perchannel": expand_fake_quant,
+    "fake_quant_perlayer_grad": expand_fake_quant_grad,
+    "fake_quant_perchannel_grad": expand_fake_quant_grad,
+}
 
 
 # ----------------------------------------------------------------------------------------------

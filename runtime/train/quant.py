@@ -28,6 +28,7 @@ import numpy as np
 
 from runtime import core
 from runtime.core import GraphBuilder, Tensor, building
+from runtime.compiler import compile as compile_graph
 from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
 from runtime.nn.cell import Cell
@@ -38,7 +39,6 @@ from runtime.nn.quant import (ActQuant, Conv2dBnAct, Conv2dBnFoldQuant, Conv2dQu
 from runtime.ops import api as F
 from runtime.ops.quant import quant_params, quant_range, quantize_multiplier
 from runtime.ops.registry import ShapeError
-from runtime.passes import pipeline
 
 
 class QuantConversionError(ValueError):
@@ -592,7 +592,7 @@ class Int8Model:
     def compiled(self, batch: int) -> CompiledGraph:
         exe = self._graphs.get(batch)
         if exe is None:
-            exe = self._graphs[batch] = CompiledGraph(pipeline(self.build_graph(batch)))
+            exe = self._graphs[batch] = compile_graph(self.build_graph(batch))
         return exe
 
     def _run(self, x):
