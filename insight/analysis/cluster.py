@@ -3,9 +3,9 @@ HTA's communication/computation overlap, over every ``rank_<r>/`` of the run.
 
 * Per rank and step (``steps``): the step trace of each rank (iteration interval, fp+bp, tail; from the
   step markers, as ``steps.step_times``), and from the task table: ``comm_ns`` (the union of the
-  communication kernels' intervals -- tasks of kind ``kernel`` on the ``comm`` stream), ``compute_ns``
-  (the union of every other stream's ``kernel`` intervals), ``overlap_ns`` (time computing while
-  communicating: the intersection of the two unions) and ``comm_alone_ns = comm_ns - overlap_ns``
+  communication kernels' intervals -- tasks of kind ``kernel`` on the ``comm`` stream), ``overlap_ns`` (time
+  computing while communicating: the intersection of that union with the union of every other stream's
+  ``kernel`` intervals) and ``comm_alone_ns = comm_ns - overlap_ns``
   (communicating with no compute running), plus the AllReduce count and bytes of the step.
 * Per rank (``ranks``): the averages over the rank's steps (the first step excluded when there are more,
   as in ``steps.summarize``), ``overlap_pct = 100 * sum(overlap_ns) / sum(comm_ns)`` over those steps (HTA),
@@ -41,7 +41,7 @@ METRICS = (("step_time", "step time"), ("iteration_interval", "iteration interva
 COMM_OPS = ("all_reduce", "all_gather")
 _BUCKET = re.compile(r"^AllReduce_bucket(\d+)$")
 STEP_COLUMNS = ["rank", "step", "iteration_interval_ns", "fp_bp_ns", "tail_ns", "step_time_ns", "comm_ns",
-                "compute_ns", "overlap_ns", "comm_alone_ns", "allreduce_count", "allreduce_bytes"]
+                "overlap_ns", "comm_alone_ns", "allreduce_count", "allreduce_bytes"]
 
 
 @dataclass
@@ -213,10 +213,17 @@ def _comm_per_step(tasks: _Tasks, keys: pd.DataFrame) -> pd.DataFrame:
     gid = np.full(len(flat), -1, np.int64)
     gid[ok] = lookup[flat[ok]]
     keep = gid >= 0
-    comm_u, comp_u, over = _sweep(gid[keep], tasks.start[keep], tasks.end[keep], tasks.is_comm[keep], n)
-    is_ar = tasks.is_allreduce & keep
+    # only compute tasks inside their step's communication window [first comm start, last comm end] can overlap
+    c = keep & tasks.is_comm
+    lo = np.full(n, np.iinfo(np.int64).max, np.int64)
+    hi = np.full(n, np.iinfo(np.int64).min, np.int64)
+    np.minimum.at(lo, gid[c], tasks.start[c])
+    np.maximum.at(hi, gid[c], tasks.end[c])
+    g = np.where(keep, gid, 0)
+    keep &= tasks.is_comm | ((tasks.end > lo[g]) & (tasks.start < hi[g]))
+    comm_u, _, over = _sweep(gid[keep], tasks.start[keep], tasks.end[keep], tasks.is_comm[keep], n)
+    is_ar = tasks.is_allreduce & (gid >= 0)
     out["comm_ns"] = comm_u
-    out["compute_ns"] = comp_u
     out["overlap_ns"] = over
     out["comm_alone_ns"] = comm_u - over
     out["allreduce_count"] = np.bincount(gid[is_ar], minlength=n).astype(np.int64)
@@ -294,7 +301,7 @@ def cluster_report(run: Run | str | os.PathLike, margin: float = MARGIN,
         used = averaged_steps(sr[sr["step"].isin(common)] if len(common) and len(have) > 1 else sr)
         row = {"rank": r, "status": status[r][0], "message": status[r][1], "steps": len(sr),
                "steps_compared": len(used)}
-        for c in ("step_time", "iteration_interval", "fp_bp", "tail", "comm", "comm_alone", "compute"):
+        for c in ("step_time", "iteration_interval", "fp_bp", "tail", "comm", "comm_alone"):
             row[f"{c}_ms"] = float(used[f"{c}_ns"].mean() / NS_PER_MS) if len(used) else float("nan")
         comm_total = float(used["comm_ns"].sum()) if len(used) else 0.0
         row["overlap_pct"] = 100.0 * float(used["overlap_ns"].sum()) / comm_total if comm_total > 0 else float("nan")
