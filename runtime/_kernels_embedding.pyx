@@ -119,6 +119,42 @@ cdef Py_ssize_t _unique_direct(int64_t *ap, Py_ssize_t n, int64_t num_rows, int6
     return count
 
 
+def member_mask(a, b):
+    """mask[i] = a[i] in b, for non-negative ids (a hash set of b; the GIL is released throughout)."""
+    cdef cnp.ndarray[int64_t, ndim=1] aa = _ids64(a, "member_mask")
+    cdef cnp.ndarray[int64_t, ndim=1] bb = _ids64(b, "member_mask")
+    cdef Py_ssize_t na = aa.shape[0], nb = bb.shape[0], k, cap = 16
+    out = np.zeros(na, np.bool_)
+    if na == 0 or nb == 0:
+        return out
+    while cap < 2 * nb:
+        cap *= 2
+    cdef unsigned char[::1] o = out.view(np.uint8)
+    cdef int64_t *keys = <int64_t *> malloc(cap * sizeof(int64_t))
+    if keys == NULL:
+        raise MemoryError()
+    cdef int64_t *ap = &aa[0]
+    cdef int64_t *bp = &bb[0]
+    cdef uint64_t mask = cap - 1, h
+    cdef int64_t key
+    with nogil:
+        memset(keys, 0xFF, cap * sizeof(int64_t))  # -1: empty
+        for k in range(nb):
+            key = bp[k]
+            h = ((<uint64_t> key * 0x9E3779B97F4A7C15ULL) >> 17) & mask
+            while keys[h] >= 0 and keys[h] != key:
+                h = (h + 1) & mask
+            keys[h] = key
+        for k in range(na):
+            key = ap[k]
+            h = ((<uint64_t> key * 0x9E3779B97F4A7C15ULL) >> 17) & mask
+            while keys[h] >= 0 and keys[h] != key:
+                h = (h + 1) & mask
+            o[k] = keys[h] == key
+    free(keys)
+    return out
+
+
 def unique_count(uid):
     """Number of distinct ids in a list padded with its first entry (the first k >= 1 with uid[k] == uid[0])."""
     cdef cnp.ndarray[int64_t, ndim=1] a = _ids64(uid, "unique_count")

@@ -65,6 +65,10 @@ def test_unique_inverse_matches_numpy_and_pads_with_the_first_id():
     assert uid[0] == ids[0]                                  # first-occurrence order
     with pytest.raises(IndexError, match="id 700 is outside the table of 700 rows"):
         KE.unique_inverse(np.array([3, 700]), 700)
+    big = KE.unique_inverse(ids * 100_003, 700 * 100_003)  # the hash path (a vocabulary too big for a map)
+    assert big[2] == count and np.array_equal(big[1], inv) and np.array_equal(big[0], uid * 100_003)
+    a, b = rng.integers(0, 900, 400), rng.integers(0, 900, 300)
+    np.testing.assert_array_equal(KE.member_mask(a, b), np.isin(a, b))
 
 
 def _one_step(opt_cls, embedding_cls, ids, **kw):

@@ -234,7 +234,7 @@ class HostTableEngine:
             rest = np.zeros(0, np.int64)
             shared = None
             if p is not None:  # finish the deferred update of the rows this batch reads, now
-                mask = np.isin(p[3], uid[:count], assume_unique=True)
+                mask = KE.member_mask(p[3], uid[:count])  # (releases the GIL, unlike np.isin)
                 sel, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
                 self.shared_rows += sel.size
                 self.rest_rows += rest.size
@@ -244,7 +244,7 @@ class HostTableEngine:
             if pre is not None and pre.table is table and pre.uid.shape == uid.shape and np.array_equal(pre.uid, uid):
                 rows = pre.rows
                 if shared is not None:  # the prefetch read these rows before the update above
-                    pos = np.flatnonzero(np.isin(uid[:count], shared, assume_unique=True))
+                    pos = np.flatnonzero(KE.member_mask(uid[:count], shared))
                     rows[pos] = table[uid[pos]]
                 self.prefetch_hits += 1
             else:
