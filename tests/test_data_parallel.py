@@ -199,7 +199,7 @@ SPARSE = textwrap.dedent("""\
     ids = rng.integers(0, 500, size=(256, 4)).astype(np.int32)
     labels = (ids.sum(1) % 2).astype(np.int32)
     for mode in (context.GRAPH_MODE, context.PYNATIVE_MODE):
-        context.set_context(mode=mode, seed=0)
+        context.set_context(mode=mode, seed=rank)  # each rank draws other initial weights: rank 0's are broadcast
         net = Net()
         model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
                       nn.LazyAdam(net.trainable_params(), learning_rate=0.01), progress=False)
@@ -212,6 +212,7 @@ SPARSE = textwrap.dedent("""\
 
 
 def test_sparse_gradients_and_pynative_over_two_ranks_equal_one_process(base):
+    """Also: the ranks initialise their weights from different seeds; rank 0's are broadcast at the first step."""
     script, one, two = base / "sparse.py", base / "sparse-one", base / "sparse-two"
     script.write_text(SPARSE)
     one.mkdir(), two.mkdir()
