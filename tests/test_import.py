@@ -222,6 +222,12 @@ def test_cpu_torch_profiler_trace_imports_with_steps_and_ops(tmp_path):
     assert got == cpu_ops
     ops = analysis.op_stats(run).set_index("name")
     assert ops.loc["aten::addmm", "calls"] == cpu_ops["aten::addmm"]
+    # shapes: Input Dims [[4], [32, 64], [64, 4]] -> "4,32x64,64x4"; dtypes: Input type joined
+    raw_mm = [e for e in raw if e.get("name") == "aten::addmm"]
+    want = sorted((",".join("x".join(map(str, d)) for d in e["args"]["Input Dims"]), ",".join(e["args"]["Input type"]))
+                  for e in raw_mm)
+    mm = t[t["name"] == "aten::addmm"]
+    assert sorted(zip(mm["shape"], mm["dtype"])) == want and all(w[0] for w in want)
     # phases: autograd's ops are backward, the optimizer's are update, the DataLoader's input
     ph = t.groupby("phase")["name"].agg(set)
     assert any(n.startswith("autograd::engine::evaluate_function") for n in ph["backward"])

@@ -244,8 +244,7 @@ class EventColumns:
             cols[c] = _ints(vals)
         # shapes and dtypes come together (ours: shape + dtype; Kineto's record_shapes: Input Dims + Input type)
         got = [i for i, a in enumerate(argss) if "Input Dims" in a or "shape" in a]
-        cols["shape"] = self._described(argss, got, "shape", "Input Dims", _dims)
-        cols["dtype"] = self._described(argss, got, "dtype", "Input type", _types)
+        cols["shape"], cols["dtype"] = self._described(argss, got)
         ours = [i for i, a in enumerate(argss) if "op" in a or "iteration_interval_ms" in a]
         for c, d in zip(SLICE_COLS[11:], A_DEFAULTS):
             cols[c] = np.full(n, d, np.int64) if ours else (d, n)
@@ -253,29 +252,27 @@ class EventColumns:
             self._our_args(argss[i], cols, i)
         self.slices.add(cols)
 
-    def _described(self, argss, got: list, ours: str, kineto: str, fmt) -> np.ndarray:
-        """Codes of a shape/dtype column for the events ``got``: our exporter's string arg, else Kineto's list
-        (formatted by ``fmt``, once per distinct list)."""
-        out = np.zeros(len(argss), np.int64)
+    def _described(self, argss, got: list) -> tuple[np.ndarray, np.ndarray]:
+        """Shape and dtype codes of the events ``got``: our exporter's ``shape`` / ``dtype`` strings, else
+        Kineto's ``Input Dims`` / ``Input type`` lists (formatted once per distinct pair of lists)."""
+        shape, dtype = np.zeros(len(argss), np.int64), np.zeros(len(argss), np.int64)
         if not got:
-            return out
+            return shape, dtype
         S, cache = self.strings, self._shapes
-        vals = [argss[i].get(ours) for i in got]
-        if None in vals:
-            raw = [argss[i].get(kineto) if v is None else None for v, i in zip(vals, got)]
-            keys = [orjson.dumps(r) if r is not None else None for r in raw]
-            codes = list(map(cache.get, keys))
-            for k, (v, r, key, c) in enumerate(zip(vals, raw, keys, codes)):
-                if v is not None:
-                    vals[k] = S(v)
-                elif c is not None:
-                    vals[k] = c
-                else:
-                    vals[k] = cache[key] = S(fmt(r))
-        else:
-            vals = S.many(vals)
-        out[got] = vals
-        return out
+        out = []
+        for i in got:
+            a = argss[i]
+            if "shape" in a:
+                out.append((S(a["shape"]), S(a.get("dtype", ""))))
+                continue
+            dims, types = a.get("Input Dims"), a.get("Input type")
+            key = orjson.dumps((dims, types))
+            c = cache.get(key)
+            if c is None:
+                c = cache[key] = (S(_dims(dims)), S(_types(types) if types is not None else ""))
+            out.append(c)
+        shape[got], dtype[got] = zip(*out)
+        return shape, dtype
 
     def _our_args(self, a: dict, cols: dict, i: int) -> None:
         """The args of a task or step slice written by insight.export."""
@@ -298,7 +295,10 @@ class EventColumns:
 
     def _flows(self, events: list, idx: np.ndarray) -> None:
         fs = _take(events, idx)
-        ids = [e.get("id") for e in fs]
+        rows = [(e["ph"] == "s", e.get("cat", ""), e.get("id"), (e.get("pid"), e.get("tid")), e.get("ts"),
+                 e.get("bp") == "e") for e in fs]
+        starts, cats, ids, keys, ts, bps = zip(*rows)
+        del rows
         if None in ids:
             ids = [i if i is not None else (e.get("id2") or e.get("bind_id")) for i, e in zip(ids, fs)]
         num = np.array(ids)
@@ -307,10 +307,10 @@ class EventColumns:
         else:
             id_num = np.array([i if type(i) is int else -1 for i in ids], np.int64)
             id_str = self.strings.many([_text(i) if type(i) is not int else "" for i in ids])
-        self.flows.add({"ph": np.array([ord(e["ph"]) for e in fs], np.int64),
-                        "cat": self.strings.many([e.get("cat", "") for e in fs]), "id": id_num, "id_str": id_str,
-                        "lane": self._lanes(fs), "ts": _ns([e.get("ts") for e in fs], idx, "ts", events),
-                        "bp": np.array([e.get("bp") == "e" for e in fs], np.int64)})
+        # ph: ord("s") for a start, ord("f") for a finish ("t", a step, ends the flow like "f")
+        self.flows.add({"ph": np.where(np.array(starts, bool), ord("s"), ord("f")), "cat": self.strings.many(cats),
+                        "id": id_num, "id_str": id_str, "lane": self._lane_codes(keys),
+                        "ts": _ns(ts, idx, "ts", events), "bp": np.array(bps, np.int64)})
 
     def _instants(self, events: list, idx: np.ndarray) -> None:
         ins = _take(events, idx)
