@@ -17,14 +17,15 @@ LazyAdam then run the fused Cython kernels (``runtime/_kernels_embedding.pyx``),
 rows. With ``target="DEVICE"`` the same graph runs on the device (a model that fits).
 
 Overlap (host tables, ``overlap=True``, ``HostTableEngine``): the host optimizer update of step k is
-deferred. When step k+1 looks the table up, the rows it reads are updated first (the rows the two
-batches share); then, on a host thread while the device computes step k+1, the rest of the update
-runs and the lookup of step k+2 is prefetched (in data sink mode the next batch already waits in the
-device queue: its ids are computed by re-running the pure ops that lead from the batch to the ids,
-then unique + gather). When step k+2 comes, only the rows it shares with step k+1's update are read
-again. Every value is the one serial execution produces: row updates are independent, and every row
-a lookup returns has every earlier update applied. ``flush_host_tables()`` completes every deferred update (Model.train
-calls it when training ends; do it before reading a host table's values by hand).
+deferred. The rows step k+1 reads are updated first -- on the host thread as soon as the update is
+handed over, when step k+1's lookup was prefetched, else when step k+1 looks up; then, on the host
+thread while the device computes step k+1, the rest of the update runs and the lookup of step k+2 is
+prefetched (in data sink mode the next batch already waits in the device queue: its ids are computed
+by re-running the pure ops that lead from the batch to the ids, then unique + gather); the rows the
+prefetch shares with step k+1's update are refreshed after that update. Every value is the one serial
+execution produces: row updates are independent, and every row a lookup returns has every earlier
+update applied. ``flush_host_tables()`` completes every deferred update (Model.train calls it when
+training ends; do it before reading a host table's values by hand).
 """
 from __future__ import annotations
 
@@ -141,6 +142,16 @@ def _run_program(program, batch):
     return env[target]
 
 
+class _Update:
+    """A deferred optimizer update of one table: ``fn(var, *slots, uid, grad, n, *args)`` on some rows."""
+    __slots__ = ("fn", "var", "slots", "uid", "grad", "args", "step", "left", "patched")
+
+    def __init__(self, fn, var, slots, uid, grad, args, step):
+        self.fn, self.var, self.slots, self.uid, self.grad, self.args, self.step = fn, var, slots, uid, grad, args, step
+        self.left = np.arange(len(uid))  # positions of uid not applied yet
+        self.patched = None              # the prefetch whose rows already include this update
+
+
 class HostTableEngine:
     """The host side of one table: defers its optimizer update across the step boundary and prefetches
     the next batch's lookup while the device computes (see the module doc). Runs its background work on
@@ -148,8 +159,8 @@ class HostTableEngine:
 
     def __init__(self, name: str, num_rows: int):
         self.name, self.num_rows = name, int(num_rows)
-        self._pending = None     # (fn, var, slots, uid, grad, args, step): a deferred update
-        self._job = None         # future: the rest of an update, then the prefetch of the next batch
+        self._pending: _Update | None = None  # a deferred update
+        self._job = None         # future of the background work (see defer and lookup)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
         self._pre: _Prefetch | None = None   # the next batch's lookup, valid up to the pending update
@@ -167,6 +178,11 @@ class HostTableEngine:
         if f is not None:
             f.result()  # re-raises a failure of the host thread
 
+    def _submit(self, fn, *args):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"host-{self.name}")
+        self._job = self._pool.submit(fn, *args)
+
     def _emit(self, name, op, t0, step, shape, nbytes, phase):
         if hooks.listening:
             hooks.emit("task", {"task_id": -3, "name": f"{name}/{self.name}", "op": op, "kind": "kernel",
@@ -174,13 +190,19 @@ class HostTableEngine:
                                 "end_ns": clock(), "step": step, "graph": "host_tables", "shape": shape,
                                 "dtype": "float32", "flops": 0, "bytes": int(nbytes), "phase": phase})
 
-    def _apply(self, p, idx, label: str):
-        fn, var, slots, uid, grad, args, step = p
+    def _apply(self, u: _Update, idx, label: str):
+        """Apply the update to the rows at positions ``idx`` of its uid (and mark them done)."""
+        if idx.size == 0:
+            return
         t0 = clock()
-        u, g = (uid, grad) if idx is None else (uid[idx], grad[idx])
-        fn(var, *slots, u, g, len(u), *args)
-        self._emit(f"{fn.__name__}[{label}]", fn.__name__, t0, step, f"{len(u)}x{var.shape[1]}",
-                   g.nbytes * (1 + 2 * (1 + len(slots))), "update")
+        uid, g = u.uid[idx], u.grad[idx]
+        u.fn(u.var, *u.slots, uid, g, len(uid), *u.args)
+        self._emit(f"{u.fn.__name__}[{label}]", u.fn.__name__, t0, u.step, f"{len(uid)}x{u.var.shape[1]}",
+                   g.nbytes * (1 + 2 * (1 + len(u.slots))), "update")
+
+    def _finish(self, u: _Update, label: str):
+        self._apply(u, u.left, label)
+        u.left = u.left[:0]
 
     def _prefetch(self):
         queue = SinkFeeder.active
@@ -201,9 +223,23 @@ class HostTableEngine:
         self._emit("EmbeddingLookup[prefetch]", "emb_lookup", t0, self.step + 1, f"{count}x{rows.shape[1]}",
                    rows.nbytes, "forward")
 
-    def _background(self, p, rest):
-        if p is not None and rest.size:
-            self._apply(p, rest, "other rows")
+    def _early(self, u: _Update, pre: _Prefetch):
+        """Right after step k's update is handed over: update the rows the prefetched step k+1 reads
+        and refresh them in the prefetch, while the device finishes step k."""
+        shared = KE.member_mask(u.uid, pre.uid)
+        sel = np.flatnonzero(shared)
+        self._apply(u, sel, "rows read next")
+        self.shared_rows += sel.size
+        if sel.size:
+            pos = np.flatnonzero(KE.member_mask(pre.uid, u.uid[sel]))
+            pre.rows[pos] = u.var[pre.uid[pos]]
+        u.left = np.flatnonzero(~shared)
+        u.patched = pre
+
+    def _background(self, u, rest):
+        if u is not None:
+            self._apply(u, rest, "other rows")
+            self.rest_rows += rest.size
         self._prefetch()
 
     # -- called by the kernels ---------------------------------------------------------------------
@@ -230,18 +266,20 @@ class HostTableEngine:
             self._table = table
             count = KE.unique_count(uid)
             pre, self._pre = self._pre, None
-            p, self._pending = self._pending, None
-            rest = np.zeros(0, np.int64)
+            u, self._pending = self._pending, None
+            hit = pre is not None and pre.table is table and pre.uid.shape == uid.shape and np.array_equal(pre.uid, uid)
+            rest = None
             shared = None
-            if p is not None:  # finish the deferred update of the rows this batch reads, now
-                mask = KE.member_mask(p[3], uid[:count])  # (releases the GIL, unlike np.isin)
-                sel, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
-                self.shared_rows += sel.size
-                self.rest_rows += rest.size
-                if sel.size:
-                    self._apply(p, sel, "rows read next")
-                    shared = p[3][sel]
-            if pre is not None and pre.table is table and pre.uid.shape == uid.shape and np.array_equal(pre.uid, uid):
+            if u is not None:
+                if hit and u.patched is pre:  # the shared rows were updated and refreshed early
+                    rest = u.left
+                else:  # update the rows this batch reads, now
+                    mask = KE.member_mask(u.uid[u.left], uid[:count])  # (releases the GIL, unlike np.isin)
+                    sel, rest = u.left[mask], u.left[~mask]
+                    self._apply(u, sel, "rows read next")
+                    self.shared_rows += sel.size
+                    shared = u.uid[sel] if sel.size else None
+            if hit:
                 rows = pre.rows
                 if shared is not None:  # the prefetch read these rows before the update above
                     pos = np.flatnonzero(KE.member_mask(uid[:count], shared))
@@ -250,29 +288,30 @@ class HostTableEngine:
             else:
                 rows = K.embedding_gather(table, uid)
                 self.prefetch_misses += pre is not None
-            if rest.size or self.program is not None:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"host-{self.name}")
-                self._job = self._pool.submit(self._background, p, rest)
+            if (rest is not None and rest.size) or self.program is not None:
+                self._submit(self._background, u, rest if rest is not None else np.zeros(0, np.int64))
             return rows
 
     def defer(self, fn, var, slots, uid, grad, count, args):
         with self._lock:
             self._wait_job()
             if self._pending is not None:  # two updates with no lookup between: finish the first
-                self._apply(self._pending, None, "all rows")
+                self._finish(self._pending, "all rows")
                 self._pre = None
             grad = grad.reshape(uid.shape[0], -1)
-            self._pending = (fn, var, tuple(slots), uid[:count], grad[:count], args, self.step)
+            u = self._pending = _Update(fn, var, tuple(slots), uid[:count], grad[:count], args, self.step)
             self._last = None
             self.step += 1
+            pre = self._pre
+            if pre is not None and pre.table is var:
+                self._submit(self._early, u, pre)
 
     def flush(self):
         with self._lock:
             self._wait_job()
-            p, self._pending = self._pending, None
-            if p is not None:
-                self._apply(p, None, "all rows")
+            u, self._pending = self._pending, None
+            if u is not None:
+                self._finish(u, "all rows")
                 self._pre = None
 
 
