@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-MAX_REQUEST_BODY = 1 << 20  # bytes
+MAX_REQUEST_BODY = 1 << 20  # bytes, unless create_app sets Flask's MAX_CONTENT_LENGTH
 _PID_FIELDS = ("pid", "start_time", "cmdline", "token", "port")
 
 
@@ -110,6 +110,7 @@ def _install_error_pages(flask_app) -> None:
     from insight.trace import TraceError
 
     flask_app.config.setdefault("MAX_CONTENT_LENGTH", MAX_REQUEST_BODY)
+    limit = flask_app.config["MAX_CONTENT_LENGTH"]
     spec = flask_app.error_handler_spec.setdefault(None, {})
 
     def have(code, exc) -> bool:
@@ -120,7 +121,7 @@ def _install_error_pages(flask_app) -> None:
             TraceError, lambda e: _plain(" ".join(str(e).split())[:2000] or "this run cannot be read", 422))
     if not have(413, _http_exc(413)):
         flask_app.register_error_handler(
-            413, lambda e: _plain(f"request body larger than {MAX_REQUEST_BODY} bytes", 413))
+            413, lambda e: _plain(f"request body larger than {limit} bytes", 413))
     if not have(500, _http_exc(500)):
         def internal(e):
             orig = getattr(e, "original_exception", None)
@@ -136,17 +137,13 @@ def _http_exc(code: int):
 
 
 def _cleanup_trace_cache() -> None:
-    """Remove the Chrome-trace files the dashboard exported for downloads (the read side owns the cache)."""
+    """Remove the Chrome-trace files this server exported for downloads (``dashboard.routes`` owns them)."""
+    from dashboard.routes import cleanup_trace_cache
+
     try:
-        from dashboard import routes
-    except ImportError:
-        return
-    fn = getattr(routes, "cleanup_trace_cache", None)
-    if fn is not None:
-        try:
-            fn()
-        except OSError as e:  # a cache that cannot be removed must not turn a clean stop into a traceback
-            print(f"insight: could not remove the trace cache: {e}", file=sys.stderr)
+        cleanup_trace_cache()
+    except OSError as e:  # a cache that cannot be removed must not turn a clean stop into a traceback
+        print(f"insight: could not remove the trace cache: {e}", file=sys.stderr)
 
 
 def serve(base_dir, host: str = "127.0.0.1", port: int = 8080, reload_interval: float = 3.0, threads: int = 8,
@@ -157,8 +154,10 @@ def serve(base_dir, host: str = "127.0.0.1", port: int = 8080, reload_interval: 
 
     app = create_app(base_dir, reload_interval)
     _install_error_pages(app.server)
+    # the same bound in waitress (refused before the body is read) as in Flask (create_app's MAX_CONTENT_LENGTH)
+    limit = int(app.server.config.get("MAX_CONTENT_LENGTH") or MAX_REQUEST_BODY)
     server = create_server(app.server, host=host, port=port, threads=threads, ident="insight",
-                           max_request_body_size=MAX_REQUEST_BODY, expose_tracebacks=False)
+                           max_request_body_size=limit, expose_tracebacks=False)
     real_port = int(server.effective_port)
     me = os.getpid()
     token = secrets.token_hex(16)

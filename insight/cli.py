@@ -245,6 +245,8 @@ def _export(args) -> int:
     if args.gzip and args.format != "chrome":
         raise UsageError("--gzip applies to --format chrome only")
     run = as_run(args.run)
+    if args.rank not in run.ranks:
+        raise UsageError(f"--rank {args.rank}: run {_cut(run.name, 80)!r} has ranks {', '.join(map(str, run.ranks))}")
     try:
         if args.format == "chrome":
             # no -o: a file in the current directory named after the run, whatever its manifest says

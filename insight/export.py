@@ -218,8 +218,6 @@ def _column(run: Run, f: Path, name: str, a: pa.Array, default, keep_dict: bool)
     if pa.types.is_boolean(t):
         a = a.cast(pa.int64())
     elif pa.types.is_integer(t) or pa.types.is_floating(t):
-        if a.null_count:
-            a = pc.fill_null(a, pa.scalar(default).cast(t) if pa.types.is_integer(t) else float(default))
         try:
             a = a.cast(pa.int64())  # safe: a fractional, NaN or out-of-range value is an error, not a guess
         except (pa.ArrowInvalid, OverflowError):

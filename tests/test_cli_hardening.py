@@ -233,6 +233,7 @@ BAD_ARGS = [
     (["report", "{run}", "--top", "x"], "--top"),
     (["report", "{run}", "--rank", "-1"], "--rank"),
     (["report", "{run}", "--rank", "3"], "has ranks 0"),
+    (["export", "{run}", "--format", "csv", "--rank", "3", "-o", "out"], "has ranks 0"),
     (["export", "{run}", "--format", "pdf"], "--format"),
     (["demo", "--epochs", "0"], "--epochs"),
     (["demo", "--output", "{file}"], "not a directory"),
@@ -351,7 +352,7 @@ def test_real_server_pid_file_body_limit_errors_and_stop(tmp_path, state):
     from dashboard.server import MAX_REQUEST_BODY, process_start_time, read_pid_file
     training_run(tmp_path / "base", "r", pipeline=None)
     port = _free_port()
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(state.parent))
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(state.parent), XDG_CACHE_HOME=str(tmp_path / "cache"))
     cli = [sys.executable, "-m", "insight.cli"]
     err_f = open(tmp_path / "err.txt", "w+")
     server = subprocess.Popen(cli + ["start", "--summary-base-dir", str(tmp_path / "base"), "--host", "0.0.0.0",
@@ -386,12 +387,17 @@ def test_real_server_pid_file_body_limit_errors_and_stop(tmp_path, state):
                                 json.dumps({"output": "nope.children", "outputs": {"id": "nope", "property": "children"},
                                             "inputs": [], "changedPropIds": []}).encode())
         assert status >= 400 and "Traceback" not in body and "File \"" not in body and len(body) < 2000
+        status, body = _request(url + "/download/r/trace.json.gz")  # exported into the server's trace cache
+        assert status == 200
+        cached = list((tmp_path / "cache" / "insight" / "traces").glob("*/*.trace.json.gz"))
+        assert len(cached) == 1
         reaper_rc = []
         stop = subprocess.run(cli + ["stop", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=60)
         reaper_rc.append(server.wait(30))
         assert stop.returncode == 0 and f"stopped the dashboard on port {port}" in stop.stdout, stop.stderr
         assert reaper_rc == [0] and not (state / f"dashboard-{port}.json").exists()
+        assert not cached[0].parent.exists()  # the trace cache is removed when the server stops
     finally:
         if server.poll() is None:
             server.kill()
