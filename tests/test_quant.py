@@ -361,6 +361,21 @@ def test_bn_fold_matches_float_batchnorm_before_quantization():
     np.testing.assert_allclose(cell(Tensor(xv)).asnumpy(), ref, atol=1e-10)
 
 
+def test_bn_fold_with_a_zero_gamma_channel_stays_finite():
+    context.set_context(mode=context.PYNATIVE_MODE)
+    try:
+        cell = nn.Conv2dBnFoldQuant(2, 3, 3)
+        cell.set_train(True)
+        cell.gamma.set_data(np.array([1.0, 0.0, 2.0], np.float32))
+        cell.beta.set_data(np.array([0.1, 0.5, -0.2], np.float32))
+        y = cell(Tensor(np.random.default_rng(0).standard_normal((4, 2, 5, 5)).astype(np.float32))).asnumpy()
+        assert np.isfinite(y).all()
+        np.testing.assert_array_equal(y[:, 1], 0.5)                      # gamma 0: the channel is beta
+        assert np.isfinite(cell.moving_variance.data).all()
+    finally:
+        context.reset_context()
+
+
 # ----------------------------------------------------------------------------------------------
 # quant_delay and freeze_bn switch at the stated step
 # ----------------------------------------------------------------------------------------------

@@ -285,7 +285,8 @@ class Conv2dBnFoldQuant(_QuantCell):
         # PyTorch's ConvBn2d "approximate" form; MindSpore runs a second conv with the float weights).
         # The gradient flows through them.
         # Computed on y and rescaled per channel: mean_B = mean(y) k, var_B = var(y) k^2 with k = sigma_run / gamma.
-        k = F.div(std_run, self.gamma)
+        # (a channel with gamma exactly 0 has y = 0 and output beta; dividing by 1 there keeps it finite)
+        k = F.div(std_run, F.select(F.equal(self.gamma, 0.0), F.ones_like(self.gamma), self.gamma))
         mean_y = F.reduce_mean(y, (0, 2, 3), keepdims=True)
         yc = F.sub(y, mean_y)
         var_b = F.mul(F.reduce_mean(F.mul(yc, yc), (0, 2, 3)), F.mul(k, k))
