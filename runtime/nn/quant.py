@@ -309,6 +309,9 @@ class Conv2dBnFoldQuant(_QuantCell):
         return out
 
 
+Conv2dBatchNormQuant = Conv2dBnFoldQuant     # MindSpore 0.5's name of the same cell
+
+
 class DenseQuant(_QuantCell):
     """Dense with fake-quantized weights (MindSpore's ``nn.DenseQuant``)."""
 
