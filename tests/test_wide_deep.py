@@ -210,6 +210,11 @@ def test_host_and_device_modes_give_identical_losses_and_auc():
         if host:
             eng = net.deep_embedding.engine
             assert eng.prefetch_hits >= len(xs) - 2 and eng.rest_rows > 0  # the overlap really happened
+        else:  # on the device, the lookup and the sparse optimizers are AI CPU kernels, as in MindSpore
+            tasks = next(iter(model._train_graphs.values())).tl.tasks
+            sparse = [t for t in tasks if t.op.startswith(("emb_", "sparse_"))]
+            assert {t.op for t in sparse} >= {"emb_unique", "emb_lookup", "sparse_ftrl", "sparse_lazy_adam"}
+            assert {t.stream for t in sparse} == {"aicpu"}
     (ld, ad, td), (lh, ah, th) = out[False], out[True]
     print(f"\nfirst losses device {np.round(ld[:3], 6)} host {np.round(lh[:3], 6)}; AUC device {ad:.5f} host {ah:.5f}")
     assert len(ld) == len(xs) >= 20

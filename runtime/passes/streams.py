@@ -17,7 +17,11 @@ from runtime import context
 from runtime.ir.graph import Graph
 
 AICPU_OPS = frozenset({"gather", "gather_grad", "unique_ids", "unique_rows_sum", "unique_mask", "one_hot",
-                       "argmax"})
+                       "argmax",
+                       # EmbeddingLookup's sparse path and its fused sparse optimizers (MindSpore runs
+                       # EmbeddingLookup, FusedSparseFtrl and FusedSparseLazyAdam as AI CPU kernels)
+                       "emb_unique", "emb_inverse", "emb_lookup", "emb_expand", "emb_rows_grad", "sparse_ftrl",
+                       "sparse_lazy_adam"})
 COMM_OPS = frozenset({"all_reduce", "all_gather"})  # collectives: the comm stream, whatever their dtype
 STREAMS = ("aicore0", "aicore1", "aicpu", "comm", "host")
 MANY = object()
