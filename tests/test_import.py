@@ -293,7 +293,9 @@ def test_two_ranks_are_one_run_on_one_clock(tmp_path):
     assert t0["start_ns"].tolist() == [10_000] and t1["start_ns"].tolist() == [1_010_000]  # rank 1 starts 1 ms later
     assert len(r.table("steps", rank=1)) == 1
     dup = _write(tmp_path / "again.json", trace(0, 0))
+    before = set(tmp_path.iterdir())
     assert cli_main(["import", str(b), str(dup), "--output", str(tmp_path / "dup")]) == 2
+    assert set(tmp_path.iterdir()) == before  # the first rank was written, then everything removed
 
 
 # -- malformed input: one line, exit 2, nothing left behind ---------------------------------------------------
