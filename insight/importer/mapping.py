@@ -262,13 +262,14 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
             t = cols.thread_names.get((pid, tid)) or str(tid)
             lane_name[ln] = f"{p}/{t}"
             lane_kind[ln] = "host"
-        # identical names for different lanes: keep them apart
-        seen: dict = {}
-        for ln in sorted(lane_name):
-            nm = lane_name[ln]
-            if nm in seen:
-                lane_name[ln] = f"{nm} ({cols.lane_keys[ln][0]}/{cols.lane_keys[ln][1]})"
-            seen[nm] = ln
+    # identical names for different lanes (e.g. our export of a multi-rank run: every rank has an aicore0)
+    # are kept apart, never merged into one stream
+    seen: dict = {}
+    for ln in sorted(lane_name):
+        nm = lane_name[ln]
+        if nm in seen:
+            lane_name[ln] = f"{nm} ({cols.lane_keys[ln][0]}/{cols.lane_keys[ln][1]})"
+        seen[nm] = ln
 
     # -- what becomes a task, a step, a host op
     if flavor == "insight":
