@@ -52,7 +52,8 @@ def run_page(run_id: str | None, active: str, build):
     except RunNotFound:
         if any(c in run_id for c in "/\\\x00") or run_id.startswith("."):
             return not_found("Run names are plain directory names inside --summary-base-dir; this one is not.")
-        return not_found(f"There is no run named {run_id!r} in {store().base_dir}.")
+        shown = run_id if len(run_id) <= 80 else run_id[:77] + "..."
+        return not_found(f"There is no run named {shown!r} in {store().base_dir}.")
     try:
         body = build(run_id)
     except TraceError as e:

@@ -228,7 +228,8 @@ class _TableFiles:
 
     @property
     def names(self) -> list[str]:
-        return list(self.schemas[0].names) if self.schemas else []
+        """Every column of any of the files (a writer may add columns in later parts)."""
+        return list(dict.fromkeys(n for sc in self.schemas for n in sc.names))
 
 
 class Run:
@@ -292,9 +293,11 @@ class Run:
         p = self.table_path(table, rank)
         if p is None:
             return []
-        if not p.is_dir():
-            return [p]
-        return [self.check_inside(f) for f in sorted(p.glob("part-*.parquet"))]
+        files = [p] if not p.is_dir() else [self.check_inside(f) for f in sorted(p.glob("part-*.parquet"))]
+        for f in files:
+            if f.exists() and not f.is_file():  # a directory, a FIFO, a device: never opened (a FIFO would block)
+                raise self.error(f"{self.rel(f)} is not a regular file")
+        return files
 
     def has_table(self, table: str, rank: int = 0) -> bool:
         return self.table_path(table, rank) is not None
@@ -328,7 +331,7 @@ class Run:
             return self._tables[key]
 
     def schema_names(self, table: str, rank: int = 0) -> list[str] | None:
-        """The columns of the table's first file, None when the table is absent."""
+        """The columns of the table (of any of its files), None when the table is absent."""
         e = self._entry(table, rank)
         return None if e is None else e.names
 
@@ -518,14 +521,15 @@ def read(run: Run, table: str, columns: dict, required: tuple = (), rank: int = 
         if isinstance(default, bool):
             if kind not in ("bool", "int", "null"):
                 raise run.error(f"{where}: column {c!r} holds {a.type}, expected booleans")
-            out[c] = pc.fill_null(a, False).to_numpy(zero_copy_only=False).astype(bool) if kind != "null" \
-                else np.zeros(n, bool)
+            out[c] = (pc.fill_null(pc.cast(_cast(a, pa.int64()) if kind == "int" else a, pa.bool_()), False)
+                      .to_numpy(zero_copy_only=False).astype(bool) if kind != "null" else np.zeros(n, bool))
         elif isinstance(default, (int, float)):
             if kind not in ("int", "float", "bool", "null"):
                 raise run.error(f"{where}: column {c!r} holds {a.type}, expected numbers")
             if isinstance(default, int):
-                a = pc.fill_null(a, default) if kind != "null" else pa.chunked_array([np.full(n, default, np.int64)])
-                out[c] = pc.cast(a, pa.int64(), safe=False).to_numpy()
+                a = (pc.fill_null(pc.cast(a, pa.int64(), safe=False), default) if kind != "null"
+                     else pa.chunked_array([np.full(n, default, np.int64)]))
+                out[c] = a.to_numpy()
             else:
                 out[c] = (pc.cast(a, pa.float64(), safe=False).to_numpy(zero_copy_only=False) if kind != "null"
                           else np.full(n, np.nan))
@@ -606,8 +610,8 @@ def read_rows(run: Run, table: str, rows: np.ndarray, columns: dict, rank: int =
             for c, d in columns.items():
                 if c in t.column_names:
                     a = t.column(c)
-                    cols[c] = _cast(a, pa.string()) if c in strings else pc.cast(pc.fill_null(a, d), pa.int64(),
-                                                                                   safe=False)
+                    cols[c] = _cast(a, pa.string()) if c in strings else pc.fill_null(
+                        pc.cast(a, pa.int64(), safe=False), d)
                 else:
                     cols[c] = pa.array([d] * t.num_rows, pa.string() if c in strings else pa.int64())
             parts.append(pa.table(cols))

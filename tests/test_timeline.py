@@ -384,6 +384,15 @@ def test_forged_timeline_inputs_are_bounded(client):
             "Busy share" in _click(client, "sink", {"customdata": cd, "x": 1.0})
 
 
+def test_request_bodies_and_page_ids_are_bounded(client):
+    big = {"output": "x", "outputs": [], "inputs": [{"id": "a", "property": "b", "value": "x" * (2 << 20)}],
+           "state": [], "changedPropIds": []}
+    assert client.c.post("/_dash-update-component", json=big).status_code == 413
+    layout, _, _ = client.page("/run/" + "a" * 10_000 + "/timeline")
+    text = _text(layout)
+    assert '"not-found"' in text and len(text) < 5_000
+
+
 def _typed_len(spec):
     import base64
     if isinstance(spec, dict) and "bdata" in spec:

@@ -2,7 +2,6 @@
 and every read of an untrusted run directory ending in one TraceError line naming the run and the file."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import insight.analysis as A
 from insight import trace
 from insight.trace import TraceError, discover_runs, open_run
-from synthetic_runs import set_manifest, training_run, write_manifest, write_table
+from synthetic_runs import set_manifest, training_run
 
 
 @pytest.fixture
@@ -251,3 +250,32 @@ def test_discover_runs_lists_broken_runs_beside_healthy_ones(tmp_path):
     for bad, phrase in (("badtype", "device"), ("deep", "nested"), ("huge", "digits"),
                         ("linked", "symbolic link leaving the base directory")):
         assert not entries[bad].ok and phrase in entries[bad].error and "\n" not in entries[bad].error, bad
+
+
+def test_odd_files_and_types(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a FIFO where a table should be: refused, never opened (opening it would block)
+    r = training_run(tmp_path, "fifo")
+    p = r.path / "rank_0" / "tasks.parquet"
+    p.unlink()
+    os.mkfifo(p)
+    with pytest.raises(TraceError, match="tasks.parquet is not a regular file"):
+        A.op_stats(r.path)
+    # unsigned and small integer columns read as int64; a table announced twice has one row per op
+    r2 = training_run(tmp_path, "types")
+    p = r2.path / "rank_0" / "device_queue.parquet"
+    t = pq.read_table(p)
+    t = t.set_column(t.column_names.index("wait_ns"), "wait_ns", pa.array(t.column("wait_ns").to_numpy().astype(np.uint64)))
+    pq.write_table(t, p)
+    p = r2.path / "rank_0" / "dataset_pipeline.parquet"
+    pd.concat([pd.read_parquet(p)] * 2).to_parquet(p)
+    rep = A.data_pipeline(r2.path)
+    assert list(rep.ops["op_id"]) == [0, 1, 2] and rep.device_queue_pops == 4
+    # a column a later part file added is read, with its missing value in the earlier parts
+    r3 = training_run(tmp_path, "added", parts=2)
+    p = r3.path / "rank_0" / "tasks" / "part-00000.parquet"
+    pd.read_parquet(p).drop(columns=["fused_ops"]).to_parquet(p)
+    run = open_run(r3.path)
+    assert "fused_ops" in run.schema_names("tasks") and A.op_stats(run)["total_ns"].sum() == r3.task_total_ns

@@ -120,6 +120,8 @@ def _data_pipeline(run: Run, rank: int, breakdown: pd.DataFrame) -> PipelineRepo
     stats = read(run, "dataset_ops", OPS_COLUMNS, required=("pipeline_id", "op_id"), rank=rank)
     dq = read(run, "device_queue", DQ_COLUMNS, required=("action", "depth", "step"), rank=rank)
     bd = breakdown
+    # a pipeline announced again (to a listener that subscribed later) repeats its rows: one row per op
+    pipes = pipes.drop_duplicates(["pipeline_id", "op_id"], keep="last").reset_index(drop=True)
 
     rep = PipelineReport(ops=_ops_table(pipes, samples, stats), device_queue=_device_queue_per_step(dq))
     ops = rep.ops

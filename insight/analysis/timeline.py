@@ -274,9 +274,9 @@ def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tupl
             else:
                 if not (pa.types.is_integer(a.type) or pa.types.is_floating(a.type) or pa.types.is_null(a.type)):
                     raise TraceError(f"run {run.name!r}: table {table}: column {c!r} holds {a.type}, expected numbers")
-                if a.null_count:
-                    a = pc.fill_null(pc.cast(a, pa.int64(), safe=False), default)
                 a = pc.cast(a, pa.int64(), safe=False)
+                if a.null_count:
+                    a = pc.fill_null(a, default)
             cols[c] = a
         elif isinstance(default, str):
             cols[c] = pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)),
