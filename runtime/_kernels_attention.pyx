@@ -1,0 +1,387 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Tiled attention kernels (flash-attention style) for ``fused_attention`` / ``fused_attention_grad``.
+
+Per (batch, head): O = softmax(scale * Q Kᵀ + mask) V with an optional dropout on the probabilities
+(``u < keep ? p / keep : 0`` from a uniform draw ``u``, the same values ``dropout_mask`` makes).
+
+* forward (``attention_fwd``): OpenMP over (batch*head, block of BQ queries); per block the keys are
+  visited in blocks of BK with an online softmax (running row max ``m`` and sum ``l``, the output
+  accumulator rescaled by exp(m_old - m_new) when the max grows). Only a BQ x BK tile of scores exists,
+  in a per-thread buffer; the (seq x seq) matrix is never stored. It also returns the row statistics
+  lse = m + log(l) for the backward.
+* backward (``attention_bwd``): OpenMP over batch*head; per query block and key block the scores are
+  recomputed from Q, K and lse (P = exp(s - lse)), and dV += Pdᵀ dO, dP = dO Vᵀ, dS = P (dP - D) with
+  D = rowsum(dO * O), dQ += scale dS K, dK += scale dSᵀ Q. With ``dmask_q`` it also sums dS over the
+  queries (the gradient of a key mask, before the sum over heads / batch the caller does).
+
+Inner loops run over a contiguous axis (key index of a transposed key / value tile, or the head dim)
+so gcc vectorises them without reassociating a sum; accumulation is in the input precision (float32
+like the BLAS GEMMs of the unfused graph, float64 for gradient checks); exp is expf / exp.
+"""
+
+import numpy as np
+cimport cython
+cimport numpy as cnp
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange, parallel
+from libc.math cimport exp, expf, log, INFINITY
+from libc.stdlib cimport malloc, free
+
+cnp.import_array()
+
+cdef extern from "_attention_tile.h" nogil:
+    void att_gemm_f(int M, int N, int K, const float* A, long lda, const float* B, long ldb, float* C, long ldc)
+    void att_gemm_d(int M, int N, int K, const double* A, long lda, const double* B, long ldb, double* C,
+                    long ldc)
+    void att_transpose_f(int rows, int cols, const float* src, long lds, float* dst, long ldd)
+    void att_transpose_d(int rows, int cols, const double* src, long lds, double* dst, long ldd)
+
+cdef enum:
+    BQ = 64      # queries per block
+    BK = 64      # keys per block
+
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A, Py_ssize_t lda,
+                       const floating* B, Py_ssize_t ldb, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """C[M,N] += A[M,K] B[K,N] (row-major, leading dimensions in elements)."""
+    if floating is float:
+        att_gemm_f(<int>M, <int>N, <int>K, A, lda, B, ldb, C, ldc)
+    else:
+        att_gemm_d(<int>M, <int>N, <int>K, A, lda, B, ldb, C, ldc)
+
+
+cdef inline void _transpose(Py_ssize_t rows, Py_ssize_t cols, const floating* src, Py_ssize_t lds, floating* dst,
+                            Py_ssize_t ldd) noexcept nogil:
+    if floating is float:
+        att_transpose_f(<int>rows, <int>cols, src, lds, dst, ldd)
+    else:
+        att_transpose_d(<int>rows, <int>cols, src, lds, dst, ldd)
+
+
+cdef inline int _threads(Py_ssize_t tasks, Py_ssize_t work) noexcept nogil:
+    cdef int t
+    if tasks < 2 or work < 65536:
+        return 1
+    t = openmp.omp_get_max_threads()
+    return t if t > 1 else 1
+
+
+cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssize_t ks,
+                     const floating* v, Py_ssize_t vs, const floating* mk, Py_ssize_t mis, Py_ssize_t mjs,
+                     const float* u, Py_ssize_t us, floating* o, Py_ssize_t os, floating* lse,
+                     Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t Sk, Py_ssize_t D, Py_ssize_t Dv,
+                     floating scale, float keep, floating dscale,
+                     floating* s, floating* kt, floating* acc, floating* m, floating* l) noexcept nogil:
+    cdef Py_ssize_t nq = i1 - i0, i, j, d, j0, nk
+    cdef floating x, mx, corr, p, t
+    cdef floating* srow
+    cdef floating* arow
+    for i in range(nq):
+        m[i] = -INFINITY
+        l[i] = 0
+        for d in range(Dv):
+            acc[i * Dv + d] = 0
+    j0 = 0
+    while j0 < Sk:
+        nk = Sk - j0
+        if nk > BK:
+            nk = BK
+        _transpose(nk, D, k + j0 * ks, ks, kt, BK)              # kt[d, j] = k[j0 + j, d]
+        for i in range(nq * BK):
+            s[i] = 0
+        _gemm(nq, nk, D, q + i0 * qs, qs, kt, BK, s, BK)         # s = q_blk k_blkᵀ
+        for i in range(nq):
+            srow = s + i * BK
+            mx = m[i]
+            for j in range(nk):
+                x = srow[j] * scale
+                if mk != NULL:
+                    x = x + mk[(i0 + i) * mis + (j0 + j) * mjs]
+                srow[j] = x
+                if x > mx:
+                    mx = x
+            if mx == -INFINITY:          # every key so far masked with -inf: nothing to add
+                for j in range(nk):
+                    srow[j] = 0
+                continue
+            corr = _exp(m[i] - mx)
+            t = 0
+            for j in range(nk):
+                p = _exp(srow[j] - mx)
+                t = t + p
+                if u != NULL:
+                    p = p * dscale if u[(i0 + i) * us + j0 + j] < keep else 0
+                srow[j] = p
+            l[i] = l[i] * corr + t
+            m[i] = mx
+            if corr != 1:
+                arow = acc + i * Dv
+                for d in range(Dv):
+                    arow[d] = arow[d] * corr
+        _gemm(nq, Dv, nk, s, BK, v + j0 * vs, vs, acc, Dv)       # acc += p_blk v_blk
+        j0 = j0 + BK
+    for i in range(nq):
+        t = 1 / l[i]
+        for d in range(Dv):
+            o[(i0 + i) * os + d] = acc[i * Dv + d] * t
+        lse[i0 + i] = m[i] + <floating>log(l[i])
+
+
+cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssize_t ks,
+                    const floating* v, Py_ssize_t vs, const floating* mk, Py_ssize_t mis, Py_ssize_t mjs,
+                    const float* u, Py_ssize_t us, const floating* o, Py_ssize_t os,
+                    const floating* do_, Py_ssize_t dos, const floating* lse,
+                    floating* dq, floating* dk, floating* dv, floating* dmq,
+                    Py_ssize_t Sq, Py_ssize_t Sk, Py_ssize_t D, Py_ssize_t Dv, floating scale, float keep,
+                    floating dscale, floating* s, floating* dp, floating* kt, floating* vt, floating* pt, floating* Di) noexcept nogil:
+    """dq (Sq, D), dk (Sk, D), dv (Sk, Dv), dmq (Sk,) contiguous, written whole."""
+    cdef Py_ssize_t nq, nk, i, j, d, i0, j0
+    cdef floating x, p, pd, g, ds, di, li
+    cdef floating* srow
+    cdef floating* prow
+    for j in range(Sk * D):
+        dk[j] = 0
+    for j in range(Sk * Dv):
+        dv[j] = 0
+    for j in range(Sq * D):
+        dq[j] = 0
+    if dmq != NULL:
+        for j in range(Sk):
+            dmq[j] = 0
+    i0 = 0
+    while i0 < Sq:
+        nq = Sq - i0
+        if nq > BQ:
+            nq = BQ
+        for i in range(nq):
+            di = 0
+            for d in range(Dv):
+                di = di + do_[(i0 + i) * dos + d] * o[(i0 + i) * os + d]
+            Di[i] = di
+        j0 = 0
+        while j0 < Sk:
+            nk = Sk - j0
+            if nk > BK:
+                nk = BK
+            _transpose(nk, D, k + j0 * ks, ks, kt, BK)
+            _transpose(nk, Dv, v + j0 * vs, vs, vt, BK)
+            for i in range(nq * BK):
+                s[i] = 0
+                dp[i] = 0
+            _gemm(nq, nk, D, q + i0 * qs, qs, kt, BK, s, BK)            # scores
+            _gemm(nq, nk, Dv, do_ + i0 * dos, dos, vt, BK, dp, BK)      # dPd = dO vᵀ
+            for i in range(nq):
+                srow = s + i * BK
+                prow = dp + i * BK
+                li = lse[i0 + i]
+                di = Di[i]
+                for j in range(nk):
+                    x = srow[j] * scale
+                    if mk != NULL:
+                        x = x + mk[(i0 + i) * mis + (j0 + j) * mjs]
+                    p = _exp(x - li)
+                    g = prow[j]
+                    pd = p
+                    if u != NULL:
+                        if u[(i0 + i) * us + j0 + j] < keep:
+                            pd = p * dscale
+                            g = g * dscale
+                        else:
+                            pd = 0
+                            g = 0
+                    ds = p * (g - di)
+                    if dmq != NULL:
+                        dmq[j0 + j] = dmq[j0 + j] + ds
+                    srow[j] = pd
+                    prow[j] = ds * scale
+            _transpose(nq, nk, s, BK, pt, BQ)                            # pt = Pdᵀ
+            _gemm(nk, Dv, nq, pt, BQ, do_ + i0 * dos, dos, dv + j0 * Dv, Dv)  # dV += Pdᵀ dO
+            _transpose(nq, nk, dp, BK, pt, BQ)                           # pt = (scale dS)ᵀ
+            _gemm(nk, D, nq, pt, BQ, q + i0 * qs, qs, dk + j0 * D, D)    # dK += scale dSᵀ Q
+            _gemm(nq, D, nk, dp, BK, k + j0 * ks, ks, dq + i0 * D, D)    # dQ += scale dS K
+            j0 = j0 + BK
+        i0 = i0 + BQ
+
+
+cdef inline Py_ssize_t _st(Py_ssize_t nbytes, Py_ssize_t item) noexcept nogil:
+    return nbytes // item
+
+
+def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
+         const floating[:, :, :, :] mask, const float[:, :, :, :] u, floating[:, :, :, ::1] out,
+         floating[:, :, ::1] lse, bint has_mask, bint has_drop, double scale, double keep, double dscale):
+    cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
+    cdef Py_ssize_t Dv = v.shape[3]
+    cdef Py_ssize_t it = sizeof(floating), nqb = (Sq + BQ - 1) // BQ, task, bh, b, h, i0, i1
+    cdef Py_ssize_t mis = 0, mjs = 0, us = 0
+    cdef int nt = _threads(B * H * nqb, B * H * Sq * Sk * D)
+    cdef floating* s
+    cdef floating* kt
+    cdef floating* acc
+    cdef floating* m
+    cdef floating* l
+    cdef const floating* mp
+    cdef const float* up
+    cdef floating sc = <floating>scale, ds = <floating>dscale
+    cdef float kp = <float>keep
+    if has_mask:
+        mis = _st(mask.strides[2], it)
+        mjs = _st(mask.strides[3], it)
+    if has_drop:
+        us = u.strides[2] // sizeof(float)
+    with nogil, parallel(num_threads=nt):
+        s = <floating*>malloc(sizeof(floating) * (BQ * BK + D * BK + BQ * Dv + 2 * BQ))
+        kt = s + BQ * BK
+        acc = kt + D * BK
+        m = acc + BQ * Dv
+        l = m + BQ
+        for task in prange(B * H * nqb, schedule='static'):
+            bh = task // nqb
+            b = bh // H
+            h = bh % H
+            i0 = (task % nqb) * BQ
+            i1 = i0 + BQ
+            if i1 > Sq:
+                i1 = Sq
+            mp = &mask[b, h, 0, 0] if has_mask else NULL
+            up = &u[b, h, 0, 0] if has_drop else NULL
+            _fwd_block(&q[b, h, 0, 0], _st(q.strides[2], it), &k[b, h, 0, 0], _st(k.strides[2], it),
+                       &v[b, h, 0, 0], _st(v.strides[2], it), mp, mis, mjs, up, us,
+                       &out[b, h, 0, 0], Dv, &lse[b, h, 0], i0, i1, Sk, D, Dv, sc, kp, ds, s, kt, acc, m, l)
+        free(s)
+
+
+def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
+         const floating[:, :, :, :] mask, const float[:, :, :, :] u, const floating[:, :, :, :] o,
+         const floating[:, :, ::1] lse, const floating[:, :, :, :] do_,
+         floating[:, :, :, ::1] dq, floating[:, :, :, ::1] dk, floating[:, :, :, ::1] dv,
+         floating[:, :, ::1] dmq, bint has_mask, bint has_drop, bint want_dmask,
+         double scale, double keep, double dscale):
+    cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
+    cdef Py_ssize_t Dv = v.shape[3]
+    cdef Py_ssize_t it = sizeof(floating), bh, b, h
+    cdef Py_ssize_t mis = 0, mjs = 0, us = 0
+    cdef int nt = _threads(B * H, B * H * Sq * Sk * D)
+    cdef floating* s
+    cdef floating* dp
+    cdef floating* kt
+    cdef floating* vt
+    cdef floating* pt
+    cdef floating* Di
+    cdef const floating* mp
+    cdef const float* up
+    cdef floating* dmp
+    cdef floating sc = <floating>scale, ds = <floating>dscale
+    cdef float kp = <float>keep
+    if has_mask:
+        mis = _st(mask.strides[2], it)
+        mjs = _st(mask.strides[3], it)
+    if has_drop:
+        us = u.strides[2] // sizeof(float)
+    with nogil, parallel(num_threads=nt):
+        s = <floating*>malloc(sizeof(floating) * (3 * BQ * BK + (D + Dv) * BK + BQ))
+        dp = s + BQ * BK
+        pt = dp + BQ * BK
+        kt = pt + BQ * BK
+        vt = kt + D * BK
+        Di = vt + Dv * BK
+        for bh in prange(B * H, schedule='dynamic'):
+            b = bh // H
+            h = bh % H
+            mp = &mask[b, h, 0, 0] if has_mask else NULL
+            up = &u[b, h, 0, 0] if has_drop else NULL
+            dmp = &dmq[b, h, 0] if want_dmask else NULL
+            _bwd_head(&q[b, h, 0, 0], _st(q.strides[2], it), &k[b, h, 0, 0], _st(k.strides[2], it),
+                      &v[b, h, 0, 0], _st(v.strides[2], it), mp, mis, mjs, up, us,
+                      &o[b, h, 0, 0], _st(o.strides[2], it), &do_[b, h, 0, 0], _st(do_.strides[2], it),
+                      &lse[b, h, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0], &dv[b, h, 0, 0], dmp,
+                      Sq, Sk, D, Dv, sc, kp, ds, s, dp, kt, vt, pt, Di)
+        free(s)
+
+
+@cython.wraparound(True)
+def _as4(x, dtype):
+    """A 4-d (batch, heads, rows, cols) view of x whose last axis is contiguous (copies only when it must)."""
+    x = np.asarray(x)
+    if x.dtype != dtype:
+        raise TypeError(f"attention kernels: expected {np.dtype(dtype)}, got {x.dtype} {x.shape}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim > 4:
+        x = x.reshape((-1, 1) + x.shape[-2:])
+    elif x.ndim != 4:
+        raise ValueError(f"attention kernels: expected a 3-d or 4-d tensor, got shape {x.shape}")
+    if x.strides[3] != x.itemsize or any(s % x.itemsize for s in x.strides):
+        x = np.ascontiguousarray(x)
+    return x
+
+
+_NO_U = np.zeros((1, 1, 1, 1), np.float32)
+
+
+@cython.wraparound(True)
+def _mask4(mask, full, dtype):
+    if mask is None:
+        return np.zeros((1, 1, 1, 1), dtype), False
+    m = np.broadcast_to(np.asarray(mask, dtype), full)
+    return _as4(m if len(full) <= 4 else np.ascontiguousarray(m), dtype), True
+
+
+@cython.wraparound(True)
+def _u4(u, full):
+    if u is None:
+        return _NO_U, False
+    return _as4(np.broadcast_to(np.asarray(u, np.float32), full), np.float32), True
+
+
+@cython.wraparound(True)
+def attention_fwd(q, k, v, mask, u, double scale, double keep_prob):
+    """(O, lse): O = dropout(softmax(scale q kᵀ + mask)) v over the last two axes; lse (..., Sq) the row
+    log-sum-exp of the (masked, scaled) scores. ``mask`` broadcasts to the scores or is None; ``u`` is the
+    float32 uniform draw of the dropout (kept where u < keep_prob, scaled by float(1/keep_prob)) or None."""
+    q = np.asarray(q)
+    dt = q.dtype
+    if dt != np.float32 and dt != np.float64:
+        raise TypeError(f"attention_fwd: expected float32 or float64 inputs, got {dt}")
+    lead, Sq, D, Sk = q.shape[:-2], q.shape[-2], q.shape[-1], np.shape(k)[-2]
+    full = lead + (Sq, Sk)
+    q4, k4, v4 = _as4(q, dt), _as4(k, dt), _as4(v, dt)
+    m4, has_mask = _mask4(mask, full, dt)
+    u4, has_drop = _u4(u, full)
+    out = np.empty(q4.shape[:3] + (v4.shape[3],), dt)
+    lse = np.empty(q4.shape[:3], dt)
+    dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
+    _fwd(q4, k4, v4, m4, u4, out, lse, has_mask, has_drop, scale, float(np.float32(keep_prob)), dscale)
+    return out.reshape(lead + (Sq, v4.shape[3])), lse.reshape(lead + (Sq,))
+
+
+@cython.wraparound(True)
+def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask):
+    """(dq, dk, dv, dmask_q): gradients of ``attention_fwd``'s O given dO = ``dout`` and its lse; dmask_q
+    (..., Sk) is the score gradient summed over the queries (None unless ``want_dmask``)."""
+    q = np.asarray(q)
+    dt = q.dtype
+    lead, Sq, Sk = q.shape[:-2], q.shape[-2], np.shape(k)[-2]
+    full = lead + (Sq, Sk)
+    q4, k4, v4, o4, do4 = _as4(q, dt), _as4(k, dt), _as4(v, dt), _as4(o, dt), _as4(dout, dt)
+    lse3 = np.ascontiguousarray(np.asarray(lse, dt).reshape(q4.shape[:3]))
+    m4, has_mask = _mask4(mask, full, dt)
+    u4, has_drop = _u4(u, full)
+    dq = np.empty(q4.shape, dt)
+    dk = np.empty(k4.shape, dt)
+    dv = np.empty(v4.shape, dt)
+    dmq = np.empty(k4.shape[:3] if want_dmask else (1, 1, 1), dt)
+    dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
+    _bwd(q4, k4, v4, m4, u4, o4, lse3, do4, dq, dk, dv, dmq, has_mask, has_drop, want_dmask, scale,
+         float(np.float32(keep_prob)), dscale)
+    kl = np.shape(k)[:-2]
+    return (dq.reshape(np.shape(q)), dk.reshape(np.shape(k)), dv.reshape(np.shape(v)),
+            dmq.reshape(kl + (Sk,)) if want_dmask else None)
