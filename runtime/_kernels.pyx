@@ -45,6 +45,7 @@ __all__ = [
     "softmax_xent_sparse_fwd", "softmax_xent_sparse_bwd",
     "softmax_xent_dense_fwd", "softmax_xent_dense_bwd",
     "layernorm_fwd", "layernorm_bwd", "layernorm_bwd_params",
+    "batchnorm_fwd", "batchnorm_bwd", "batchnorm_bwd_params", "batchnorm_stats",
     "im2col", "col2im",
     "maxpool2d_fwd", "maxpool2d_bwd", "avgpool2d_fwd", "avgpool2d_bwd",
     "embedding_gather", "embedding_scatter_add", "segment_sum_rows",
@@ -1089,6 +1090,190 @@ def layernorm_bwd_params(x, dy, double eps):
 
 
 # ---------------------------------------------------------------------------
+# 4b. BatchNorm (training statistics) over (N, C, S): per channel c, over n and s
+#     S is the product of the trailing axes (H*W for BatchNorm2d, 1 for BatchNorm1d).
+#     Statistics in double (two passes); each channel is one parallel task.
+# ---------------------------------------------------------------------------
+
+cdef inline void _bn_stats(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                           Py_ssize_t c, double* mean, double* var) noexcept nogil:
+    cdef Py_ssize_t n
+    cdef double s = 0.0, q = 0.0, m
+    cdef double cnt = <double>(N * S)
+    for n in range(N):
+        s += _rsum(x + (n * C + c) * S, S)
+    m = s / cnt
+    for n in range(N):
+        q += _rsqdev(x + (n * C + c) * S, m, S)
+    mean[0] = m
+    var[0] = q / cnt
+
+
+cdef inline void _bn_fwd_chan(const floating* x, const floating* g, const floating* b, floating* y,
+                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                              double eps) noexcept nogil:
+    cdef double mean, var
+    cdef Py_ssize_t n, j
+    cdef const floating* xr
+    cdef floating* yr
+    _bn_stats(x, N, C, S, c, &mean, &var)
+    cdef floating mf = <floating>mean
+    cdef floating rf = <floating>(1.0 / sqrt(var + eps))
+    cdef floating gf = g[c]
+    cdef floating bf = b[c]
+    for n in range(N):
+        xr = x + (n * C + c) * S
+        yr = y + (n * C + c) * S
+        for j in range(S):
+            yr[j] = (xr[j] - mf) * rf * gf + bf
+
+
+cdef inline void _bn_bwd_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C,
+                              Py_ssize_t S, Py_ssize_t c, double eps, double* mean, double* rstd,
+                              double* sdy, double* sdyx) noexcept nogil:
+    cdef double var, a = 0.0, q = 0.0
+    cdef Py_ssize_t n, off
+    _bn_stats(x, N, C, S, c, mean, &var)
+    rstd[0] = 1.0 / sqrt(var + eps)
+    for n in range(N):
+        off = (n * C + c) * S
+        a += _rsum(dy + off, S)
+        q += _rdot_dev(dy + off, x + off, mean[0], S)
+    sdy[0] = a
+    sdyx[0] = q
+
+
+cdef inline void _bn_bwd_chan(const floating* x, const floating* g, const floating* dy, floating* dx,
+                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                              double eps) noexcept nogil:
+    # dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+    cdef double mean, rstd, sdy, sdyx
+    cdef double cnt = <double>(N * S)
+    cdef Py_ssize_t n, j, off
+    _bn_bwd_sums(x, dy, N, C, S, c, eps, &mean, &rstd, &sdy, &sdyx)
+    cdef floating a = <floating>(g[c] * rstd)
+    cdef floating mdy = <floating>(sdy / cnt)
+    cdef floating cc = <floating>(rstd * rstd * sdyx / cnt)
+    cdef floating mf = <floating>mean
+    for n in range(N):
+        off = (n * C + c) * S
+        for j in range(S):
+            dx[off + j] = a * ((dy[off + j] - mdy) - (x[off + j] - mf) * cc)
+
+
+cdef inline void _bn_task(const floating* xp, const floating* gp, const floating* bp, const floating* dyp,
+                          floating* op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c, double eps,
+                          int what, double unb) noexcept nogil:
+    cdef double mean, rstd, sdy, sdyx, var
+    if what == 0:
+        _bn_fwd_chan(xp, gp, bp, op, N, C, S, c, eps)
+    elif what == 1:
+        _bn_bwd_chan(xp, gp, dyp, op, N, C, S, c, eps)
+    elif what == 2:
+        _bn_bwd_sums(xp, dyp, N, C, S, c, eps, &mean, &rstd, &sdy, &sdyx)
+        op[c] = <floating>(sdyx * rstd)
+        op[C + c] = <floating>sdy
+    else:
+        _bn_stats(xp, N, C, S, c, &mean, &var)
+        op[c] = <floating>mean
+        op[C + c] = <floating>(var * unb)
+
+
+cdef int _bn_run(const floating[:, :, ::1] x, const floating[::1] g, const floating[::1] b,
+                 const floating[:, :, ::1] dy, floating[:, :, ::1] out, double eps, int what) except -1:
+    """what: 0 forward (g, b -> y), 1 input gradient (g, dy -> dx), 2 parameter gradients (dy -> (2, C)),
+    3 statistics ((2, C): mean, unbiased variance)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
+    cdef int nt = _nt(N * C * S, 32768, C)
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* gp = &g[0]
+    cdef const floating* bp = &b[0]
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef floating* op = &out[0, 0, 0]
+    cdef double unb = (<double>(N * S)) / (N * S - 1.0) if N * S > 1 else 1.0
+    with nogil:
+        if nt == 1:
+            for c in range(C):
+                _bn_task(xp, gp, bp, dyp, op, N, C, S, c, eps, what, unb)
+        else:
+            for c in prange(C, schedule='static', num_threads=nt):
+                _bn_task(xp, gp, bp, dyp, op, N, C, S, c, eps, what, unb)
+    return 0
+
+
+cdef cnp.ndarray _bn_x(object x, str fn):
+    cdef cnp.ndarray xa = _float_in(x, fn, "x")
+    if xa.ndim < 2:
+        raise ValueError(f"{fn}: x must be (N, C, ...) with at least 2 axes, got x{_shp(xa)}")
+    return xa
+
+
+cdef object _bn3(cnp.ndarray a):
+    """(N, C, ...) -> (N, C, S) view of a C-contiguous array."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+cdef object _bn_dispatch(cnp.ndarray xa, object ga, object ba, object gy, cnp.ndarray out, double eps, int what):
+    cdef Py_ssize_t C = xa.shape[1]
+    if xa.size == 0:
+        return out
+    x3 = _bn3(xa)
+    o3 = _bn3(out) if what <= 1 else out.reshape(1, 2, C)
+    dummy_v = np.zeros(1, dtype=xa.dtype)
+    g = ga if ga is not None else dummy_v
+    b = ba if ba is not None else dummy_v
+    d = _bn3(gy) if gy is not None else x3
+    if _is32(xa):
+        _bn_run[float](x3, g, b, d, o3, eps, what)
+    else:
+        _bn_run[double](x3, g, b, d, o3, eps, what)
+    return out
+
+
+def batchnorm_fwd(x, gamma, beta, double eps):
+    """Training-mode batch norm of (N, C, ...): per channel c, y = (x - mean) / sqrt(var + eps) * gamma + beta
+    with the batch mean and biased variance over every axis but 1."""
+    fn = "batchnorm_fwd"
+    cdef cnp.ndarray xa = _bn_x(x, fn)
+    cdef cnp.ndarray ga = _float_like(gamma, xa, fn, "gamma")
+    cdef cnp.ndarray ba = _float_like(beta, xa, fn, "beta")
+    _check_vec(ga, xa.shape[1], xa, fn, "gamma")
+    _check_vec(ba, xa.shape[1], xa, fn, "beta")
+    _check_eps(eps, fn)
+    return _bn_dispatch(xa, ga, ba, None, _new_like(xa, False), eps, 0)
+
+
+def batchnorm_bwd(x, gamma, dy, double eps):
+    """dx of batchnorm_fwd (the statistics recomputed from x)."""
+    fn = "batchnorm_bwd"
+    cdef cnp.ndarray xa = _bn_x(x, fn)
+    cdef cnp.ndarray ga = _float_like(gamma, xa, fn, "gamma")
+    cdef cnp.ndarray gy = _float_like(dy, xa, fn, "dy")
+    _check_vec(ga, xa.shape[1], xa, fn, "gamma")
+    _need_same_shape(xa, gy, fn, "x", "dy")
+    _check_eps(eps, fn)
+    return _bn_dispatch(xa, ga, None, gy, _new_like(xa, False), eps, 1)
+
+
+def batchnorm_bwd_params(x, dy, double eps):
+    """(2, C): row 0 = dgamma = sum dy * xhat, row 1 = dbeta = sum dy (over every axis but 1)."""
+    fn = "batchnorm_bwd_params"
+    cdef cnp.ndarray xa = _bn_x(x, fn)
+    cdef cnp.ndarray gy = _float_like(dy, xa, fn, "dy")
+    _need_same_shape(xa, gy, fn, "x", "dy")
+    _check_eps(eps, fn)
+    return _bn_dispatch(xa, None, None, gy, _new(cnp.PyArray_TYPE(xa), True, 2, xa.shape[1]), eps, 2)
+
+
+def batchnorm_stats(x):
+    """(2, C): row 0 = batch mean, row 1 = unbiased batch variance (n / (n - 1) times the biased one; the
+    biased one when n == 1), n = the number of elements per channel."""
+    fn = "batchnorm_stats"
+    cdef cnp.ndarray xa = _bn_x(x, fn)
+    return _bn_dispatch(xa, None, None, None, _new(cnp.PyArray_TYPE(xa), True, 2, xa.shape[1]), 0.0, 3)
+
+
+# ---------------------------------------------------------------------------
 # 5. im2col / col2im (NCHW)
 # ---------------------------------------------------------------------------
 
@@ -1125,8 +1310,11 @@ cdef inline void _strided_copy_s(floating* dst, const floating* src, Py_ssize_t 
 
 cdef void _im2col_plane(const floating* x, floating* cols, Py_ssize_t H, Py_ssize_t W,
                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
-                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
-    cdef Py_ssize_t i, j, oh, ih, lo, hi, L = OH * OW
+                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                        Py_ssize_t L) noexcept nogil:
+    # L: distance between two rows (kernel taps) of cols: OH*OW in the (N, CKK, L) layout,
+    # N*OH*OW in the (CKK, N*L) layout
+    cdef Py_ssize_t i, j, oh, ih, lo, hi
     cdef floating* dst
     cdef const floating* src
     for i in range(kh):
@@ -1151,9 +1339,10 @@ cdef void _im2col_plane(const floating* x, floating* cols, Py_ssize_t H, Py_ssiz
 
 cdef void _col2im_plane(const floating* cols, floating* x, Py_ssize_t H, Py_ssize_t W,
                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
-                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
-    # x must be zeroed; accumulates (adjoint of _im2col_plane)
-    cdef Py_ssize_t i, j, oh, ih, lo, hi, L = OH * OW
+                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                        Py_ssize_t L) noexcept nogil:
+    # x must be zeroed; accumulates (adjoint of _im2col_plane; L as there)
+    cdef Py_ssize_t i, j, oh, ih, lo, hi
     cdef const floating* src
     cdef floating* dst
     for i in range(kh):
@@ -1170,39 +1359,50 @@ cdef void _col2im_plane(const floating* cols, floating* x, Py_ssize_t H, Py_ssiz
                 _spread_acc_s(dst, src, hi - lo, sw)
 
 
-cdef int _im2col(const floating[:, :, :, ::1] x, floating[:, :, ::1] cols,
+cdef int _im2col(const floating[:, :, :, ::1] x, floating* cp,
                  Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                 Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW) except -1:
+                 Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW, bint t) except -1:
+    # t: the (C*kh*kw, N*OH*OW) layout (one GEMM over the batch) instead of (N, C*kh*kw, OH*OW)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], p
-    cdef Py_ssize_t P = N * C, K = kh * kw * OH * OW
+    cdef Py_ssize_t P = N * C, K = kh * kw * OH * OW, L = OH * OW
     cdef int nt = _nt(P * K, 65536, P)
     cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef floating* cp = &cols[0, 0, 0]
     with nogil:
         if nt == 1:
             for p in range(P):
-                _im2col_plane(xp + p * H * W, cp + p * K, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+                _im2col_plane(xp + p * H * W, cp + _col_base(p, N, C, K, L, t), H, W, OH, OW, kh, kw,
+                              sh, sw, ph, pw, N * L if t else L)
         else:
             for p in prange(P, schedule='static', num_threads=nt):
-                _im2col_plane(xp + p * H * W, cp + p * K, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+                _im2col_plane(xp + p * H * W, cp + _col_base(p, N, C, K, L, t), H, W, OH, OW, kh, kw,
+                              sh, sw, ph, pw, N * L if t else L)
     return 0
 
 
-cdef int _col2im(const floating[:, :, ::1] cols, floating[:, :, :, ::1] x,
+cdef inline Py_ssize_t _col_base(Py_ssize_t p, Py_ssize_t N, Py_ssize_t C, Py_ssize_t K, Py_ssize_t L,
+                                 bint t) noexcept nogil:
+    """Offset of plane p = (n, c)'s first tap in cols: (N, CKK, L) or (CKK, N*L) layout."""
+    if not t:
+        return p * K
+    return (p % C) * K * N + (p // C) * L
+
+
+cdef int _col2im(const floating* cp, floating[:, :, :, ::1] x,
                  Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                 Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW) except -1:
+                 Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW, bint t) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], p
-    cdef Py_ssize_t P = N * C, K = kh * kw * OH * OW
+    cdef Py_ssize_t P = N * C, K = kh * kw * OH * OW, L = OH * OW
     cdef int nt = _nt(P * K, 65536, P)
-    cdef const floating* cp = &cols[0, 0, 0]
     cdef floating* xp = &x[0, 0, 0, 0]
     with nogil:
         if nt == 1:
             for p in range(P):
-                _col2im_plane(cp + p * K, xp + p * H * W, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+                _col2im_plane(cp + _col_base(p, N, C, K, L, t), xp + p * H * W, H, W, OH, OW, kh, kw,
+                              sh, sw, ph, pw, N * L if t else L)
         else:
             for p in prange(P, schedule='static', num_threads=nt):
-                _col2im_plane(cp + p * K, xp + p * H * W, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+                _col2im_plane(cp + _col_base(p, N, C, K, L, t), xp + p * H * W, H, W, OH, OW, kh, kw,
+                              sh, sw, ph, pw, N * L if t else L)
     return 0
 
 
@@ -1220,34 +1420,42 @@ cdef tuple _out_hw(str fn, Py_ssize_t H, Py_ssize_t W, int kh, int kw, int sh, i
     return ((H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
 
 
-def im2col(x, int kh, int kw, int sh, int sw, int ph, int pw):
-    """x (N, C, H, W) -> cols (N, C*kh*kw, OH*OW), row = (c*kh + i)*kw + j, zero padding."""
+def im2col(x, int kh, int kw, int sh, int sw, int ph, int pw, bint batch_cols=False):
+    """x (N, C, H, W) -> cols (N, C*kh*kw, OH*OW), row = (c*kh + i)*kw + j, zero padding.
+    With ``batch_cols`` the layout is (C*kh*kw, N*OH*OW), column = n*OH*OW + oh*OW + ow: the whole batch
+    is one matrix, so a convolution and its filter gradient are each ONE GEMM."""
     fn = "im2col"
     cdef cnp.ndarray xa = _float_in(x, fn, "x")
     _need_ndim(xa, 4, fn, "x")
     cdef Py_ssize_t N = xa.shape[0], C = xa.shape[1], H = xa.shape[2], W = xa.shape[3]
     OH, OW = _out_hw(fn, H, W, kh, kw, sh, sw, ph, pw)
-    cdef cnp.ndarray cols = _new(cnp.PyArray_TYPE(xa), False, N, C * kh * kw, OH * OW)
+    cdef cnp.ndarray cols
+    if batch_cols:
+        cols = _new(cnp.PyArray_TYPE(xa), False, C * kh * kw, N * OH * OW)
+    else:
+        cols = _new(cnp.PyArray_TYPE(xa), False, N, C * kh * kw, OH * OW)
     if cols.size == 0:
         return cols
     if xa.size == 0:            # H or W == 0 with enough padding: all zeros
         cols.fill(0)
         return cols
     if _is32(xa):
-        _im2col[float](xa, cols, kh, kw, sh, sw, ph, pw, OH, OW)
+        _im2col[float](xa, <float*>cnp.PyArray_DATA(cols), kh, kw, sh, sw, ph, pw, OH, OW, batch_cols)
     else:
-        _im2col[double](xa, cols, kh, kw, sh, sw, ph, pw, OH, OW)
+        _im2col[double](xa, <double*>cnp.PyArray_DATA(cols), kh, kw, sh, sw, ph, pw, OH, OW, batch_cols)
     return cols
 
 
-def col2im(cols, int N, int C, int H, int W, int kh, int kw, int sh, int sw, int ph, int pw):
-    """Adjoint of im2col: scatter-add cols (N, C*kh*kw, OH*OW) into an (N, C, H, W) array."""
+def col2im(cols, int N, int C, int H, int W, int kh, int kw, int sh, int sw, int ph, int pw,
+           bint batch_cols=False):
+    """Adjoint of im2col: scatter-add cols (N, C*kh*kw, OH*OW) -- or (C*kh*kw, N*OH*OW) with
+    ``batch_cols`` -- into an (N, C, H, W) array."""
     fn = "col2im"
     if N < 0 or C < 0 or H < 0 or W < 0:
         raise ValueError(f"{fn}: N, C, H, W must be >= 0, got ({N}, {C}, {H}, {W})")
     cdef cnp.ndarray ca = _float_in(cols, fn, "cols")
     OH, OW = _out_hw(fn, H, W, kh, kw, sh, sw, ph, pw)
-    expect = (N, C * kh * kw, OH * OW)
+    expect = (C * kh * kw, N * OH * OW) if batch_cols else (N, C * kh * kw, OH * OW)
     if (<object>ca).shape != expect:
         raise ValueError(f"{fn}: cols must have shape {expect} for x(N, C, H, W) = ({N}, {C}, {H}, {W}), "
                          f"kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw}); got cols{_shp(ca)}")
@@ -1255,9 +1463,9 @@ def col2im(cols, int N, int C, int H, int W, int kh, int kw, int sh, int sw, int
     if x.size == 0 or ca.size == 0:
         return x
     if _is32(ca):
-        _col2im[float](ca, x, kh, kw, sh, sw, ph, pw, OH, OW)
+        _col2im[float](<float*>cnp.PyArray_DATA(ca), x, kh, kw, sh, sw, ph, pw, OH, OW, batch_cols)
     else:
-        _col2im[double](ca, x, kh, kw, sh, sw, ph, pw, OH, OW)
+        _col2im[double](<double*>cnp.PyArray_DATA(ca), x, kh, kw, sh, sw, ph, pw, OH, OW, batch_cols)
     return x
 
 
@@ -1454,6 +1662,68 @@ cdef void _avgpool_bwd_plane(const floating* dy, floating* dx, Py_ssize_t H, Py_
                     _spread_acc_s(xrow + (lo * sw - pw + j), g + lo, hi - lo, sw)
 
 
+cdef inline void _max2_upd(floating v, floating* m, int32_t* k, int32_t kv) noexcept nogil:
+    """One step of the running first-max (a NaN wins, the first NaN kept), branch-free."""
+    cdef floating a = m[0]
+    cdef int32_t upd = (v > a) | ((v != v) & (a == a))
+    m[0] = _select(upd, v, a)
+    k[0] = k[0] ^ ((k[0] ^ kv) & -upd)
+
+
+cdef inline int32_t _max2x2(const floating* r0, const floating* r1, Py_ssize_t ow, floating* m) noexcept nogil:
+    """First max of the window (r0[2ow], r0[2ow+1], r1[2ow], r1[2ow+1]) into m; returns its tap (0..3)."""
+    cdef int32_t k = 0
+    m[0] = r0[2 * ow]
+    _max2_upd(r0[2 * ow + 1], m, &k, 1)
+    _max2_upd(r1[2 * ow], m, &k, 2)
+    _max2_upd(r1[2 * ow + 1], m, &k, 3)
+    return k
+
+
+cdef void _maxpool2x2_plane(const floating* x, floating* y, Py_ssize_t W, Py_ssize_t OH,
+                            Py_ssize_t OW) noexcept nogil:
+    # 2x2 windows, stride 2, no padding: the same first-max rule as _maxpool_plane, taps in row-major order
+    cdef Py_ssize_t oh, ow
+    cdef const floating* r0
+    cdef const floating* r1
+    cdef floating* yr
+    for oh in range(OH):
+        r0 = x + 2 * oh * W
+        r1 = r0 + W
+        yr = y + oh * OW
+        for ow in range(OW):
+            _max2x2(r0, r1, ow, &yr[ow])
+
+
+cdef void _maxpool2x2_bwd_plane(const floating* x, const floating* dy, floating* dx, Py_ssize_t W,
+                                Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    # windows do not overlap: each of the 4 taps gets dy or 0 (dx pre-zeroed for rows/columns no window covers)
+    cdef Py_ssize_t oh, ow
+    cdef const floating* r0
+    cdef const floating* r1
+    cdef floating* d0
+    cdef floating* d1
+    cdef floating m, g
+    cdef int32_t k
+    for oh in range(OH):
+        r0 = x + 2 * oh * W
+        r1 = r0 + W
+        d0 = dx + 2 * oh * W
+        d1 = d0 + W
+        for ow in range(OW):
+            k = _max2x2(r0, r1, ow, &m)
+            g = dy[oh * OW + ow]
+            d0[2 * ow] = _select(k == 0, g, <floating>0)
+            d0[2 * ow + 1] = _select(k == 1, g, <floating>0)
+            d1[2 * ow] = _select(k == 2, g, <floating>0)
+            d1[2 * ow + 1] = _select(k == 3, g, <floating>0)
+
+
+cdef inline bint _is2x2(Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                        Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    return kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
+
+
 cdef int _pool_fwd(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
                    Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
                    Py_ssize_t ph, Py_ssize_t pw, bint is_max) except -1:
@@ -1466,7 +1736,14 @@ cdef int _pool_fwd(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* yp = &y[0, 0, 0, 0]
     with nogil:
-        if is_max:
+        if is_max and _is2x2(kh, kw, sh, sw, ph, pw):
+            if nt == 1:
+                for p in range(P):
+                    _maxpool2x2_plane(xp + p * H * W, yp + p * OH * OW, W, OH, OW)
+            else:
+                for p in prange(P, schedule='static', num_threads=nt):
+                    _maxpool2x2_plane(xp + p * H * W, yp + p * OH * OW, W, OH, OW)
+        elif is_max:
             if nt == 1:
                 for p in range(P):
                     _maxpool_plane(xp + p * H * W, yp + p * OH * OW, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
@@ -1503,7 +1780,14 @@ cdef int _maxpool_bwd(const floating[:, :, :, ::1] x, const floating[:, :, :, ::
     cdef const floating* gp = &dy[0, 0, 0, 0]
     cdef floating* dp = &dx[0, 0, 0, 0]
     with nogil:
-        if nt == 1:
+        if _is2x2(kh, kw, sh, sw, ph, pw):
+            if nt == 1:
+                for p in range(P):
+                    _maxpool2x2_bwd_plane(xp + p * H * W, gp + p * OH * OW, dp + p * H * W, W, OH, OW)
+            else:
+                for p in prange(P, schedule='static', num_threads=nt):
+                    _maxpool2x2_bwd_plane(xp + p * H * W, gp + p * OH * OW, dp + p * H * W, W, OH, OW)
+        elif nt == 1:
             for p in range(P):
                 _maxpool_bwd_plane(xp + p * H * W, gp + p * OH * OW, dp + p * H * W,
                                    H, W, OH, OW, kh, kw, sh, sw, ph, pw, mp, ip)

@@ -468,6 +468,23 @@ def _(rng):
     return (lambda: F.layer_norm(x, g, b, 1e-2)), [x, g, b]
 
 
+# -- batch norm (training mode, batch statistics inside the primitive) -----------------------------------------
+def _bn_case(cid, x_shape, eps, shift=0.0):
+    @case("batch_norm", cid)
+    def _(rng):
+        from runtime.ops import prims as P
+        c = x_shape[1]
+        x = param(randn(rng, x_shape, 2.0) + shift)
+        g, b = param(randn(rng, (c,))), param(randn(rng, (c,)))
+        return (lambda: P.batch_norm(x, g, b, eps)), [x, g, b]
+
+
+_bn_case("nchw", (3, 2, 3, 2), 1e-5)
+_bn_case("nc_batchnorm1d", (5, 3), 1e-5)
+_bn_case("ncl_eps1e-1_offset", (2, 3, 4), 1e-1, shift=3.0)
+_bn_case("one_sample_nchw", (1, 2, 2, 3), 1e-3)
+
+
 # -- gather ---------------------------------------------------------------------------------------------------
 @case("gather", "2d_table_dup_indices")
 def _(rng):

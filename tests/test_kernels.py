@@ -336,6 +336,54 @@ def test_layernorm_errors():
     assert K.layernorm_bwd_params(np.zeros((0, 6)), np.zeros((0, 6)), 1e-5).shape == (2, 6)
 
 
+# ----------------------------------------------------------------------------- 4b. batch norm
+
+def ref_bn(x, g, b, dy, eps):
+    """float64 reference: forward, dx, (dgamma, dbeta), (mean, unbiased var) over every axis but 1."""
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    ax = tuple(i for i in range(x.ndim) if i != 1)
+    bs = [1] * x.ndim
+    bs[1] = -1
+    g, b = g.astype(np.float64).reshape(bs), b.astype(np.float64).reshape(bs)
+    m, v = x.mean(ax, keepdims=True), x.var(ax, keepdims=True)
+    r = 1.0 / np.sqrt(v + eps)
+    xh = (x - m) * r
+    dx = g * r * (dy - dy.mean(ax, keepdims=True) - xh * (dy * xh).mean(ax, keepdims=True))
+    n = x.size // x.shape[1]
+    return (xh * g + b, dx, np.stack([(dy * xh).sum(ax), dy.sum(ax)]),
+            np.stack([m.ravel(), v.ravel() * (n / (n - 1) if n > 1 else 1.0)]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (2, 3, 5), (5, 4, 3, 2), (64, 16, 8, 8), (1, 2, 1, 1)])
+def test_batchnorm(rng, dtype, shape):
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    c = shape[1]
+    g, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y, dx, gp, st = ref_bn(x, g, b, dy, 1e-3)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-10)
+    for got, ref in ((K.batchnorm_fwd(x, g, b, 1e-3), y), (K.batchnorm_bwd(x, g, dy, 1e-3), dx),
+                     (K.batchnorm_bwd_params(x, dy, 1e-3), gp), (K.batchnorm_stats(x), st)):
+        assert got.dtype == dtype and got.shape == ref.shape
+        np.testing.assert_allclose(got.astype(np.float64), ref, **tol)
+
+
+def test_batchnorm_errors():
+    x = np.zeros((4, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"batchnorm_fwd: gamma must have shape \(3,\)"):
+        K.batchnorm_fwd(x, np.ones(4), np.zeros(3), 1e-5)
+    with pytest.raises(ValueError, match="batchnorm_fwd: x must be"):
+        K.batchnorm_fwd(np.zeros(3), np.ones(3), np.zeros(3), 1e-5)
+    with pytest.raises(ValueError, match="batchnorm_bwd: x and dy"):
+        K.batchnorm_bwd(x, np.ones(3), np.zeros((4, 3, 2, 1)), 1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        K.batchnorm_bwd_params(x, x, -1.0)
+    with pytest.raises(TypeError, match="batchnorm_stats"):
+        K.batchnorm_stats(np.zeros((2, 3), dtype=np.int64))
+    assert K.batchnorm_stats(np.zeros((0, 3))).shape == (2, 3)
+
+
 # ----------------------------------------------------------------------------- 5. im2col
 
 CONV_CFGS = [
@@ -376,6 +424,23 @@ def test_im2col_adjoint(rng, cfg):
     assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", CONV_CFGS)
+def test_im2col_batch_columns_layout(rng, dtype, cfg):
+    """batch_cols: (C*kh*kw, N*L), the per-sample matrices side by side; col2im reads it back the same way."""
+    N, C, H, W, kh, kw, sh, sw, ph, pw = cfg
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    per_sample = K.im2col(x, kh, kw, sh, sw, ph, pw)
+    cols = K.im2col(x, kh, kw, sh, sw, ph, pw, True)
+    np.testing.assert_array_equal(cols, per_sample.transpose(1, 0, 2).reshape(per_sample.shape[1], -1))
+    c = rng.standard_normal(per_sample.shape).astype(dtype)
+    np.testing.assert_array_equal(K.col2im(c.transpose(1, 0, 2).reshape(c.shape[1], -1).copy(), N, C, H, W,
+                                           kh, kw, sh, sw, ph, pw, True),
+                                  K.col2im(c, N, C, H, W, kh, kw, sh, sw, ph, pw))
+    with pytest.raises(ValueError, match="col2im: cols must have shape"):
+        K.col2im(c, N, C, H, W, kh, kw, sh, sw, ph, pw, True)
+
+
 def test_im2col_errors():
     x = np.zeros((1, 2, 5, 5))
     with pytest.raises(ValueError, match="im2col"):
@@ -401,6 +466,8 @@ POOL_CFGS = [
     (2, 2, 9, 7, 4, 3, 3, 2, 2, 1),
     (3, 4, 5, 6, 2, 3, 1, 2, 1, 0),
     (4, 32, 21, 23, 3, 3, 2, 2, 1, 1),  # threaded path
+    (2, 3, 9, 7, 2, 2, 2, 2, 0, 0),     # the 2x2 / stride 2 fast path, odd sizes (last row / column uncovered)
+    (8, 32, 22, 24, 2, 2, 2, 2, 0, 0),  # the 2x2 fast path, threaded
 ]
 
 
@@ -420,6 +487,23 @@ def test_pool(rng, dtype, cfg):
     close(K.avgpool2d_fwd(x, kh, kw, sh, sw, ph, pw), ref_pool(x, kh, kw, sh, sw, ph, pw, "avg"), dtype)
     close(K.avgpool2d_bwd(dy, N, C, H, W, kh, kw, sh, sw, ph, pw),
           ref_pool_bwd(x, dy, kh, kw, sh, sw, ph, pw, "avg"), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_2x2_nan_and_ties_like_the_general_path(dtype):
+    """The 2x2 / stride-2 fast path keeps the general path's rule: the first max of the window in row-major
+    order gets the gradient and a NaN wins (the first NaN)."""
+    x = np.array([[[[1, 3, 3, 0], [3, 2, np.nan, 1], [0, np.nan, 5, 5], [np.nan, 1, 5, 4]]]], dtype=dtype)
+    dy = np.array([[[[10, 20], [30, 40]]]], dtype=dtype)
+    y = K.maxpool2d_fwd(x, 2, 2, 2, 2, 0, 0)
+    np.testing.assert_array_equal(y, np.array([[[[3, np.nan], [np.nan, 5]]]], dtype=dtype))
+    dx = K.maxpool2d_bwd(x, dy, 2, 2, 2, 2, 0, 0)
+    expect = np.zeros_like(x)
+    expect[0, 0, 0, 1] = 10   # first of the tied 3s
+    expect[0, 0, 1, 2] = 20   # the NaN
+    expect[0, 0, 2, 1] = 30   # the first NaN
+    expect[0, 0, 2, 2] = 40   # first of the tied 5s
+    np.testing.assert_array_equal(dx, expect)
 
 
 def test_pool_errors():

@@ -10,6 +10,7 @@ from runtime.nn.cell import Cell
 from runtime.nn.init import initializer
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
+from runtime.ops import prims as P
 
 
 def _pair(v):
@@ -206,7 +207,6 @@ class AvgPool2d(_Pool):
 class _BatchNorm(Cell):
     """Batch normalisation. Moving stats: moving = momentum*moving + (1-momentum)*batch (MindSpore)."""
 
-    _axes: tuple = ()
     _ndim = 0
 
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
@@ -231,30 +231,22 @@ class _BatchNorm(Cell):
                    f"but got {tuple(x.shape)}")
         bs = self._bshape(x)
         if self.training:
-            mean = F.reduce_mean(x, self._axes, keepdims=True)
-            xc = F.sub(x, mean)
-            var = F.reduce_mean(F.mul(xc, xc), self._axes, keepdims=True)
-            xhat = F.mul(xc, F.rsqrt(F.add(var, self.eps)))
-            n = x.size // self.num_features
-            m = self.momentum
-            new_mean = F.add(F.mul(self.moving_mean, m), F.mul(F.reshape(mean, (self.num_features,)), 1.0 - m))
-            unbiased = F.mul(F.reshape(var, (self.num_features,)), float(n) / max(n - 1, 1))
-            new_var = F.add(F.mul(self.moving_variance, m), F.mul(unbiased, 1.0 - m))
-            F.assign(self.moving_mean, new_mean)
-            F.assign(self.moving_variance, new_var)
-        else:
-            xhat = F.mul(F.sub(x, F.reshape(self.moving_mean, bs)),
-                         F.reshape(F.rsqrt(F.add(self.moving_variance, self.eps)), bs))
+            # one primitive each way (Cython forward and backward, statistics in double); the moving
+            # statistics from one more pass over x (mean and unbiased variance), updated in place
+            stats = P.batch_norm_stats(x)
+            F.assign(self.moving_mean, P.batch_norm_moving(self.moving_mean, stats, 0, self.momentum))
+            F.assign(self.moving_variance, P.batch_norm_moving(self.moving_variance, stats, 1, self.momentum))
+            return P.batch_norm(x, self.gamma, self.beta, self.eps)
+        xhat = F.mul(F.sub(x, F.reshape(self.moving_mean, bs)),
+                     F.reshape(F.rsqrt(F.add(self.moving_variance, self.eps)), bs))
         return F.add(F.mul(xhat, F.reshape(self.gamma, bs)), F.reshape(self.beta, bs))
 
 
 class BatchNorm1d(_BatchNorm):
-    _axes = (0,)
     _ndim = 2
 
 
 class BatchNorm2d(_BatchNorm):
-    _axes = (0, 2, 3)
     _ndim = 4
 
 

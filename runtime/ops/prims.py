@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.core import bind
 from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, broadcast_shapes, normalize_axes, register
 
@@ -471,13 +472,22 @@ def _conv_infer(shapes, dtypes, attrs):
     return (xs[0], ws[0], oh, ow), dtypes[0]
 
 
+# The whole batch is one GEMM each way: im2col in the (C*kh*kw, N*OH*OW) layout ("batch columns"), the
+# output / output gradient as (O, N*OH*OW) -- one transposing copy to or from NCHW -- instead of N small
+# per-sample GEMMs (and, for the filter gradient, N partial products summed afterwards).
+def _to_batch_cols(g):
+    """(N, O, OH, OW) -> (O, N*OH*OW)."""
+    n, o = g.shape[:2]
+    return np.ascontiguousarray(g.reshape(n, o, -1).transpose(1, 0, 2)).reshape(o, -1)
+
+
 def _conv_kernel(x, w, stride, padding):
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     oh, ow = _out_hw(h, wd, (kh, kw), stride, padding)
-    cols = K.im2col(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], padding[0], padding[1])
-    y = np.matmul(w.reshape(o, -1), cols)  # (N, O, OH*OW)
-    return y.reshape(n, o, oh, ow)
+    cols = K.im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], True)  # (C*kh*kw, N*L)
+    y = np.matmul(w.reshape(o, -1), cols)  # (O, N*L)
+    return np.ascontiguousarray(y.reshape(o, n, oh, ow).transpose(1, 0, 2, 3))
 
 
 def _conv_grad(g, y, x, w, stride, padding):
@@ -500,9 +510,8 @@ def _conv_gi_infer(shapes, dtypes, attrs):
 def _conv_gi_kernel(g, w, x_shape, stride, padding):
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
-    dcols = np.matmul(w.reshape(o, -1).T, g.reshape(n, o, -1))  # (N, C*kh*kw, L)
-    return K.col2im(np.ascontiguousarray(dcols), n, c, h, wd, kh, kw, stride[0], stride[1],
-                    padding[0], padding[1])
+    dcols = np.matmul(w.reshape(o, -1).T, _to_batch_cols(g))  # (C*kh*kw, N*L)
+    return K.col2im(dcols, n, c, h, wd, kh, kw, stride[0], stride[1], padding[0], padding[1], True)
 
 
 def _conv_gi_cost(node):
@@ -519,11 +528,8 @@ def _conv_gf_infer(shapes, dtypes, attrs):
 
 def _conv_gf_kernel(g, x, w_shape, stride, padding):
     o, c, kh, kw = w_shape
-    n = x.shape[0]
-    cols = K.im2col(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], padding[0], padding[1])
-    g2 = g.reshape(n, o, -1)
-    dw = np.matmul(g2, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
-    return dw.reshape(w_shape)
+    cols = K.im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], True)  # (C*kh*kw, N*L)
+    return np.matmul(_to_batch_cols(g), cols.T).reshape(w_shape)  # one GEMM over the batch
 
 
 def _conv_gf_cost(node):
@@ -714,6 +720,108 @@ register(Primitive("layer_norm", "opaque", _ln_infer, _ln_kernel, _ln_grad, flop
 register(Primitive("layer_norm_grad", "opaque", _ln_grad_infer, _ln_grad_kernel, flops_per_element=12))
 register(Primitive("layer_norm_grad_params", "opaque", _ln_gp_infer, _ln_gp_kernel,
                    cost_fn=lambda n: (4 * n.inputs[0].size, n.inputs[0].nbytes * 2 + n.nbytes)))
+
+
+# ----------------------------------------------------------------------------------------------
+# batch norm (training mode: statistics of the batch over every axis but 1, computed in the kernel)
+# ----------------------------------------------------------------------------------------------
+def _bn_x_check(name, xs, dt):
+    if len(xs) < 2:
+        raise ShapeError(f"{name}: expects an (N, C, ...) input, got {xs}")
+    if not _is_float(dt):
+        raise ShapeError(f"{name}: expects a float input, got {np.dtype(dt)}")
+    return xs[1]
+
+
+def _bn_infer(shapes, dtypes, attrs):
+    xs = tuple(shapes[0])
+    c = _bn_x_check("batch_norm", xs, dtypes[0])
+    for what, s in (("gamma", shapes[1]), ("beta", shapes[2])):
+        if tuple(s) != (c,):
+            raise ShapeError(f"batch_norm: {what} must have shape ({c},) for input {xs}, got {tuple(s)}")
+    return xs, dtypes[0]
+
+
+def batch_norm(x, gamma, beta, eps=1e-5):
+    """Training-mode batch norm: per channel (axis 1), (x - mean) / sqrt(var + eps) * gamma + beta with the
+    batch's mean and biased variance."""
+    return bind("batch_norm", [F._t(x), F._t(gamma), F._t(beta)], {"eps": float(eps)})
+
+
+def batch_norm_grad(x, gamma, g, eps):
+    return bind("batch_norm_grad", [F._t(x), F._t(gamma), F._t(g)], {"eps": float(eps)})
+
+
+def batch_norm_grad_params(x, g, eps):
+    return bind("batch_norm_grad_params", [F._t(x), F._t(g)], {"eps": float(eps)})
+
+
+def batch_norm_stats(x):
+    """(2, C): the batch mean and the unbiased batch variance per channel (for the moving statistics)."""
+    return bind("batch_norm_stats", [F._t(x)])
+
+
+def batch_norm_moving(moving, stats, row, momentum):
+    """moving * momentum + stats[row] * (1 - momentum) (MindSpore's convention for ``momentum``)."""
+    return bind("batch_norm_moving", [F._t(moving), F._t(stats)], {"row": int(row), "momentum": float(momentum)})
+
+
+def _bn_grad(g, y, x, gamma, beta, eps):
+    gp = batch_norm_grad_params(x, g, eps)
+    c = x.shape[1]
+    return [batch_norm_grad(x, gamma, g, eps),
+            F.reshape(F.slice(gp, (0, 0), (1, c)), (c,)),
+            F.reshape(F.slice(gp, (1, 0), (2, c)), (c,))]
+
+
+def _bn_grad_infer(shapes, dtypes, attrs):
+    xs = tuple(shapes[0])
+    c = _bn_x_check("batch_norm_grad", xs, dtypes[0])
+    if tuple(shapes[1]) != (c,) or tuple(shapes[2]) != xs:
+        raise ShapeError(f"batch_norm_grad: expects x {xs}, gamma ({c},) and dy {xs}, "
+                         f"got gamma {tuple(shapes[1])} and dy {tuple(shapes[2])}")
+    return xs, dtypes[0]
+
+
+def _bn_stats_shape(name, n_dy):
+    def infer(shapes, dtypes, attrs):
+        xs = tuple(shapes[0])
+        c = _bn_x_check(name, xs, dtypes[0])
+        if n_dy and tuple(shapes[1]) != xs:
+            raise ShapeError(f"{name}: x {xs} and dy {tuple(shapes[1])} differ")
+        return (2, c), dtypes[0]
+    return infer
+
+
+def _bn_moving_infer(shapes, dtypes, attrs):
+    ms, ss = tuple(shapes[0]), tuple(shapes[1])
+    if len(ms) != 1 or ss != (2, ms[0]) or np.dtype(dtypes[0]) != np.dtype(dtypes[1]):
+        raise ShapeError(f"batch_norm_moving: expects a moving statistic (C,) and stats (2, C) of one dtype, "
+                         f"got {ms} {np.dtype(dtypes[0])} and {ss} {np.dtype(dtypes[1])}")
+    if attrs["row"] not in (0, 1):
+        raise ShapeError(f"batch_norm_moving: row must be 0 (mean) or 1 (variance), got {attrs['row']}")
+    return ms, dtypes[0]
+
+
+def _bn_moving_kernel(moving, stats, row, momentum):
+    m = np.asarray(momentum, dtype=moving.dtype)
+    return moving * m + stats[row] * np.asarray(1.0 - momentum, dtype=moving.dtype)
+
+
+_bn_bytes = lambda n: n.nbytes + sum(i.nbytes for i in n.inputs)  # noqa: E731
+register(Primitive("batch_norm", "opaque", _bn_infer,
+                   lambda x, gamma, beta, eps: K.batchnorm_fwd(x, gamma, beta, eps), _bn_grad,
+                   cost_fn=lambda n: (8 * n.size, _bn_bytes(n) + n.inputs[0].nbytes)))  # stats pass re-reads x
+register(Primitive("batch_norm_grad", "opaque", _bn_grad_infer,
+                   lambda x, gamma, g, eps: K.batchnorm_bwd(x, gamma, g, eps),
+                   cost_fn=lambda n: (12 * n.size, _bn_bytes(n) + n.inputs[0].nbytes)))
+register(Primitive("batch_norm_grad_params", "opaque", _bn_stats_shape("batch_norm_grad_params", True),
+                   lambda x, g, eps: K.batchnorm_bwd_params(x, g, eps),
+                   cost_fn=lambda n: (6 * n.inputs[0].size, _bn_bytes(n) + n.inputs[0].nbytes)))
+register(Primitive("batch_norm_stats", "opaque", _bn_stats_shape("batch_norm_stats", False),
+                   lambda x: K.batchnorm_stats(x),
+                   cost_fn=lambda n: (3 * n.inputs[0].size, _bn_bytes(n) + n.inputs[0].nbytes)))
+register(Primitive("batch_norm_moving", "opaque", _bn_moving_infer, _bn_moving_kernel, flops_per_element=3))
 
 
 # ----------------------------------------------------------------------------------------------

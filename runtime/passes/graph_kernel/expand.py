@@ -156,6 +156,12 @@ def relu_grad(x, g):
     return F.mul(g, F.cast(F.greater(x, 0.0), g.dtype))      # as the primitive: g * (x > 0)
 
 
+def batch_norm_moving(moving, stats, row, momentum):
+    c = moving.shape[0]                                      # as the primitive: moving*m + stats[row]*(1-m)
+    batch = F.reshape(F.slice(stats, (row, 0), (row + 1, c)), (c,))
+    return F.add(F.mul(moving, momentum), F.mul(batch, 1.0 - momentum))
+
+
 # op -> (rule(*input tensors, **attrs))
 RULES = {
     "gelu": lambda x: gelu(x),
@@ -171,6 +177,8 @@ RULES = {
     "softmax_cross_entropy_grad": lambda x, t, g, sparse: softmax_cross_entropy_grad(x, t, g, sparse),
     "reduce_mean": lambda x, axis, keepdims: reduce_mean(x, axis, keepdims),
     "relu_grad": lambda x, g: relu_grad(x, g),
+    # BatchNorm's moving statistics: fusible, so their assigns are computed in place like an optimizer's
+    "batch_norm_moving": lambda m, s, row, momentum: batch_norm_moving(m, s, row, momentum),
 }
 
 
