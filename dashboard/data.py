@@ -139,6 +139,12 @@ class RunStore:
                 self._cache.popitem(last=False)
         return _value(value)
 
+    def get_pair(self, run_a: str, run_b: str, what: str, fn):
+        """``fn(run_a, run_b)`` over the two loaded runs, cached until either run changes."""
+        b = self.run(run_b)
+        return self.get(run_a, what, lambda run, _b_key: fn(run, b), (str(self.path(run_b)),
+                                                                      self._stamp(self.path(run_b))))
+
     def manifest(self, run_id: str) -> dict:
         return self.run(run_id).manifest
 

@@ -119,3 +119,21 @@ def test_runs_page_rows_and_links(tmp_path):
     assert href == "/run/lr%3D0.1%3Ab%23c%3Fd/overview" and unquote(href.split("/")[2]) == "lr=0.1:b#c?d"
     evil = runs.run_link('<img src=x onerror=alert(1)>"_*')
     assert "<img" not in evil and "&lt;img" in evil and '\\_\\*' in evil
+
+
+def test_a_pair_analysis_is_recomputed_when_either_run_changes(tmp_path):
+    a, b = training_run(tmp_path, "a"), training_run(tmp_path, "b")
+    store = RunStore(tmp_path, reload_interval=0)
+    calls = []
+
+    def pair(ra, rb):
+        calls.append((ra.name, rb.manifest["step_count"]))
+        return len(calls)
+
+    assert store.get_pair("a", "b", "pair", pair) == store.get_pair("a", "b", "pair", pair) == 1
+    time.sleep(0.01)
+    set_manifest(b.path, step_count=42)
+    assert store.get_pair("a", "b", "pair", pair) == 2 and calls[-1] == ("a", 42)
+    time.sleep(0.01)
+    set_manifest(a.path, step_count=7)
+    assert store.get_pair("a", "b", "pair", pair) == 3

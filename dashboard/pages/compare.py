@@ -103,23 +103,9 @@ def _newest_first(runs: list[str]) -> list[str]:
 
 
 # -- the comparison -----------------------------------------------------------------------------------------
-def _compare(run_a, a_stamp, b_path, b_stamp):
-    return analysis.compare_runs(run_a, b_path)
-
-
-def _stamp(path) -> tuple:
-    try:
-        m = (path / "manifest.json").stat()
-        return (m.st_mtime_ns, m.st_size)
-    except OSError:
-        return (0, 0)
-
-
 def comparison(a: str, b: str) -> analysis.RunComparison:
     """``compare_runs`` for two run ids, cached until either run changes (RunNotFound / TraceError)."""
-    st = store()
-    pa, pb = st.path(a), st.path(b)
-    return st.get(a, "compare_runs", _compare, _stamp(pa), str(pb), _stamp(pb))
+    return store().get_pair(a, b, "compare_runs", analysis.compare_runs)
 
 
 def body(a: str | None, b: str | None):
