@@ -16,8 +16,8 @@ Fake quantization (float32 / float64, used while training):
 
 Integer-only inference (int8 activations and weights, int32 accumulation, no float in the hot loops):
 
-* ``conv2d_int8`` (im2col per image into a thread-local buffer padded with the input zero point, then
-  int8 dot products), ``dense_int8``: ``acc = bias + sum x*w`` in int32, then requantised with a
+* ``conv2d_int8`` (im2col per image, through a table of source offsets shared by every image, straight into
+  int16 pairs in a thread-local buffer, padding = the input zero point; then the GEMM micro-kernel), ``dense_int8``: ``acc = bias + sum x*w`` in int32, then requantised with a
   per-output-channel Q31 multiplier in [0.5, 1) and a rounding right shift (``_mbqm``: one rounding of the
   64-bit product, as TFLite's single-rounding mode), plus the output zero point, clamped to
   [act_min, act_max] (a fused ReLU clamps at the zero point);
@@ -36,7 +36,6 @@ from cython.parallel cimport prange, parallel
 from libc.math cimport floor, floorf
 from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, memset
 
 cnp.import_array()
 
@@ -317,25 +316,76 @@ DEF OB = 16       # output channels per register block: one 512-bit vector of in
 
 cdef extern from *:
     """
-    /* 16 output channels at a time as GCC generic vectors: the compiler maps them onto the widest vector
-       registers of the target (AVX-512: one register of int32; AVX2: two; SSE: four), no intrinsics.
-       acc = bias + sum_k a[k] * wT[k, :16] in int32; then per lane zp + ((acc * mult + rnd) >> total) in
-       int64 (one rounding, half up), clamped to [lo, hi], and the first nvalid lanes stored with a stride. */
+    /* The int8 GEMM micro-kernel. Activations come as int32 words of two int16 (k even, k odd): P[k2, m];
+       weights likewise: W[k2, o]. A tile of up to 4 rows x 2 blocks of 16 output channels accumulates in
+       int32 vectors: with AVX-512BW one vpmaddwd (VNNI: vpdpwssd) does two k for 16 channels; other targets
+       use GCC generic vectors that unpack the halves. Both are exact integer arithmetic (same results).
+       Requantization per lane: zp + ((acc * mult + rnd) >> total) in int64 (one rounding, half up),
+       clamped to [lo, hi]. */
     #include <string.h>
+    #if defined(__AVX512BW__)
+    #include <immintrin.h>
+    #endif
     typedef int32_t iq_v16si __attribute__((vector_size(64)));
     typedef int64_t iq_v16di __attribute__((vector_size(128)));
-    static inline void iq_gemm_requant16(const int8_t* a, Py_ssize_t astride, Py_ssize_t K,
-                                         const int32_t* wT, Py_ssize_t Op,
-                                         const int32_t* bias, const int64_t* mult, const int64_t* rnd,
-                                         const int64_t* total, int64_t zp, int64_t lo, int64_t hi, int nvalid,
-                                         int8_t* out, Py_ssize_t ostride) {
-        iq_v16si acc, w;
-        iq_v16di v, m, r, t, lov, hiv, mask;
-        memcpy(&acc, bias, sizeof(acc));
-        for (Py_ssize_t k = 0; k < K; ++k) {
-            memcpy(&w, wT + k * Op, sizeof(w));
-            acc += (int32_t)a[k * astride] * w;
+
+    static inline int32_t iq_pair(int32_t a0, int32_t a1) {
+        return (int32_t)((uint32_t)(uint16_t)(int16_t)a0 | ((uint32_t)(uint16_t)(int16_t)a1 << 16));
+    }
+
+    /* acc[r * 2 + b] = bias[16 b ..] + sum_k2 P[k2 * ps + r] . W[k2 * Op + 16 b ..], r < nr, b < nb */
+    static inline __attribute__((always_inline)) void iq_tile(const int32_t* P, Py_ssize_t ps, Py_ssize_t K2,
+                                                            const int32_t* W, Py_ssize_t Op, const int nr,
+                                                            const int nb, const int32_t* bias, iq_v16si* acc) {
+    #if defined(__AVX512BW__)
+        __m512i c[4][2], w[2];
+        for (int r = 0; r < nr; ++r)
+            for (int b = 0; b < nb; ++b)
+                c[r][b] = _mm512_loadu_si512((const void*)(bias + 16 * b));
+        for (Py_ssize_t k2 = 0; k2 < K2; ++k2) {
+            for (int b = 0; b < nb; ++b)
+                w[b] = _mm512_loadu_si512((const void*)(W + k2 * Op + 16 * b));
+            for (int r = 0; r < nr; ++r) {
+                __m512i p = _mm512_set1_epi32(P[k2 * ps + r]);
+                for (int b = 0; b < nb; ++b)
+    #if defined(__AVX512VNNI__)
+                    c[r][b] = _mm512_dpwssd_epi32(c[r][b], p, w[b]);
+    #else
+                    c[r][b] = _mm512_add_epi32(c[r][b], _mm512_madd_epi16(p, w[b]));
+    #endif
+            }
         }
+        for (int r = 0; r < nr; ++r)
+            for (int b = 0; b < nb; ++b)
+                _mm512_storeu_si512((void*)&acc[r * 2 + b], c[r][b]);
+    #else
+        iq_v16si c[4][2], w[2], wl[2], wh[2];
+        for (int r = 0; r < nr; ++r)
+            for (int b = 0; b < nb; ++b)
+                memcpy(&c[r][b], bias + 16 * b, sizeof(iq_v16si));
+        for (Py_ssize_t k2 = 0; k2 < K2; ++k2) {
+            for (int b = 0; b < nb; ++b) {
+                memcpy(&w[b], W + k2 * Op + 16 * b, sizeof(iq_v16si));
+                wl[b] = (w[b] << 16) >> 16;
+                wh[b] = w[b] >> 16;
+            }
+            for (int r = 0; r < nr; ++r) {
+                int32_t p = P[k2 * ps + r];
+                int32_t a0 = (int16_t)(p & 0xffff), a1 = p >> 16;
+                for (int b = 0; b < nb; ++b)
+                    c[r][b] += a0 * wl[b] + a1 * wh[b];
+            }
+        }
+        for (int r = 0; r < nr; ++r)
+            for (int b = 0; b < nb; ++b)
+                acc[r * 2 + b] = c[r][b];
+    #endif
+    }
+
+    static inline void iq_requant16(iq_v16si acc, const int64_t* mult, const int64_t* rnd, const int64_t* total,
+                                    int64_t zp, int64_t lo, int64_t hi, int nvalid, int8_t* out,
+                                    Py_ssize_t ostride) {
+        iq_v16di v, m, r, t, lov, hiv, mask;
         memcpy(&m, mult, sizeof(m));
         memcpy(&r, rnd, sizeof(r));
         memcpy(&t, total, sizeof(t));
@@ -350,66 +400,85 @@ cdef extern from *:
         for (int j = 0; j < nvalid; ++j)
             out[j * ostride] = (int8_t)v[j];
     }
+
+    /* out[m * ms + o * os] for m < M, o < O: P is (K2, ps) pairs with the M rows at columns 0..M-1. */
+    static void iq_gemm_requant(const int32_t* P, Py_ssize_t ps, Py_ssize_t M, Py_ssize_t K2, const int32_t* W,
+                                Py_ssize_t O, Py_ssize_t Op, const int32_t* bias, const int64_t* mult,
+                                const int64_t* rnd, const int64_t* total, int64_t zp, int64_t lo, int64_t hi,
+                                int8_t* out, Py_ssize_t ms, Py_ssize_t os) {
+        iq_v16si acc[8];
+        for (Py_ssize_t m0 = 0; m0 < M; m0 += 4) {
+            int nr = (M - m0) >= 4 ? 4 : (int)(M - m0);
+            for (Py_ssize_t o0 = 0; o0 < Op; o0 += 32) {
+                int nb = (Op - o0) >= 32 ? 2 : 1;
+                const int32_t* Wb = W + o0;
+                const int32_t* Pm = P + m0;
+                if (nr == 4 && nb == 2) iq_tile(Pm, ps, K2, Wb, Op, 4, 2, bias + o0, acc);
+                else if (nr == 4) iq_tile(Pm, ps, K2, Wb, Op, 4, 1, bias + o0, acc);
+                else if (nb == 2) iq_tile(Pm, ps, K2, Wb, Op, nr, 2, bias + o0, acc);
+                else iq_tile(Pm, ps, K2, Wb, Op, nr, 1, bias + o0, acc);
+                for (int r = 0; r < nr; ++r)
+                    for (int b = 0; b < nb; ++b) {
+                        Py_ssize_t oc = o0 + 16 * b;
+                        int nvalid = (O - oc) >= 16 ? 16 : (int)(O - oc);
+                        if (nvalid <= 0) continue;
+                        iq_requant16(acc[r * 2 + b], mult + oc, rnd + oc, total + oc, zp, lo, hi, nvalid,
+                                     out + (m0 + r) * ms + oc * os, os);
+                    }
+            }
+        }
+    }
+
+    /* im2col straight into pairs: P[k2 * L + l] = pair(x[off[2 k2 * L + l]], x[off[(2 k2 + 1) * L + l]]), an
+       offset < 0 (padding, or k past K) reading as pad. off is the same for every image. */
+    static void iq_im2pairs(const int8_t* x, const int32_t* off, Py_ssize_t K2, Py_ssize_t L, int32_t pad,
+                            int32_t* P) {
+        for (Py_ssize_t k2 = 0; k2 < K2; ++k2) {
+            const int32_t* o0 = off + 2 * k2 * L;
+            const int32_t* o1 = o0 + L;
+            int32_t* dst = P + k2 * L;
+            for (Py_ssize_t l = 0; l < L; ++l) {
+                int32_t a0 = o0[l] >= 0 ? x[o0[l]] : pad;
+                int32_t a1 = o1[l] >= 0 ? x[o1[l]] : pad;
+                dst[l] = iq_pair(a0, a1);
+            }
+        }
+    }
+
+    /* P[k2 * ps + m] = pair(a[m * am + 2 k2 * ak], a[m * am + (2 k2 + 1) * ak]) (0 past K), m < M */
+    static void iq_pairs(const int8_t* a, Py_ssize_t am, Py_ssize_t ak, Py_ssize_t M, Py_ssize_t K, int32_t* P,
+                         Py_ssize_t ps) {
+        Py_ssize_t K2 = (K + 1) / 2;
+        for (Py_ssize_t k2 = 0; k2 < K2; ++k2) {
+            const int8_t* r0 = a + 2 * k2 * ak;
+            int has1 = 2 * k2 + 1 < K;
+            for (Py_ssize_t m = 0; m < M; ++m)
+                P[k2 * ps + m] = iq_pair(r0[m * am], has1 ? r0[m * am + ak] : 0);
+        }
+    }
     """
-    void iq_gemm_requant16(const int8_t* a, Py_ssize_t astride, Py_ssize_t K, const int32_t* wT, Py_ssize_t Op,
-                           const int32_t* bias,
-                           const int64_t* mult, const int64_t* rnd, const int64_t* total, int64_t zp, int64_t lo,
-                           int64_t hi, int nvalid, int8_t* out, Py_ssize_t ostride) noexcept nogil
+    void iq_gemm_requant(const int32_t* P, Py_ssize_t ps, Py_ssize_t M, Py_ssize_t K2, const int32_t* W,
+                         Py_ssize_t O, Py_ssize_t Op, const int32_t* bias, const int64_t* mult, const int64_t* rnd,
+                         const int64_t* total, int64_t zp, int64_t lo, int64_t hi, int8_t* out, Py_ssize_t ms,
+                         Py_ssize_t os) noexcept nogil
+    void iq_pairs(const int8_t* a, Py_ssize_t am, Py_ssize_t ak, Py_ssize_t M, Py_ssize_t K, int32_t* P,
+                  Py_ssize_t ps) noexcept nogil
+    void iq_im2pairs(const int8_t* x, const int32_t* off, Py_ssize_t K2, Py_ssize_t L, int32_t pad,
+                     int32_t* P) noexcept nogil
 
 
-cdef void _gemm_requant_rows(const int8_t* a, Py_ssize_t am, Py_ssize_t ak, Py_ssize_t M, Py_ssize_t K,
-                             const int32_t* wT, Py_ssize_t O,
-                             Py_ssize_t Op, const int32_t* bias, const int64_t* mult, const int64_t* rnd,
-                             const int64_t* total, int32_t zp, int32_t lo, int32_t hi, int8_t* out,
-                             Py_ssize_t mstride, Py_ssize_t ostride) noexcept nogil:
-    """out[m * mstride + o * ostride] = clamp(zp + requant(bias[o] + sum_k a[m * am + k * ak] w[o, k])) for o < O;
-    wT is
-    (K, Op) int32 with Op a multiple of OB (zero-padded), mult / rnd / total padded to Op too."""
-    cdef Py_ssize_t m, o0
-    cdef int nvalid
-    for m in range(M):
-        o0 = 0
-        while o0 < Op:
-            nvalid = OB if O - o0 >= OB else <int>(O - o0)
-            iq_gemm_requant16(a + m * am, ak, K, wT + o0, Op, bias + o0, mult + o0, rnd + o0, total + o0, zp, lo, hi,
-                              nvalid, out + m * mstride + o0 * ostride, ostride)
-            o0 = o0 + OB
-
-
-cdef void _im2col8(const int8_t* x, int8_t* cols, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                   Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                   Py_ssize_t ph, Py_ssize_t pw, int8_t pad) noexcept nogil:
-    """cols[(c*kh + i)*kw + j, oh*OW + ow] = x[c, oh*sh - ph + i, ow*sw - pw + j], ``pad`` outside: for each
-    kernel offset and output row, the valid output columns form one range (a memcpy at stride 1)."""
-    cdef Py_ssize_t L = OH * OW, c, i, j, oh, ih, lo, hi, ow
-    cdef int8_t* dst
-    cdef const int8_t* src
-    for c in range(C):
-        for i in range(kh):
-            for j in range(kw):
-                # output columns ow with 0 <= ow*sw - pw + j < W
-                lo = (pw - j + sw - 1) // sw if pw > j else 0
-                hi = (W - 1 + pw - j) // sw + 1 if W - 1 + pw - j >= 0 else 0
-                if hi > OW:
-                    hi = OW
-                if lo > hi:
-                    lo = hi
-                for oh in range(OH):
-                    dst = cols + ((c * kh + i) * kw + j) * L + oh * OW
-                    ih = oh * sh - ph + i
-                    if ih < 0 or ih >= H or hi == lo:
-                        memset(dst, pad, OW)
-                        continue
-                    if lo > 0:
-                        memset(dst, pad, lo)
-                    src = x + (c * H + ih) * W + lo * sw - pw + j
-                    if sw == 1:
-                        memcpy(dst + lo, src, hi - lo)
-                    else:
-                        for ow in range(hi - lo):
-                            dst[lo + ow] = src[ow * sw]
-                    if hi < OW:
-                        memset(dst + hi, pad, OW - hi)
+def _im2col_offsets(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh,
+                    Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t K2):
+    """off[k, oh*OW + ow] = the offset of x[c, oh*sh - ph + i, ow*sw - pw + j] in one image, k = (c*kh + i)*kw + j,
+    -1 where that falls in the padding; rows up to 2*K2 (a last odd row is all -1)."""
+    c, i, j = np.meshgrid(np.arange(C), np.arange(kh), np.arange(kw), indexing="ij")
+    oh, ow = np.meshgrid(np.arange(OH), np.arange(OW), indexing="ij")
+    ih = oh.reshape(1, -1) * sh - ph + i.reshape(-1, 1)
+    iw = ow.reshape(1, -1) * sw - pw + j.reshape(-1, 1)
+    off = np.where((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W), (c.reshape(-1, 1) * H + ih) * W + iw, -1)
+    out = np.full((2 * K2, OH * OW), -1, np.int32)
+    out[:C * kh * kw] = off
+    return out.reshape(-1)
 
 
 def _vec32(a, n, what, fn):
@@ -420,8 +489,8 @@ def _vec32(a, n, what, fn):
 
 
 def _gemm_operands(w, bias, mult, shift, fn):
-    """(w transposed to int32 (K, Op); bias, multiplier, rounding constant, right shift per channel), all
-    zero-padded to Op = a multiple of OB channels, for the GEMM kernels."""
+    """(the weights as (ceil(K/2), Op) int32 words of two int16 -- w[o, 2k], w[o, 2k+1] -- and per channel the
+    bias, multiplier, rounding constant, right shift), zero-padded to Op = a multiple of OB channels."""
     cdef Py_ssize_t O = w.shape[0], Op = (w.shape[0] + OB - 1) // OB * OB
     b = np.zeros(Op, np.int32)
     b[:O] = _vec32(bias, O, "bias", fn)
@@ -432,9 +501,13 @@ def _gemm_operands(w, bias, mult, shift, fn):
     m = np.zeros(Op, np.int64)
     m[:O] = _vec32(mult, O, "mult", fn)
     rnd = np.left_shift(np.int64(1), total - 1)
-    wT = np.zeros((w.shape[1], Op), np.int32)
-    wT[:, :O] = w.T
-    return wT, b, m, rnd, total
+    K = w.shape[1]
+    K2 = (K + 1) // 2
+    pairs = np.zeros((Op, 2 * K2), np.int16)          # w[o, k] as int16, k padded to even, o to Op
+    pairs[:O, :K] = w
+    # (K2, Op) int32 words: low half w[o, 2 k2], high half w[o, 2 k2 + 1] (little-endian)
+    wT2 = np.ascontiguousarray(pairs.reshape(Op, K2, 2).transpose(1, 0, 2)).view(np.int32).reshape(K2, Op)
+    return wT2, b, m, rnd, total
 
 
 def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph, int pw,
@@ -465,15 +538,17 @@ def conv2d_int8(x, w, bias, mult, shift, int kh, int kw, int sh, int sw, int ph,
     cdef int8_t[:, :, :, ::1] ov = out
     cdef Py_ssize_t L = OH * OW, n, Op = wT.shape[1]
     cdef int nt = _threads(N * L * O * K, N)
-    cdef int8_t* rows
+    cdef Py_ssize_t K2 = (K + 1) // 2
+    cdef const int32_t[::1] offv = _im2col_offsets(C, H, W, OH, OW, kh, kw, sh, sw, ph, pw, K2)
+    cdef int32_t* pairs
     with nogil, parallel(num_threads=nt):
-        rows = <int8_t*>malloc(L * K * sizeof(int8_t))
-        if rows != NULL:
+        pairs = <int32_t*>malloc(L * K2 * sizeof(int32_t))
+        if pairs != NULL:
             for n in prange(N, schedule="static"):
-                _im2col8(&xv[n, 0, 0, 0], rows, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw, <int8_t>zp_x)
-                _gemm_requant_rows(rows, 1, L, L, K, &wv[0, 0], O, Op, &bv[0], &mv[0], &rv[0], &tv[0], zp_y, act_min,
-                                   act_max, &ov[n, 0, 0, 0], 1, L)
-        free(rows)
+                iq_im2pairs(&xv[n, 0, 0, 0], &offv[0], K2, L, zp_x, pairs)
+                iq_gemm_requant(pairs, L, L, K2, &wv[0, 0], O, Op, &bv[0], &mv[0], &rv[0], &tv[0], zp_y, act_min,
+                                act_max, &ov[n, 0, 0, 0], 1, L)
+        free(pairs)
     return out
 
 
@@ -499,14 +574,19 @@ def dense_int8(x, w, bias, mult, shift, int zp_y, int act_min, int act_max):
     cdef const int32_t[::1] bv = b
     cdef const int64_t[::1] mv = m, rv = rnd, tv = total
     cdef int8_t[:, ::1] ov = out
-    cdef Py_ssize_t nblk = (N + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef Py_ssize_t nblk = (N + ROW_BLOCK - 1) // ROW_BLOCK, K2 = (K + 1) // 2
     cdef int nt = _threads(N * O * K, nblk)
-    with nogil:
-        for blk in prange(nblk, schedule="static", num_threads=nt):
-            r0 = blk * ROW_BLOCK
-            rn = N - r0 if N - r0 < ROW_BLOCK else ROW_BLOCK
-            _gemm_requant_rows(&xv[r0, 0], K, 1, rn, K, &wv[0, 0], O, Op, &bv[0], &mv[0], &rv[0], &tv[0], zp_y, act_min,
-                               act_max, &ov[r0, 0], O, 1)
+    cdef int32_t* pairs
+    with nogil, parallel(num_threads=nt):
+        pairs = <int32_t*>malloc(ROW_BLOCK * K2 * sizeof(int32_t))
+        if pairs != NULL:
+            for blk in prange(nblk, schedule="static"):
+                r0 = blk * ROW_BLOCK
+                rn = N - r0 if N - r0 < ROW_BLOCK else ROW_BLOCK
+                iq_pairs(&xv[r0, 0], K, 1, rn, K, pairs, ROW_BLOCK)
+                iq_gemm_requant(pairs, ROW_BLOCK, rn, K2, &wv[0, 0], O, Op, &bv[0], &mv[0], &rv[0], &tv[0], zp_y,
+                                act_min, act_max, &ov[r0, 0], O, 1)
+        free(pairs)
     return out
 
 
@@ -552,6 +632,20 @@ def maxpool_int8(x, int kh, int kw, int sh, int sw):
     cdef int8_t[::1] ov = out.reshape(-1)
     cdef int8_t m, v
     cdef int nt = _threads(xa.size, N * C)
+    cdef const int8_t* r0
+    cdef const int8_t* r1
+    cdef int8_t a, b
+    if kh == 2 and kw == 2 and sh == 2 and sw == 2:       # the common case, without the window loops
+        with nogil:
+            for p in prange(N * C, schedule="static", num_threads=nt):
+                for oh in range(OH):
+                    r0 = &xv[p * H * W + 2 * oh * W]
+                    r1 = r0 + W
+                    for ow in range(OW):
+                        a = r0[2 * ow] if r0[2 * ow] > r0[2 * ow + 1] else r0[2 * ow + 1]
+                        b = r1[2 * ow] if r1[2 * ow] > r1[2 * ow + 1] else r1[2 * ow + 1]
+                        ov[p * OH * OW + oh * OW + ow] = a if a > b else b
+        return out
     with nogil:
         for p in prange(N * C, schedule="static", num_threads=nt):
             for oh in range(OH):
