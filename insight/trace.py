@@ -285,6 +285,8 @@ class Run:
             self.check_inside(parts)
             if any(parts.glob("part-*.parquet")):
                 return parts
+        if single.exists():  # compacted between the two looks: the single file is complete
+            return self.check_inside(single)
         return None
 
     def table_files(self, table: str, rank: int = 0) -> list[Path]:
@@ -303,6 +305,10 @@ class Run:
         return self.table_path(table, rank) is not None
 
     def bad_file(self, path: Path, exc: BaseException) -> TraceError:
+        """A damaged file's TraceError; raises FileNotFoundError instead when the file is gone (a compaction
+        removed it: the caller lists the files again)."""
+        if not os.path.lexists(path):
+            raise FileNotFoundError(2, "vanished", str(path))
         msg = str(exc).splitlines()[0] if str(exc) else "corrupt"
         return self.error(f"cannot read {self.rel(path)} ({type(exc).__name__}: {msg})")
 
@@ -339,40 +345,46 @@ class Run:
         """The table's ``columns`` (those present; all when None) as Arrow, each column read once and kept;
         None when the table is absent. A part file that vanishes (compaction) makes the table be listed and
         read again."""
+        def get(e: _TableFiles) -> pa.Table:
+            want = [c for c in (e.names if columns is None else columns) if c in e.names]
+            with self._lock:
+                missing = [c for c in want if c not in e.columns]
+                if missing:
+                    e.columns.update(self._read_columns(e, missing))
+                return pa.table({c: e.columns[c] for c in want})
+
+        return self._with_files(table, rank, get, None)
+
+    def num_rows(self, table: str, rank: int = 0) -> int:
+        def count(e: _TableFiles) -> int:
+            total = 0
+            for f in e.files:
+                try:
+                    total += pq.ParquetFile(f, memory_map=True).metadata.num_rows
+                except FileNotFoundError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise self.bad_file(f, exc) from None
+            return total
+
+        return self._with_files(table, rank, count, 0)
+
+    def _with_files(self, table: str, rank: int, fn, absent):
+        """``fn(files)`` over the table's listed files; when one vanished (a compaction), list them again."""
         for attempt in range(COMPACTION_RETRIES + 1):
             e = self._entry(table, rank)
             if e is None:
-                return None
-            want = [c for c in (e.names if columns is None else columns) if c in e.names]
+                return absent
             try:
-                with self._lock:
-                    missing = [c for c in want if c not in e.columns]
-                    if missing:
-                        e.columns.update(self._read_columns(e, missing))
-                    cols = {c: e.columns[c] for c in want}
+                return fn(e)
             except FileNotFoundError:
                 if attempt == COMPACTION_RETRIES:
                     raise self.error(f"the files of table {table!r} kept changing while being read") from None
                 with self._lock:
-                    self._tables.pop((table, int(rank)), None)
+                    if self._tables.get((table, int(rank))) is e:
+                        del self._tables[(table, int(rank))]
                 time.sleep(0.02 * (attempt + 1))
-                continue
-            return pa.table(cols)
-        return None  # pragma: no cover
-
-    def num_rows(self, table: str, rank: int = 0) -> int:
-        e = self._entry(table, rank)
-        if e is None:
-            return 0
-        total = 0
-        for f in e.files:
-            try:
-                total += pq.ParquetFile(f, memory_map=True).metadata.num_rows
-            except FileNotFoundError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise self.bad_file(f, exc) from None
-        return total
+        return absent  # pragma: no cover
 
     def _read_columns(self, e: _TableFiles, names: list[str]) -> dict[str, pa.ChunkedArray]:
         parts = []
@@ -644,7 +656,11 @@ def rel(run: Run, path: Path) -> str:
 
 
 def bad_file(run: Run, path: Path, exc: BaseException) -> TraceError:
-    return run.bad_file(path, exc)
+    """The TraceError for a file that cannot be read (one that vanished too: readers without a retry)."""
+    try:
+        return run.bad_file(path, exc)
+    except FileNotFoundError:
+        return run.error(f"{run.rel(path)} vanished while it was read (the run was being compacted); read it again")
 
 
 def schema_names(run: Run, table: str, rank: int = 0) -> list[str] | None:

@@ -279,3 +279,49 @@ def test_odd_files_and_types(tmp_path):
     pd.read_parquet(p).drop(columns=["fused_ops"]).to_parquet(p)
     run = open_run(r3.path)
     assert "fused_ops" in run.schema_names("tasks") and A.op_stats(run)["total_ns"].sum() == r3.task_total_ns
+
+
+def test_reading_a_run_while_the_profiler_records_and_compacts_it(tmp_path, digits):
+    """Readers polling a run while insight.Profiler flushes parts and stop() compacts them: every read is a
+    complete answer (never a vanished part file)."""
+    from insight import Profiler
+    from runtime import Model, context, nn
+    from runtime.dataset import NumpySlicesDataset
+    from runtime.models import LeNetDigits
+
+    xtr, ytr, _, _ = digits
+    context.set_context(mode=context.GRAPH_MODE, seed=0)
+    net = LeNetDigits(channels=(4, 8), hidden=16)
+    model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+                  nn.Momentum(net.trainable_params(), 0.05, 0.9), progress=False)
+    ds = NumpySlicesDataset((xtr[:640], ytr[:640]), ["image", "label"], shuffle=True, seed=0).batch(32)
+    run_dir = tmp_path / "live"
+    stop = threading.Event()
+    errors, reads = [], []
+
+    def poll():
+        while not stop.is_set():
+            if not (run_dir / "manifest.json").exists():
+                continue
+            try:
+                r = open_run(run_dir)
+                reads.append((A.step_summary(r).steps, int(A.op_stats(r)["calls"].sum()) if r.has_table("tasks") else 0))
+                A.load_timeline(r)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        with Profiler(run_dir, flush_interval=0.05):
+            model.train(2, ds, dataset_sink_mode=True)
+        for _ in range(20):  # and right after stop(): the compacted files
+            poll_once = open_run(run_dir)
+            A.op_stats(poll_once)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert len(reads) > 3 and reads[-1][0] > 0
+    final = open_run(run_dir)
+    assert final.table_files("tasks") == [run_dir / "rank_0" / "tasks.parquet"]
