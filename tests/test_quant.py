@@ -433,13 +433,21 @@ def test_requantization_multiplier_is_q31_and_rounds_half_up():
         np.testing.assert_allclose(got, np.floor(acc * (mult * 2.0 ** (shift - 31)) + 0.5), atol=1)
 
 
-def test_int8_kernels_against_integer_reference():
-    rng = np.random.default_rng(8)
-    x = rng.integers(-128, 128, (3, 2, 6, 5)).astype(np.int8)
-    w = rng.integers(-127, 128, (4, 2 * 3 * 3)).astype(np.int8)
-    bias = rng.integers(-5000, 5000, 4).astype(np.int32)
-    mult = np.array([quantize_multiplier(m)[0] for m in (0.01, 0.02, 0.003, 0.5)], np.int32)
-    shift = np.array([quantize_multiplier(m)[1] for m in (0.01, 0.02, 0.003, 0.5)], np.int32)
+def _requant_ref(acc, mult, shift, zp):
+    return np.array([zp + ((int(a) * int(m) + (1 << (30 - int(s)))) >> (31 - int(s)))
+                     for a, m, s in zip(acc, mult, shift)])
+
+
+@pytest.mark.parametrize("c, o", [(2, 4), (3, 20), (5, 40)], ids=["K18_O4", "K27odd_O20", "K45odd_O40"])
+def test_int8_kernels_against_integer_reference(c, o):
+    """conv2d_int8 / dense_int8 against Python-integer arithmetic, for odd K (a half-filled int16 pair) and
+    channel counts that are not multiples of the 16-channel blocks."""
+    rng = np.random.default_rng(8 + c)
+    x = rng.integers(-128, 128, (3, c, 6, 5)).astype(np.int8)
+    w = rng.integers(-127, 128, (o, c * 3 * 3)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, o).astype(np.int32)
+    ms = [quantize_multiplier(float(m)) for m in rng.uniform(0.002, 0.6, o)]
+    mult, shift = np.array([m for m, _ in ms], np.int32), np.array([s for _, s in ms], np.int32)
     zp_x, zp_y = 5, -3
     out = KQ.conv2d_int8(x, w, bias, mult, shift, 3, 3, 1, 1, 1, 1, zp_x, zp_y, -128, 127)
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=zp_x)
@@ -447,13 +455,15 @@ def test_int8_kernels_against_integer_reference():
     for n in range(3):
         for i in range(6):
             for j in range(5):
-                patch = xp[n, :, i:i + 3, j:j + 3].reshape(-1)
-                acc = w.astype(np.int64) @ patch + bias
-                ref[n, :, i, j] = [zp_y + ((int(a) * int(m) + (1 << (30 - int(s)))) >> (31 - int(s)))
-                                   for a, m, s in zip(acc, mult, shift)]
+                acc = w.astype(np.int64) @ xp[n, :, i:i + 3, j:j + 3].reshape(-1) + bias
+                ref[n, :, i, j] = _requant_ref(acc, mult, shift, zp_y)
     np.testing.assert_array_equal(out, np.clip(ref, -128, 127))
+    xd = rng.integers(-128, 128, (37, c * 9)).astype(np.int8)
+    dense = KQ.dense_int8(xd, w, bias, mult, shift, 7, -100, 120)
+    ref = np.stack([_requant_ref(w.astype(np.int64) @ row.astype(np.int64) + bias, mult, shift, 7) for row in xd])
+    np.testing.assert_array_equal(dense, np.clip(ref, -100, 120))
     pooled = KQ.maxpool_int8(x, 2, 2, 2, 2)
-    np.testing.assert_array_equal(pooled, x[:, :, :6, :4].reshape(3, 2, 3, 2, 2, 2).max(axis=(3, 5)))
+    np.testing.assert_array_equal(pooled, x[:, :, :6, :4].reshape(3, c, 3, 2, 2, 2).max(axis=(3, 5)))
     np.testing.assert_array_equal(KQ.relu_int8(x, -7, 100), np.clip(x, -7, 100))
 
 
