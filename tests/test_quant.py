@@ -477,6 +477,9 @@ def test_conversion_errors_name_the_cell():
     qnet = convert_quant_network(net)
     with pytest.raises(QuantConversionError, match=r"Dense\(in_channels=3, out_channels=2\) at .*no int8 lowering"):
         convert_to_int8(qnet, (4,))
+    pooled = convert_quant_network(nn.SequentialCell([nn.Conv2dBnAct(1, 2, 3), nn.AvgPool2d(2, 2)]))
+    with pytest.raises(QuantConversionError, match=r"AvgPool2d.* at 'QuantNetwork/network/1'.*no int8 lowering"):
+        convert_to_int8(pooled, (1, 4, 4))
     with pytest.raises(QuantConversionError, match="expects the QuantNetwork"):
         convert_to_int8(net, (4,))
     conv = convert_quant_network(LeNetBN())

@@ -32,7 +32,8 @@ from runtime.compiler import compile as compile_graph
 from runtime.executor import CompiledGraph
 from runtime.ir.graph import Graph
 from runtime.nn.cell import Cell
-from runtime.nn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dense, Flatten, MaxPool2d, ReLU, SequentialCell
+from runtime.nn.layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dense, Embedding, Flatten, LayerNorm,
+                               MaxPool2d, ReLU, SequentialCell, Sigmoid, Softmax, Tanh)
 from runtime.nn.parameter import Parameter
 from runtime.nn.quant import (ActQuant, Conv2dBnAct, Conv2dBnFoldQuant, Conv2dQuant, DenseBnAct, DenseQuant,
                               FakeQuantWithMinMax, TensorAdd, TensorAddQuant, step_counter)
@@ -415,8 +416,9 @@ class _Lowering:
         return _QValue(ref, a.sample_shape, s, z, lo, hi)
 
     def unsupported(self, cell, *args):
-        self.fail(cell, f"{type(cell).__name__} has no int8 lowering (convert the network with "
-                        f"convert_quant_network; float Conv2d / Dense must be inside Conv2dBnAct / DenseBnAct)")
+        self.fail(cell, f"{type(cell).__name__} has no int8 lowering; the int8 engine covers the fused cells "
+                        f"(Conv2dBnAct, DenseBnAct, TensorAdd) once convert_quant_network has converted them, "
+                        f"MaxPool2d without padding, Flatten and ReLU")
 
 
 def fold_bn(w, gamma, beta, mean, var, eps):
@@ -433,7 +435,9 @@ _LEAVES = (
     (FakeQuantWithMinMax, "fake_quant"), (Conv2dBnFoldQuant, "conv_bn_fold"), (Conv2dQuant, "conv_quant"),
     (DenseQuant, "dense_quant"), (ActQuant, "act_quant"), (TensorAddQuant, "tensor_add"), (MaxPool2d, "max_pool"),
     (Flatten, "flatten"), (ReLU, "activation"), (BatchNorm2d, "batchnorm"), (BatchNorm1d, "batchnorm"),
-    (Conv2d, "unsupported"), (Dense, "unsupported"),
+    (Conv2d, "unsupported"), (Dense, "unsupported"), (AvgPool2d, "unsupported"), (LayerNorm, "unsupported"),
+    (Embedding, "unsupported"), (GELU, "unsupported"), (Sigmoid, "unsupported"), (Tanh, "unsupported"),
+    (Softmax, "unsupported"),
 )
 
 
