@@ -192,16 +192,17 @@ def test_getnext_waits_are_attributed_by_the_host_queue(tmp_path):
 
 def test_a_starved_host_queue_seen_full_once_is_still_data_processing(tmp_path):
     """Why test_profiled_slow_map_is_input_bound_and_named failed on a loaded machine: the host queue of a slow
-    map is almost always empty; when the sampler catches a batch in it once (the feeder thread late to pop it),
-    "from its first batch to its last" shrinks to that one sample, the empty ratio drops to 0% and the old
-    rules said data transfer. The GetNext waits, attributed by the host queue during them, still say
-    data processing."""
+    map is almost always empty; when the sampler caught a batch in it once (the feeder thread late to pop it),
+    "from its first batch to its last" shrank to that one sample, the empty ratio dropped to 0% and the old
+    rules said data transfer. The window now spans the GetNext calls that waited, and the waits, attributed by
+    the host queue during them, say data processing too."""
     steps = tuple(range(1, 21))
     r = training_run(tmp_path, "starved", n_steps=20, empty_steps=steps, pipeline=SLOW_MAP)
     # one sample catches a batch, in step 11; the map's output queue is empty, the source's full
     _host_queue_at_getnext(r, set(steps) - {11}, busy_depth=1, others=(0, 15))
     p = A.data_pipeline(r.path)
-    assert p.host_queue_empty_ratio == 0.0 and p.host_queue_samples == 1  # the degenerate window
+    # steps 2..20 (the first step is left out, as everywhere): 18 empty of 19, not 0% of 1
+    assert p.host_queue_samples == 19 and p.host_queue_empty_ratio == pytest.approx(18 / 19)
     assert (p.empty_pops_host_empty, p.empty_pops_host_ready) == (18, 1)
     assert p.verdict == "data_processing" and (p.bottleneck_op_type, p.bottleneck_op_id) == ("map", 1)
 

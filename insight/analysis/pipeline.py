@@ -125,13 +125,6 @@ def _data_pipeline(run: Run, rank: int, breakdown: pd.DataFrame) -> PipelineRepo
 
     rep = PipelineReport(ops=_ops_table(pipes, samples, stats), device_queue=_device_queue_per_step(dq))
     ops = rep.ops
-    if len(ops):
-        rep.pipeline_ids = sorted(int(p) for p in ops.attrs.get("pipeline_ids", []))
-        root = ops[ops["parent_id"] == -1]
-        rs = _while_running(samples[samples["pipeline_id"].isin(rep.pipeline_ids) & samples["op_id"].isin(root["op_id"])])
-        rep.host_queue_samples = len(rs)
-        if len(rs):
-            rep.host_queue_empty_ratio = float((rs["depth"] <= 0).mean())
     if len(bd) > 1:
         first = int(bd["step"].iloc[0])
         later = dq[(dq["action"] == "pop") & (dq["step"] != first)]
@@ -140,11 +133,17 @@ def _data_pipeline(run: Run, rank: int, breakdown: pd.DataFrame) -> PipelineRepo
     rep.device_queue_pops = int(len(later))
     waited = later[later["wait_ns"] > 0]
     rep.device_queue_empty_pops = int(len(waited))
-    if len(waited):
+    host = samples.iloc[:0]
+    if len(ops):
+        rep.pipeline_ids = sorted(int(p) for p in ops.attrs.get("pipeline_ids", []))
         host = samples[samples["pipeline_id"].isin(rep.pipeline_ids) & samples["op_id"].isin(
-            ops.loc[ops["parent_id"] == -1, "op_id"])] if len(ops) else samples.iloc[:0]
-        empty, ready = _attribute_waits(waited, host)
-        rep.empty_pops_host_empty, rep.empty_pops_host_ready = empty, ready
+            ops.loc[ops["parent_id"] == -1, "op_id"])]
+        rs = _while_running(host, waited)
+        rep.host_queue_samples = len(rs)
+        if len(rs):
+            rep.host_queue_empty_ratio = float((rs["depth"] <= 0).mean())
+    if len(waited):
+        rep.empty_pops_host_empty, rep.empty_pops_host_ready = _attribute_waits(waited, host)
 
     usage = ops["queue_usage"].dropna() if len(ops) else pd.Series(dtype=float)
     rep.consumer_bottleneck = bool(len(usage) and len(usage) == len(ops) and (usage >= ALL_FULL).all())
@@ -221,14 +220,29 @@ def _verdict(rep: PipelineReport) -> tuple[str, str]:
                     f"data pipeline")
 
 
-def _while_running(rs: pd.DataFrame) -> pd.DataFrame:
-    """Each pipeline's host-queue samples from its first batch to its last: MindInsight counts empty
-    queues per batch fetched, so neither the start-up before the first batch exists nor the drain after
-    the source is exhausted (no batch is asked for then) should count as "empty"."""
+def _while_running(rs: pd.DataFrame, waited: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each pipeline's host-queue samples while the consumer fetched batches: from its first batch to its
+    last (MindInsight counts empty queues per batch fetched, so neither the start-up before the first batch
+    exists nor the drain after the source is exhausted should count as "empty") -- widened to every GetNext
+    that waited for data while the pipeline ran (``waited``: device-queue pops with ``wait_ns``), since the
+    consumer was asking for a batch then. Without that, a starved queue seen holding a batch once shrinks
+    to that one sample and reads as never empty."""
     keep = []
+    w0 = w1 = np.zeros(0, np.int64)
+    if waited is not None and len(waited):
+        w1 = waited["t_ns"].to_numpy(np.int64)
+        w0 = w1 - waited["wait_ns"].to_numpy(np.int64).clip(min=0)
     for _, g in rs.sort_values("t_ns", kind="stable").groupby("pipeline_id", sort=False):
         full = np.flatnonzero(g["depth"].to_numpy() > 0)
-        keep.append(g.iloc[full[0]: full[-1] + 1] if len(full) else g)
+        if not len(full):
+            keep.append(g)
+            continue
+        t = g["t_ns"].to_numpy(np.int64)
+        lo, hi = t[full[0]], t[full[-1]]
+        during = (w1 >= t[0]) & (w0 <= t[-1])  # waits inside this pipeline's sampled time
+        if during.any():
+            lo, hi = min(lo, int(w0[during].min())), max(hi, int(w1[during].max()))
+        keep.append(g[(t >= lo) & (t <= hi)])
     return pd.concat(keep) if keep else rs
 
 
