@@ -19,6 +19,9 @@ from pathlib import Path
 from insight.trace import MANIFEST, Run, TraceError, find_runs, open_run, resolve_run
 
 
+MAX_OPEN_RUNS = 32
+
+
 class RunNotFound(LookupError):
     pass
 
@@ -45,7 +48,7 @@ class RunStore:
         self.reload_interval = float(reload_interval)
         self._runs: list[Path] = []
         self._scanned = 0.0
-        self._open: dict[str, tuple] = {}       # run dir -> (stamp, Run | TraceError)
+        self._open: OrderedDict = OrderedDict()   # run dir -> (stamp, Run | TraceError), least recent first
         self._cache: OrderedDict = OrderedDict()  # (run dir, what, args) -> (stamp, ok, value)
         self._cache_size = cache_size
         self._lock = threading.RLock()
@@ -107,6 +110,7 @@ class RunStore:
         with self._lock:
             hit = self._open.get(str(p))
             if hit is not None and hit[0] == stamp:
+                self._open.move_to_end(str(p))
                 return _value(hit[1])
         try:
             value = open_run(p)
@@ -114,6 +118,8 @@ class RunStore:
             value = TraceError(_one_line(e))
         with self._lock:
             self._open[str(p)] = (stamp, value)
+            while len(self._open) > MAX_OPEN_RUNS:  # a loaded run keeps the columns read so far
+                self._open.popitem(last=False)
         return _value(value)
 
     # -- cached analyses -----------------------------------------------------------------------------
