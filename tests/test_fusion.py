@@ -218,9 +218,10 @@ def test_models_train_to_the_same_losses(model, digits):
     off, exe_off, net_off = train_losses(make, batches, False, 20)
     on, exe_on, net_on = train_losses(make, batches, True, 20)
     assert_fused_structure(exe_on.graph, exe_off.graph)
-    if model.startswith("attention"):   # the softmax runs as the epilogue of q @ kT: one task
-        assert any(n.ann["fused_ops"][0] == "batch_matmul" and {"reduce_max", "exp"} <= set(n.ann["fused_ops"])
-                   for n in exe_on.graph.nodes if n.op == "fused")
+    if model.startswith("attention"):   # q kT -> scale -> softmax -> p v and its backward: one tiled kernel each
+        ops = {n.op: n.ann["fused_ops"] for n in exe_on.graph.nodes if n.op.startswith("fused_attention")}
+        assert ops["fused_attention_fwd"] == ["batch_matmul", "mul", "softmax", "batch_matmul"]
+        assert {"softmax_grad", "batch_matmul"} <= set(ops["fused_attention_grad"])
     np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
     assert on[-1] < on[0]
     for p_on, p_off in zip(net_on.get_parameters(), net_off.get_parameters()):
@@ -494,8 +495,9 @@ def gemm_programs(draw):
         "dh": draw(st.integers(min_dh, max(min_dh, 4))),
         "qkv": tuple(draw(st.sampled_from(["x", "dense", "dense_nobias"])) for _ in range(3)),
         "scores": draw(st.sampled_from(["tb", "explicit", "ta"])),
-        "scale": draw(st.booleans()), "mask": draw(st.booleans()),
+        "scale": draw(st.booleans()), "mask": draw(st.sampled_from([False, "param", "input", "queries"])),
         "norm": draw(st.sampled_from(["softmax", "log_softmax", "softmax_queries", "manual", "tanh"])),
+        "dropout": draw(st.booleans()),
         "pv": draw(st.sampled_from(["plain", "ta"])),
         "out_proj": draw(st.booleans()), "residual": draw(st.booleans()), "layer_norm": layer_norm,
         "taps": tuple(sorted(set(draw(st.lists(st.tuples(st.sampled_from(TAP_VALUES), st.sampled_from(TAP_KINDS)),
@@ -552,8 +554,12 @@ def build_gemm_program(spec):
                 scores = F.batch_matmul(_last2(q), k, transpose_a=True, transpose_b=True)
             if spec["scale"]:
                 scores = F.mul(scores, float(1.0 / np.sqrt(dh)))
-            if spec["mask"]:
-                scores = F.add(scores, new_param("mask", (B,) + (1,) * (scores.ndim - 2) + (S,), 1.0))
+            if spec["mask"]:       # a key mask (trained or fed) or one that varies over the queries too
+                mshape = (B,) + (1,) * (scores.ndim - 2) + (S,)
+                if spec["mask"] == "queries":
+                    mshape = (B,) + (1,) * (scores.ndim - 3) + (S, S)
+                mask = b.input("mask", mshape, F32) if spec["mask"] == "input" else new_param("mask", mshape, 1.0)
+                scores = F.add(scores, mask)
             norm = spec["norm"]
             if norm == "softmax":
                 probs = F.softmax(scores, -1)
@@ -566,6 +572,8 @@ def build_gemm_program(spec):
                 probs = F.div(e, F.reduce_sum(e, -1, True))
             else:
                 probs = F.tanh(scores)
+            if spec.get("dropout"):  # on the probabilities (attention dropout), a generator per program
+                probs = F.dropout(probs, 0.75, np.random.default_rng(spec["seed"] + 1))
             ctx = F.batch_matmul(probs, v) if spec["pv"] == "plain" else \
                 F.batch_matmul(_last2(probs), v, transpose_a=True)
             if spec["split"]:
@@ -612,11 +620,28 @@ def build_gemm_program(spec):
                         F.assign(p, F.sub(p, F.mul(gr, 0.05)))
                         updated.append(p)
         g.outputs = {name: t.node for name, t in outputs.items()}
-    return g, {"x": rng.normal(size=(B, S, D)).astype(F32)}, updated
+    feeds = {"x": rng.normal(size=(B, S, D)).astype(F32)}
+    if spec["mask"] == "input":
+        feeds["mask"] = np.where(rng.random(g.inputs[1].shape) < 0.3, -1e4, 0.0).astype(F32)
+    return g, feeds, updated
+
+
+def attention_fusable(spec) -> bool:
+    """Whether a ``gemm_programs`` example is exactly the attention pattern (``fuse_attention`` must take it):
+    q kT (not an explicit transpose), softmax over the keys, p v, a key mask if any, and no value of the
+    scores / probabilities read outside the pattern. A trained mask needs its gradient summed over the queries:
+    with one query that sum is no reduction, and the score gradient itself is read (not the pattern)."""
+    return (spec["scores"] == "tb" and spec["norm"] == "softmax" and spec["pv"] == "plain"
+            and spec["mask"] != "queries" and not (spec["mask"] == "param" and spec["S"] == 1)
+            and not any(name in ("scores", "probs") for name, _ in spec["taps"]))
 
 
 def _run_gemm_program(spec, fuse_it):
     g, feeds, updated = build_gemm_program(spec)
+    if fuse_it:       # the attention pattern becomes the tiled kernels exactly when it is the pattern
+        fused = [n.op for n in graph_kernel(dce(g)).nodes]
+        assert fused.count("fused_attention_fwd") == attention_fusable(spec), spec
+        assert fused.count("fused_attention_grad") == attention_fusable(spec), spec
     out = run_graph(g, feeds, fuse_it)
     out.update({f"var.{p.name}": p.data.copy() for p in updated})
     return out
@@ -699,7 +724,8 @@ def _seeded_gemm_spec(seed):
             "split": heads > 1 or bool(r.integers(2)), "dh": int(r.integers(4, 17)),
             "qkv": tuple(str(r.choice(["x", "dense", "dense_nobias"])) for _ in range(3)),
             "scores": str(r.choice(["tb", "explicit", "ta"])), "scale": bool(r.integers(2)),
-            "mask": bool(r.integers(2)), "norm": str(r.choice(["softmax", "log_softmax", "softmax_queries", "manual"])),
+            "mask": [False, "param", "input", "queries"][int(r.integers(4))], "dropout": bool(r.integers(2)),
+            "norm": str(r.choice(["softmax", "log_softmax", "softmax_queries", "manual"])),
             "pv": str(r.choice(["plain", "ta"])), "out_proj": bool(r.integers(2)), "residual": True, "layer_norm": True,
             "taps": ((str(r.choice(TAP_VALUES)), str(r.choice(TAP_KINDS))),),
             "update": str(r.choice(["none", "moment", "sgd_moment"])), "phases": bool(r.integers(2)), "seed": seed}

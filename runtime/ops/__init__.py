@@ -6,6 +6,7 @@ from runtime.ops import sparse as _sparse  # noqa: F401  (GNN sparse primitives:
 from runtime.ops import amp as _amp  # noqa: F401  (mixed precision: scale_gradient, all_finite)
 from runtime.ops import comm as _comm  # noqa: F401  (all_reduce / all_gather on the comm stream)
 from runtime.ops import embedding as _embedding  # noqa: F401  (EmbeddingLookup: unique ids, fused sparse FTRL / LazyAdam)
+from runtime.ops import attention as _attention  # noqa: F401  (fused flash-style attention, forward and backward)
 from runtime.ops import methods as _methods  # noqa: F401  (Tensor operators)
 from runtime.ops.api import *  # noqa: F401,F403
 from runtime.ops.api import slice, pow, abs  # noqa: F401,A004  (names the star import skips)

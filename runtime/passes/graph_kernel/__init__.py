@@ -9,8 +9,12 @@ variables) and runs the passes on the copy, so the graph it is given is not modi
 themselves rewrite the nodes they are given in place (``expand``, ``simplify`` and ``fuse`` rewire the
 inputs of the nodes they keep and return a new Graph object over them; ``build_kernels`` annotates the
 fused nodes with their programs); each module says so. Kernel generation itself is ``runtime.codegen``.
-Four Graph -> Graph passes, one module each:
+Four Graph -> Graph passes, one module each, after one pattern rewrite:
 
+0. ``fuse_attention`` (``attention.py``) -- scaled-dot-product attention (q kᵀ, scale, key mask, softmax,
+   dropout, p v) and its autodiff backward, matched exactly, become one ``fused_attention_fwd`` and one
+   ``fused_attention_grad`` node (tiled flash-style kernels, ``runtime.ops.attention``); anything that
+   differs stays as it is for the passes below.
 1. ``expand``   -- composites into primitives, forward and backward: gelu / gelu_grad, layer_norm and
    its two gradients, softmax / log_softmax and their gradients, softmax_cross_entropy (+grad),
    reduce_mean, relu_grad. The formulas follow the Cython kernels they replace op for op, and the
@@ -67,12 +71,13 @@ import os
 
 from runtime.ir.graph import Graph, Node
 from runtime.passes.dce import dce
+from runtime.passes.graph_kernel.attention import fuse_attention
 from runtime.passes.graph_kernel.build_kernels import build_kernels
 from runtime.passes.graph_kernel.expand import expand
 from runtime.passes.graph_kernel.fuse import fuse
 from runtime.passes.graph_kernel.simplify import simplify
 
-__all__ = ["graph_kernel", "dumps", "expand", "simplify", "fuse", "build_kernels", "clone"]
+__all__ = ["graph_kernel", "dumps", "fuse_attention", "expand", "simplify", "fuse", "build_kernels", "clone"]
 
 
 def clone(graph: Graph) -> Graph:
@@ -95,6 +100,7 @@ def graph_kernel(graph: Graph, dump_dir: str | os.PathLike | None = None) -> Gra
     """Expand, simplify, fuse and generate kernels; returns a new, verified graph."""
     before = graph.dump() if dump_dir is not None else None
     g = clone(graph)
+    g = fuse_attention(g)
     g = expand(g)
     g = simplify(g)
     g = fuse(g)
