@@ -10,13 +10,14 @@ tape's graph and the new nodes are then executed eagerly.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import numpy as np
 
-from runtime import core
+from runtime import core, hooks
 from runtime.core import SparseGrad, Tensor
-from runtime.ir.graph import Node
+from runtime.ir.graph import Graph, Node
 from runtime.ops import api as F
 from runtime.ops.registry import get_primitive
 
@@ -125,18 +126,78 @@ def _tape_signature(nodes: list[Node]) -> tuple:
     return tuple(parts)
 
 
-class _BackwardProgram:
-    """The backward of one tape signature as a flat list of kernel calls over slots.
+def _readonly(v) -> np.ndarray:
+    """A private read-only copy: a replay must not be able to change what the next one reads."""
+    v = np.array(v, copy=True)
+    v.flags.writeable = False
+    return v
 
-    Slots 0..F-1 are the tape's forward nodes (only those the backward reads are filled), F.. are the
-    backward nodes. Each step is ``(kernel, input slots, attrs, output slot, slots to free)``: a slot is
-    released right after its last reader, forward values included, so the backward's peak holds only
-    what is still to be read."""
+
+class _FlatProgram:
+    """Traced nodes as a flat list of kernel calls over slots (one slot per node position).
+
+    Each step is ``(kernel, input slots, attrs, output slot, slots to free, node)``: a slot is released
+    right after its last reader unless it is in ``keep``; constants are baked (read-only), parameters read
+    live at every run; ``reads`` are the slots outside ``nodes`` that the steps need (filled by the caller)."""
+
+    def __init__(self, nodes: list[Node], slot: dict[int, int], n_slots: int, keep: set):
+        self.n_slots = n_slots
+        self.consts: list[tuple[int, np.ndarray]] = []
+        self.params: list[tuple[int, object]] = []
+        steps = []
+        own = {slot[n.id] for n in nodes}
+        for n in nodes:
+            if n.op == "const":
+                self.consts.append((slot[n.id], _readonly(n.attrs["value"])))
+            elif n.op == "param":
+                self.params.append((slot[n.id], n.attrs["_var"]))
+            elif n.op != "input":
+                steps.append((get_primitive(n.op).kernel, tuple(slot[i.id] for i in n.inputs), n.attrs,
+                              slot[n.id], n))
+        self.reads = sorted({i for st in steps for i in st[1] if i not in own} | (keep - own))
+        last: dict[int, int] = {}
+        for k, st in enumerate(steps):
+            for i in st[1]:
+                last[i] = k
+        frees: dict[int, list[int]] = {}
+        for i, k in last.items():
+            if i not in keep:
+                frees.setdefault(k, []).append(i)
+        self.steps = [(kern, ins, attrs, out, tuple(frees.get(k, ())), n)
+                      for k, (kern, ins, attrs, out, n) in enumerate(steps)]
+
+    def run(self, env: list, eager: bool = False) -> list:
+        """``eager``: as eager dispatch (core.bind) does, outputs as arrays and one ``op`` event per kernel."""
+        for i, v in self.consts:
+            env[i] = v
+        for i, var in self.params:
+            env[i] = var.data
+        if eager:
+            listening = hooks.listening
+            for kern, ins, attrs, out, frees, n in self.steps:
+                t0 = time.perf_counter_ns() if listening else 0
+                env[out] = np.asarray(kern(*[env[i] for i in ins], **attrs))
+                if listening:
+                    hooks.emit("op", {"op": n.op, "name": n.op, "scope": n.scope, "start_ns": t0,
+                                      "end_ns": time.perf_counter_ns(), "mode": "pynative"})
+                for i in frees:
+                    env[i] = None
+            return env
+        for kern, ins, attrs, out, frees, _ in self.steps:
+            env[out] = kern(*[env[i] for i in ins], **attrs)
+            for i in frees:
+                env[i] = None
+        return env
+
+
+class _BackwardProgram:
+    """The backward of one tape signature: slots 0..F-1 are the tape's forward nodes (only those the
+    backward reads are filled), F.. the backward nodes; forward values are released after their last use
+    too, so the backward's peak holds only what is still to be read."""
 
     def __init__(self, tape: core.Tape, start: int, grads: dict, parts: dict, wrt_nodes: list[Node]):
         nodes = tape.graph.nodes
         slot = {n.id: k for k, n in enumerate(nodes)}
-        self.n_slots = len(nodes)
         outs = []   # per wrt: ("zeros", shape, dtype) | ("dense", slot) | ("sparse", i, v, shape) | ("const", arr)
         targets = []
         for n in wrt_nodes:
@@ -150,61 +211,23 @@ class _BackwardProgram:
                 outs.append(("dense", slot[g.node.id]))
                 targets.append(g.node)
             else:  # a constant gradient (e.g. d loss / d loss)
-                v = np.array(g.asnumpy(), copy=True)
-                v.flags.writeable = False
-                outs.append(("const", v))
+                outs.append(("const", _readonly(g.asnumpy())))
         self.outs = outs
         need = {t.id for t in targets}
         bwd = nodes[start:]
         for n in reversed(bwd):
             if n.id in need:
                 need.update(i.id for i in n.inputs)
-        self.consts: list[tuple[int, object]] = []      # baked backward constants
-        self.params: list[tuple[int, object]] = []      # parameters read live
-        steps = []
-        for n in bwd:
-            if n.id not in need:
-                continue
-            if n.op == "const":  # read-only: a replay must not be able to change what the next one reads
-                v = np.array(n.attrs["value"], copy=True)
-                v.flags.writeable = False
-                self.consts.append((slot[n.id], v))
-            elif n.op == "param":
-                self.params.append((slot[n.id], n.attrs["_var"]))
-            else:
-                steps.append([get_primitive(n.op).kernel, tuple(slot[i.id] for i in n.inputs), n.attrs,
-                              slot[n.id], ()])
-        # forward slots the backward reads (filled from the tape at every replay)
-        self.reads = sorted({i for st in steps for i in st[1] if i < start} |
-                            {o[1] for o in outs if o[0] == "dense" and o[1] < start} |
-                            {j for o in outs if o[0] == "sparse" for j in o[1:3] if j < start})
         keep = {o[1] for o in outs if o[0] == "dense"} | {j for o in outs if o[0] == "sparse" for j in o[1:3]}
-        last: dict[int, int] = {}
-        for k, st in enumerate(steps):
-            for i in st[1]:
-                last[i] = k
-        frees: dict[int, list[int]] = {}
-        for i, k in last.items():
-            if i not in keep:
-                frees.setdefault(k, []).append(i)
-        self.steps = [(kern, ins, attrs, out, tuple(frees.get(k, ()))) for k, (kern, ins, attrs, out, _)
-                      in enumerate(steps)]
-        self.fwd_nodes = start
+        self.flat = _FlatProgram([n for n in bwd if n.id in need], slot, len(nodes), keep)
 
     def run(self, tape: core.Tape) -> list:
         nodes = tape.graph.nodes
         vals = tape.values
-        env: list = [None] * self.n_slots
-        for i in self.reads:
+        env: list = [None] * self.flat.n_slots
+        for i in self.flat.reads:
             env[i] = vals[nodes[i].id]
-        for i, v in self.consts:
-            env[i] = v
-        for i, var in self.params:
-            env[i] = var.data
-        for kern, ins, attrs, out, frees in self.steps:
-            env[out] = kern(*[env[i] for i in ins], **attrs)
-            for i in frees:
-                env[i] = None
+        self.flat.run(env)
         result = []
         for o in self.outs:
             kind = o[0]
@@ -258,3 +281,61 @@ def grad_eager(tape: core.Tape, loss: Tensor, wrt: list[Tensor], sparse: bool = 
     if not retain_values:
         tape.values = None
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# PYNATIVE: an optimizer's update, traced once per gradient signature and replayed
+# ----------------------------------------------------------------------------------------------
+_updates: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _flatten_grads(grads: list) -> tuple[list, tuple]:
+    arrays, spec = [], []
+    for g in grads:
+        if isinstance(g, SparseGrad):
+            i, v = g.indices.asnumpy(), g.values.asnumpy()
+            arrays += [i, v]
+            spec.append(("sparse", i.shape, i.dtype.str, v.shape, v.dtype.str, tuple(g.dense_shape)))
+        else:
+            a = g.asnumpy()
+            arrays.append(a)
+            spec.append(("dense", a.shape, a.dtype.str))
+    return arrays, tuple(spec)
+
+
+def apply_update_eager(optimizer, grads: list) -> None:
+    """PYNATIVE: ``optimizer(grads)``, the update traced once per gradient signature (shapes, dtypes,
+    sparse or dense) into a graph -- as GRAPH_MODE traces it into the step -- and replayed as a flat list
+    of kernel calls: the same kernels in the same order as running it op by op, each one reported as an
+    ``op`` event like eager dispatch. Optimizers keep every value that changes between steps (learning
+    rate, step counts) in Parameters, which GRAPH_MODE already relies on."""
+    arrays, spec = _flatten_grads(grads)
+    key = (id(optimizer), spec)
+    hit = _updates.get(key)
+    if hit is None or hit[0] is not optimizer:
+        graph = Graph("pynative_update")
+        builder = core.GraphBuilder(graph)
+        with core.building(builder):
+            ins = [builder.input(f"g{k}", a.shape, a.dtype) for k, a in enumerate(arrays)]
+            traced, k = [], 0
+            for sp in spec:
+                if sp[0] == "sparse":
+                    traced.append(SparseGrad(ins[k], ins[k + 1], sp[5]))
+                    k += 2
+                else:
+                    traced.append(ins[k])
+                    k += 1
+            optimizer(traced)
+        slot = {n.id: k for k, n in enumerate(graph.nodes)}
+        inputs = [slot[t.node.id] for t in ins]
+        hit = (optimizer, _FlatProgram(graph.nodes, slot, len(graph.nodes), set()), inputs)
+        _updates[key] = hit
+        if len(_updates) > _CACHE_SIZE:
+            _updates.popitem(last=False)
+    else:
+        _updates.move_to_end(key)
+    _, prog, inputs = hit
+    env: list = [None] * prog.n_slots
+    for i, a in zip(inputs, arrays):
+        env[i] = a
+    prog.run(env, eager=True)

@@ -105,3 +105,35 @@ def test_grad_eager_releases_the_forward_values():
     tape, loss, (g1,) = run(True)
     (g2,) = grad_eager(tape, loss, [w])
     np.testing.assert_array_equal(g1.asnumpy(), g2.asnumpy())
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: nn.Adam(p, 1e-2, weight_decay=1e-3),
+    lambda p: nn.SGD(p, 0.1, momentum=0.9, nesterov=True),
+], ids=["adam", "sgd_nesterov"])
+def test_pynative_update_replay_equals_running_the_optimizer_op_by_op(make_opt):
+    """apply_update_eager (traced once, replayed) gives the optimizer's op-by-op results bit for bit, and
+    reports the same `op` events as eager dispatch."""
+    from runtime import autodiff, hooks
+
+    context.set_context(mode=context.PYNATIVE_MODE)
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((4,)).astype(np.float32)]
+    grads = [[Tensor(rng.standard_normal(a.shape).astype(np.float32)) for a in init] for _ in range(4)]
+    results, events = [], []
+    for replay in (False, True):
+        params = [nn.Parameter(a.copy(), name=f"p{k}") for k, a in enumerate(init)]
+        opt = make_opt(params)
+        seen = []
+        listener = lambda kind, ev: seen.append(ev["op"]) if kind == "op" else None  # noqa: E731
+        hooks.subscribe(listener)
+        try:
+            for gs in grads:
+                autodiff.apply_update_eager(opt, gs) if replay else opt(gs)
+        finally:
+            hooks.unsubscribe(listener)
+        results.append([p.data.copy() for p in params])
+        events.append(seen)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    assert events[0] == events[1] and "assign" in events[0]

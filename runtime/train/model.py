@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from runtime import communication, context, core, hooks
-from runtime.autodiff import grad, grad_eager
+from runtime.autodiff import apply_update_eager, grad, grad_eager
 from runtime.core import GraphBuilder, Tensor, building
 from runtime.device.queue import SinkFeeder
 from runtime.compiler import compile as compile_graph
@@ -135,7 +135,7 @@ class Model:
             grads = grad_eager(tape, loss_t, self.optimizer.parameters, sparse=self.optimizer.sparse)
             if communication.data_parallel():
                 grads = reduce_gradients_eager(grads)
-            self.optimizer(grads)
+            apply_update_eager(self.optimizer, grads)  # traced once per gradient signature, then replayed
             loss = loss_t.asnumpy()
             if communication.data_parallel():  # the global batch's loss, as the graph's AllReduce gives it
                 loss = communication.all_reduce(np.asarray(loss), "mean")
