@@ -165,7 +165,7 @@ class Client:
             [{"id": "_pages_location", "property": "pathname", "value": path},
              {"id": "_pages_location", "property": "search", "value": search}], changed=["_pages_location.pathname"])
 
-    def figure(self, run_id, width=1190, relayout=None, step=None, reset=0, trigger=None):
+    def figure(self, run_id, width=1190, relayout=None, step=None, reset=0, trigger=None, rank=0, selected=None):
         """The timeline's figure callback; ``trigger``: the input that fired (None: the initial call).
         ``relayout``: plotly's relayoutData for an x-axis change (the browser passes just those on)."""
         changed = {"relayout": ["tl-xrange.data"], "step": ["tl-step.value"],
@@ -177,7 +177,9 @@ class Client:
              {"id": "tl-step", "property": "value", "value": step},
              {"id": "tl-reset", "property": "n_clicks", "value": reset},
              {"id": "tl-width", "property": "data", "value": width}],
-            state=[{"id": "tl-run", "property": "data", "value": run_id}], changed=changed)
+            state=[{"id": "tl-run", "property": "data", "value": run_id},
+                   {"id": "tl-rank", "property": "data", "value": rank},
+                   {"id": "tl-selected", "property": "data", "value": selected}], changed=changed)
         return res["response"]["tl-graph"]["figure"], res["response"]["tl-info"]["children"], n, dt
 
 

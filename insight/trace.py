@@ -62,6 +62,8 @@ TABLE_SCHEMAS: dict[str, dict[str, str]] = {
     "graphs": {"graph": "str", "nodes": "int", "compile_start_ns": "int", "compile_end_ns": "int", "dump": "str",
                "planned_peak": "int", "parameter_bytes": "int"},
     "host_ops": {"op": "str", "name": "str", "scope": "str", "start_ns": "int", "end_ns": "int"},
+    # imported runs only (docs/import.md): launch -> device-work links, rows of ``tasks``
+    "flows": {"cat": "str", "id": "str", "src_task": "int", "dst_task": "int", "src_ns": "int", "dst_ns": "int"},
 }
 TABLES = tuple(TABLE_SCHEMAS)
 
@@ -692,7 +694,9 @@ def open_run(run_dir: str | os.PathLike) -> Run:
     raw = parse_json(mpath, str(mpath))
     run = Run(p, validate_manifest(raw, str(mpath)))
     rank0 = p / "rank_0"
-    if run.meta.status == "complete" and run.meta.step_count > 0 and not (rank0.exists() or rank0.is_symlink()):
+    others = [r for r in run.ranks if r != 0 and (p / f"rank_{r}").is_dir()]  # a multi-rank run still opens
+    if run.meta.status == "complete" and run.meta.step_count > 0 and not (rank0.exists() or rank0.is_symlink()) \
+            and not others:
         raise TraceError(f"{p}: the manifest says the run is complete with {run.meta.step_count} steps, but "
                          f"rank_0/ is missing")
     if rank0.exists() or rank0.is_symlink():

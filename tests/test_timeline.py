@@ -149,7 +149,7 @@ def test_lod_on_200k_tasks(runs):
     data = analysis.load_timeline(runs["big"])
     assert data.n_tasks == N_BIG
     keys = [ln.key for ln in data.lanes]
-    assert keys == ["steps", "aicore0", "aicore1", "aicpu", "comm", "host", "host/feeder"]
+    assert keys == ["steps", "steps/phases", "aicore0", "aicore1", "aicpu", "comm", "host", "host/feeder"]
     win = analysis.timeline_window(data, data.t_min, data.t_max, 1200)
     modes = {lv.key: lv.mode for lv in win.lanes}
     assert modes["aicore0"] == "busy" and modes["steps"] == "tasks" and modes["host/feeder"] == "tasks"
@@ -177,7 +177,7 @@ def test_lod_on_200k_tasks(runs):
 
 def test_lanes_of_a_sink_run(runs):
     data = analysis.load_timeline(runs["sink"])
-    assert [ln.key for ln in data.lanes] == ["steps", "aicore0", "comm", "host/feeder"]
+    assert [ln.key for ln in data.lanes] == ["steps", "steps/phases", "aicore0", "comm", "host/feeder"]
     feeder = data.lane("host/feeder")
     assert set(data.details("tasks", feeder.row)["name"]) == {"TransferData"}
     core = data.lane("aicore0")
@@ -224,7 +224,7 @@ def test_task_details_have_every_field(runs):
 
 def test_runs_missing_tables(runs, tmp_path):
     data = analysis.load_timeline(runs["notasks"])
-    assert [ln.key for ln in data.lanes] == ["steps"] and data.n_tasks == 0
+    assert [ln.key for ln in data.lanes] == ["steps", "steps/phases"] and data.n_tasks == 0
     training_run(tmp_path, "bare", pipeline=None, memory=False)
     bare = tmp_path / "bare"
     for t in ("tasks", "steps", "device_queue"):
@@ -291,7 +291,8 @@ def test_zoom_to_one_ms_returns_exact_tasks(client):
                    {"id": "tl-step", "property": "value", "value": None},
                    {"id": "tl-reset", "property": "n_clicks", "value": 0},
                    {"id": "tl-width", "property": "data", "value": 1190}],
-        "state": [{"id": "tl-run", "property": "data", "value": "big"}], "changedPropIds": ["tl-xrange.data"]})
+        "state": [{"id": "tl-run", "property": "data", "value": "big"}, {"id": "tl-rank", "property": "data", "value": 0},
+                  {"id": "tl-selected", "property": "data", "value": None}], "changedPropIds": ["tl-xrange.data"]})
     assert r.status_code == 204
     # a window beyond the end of the run: nothing to draw, no error
     end = data.t_max / MS
@@ -321,10 +322,12 @@ def test_step_dropdown_jumps_to_the_step(client):
     assert '"value": 4' in _text(layout)
 
 
-def _click(client, run_id, point):
-    res, _, _ = client._post("tl-details.children", {"id": "tl-details", "property": "children"},
+def _click(client, run_id, point, rank=0):
+    res, _, _ = client._post("..tl-details.children...tl-selected.data..",
+                             [{"id": "tl-details", "property": "children"}, {"id": "tl-selected", "property": "data"}],
                              [{"id": "tl-graph", "property": "clickData", "value": {"points": [point]}}],
-                             state=[{"id": "tl-run", "property": "data", "value": run_id}],
+                             state=[{"id": "tl-run", "property": "data", "value": run_id},
+                                    {"id": "tl-rank", "property": "data", "value": rank}],
                              changed=["tl-graph.clickData"])
     return _text(res)
 
@@ -332,11 +335,15 @@ def _click(client, run_id, point):
 def test_click_shows_every_field(client):
     client.page("/run/big/timeline")
     text = _click(client, "big", {"customdata": 3 * 4 + 0, "x": 1.0})  # row 3 of tasks
-    for k in ("est. flops", "est. bytes", "shape", "fused ops", "scope", "stream", "dur ns", "Net/backbone"):
+    for k in ("est. flops", "est. bytes", "shape", "fused ops", "scope", "stream", "duration", "Net/backbone",
+              "from the run's start", " into step "):
         assert k in text
+    # one unit for times: ms (no "dur ns 4.150 ms", no raw nanoseconds)
+    assert " ns" not in text.replace("fused_ops", "") and "µs" not in text
     assert "\\\\x01" in text  # the control character in the name is shown escaped
     assert "Busy share" in _click(client, "big", {"x": 3.0, "curveNumber": 1})
-    assert "step time ms" in _click(client, "big", {"customdata": 5 * 4 + 2, "x": 3.0})  # step row 5
+    step = _click(client, "big", {"customdata": 5 * 4 + 2, "x": 3.0})  # step row 5
+    assert "step time" in step and "into the step" in step
 
 
 def test_download_route_serves_the_gzip_chrome_trace(client, runs):
@@ -377,8 +384,15 @@ def test_forged_timeline_inputs_are_bounded(client):
                               {"id": "tl-step", "property": "value", "value": None},
                               {"id": "tl-reset", "property": "n_clicks", "value": 0},
                               {"id": "tl-width", "property": "data", "value": 800}],
-                             state=[{"id": "tl-run", "property": "data", "value": "x" * 10_000}])
+                             state=[{"id": "tl-run", "property": "data", "value": "x" * 10_000},
+                                    {"id": "tl-rank", "property": "data", "value": 0},
+                                    {"id": "tl-selected", "property": "data", "value": None}])
     assert res["response"]["tl-info"]["children"] == "no such run"
+    # a forged rank is the run's first rank; a forged selection outlines nothing
+    for rank, sel in (("abc", {"source": "tasks", "row": -3}), (10 ** 30, {"source": "nope", "row": 1}),
+                      ([1], {"source": "tasks", "row": 10 ** 30}), (None, "x"), (7, {"source": "tasks", "row": True})):
+        fig, info, _, _ = client.figure("sink", 1000, rank=rank, selected=sel)
+        assert fig["data"] and not [sh for sh in fig["layout"]["shapes"] if sh.get("name") == "selected"]
     for cd in (float("inf"), -8, 10 ** 18, "x"):
         assert "no details" in _click(client, "sink", {"customdata": cd, "x": 1.0}) or \
             "Busy share" in _click(client, "sink", {"customdata": cd, "x": 1.0})
@@ -447,7 +461,8 @@ def test_pages_survive_missing_and_corrupt_tables(client):
         text = _text(client.page(f"/run/missing/{page}")[0])
         assert '"not-found"' in text
     fig, info, _, _ = client.figure("notasks", 800)
-    assert [t["name"] for t in fig["data"]] == ["Steps"]
+    assert [t["name"] for t in fig["data"]] == ["Steps", "Steps"]  # the steps and their phases, one lane
+    assert len(fig["layout"]["yaxis"]["tickvals"]) == 1
 
 
 # -- in a browser -------------------------------------------------------------------------------------------

@@ -20,10 +20,20 @@ which, per lane, returns either
 
 Zooming in shrinks the window until a lane's task count fits, and the lane switches back to exact tasks.
 
-Lanes: ``Steps`` (one slice per step, from the step markers), one per stream in the order aicore0, aicore1,
+Lanes: ``Steps`` (one slice per step, from the step markers) with its phases beside it (``steps/phases``,
+drawn in the Steps lane: data wait -> forward -> backward -> update -> tail, see ``step_phases``), one per stream in the order aicore0, aicore1,
 aicpu, comm, host (then any other stream), the host's sink feeder thread (``TransferData``, graph
 ``data_sink``) on its own lane, and PyNative host ops (``host_ops``) when present. Waits (``get_next``,
 ``event_wait``, ``event_record``) are drawn but do not count as busy.
+
+Flows (``task_flows``): the links of one task, as Perfetto draws them for a selected slice -- an imported
+run's ``flows`` table (Kineto's launch -> kernel ``ac2g``, ``fwdbwd``) or its ``launch_task`` column; for our
+own runs the links the Chrome export draws: the sink feeder's k-th ``TransferData`` -> the k-th ``GetNext``,
+and a step's host input copy -> the step's first device task.
+
+Memory: the lanes hold int64 times, int32 rows and int8 codes (about 40 bytes per task with the merged busy
+intervals); task names are read only for the rows a window shows (``read_rows``: the row groups holding
+them), so nothing per request is proportional to the run.
 
 """
 from __future__ import annotations
@@ -39,6 +49,7 @@ import pyarrow.compute as pc
 
 from insight.trace import Run, TraceError, as_run, empty_frame, read, read_rows
 
+NAMES_IN_MEMORY = 2_000_000  # above this many tasks, names are read per window (row groups), not all kept
 PER_PX = 2.0            # a lane shows exact tasks while it holds at most this many per pixel of the window
 MAX_TASKS = 20_000      # and all exact lanes together at most this many
 STREAM_ORDER = ("aicore0", "aicore1", "aicpu", "comm", "host")
@@ -48,8 +59,11 @@ FEEDER_GRAPH = "data_sink"
 # colour codes of tasks (the dashboard maps them to colours)
 PHASES = ("forward", "backward", "update", "input")
 CODE_OTHER, CODE_WAIT, CODE_STEP_EVEN, CODE_STEP_ODD, CODE_HOST_OP = 4, 5, 6, 7, 8
+CODE_DATA_WAIT, CODE_TAIL = 9, 10
 CODE_LABELS = ("forward", "backward", "update", "input", "other", "wait (GetNext / events)", "step", "step",
-               "PyNative host op")
+               "PyNative host op", "data wait", "tail")
+# the phases of a step, in order, and their colour codes (forward / backward / update share the tasks' colours)
+STEP_PHASES = (("data wait", CODE_DATA_WAIT), ("forward", 0), ("backward", 1), ("update", 2), ("tail", CODE_TAIL))
 
 TASK_READ = {"graph": "", "kind": "", "stream": "", "phase": "", "start_ns": -1, "end_ns": -1}
 DETAIL_COLUMNS = {"step": -1, "graph": "", "task_id": -1, "name": "", "op": "", "kind": "", "stream": "", "scope": "",
@@ -57,12 +71,14 @@ DETAIL_COLUMNS = {"step": -1, "graph": "", "task_id": -1, "name": "", "op": "", 
                   "fused_ops": ""}
 NAME_COLUMNS = {"name": "", "op": "", "scope": ""}
 HOST_OP_COLUMNS = {"op": "", "name": "", "scope": "", "start_ns": -1, "end_ns": -1}
+FLOW_COLUMNS = {"cat": "", "src_task": -1, "dst_task": -1}
+SOURCES = ("tasks", "host_ops", "steps", "phases")  # what a lane's ``row`` indexes
 
 
 @dataclass
 class Lane:
-    """One lane's tasks, sorted by start. ``row`` indexes the lane's source table (``tasks``, ``host_ops`` or
-    ``steps``: ``TimelineData.steps``)."""
+    """One lane's tasks, sorted by start. ``row`` indexes the lane's source table (``tasks``, ``host_ops``,
+    ``steps``: ``TimelineData.steps``, or ``phases``: ``TimelineData.phases``)."""
     key: str
     label: str
     source: str
@@ -130,8 +146,12 @@ class TimelineData:
     t_min: int
     t_max: int
     n_tasks: int
+    phases: pd.DataFrame | None = None   # step_phases: step, phase, code, start_ns, end_ns
+    row_lane: np.ndarray | None = None   # index into ``lanes`` of each tasks row (-1: not drawn)
+    get_next: np.ndarray | None = None   # rows of the GetNext tasks, by start
     _names: dict | None = None
     _host_ops: pd.DataFrame | None = None
+    _flows: pd.DataFrame | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def lane(self, key: str) -> Lane:
@@ -153,14 +173,15 @@ class TimelineData:
         return int(r["start_ns"]), int(r["end_ns"])
 
     # -- details, read on demand --------------------------------------------------------------------
-    def task_rows(self, rows) -> pa.Table:
-        """Every column of ``tasks`` at global positions ``rows`` (the order ``load_timeline`` read them:
+    def task_rows(self, rows, columns: dict = DETAIL_COLUMNS) -> pa.Table:
+        """``columns`` of ``tasks`` at global positions ``rows`` (the order ``load_timeline`` read them:
         files in order, then rows): reads only the Parquet row groups that hold them."""
-        return _read_rows(self.run, self.rank, np.asarray(rows, np.int64), DETAIL_COLUMNS)
+        return _read_rows(self.run, self.rank, np.asarray(rows, np.int64), columns)
 
     def names(self) -> dict:
         """``{column: (codes, values)}`` for name, op and scope of every task: what exact tasks are
-        labelled with, read once on the first zoom that shows exact tasks (numpy indexing afterwards)."""
+        labelled with, read once on the first zoom that shows exact tasks (numpy indexing afterwards).
+        Runs of more than ``NAMES_IN_MEMORY`` tasks read the names of a window's rows instead."""
         with self._lock:
             if self._names is None:
                 t = _read_task_table(self.run, self.rank, NAME_COLUMNS)
@@ -186,7 +207,28 @@ class TimelineData:
                 dur_ns=lambda d: d["end_ns"] - d["start_ns"])
         if source == "steps":
             return self.steps.iloc[rows].reset_index(drop=True)
+        if source == "phases" and self.phases is not None:
+            out = self.phases.iloc[rows].reset_index(drop=True)
+            return out.assign(dur_ns=out["end_ns"] - out["start_ns"])
         raise ValueError(f"unknown source {source!r}")
+
+    def lane_index(self, source: str, row: int) -> int:
+        """Position in ``lanes`` of the lane drawing ``row`` of ``source`` (-1: none)."""
+        row = int(row)
+        if source == "tasks":
+            ok = self.row_lane is not None and 0 <= row < len(self.row_lane)
+            return int(self.row_lane[row]) if ok else -1
+        key = {"host_ops": "host/pynative", "steps": "steps", "phases": "steps/phases"}.get(source)
+        return next((i for i, ln in enumerate(self.lanes) if ln.key == key), -1)
+
+    def flows_table(self) -> pd.DataFrame:
+        """An imported run's ``flows`` (cat, src_task, dst_task), read once; empty for our own runs."""
+        with self._lock:
+            if self._flows is None:
+                f = read(self.run, "flows", FLOW_COLUMNS, rank=self.rank) if self.run is not None \
+                    else empty_frame(FLOW_COLUMNS)
+                self._flows = f[(f["src_task"] >= 0) & (f["dst_task"] >= 0)].reset_index(drop=True)
+            return self._flows
 
     def host_ops(self) -> pd.DataFrame:
         with self._lock:
@@ -310,6 +352,7 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
 
     run = as_run(run)
     lanes: list[Lane] = []
+    row_lane = get_next = None
     t = _read_columns(run, "tasks", rank, TASK_READ, ("start_ns", "end_ns"), ("graph", "kind", "stream", "phase"))
     n_tasks = 0
     if t is not None and t.num_rows:
@@ -346,16 +389,24 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
         if feeder_lane >= 0:
             lane[feeder] = feeder_lane
         lane[~keep] = len(specs)  # dropped: no start or end
-        # one global order: by lane, then by start (a stable sort by lane of the start-sorted rows)
-        by_start = None if np.all(start[1:] >= start[:-1]) else np.argsort(start, kind="stable")
-        rows = np.argsort(lane if by_start is None else lane[by_start], kind="stable")
-        if by_start is not None:
-            rows = by_start[rows]
+        # rows by lane (a stable radix sort of small ints), then by start within a lane -- only the lanes whose
+        # rows are not in time order already (writers append per stream in time order) are sorted
+        rows = np.argsort(lane, kind="stable").astype(np.int32 if len(lane) < 2**31 else np.int64)
         bounds = np.searchsorted(lane[rows], np.arange(len(specs) + 1), side="left")
+        row_lane = np.full(len(start), -1, np.int16)
         for j, (key, label) in enumerate(specs):
             r = rows[bounds[j]:bounds[j + 1]]
             if len(r):
-                lanes.append(Lane(key, label, "tasks", start[r], end[r], r.astype(np.int64), code[r]))
+                s_r = start[r]
+                if np.any(s_r[1:] < s_r[:-1]):
+                    o = np.argsort(s_r, kind="stable")
+                    r, s_r = r[o], s_r[o]
+                row_lane[r] = len(lanes)
+                lanes.append(Lane(key, label, "tasks", s_r, end[r], r, code[r]))
+        gn_code = [i for i, k in enumerate(kinds) if k == "get_next"]
+        get_next = np.flatnonzero(np.isin(kind, gn_code) & keep) if gn_code else np.zeros(0, np.int64)
+        get_next = get_next[np.argsort(start[get_next], kind="stable")]
+        del start, end, stream, graph, kind, phase, code, lane, rows, t
         n_tasks = int(keep.sum())
     ho = read(run, "host_ops", HOST_OP_COLUMNS, required=("start_ns", "end_ns"), rank=rank)
     if len(ho):
@@ -372,10 +423,70 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
         codes = np.where(np.arange(len(rows)) % 2 == 0, CODE_STEP_EVEN, CODE_STEP_ODD).astype(np.int8)
         lanes.insert(0, Lane("steps", "Steps", "steps", s[rows], steps["end_ns"].to_numpy(np.int64)[rows], rows,
                              codes))
+    phases = step_phases(steps, lanes)
+    if len(phases):
+        lanes.insert(1, Lane("steps/phases", "Steps", "phases", phases["start_ns"].to_numpy(np.int64),
+                             phases["end_ns"].to_numpy(np.int64), np.arange(len(phases), dtype=np.int64),
+                             phases["code"].to_numpy(np.int8)))
+    if row_lane is not None:  # task lanes moved down by the lanes inserted before them
+        shift = sum(ln.source in ("steps", "phases") for ln in lanes)
+        row_lane = np.where(row_lane >= 0, row_lane + shift, -1).astype(np.int16)
     t_min = min((int(ln.start[0]) for ln in lanes if len(ln)), default=0)
     t_max = max((int(ln.reach[-1]) for ln in lanes if len(ln)), default=0)
     return TimelineData(run=run, rank=rank, lanes=lanes, steps=steps, t_min=t_min, t_max=max(t_max, t_min + 1),
-                        n_tasks=n_tasks)
+                        n_tasks=n_tasks, phases=phases, row_lane=row_lane, get_next=get_next)
+
+
+def step_phases(steps: pd.DataFrame, lanes: list) -> pd.DataFrame:
+    """Each step cut into its phases, in order and without gaps (zero-length ones left out):
+
+    * ``data wait``: the step's start -> ``fp_start`` (the iteration interval: GetNext, the input copy);
+    * ``forward``: ``fp_start`` -> the first backward-phase task of the step (on any stream);
+    * ``backward``: -> ``bp_end``;
+    * ``update``: ``bp_end`` -> the end of the last update-phase task starting before the step's end;
+    * ``tail``: -> the step's end (whatever follows: the AllReduce wait, host work).
+
+    Without phase annotations the forward runs to ``bp_end`` and the tail from there. Columns: ``step_row``
+    (row of ``steps``), ``step``, ``phase``, ``code`` (colour code), ``start_ns``, ``end_ns``."""
+    cols = ["step_row", "step", "phase", "code", "start_ns", "end_ns"]
+    if steps is None or not len(steps):
+        return pd.DataFrame({c: [] for c in cols})
+    start = steps["start_ns"].to_numpy(np.int64)
+    fp = np.clip(steps["fp_start_ns"].to_numpy(np.int64), start, None)
+    end = steps["end_ns"].to_numpy(np.int64)
+    bp = np.clip(steps["bp_end_ns"].to_numpy(np.int64), fp, end)
+    fp = np.minimum(fp, bp)
+    big = np.iinfo(np.int64).max
+    bwd = np.full(len(start), big)
+    upd = np.full(len(start), -1, np.int64)
+    for ln in lanes:
+        if ln.source != "tasks" or not len(ln):
+            continue
+        b = ln.start[ln.code == 1]
+        if len(b):
+            k = np.searchsorted(b, fp, side="left")
+            cand = b[np.minimum(k, len(b) - 1)]
+            bwd = np.where((k < len(b)) & (cand < bp), np.minimum(bwd, cand), bwd)
+        m = ln.code == 2
+        us, ue = ln.start[m], ln.end[m]
+        if len(us):
+            ue = np.maximum.accumulate(ue)
+            k = np.searchsorted(us, end, side="left") - 1
+            kk = np.maximum(k, 0)
+            upd = np.where((k >= 0) & (us[kk] >= bp), np.maximum(upd, ue[kk]), upd)
+    bwd = np.where(bwd == big, bp, bwd)
+    upd = np.clip(np.where(upd < 0, bp, upd), bp, end)
+    edges = np.stack([start, fp, bwd, bp, upd, end], axis=1)  # the five phases' boundaries per step
+    n, k = len(start), len(STEP_PHASES)
+    s_, e_ = edges[:, :-1].ravel(), edges[:, 1:].ravel()
+    keep = e_ > s_
+    row = np.repeat(np.arange(n), k)[keep]
+    out = pd.DataFrame({
+        "step_row": row, "step": steps["step"].to_numpy()[row],
+        "phase": np.tile(np.array([p for p, _ in STEP_PHASES], dtype=object), n)[keep],
+        "code": np.tile(np.array([c for _, c in STEP_PHASES], np.int8), n)[keep],
+        "start_ns": s_[keep], "end_ns": e_[keep]})
+    return out.sort_values("start_ns", kind="stable").reset_index(drop=True)
 
 
 # -- level of detail -------------------------------------------------------------------------------------
@@ -422,7 +533,12 @@ def timeline_window(run, t0_ns: int, t1_ns: int, width_px: int, max_tasks: int =
 
 def _with_names(data: TimelineData, ln: Lane, df: pd.DataFrame) -> pd.DataFrame:
     rows = df["row"].to_numpy()
-    if ln.source == "tasks":
+    if ln.source == "tasks" and data.n_tasks > NAMES_IN_MEMORY:  # read the window's rows only
+        t = data.task_rows(rows, NAME_COLUMNS) if len(rows) else None
+        for c in ("name", "op", "scope"):
+            df[c] = np.asarray(t.column(c).to_pylist(), dtype=object) if t is not None else \
+                np.array([], dtype=object)
+    elif ln.source == "tasks":
         names = data.names()
         for c in ("name", "op", "scope"):
             codes, values = names[c]
@@ -432,6 +548,11 @@ def _with_names(data: TimelineData, ln: Lane, df: pd.DataFrame) -> pd.DataFrame:
         for c in ("name", "op", "scope"):
             df[c] = ho[c].to_numpy()[rows] if len(rows) else []
         df["name"] = np.where(df["name"] == "", df["op"], df["name"]) if len(rows) else df["name"]
+    elif ln.source == "phases":
+        ph = data.phases
+        df["name"] = ph["phase"].to_numpy()[rows] if len(rows) else []
+        df["op"] = [f"step {int(s)}" for s in ph["step"].to_numpy()[rows]]
+        df["scope"] = ""
     else:  # steps
         st = data.steps
         df["name"] = [f"step {int(s)}" for s in st["step"].to_numpy()[rows]]
@@ -448,3 +569,67 @@ def task_details(run, source: str, row: int) -> dict:
         return {}
     rec = df.iloc[0].to_dict()
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
+
+
+# -- flows ------------------------------------------------------------------------------------------------
+@dataclass
+class Flow:
+    """A link between two tasks (rows of ``tasks``): ``cat`` says which kind."""
+    cat: str
+    src: int
+    dst: int
+
+
+def task_flows(data: TimelineData, source: str, row: int) -> list[Flow]:
+    """The flows into and out of one task (module docstring): an imported run's ``flows`` table (else its
+    ``launch_task`` column); for our own runs TransferData -> GetNext (the k-th transfer feeds the k-th GetNext:
+    the device queue is FIFO) and a step's host input copy -> the step's first device task."""
+    if source != "tasks" or data.run is None or data.row_lane is None:
+        return []
+    row = int(row)
+    if not 0 <= row < len(data.row_lane) or data.row_lane[row] < 0:
+        return []
+    ft = data.flows_table()
+    if len(ft):
+        m = (ft["src_task"].to_numpy() == row) | (ft["dst_task"].to_numpy() == row)
+        return [Flow(str(c), int(a), int(b)) for c, a, b in ft.loc[m, ["cat", "src_task", "dst_task"]].itertuples(
+            index=False)][:64]
+    names = data.run.schema_names("tasks", data.rank) or []
+    if "launch_task" in names:  # imported without a flows table: device work names its launch
+        cols = {"launch_task": -1}
+        launch = int(data.task_rows([row], cols).column("launch_task")[0].as_py())
+        out = [Flow("launch", launch, row)] if launch >= 0 else []
+        return out  # the launches of a runtime call: in the flows table when the trace had them
+    rec = data.task_rows([row], {"kind": "", "stream": "", "graph": "", "step": -1, "start_ns": -1}).to_pylist()[0]
+    lane = data.lanes[int(data.row_lane[row])]
+    out = []
+    gn = data.get_next if data.get_next is not None else np.zeros(0, np.int64)
+    if lane.key == "host/feeder" and rec["kind"] == "memcpy_h2d":
+        k = int(np.flatnonzero(lane.row == row)[0])  # the lane is in start order: the k-th transfer
+        if k < len(gn):
+            out.append(Flow("TransferData -> GetNext", row, int(gn[k])))
+    elif rec["kind"] == "get_next":
+        k = int(np.flatnonzero(gn == row)[0]) if np.any(gn == row) else -1
+        feeder = next((ln for ln in data.lanes if ln.key == "host/feeder"), None)
+        if feeder is not None and 0 <= k < len(feeder):
+            out.append(Flow("TransferData -> GetNext", int(feeder.row[k]), row))
+    elif rec["stream"] == "host" and rec["kind"] == "memcpy_h2d":
+        dst = _first_device_task(data, rec["start_ns"], data.step_range(rec["step"]) if rec["step"] >= 0 else None)
+        if dst >= 0:
+            out.append(Flow("input copy -> first device task", row, dst))
+    return out
+
+
+def _first_device_task(data: TimelineData, t: int, step: tuple | None) -> int:
+    """The row of the earliest device task (not a wait) starting at or after ``t`` within ``step``, else -1."""
+    best, best_t = -1, None
+    limit = step[1] if step else None
+    for ln in data.lanes:
+        if ln.source != "tasks" or ln.key.startswith("host"):
+            continue
+        k = int(np.searchsorted(ln.start, t, side="left"))
+        while k < len(ln) and ln.code[k] == CODE_WAIT:
+            k += 1
+        if k < len(ln) and (limit is None or ln.start[k] < limit) and (best_t is None or ln.start[k] < best_t):
+            best, best_t = int(ln.row[k]), int(ln.start[k])
+    return best
