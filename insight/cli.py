@@ -288,25 +288,35 @@ def _demo(args) -> int:
         except ProfilerError as e:  # e.g. the directory already holds a run
             raise UsageError(_one_line(e)) from None
 
-    context.set_context(mode=context.GRAPH_MODE, seed=args.seed)
+    # two compute streams (weight gradients and updates on aicore1), the label smoothing's one-hot on the AI
+    # CPU stream and the data sink: every lane of the timeline and every page has something to show
+    context.set_context(mode=context.GRAPH_MODE, seed=args.seed, compute_streams=2)
     xtr, ytr, xte, yte = load_digits_split(seed=args.seed)
     train = (NumpySlicesDataset((xtr, ytr), ["image", "label"], shuffle=True, seed=args.seed)
              .map(_normalize, input_columns="image", num_parallel_workers=2)
              .batch(32, drop_remainder=True))
     test = NumpySlicesDataset((xte, yte), ["image", "label"]).map(_normalize, input_columns="image").batch(128)
-    net = LeNetDigits()
-    model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+    model_name = getattr(args, "model", "lenet")
+    if model_name == "qat":  # quantization-aware training from the start: fake-quant weights and activations
+        net = convert_quant_network(LeNetBN(), bn_fold=True, quant_delay=(0, 0))
+    else:
+        net = LeNetDigits()
+    model = Model(net, LabelSmoothingCrossEntropy(10, smoothing=0.1),
                   nn.Momentum(net.trainable_params(), learning_rate=0.05, momentum=0.9),
                   metrics=["accuracy"])
     sink = run_dir is not None or args.sink
-    print(f"training LeNet on the scikit-learn digits ({len(xtr)} train / {len(xte)} test images), "
-          f"{args.epochs} epochs, graph mode" + (", data sink mode" if sink else ""))
+    print(f"training {'LeNet (quantization-aware)' if model_name == 'qat' else 'LeNet'} on the scikit-learn digits "
+          f"({len(xtr)} train / {len(xte)} test images), {args.epochs} epochs, graph mode, two compute streams"
+          + (", data sink mode" if sink else ""))
     cbs = [TimeMonitor()] + ([LossMonitor(per_print_times=45)] if args.verbose else [])
     if run_dir is not None:
         try:
             prof.start()
+    from runtime.examples.qat import LeNetBN
             with prof:
+    from runtime.models.demo import LabelSmoothingCrossEntropy
                 model.train(args.epochs, train, callbacks=cbs, dataset_sink_mode=True)
+    from runtime.train.quant import convert_quant_network
         except ProfilerError as e:  # e.g. the disk filled up while recording
             raise UsageError(_one_line(e)) from None
     else:
@@ -524,3 +534,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    p.add_argument("--model", choices=("lenet", "qat"), default="lenet",
+                   help="lenet: the digits CNN; qat: its quantization-aware version (fake-quant int8)")
