@@ -633,8 +633,8 @@ def profile_ours(kind, data, mode, steps, top):
     tot_min = sum(v[1] for v in per_op.values())
     nops = sum(v[2] for v in per_op.values())
     if pyn:
-        print("note: PYNATIVE covers the ops that emit `op` events (eager forward + optimizer); the backward, "
-              "run by executor.evaluate, emits none")
+        print("note: PYNATIVE covers the ops that emit `op` events (eager forward + the replayed optimizer "
+              "update); the replayed backward (autodiff.grad_eager) emits none")
     print(f"op hook ({nops:.0f} kernels/step): sum of per-node median kernel times {tot_med:.3f} ms/step "
           f"(sum of mins {tot_min:.3f}); traced wall {traced_wall:.3f} ms/step; "
           f"untraced wall median {wall:.3f} / min {wall_min:.3f}")
