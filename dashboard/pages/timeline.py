@@ -477,7 +477,7 @@ def clamp_width(width) -> int:
 def _info(win: analysis.TimelineWindow, view) -> str:
     parts = [f"{view[0] / 1e6:,.3f} – {view[1] / 1e6:,.3f} ms ({(view[1] - view[0]) / 1e6:,.3f} ms)"]
     exact = [lv.label for lv in win.lanes if lv.mode == "tasks"]
-    busy = [lv.label for lv in win.lanes if lv.mode == "busy"]
+    busy = [lv.label for lv in win.lanes if lv.mode == "busy" and lv.source != "phases"]
     if busy:
         parts.append(f"busy per pixel: {', '.join(busy)} — zoom in for exact tasks")
     if exact:

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from insight.trace import Run, TraceError, as_run, empty_frame, read, read_rows
 
@@ -92,11 +93,21 @@ class Lane:
     busy_cum: np.ndarray = None    # busy time before each merged interval
 
     def __post_init__(self):
-        self.reach = np.maximum.accumulate(self.end) if len(self.end) else self.end.copy()
+        n = len(self.end)
+        ordered = n < 2 or bool(np.all(self.end[1:] >= self.end[:-1]))
+        # a stream runs one task at a time: its ends are in order already (no copy)
+        self.reach = self.end if ordered else np.maximum.accumulate(self.end)
         work = self.code != CODE_WAIT
-        self.busy_start, self.busy_len = merge_intervals(self.start[work], self.end[work])
-        self.busy_cum = np.concatenate(([0], np.cumsum(self.busy_len)[:-1])).astype(np.int64) \
-            if len(self.busy_len) else np.zeros(0, np.int64)
+        if n < 2 or bool(np.all(self.start[1:] >= self.reach[:-1])):
+            # no task overlaps the next: the tasks are the busy intervals (waits with length 0), no merge
+            self.busy_start = self.start
+            self.busy_len = np.where(work, self.end - self.start, 0)
+        else:
+            self.busy_start, self.busy_len = merge_intervals(self.start[work], self.end[work])
+        self.busy_cum = np.empty(len(self.busy_len), np.int64)
+        if len(self.busy_len):
+            self.busy_cum[0] = 0
+            np.cumsum(self.busy_len[:-1], out=self.busy_cum[1:])
 
     def __len__(self) -> int:
         return len(self.start)
@@ -270,39 +281,82 @@ class TimelineWindow:
 
 # -- loading ------------------------------------------------------------------------------------------
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list]:
-    """A string column as (int32 codes, values), whatever its chunks' dictionaries."""
-    values: list = []
-    index: dict = {}
-    parts = []
-    for chunk in col.chunks:
-        if not pa.types.is_dictionary(chunk.type):
-            chunk = pc.dictionary_encode(chunk)
-        dct = chunk.dictionary.to_pylist()
-        remap = np.array([index.setdefault("" if v is None else v, len(index)) for v in dct] or [0], np.int32)
-        idx = chunk.indices.to_numpy(zero_copy_only=False)
-        if chunk.null_count:
-            idx = np.where(chunk.is_null().to_numpy(zero_copy_only=False), -1, idx)
-        codes = remap[np.clip(idx, 0, None)] if len(dct) else np.zeros(len(chunk), np.int32)
-        if chunk.null_count:
-            miss = index.setdefault("", len(index))
-            codes = np.where(idx < 0, miss, codes)
-        parts.append(codes.astype(np.int32))
-    values = [None] * len(index)
-    for v, i in index.items():
-        values[i] = v
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), values
+    """A string column as (int32 codes, values), whatever its chunks' dictionaries (unified in Arrow, no
+    per-row Python); a null is the value ""."""
+    if col.num_chunks == 0:
+        return np.zeros(0, np.int32), []
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    col = col.unify_dictionaries()
+    values = ["" if v is None else v for v in col.chunk(0).dictionary.to_pylist()]
+    idx = pa.chunked_array([ch.indices for ch in col.chunks], col.type.index_type)
+    if col.null_count:
+        if "" not in values:
+            values.append("")
+        idx = pc.fill_null(idx, values.index(""))
+    codes = _np(idx)
+    # the same string twice in the dictionary (a null and "") gets one code
+    uniq = {}
+    remap = np.array([uniq.setdefault(v, len(uniq)) for v in values] or [0], np.int32)
+    if len(uniq) != len(values):
+        codes = remap[codes]
+        values = list(uniq)
+    return codes.astype(np.int32, copy=False), values
+
+
+def _read_uncached(run: Run, table: str, rank: int, columns: list, dictionary: list) -> pa.Table:
+    """``columns`` of ``table`` straight from its Parquet files, the ``dictionary`` ones as Parquet's
+    dictionary pages (no string per row is ever built) and kept out of the run's column cache: what the
+    timeline reads once to build its lanes. FileNotFoundError when a file vanished (a compaction)."""
+    parts = {c: [] for c in columns}
+    for f in run.table_files(table, rank):
+        try:
+            names = pq.read_schema(f, memory_map=True).names
+            pf = pq.ParquetFile(f, memory_map=True, read_dictionary=[c for c in dictionary if c in names])
+            have = [c for c in columns if c in names]
+            t = pf.read(columns=have, use_threads=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
+            raise run.bad_file(f, e) from None
+        for c in columns:
+            if c in have:
+                a = t.column(c)
+                if c not in dictionary and pa.types.is_integer(a.type) and a.type != pa.int64():
+                    a = pc.cast(a, pa.int64())
+            else:
+                typ = pa.dictionary(pa.int32(), pa.string()) if c in dictionary else pa.int64()
+                a = pa.chunked_array([pa.nulls(t.num_rows, typ)], typ)
+            parts[c].extend(a.chunks)
+    out = {}
+    for c in columns:
+        types = {ch.type for ch in parts[c]}
+        if len(types) > 1:  # e.g. a part file whose column is all null: one type for the chunked array
+            typ = next((x for x in types if not pa.types.is_null(x)), pa.int64())
+            parts[c] = [ch if ch.type == typ else pc.cast(ch, typ) for ch in parts[c]]
+        out[c] = pa.chunked_array(parts[c], next(iter(types)) if len(types) == 1 else typ) if parts[c] else \
+            pa.chunked_array([], pa.dictionary(pa.int32(), pa.string()) if c in dictionary else pa.int64())
+    return pa.table(out)
 
 
 def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tuple,
-                  dictionary: tuple) -> pa.Table | None:
-    """``columns`` (name -> default) of ``table`` from the run's column cache: strings dictionary-encoded,
-    numbers int64 with nulls filled, absent columns filled with their default; None for an absent table."""
+                  dictionary: tuple, cache: bool = True) -> pa.Table | None:
+    """``columns`` (name -> default) of ``table`` from the run's column cache (``cache=False``: straight from
+    the files, strings as dictionaries, see ``_read_uncached``): strings dictionary-encoded, numbers int64
+    with nulls filled, absent columns filled with their default; None for an absent table."""
     names = run.schema_names(table, rank)
     if names is None:
         return None
     read(run, table, {}, required=required, rank=rank)  # a required column missing from any file: TraceError
     present = [c for c in columns if c in names]
-    t = run.arrow(table, rank, present)
+    t = None
+    if not cache:
+        try:
+            t = _read_uncached(run, table, rank, present, [c for c in present if c in dictionary])
+        except FileNotFoundError:  # compacted while read: the cached reader lists the files again
+            t = None
+    if t is None:
+        t = run.arrow(table, rank, present)
     n = t.num_rows if present else run.num_rows(table, rank)
     cols = {}
     for c, default in columns.items():
@@ -353,16 +407,19 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
     run = as_run(run)
     lanes: list[Lane] = []
     row_lane = get_next = None
-    t = _read_columns(run, "tasks", rank, TASK_READ, ("start_ns", "end_ns"), ("graph", "kind", "stream", "phase"))
+    t = _read_columns(run, "tasks", rank, TASK_READ, ("start_ns", "end_ns"), ("graph", "kind", "stream", "phase"),
+                      cache=False)
     n_tasks = 0
     if t is not None and t.num_rows:
         start, end = _np(t.column("start_ns")), _np(t.column("end_ns"))
         keep = (start >= 0) & (end >= 0)
-        end = np.maximum(end, start)
+        if np.any(end < start):
+            end = np.maximum(end, start)
         stream, streams = _codes(t.column("stream"))
         graph, graphs = _codes(t.column("graph"))
         kind, kinds = _codes(t.column("kind"))
         phase, phases = _codes(t.column("phase"))
+        del t  # the Arrow copies: only the numpy arrays from here on
         # colour code: phase, or "wait" for GetNext / events
         phase_code = np.array([PHASES.index(p) if p in PHASES else CODE_OTHER for p in phases] or [CODE_OTHER], np.int8)
         code = phase_code[phase] if len(phases) else np.full(len(start), CODE_OTHER, np.int8)
@@ -406,7 +463,7 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
         gn_code = [i for i, k in enumerate(kinds) if k == "get_next"]
         get_next = np.flatnonzero(np.isin(kind, gn_code) & keep) if gn_code else np.zeros(0, np.int64)
         get_next = get_next[np.argsort(start[get_next], kind="stable")]
-        del start, end, stream, graph, kind, phase, code, lane, rows, t
+        del start, end, stream, graph, kind, phase, code, lane, rows
         n_tasks = int(keep.sum())
     ho = read(run, "host_ops", HOST_OP_COLUMNS, required=("start_ns", "end_ns"), rank=rank)
     if len(ho):
