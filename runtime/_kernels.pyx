@@ -1309,6 +1309,44 @@ cdef inline void _strided_copy_s(floating* dst, const floating* src, Py_ssize_t 
         _strided_copy(dst, src, cnt, sw)
 
 
+cdef void _im2col_plane_same(const floating* x, floating* cols, Py_ssize_t H, Py_ssize_t W,
+                             Py_ssize_t OH, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t ph, Py_ssize_t pw,
+                             Py_ssize_t L) noexcept nogil:
+    # stride 1 and OW == W ("same" width): for tap (i, j) output element k = oh*W + ow reads x[k + off]
+    # with off = (i - ph)*W + (j - pw), so the valid rows are ONE copy from the first to the last valid
+    # element; the columns outside [lo, hi) that the copy picked up from neighbouring rows are zeroed after.
+    # (Small planes: one copy per tap instead of one per output row, 3-4x fewer calls for 4x4 planes.)
+    cdef Py_ssize_t i, j, oh, ow, lo, hi, a, b, s0, s1
+    cdef floating* dst
+    cdef floating* row
+    for i in range(kh):
+        a = ph - i if ph > i else 0                     # output rows whose input row is inside the image
+        b = H + ph - i
+        if b > OH:
+            b = OH
+        if b < a:
+            b = a
+        for j in range(kw):
+            _ow_range(j, W, W, 1, pw, &lo, &hi)
+            dst = cols + (i * kw + j) * L
+            if b == a or hi == lo:
+                memset(dst, 0, OH * W * sizeof(floating))
+                continue
+            if a > 0:
+                memset(dst, 0, a * W * sizeof(floating))
+            if b < OH:
+                memset(dst + b * W, 0, (OH - b) * W * sizeof(floating))
+            s0 = a * W + lo
+            s1 = (b - 1) * W + hi
+            memcpy(dst + s0, x + s0 + (i - ph) * W + (j - pw), (s1 - s0) * sizeof(floating))
+            for oh in range(a, b):
+                row = dst + oh * W
+                for ow in range(lo):
+                    row[ow] = 0
+                for ow in range(hi, W):
+                    row[ow] = 0
+
+
 cdef void _im2col_plane(const floating* x, floating* cols, Py_ssize_t H, Py_ssize_t W,
                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
@@ -1318,6 +1356,9 @@ cdef void _im2col_plane(const floating* x, floating* cols, Py_ssize_t H, Py_ssiz
     cdef Py_ssize_t i, j, oh, ih, lo, hi
     cdef floating* dst
     cdef const floating* src
+    if sh == 1 and sw == 1 and OW == W:
+        _im2col_plane_same(x, cols, H, W, OH, kh, kw, ph, pw, L)
+        return
     for i in range(kh):
         for j in range(kw):
             _ow_range(j, W, OW, sw, pw, &lo, &hi)

@@ -396,6 +396,11 @@ CONV_CFGS = [
     (1, 2, 4, 3, 2, 2, 1, 1, 3, 2),   # padding larger than kernel: all-zero rows/cols
     (2, 1, 3, 3, 3, 3, 3, 3, 0, 0),
     (4, 16, 17, 19, 3, 3, 1, 1, 1, 1),  # big enough for the threaded path
+    # stride 1 with OW == W: the one-copy-per-tap path (OH != H, rows wholly in the padding, 1-wide planes)
+    (2, 3, 6, 5, 5, 3, 1, 1, 1, 1),
+    (1, 2, 3, 4, 3, 5, 1, 1, 3, 2),
+    (2, 1, 5, 1, 3, 1, 1, 1, 1, 0),
+    (64, 16, 4, 4, 3, 3, 1, 1, 1, 1),   # the digits CNN's conv2
 ]
 
 
