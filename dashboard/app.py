@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import dash
 from dash import dcc, html
@@ -32,6 +33,13 @@ def page_modules() -> list:
             for name in sorted(m.name for m in pkgutil.iter_modules(pages.__path__))]
 
 
+def _run_title(page: str):
+    def title(run_id=None, **_):
+        name = unquote(str(run_id or ""))
+        return f"{name[:60]} · {page}" if name else f"Insight · {page}"
+    return title
+
+
 def create_app(base_dir, reload_interval: float = 3.0) -> dash.Dash:
     set_store(RunStore(base_dir, reload_interval))
     app = dash.Dash(__name__, use_pages=True, pages_folder="", assets_folder=str(ASSETS), title="Insight",
@@ -44,6 +52,9 @@ def create_app(base_dir, reload_interval: float = 3.0) -> dash.Dash:
             _registered.add(name)
         if hasattr(mod, "register_callbacks"):
             mod.register_callbacks(app)
+    for page in dash.page_registry.values():  # tab titles "run · page"
+        if str(page.get("path_template") or "").startswith("/run/<run_id>/"):
+            page["title"] = _run_title(page["name"])
     routes.register_routes(app.server)
     app.layout = html.Div([
         html.Header([dcc.Link("Insight", href="/", className="brand"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import traceback
 from urllib.parse import quote, unquote
 
-from dash import dcc, html
+import dash_ag_grid as dag
+from dash import Input, Output, dcc, html
 
 from dashboard.data import RunNotFound, store
 from insight.analysis.pipeline import VERDICT_TEXT
@@ -12,6 +13,7 @@ from insight.trace import TraceError
 
 RUN_PAGES = [("overview", "Overview"), ("operators", "Operators"), ("pipeline", "Data pipeline"),
              ("timeline", "Timeline"), ("memory", "Memory")]
+CLUSTER_PAGE = ("cluster", "Cluster")  # in the navigation of runs with several ranks
 
 # how every view words insight.analysis.data_pipeline's one verdict
 PIPELINE_VERDICTS = VERDICT_TEXT
@@ -24,10 +26,19 @@ def graph(id_, figure=None, **kw):
     return dcc.Graph(id=id_, figure=figure or {}, config=GRAPH_CONFIG, **kw)
 
 
+def run_pages(run_id: str) -> list[tuple[str, str]]:
+    """The pages of a run's navigation: the Cluster page too when the run has several ranks."""
+    try:
+        ranks = store().run(run_id).ranks
+    except Exception:  # noqa: BLE001 - an unreadable run still gets its (error) pages
+        ranks = [0]
+    return RUN_PAGES + [CLUSTER_PAGE] if len(ranks) > 1 else list(RUN_PAGES)
+
+
 def run_nav(run_id: str, active: str):
     links = [dcc.Link(label, href=f"/run/{quote(run_id)}/{page}", id=f"nav-{page}",
                       className="nav-link active" if page == active else "nav-link")
-             for page, label in RUN_PAGES]
+             for page, label in run_pages(run_id)]
     return html.Div([html.Span(run_id, className="run-name", id="current-run"), *links], className="run-nav")
 
 
@@ -79,3 +90,119 @@ def stat_card(label: str, value: str, id_: str | None = None, hint: str = ""):
 
 def run_href(run_id: str, page: str = "overview") -> str:
     return f"/run/{quote(run_id)}/{page}"
+
+
+# -- tables: one dash-ag-grid style for every page --------------------------------------------------------
+# d3-format specs of numeric columns (dash-ag-grid evaluates these ``function`` strings with d3 in scope)
+FORMATS = {"ms": ",.3f", "ms4": ",.4f", "count": ",d", "pct": ".2%", "pct1": ".1%", "num1": ",.1f", "si": ".3~s",
+           "bytes": ",d", "signed_ms": "+,.3f", "ratio": ",.3f", "signed_pct": "+.1%"}
+MAX_TABLE_WIDTH = 1600  # px: no table is wider than the window the pages are designed for
+
+
+def num_col(field: str, name: str, fmt: str = "ms", suffix: str = "", missing: str = "\u2014", **kw) -> dict:
+    """A numeric column: kept numeric (sorts and filters as numbers; the filter's default is "greater
+    than", so typing 100 keeps the rows above 100), shown with a d3 format; missing values are ``missing``."""
+    spec = FORMATS.get(fmt, fmt)
+    return {"field": field, "headerName": name, "type": "rightAligned", "filter": "agNumberColumnFilter",
+            "filterParams": {"defaultOption": "greaterThan", "buttons": ["reset"]},
+            "valueFormatter": {"function": f"params.value == null ? '{missing}' : d3.format('{spec}')(params.value)"
+                                           + (f" + '{suffix}'" if suffix else "")},
+            "minWidth": 96, **kw}
+
+
+def text_col(field: str, name: str, **kw) -> dict:
+    """A text column: a case-insensitive "contains" filter, long values in a tooltip."""
+    return {"field": field, "headerName": name, "filter": "agTextColumnFilter",
+            "filterParams": {"defaultOption": "contains", "buttons": ["reset"]}, "tooltipField": field,
+            "minWidth": 110, **kw}
+
+
+def link_col(field: str, name: str, text_field: str, **kw) -> dict:
+    """A column of HTML links (``<a href=...>``) filtered and sorted on ``text_field``'s plain text."""
+    return text_col(field, name, cellRenderer="markdown", tooltipField=text_field,
+                    filterValueGetter={"function": f"params.data.{text_field}"},
+                    comparator={"function": "(a, b, na, nb) => String(na.data." + text_field + ").localeCompare("
+                                            "String(nb.data." + text_field + "))"}, **kw)
+
+
+def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | None = 10, csv: str | None = None,
+              row_id: str | None = "id", **kw):
+    """A dash-ag-grid table in the dashboard's one style: sortable, filterable columns (floating filters),
+    columns sized to the window, pagination (``page_size`` rows; None: all rows), a row count that follows
+    the filters (``#<id>-count``, see ``register_grid``) and CSV export (``#<id>-csv``)."""
+    opts = {"tooltipShowDelay": 400, "enableCellTextSelection": True, "ensureDomOrder": True,
+            "suppressColumnVirtualisation": True, "animateRows": False, "domLayout": "autoHeight",
+            "suppressCellFocus": False, "rowSelection": {"mode": "singleRow", "checkboxes": False,
+                                                          "enableClickSelection": True}}
+    if page_size:
+        opts.update(pagination=True, paginationPageSize=page_size, paginationPageSizeSelector=False)
+    opts.update(kw.pop("dashGridOptions", {}))
+    grid = dag.AgGrid(
+        id=id_, columnDefs=columns, rowData=rows, columnSize="responsiveSizeToFit",
+        defaultColDef={"sortable": True, "filter": True, "floatingFilter": True, "resizable": True,
+                       "suppressHeaderMenuButton": False, "wrapHeaderText": True, "autoHeaderHeight": True},
+        dashGridOptions=opts, getRowId=f"params.data.{row_id}" if row_id else None,
+        csvExportParams={"fileName": f"{csv or id_}.csv"}, className="insight-grid",
+        dangerously_allow_code=True, style={"width": "100%", "maxWidth": MAX_TABLE_WIDTH}, **kw)
+    return grid
+
+
+def grid_tools(id_: str, rows: list[dict]):
+    """The row count (following search and column filters) and the CSV button of grid ``id_``."""
+    return [html.Span(f"{len(rows)} rows", id=f"{id_}-count", className="muted grid-count"),
+            html.Button("Export CSV", id=f"{id_}-csv", className="grid-csv", n_clicks=0)]
+
+
+def register_grid(app, id_: str) -> None:
+    """The browser-side callbacks of ``data_grid(id_)``: the count follows the grid's filtered rows, the
+    button exports them as CSV."""
+    app.clientside_callback("function(rows) { return rows ? rows.length + ' rows' : window.dash_clientside.no_update; }",
+                            Output(f"{id_}-count", "children"), Input(id_, "virtualRowData"),
+                            prevent_initial_call=True)
+    app.clientside_callback("function(n) { return n > 0; }", Output(id_, "exportDataAsCsv"),
+                            Input(f"{id_}-csv", "n_clicks"), prevent_initial_call=True)
+
+
+# -- the data pipeline's one verdict, worded and coloured the same on every page -------------------------------
+VERDICT_CLASS = {"none": "verdict-ok", "unknown": "verdict-warn", "data_transfer": "verdict-warn",
+                 "data_processing": "verdict-bad"}
+
+
+def verdict_panel(rep, title: str = "Data pipeline", advice: bool = True):
+    """``insight.analysis.data_pipeline``'s verdict with the input-bound class and share beside it (one
+    component for Overview, Advice and Data pipeline: the same words and colours everywhere)."""
+    share = rep.input_share
+    bound = (f"input-bound: {rep.input_bound}" + (f" ({share * 100:.1f} % of the step waits for input)"
+                                                   if share == share else ""))
+    cls = VERDICT_CLASS.get(rep.verdict, "verdict-warn")
+    if rep.verdict == "none" and rep.input_bound in ("moderately", "highly"):
+        cls = "verdict-warn"  # the pipeline keeps up, yet the step still waits on input (host work, copies)
+    return html.Div([
+        html.H4(title) if title else None,
+        html.P([html.Span(rep.verdict_text, id="pipeline-verdict", className=f"verdict {cls}"),
+                html.Span(" — " + bound, id="pipeline-input-bound")]),
+        html.P(rep.verdict_reason, className="muted", id="pipeline-verdict-reason"),
+        html.Ul([html.Li(a) for a in rep.advice] or [html.Li("Nothing to flag.")], id="pipeline-advice")
+        if advice else None,
+    ], className="panel verdict-panel")
+
+
+def page_rank(run_id: str, rank) -> int:
+    """``?rank=`` of a per-run page: one of the run's ranks (a forged or stale value falls back to the first)."""
+    ranks = store().run(run_id).ranks
+    try:
+        r = int(str(rank[0] if isinstance(rank, (list, tuple)) and rank else rank))
+    except (TypeError, ValueError):
+        return ranks[0] if ranks else 0
+    return r if r in ranks else (ranks[0] if ranks else 0)
+
+
+def rank_selector(run_id: str, page: str, rank: int):
+    """Links to the same page of the run's other ranks (``?rank=N``); nothing for a single-rank run."""
+    ranks = store().run(run_id).ranks
+    if len(ranks) < 2:
+        return None
+    return html.Div([html.Span("Rank", className="muted")] + [
+        dcc.Link(str(r), href=f"{run_href(run_id, page)}?rank={r}", id=f"rank-{r}",
+                 className="nav-link active" if r == rank else "nav-link") for r in ranks],
+        className="toolbar", id="rank-selector")

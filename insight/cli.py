@@ -76,6 +76,7 @@ def report_lines(run_path, top: int = 10, rank: int = 0) -> list[str]:
     """The text ``insight report`` prints (a function so tests and the dashboard can reuse it)."""
     from insight import analysis as A
     from insight.analysis._io import as_run, capacity_bytes
+    from insight.analysis.advice import IMPORTED_SOURCES, has_device
 
     with _stages(5) as bar:
         run = as_run(run_path)
@@ -93,7 +94,7 @@ def report_lines(run_path, top: int = 10, rank: int = 0) -> list[str]:
         bar.set_description("memory")
         peak = A.memory_peak(run, rank=rank)
         bar.update()
-        advice = A.advise(s, pipe, peak, types)
+        advice = A.advise(s, pipe, peak, types, device=has_device(run, rank))
         bar.update()
 
     m = run.manifest
@@ -120,6 +121,8 @@ def report_lines(run_path, top: int = 10, rank: int = 0) -> list[str]:
             ["device utilisation", _pct(s.device_utilization), ""],
         ], ["", "", ""], right={1})[1:]
         L.append("")
+    if (run.manifest or {}).get("source") in IMPORTED_SOURCES:  # a torch.profiler / Chrome trace: the plugin's view
+        L += A.gpu.report_lines(run, rank, top) + [""]
 
     # ops
     if len(types):
@@ -197,17 +200,46 @@ def _report(args) -> int:
 
     run = as_run(args.run)
     m = run.manifest if isinstance(run.manifest, dict) else {}
-    if m.get("status") == "failed":  # the profiler could not write the run (e.g. the disk filled up)
+    notes = []
+    present = [r for r in run.ranks if (run.path / f"rank_{r}").is_dir()] or run.ranks
+    failed = _failed_ranks(m)
+    healthy = [r for r in present if r not in failed]
+    if m.get("status") == "failed" and not (failed and healthy):  # the profiler could not write the run
         err = m.get("error")
         raise TraceError(f"run {_cut(run.name, 80)!r}: recording failed"
                          + (f": {_cut(err, 300)}" if isinstance(err, str) and err else "")
                          + "; its tables are incomplete")
-    if args.rank not in run.ranks:
-        raise UsageError(f"--rank {args.rank}: run {_cut(run.name, 80)!r} has ranks "
-                         f"{', '.join(map(str, run.ranks))}")
-    lines = report_lines(run, top=args.top, rank=args.rank)
-    print("\n".join(lines))
+    if failed:  # one rank of a multi-rank run failed: the others are still worth reading
+        notes.append(f"Note: rank {', '.join(map(str, failed))} of {len(run.ranks)} failed while recording; "
+                     f"reporting the healthy rank(s) {', '.join(map(str, healthy))}")
+    size = m.get("group_size")
+    expected = list(range(size)) if isinstance(size, int) and not isinstance(size, bool) and size > 1 else run.ranks
+    missing = [r for r in expected if r not in present]
+    if missing:
+        notes.append(f"Note: rank {', '.join(map(str, missing))} missing (no rank_N/ directory); "
+                     f"reporting rank(s) {', '.join(map(str, healthy))}")
+    rank = args.rank if args.rank is not None else (healthy[0] if healthy else run.ranks[0])
+    if rank not in run.ranks or (healthy and rank not in healthy):
+        raise UsageError(f"--rank {rank}: run {_cut(run.name, 80)!r} has ranks "
+                         f"{', '.join(map(str, healthy or present))}")
+    lines = report_lines(run, top=args.top, rank=rank)
+    print("\n".join(notes + ([""] if notes else []) + lines))
     return 0
+
+
+def _failed_ranks(m: dict) -> list[int]:
+    """Ranks whose own status in the merged manifest is "failed" (``rank_status``)."""
+    rs = m.get("rank_status")
+    if not isinstance(rs, dict):
+        return []
+    out = []
+    for r, v in rs.items():
+        if isinstance(v, dict) and v.get("status") == "failed":
+            try:
+                out.append(int(r))
+            except (TypeError, ValueError):
+                continue
+    return sorted(out)
 
 
 # -- runs ---------------------------------------------------------------------------------------------------
@@ -273,8 +305,11 @@ def _demo(args) -> int:
     from runtime import Model, context, nn
     from runtime.dataset import NumpySlicesDataset
     from runtime.dataset.digits import load_digits_split
+    from runtime.examples.qat import LeNetBN
     from runtime.models import LeNetDigits
+    from runtime.models.demo import LabelSmoothingCrossEntropy
     from runtime.train import LossMonitor, TimeMonitor
+    from runtime.train.quant import convert_quant_network
 
     from insight.profiler import Profiler, ProfilerError
 
@@ -312,11 +347,8 @@ def _demo(args) -> int:
     if run_dir is not None:
         try:
             prof.start()
-    from runtime.examples.qat import LeNetBN
             with prof:
-    from runtime.models.demo import LabelSmoothingCrossEntropy
                 model.train(args.epochs, train, callbacks=cbs, dataset_sink_mode=True)
-    from runtime.train.quant import convert_quant_network
         except ProfilerError as e:  # e.g. the disk filled up while recording
             raise UsageError(_one_line(e)) from None
     else:
@@ -465,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print a summary of a profiled run")
     p.add_argument("run", help="the run directory")
     p.add_argument("--top", type=_int_at_least(1), default=10, help="rows in the op tables (default 10)")
-    p.add_argument("--rank", type=_int_at_least(0), default=0)
+    p.add_argument("--rank", type=_int_at_least(0), default=None,
+                   help="the rank to report (default: the first readable rank)")
     p.set_defaults(fn=_report)
 
     p = sub.add_parser("runs", help="list the runs in a directory")
@@ -502,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="profile the training with insight.Profiler into OUTPUT/<name>")
     p.add_argument("--name", type=_run_name, help="the run's name (default demo-<UTC time>)")
     p.add_argument("--sink", action="store_true", help="data sink mode without profiling too")
+    p.add_argument("--model", choices=("lenet", "qat"), default="lenet",
+                   help="lenet: the digits CNN; qat: its quantization-aware version (fake-quant int8)")
     p.set_defaults(fn=_demo)
 
     for module in SUBCOMMAND_MODULES:
@@ -534,5 +569,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    p.add_argument("--model", choices=("lenet", "qat"), default="lenet",
-                   help="lenet: the digits CNN; qat: its quantization-aware version (fake-quant int8)")

@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from browser_util import DASH_IDLE, chrome_driver, chromedriver_path
 from insight import analysis
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMEDRIVER = "/usr/bin/chromedriver"
 RUN_PAGES = ("overview", "operators", "pipeline", "timeline", "memory")
 TIMEOUT = 45.0            # a single wait; generous, the machine may be loaded by other work
 MB = 2 ** 20
@@ -71,10 +71,8 @@ def _cli(*args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    if not Path(CHROMEDRIVER).exists() and not shutil.which("chromedriver"):
+    if chromedriver_path() is None:
         pytest.skip("chromedriver is not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     tmp = tmp_path_factory.mktemp("e2e")
     base, state, downloads = tmp / "runs", tmp / "state", tmp / "downloads"
@@ -122,18 +120,7 @@ def e2e(tmp_path_factory):
                 pytest.fail("the server did not answer within 90 s")
             time.sleep(0.2)
 
-        opts = webdriver.ChromeOptions()
-        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--window-size=1400,1200"):
-            opts.add_argument(a)
-        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                               "download.prompt_for_download": False})
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER if Path(CHROMEDRIVER).exists()
-                                                  else shutil.which("chromedriver")), options=opts)
-        driver.set_page_load_timeout(60)
-        driver.set_script_timeout(30)
-        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        driver = chrome_driver(1400, 1200, downloads=downloads)
         yielded = True
         yield SimpleNamespace(base=base, url=url, port=port, driver=driver, downloads=downloads,
                               run=lambda name: base / name)
@@ -205,16 +192,7 @@ def _wait_text(drv, id_: str, expected: str | None = None, timeout: float = TIME
         raise AssertionError(f"#{id_}: expected {expected!r}, got {got[0].text if got else 'no such element'!r}")
 
 
-IDLE = """
-var s = window.store && window.store.getState && window.store.getState();
-if (!s || !s.callbacks) { return false; }
-for (var k in s.callbacks) {
-    if (k === 'stored' || k === 'completed') { continue; }
-    var v = s.callbacks[k];
-    if (v && v.length) { return false; }
-}
-return !document.querySelector('[data-dash-is-loading="true"]');
-"""
+IDLE = DASH_IDLE
 
 
 def _settle(drv, timeout: float = TIMEOUT) -> None:
@@ -242,8 +220,30 @@ def _ms(v: float) -> str:
     return f"{v:.3f} ms"
 
 
+GRID_CELLS = """
+var out = [];
+document.querySelectorAll('#' + CSS.escape(arguments[0]) + ' .ag-row .ag-cell[col-id="' + arguments[1] + '"]')
+    .forEach(function(c) { out.push([parseInt(c.closest('.ag-row').getAttribute('row-index')), c.innerText.trim()]); });
+out.sort(function(a, b) { return a[0] - b[0]; });
+return out.map(function(x) { return x[1]; });
+"""
+
+
 def _cells(drv, table: str, col: str) -> list[str]:
-    return [c.text for c in drv.find_elements("css selector", f"#{table} td[data-dash-column={col}]")]
+    """The texts of column ``col`` of grid ``table`` on its current page, in display order."""
+    return drv.execute_script(GRID_CELLS, table, col)
+
+
+def _filter_box(drv, table: str, col: str):
+    """The floating-filter input of column ``col`` of grid ``table``."""
+    idx = drv.find_element("css selector", f"#{table} .ag-header-cell[col-id='{col}']").get_attribute("aria-colindex")
+    return drv.find_element("css selector", f"#{table} .ag-floating-filter[aria-colindex='{idx}'] input")
+
+
+def _headers(drv, table: str) -> list[str]:
+    cells = drv.find_elements("css selector", f"#{table} .ag-header-row-column .ag-header-cell")
+    cells = sorted(cells, key=lambda c: int(c.get_attribute("aria-colindex")))
+    return [c.find_element("css selector", ".ag-header-cell-text").text for c in cells]
 
 
 def _num(s: str) -> float:
@@ -274,7 +274,7 @@ def test_runs_page_lists_the_runs_and_the_filter_narrows_it(e2e):
         assert _num(avg[rows[r]]) == round(analysis.step_summary(e2e.run(r)).step_time_ms, 3)
     assert avg[rows["run-broken"]] == ""
     # the Run column's filter: "run-a" leaves one row ...
-    box = drv.find_element("css selector", "#runs-table th.dash-filter[data-dash-column=run] input[type=text]")
+    box = _filter_box(drv, "runs-table", "run")
     box.click()
     box.send_keys("run-a", Keys.ENTER)
     _wait(drv, lambda: _cells(drv, "runs-table", "run") == ["run-a"], "the filter to leave only run-a")
@@ -286,7 +286,7 @@ def test_runs_page_lists_the_runs_and_the_filter_narrows_it(e2e):
     _settle(drv)
     assert _cells(drv, "runs-table", "run") == ["run-a"]
     # a new filter text replaces the old one
-    box = drv.find_element("css selector", "#runs-table th.dash-filter[data-dash-column=run] input[type=text]")
+    box = _filter_box(drv, "runs-table", "run")
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys("broken", Keys.ENTER)
     _wait(drv, lambda: _cells(drv, "runs-table", "run") == ["run-broken"], "the filter to leave only run-broken")
@@ -389,7 +389,7 @@ def test_operators_table_sorts_on_a_column(e2e):
     _wait(drv, lambda: len(_cells(drv, "op-type-table", "calls")) == 10, "the first page of the op-type table")
     before = [int(_num(c)) for c in _cells(drv, "op-type-table", "calls")]
     assert before == [int(c) for c in types["calls"][:10]]  # by total time, as the analysis orders it
-    sort = "#op-type-table th[data-dash-column=calls] .column-header--sort"
+    sort = "#op-type-table .ag-header-cell[col-id=calls] .ag-header-cell-label"
     drv.find_element("css selector", sort).click()  # ascending
     _wait(drv, lambda: [int(_num(c)) for c in _cells(drv, "op-type-table", "calls")] == calls[:10],
           f"calls ascending {calls[:10]}")
@@ -508,7 +508,7 @@ def test_compare_shows_both_runs_and_the_op_type_diff(e2e):
     _wait_text(drv, "compare-b-name", "run-b")
     assert _text(drv, "compare-a-step") == _ms(sa.step_time_ms)
     assert _text(drv, "compare-b-step") == _ms(sb.step_time_ms)
-    headers = [h.text for h in drv.find_elements("css selector", "#compare-ops-table th.dash-header")]
+    headers = _headers(drv, "compare-ops-table")
     assert headers[:5] == ["Op type", "Status", "A ms/step", "B ms/step", "B \u2212 A (ms/step)"]
     want = cmp.ops.head(20)
     _wait(drv, lambda: _cells(drv, "compare-ops-table", "op") == list(want["op"]), "the per-op-type diff table")
@@ -535,7 +535,7 @@ def test_broken_run_shows_the_error_panel_and_the_others_still_render(e2e):
     # in the same session: back to the runs, then run-a's overview renders
     drv.find_element("css selector", "#error-panel a").click()
     _wait(drv, lambda: "run-a" in _cells(drv, "runs-table", "run"), "the runs page")
-    [link] = [a for a in drv.find_elements("css selector", "#runs-table td[data-dash-column=run] a") if a.text == "run-a"]
+    [link] = [a for a in drv.find_elements("css selector", "#runs-table .ag-cell[col-id=run] a") if a.text == "run-a"]
     link.click()
     _wait_text(drv, "stat-avg-step", _ms(analysis.step_summary(e2e.run("run-a")).step_time_ms))
     _figure_ready(drv, "step-breakdown")
@@ -632,6 +632,136 @@ def test_step_breakdown_figure_downloads_as_png(e2e):
     assert _severe(drv) == []
 
 
+# -- 9. typed filters, click-through, noise-aware compare -----------------------------------------------------
+def test_numeric_filter_keeps_exactly_the_rows_above_the_value(e2e):
+    """Typing X in the "Total (ms)" filter keeps exactly the op types above X (compared as numbers, not as
+    text), and the row count follows the filter."""
+    drv = e2e.driver
+    types = analysis.op_type_stats(e2e.run("run-a"))
+    x = float(np.round(types["total_ms"].median(), 1))
+    above = types[types["total_ms"] > x]
+    assert 0 < len(above) < len(types)
+    _open(e2e, "/run/run-a/operators")
+    _wait(drv, lambda: len(_cells(drv, "op-type-table", "op")) == min(10, len(types)), "the op-type table")
+    _wait_text(drv, "op-type-table-count", f"{len(types)} rows")
+    box = _filter_box(drv, "op-type-table", "total_ms")
+    box.click()
+    box.send_keys(str(x))
+    _wait_text(drv, "op-type-table-count", f"{len(above)} rows")
+    shown = _cells(drv, "op-type-table", "op")
+    assert shown == list(above["op"].head(10)), (x, shown)
+    assert all(_num(v) > x for v in _cells(drv, "op-type-table", "total_ms"))
+    assert drv.execute_script("return document.querySelector('#op-type-table').getBoundingClientRect().width") <= 1600
+    assert _severe(drv) == []
+
+
+def test_clicking_an_overview_bar_opens_that_steps_timeline(e2e):
+    drv = e2e.driver
+    bd = analysis.step_breakdown(e2e.run("run-a"))
+    i = int(np.argmax(bd["fp_bp_ms"].to_numpy()[1:])) + 1  # the step with the tallest forward+backward bar
+    step = int(bd["step"].iloc[i])
+    _open(e2e, "/run/run-a/overview")
+    _figure_ready(drv, "step-breakdown")
+    _settle(drv)
+    trace = drv.execute_script(GD % "step-breakdown" + "return gd._fullData.findIndex(function(t) {"
+                                                       "return t.name === 'Forward + backward'; });")
+    bars = drv.find_elements("css selector", "#step-breakdown .barlayer .trace")[trace].find_elements(
+        "css selector", ".point path")
+    from selenium.webdriver.common.action_chains import ActionChains
+    ActionChains(drv).move_to_element(bars[i]).click().perform()
+    _wait(drv, lambda: drv.current_url.endswith(f"/run/run-a/timeline?step={step}"), f"the timeline of step {step}")
+    _wait_text(drv, "tl-info")
+    assert _severe(drv) == []
+
+
+def test_memory_click_reports_the_event_at_or_before_the_cursor(e2e):
+    import re
+
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    drv = e2e.driver
+    lt = analysis.memory_intervals(e2e.run("run-a"))
+    _open(e2e, "/run/run-a/memory")
+    _figure_ready(drv, "mem-timeline")
+    _figure_ready(drv, "mem-steps")
+    _settle(drv)
+    plot = drv.find_element("css selector", "#mem-timeline .nsewdrag")
+    for dx in (-0.3, 0.1, 0.37):  # three places across the run
+        before = _text(drv, "mem-at-title")
+        ActionChains(drv).move_to_element_with_offset(plot, int(plot.size["width"] * dx), 0).click().perform()
+        _wait(drv, lambda: _text(drv, "mem-at-title") != before and "clicked" not in _text(drv, "mem-at-title"),
+              "the tensors at the click")
+        at = float(re.search(r"at ([0-9.]+) ms", _text(drv, "mem-at-title")).group(1))
+        cursor = float(re.search(r"click at ([0-9.]+) ms", _text(drv, "mem-at-summary")).group(1))
+        i = int(np.searchsorted(lt.t_ns, cursor * 1e6 + 500, side="right")) - 1  # the printed cursor is rounded
+        assert at <= cursor + 0.0005 and at == pytest.approx(lt.t_ns[i] / 1e6, abs=0.0006), (at, cursor)
+    assert _severe(drv) == []
+
+
+def _slowed_copy(src: Path, dst: Path, op: str, factor: float) -> None:
+    """``src`` with every task of op type ``op`` made ``factor`` times longer (a deliberately slowed op)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(src, dst)
+    for f in (dst / "rank_0").glob("tasks*.parquet"):
+        t = pq.read_table(f).to_pandas()
+        sel = t["op"] == op
+        t.loc[sel, "dur_ns"] = (t.loc[sel, "dur_ns"] * factor).astype("int64")
+        t.loc[sel, "end_ns"] = t.loc[sel, "start_ns"] + t.loc[sel, "dur_ns"]
+        pq.write_table(pa.Table.from_pandas(t, preserve_index=False), f)
+
+
+def test_compare_marks_noise_and_finds_a_deliberately_slowed_op(e2e):
+    """run-a and run-b (same seed, trained side by side): no op type differs beyond noise. run-b against a copy
+    with one op type 1.5x slower: exactly that op type is significantly slower."""
+    drv = e2e.driver
+    same = analysis.compare_runs(e2e.run("run-a"), e2e.run("run-b"))
+    assert not same.ops["significant"].any(), same.ops[same.ops["significant"]][["op", "diff_pct", "p_value"]]
+    _open(e2e, "/compare?a=run-a&b=run-b")
+    _wait_text(drv, "compare-b-name", "run-b")
+    _wait(drv, lambda: len(_cells(drv, "compare-ops-table", "noise")) > 0, "the noise column")
+    assert "significant" not in _cells(drv, "compare-ops-table", "noise")
+    assert "slower" not in _text(drv, "compare-status-counts") and "faster" not in _text(drv, "compare-status-counts")
+
+    types = analysis.op_type_stats(e2e.run("run-b"))
+    op = str(types["op"].iloc[0])
+    slow = e2e.run("run-b-slow")
+    _slowed_copy(e2e.run("run-b"), slow, op, 1.5)
+    try:
+        cmp = analysis.compare_runs(e2e.run("run-b"), slow)
+        flagged = cmp.ops[cmp.ops["significant"]]
+        assert list(flagged["op"]) == [op] and list(flagged["status"]) == ["slower"]
+        _open(e2e, "/compare?a=run-b&b=run-b-slow")
+        _wait_text(drv, "compare-b-name", "run-b-slow")
+        _wait(drv, lambda: _cells(drv, "compare-ops-table", "op")[:1] == [op], f"{op} first")
+        assert _cells(drv, "compare-ops-table", "status")[0] == "slower"
+        assert _cells(drv, "compare-ops-table", "noise")[0] == "significant"
+        assert _num(_cells(drv, "compare-ops-table", "diff_pct")[0]) == pytest.approx(50.0, abs=0.2)
+        assert "1 slower" in _text(drv, "compare-status-counts")
+        assert _severe(drv) == []
+    finally:
+        shutil.rmtree(slow, ignore_errors=True)
+
+
+def test_runs_page_links_the_comparison_of_two_ticked_runs(e2e):
+    drv = e2e.driver
+    _open(e2e, "/")
+    _wait(drv, lambda: "run-b" in _cells(drv, "runs-table", "run"), "the runs table")
+    for name in ("run-a", "run-b"):
+        idx = _cells(drv, "runs-table", "run").index(name)
+        drv.find_elements("css selector", f"#runs-table .ag-row[row-index='{idx}'] input[type=checkbox]")[0].click()
+    _wait(drv, lambda: "/compare?a=" in (drv.find_element("id", "runs-compare").get_attribute("href") or ""),
+          "the compare link")
+    drv.find_element("id", "runs-compare").click()
+    _wait_text(drv, "compare-a-name")
+    assert {_text(drv, "compare-a-name"), _text(drv, "compare-b-name")} == {"run-a", "run-b"}
+    assert drv.title == "Insight · compare"
+    _open(e2e, "/run/run-a/operators")
+    _wait_text(drv, "ops-top-type")
+    assert drv.title == "run-a · Operators"
+
+
 # -- near the end (they add runs to the base dir, and take them away again) -------------------------------------
 def test_runs_page_lists_healthy_runs_beside_broken_ones(e2e):
     """Runs with bad manifests, a deeply nested one, a 5000-digit schema_version and a run directory that is a
@@ -668,7 +798,7 @@ def test_runs_page_lists_healthy_runs_beside_broken_ones(e2e):
         assert "symbolic link" in rows["linked"] and "newer" not in rows["bad-version"]
         assert _severe(drv) == []
         # the oddly named run's link is encoded once: its overview opens
-        [link] = [a for a in drv.find_elements("css selector", "#runs-table td[data-dash-column=run] a")
+        [link] = [a for a in drv.find_elements("css selector", "#runs-table .ag-cell[col-id=run] a")
                   if a.text == odd]
         link.click()
         _wait(drv, lambda: drv.find_elements("id", "stat-avg-step") or drv.find_elements("id", "not-found"),
@@ -690,7 +820,7 @@ def test_run_with_a_non_ascii_name_opens_from_the_runs_table(e2e):
     try:
         _open(e2e, "/")
         _wait(drv, lambda: name in _cells(drv, "runs-table", "run"), f"{name} in the runs table (re-scanned every 1 s)")
-        [link] = [a for a in drv.find_elements("css selector", "#runs-table td[data-dash-column=run] a")
+        [link] = [a for a in drv.find_elements("css selector", "#runs-table .ag-cell[col-id=run] a")
                   if a.text == name]
         link.click()
         _wait(drv, lambda: drv.find_elements("id", "stat-avg-step") or drv.find_elements("id", "not-found"),

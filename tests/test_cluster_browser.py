@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from insight.analysis.cluster import cluster_report
-from test_browser import CHROMEDRIVER, TIMEOUT, _cli, _free_port, _http, _js, _settle, _severe, _stop_cleanly, _wait
+from browser_util import chrome_driver, chromedriver_path
+from test_browser import TIMEOUT, _cli, _free_port, _http, _js, _settle, _severe, _stop_cleanly, _wait
 from test_data_parallel import FUSION, _profiled
 
 pytestmark = pytest.mark.browser
@@ -24,10 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster_e2e(tmp_path_factory):
-    if not Path(CHROMEDRIVER).exists() and not shutil.which("chromedriver"):
+    if chromedriver_path() is None:
         pytest.fail("chromedriver is not installed (apt-get install chromium chromium-driver, as scripts/test.sh does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     tmp = tmp_path_factory.mktemp("cluster")
     run, _ = _profiled(tmp, "straggler", "--steps", "30", "--fusion", FUSION, "--delay-rank", "1", "--delay-ms",
@@ -50,13 +49,7 @@ def cluster_e2e(tmp_path_factory):
     try:
         _wait(None, lambda: server.poll() is not None or _up(url), "the server to answer", 90)
         assert server.poll() is None, f"the server exited with {server.returncode}"
-        opts = webdriver.ChromeOptions()
-        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200"):
-            opts.add_argument(a)
-        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER if Path(CHROMEDRIVER).exists()
-                                                  else shutil.which("chromedriver")), options=opts)
-        driver.set_page_load_timeout(60)
+        driver = chrome_driver(1400, 1200)
         yield SimpleNamespace(url=url, driver=driver, run=run, missing=missing)
     finally:
         if driver is not None:

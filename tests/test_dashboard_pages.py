@@ -138,8 +138,8 @@ def test_operators_tables_equal_the_analysis(app, base, run_id):
     ops = analysis.op_stats(path)
     lay = ops_page.layout(run_id=run_id)
     assert find(lay, "error-panel") is None
-    trows = find(lay, "op-type-table").data
-    orows = find(lay, "op-table").data
+    trows = find(lay, "op-type-table").rowData
+    orows = find(lay, "op-table").rowData
     assert [r["op"] for r in trows] == list(types["op"])
     assert trows[0]["total_ms"] == pytest.approx(types["total_ms"].iloc[0], rel=1e-12)
     assert text(find(lay, "ops-top-type")) == types["op"].iloc[0]
@@ -156,12 +156,15 @@ def test_operators_tables_equal_the_analysis(app, base, run_id):
     # the tables sort, filter and page natively, 10/20/50 rows a page
     for tid in ("op-type-table", "op-table"):
         t = find(lay, tid)
-        assert (t.sort_action, t.filter_action, t.page_action, t.page_size) == ("native", "native", "native", 10)
+        assert (t.defaultColDef["sortable"], t.defaultColDef["filter"], t.dashGridOptions["pagination"],
+                t.dashGridOptions["paginationPageSize"]) == (True, True, True, 10)
+        cols = {c["field"]: c for c in t.columnDefs}  # numbers filter as numbers, text case-insensitively
+        assert cols["total_ms"]["filter"] == "agNumberColumnFilter" and cols["op"]["filter"] == "agTextColumnFilter"
     assert [o["value"] for o in find(lay, "op-page-size").options] == [10, 20, 50]
-    ids = {c["id"] for c in find(lay, "op-table").columns}
+    ids = {c["field"] for c in find(lay, "op-table").columnDefs}
     assert {"name", "op", "calls", "total_ms", "avg_ms", "min_ms", "max_ms", "share", "flops", "flop_per_s",
             "shapes", "dtypes", "stream", "scope", "fused_ops"} <= ids
-    names = {c["id"]: c["name"] for c in find(lay, "op-table").columns}
+    names = {c["field"]: c["headerName"] for c in find(lay, "op-table").columnDefs}
     assert (names["flops"], names["flop_per_s"]) == ("Est. FLOPs", "Est. FLOP/s")  # estimates, labelled so
     # the per-step chart starts on the top op
     fig = find(lay, "op-per-step").figure
@@ -171,7 +174,7 @@ def test_operators_tables_equal_the_analysis(app, base, run_id):
 
 def test_operators_known_numbers(app):
     lay = P("operators").layout(run_id="synth")
-    rows = {r["op"]: r for r in find(lay, "op-type-table").data}
+    rows = {r["op"]: r for r in find(lay, "op-type-table").rowData}
     # 5 steps: conv2d_grad 800 us, matmul 300 + 500 us, conv2d 400 us per step
     assert rows["conv2d_grad"]["total_ms"] == pytest.approx(4.0)
     assert rows["matmul"]["total_ms"] == pytest.approx(4.0) and rows["matmul"]["calls"] == 10
@@ -183,31 +186,31 @@ def test_operators_known_numbers(app):
 def test_operator_callbacks(app, base):
     ops_page = P("operators")
     path = base["base"] / "synth"
-    rows, count, _ = ops_page.filter_ops("cgrad", "all", "synth")  # fuzzy: a subsequence of conv2d_grad
-    assert [r["name"] for r in rows] == ["conv2d_grad_5"] and count == "1 rows"
-    rows, _, _ = ops_page.filter_types("grad", "all", "synth")  # matmul: its backward op's scope is Gradients/...
+    rows = ops_page.filter_ops("cgrad", "all", "synth")  # fuzzy: a subsequence of conv2d_grad
+    assert [r["name"] for r in rows] == ["conv2d_grad_5"]
+    rows = ops_page.filter_types("grad", "all", "synth")  # matmul: its backward op's scope is Gradients/...
     assert {r["op"] for r in rows} == {"conv2d_grad", "matmul"}
-    rows, _, _ = ops_page.filter_types("grad conv", "all", "synth")  # every term must match
+    rows = ops_page.filter_types("grad conv", "all", "synth")  # every term must match
     assert {r["op"] for r in rows} == {"conv2d_grad"}
-    kernels, _, _ = ops_page.filter_types("", "kernel", "synth")
+    kernels = ops_page.filter_types("", "kernel", "synth")
     assert "get_next" not in {r["op"] for r in kernels}
     assert {r["op"] for r in kernels} == set(analysis.op_type_stats(path, kinds=("kernel",))["op"])
     assert ops_page.op_page_size(50) == (50, 0) and ops_page.type_page_size(20) == (20, 0)
 
     types = analysis.op_type_stats(path)
-    pie = ops_page.update_top_chart("pie", 3, "op", "all", "synth")
-    assert pie.data[0].type == "pie" and list(pie.data[0].labels)[-1] == "(other)"
-    assert sum(pie.data[0].values) == pytest.approx(types["total_ms"].sum())
-    bar = ops_page.update_top_chart("bar", 3, "name", "all", "synth")
-    assert bar.data[0].type == "bar" and len(bar.data[0].y) == 3
-    assert list(bar.data[0].y)[::-1] == list(analysis.top_n(analysis.op_stats(path), 3)["name"])
+    top3 = ops_page.update_top_chart(3, "op", "all", "synth")  # the top 3 and the rest as one "(other)" bar
+    assert top3.data[0].type == "bar" and list(top3.data[0].y)[0] == "(other)"
+    assert sum(top3.data[0].x) == pytest.approx(types["total_ms"].sum())
+    bar = ops_page.update_top_chart(3, "name", "all", "synth")
+    assert bar.data[0].type == "bar" and len(bar.data[0].y) == 4
+    assert list(bar.data[0].y)[::-1][:3] == list(analysis.top_n(analysis.op_stats(path), 3)["name"])
 
-    sel = ops_page.selection_from("op-table", None, {"row": 0, "column": 0, "row_id": "train_step\x1fconv2d_1"},
+    sel = ops_page.selection_from("op-table", None, {"rowIndex": 0, "colId": "name", "rowId": "train_step\x1fconv2d_1"},
                                   None, "op")
     assert sel == {"by": "name", "name": "conv2d_1"}
     fig = ops_page.show_selection(sel, "synth")
     assert list(fig.data[0].y) == pytest.approx([0.4] * 5)
-    sel = ops_page.selection_from("op-type-table", {"row": 1, "column": 0, "row_id": "matmul"}, None, None, "op")
+    sel = ops_page.selection_from("op-type-table", {"rowIndex": 1, "colId": "op", "rowId": "matmul"}, None, None, "op")
     fig = ops_page.show_selection(sel, "synth")
     assert list(fig.data[0].y) == pytest.approx(list(analysis.op_time_per_step(path, "matmul", by="op")["total_ms"]))
     assert ops_page.selection_from("ops-top-chart", None, None, {"points": [{"y": "relu"}]}, "op") == \
@@ -225,7 +228,7 @@ def test_memory_page_equals_the_analysis(app, base):
     assert text(find(lay, "mem-capacity")) == "64.00 MB"
     assert text(find(lay, "mem-allocs")) == f"{peak.allocations:,}"
     assert text(find(lay, "mem-frees")) == f"{peak.frees:,}"
-    assert sorted(r["name"] for r in find(lay, "mem-peak-table").data) == sorted(exp.peak_tensors)
+    assert sorted(r["name"] for r in find(lay, "mem-peak-table").rowData) == sorted(exp.peak_tensors)
     fig = find(lay, "mem-timeline").figure
     star = next(t for t in fig.data if t.name == "peak")
     assert star.x[0] == pytest.approx(peak.t_ns / 1e6) and star.y[0] == pytest.approx(exp.peak_bytes / MB)
@@ -241,7 +244,7 @@ def test_memory_page_equals_the_analysis(app, base):
     rpeak = analysis.memory_peak(real)
     lay = mem.layout(run_id="real")
     assert rpeak.peak_bytes > 0 and text(find(lay, "mem-peak")) == f"{rpeak.peak_bytes / MB:.2f} MB"
-    assert len(find(lay, "mem-peak-table").data) == len(rpeak.live)
+    assert len(find(lay, "mem-peak-table").rowData) == len(rpeak.live)
 
 
 def test_memory_click_lists_the_tensors_alive_then(app, base):
@@ -262,6 +265,12 @@ def test_memory_click_lists_the_tensors_alive_then(app, base):
     assert [r["name"] for r in mem.inspect({"points": [{"x": t_gap / 1e6}]}, "synth")[2]] == ["params"]
     assert mem.inspect({"points": [{"x": -1.0}]}, "synth")[2] == []
     assert mem.inspect(None, "synth")[0] is __import__("dash").no_update
+    # a click between two memory events reports the earlier one (the curve's value there), never the next
+    lt = analysis.memory_intervals(exp.path)
+    t0, t1 = int(lt.t_ns[3]), int(lt.t_ns[4])
+    if t1 > t0 + 2:
+        title, summary, _ = mem.inspect({"x_ms": (t0 + (t1 - t0) * 0.9) / 1e6}, "synth")
+        assert title.startswith(f"Tensors alive at {t0 / 1e6:.3f} ms") and "at or before the click" in summary
     # the real run: at its peak, the tensors listed are the analysis' live set
     real = base["base"] / "real"
     rpeak = analysis.memory_peak(real)
@@ -330,7 +339,7 @@ def test_compare_equals_the_analysis(app, base):
     b = base["base"]
     cmp = analysis.compare_runs(b / "synth", b / "synth2")
     lay = cmp_page.layout(a="synth", b="synth2")
-    rows = find(lay, "compare-ops-table").data
+    rows = find(lay, "compare-ops-table").rowData
     shown = {r["op"]: r["status"] for r in rows}
     for op, status in EXPECTED_STATUS.items():
         assert shown[op] == status, op
@@ -358,8 +367,8 @@ def test_compare_same_run_unknown_and_broken(app, client):
     cmp_page = P("compare")
     lay = cmp_page.layout(a="synth", b="synth")
     assert find(lay, "compare-same") is not None
-    assert {r["status"] for r in find(lay, "compare-ops-table").data} == {"same"}
-    assert all(r["diff_ms"] == 0 for r in find(lay, "compare-ops-table").data)
+    assert {r["status"] for r in find(lay, "compare-ops-table").rowData} == {"same"}
+    assert all(r["diff_ms"] == 0 for r in find(lay, "compare-ops-table").rowData)
 
     lay = cmp_page.layout(a="synth", b="nope")
     assert "no run named 'nope'" in text(find(lay, "compare-unknown"))
@@ -404,8 +413,8 @@ def test_run_ids_cannot_leave_the_base_dir(app, base, client, run_id):
         assert find(P(page).layout(run_id=run_id), "not-found") is not None
     assert find(P("operators").layout(run_id=str(base["secret"])), "not-found") is not None
     # callbacks take the run id from the page's store, which a client can forge
-    assert P("operators").filter_ops("", "all", run_id)[0] == []
-    assert P("operators").filter_ops("", "all", str(base["secret"]))[0] == []
+    assert P("operators").filter_ops("", "all", run_id) == []
+    assert P("operators").filter_ops("", "all", str(base["secret"])) == []
     assert "no run named" in P("memory").inspect({"points": [{"x": 1.0}]}, run_id)[1]
     lay = P("compare").layout(a=run_id, b="synth")
     assert find(lay, "compare-unknown") is not None and find(lay, "compare-ops-table") is None
@@ -424,24 +433,24 @@ def test_http_requests_cannot_reach_outside_runs(app, base, client):
     # a forged callback request naming a run outside the base dir gets nothing
     for forged in ("../outside/secret", str(base["secret"])):
         r = client.post("/_dash-update-component", json={
-            "output": "..op-table.data...op-count.children...op-table.tooltip_data..",
-            "outputs": [{"id": "op-table", "property": "data"}, {"id": "op-count", "property": "children"},
-                        {"id": "op-table", "property": "tooltip_data"}],
+            "output": "op-table.rowData",
+            "outputs": {"id": "op-table", "property": "rowData"},
             "inputs": [{"id": "op-search", "property": "value", "value": ""},
                        {"id": "ops-kinds", "property": "value", "value": "all"}],
             "state": [{"id": "ops-run", "property": "data", "value": forged}],
             "changedPropIds": ["op-search.value"]})
         assert r.status_code == 200
         out = json.loads(r.data)["response"]
-        assert out["op-table"]["data"] == [] and SECRET_OP not in r.get_data(as_text=True)
+        assert out["op-table"]["rowData"] == [] and SECRET_OP not in r.get_data(as_text=True)
         r = client.post("/_dash-update-component", json={
-            "output": "..mem-at-title.children...mem-at-summary.children...mem-at-table.data..",
+            "output": "..mem-at-title.children...mem-at-summary.children...mem-at-table.rowData..",
             "outputs": [{"id": "mem-at-title", "property": "children"},
-                        {"id": "mem-at-summary", "property": "children"}, {"id": "mem-at-table", "property": "data"}],
-            "inputs": [{"id": "mem-timeline", "property": "clickData", "value": {"points": [{"x": 3.0}]}}],
+                        {"id": "mem-at-summary", "property": "children"},
+                        {"id": "mem-at-table", "property": "rowData"}],
+            "inputs": [{"id": "mem-cursor", "property": "data", "value": {"x_ms": 3.0}}],
             "state": [{"id": "mem-run", "property": "data", "value": forged}],
-            "changedPropIds": ["mem-timeline.clickData"]})
-        assert r.status_code == 200 and json.loads(r.data)["response"]["mem-at-table"]["data"] == []
+            "changedPropIds": ["mem-cursor.data"]})
+        assert r.status_code == 200 and json.loads(r.data)["response"]["mem-at-table"]["rowData"] == []
 
 
 def test_pages_do_not_import_the_runtime():
@@ -505,7 +514,7 @@ def test_clicks_in_a_browser(served, browser):
     d = browser
     # operators: clicking an op-type row charts that type per step
     d.get(served + "/run/synth/operators")
-    cell = _wait(lambda: [c for c in d.find_elements(By.CSS_SELECTOR, "#op-type-table td[data-dash-column=op]")
+    cell = _wait(lambda: [c for c in d.find_elements(By.CSS_SELECTOR, "#op-type-table .ag-cell[col-id=op]")
                           if c.text == "conv2d_grad"][0])
     cell.click()
     _wait(lambda: "op type conv2d_grad" in d.find_element(By.CSS_SELECTOR, "#op-per-step .gtitle").text)

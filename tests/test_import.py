@@ -442,16 +442,14 @@ def test_browser_opens_the_pages_of_an_imported_run(browser_imported, page):
 def browser_imported(tmp_path_factory):
     """The real server on a base dir of imported runs and one headless Chromium (tests/test_browser.py's way)."""
     import os
-    import shutil
     import time
     from types import SimpleNamespace
 
-    from test_browser import CHROMEDRIVER, _free_port, _http
+    from browser_util import chrome_driver, chromedriver_path
+    from test_browser import _free_port, _http
 
-    if not Path(CHROMEDRIVER).exists() and not shutil.which("chromedriver"):
+    if chromedriver_path() is None:
         pytest.skip("chromedriver is not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     tmp = tmp_path_factory.mktemp("imported_e2e")
     base = _imported_base(tmp)
@@ -476,13 +474,7 @@ def browser_imported(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "the server did not answer within 90 s"
             time.sleep(0.2)
-        opts = webdriver.ChromeOptions()
-        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200"):
-            opts.add_argument(a)
-        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER if Path(CHROMEDRIVER).exists()
-                                                  else shutil.which("chromedriver")), options=opts)
-        driver.set_page_load_timeout(60)
+        driver = chrome_driver(1400, 1200)
         yield SimpleNamespace(base=base, url=url, driver=driver)
     finally:
         if driver is not None:

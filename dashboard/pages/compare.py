@@ -2,9 +2,11 @@
 
 * step-breakdown averages of both runs as grouped bars, and the table of every summary metric
   (a, b, b − a, b / a);
-* per op type, the time per step in each run and the difference, classified ``added`` (only in b),
-  ``removed`` (only in a), ``faster`` / ``slower`` (beyond a 5 % tolerance) or ``same``, as a table and a
-  diverging bar chart.
+* per op type, the time per step in each run and the difference (ms and %), with its run-to-run noise: the
+  Mann-Whitney p-value over the per-step samples of both runs and a bootstrap 95 % interval of the change;
+  classified ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower`` (beyond a 5 % tolerance
+  and beyond noise) or ``same`` ("within noise" when the change is inside the noise), as a table and a
+  diverging bar chart. Fractions (utilisation, input share) are shown as percentages.
 
 The two dropdowns rewrite the URL (``?a=..&b=..``), which re-renders the page: a comparison is a link.
 Everything comes from ``insight.analysis.compare_runs``.
@@ -17,10 +19,10 @@ import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, dash_table, dcc, html
-from dash.dash_table.Format import Format, Scheme, Sign
+from dash import Input, Output, dcc, html
 
-from dashboard.components import error_panel, fmt_ms, graph, stat_card
+from dashboard.components import (data_grid, error_panel, fmt_ms, graph, grid_tools, num_col, register_grid,
+                                  stat_card, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
@@ -33,37 +35,25 @@ STEP_PARTS = [("iteration_interval_ms", "Iteration interval"), ("fp_bp_ms", "For
               ("tail_ms", "Tail"), ("allreduce_ms", "AllReduce"), ("step_time_ms", "Step time")]
 METRIC_LABELS = {"step_time_ms": "Step time (ms)", "iteration_interval_ms": "Iteration interval (ms)",
                  "fp_bp_ms": "Forward + backward (ms)", "tail_ms": "Tail (ms)", "allreduce_ms": "AllReduce (ms)",
-                 "device_utilization": "Device utilisation (fraction)", "input_share": "Input share (fraction)"}
+                 "device_utilization": "Device utilisation (%)", "input_share": "Input share (%)"}
+PERCENT_METRICS = ("device_utilization", "input_share")  # fractions, shown as percentages
 
-MS = Format(precision=3, scheme=Scheme.fixed)
-DIFF = Format(precision=3, scheme=Scheme.fixed, sign=Sign.positive)
-RATIO = Format(precision=3, scheme=Scheme.fixed, nully="—")
+STATUS_STYLE = {"styleConditions": [{"condition": f"params.value == '{st}'",
+                                        "style": {"color": c, "fontWeight": 600}} for st, c in STATUS_COLORS.items()]}
 OP_COLUMNS = [
-    {"id": "op", "name": "Op type", "type": "text"}, {"id": "status", "name": "Status", "type": "text"},
-    {"id": "ms_per_step_a", "name": "A ms/step", "type": "numeric", "format": MS},
-    {"id": "ms_per_step_b", "name": "B ms/step", "type": "numeric", "format": MS},
-    {"id": "diff_ms", "name": "B − A (ms/step)", "type": "numeric", "format": DIFF},
-    {"id": "ratio", "name": "B / A", "type": "numeric", "format": RATIO},
-    {"id": "calls_per_step_a", "name": "A calls/step", "type": "numeric", "format": Format(precision=1,
-                                                                                            scheme=Scheme.fixed)},
-    {"id": "calls_per_step_b", "name": "B calls/step", "type": "numeric", "format": Format(precision=1,
-                                                                                            scheme=Scheme.fixed)},
+    text_col("op", "Op type", pinned="left", minWidth=170), text_col("status", "Status", cellStyle=STATUS_STYLE),
+    num_col("ms_per_step_a", "A ms/step"), num_col("ms_per_step_b", "B ms/step"),
+    num_col("diff_ms", "B − A (ms/step)", "signed_ms"), num_col("diff_pct", "B vs A (%)", "+,.1f"),
+    text_col("noise", "Noise", minWidth=120), num_col("ci_low_pct", "95 % CI low (%)", "+,.1f"),
+    num_col("ci_high_pct", "95 % CI high (%)", "+,.1f"), num_col("p_value", "p (Mann-Whitney)", ".2g"),
+    num_col("calls_per_step_a", "A calls/step", "num1"), num_col("calls_per_step_b", "B calls/step", "num1"),
 ]
-STEP_COLUMNS = [{"id": "label", "name": "Metric", "type": "text"},
-                {"id": "a", "name": "A", "type": "numeric", "format": MS},
-                {"id": "b", "name": "B", "type": "numeric", "format": MS},
-                {"id": "diff", "name": "B − A", "type": "numeric", "format": DIFF},
-                {"id": "ratio", "name": "B / A", "type": "numeric", "format": RATIO}]
-TABLE_STYLE = dict(
-    style_table={"overflowX": "auto"},
-    style_cell={"textAlign": "left", "fontFamily": "inherit", "fontSize": 13, "padding": "3px 8px"},
-    style_cell_conditional=[{"if": {"column_type": "numeric"}, "textAlign": "right"}],
-    style_header={"fontWeight": 600, "backgroundColor": "#f1f3f5"},
-)
+STEP_COLUMNS = [text_col("label", "Metric", minWidth=200), num_col("a", "A"), num_col("b", "B"),
+                num_col("diff", "B − A", "signed_ms"), num_col("ratio", "B / A", "ratio")]
 
 
 def register():
-    dash.register_page(__name__, path="/compare", name="Compare", title="Insight — compare", layout=layout)
+    dash.register_page(__name__, path="/compare", name="Compare", title="Insight · compare", layout=layout)
 
 
 def _arg(v) -> str | None:
@@ -134,19 +124,29 @@ def step_rows(cmp) -> list[dict]:
     s = cmp.steps
     out = []
     for r in s.itertuples():
-        out.append({"metric": r.metric, "label": METRIC_LABELS.get(r.metric, r.metric), "a": _f(r.a), "b": _f(r.b),
-                    "diff": _f(r.diff), "ratio": _f(r.ratio)})
+        k = 100.0 if r.metric in PERCENT_METRICS else 1.0
+        out.append({"id": r.metric, "metric": r.metric, "label": METRIC_LABELS.get(r.metric, r.metric),
+                    "a": _f(r.a * k), "b": _f(r.b * k), "diff": _f(r.diff * k), "ratio": _f(r.ratio)})
     return out
 
 
 def op_rows(cmp) -> list[dict]:
-    cols = [c["id"] for c in OP_COLUMNS]
-    df = cmp.ops.reindex(columns=cols)
+    cols = [c["field"] for c in OP_COLUMNS]
+    df = cmp.ops.reindex(columns=cols + ["significant"])
     rows = []
     for rec in df.to_dict("records"):
-        row = {k: (_f(v) if k not in ("op", "status") else str(v)) for k, v in rec.items()}
+        sig = bool(rec.pop("significant")) if rec.get("significant") == rec.get("significant") else False
+        row = {k: (_f(v) if k not in ("op", "status", "noise") else str(v)) for k, v in rec.items()}
+        row["noise"] = noise_label(rec["status"], sig, rec.get("p_value"))
         rows.append(row | {"id": str(rec["op"])})
     return rows
+
+
+def noise_label(status: str, significant: bool, p) -> str:
+    """Beyond noise (significant) or within it; "—" for op types only one run has."""
+    if status in ("added", "removed") or not isinstance(p, float) or p != p:
+        return "—"
+    return "significant" if significant else "within noise"
 
 
 def _f(v):
@@ -182,7 +182,8 @@ def ops_figure(cmp) -> go.Figure:
     ops = cmp.ops[cmp.ops["status"] != "same"] if len(cmp.ops) else cmp.ops
     fig = go.Figure()
     if not len(ops):
-        fig.add_annotation(text="No op type changed by more than the tolerance", showarrow=False, x=0.5, y=0.5,
+        fig.add_annotation(text="No op type changed beyond the tolerance and run-to-run noise", showarrow=False,
+                           x=0.5, y=0.5,
                            xref="paper", yref="paper")
         fig.update_layout(height=220, title="Per-op-type time difference (B − A, ms per step)",
                           xaxis_visible=False, yaxis_visible=False)
@@ -216,29 +217,26 @@ def _view(a: str, b: str, cmp):
         stat_card("B: average step", fmt_ms(tb), "compare-b-step", cmp.b),
         stat_card("B vs A", change, "compare-change", "step time; negative is faster"),
         stat_card("Op types", " · ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "—",
-                  "compare-status-counts", "beyond a 5 % tolerance: faster / slower"),
+                  "compare-status-counts", "faster / slower: beyond 5 % and beyond run-to-run noise"),
     ], className="cards")
     note = html.P("Both sides are the same run: every difference is zero.", className="muted",
                   id="compare-same") if same_run else None
-    status_style = [{"if": {"filter_query": f'{{status}} = "{s}"', "column_id": "status"}, "color": c,
-                     "fontWeight": 600} for s, c in STATUS_COLORS.items()]
+    steps, ops = step_rows(cmp), op_rows(cmp)
     return html.Div([
         html.H3([html.Span(a, id="compare-a-name"), " vs ", html.Span(b, id="compare-b-name")]),
         note, cards,
         html.Div([html.Div(graph("compare-steps", steps_figure(cmp)), style={"flex": "1 1 0", "minWidth": 0}),
-                  html.Div(dash_table.DataTable(id="compare-steps-table", columns=STEP_COLUMNS, data=step_rows(cmp),
-                                                **TABLE_STYLE), style={"flex": "1 1 0", "minWidth": 0},
-                           className="panel")], className="two-col"),
+                  html.Div(data_grid("compare-steps-table", STEP_COLUMNS, steps, page_size=None, csv="compare-steps",
+                                     dashGridOptions={"headerHeight": 32, "floatingFiltersHeight": 0}),
+                           style={"flex": "1 1 0", "minWidth": 0}, className="panel")], className="two-col"),
         graph("compare-ops-chart", ops_figure(cmp)),
-        html.Div([html.H3("Per-op-type difference"),
-                  html.P("Time per recorded step in each run; status: added (only in B), removed (only in A), "
-                         "faster / slower (by more than 5 %), same. Filter the status column with e.g. = slower.",
-                         className="muted"),
-                  dash_table.DataTable(id="compare-ops-table", columns=OP_COLUMNS, data=op_rows(cmp),
-                                       sort_action="native", filter_action="native",
-                                       filter_options={"case": "insensitive"}, page_action="native", page_size=20,
-                                       export_format="csv", export_headers="display",
-                                       style_data_conditional=status_style, **TABLE_STYLE)],
+        html.Div([html.Div([html.H3("Per-op-type difference", style={"margin": "4px 12px 4px 0"}),
+                            *grid_tools("compare-ops-table", ops)], className="toolbar"),
+                  html.P("Time per averaged step in each run. Noise: the per-step samples of both runs "
+                         "(Mann-Whitney U, p < 0.01 with a large effect, and a bootstrap 95 % interval of the "
+                         "change excluding 0). Status: added (only in B), removed (only in A), faster / slower "
+                         "(beyond 5 % and beyond noise), same.", className="muted"),
+                  data_grid("compare-ops-table", OP_COLUMNS, ops, page_size=20, csv="compare-op-types")],
                  className="panel", style={"marginTop": 12}),
     ])
 
@@ -256,3 +254,4 @@ def compare_search(a, b) -> str:
 def register_callbacks(app) -> None:
     app.callback(Output(PAGES_LOCATION, "search"), Input("compare-a", "value"), Input("compare-b", "value"),
                  prevent_initial_call=True)(pick)
+    register_grid(app, "compare-ops-table")

@@ -8,8 +8,12 @@
   peak marked with its time, and the capacity line (the y axis fits the data or spans the whole capacity);
   the static plan's activation liveness is drawn beside the pool's blocks and labelled *planned*; a run with
   only planned rows (recorded before the pool reported its blocks) is labelled planned throughout;
+* the entry view: the peak in use of every step (``memory.step_peaks``) as bars; clicking a bar drills the
+  timeline into that step ("whole run" zooms back out); the zoom is kept when the y axis changes;
 * the tensors alive at the peak (``memory_peak(...).live``);
-* click-to-inspect: clicking the curve lists the blocks alive at that instant (``live_at``).
+* click-to-inspect: a click on the timeline lists the blocks alive at the memory event at or before the
+  cursor (the step-shaped curve's value there; ``memory.event_at_or_before``, ``live_at``). The cursor's time
+  comes from ``assets/memory_click.js`` (Plotly's click only names the nearest point, which may be after it).
 
 Everything shown comes from ``insight.analysis``; this module only lays it out.
 """
@@ -19,10 +23,10 @@ import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, State, dash_table, dcc, html
-from dash.dash_table.Format import Format, Scheme
+from dash import Input, Output, Patch, State, ctx, dcc, html
 
-from dashboard.components import graph, run_page, stat_card
+from dashboard.components import (data_grid, graph, grid_tools, num_col, register_grid, run_page, stat_card,
+                                  text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
@@ -32,25 +36,11 @@ NS_PER_MS = 1e6
 MAX_MARKERS = 4000  # alloc/free markers drawn; above this, markers are left to the curve's hover
 
 LIVE_COLUMNS = [
-    {"id": "name", "name": "Tensor", "type": "text"}, {"id": "op", "name": "Op", "type": "text"},
-    {"id": "size_mb", "name": "Size (MB)", "type": "numeric", "format": Format(precision=4, scheme=Scheme.fixed)},
-    {"id": "size", "name": "Bytes", "type": "numeric", "format": Format(group=True, precision=0, scheme=Scheme.fixed)},
-    {"id": "shape", "name": "Shape", "type": "text"}, {"id": "dtype", "name": "Dtype", "type": "text"},
-    {"id": "scope", "name": "Scope", "type": "text"}, {"id": "kind", "name": "Kind", "type": "text"},
-    {"id": "allocated_ms", "name": "Allocated (ms)", "type": "numeric",
-     "format": Format(precision=3, scheme=Scheme.fixed)},
-    {"id": "freed_ms", "name": "Freed (ms)", "type": "numeric", "format": Format(precision=3, scheme=Scheme.fixed,
-                                                                                 nully="never")},
-    {"id": "step", "name": "Step", "type": "numeric"},
+    text_col("name", "Tensor", minWidth=160), text_col("op", "Op"), num_col("size_mb", "Size (MB)", ",.4f"),
+    num_col("size", "Bytes", "bytes"), text_col("shape", "Shape"), text_col("dtype", "Dtype", minWidth=80),
+    text_col("scope", "Scope"), text_col("kind", "Kind"), num_col("allocated_ms", "Allocated (ms)"),
+    num_col("freed_ms", "Freed (ms)", missing="never"), num_col("step", "Step", "count"),
 ]
-TABLE_STYLE = dict(
-    sort_action="native", filter_action="native", filter_options={"case": "insensitive"}, page_action="native",
-    page_size=15, export_format="csv", export_headers="display", style_table={"overflowX": "auto"},
-    style_cell={"textAlign": "left", "fontFamily": "inherit", "fontSize": 13, "maxWidth": 280, "overflow": "hidden",
-                "textOverflow": "ellipsis", "padding": "3px 8px"},
-    style_cell_conditional=[{"if": {"column_type": "numeric"}, "textAlign": "right"}],
-    style_header={"fontWeight": 600, "backgroundColor": "#f1f3f5"},
-)
 
 
 def register():
@@ -79,7 +69,8 @@ def live_rows(df: pd.DataFrame) -> list[dict]:
         "step": df["step"]})
     out = out.astype(object).where(out.notna(), None)
     rows = out.to_dict("records")
-    for r in rows:
+    for i, r in enumerate(rows):
+        r["id"] = str(i)
         for k, v in r.items():
             if isinstance(v, np.generic):
                 r[k] = v.item()
@@ -168,8 +159,8 @@ def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit"
         px, py = peak.t_ns / NS_PER_MS, peak.peak_bytes / MB
         fig.add_scatter(x=[px], y=[py], mode="markers", name="peak", customdata=[[peak.t_ns, peak.step]],
                         marker=dict(symbol="star", size=14, color="#d00000", line=dict(color="#fff", width=1)),
-                        hovertemplate="peak %{y:.4f} MB at %{x:.3f} ms<extra></extra>")
-        fig.add_annotation(x=px, y=py, text=f"peak {fmt_mb(peak.peak_bytes)} at {px:.3f} ms (step {peak.step})",
+                        hovertemplate="peak %{y:.2f} MB at %{x:.3f} ms<extra></extra>")
+        fig.add_annotation(x=px, y=py, text=f"peak {peak.peak_bytes / MB:.2f} MB at {px:.3f} ms (step {peak.step})",
                            showarrow=True, arrowhead=2, ax=40, ay=-30, bgcolor="rgba(255,255,255,0.85)")
     title = ("Planned device memory: the static plan's liveness at measured task times" if is_plan
              else "Device memory in use (MemoryPool blocks, stacked by kind)")
@@ -181,7 +172,23 @@ def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit"
             title += f" — capacity {fmt_bytes(peak.capacity)} is off the scale (show it with 'whole capacity')"
     fig.update_layout(title=title, xaxis_title="time since run start (ms)", yaxis_title="MB",
                       yaxis=dict(range=[0, top]), height=420, hovermode="x", hoverdistance=-1, clickmode="event",
+                      uirevision="memory",  # a zoom survives the y-axis control and a step drill
                       legend=dict(orientation="h", y=-0.18), margin=dict(l=60, r=20, t=50, b=40))
+    return fig
+
+
+def steps_figure(peaks: pd.DataFrame, peak) -> go.Figure:
+    """The entry view: each step's peak in use (MB, the card's rounding); a click drills into the step."""
+    fig = go.Figure()
+    if len(peaks):
+        top = peaks["peak_bytes"] == peaks["peak_bytes"].max()
+        fig.add_bar(x=peaks["step"], y=peaks["peak_mb"], marker_color=np.where(top, "#d00000", "#3a86ff"),
+                    customdata=np.stack([peaks["start_ns"] / NS_PER_MS, peaks["end_ns"] / NS_PER_MS], axis=-1),
+                    hovertemplate="step %{x}: peak %{y:.2f} MB<br>%{customdata[0]:.3f}–%{customdata[1]:.3f} ms"
+                                  "<extra>click: this step's timeline</extra>", name="peak per step")
+    fig.update_layout(title="Peak memory in use per step (MB) — click a step to see its timeline below",
+                      xaxis_title="step", yaxis_title="MB", height=260, margin=dict(l=60, r=20, t=50, b=40),
+                      bargap=0.1 if len(peaks) < 100 else 0, clickmode="event")
     return fig
 
 
@@ -197,6 +204,11 @@ def _source_note(peak, planned) -> str:
 
 def _planned_timeline(run):
     return analysis.memory_timeline(run, source="planned")
+
+
+def _step_peaks(run_id: str) -> pd.DataFrame:
+    return analysis.memory.step_peaks(_intervals(run_id), store().get(run_id, "step_breakdown",
+                                                                         analysis.step_breakdown))
 
 
 def _data(run_id: str):
@@ -248,19 +260,25 @@ def _body(run_id: str):
                                                           {"label": " whole capacity", "value": "capacity"}],
                                  value=scale, inline=True, inputStyle={"marginLeft": 10})],
                  style={"display": "flex", "gap": 6, "alignItems": "center"}),
+        dcc.Store(id="mem-cursor"),
+        graph("mem-steps", steps_figure(_step_peaks(run_id), peak)),
+        html.Div([html.Button("Whole run", id="mem-whole", n_clicks=0, className="grid-csv"),
+                  html.Span("", id="mem-drill", className="muted")], className="toolbar"),
         graph("mem-timeline", timeline_figure(tl, peak, bd, scale, usage, planned)),
         html.P(_source_note(peak, planned), className="muted", id="mem-source"),
-        html.P("Click a point of the curve to list the tensors alive at that time. Alloc/free markers and step "
-               "boundaries can be toggled from the legend.", className="muted"),
+        html.P("Click the timeline to list the tensors alive at the memory event at or before the cursor. "
+               "Alloc/free markers and step boundaries can be toggled from the legend.", className="muted"),
         html.Div([html.H3("Tensors alive at the clicked time", id="mem-at-title"),
                   html.P("Nothing selected yet.", id="mem-at-summary", className="muted"),
-                  dash_table.DataTable(id="mem-at-table", columns=LIVE_COLUMNS, data=[], **TABLE_STYLE)],
+                  html.Div(grid_tools("mem-at-table", []), className="toolbar"),
+                  data_grid("mem-at-table", LIVE_COLUMNS, [], page_size=15, csv="tensors-at-click")],
                  className="panel", style={"marginTop": 8}),
         html.Div([html.H3(f"Tensors alive at the peak ({peak_ms:.3f} ms, step {peak.step})" if peak_ms is not None
                           else "Tensors alive at the peak", id="mem-peak-title"),
                   html.P(peak_note, className="muted", id="mem-peak-summary"),
-                  dash_table.DataTable(id="mem-peak-table", columns=[c for c in LIVE_COLUMNS if c["id"] != "freed_ms"],
-                                       data=live_rows(peak.live), **TABLE_STYLE)],
+                  html.Div(grid_tools("mem-peak-table", live_rows(peak.live)), className="toolbar"),
+                  data_grid("mem-peak-table", [c for c in LIVE_COLUMNS if c["field"] != "freed_ms"],
+                            live_rows(peak.live), page_size=15, csv="tensors-at-peak")],
                  className="panel", style={"marginTop": 12}),
     ])
 
@@ -295,6 +313,10 @@ def clicked_time_ns(click: dict | None) -> int | None:
 
 
 def inspect(click, run_id):
+    """The tensors alive at the memory event at or before the clicked time (``click``: the cursor from
+    assets/memory_click.js, ``{"x_ms": ...}``, or a Plotly click)."""
+    if isinstance(click, dict) and "x_ms" in click:
+        click = {"points": [{"x": click.get("x_ms")}]}
     t = clicked_time_ns(click)
     if t is None:
         return dash.no_update, dash.no_update, dash.no_update
@@ -304,18 +326,46 @@ def inspect(click, run_id):
         return "Tensors alive at the clicked time", f"There is no run named {str(run_id)[:80]!r}.", []
     except TraceError as e:
         return "Tensors alive at the clicked time", str(e), []
-    live = analysis.live_at(iv, t)
-    used = analysis.in_use_at(iv, t)
+    ev = analysis.memory.event_at_or_before(iv, t)
+    if ev is None:
+        return (f"Nothing allocated yet at {t / NS_PER_MS:.3f} ms", "The click is before the first memory event.",
+                [])
+    live = analysis.live_at(iv, ev)
+    used = analysis.in_use_at(iv, ev)
     step = live["step"].max() if len(live) else None
     summary = (f"{len(live)} tensors, {fmt_mb(int(live['size'].sum()))} recorded"
-               + (f"; {fmt_mb(used)} in use (parameters included)" if used is not None else ""))
-    return (f"Tensors alive at {t / NS_PER_MS:.3f} ms" + (f" (step {step})" if step is not None else ""),
+               + (f"; {fmt_mb(used)} in use (parameters included)" if used is not None else "")
+               + f"; the event at or before the click at {t / NS_PER_MS:.3f} ms")
+    return (f"Tensors alive at {ev / NS_PER_MS:.3f} ms" + (f" (step {step})" if step is not None else ""),
             summary, live_rows(live))
+
+
+def drill(click, _whole, run_id):
+    """A step bar's click zooms the timeline to that step; "Whole run" zooms back out."""
+    patch = Patch()
+    if ctx.triggered_id == "mem-whole":
+        patch["layout"]["xaxis"]["autorange"] = True
+        return patch, ""
+    try:
+        p = click["points"][0]
+        a, b = float(p["customdata"][0]), float(p["customdata"][1])
+        step = int(p["x"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return dash.no_update, dash.no_update
+    pad = (b - a) * 0.02
+    patch["layout"]["xaxis"]["range"] = [a - pad, b + pad]
+    patch["layout"]["xaxis"]["autorange"] = False
+    return patch, f"showing step {step} ({a:.3f}–{b:.3f} ms)"
 
 
 def register_callbacks(app) -> None:
     app.callback(Output("mem-timeline", "figure"), Input("mem-scale", "value"), State("mem-run", "data"),
                  prevent_initial_call=True)(rescale)
     app.callback(Output("mem-at-title", "children"), Output("mem-at-summary", "children"),
-                 Output("mem-at-table", "data"), Input("mem-timeline", "clickData"), State("mem-run", "data"),
+                 Output("mem-at-table", "rowData"), Input("mem-cursor", "data"), State("mem-run", "data"),
                  prevent_initial_call=True)(inspect)
+    app.callback(Output("mem-timeline", "figure", allow_duplicate=True), Output("mem-drill", "children"),
+                 Input("mem-steps", "clickData"), Input("mem-whole", "n_clicks"), State("mem-run", "data"),
+                 prevent_initial_call=True)(drill)
+    for grid in ("mem-at-table", "mem-peak-table"):
+        register_grid(app, grid)

@@ -1,6 +1,8 @@
 """Operators: MindInsight's operator-performance page / torch.profiler's operator view.
 
-* a top-N chart of op types or ops (bar or pie, N selectable; the pie folds the rest into "(other)"),
+* a top-N bar chart of op types or ops (N selectable; the rest folded into one "(other)" bar, so the bars add
+  up to the whole), the cards following the "count" choice (all tasks / kernels only; for imported runs
+  CPU ops / kernels / all),
 * FLOPs come from each primitive's cost model (shapes, not counters): the columns say "Est. FLOPs" and
   "Est. FLOP/s";
 * the per-op-type table and the per-op table (native sort and per-column filter, a fuzzy search box,
@@ -18,57 +20,32 @@ import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, State, ctx, dash_table, dcc, html
-from dash.dash_table.Format import Format, Scheme, Symbol
+from dash import Input, Output, Patch, State, ctx, dcc, html
 
-from dashboard.components import fmt_ms, graph, run_page, stat_card
+from dashboard.components import (data_grid, fmt_ms, graph, grid_tools, num_col, register_grid, run_page, stat_card,
+                                  text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
 
 PAGE_SIZES = (10, 20, 50)
 TOP_N_CHOICES = (5, 10, 20, 50)
-KINDS = {"all": None, "kernel": ("kernel",)}
+KINDS = {"all": None, "kernel": ("kernel",), "cpu": ("cpu_op",)}
+IMPORTED = ("kineto", "chrome")  # manifest "source" of runs made by `insight import`
 ROW_SEP = "\x1f"  # between graph and op name in an op row's id (split at the first: graph names are plain)
 
-# -- number formats (the data stays numeric: native sort and filters like "> 1" work) -------------------------
-MS = Format(precision=3, scheme=Scheme.fixed)
-PCT = Format(precision=2, scheme=Scheme.percentage)
-COUNT = Format(precision=0, scheme=Scheme.fixed)
-
-
-def si(suffix: str) -> Format:
-    """1234567 -> ``1.23 M<suffix>`` (d3's SI prefixes); unknown (no estimate) -> an em dash."""
-    return (Format(precision=3, scheme=Scheme.decimal_si_prefix, nully="—").symbol(Symbol.yes)
-            .symbol_suffix(suffix))
-
-
-def _num(id_, name, fmt):
-    return {"id": id_, "name": name, "type": "numeric", "format": fmt}
-
-
-def _text(id_, name):
-    return {"id": id_, "name": name, "type": "text"}
-
-
-STAT_COLUMNS = [_num("calls", "Calls", COUNT), _num("total_ms", "Total (ms)", MS), _num("avg_ms", "Avg (ms)", MS),
-                _num("min_ms", "Min (ms)", MS), _num("max_ms", "Max (ms)", MS), _num("share", "Share", PCT),
-                _num("flops", "Est. FLOPs", si("")), _num("flop_per_s", "Est. FLOP/s", si("")),
-                _text("shapes", "Shapes"), _text("dtypes", "Dtype"), _text("stream", "Stream"),
-                _text("scope", "Scope"), _text("fused_ops", "Fused ops")]
-TYPE_COLUMNS = [_text("op", "Op type"), _num("ops", "Ops", COUNT)] + STAT_COLUMNS
-OP_COLUMNS = [_text("name", "Op name"), _text("op", "Type"), _text("graph", "Graph")] + STAT_COLUMNS
+# -- columns (the data stays numeric: typed numeric filters such as "> 100" and native sort work) -------------
+STAT_COLUMNS = [num_col("calls", "Calls", "count"), num_col("total_ms", "Total (ms)"), num_col("avg_ms", "Avg (ms)"),
+                num_col("min_ms", "Min (ms)"), num_col("max_ms", "Max (ms)"), num_col("share", "Share", "pct"),
+                num_col("flops", "Est. FLOPs", "si"), num_col("flop_per_s", "Est. FLOP/s", "si"),
+                text_col("shapes", "Shapes"), text_col("dtypes", "Dtype", minWidth=80),
+                text_col("stream", "Stream", minWidth=90), text_col("scope", "Scope"),
+                text_col("fused_ops", "Fused ops")]
+TYPE_COLUMNS = [text_col("op", "Op type", pinned="left", minWidth=150), num_col("ops", "Ops", "count")] + STAT_COLUMNS
+OP_COLUMNS = [text_col("name", "Op name", pinned="left", minWidth=180), text_col("op", "Type"),
+              text_col("graph", "Graph", minWidth=90)] + STAT_COLUMNS
 SEARCHED_NAMES = ("name", "op")  # fuzzy (subsequence) matched
 SEARCHED = ("scope", "shapes", "dtypes", "stream", "fused_ops", "graph")  # substring matched
-
-TABLE_STYLE = dict(
-    style_table={"overflowX": "auto"},
-    style_cell={"textAlign": "left", "fontFamily": "inherit", "fontSize": 13, "maxWidth": 280,
-                "overflow": "hidden", "textOverflow": "ellipsis", "padding": "3px 8px"},
-    style_cell_conditional=[{"if": {"column_type": "numeric"}, "textAlign": "right"}],
-    style_header={"fontWeight": 600, "backgroundColor": "#f1f3f5"},
-    style_data_conditional=[{"if": {"state": "active"}, "backgroundColor": "#e7f0fb", "border": "1px solid #3a86ff"}],
-)
 
 
 HALF = {"flex": "1 1 0", "minWidth": 0}
@@ -114,7 +91,7 @@ def op_table(run_id: str, kinds=None) -> pd.DataFrame:
 
 
 def _records(df: pd.DataFrame, columns: list[dict], ids: list[str]) -> list[dict]:
-    out = df.reindex(columns=[c["id"] for c in columns]).astype(object)
+    out = df.reindex(columns=[c["field"] for c in columns]).astype(object)
     out = out.where(out.notna() & ~out.isin([np.inf, -np.inf]), None)
     for c in ("flops", "flop_per_s"):  # ops without a cost estimate (copies, GetNext): unknown, not 0
         if c in out:
@@ -163,35 +140,28 @@ def search_rows(rows: list[dict], query: str | None) -> list[dict]:
 
 
 # -- figures ------------------------------------------------------------------------------------------------
-def top_figure(types: pd.DataFrame, ops: pd.DataFrame, by: str = "op", n: int = 10, kind: str = "bar") -> go.Figure:
+def top_figure(types: pd.DataFrame, ops: pd.DataFrame, by: str = "op", n: int = 10) -> go.Figure:
+    """The top ``n`` op types (or ops) by total time as horizontal bars, the rest as one "(other)" bar."""
     table, label = (types, "op") if by == "op" else (ops, "name")
     fig = go.Figure()
     what = "op types" if by == "op" else "ops"
     if len(table):
-        top = analysis.top_n(table, n=n, by="total_ms", other=(kind == "pie"), label_column=label)
+        top = analysis.top_n(table, n=n, by="total_ms", other=True, label_column=label)
         labels = top[label].astype(str).tolist()
         share = top["share"].astype(float).fillna(0.0).tolist()
         calls = top["calls"].fillna(0).astype(int).tolist()
         custom = list(zip(share, calls))
-        if kind == "pie":
-            # label only the slices big enough to read; the legend and hover name every one
-            text = [f"{lab}<br>{s:.1%}" if s >= 0.03 else "" for lab, s in zip(labels, share)]
-            fig.add_pie(labels=labels, values=top["total_ms"], customdata=custom, sort=False, direction="clockwise",
-                        text=text, textinfo="text", textposition="inside", insidetextorientation="horizontal",
-                        hole=0.35,
-                        hovertemplate="%{label}<br>%{value:.3f} ms (%{percent})<br>%{customdata[0][1]} calls"
-                                      "<extra></extra>")
-            fig.update_layout(showlegend=True, legend=dict(font=dict(size=11)))
-        else:
-            fig.add_bar(y=labels[::-1], x=top["total_ms"][::-1], orientation="h", customdata=custom[::-1],
-                        marker_color="#3a86ff", text=[f"{s:.1%}" for s in share[::-1]], textposition="auto",
-                        hovertemplate="%{y}<br>%{x:.3f} ms (%{customdata[0]:.1%})<br>%{customdata[1]} calls"
-                                      "<extra></extra>")
-            fig.update_layout(xaxis_title="total ms", yaxis=dict(automargin=True))
+        colors = ["#adb5bd" if lab == "(other)" else "#3a86ff" for lab in labels]
+        fig.add_bar(y=labels[::-1], x=top["total_ms"][::-1], orientation="h", customdata=custom[::-1],
+                    marker_color=colors[::-1], text=[f"{s:.1%}" for s in share[::-1]], textposition="auto",
+                    hovertemplate="%{y}<br>%{x:.3f} ms (%{customdata[0]:.1%})<br>%{customdata[1]} calls"
+                                  "<extra></extra>")
+        fig.update_layout(xaxis_title="total ms", yaxis=dict(automargin=True))
     else:
         fig.add_annotation(text="No operator data in this run", showarrow=False, x=0.5, y=0.5, xref="paper",
                            yref="paper")
-    fig.update_layout(title=f"Top {n} {what} by total time", height=max(320, 26 * min(n, len(table) or 1) + 120),
+    rows = min(n + 1, len(table) or 1)
+    fig.update_layout(title=f"Top {n} {what} by total time", height=max(320, 24 * rows + 120),
                       margin=dict(l=20, r=20, t=50, b=40))
     return fig
 
@@ -199,10 +169,23 @@ def top_figure(types: pd.DataFrame, ops: pd.DataFrame, by: str = "op", n: int = 
 def per_step_figure(per: pd.DataFrame, title: str) -> go.Figure:
     fig = go.Figure()
     if len(per):
-        fig.add_bar(x=per["step"], y=per["total_ms"], name="time (ms)", marker_color="#3a86ff",
-                    customdata=np.stack([per["calls"], per["avg_ms"]], axis=-1),
-                    hovertemplate="step %{x}<br>%{y:.3f} ms in %{customdata[0]} calls (avg %{customdata[1]:.3f} ms)"
-                                  "<extra></extra>")
+        custom = np.stack([per["calls"], per["avg_ms"]], axis=-1)
+        hover = "step %{x}<br>%{y:.3f} ms in %{customdata[0]} calls (avg %{customdata[1]:.3f} ms)<extra></extra>"
+        if len(per) <= MANY_STEPS:
+            fig.add_bar(x=per["step"], y=per["total_ms"], name="time (ms)", marker_color="#3a86ff",
+                        customdata=custom, hovertemplate=hover)
+        else:  # hundreds of steps: a line with markers, the y axis fitted to the bulk (p99), outliers pinned on top
+            y = per["total_ms"].to_numpy(float)
+            top = float(np.percentile(y, 99)) * 1.25 or float(y.max()) or 1.0
+            fig.add_scatter(x=per["step"], y=y, name="time (ms)", mode="lines+markers", line=dict(color="#3a86ff",
+                            width=1), marker=dict(size=3), customdata=custom, hovertemplate=hover)
+            out = y > top
+            if out.any():
+                fig.add_scatter(x=per["step"][out], y=np.full(int(out.sum()), top * 0.98), mode="markers",
+                                name="above the axis", marker=dict(symbol="triangle-up", size=9, color="#e63946"),
+                                customdata=np.stack([y[out], per["calls"][out]], axis=-1),
+                                hovertemplate="step %{x}<br>%{customdata[0]:.3f} ms (off the axis)<extra></extra>")
+            fig.update_yaxes(range=[0, top])
         if per["calls"].nunique() > 1:  # dynamic shapes / control flow: calls per step vary
             fig.add_scatter(x=per["step"], y=per["calls"], name="calls", yaxis="y2", mode="lines+markers",
                             line=dict(color="#8338ec", dash="dot"), marker=dict(size=4))
@@ -218,6 +201,9 @@ def per_step_figure(per: pd.DataFrame, title: str) -> go.Figure:
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="ms", height=340, legend=dict(orientation="h"),
                       margin=dict(l=50, r=50, t=50, b=40))
     return fig
+
+
+MANY_STEPS = 120  # more steps than this: a line instead of bars
 
 
 def selection_figure(run_id: str, sel: dict | None) -> go.Figure:
@@ -246,45 +232,46 @@ def _table_block(prefix: str, title: str, table_id: str, columns, rows, hint: st
             html.Span("Rows per page", className="muted", style={"marginLeft": 16}),
             dcc.Dropdown(id=f"{prefix}-page-size", options=[{"label": str(p), "value": p} for p in PAGE_SIZES],
                          value=PAGE_SIZES[0], clearable=False, searchable=False, style={"width": 80}),
-            html.Span(f"{len(rows)} rows", id=f"{prefix}-count", className="muted"),
+            *grid_tools(table_id, rows),
         ], style={"display": "flex", "alignItems": "center", "gap": 8, "flexWrap": "wrap"}),
         html.P(hint, className="muted", style={"margin": "2px 0 6px"}),
-        dash_table.DataTable(id=table_id, columns=columns, data=rows, sort_action="native", sort_mode="multi",
-                             filter_action="native", filter_options={"case": "insensitive"}, page_action="native",
-                             page_size=PAGE_SIZES[0], page_current=0, export_format="csv", export_headers="display",
-                             tooltip_data=_tooltips(rows), tooltip_duration=None, **TABLE_STYLE),
+        data_grid(table_id, columns, rows, page_size=PAGE_SIZES[0], csv=table_id),
     ], className="panel", style={"marginTop": 12})
 
 
-def _tooltips(rows):
-    long = ("shapes", "scope", "fused_ops", "name")
-    return [{k: {"value": str(r[k]), "type": "text"} for k in long if isinstance(r.get(k), str) and len(r[k]) > 30}
-            for r in rows]
+def kind_options(run_id: str) -> list[dict]:
+    """What the "count" choice offers: imported GPU traces have CPU ops and kernels, our runs tasks and kernels."""
+    if store().manifest(run_id).get("source") in IMPORTED:
+        return [{"label": " CPU ops", "value": "cpu"}, {"label": " kernels", "value": "kernel"},
+                {"label": " all", "value": "all"}]
+    return [{"label": " all tasks", "value": "all"}, {"label": " kernels only", "value": "kernel"}]
 
 
-def _body(run_id: str):
-    types = type_table(run_id)
-    ops = op_table(run_id)
-    sel = _default_selection(ops)
+def cards(types: pd.DataFrame, ops: pd.DataFrame, kinds: str = "all") -> list:
+    """The summary cards over what the "count" choice selects (the same rows as the tables)."""
     total_ms = float(types["total_ms"].sum()) if len(types) else 0.0
     top = types.iloc[0] if len(types) else None
-    cards = html.Div([
-        stat_card("Total op time", fmt_ms(total_ms), "ops-total-ms", "all tasks except event record/wait"),
+    what = {"all": "all tasks except event record/wait", "kernel": "kernels only", "cpu": "CPU ops only"}[kinds]
+    return [
+        stat_card("Total op time", fmt_ms(total_ms), "ops-total-ms", what),
         stat_card("Top op type", str(top["op"]) if top is not None else "—", "ops-top-type",
                   f"{fmt_ms(top['total_ms'])}, {top['share'] * 100:.1f} % of op time" if top is not None else ""),
         stat_card("Top op type total", fmt_ms(top["total_ms"]) if top is not None else "—", "ops-top-type-ms"),
         stat_card("Op types", str(len(types)), "ops-n-types"),
         stat_card("Ops", str(len(ops)), "ops-n-ops", f"{int(ops['calls'].sum()) if len(ops) else 0} calls"),
-    ], className="cards")
+    ]
+
+
+def _body(run_id: str):
+    options = kind_options(run_id)
+    kinds = options[0]["value"]
+    types = type_table(run_id, _kinds(kinds))
+    ops = op_table(run_id, _kinds(kinds))
+    sel = _default_selection(ops)
     controls = html.Div([
         html.Span("Count", className="muted"),
-        dcc.RadioItems(id="ops-kinds", options=[{"label": " all tasks", "value": "all"},
-                                                {"label": " kernels only", "value": "kernel"}],
-                       value="all", inline=True, inputStyle={"marginLeft": 10}),
-        html.Span("Chart", className="muted", style={"marginLeft": 24}),
-        dcc.RadioItems(id="ops-chart-kind", options=[{"label": " bar", "value": "bar"},
-                                                     {"label": " pie", "value": "pie"}], value="bar", inline=True, inputStyle={"marginLeft": 10}),
-        html.Span("of", className="muted", style={"marginLeft": 16}),
+        dcc.RadioItems(id="ops-kinds", options=options, value=kinds, inline=True, inputStyle={"marginLeft": 10}),
+        html.Span("Chart of", className="muted", style={"marginLeft": 24}),
         dcc.RadioItems(id="ops-top-by", options=[{"label": " op types", "value": "op"},
                                                  {"label": " ops", "value": "name"}],
                        value="op", inline=True, inputStyle={"marginLeft": 10}),
@@ -296,14 +283,15 @@ def _body(run_id: str):
         dcc.Store(id="ops-run", data=run_id),
         dcc.Store(id="op-selection", data=sel),
         html.H2("Operators"),
-        cards,
+        html.Div(cards(types, ops, kinds), className="cards", id="ops-cards"),
         controls,
-        html.Div([html.Div(graph("ops-top-chart", top_figure(types, ops, "op", 20, "bar")), style=HALF),
+        html.Div([html.Div(graph("ops-top-chart", top_figure(types, ops, "op", 20)), style=HALF),
                   html.Div(graph("op-per-step", selection_figure(run_id, sel)), style=HALF, className="panel",
                            id="op-per-step-panel")], className="two-col", style={"alignItems": "flex-start"}),
         _table_block("op-type", "Op types", "op-type-table", TYPE_COLUMNS, type_rows(types),
-                     "Click a row to see that op type's time per step. Column filters take expressions such as "
-                     "> 1 or contains conv."),
+                     "Click a row to see that op type's time per step. Column filters: numbers keep the rows "
+                     "greater than the value typed (other comparisons in the column menu); text matches "
+                     "case-insensitively."),
         _table_block("op", "Ops", "op-table", OP_COLUMNS, op_rows(ops),
                      "One row per op (graph node); click a row to see its time per step."),
     ])
@@ -319,14 +307,17 @@ def _safe(run_id, fn, fallback):
 
 def filter_types(query, kinds, run_id):
     rows = _safe(run_id, lambda: type_rows(type_table(run_id, _kinds(kinds))), [])
-    rows = search_rows(rows, query if isinstance(query, str) else "")
-    return rows, f"{len(rows)} rows", _tooltips(rows)
+    return search_rows(rows, query if isinstance(query, str) else "")
 
 
 def filter_ops(query, kinds, run_id):
     rows = _safe(run_id, lambda: op_rows(op_table(run_id, _kinds(kinds))), [])
-    rows = search_rows(rows, query if isinstance(query, str) else "")
-    return rows, f"{len(rows)} rows", _tooltips(rows)
+    return search_rows(rows, query if isinstance(query, str) else "")
+
+
+def update_cards(kinds, run_id):
+    k = _choice(kinds, tuple(KINDS), "all")
+    return _safe(run_id, lambda: cards(type_table(run_id, _kinds(k)), op_table(run_id, _kinds(k)), k), [])
 
 
 def type_page_size(size):
@@ -337,11 +328,21 @@ def op_page_size(size):
     return _choice(size, PAGE_SIZES, PAGE_SIZES[0]), 0
 
 
-def update_top_chart(kind, n, by, kinds, run_id):
+def _grid_page_size(fn):
+    """A page-size choice as a patch of the grid's options (and back to its first page)."""
+    def cb(size):
+        n, _ = fn(size)
+        patch = Patch()
+        patch["paginationPageSize"] = n
+        return patch, "first"
+    return cb
+
+
+def update_top_chart(n, by, kinds, run_id):
     k = _kinds(kinds)
     try:
         return top_figure(type_table(run_id, k), op_table(run_id, k), _choice(by, ("op", "name"), "op"),
-                          _count(n, 20, max(TOP_N_CHOICES)), _choice(kind, ("bar", "pie"), "bar"))
+                          _count(n, 20, max(TOP_N_CHOICES)))
     except (RunNotFound, TraceError) as e:
         return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
 
@@ -358,11 +359,12 @@ def select(type_cell, op_cell, click, top_by):
 
 
 def selection_from(trigger, type_cell, op_cell, click, top_by) -> dict:
-    """What a click selected: ``{"by": "op" | "name", "name": ...}`` (or no_update)."""
-    if trigger == "op-type-table" and type_cell and type_cell.get("row_id") is not None:
-        return {"by": "op", "name": str(type_cell["row_id"])}
-    if trigger == "op-table" and op_cell and op_cell.get("row_id") is not None:
-        graph_, _, name = str(op_cell["row_id"]).partition(ROW_SEP)
+    """What a click selected: ``{"by": "op" | "name", "name": ...}`` (or no_update). A table click is the
+    grid's ``cellClicked`` (``rowId``: an op type, or graph + ROW_SEP + op name)."""
+    if trigger == "op-type-table" and isinstance(type_cell, dict) and type_cell.get("rowId") is not None:
+        return {"by": "op", "name": str(type_cell["rowId"])}
+    if trigger == "op-table" and isinstance(op_cell, dict) and op_cell.get("rowId") is not None:
+        graph_, _, name = str(op_cell["rowId"]).partition(ROW_SEP)
         return {"by": "name", "name": name or graph_}
     if trigger == "ops-top-chart" and click and click.get("points"):
         p = click["points"][0]
@@ -380,21 +382,22 @@ def show_selection(sel, run_id):
 
 
 def register_callbacks(app) -> None:
-    app.callback(Output("op-type-table", "data"), Output("op-type-count", "children"),
-                 Output("op-type-table", "tooltip_data"), Input("op-type-search", "value"),
-                 Input("ops-kinds", "value"), State("ops-run", "data"), prevent_initial_call=True)(filter_types)
-    app.callback(Output("op-table", "data"), Output("op-count", "children"), Output("op-table", "tooltip_data"),
-                 Input("op-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+    app.callback(Output("op-type-table", "rowData"), Input("op-type-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
+                 prevent_initial_call=True)(filter_types)
+    app.callback(Output("op-table", "rowData"), Input("op-search", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
                  prevent_initial_call=True)(filter_ops)
-    app.callback(Output("op-type-table", "page_size"), Output("op-type-table", "page_current"),
-                 Input("op-type-page-size", "value"), prevent_initial_call=True)(type_page_size)
-    app.callback(Output("op-table", "page_size"), Output("op-table", "page_current"), Input("op-page-size", "value"),
-                 prevent_initial_call=True)(op_page_size)
-    app.callback(Output("ops-top-chart", "figure"), Input("ops-chart-kind", "value"), Input("ops-top-n", "value"),
-                 Input("ops-top-by", "value"), Input("ops-kinds", "value"), State("ops-run", "data"),
-                 prevent_initial_call=True)(update_top_chart)
-    app.callback(Output("op-selection", "data"), Input("op-type-table", "active_cell"),
-                 Input("op-table", "active_cell"), Input("ops-top-chart", "clickData"), State("ops-top-by", "value"),
+    app.callback(Output("ops-cards", "children"), Input("ops-kinds", "value"), State("ops-run", "data"),
+                 prevent_initial_call=True)(update_cards)
+    app.callback(Output("op-type-table", "dashGridOptions"), Output("op-type-table", "paginationGoTo"),
+                 Input("op-type-page-size", "value"), prevent_initial_call=True)(_grid_page_size(type_page_size))
+    app.callback(Output("op-table", "dashGridOptions"), Output("op-table", "paginationGoTo"),
+                 Input("op-page-size", "value"), prevent_initial_call=True)(_grid_page_size(op_page_size))
+    app.callback(Output("ops-top-chart", "figure"), Input("ops-top-n", "value"), Input("ops-top-by", "value"),
+                 Input("ops-kinds", "value"), State("ops-run", "data"), prevent_initial_call=True)(update_top_chart)
+    app.callback(Output("op-selection", "data"), Input("op-type-table", "cellClicked"),
+                 Input("op-table", "cellClicked"), Input("ops-top-chart", "clickData"), State("ops-top-by", "value"),
                  prevent_initial_call=True)(select)
     app.callback(Output("op-per-step", "figure"), Input("op-selection", "data"), State("ops-run", "data"),
                  prevent_initial_call=True)(show_selection)
+    for grid in ("op-type-table", "op-table"):
+        register_grid(app, grid)

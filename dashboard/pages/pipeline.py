@@ -20,7 +20,7 @@ from dash import dash_table, dcc, html
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.components import graph, run_page, stat_card
+from dashboard.components import graph, run_page, stat_card, verdict_panel
 from dashboard.data import store
 from insight import analysis
 
@@ -83,10 +83,7 @@ def _verdict(rep):
                   rep.bottleneck_label or ("the consumer (training step)" if rep.consumer_bottleneck else "—"),
                   "stat-pipe-bottleneck"),
     ], className="cards")
-    advice = html.Ul([html.Li(a) for a in rep.advice] or [html.Li("Nothing to flag.")], id="pipeline-advice")
-    return html.Div([cards, html.Div([html.H4(rep.verdict_text, id="pipeline-verdict"),
-                                      html.P(rep.verdict_reason, className="muted", id="pipeline-verdict-reason"),
-                                      advice], className="panel")])
+    return html.Div([cards, verdict_panel(rep, title="")])
 
 
 # -- data processing -------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A run that cannot be read is a row with its error (``RunStore.entries``): one broken run never blanks the
 listing. The Run column links each run's overview; the link is raw HTML in the table's markdown, because the
-table's markdown renderer re-encodes the percent escapes of a markdown link (a run named ``lr=0.1`` or
-``a#b`` would be linked as ``lr%253D0.1``).
+markdown renderer re-encodes the percent escapes of a markdown link (a run named ``lr=0.1`` or ``a#b`` would
+be linked as ``lr%253D0.1``); the column filters and sorts on the plain name. Ticking two runs links their
+comparison (``/compare?a=..&b=..``, the older one as A).
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import html
 import re
 
 import dash
-from dash import Input, Output, dash_table, dcc, html as H
+from urllib.parse import urlencode
 
-from dashboard.components import run_href
+from dash import Input, Output, dcc, html as H
+
+from dashboard.components import data_grid, grid_tools, link_col, num_col, register_grid, run_href, text_col
 from dashboard.data import Entry, store
 from insight import analysis
 from insight.trace import TraceError
@@ -22,7 +25,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]~!])")  # inline markdown inside the link 
 
 
 def register():
-    dash.register_page(__name__, path="/", name="Runs", title="Insight — runs", layout=layout)
+    dash.register_page(__name__, path="/", name="Runs", title="Insight · runs", layout=layout)
 
 
 def run_link(run_id: str) -> str:
@@ -61,21 +64,26 @@ def rows() -> list[dict]:
     return out
 
 
+COLUMNS = [link_col("run", "Run", "name", minWidth=220),
+           text_col("created", "Created (UTC)", minWidth=150), num_col("steps", "Steps", "count"),
+           num_col("avg_step_ms", "Avg step (ms)", missing=""), text_col("device", "Device", minWidth=90),
+           text_col("status", "Status", minWidth=160)]
+
+
 def layout(**_):
+    data = rows()
     return H.Div([
         H.H2("Runs"),
         H.P(f"Runs under {store().base_dir}", className="muted", id="base-dir"),
         dcc.Interval(id="runs-refresh", interval=max(1000, int(store().reload_interval * 1000))),
-        dash_table.DataTable(
-            id="runs-table",
-            columns=[{"name": "Run", "id": "run", "presentation": "markdown"},
-                     {"name": "Created (UTC)", "id": "created"}, {"name": "Steps", "id": "steps"},
-                     {"name": "Avg step (ms)", "id": "avg_step_ms"}, {"name": "Device", "id": "device"},
-                     {"name": "Status", "id": "status"}],
-            data=rows(), filter_action="native", sort_action="native", page_size=20,
-            style_cell={"textAlign": "left", "fontFamily": "inherit", "whiteSpace": "normal", "height": "auto",
-                        "maxWidth": 520},
-            markdown_options={"link_target": "_self", "html": True}),
+        H.Div([H.Span("Tick two runs to compare them:", className="muted"),
+               dcc.Link("Compare the two selected runs", href="/compare", id="runs-compare",
+                        className="button-link disabled"),
+               H.Span("", id="runs-compare-hint", className="muted"), *grid_tools("runs-table", data)],
+              className="toolbar"),
+        data_grid("runs-table", COLUMNS, data, page_size=20, csv="runs", row_id="name",
+                  dashGridOptions={"rowSelection": {"mode": "multiRow", "checkboxes": True, "headerCheckbox": False,
+                                                    "enableClickSelection": False}}),
     ])
 
 
@@ -83,6 +91,19 @@ def refresh(_):
     return rows()
 
 
+def compare_link(selected):
+    """Two ticked runs -> the link comparing them (the older as A); otherwise a hint."""
+    names = [r.get("name") for r in (selected or []) if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    if len(names) != 2:
+        return "/compare", "button-link disabled", f"{len(names)} selected" if names else ""
+    by_created = sorted(selected, key=lambda r: str(r.get("created") or ""))
+    a, b = by_created[0]["name"], by_created[1]["name"]
+    return "/compare?" + urlencode({"a": a, "b": b}), "button-link", f"{a} (A) vs {b} (B)"
+
+
 def register_callbacks(app) -> None:
-    app.callback(Output("runs-table", "data"), Input("runs-refresh", "n_intervals"),
+    app.callback(Output("runs-table", "rowData"), Input("runs-refresh", "n_intervals"),
                  prevent_initial_call=True)(refresh)
+    app.callback(Output("runs-compare", "href"), Output("runs-compare", "className"),
+                 Output("runs-compare-hint", "children"), Input("runs-table", "selectedRows"))(compare_link)
+    register_grid(app, "runs-table")

@@ -24,3 +24,5 @@ from insight.analysis.timeline import (LaneView, TimelineData, TimelineWindow, l
                                        timeline_window)
 __all__ += ["load_timeline", "timeline_window", "task_details", "TimelineData", "TimelineWindow", "LaneView",
             "queue_depths", "pipeline_per_step"]
+from insight.analysis import gpu  # noqa: E402  (the GPU-trace analyses of imported runs)
+__all__ += ["gpu"]

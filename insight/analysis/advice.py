@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from insight.analysis.gpu import kernel_time_by_stream
 from insight.analysis.memory import MemoryPeak, memory_peak
 from insight.analysis.ops import op_type_stats
 from insight.analysis.pipeline import (ALL_FULL, HOST_EMPTY_RATIO, INPUT_HIGH, INPUT_MODERATE, NOISE_FLOOR,
@@ -42,16 +43,30 @@ class Recommendation:
         return asdict(self)
 
 
+IMPORTED_SOURCES = ("kineto", "chrome")  # manifest "source" of runs made by `insight import`
+
+
+def has_device(run: Run | str | os.PathLike, rank: int = 0) -> bool:
+    """Whether the run has a device to utilise: always for runs profiled by Insight (their device streams),
+    for imported traces only when kernels ran on a device stream (a CPU-only torch.profiler trace has none)."""
+    run = as_run(run)
+    if (run.manifest or {}).get("source") not in IMPORTED_SOURCES:
+        return True
+    return bool(len(kernel_time_by_stream(run, rank)))
+
+
 def recommendations(run: Run | str | os.PathLike, rank: int = 0) -> list[Recommendation]:
     """Most severe first."""
     run = as_run(run)
     return run.memo(("recommendations", rank), lambda: advise(
         summarize(step_breakdown(run, rank)), data_pipeline(run, rank), memory_peak(run, rank=rank),
-        op_type_stats(run, rank=rank)))
+        op_type_stats(run, rank=rank), device=has_device(run, rank)))
 
 
-def advise(s: StepSummary, pipe: PipelineReport, peak: MemoryPeak, types: pd.DataFrame) -> list[Recommendation]:
-    """The rules over analyses already computed (the CLI and the exports have them at hand)."""
+def advise(s: StepSummary, pipe: PipelineReport, peak: MemoryPeak, types: pd.DataFrame,
+           device: bool = True) -> list[Recommendation]:
+    """The rules over analyses already computed (the CLI and the exports have them at hand). ``device``:
+    the run has a device (``has_device``); without one the device-utilisation rule does not apply."""
     out: list[Recommendation] = []
     add = out.append
 
@@ -106,7 +121,7 @@ def advise(s: StepSummary, pipe: PipelineReport, peak: MemoryPeak, types: pd.Dat
                 f"AllReduce takes {comm:.1%} of the step ({s.allreduce_ms:.3f} of {s.step_time_ms:.3f} ms; threshold "
                 f"{COMM_SHARE:.0%}): overlap it with backward, compress gradients or accumulate them over steps",
                 "communication_share", comm, COMM_SHARE))
-        if np.isfinite(s.device_utilization) and s.device_utilization < LOW_UTILIZATION:
+        if device and np.isfinite(s.device_utilization) and s.device_utilization < LOW_UTILIZATION:
             add(Recommendation(
                 "low_utilization", "warning", "Low device utilisation",
                 f"the device is busy {s.device_utilization:.1%} of the step (threshold {LOW_UTILIZATION:.0%}): "

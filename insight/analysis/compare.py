@@ -1,4 +1,14 @@
-"""Two runs side by side: step-breakdown averages and per-op-type time (HTA's trace diff)."""
+"""Two runs side by side: step-breakdown averages and per-op-type time (HTA's trace diff), with run-to-run noise.
+
+Per op type, each run gives one sample per averaged step (the op type's summed time in that step; 0 when it did
+not run). A difference counts only when it is beyond noise: the Mann-Whitney U test of the two samples
+(scipy's, when installed; else a permutation test with numpy) at ``ALPHA``, with a large effect (Vargha-Delaney
+A = P(b > a) + P(b = a) / 2 at least ``LARGE_EFFECT`` or at most 1 - ``LARGE_EFFECT``), a 95 % interval of the
+change of the mean per step that excludes 0 (``ci_low_pct`` / ``ci_high_pct``, a seeded bootstrap over the
+steps of each run) and a change beyond ``rel_tol`` of the mean.
+Samples without any spread (synthetic traces) are exact: any difference counts. Two runs of the same seed
+differ by machine noise only: their op types come out "same".
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from insight.analysis.ops import op_type_stats
-from insight.analysis.steps import step_breakdown, summarize
+from insight.analysis.ops import op_tasks, op_type_stats
+from insight.analysis.steps import averaged_steps, step_breakdown, summarize
 from insight.trace import Run, as_run
 
+ALPHA = 0.01
+LARGE_EFFECT = 0.71      # Vargha & Delaney's "large" effect size
+BOOTSTRAP = 1000
 SUMMARY_FIELDS = ("step_time_ms", "iteration_interval_ms", "fp_bp_ms", "tail_ms", "allreduce_ms",
                   "device_utilization", "input_share")
 
@@ -20,14 +33,15 @@ class RunComparison:
     a: str
     b: str
     steps: pd.DataFrame   # metric, a, b, diff (b - a), ratio (b / a)
-    ops: pd.DataFrame     # op type: per-step time and calls in a and b, diff, status
+    ops: pd.DataFrame     # op type: per-step time and calls in a and b, diff, diff_pct, p_value, effect,
+    #                       ci_low_pct / ci_high_pct, significant, status
 
 
 def compare_runs(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, rel_tol: float = 0.05,
                  rank: int = 0) -> RunComparison:
     """Per op type the time is per recorded step (runs of different lengths compare); ``status`` is
-    ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower`` (by more than ``rel_tol``),
-    else ``same``. Rows are ordered by the size of the change."""
+    ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower`` (by more than ``rel_tol`` and
+    beyond run-to-run noise: ``significant``), else ``same``. Rows are ordered by the size of the change."""
     ra, rb = as_run(run_a), as_run(run_b)
     sa, sb = summarize(step_breakdown(ra, rank)), summarize(step_breakdown(rb, rank))
     rows = []
@@ -48,11 +62,95 @@ def compare_runs(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike,
     m["diff_ms"] = m["ms_per_step_b"] - m["ms_per_step_a"]
     m["ratio"] = np.where(m["ms_per_step_a"] > 0, m["ms_per_step_b"] / m["ms_per_step_a"].where(m["ms_per_step_a"] > 0),
                           np.nan)
+    m["diff_pct"] = np.where(m["ms_per_step_a"] > 0, m["diff_ms"] / m["ms_per_step_a"].where(m["ms_per_step_a"] > 0)
+                             * 100, np.nan)
+    sa_, sb_ = step_samples(ra, rank), step_samples(rb, rank)
+    noise = pd.DataFrame([_noise(sa_.get(op), sb_.get(op)) for op in m["op"]], index=m.index)
+    m = pd.concat([m, noise], axis=1)
+    beyond = m["significant"] & (m["diff_ms"].abs() > rel_tol * m["ms_per_step_a"])
     status = np.select(
-        [m["_merge"] == "right_only", m["_merge"] == "left_only",
-         m["diff_ms"] < -rel_tol * m["ms_per_step_a"], m["diff_ms"] > rel_tol * m["ms_per_step_a"]],
+        [m["_merge"] == "right_only", m["_merge"] == "left_only", beyond & (m["diff_ms"] < 0),
+         beyond & (m["diff_ms"] > 0)],
         ["added", "removed", "faster", "slower"], default="same")
     m["status"] = status
     m = m.drop(columns="_merge")
     m = m.reindex(m["diff_ms"].abs().sort_values(ascending=False, kind="stable").index).reset_index(drop=True)
     return RunComparison(ra.name, rb.name, steps, m)
+
+
+def step_samples(run: Run | str | os.PathLike, rank: int = 0) -> dict:
+    """Per op type: its summed time (ms) in every averaged step (0 where it did not run)."""
+    run = as_run(run)
+
+    def build():
+        steps = averaged_steps(step_breakdown(run, rank))["step"].to_numpy()
+        t = op_tasks(run, rank=rank)
+        t = t[t["step"].isin(steps)]
+        per = (t.groupby(["op", "step"])["dur_ns"].sum() / 1e6).unstack("step", fill_value=0.0)
+        per = per.reindex(columns=steps, fill_value=0.0)
+        return {str(op): row.to_numpy(float) for op, row in per.iterrows()}
+
+    return run.memo(("compare_step_samples", rank), build)
+
+
+def _noise(a: np.ndarray | None, b: np.ndarray | None) -> dict:
+    """Mann-Whitney p-value, Vargha-Delaney effect A = P(b > a), bootstrap 95 % interval of the change of the
+    mean (%), and whether the difference is beyond noise."""
+    out = {"p_value": np.nan, "effect": np.nan, "ci_low_pct": np.nan, "ci_high_pct": np.nan, "significant": False,
+           "samples_a": 0 if a is None else len(a), "samples_b": 0 if b is None else len(b)}
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return out
+    if np.ptp(a) == 0 and np.ptp(b) == 0:  # no step-to-step spread at all (a synthetic trace): exact
+        same = a[0] == b[0]
+        out.update(p_value=1.0 if same else 0.0, effect=0.5 if same else float(b[0] > a[0]),
+                   ci_low_pct=(b[0] / a[0] - 1) * 100 if a[0] else np.nan,
+                   ci_high_pct=(b[0] / a[0] - 1) * 100 if a[0] else np.nan, significant=not same)
+        return out
+    u, p = mann_whitney(a, b)
+    effect = u / (len(a) * len(b))
+    lo, hi = bootstrap_change(a, b)
+    out.update(p_value=p, effect=effect, ci_low_pct=lo, ci_high_pct=hi,
+               significant=bool(p < ALPHA and (effect >= LARGE_EFFECT or effect <= 1 - LARGE_EFFECT)
+                                and (lo > 0 or hi < 0)))
+    return out
+
+
+def mann_whitney(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """U of b against a (b's count of wins, ties a half) and the two-sided p-value: scipy's test when
+    installed, else a seeded permutation test."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    try:
+        from scipy.stats import mannwhitneyu
+    except ImportError:
+        mannwhitneyu = None
+    if np.ptp(np.concatenate([a, b])) == 0:
+        return len(a) * len(b) / 2, 1.0
+    if mannwhitneyu is not None:
+        r = mannwhitneyu(b, a, alternative="two-sided")
+        return float(r.statistic), float(r.pvalue)
+    u = _u(a, b)
+    rng = np.random.default_rng(0)
+    both = np.concatenate([a, b])
+    centre = len(a) * len(b) / 2
+    far = 0
+    for _ in range(BOOTSTRAP):
+        rng.shuffle(both)
+        far += abs(_u(both[:len(a)], both[len(a):]) - centre) >= abs(u - centre)
+    return u, (far + 1) / (BOOTSTRAP + 1)
+
+
+def _u(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = pd.Series(np.concatenate([a, b])).rank().to_numpy()
+    return float(ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2)
+
+
+def bootstrap_change(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """95 % interval of (mean b / mean a - 1) * 100 by resampling the steps of each run (seeded)."""
+    rng = np.random.default_rng(0)
+    ma = rng.choice(a, (n, len(a))).mean(axis=1)
+    mb = rng.choice(b, (n, len(b))).mean(axis=1)
+    ok = ma > 0
+    if not ok.any():
+        return float("nan"), float("nan")
+    ch = (mb[ok] / ma[ok] - 1) * 100
+    return float(np.percentile(ch, 2.5)), float(np.percentile(ch, 97.5))

@@ -253,3 +253,29 @@ def in_use_at(lt: Lifetimes, t_ns: int) -> int | None:
     """Device bytes in use after the last event at or before ``t_ns`` (parameters included)."""
     i = int(np.searchsorted(lt.t_ns, t_ns, side="right")) - 1
     return int(lt.in_use[i]) if i >= 0 else None
+
+
+def event_at_or_before(lt: Lifetimes, t_ns: int) -> int | None:
+    """The time of the last memory event at or before ``t_ns`` (what the step-shaped curve shows there);
+    None before the first event."""
+    i = int(np.searchsorted(lt.t_ns, t_ns, side="right")) - 1
+    return int(lt.t_ns[i]) if i >= 0 else None
+
+
+def step_peaks(lt: Lifetimes, steps: pd.DataFrame) -> pd.DataFrame:
+    """Per step of ``steps`` (a step breakdown: ``step, start_ns, end_ns``): the peak bytes in use inside it
+    (the level carried in from before the step counts), when it was reached and the step's bounds."""
+    t, use = np.asarray(lt.t_ns, np.int64), np.asarray(lt.in_use, np.int64)
+    rows = []
+    for s, a, b in zip(steps["step"].to_numpy(), steps["start_ns"].to_numpy(), steps["end_ns"].to_numpy()):
+        i0 = int(np.searchsorted(t, a, side="right")) - 1  # the level at the step's start
+        i1 = int(np.searchsorted(t, b, side="right"))
+        lo = max(i0, 0)
+        if i1 <= lo and i0 < 0:
+            rows.append((int(s), 0, -1, int(a), int(b)))
+            continue
+        j = lo + int(np.argmax(use[lo:i1])) if i1 > lo else lo
+        rows.append((int(s), int(use[j]), int(max(t[j], a)), int(a), int(b)))
+    out = pd.DataFrame(rows, columns=["step", "peak_bytes", "t_ns", "start_ns", "end_ns"])
+    out["peak_mb"] = out["peak_bytes"] / 2 ** 20
+    return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from insight.analysis.advice import Recommendation, advise
+from insight.analysis.advice import Recommendation, advise, has_device
 from insight.analysis.memory import MemoryPeak, memory_peak
 from insight.analysis.ops import op_type_stats
 from insight.analysis.pipeline import PipelineReport, data_pipeline
@@ -34,6 +34,6 @@ def overview(run: Run | str | os.PathLike, rank: int = 0) -> Overview:
         types = op_type_stats(run, rank=rank)
         pipe = data_pipeline(run, rank)
         peak = memory_peak(run, rank=rank)
-        return Overview(bd, s, types, pipe, peak, advise(s, pipe, peak, types))
+        return Overview(bd, s, types, pipe, peak, advise(s, pipe, peak, types, device=has_device(run, rank)))
 
     return run.memo(("overview", rank), build)

@@ -1,0 +1,138 @@
+"""Screenshots of every dashboard page at 1600x1000 and the time each page takes to render, cold and warm.
+
+    python scripts/screenshots.py --base RUNS_DIR [--run RUN] [--other RUN2] [--out docs/screenshots]
+                                  [--no-shots] [--repeat 3]
+
+Starts the real server (``insight start``) on RUNS_DIR, opens each page of RUN in headless Chromium and
+waits until Dash has no callback pending and nothing is marked loading. "cold" is the first load of the page
+after the server started (nothing read yet), "warm" the median of the next ``--repeat`` loads. The compare
+page compares RUN with OTHER (default: another run of the base dir); the cluster page is included for a
+multi-rank RUN. Prints a table of the times (seconds) and saves ``<out>/<page>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from browser_util import DASH_IDLE, chrome_driver  # noqa: E402
+
+RUN_PAGES = ("overview", "operators", "pipeline", "timeline", "memory")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _load(drv, url: str, timeout: float = 120.0) -> float:
+    """Seconds from navigation until the page is drawn and Dash is idle (twice in a row)."""
+    t0 = time.perf_counter()
+    drv.get(url)
+    deadline = t0 + timeout
+    idle = 0
+    while idle < 2:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{url} did not finish rendering within {timeout:.0f} s")
+        ok = drv.execute_script(DASH_IDLE) and drv.execute_script(
+            "return !!document.querySelector('#_pages_content') && "
+            "document.querySelector('#_pages_content').children.length > 0")
+        idle = idle + 1 if ok else 0
+        time.sleep(0.05)
+    return time.perf_counter() - t0 - 0.05
+
+
+def _runs(base: Path) -> list[str]:
+    return sorted(p.parent.name for p in base.glob("*/manifest.json"))
+
+
+def _ranks(run: Path) -> int:
+    return len(list(run.glob("rank_*"))) or 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, type=Path)
+    ap.add_argument("--run")
+    ap.add_argument("--other")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    ap.add_argument("--no-shots", action="store_true", help="only measure the render times")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the times here")
+    a = ap.parse_args(argv)
+    runs = _runs(a.base)
+    if not runs:
+        ap.error(f"{a.base}: no runs (no */manifest.json)")
+    run = a.run or runs[0]
+    other = a.other or next((r for r in runs if r != run), run)
+    pages = [("runs", "/")] + [(p, f"/run/{quote(run)}/{p}") for p in RUN_PAGES]
+    if _ranks(a.base / run) > 1:
+        pages.append(("cluster", f"/run/{quote(run)}/cluster"))
+    pages.append(("compare", f"/compare?a={quote(run)}&b={quote(other)}"))
+
+    state = Path(tempfile.mkdtemp(prefix="insight-shots-"))
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(state))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "insight.cli", "start", "--summary-base-dir", str(a.base),
+                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    drv = None
+    times = {}
+    try:
+        deadline = time.monotonic() + 90
+        while not _up(url + "/_dash-layout"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the dashboard server did not start")
+            time.sleep(0.2)
+        drv = chrome_driver(1600, 1000, log=False)
+        drv.set_window_size(1600, 1000)
+        if not a.no_shots:
+            a.out.mkdir(parents=True, exist_ok=True)
+        for name, path in pages:
+            cold = _load(drv, url + path)
+            warm = [_load(drv, url + path) for _ in range(max(1, a.repeat))]
+            times[name] = {"cold_s": round(cold, 3), "warm_s": round(statistics.median(warm), 3)}
+            if not a.no_shots:
+                time.sleep(0.5)  # plotly's transitions
+                drv.save_screenshot(str(a.out / f"{name}.png"))
+    finally:
+        if drv is not None:
+            drv.quit()
+        subprocess.run([sys.executable, "-m", "insight.cli", "stop", "--port", str(port)], cwd=ROOT, env=env,
+                       capture_output=True, timeout=60)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    print(f"{'page':<10} {'cold s':>8} {'warm s':>8}   (run {run}; compare with {other})")
+    for name, t in times.items():
+        print(f"{name:<10} {t['cold_s']:8.3f} {t['warm_s']:8.3f}")
+    if a.json:
+        a.json.write_text(json.dumps(times, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
