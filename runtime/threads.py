@@ -13,7 +13,8 @@ The policy, from measurements on this project's 2-core machines (``benchmarks/RE
   ``SAMPLE_SECONDS``): there the second thread gains 1.4-2x on an idle machine (134 MFLOP: 1.36 -> 0.95 ms)
   and loses 20x on a shared one (1.4 -> 25 ms median).
 
-``INSIGHT_BLAS_THREADS=N`` pins every runtime GEMM to N threads (no measurement). The count is set
+``INSIGHT_BLAS_THREADS=N`` pins every runtime GEMM to N threads (no measurement). Only the main thread
+changes the count (GEMMs on a stream's worker thread run with the count it last set). The count is set
 through threadpoolctl's handle on the BLAS library (about 3 us per change, made only when the wanted
 count differs from the current one), so numpy code outside the runtime runs with whatever count the
 runtime's last GEMM set. OpenMP (the Cython kernels) is not changed here: those kernels go parallel only
@@ -22,6 +23,7 @@ above a work threshold (``_nt`` in ``runtime/_kernels.pyx``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from threadpoolctl import ThreadpoolController
@@ -29,6 +31,7 @@ from threadpoolctl import ThreadpoolController
 MIN_PARALLEL_FLOPS = 32e6
 SAMPLE_SECONDS = 0.5
 FOREIGN_BUSY_CORES = 0.5   # other processes using at least this many cores: the machine is shared
+_MAIN = threading.main_thread()
 
 
 def _cpu_jiffies() -> tuple[float, float] | None:
@@ -84,7 +87,11 @@ class BlasThreads:
         return 1 if self.shared else self.max_threads
 
     def for_gemm(self, m: int, n: int, k: int) -> None:
-        """Set the thread count for a (m, k) x (k, n) product (batched products: m counts the batch)."""
+        """Set the thread count for a (m, k) x (k, n) product (batched products: m counts the batch).
+        Only the main thread changes it: a stream's worker thread must not resize the BLAS pool while
+        another thread is inside a BLAS call (it runs with the count the main thread last set)."""
+        if threading.current_thread() is not _MAIN:
+            return
         want = self.want(2.0 * m * n * k)
         if want != self.current and self._libs:
             for c in self._libs:

@@ -666,3 +666,49 @@ def test_fd_pool(rng, cfg):
              K.maxpool2d_bwd(x, r, kh, kw, sh, sw, ph, pw), r, h=1e-4)
     fd_check(lambda z: K.avgpool2d_fwd(z, kh, kw, sh, sw, ph, pw), x,
              K.avgpool2d_bwd(r, N, C, H, W, kh, kw, sh, sw, ph, pw), r)
+
+
+# ----------------------------------------------------------------------------- BLAS thread policy
+
+def test_blas_thread_policy_by_gemm_size_load_and_pin():
+    import threading
+    import time
+
+    from runtime.threads import MIN_PARALLEL_FLOPS, BlasThreads
+
+    b = BlasThreads()
+    b.max_threads, b.pinned = 2, None
+    b._next_sample = time.monotonic() + 3600  # no /proc/stat sample during the test
+    b.shared = False
+    assert b.want(MIN_PARALLEL_FLOPS / 2) == 1          # small GEMMs: one thread, always
+    assert b.want(MIN_PARALLEL_FLOPS * 4) == 2          # large ones: every thread on an idle machine ...
+    b.shared = True
+    assert b.want(MIN_PARALLEL_FLOPS * 4) == 1          # ... and one while other processes busy the cores
+    b.pinned = 3
+    assert b.want(1) == 3                               # INSIGHT_BLAS_THREADS
+    b.pinned, b.current = None, "unchanged"
+    t = threading.Thread(target=b.for_gemm, args=(512, 512, 512))
+    t.start()
+    t.join()
+    assert b.current == "unchanged"                     # a worker thread never resizes the pool
+
+
+def test_blas_thread_policy_sees_another_busy_process():
+    """A busy child process (one core) is measured as foreign load."""
+    import subprocess
+    import sys
+    import time
+
+    from runtime.threads import BlasThreads
+
+    b = BlasThreads()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)
+        b._sample(time.monotonic())
+        time.sleep(0.6)
+        b._sample(time.monotonic())
+        assert b.shared, "a process spinning on a core should mark the machine as shared"
+    finally:
+        child.kill()
+        child.wait()
