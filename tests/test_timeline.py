@@ -222,6 +222,70 @@ def test_task_details_have_every_field(runs):
     assert analysis.task_details(data, "steps", 0)["step"] == 0
 
 
+def test_step_phases_tile_each_step(runs):
+    """Data wait -> forward -> backward -> update -> tail: in order, without gaps or overlap, from the step's
+    start to its end; forward ends where the step's first backward task starts."""
+    data = analysis.load_timeline(runs["big"])
+    ph, st = data.phases, data.steps
+    assert set(ph["phase"]) <= {p for p, _ in tl.STEP_PHASES} and {"data wait", "forward", "backward"} <= set(ph["phase"])
+    order = [p for p, _ in tl.STEP_PHASES]
+    tasks = pd.read_parquet(runs["big"] / "rank_0" / "tasks.parquet", columns=["phase", "start_ns"])
+    bwd = np.sort(tasks.loc[tasks["phase"] == "backward", "start_ns"].to_numpy())
+    for k in (0, 7, len(st) - 1):
+        seg = ph[ph["step_row"] == k]
+        assert seg["start_ns"].iloc[0] == st["start_ns"].iat[k] and seg["end_ns"].iloc[-1] == st["end_ns"].iat[k]
+        assert (seg["start_ns"].to_numpy()[1:] == seg["end_ns"].to_numpy()[:-1]).all()
+        assert [order.index(p) for p in seg["phase"]] == sorted(order.index(p) for p in seg["phase"])
+        fwd = seg[seg["phase"] == "forward"].iloc[0]
+        assert fwd["start_ns"] == st["fp_start_ns"].iat[k]
+        assert fwd["end_ns"] == bwd[np.searchsorted(bwd, st["fp_start_ns"].iat[k])]
+    # the phases lane shares the Steps row of the figure and its clicks name the phase
+    d = analysis.task_details(data, "phases", 1)
+    assert d["phase"] == "forward" and d["dur_ns"] == d["end_ns"] - d["start_ns"]
+
+
+def test_flows_of_our_runs(runs):
+    """TransferData -> the GetNext that dequeued its batch (k-th to k-th), both ways."""
+    data = analysis.load_timeline(runs["sink"])
+    feeder = data.lane("host/feeder")
+    det = data.details("tasks", data.get_next)
+    assert set(det["kind"]) == {"get_next"} and (np.diff(det["start_ns"]) > 0).all()
+    for k in range(len(feeder)):
+        (f,) = tl.task_flows(data, "tasks", int(feeder.row[k]))
+        assert (f.src, f.dst) == (int(feeder.row[k]), int(data.get_next[k]))
+        assert tl.task_flows(data, "tasks", int(data.get_next[k])) == [f]
+    core = data.lane("aicore0")
+    kernel = int(core.row[core.code != tl.CODE_WAIT][0])
+    assert tl.task_flows(data, "tasks", kernel) == [] and tl.task_flows(data, "steps", 0) == []
+    assert data.lane_index("tasks", kernel) == [ln.key for ln in data.lanes].index("aicore0")
+
+
+KINETO = ROOT.parent / "shared" / "data" / "kineto" / "alexnet_gpu.pt.trace.json.gz"
+
+
+@pytest.mark.skipif(not KINETO.exists(), reason="the shared Kineto trace is not here")
+def test_flows_of_an_imported_kineto_run(tmp_path):
+    """A kernel's flow is its ac2g arrow from the runtime call that launched it (the flows table)."""
+    from insight.cli import main as cli_main
+
+    out = tmp_path / "alexnet"
+    assert cli_main(["import", str(KINETO), "--output", str(out)]) == 0
+    data = analysis.load_timeline(out)
+    t = pd.read_parquet(out / "rank_0" / "tasks.parquet", columns=["kind", "launch_task"])
+    k = int(np.flatnonzero(t["kind"] == "kernel")[5])
+    flows = tl.task_flows(data, "tasks", k)
+    assert [(f.cat, f.dst) for f in flows] == [("ac2g", k)] and flows[0].src == t["launch_task"].iat[k]
+    assert data.lane_index("tasks", flows[0].src) != data.lane_index("tasks", k)  # host lane -> device lane
+    # the page draws it: an arrow from the launch to the kernel and both outlined
+    from dashboard.pages import timeline as page
+
+    shapes, notes = page._selection(data, {"source": "tasks", "row": k}, 1e-6)
+    assert [s["name"] for s in shapes] == ["selected", "flow end"] and len(notes) == 1
+    src = data.details("tasks", [flows[0].src, k])
+    assert notes[0]["ax"] == pytest.approx(src["start_ns"].iat[0] / 1e6)
+    assert notes[0]["x"] == pytest.approx(src["start_ns"].iat[1] / 1e6)
+
+
 def test_runs_missing_tables(runs, tmp_path):
     data = analysis.load_timeline(runs["notasks"])
     assert [ln.key for ln in data.lanes] == ["steps", "steps/phases"] and data.n_tasks == 0
