@@ -286,6 +286,48 @@ def test_flows_of_an_imported_kineto_run(tmp_path):
     assert notes[0]["x"] == pytest.approx(src["start_ns"].iat[1] / 1e6)
 
 
+def test_lane_index_on_disk_is_memory_mapped_and_follows_the_run(runs, tmp_path, monkeypatch):
+    """A large run's lanes are written once to the cache dir; the next load memory-maps them and answers every
+    view exactly as the built lanes do; a changed tasks file gets a new index (the old one removed)."""
+    import threading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tl, "INDEX_MIN_TASKS", 1000)
+    run = tmp_path / "big"
+    shutil.copytree(runs["big"], run)
+
+    def join():
+        for th in threading.enumerate():
+            if th.name == "insight-timeline-index":
+                th.join(60)
+
+    built = analysis.load_timeline(run)
+    join()
+    (index,) = list((tmp_path / "cache" / "insight" / "timeline").iterdir())
+    mapped = analysis.load_timeline(run)
+    assert any(isinstance(ln.start, np.memmap) for ln in mapped.lanes)
+    assert [ln.key for ln in mapped.lanes] == [ln.key for ln in built.lanes] and mapped.n_tasks == built.n_tasks
+    assert np.array_equal(mapped.row_lane, built.row_lane) and np.array_equal(mapped.get_next, built.get_next)
+    assert mapped.phases.equals(built.phases)
+    step = built.step_range(built.step_numbers[40])
+    for t0, t1 in ((built.t_min, built.t_max), (step[0], step[1]), (step[0] + 300_000, step[0] + 1_300_000)):
+        a, b = (analysis.timeline_window(d, t0, t1, 1000) for d in (built, mapped))
+        for x, y in zip(a.lanes, b.lanes):
+            assert x.mode == y.mode
+            if x.mode == "tasks":
+                pd.testing.assert_frame_equal(x.tasks, y.tasks)
+            else:
+                assert np.array_equal(x.busy, y.busy) and np.array_equal(x.starts, y.starts)
+    # the run changes: a new index replaces the old
+    f = run / "rank_0" / "tasks.parquet"
+    t = pd.read_parquet(f).iloc[: N_BIG // 2]
+    t.to_parquet(f, index=False)
+    fresh = analysis.load_timeline(run)
+    assert fresh.n_tasks == N_BIG // 2
+    join()
+    assert [p.name for p in index.parent.iterdir()] != [index.name] and not index.exists()
+
+
 def test_runs_missing_tables(runs, tmp_path):
     data = analysis.load_timeline(runs["notasks"])
     assert [ln.key for ln in data.lanes] == ["steps", "steps/phases"] and data.n_tasks == 0

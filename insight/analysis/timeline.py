@@ -38,9 +38,14 @@ them), so nothing per request is proportional to the run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -50,6 +55,7 @@ import pyarrow.parquet as pq
 
 from insight.trace import Run, TraceError, as_run, empty_frame, read, read_rows
 
+INDEX_MIN_TASKS = 1_000_000  # runs of at least this many tasks keep their lanes on disk (see _save_index)
 NAMES_IN_MEMORY = 2_000_000  # above this many tasks, names are read per window (row groups), not all kept
 PER_PX = 2.0            # a lane shows exact tasks while it holds at most this many per pixel of the window
 MAX_TASKS = 20_000      # and all exact lanes together at most this many
@@ -407,9 +413,15 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
     run = as_run(run)
     lanes: list[Lane] = []
     row_lane = get_next = None
-    t = _read_columns(run, "tasks", rank, TASK_READ, ("start_ns", "end_ns"), ("graph", "kind", "stream", "phase"),
-                      cache=False)
     n_tasks = 0
+    index = _index_dir(run, rank)
+    cached = _load_index(index) if index is not None else None
+    t = None
+    if cached is not None:
+        lanes, row_lane, get_next, n_tasks = cached
+    else:
+        t = _read_columns(run, "tasks", rank, TASK_READ, ("start_ns", "end_ns"), ("graph", "kind", "stream", "phase"),
+                          cache=False)
     if t is not None and t.num_rows:
         start, end = _np(t.column("start_ns")), _np(t.column("end_ns"))
         keep = (start >= 0) & (end >= 0)
@@ -465,6 +477,8 @@ def load_timeline(run: Run | str | os.PathLike, rank: int = 0) -> TimelineData:
         get_next = get_next[np.argsort(start[get_next], kind="stable")]
         del start, end, stream, graph, kind, phase, code, lane, rows
         n_tasks = int(keep.sum())
+        if index is not None and n_tasks >= INDEX_MIN_TASKS:
+            _save_index(index, list(lanes), row_lane, get_next, n_tasks)
     ho = read(run, "host_ops", HOST_OP_COLUMNS, required=("start_ns", "end_ns"), rank=rank)
     if len(ho):
         s, e = ho["start_ns"].to_numpy(np.int64), ho["end_ns"].to_numpy(np.int64)
@@ -690,3 +704,98 @@ def _first_device_task(data: TimelineData, t: int, step: tuple | None) -> int:
         if k < len(ln) and (limit is None or ln.start[k] < limit) and (best_t is None or ln.start[k] < best_t):
             best, best_t = int(ln.row[k]), int(ln.start[k])
     return best
+
+
+# -- the lane index on disk ----------------------------------------------------------------------------------
+# Building the lanes of a run of 10M tasks reads and sorts ~200 MB; doing it once per run, not once per server
+# process, is what keeps a fresh server's first view fast. The task lanes (start, end, row, code, busy
+# intervals), the row -> lane map and the GetNext rows are written as .npy files to the user's cache dir,
+# keyed by the run's real path, the rank and every tasks file's size and mtime (a run that changes gets a new
+# key; the old index is removed then), and memory-mapped when read: a view touches only the pages its binary
+# searches and its window need, so the server's memory stays far below the index's size.
+INDEX_VERSION = 1
+_LANE_ARRAYS = ("start", "end", "row", "code", "reach", "busy_start", "busy_len", "busy_cum")
+
+
+def _index_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "insight" / "timeline"
+
+
+def _index_dir(run: Run, rank: int) -> Path | None:
+    """The index directory of this version of the run's tasks (None: no tasks table)."""
+    files = run.table_files("tasks", rank)
+    if not files:
+        return None
+    try:
+        stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    except OSError:
+        return None
+    who = hashlib.sha1(f"{run.real}\x00{int(rank)}".encode()).hexdigest()[:16]
+    what = hashlib.sha1(json.dumps([INDEX_VERSION, stamp]).encode()).hexdigest()[:16]
+    return _index_root() / f"{who}-{what}"
+
+
+def _save_index(path: Path, lanes: list, row_lane, get_next, n_tasks: int) -> None:
+    """Write the task lanes to ``path`` in the background (atomically: a temporary directory renamed)."""
+    def write():
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+            meta = {"version": INDEX_VERSION, "n_tasks": int(n_tasks), "lanes": []}
+            for i, ln in enumerate(lanes):
+                same = {"reach": ln.reach is ln.end, "busy_start": ln.busy_start is ln.start}
+                for a in _LANE_ARRAYS:
+                    if not same.get(a):
+                        np.save(tmp / f"L{i}_{a}.npy", np.ascontiguousarray(getattr(ln, a)), allow_pickle=False)
+                meta["lanes"].append({"key": ln.key, "label": ln.label, "source": ln.source, "n": len(ln), **same})
+            np.save(tmp / "row_lane.npy", row_lane, allow_pickle=False)
+            np.save(tmp / "get_next.npy", np.asarray(get_next, np.int64), allow_pickle=False)
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            who = path.name.split("-")[0]
+            for old in path.parent.glob(f"{who}-*"):  # earlier versions of this run
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError:
+            pass  # no cache (read-only home, a full disk): the next server builds the lanes again
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # not a daemon: a process that exits meanwhile finishes the index rather than leaving half of it
+    threading.Thread(target=write, name="insight-timeline-index", daemon=False).start()
+
+
+def _load_index(path: Path):
+    """(task lanes, row_lane, get_next, n_tasks) memory-mapped from an index, or None (absent or damaged)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != INDEX_VERSION:
+            return None
+        lanes = []
+        for i, m in enumerate(meta["lanes"]):
+            ln = object.__new__(Lane)
+            ln.key, ln.label, ln.source = str(m["key"]), str(m["label"]), str(m["source"])
+            for a in _LANE_ARRAYS:
+                if a == "reach" and m.get("reach"):
+                    continue
+                if a == "busy_start" and m.get("busy_start"):
+                    continue
+                setattr(ln, a, np.load(path / f"L{i}_{a}.npy", mmap_mode="r", allow_pickle=False))
+            if m.get("reach"):
+                ln.reach = ln.end
+            if m.get("busy_start"):
+                ln.busy_start = ln.start
+            n = int(m["n"])
+            if not (len(ln.start) == len(ln.end) == len(ln.row) == len(ln.code) == len(ln.reach) == n
+                    and len(ln.busy_start) == len(ln.busy_len) == len(ln.busy_cum)):
+                return None
+            lanes.append(ln)
+        row_lane = np.load(path / "row_lane.npy", mmap_mode="r", allow_pickle=False)
+        get_next = np.load(path / "get_next.npy", allow_pickle=False)
+        return lanes, row_lane, get_next, int(meta["n_tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
