@@ -808,3 +808,23 @@ def test_batchnorm_trainable_params_are_gamma_beta():
     bn = nn.BatchNorm2d(3, dtype=F64)
     assert sorted(p.name for p in bn.trainable_params()) == ["beta", "gamma"]
     assert sorted(p.name for p in bn.untrainable_params()) == ["moving_mean", "moving_variance"]
+
+
+def test_batch_norm_primitives_reject_bad_shapes_by_name():
+    from runtime.core import GraphBuilder, building
+    from runtime.ir.graph import Graph
+    from runtime.ops import prims as P
+    from runtime.ops.registry import ShapeError
+
+    with building(GraphBuilder(Graph("bn"))):
+        x = Tensor(np.zeros((4, 3, 2, 2), np.float32))
+        with pytest.raises(ShapeError, match=r"batch_norm: gamma must have shape \(3,\) for input \(4, 3, 2, 2\)"):
+            P.batch_norm(x, Tensor(np.ones(4, np.float32)), Tensor(np.zeros(3, np.float32)))
+        with pytest.raises(ShapeError, match=r"batch_norm_stats: expects an \(N, C, \.\.\.\) input, got \(4,\)"):
+            P.batch_norm_stats(Tensor(np.zeros(4, np.float32)))
+        stats = P.batch_norm_stats(x)
+        assert stats.shape == (2, 3)
+        with pytest.raises(ShapeError, match="batch_norm_moving: expects a moving statistic"):
+            P.batch_norm_moving(Tensor(np.zeros(4, np.float32)), stats, 0, 0.9)
+        with pytest.raises(ShapeError, match="batch_norm_moving: row must be 0"):
+            P.batch_norm_moving(Tensor(np.zeros(3, np.float32)), stats, 2, 0.9)
