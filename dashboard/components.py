@@ -206,3 +206,12 @@ def rank_selector(run_id: str, page: str, rank: int):
         dcc.Link(str(r), href=f"{run_href(run_id, page)}?rank={r}", id=f"rank-{r}",
                  className="nav-link active" if r == rank else "nav-link") for r in ranks],
         className="toolbar", id="rank-selector")
+
+
+def store_where(value) -> tuple:
+    """A page store's (run id, rank): a run id (rank 0) or ``{"run": id, "rank": r}``. It comes from the
+    browser, so the rank is checked against the run's ranks (RunNotFound / TraceError for a bad run)."""
+    if isinstance(value, dict):
+        run_id = value.get("run")
+        return run_id, page_rank(run_id, value.get("rank")) if isinstance(run_id, str) else 0
+    return value, 0

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from browser_util import DASH_IDLE, chrome_driver  # noqa: E402
+from browser_util import DASH_IDLE, chrome_driver, stop_server  # noqa: E402
 
 RUN_PAGES = ("overview", "operators", "pipeline", "timeline", "memory")
 
@@ -119,13 +119,7 @@ def main(argv=None) -> int:
     finally:
         if drv is not None:
             drv.quit()
-        subprocess.run([sys.executable, "-m", "insight.cli", "stop", "--port", str(port)], cwd=ROOT, env=env,
-                       capture_output=True, timeout=60)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, port, env, ROOT)
     print(f"{'page':<10} {'cold s':>8} {'warm s':>8}   (run {run}; compare with {other})")
     for name, t in times.items():
         print(f"{name:<10} {t['cold_s']:8.3f} {t['warm_s']:8.3f}")

@@ -49,3 +49,17 @@ for (var k in s.callbacks) {
 }
 return !document.querySelector('[data-dash-is-loading="true"]');
 """
+
+
+def stop_server(server, port: int, env: dict, root) -> None:
+    """``insight stop --port`` and wait for the server to exit (killed after 30 s)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "insight.cli", "stop", "--port", str(port)], cwd=root, env=env,
+                   capture_output=True, timeout=60)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()

@@ -16,7 +16,7 @@ import pytest
 
 from insight.analysis.cluster import cluster_report
 from browser_util import chrome_driver, chromedriver_path
-from test_browser import TIMEOUT, _cli, _free_port, _http, _js, _settle, _severe, _stop_cleanly, _wait
+from test_browser import TIMEOUT, _cells, _cli, _free_port, _http, _js, _settle, _severe, _stop_cleanly, _wait
 from test_data_parallel import FUSION, _profiled
 
 pytestmark = pytest.mark.browser
@@ -74,7 +74,7 @@ def _open(e, path: str) -> None:
 
 
 def _column(drv, col: str) -> list[str]:
-    return [c.text for c in drv.find_elements("css selector", f"#cluster-ranks td[data-dash-column={col}]")]
+    return _cells(drv, "cluster-ranks", col)
 
 
 def test_cluster_page_flags_the_slow_rank_with_its_reason(cluster_e2e):

@@ -445,7 +445,7 @@ def browser_imported(tmp_path_factory):
     import time
     from types import SimpleNamespace
 
-    from browser_util import chrome_driver, chromedriver_path
+    from browser_util import chrome_driver, chromedriver_path, stop_server
     from test_browser import _free_port, _http
 
     if chromedriver_path() is None:
@@ -479,13 +479,7 @@ def browser_imported(tmp_path_factory):
     finally:
         if driver is not None:
             driver.quit()
-        subprocess.run([sys.executable, "-m", "insight.cli", "stop", "--port", str(port)], cwd=ROOT, env=env,
-                       capture_output=True, timeout=60)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, port, env, ROOT)
         err.close()
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import dash
+import numpy as np
 import plotly.graph_objects as go
-from dash import Input, Output, State, dash_table, dcc, html
+from dash import Input, Output, State, dcc, html
 
-from dashboard.components import fmt_ms, graph, run_page, stat_card
+from dashboard.components import data_grid, fmt_ms, graph, num_col, run_page, stat_card, text_col
 from dashboard.data import store
 from insight.analysis.cluster import cluster_report
 
@@ -23,6 +24,9 @@ COLUMNS = [("rank", "rank"), ("status", "status"), ("steps", "steps"), ("step_ti
            ("iteration_interval_ms", "interval ms"), ("fp_bp_ms", "fp+bp ms"), ("tail_ms", "tail ms"),
            ("comm_ms", "comm ms"), ("comm_alone_ms", "comm alone ms"), ("overlap_pct", "overlap %"),
            ("allreduce_per_step", "AllReduce / step"), ("reason", "straggler because"), ("open", "pages")]
+
+
+TEXT_COLUMNS = ("status", "reason", "open")
 
 
 def register():
@@ -68,18 +72,18 @@ def _body(run_id: str):
                   "overlap_pct", "allreduce_per_step"):
             v = row[k]
             row[k] = None if v != v else round(float(v), 3)
-        row["open"] = f"[overview](/run/{quote(run_id)}/overview?rank={int(rec['rank'])}) · " \
-                      f"[timeline](/run/{quote(run_id)}/timeline?rank={int(rec['rank'])})"
+        row["open"] = f'<a href="/run/{quote(run_id)}/overview?rank={int(rec["rank"])}">overview</a> · ' \
+                      f'<a href="/run/{quote(run_id)}/timeline?rank={int(rec["rank"])}">timeline</a>'
+        row["id"] = str(int(rec["rank"]))
+        row["reason"] = row.get("reason") or ""
         rows.append(row)
-    table = dash_table.DataTable(
-        id="cluster-ranks", data=rows, sort_action="native",
-        columns=[{"name": n, "id": k, **({"presentation": "markdown"} if k == "open" else {})} for k, n in COLUMNS],
-        style_cell={"textAlign": "left", "fontSize": 13, "whiteSpace": "normal", "height": "auto"},
-        style_data_conditional=[{"if": {"filter_query": '{reason} != ""', "column_id": "reason"},
-                                 "color": "#d00000", "fontWeight": "bold"},
-                                {"if": {"filter_query": '{status} != "ok"', "column_id": "status"},
-                                 "color": "#d00000"}],
-        markdown_options={"link_target": "_self"})
+    red = {"styleConditions": [{"condition": "params.value && params.value !== 'ok'",
+                                "style": {"color": "#d00000", "fontWeight": 600}}]}
+    columns = [num_col(k, n, "count" if k in ("rank", "steps") else "ms") if k not in TEXT_COLUMNS else
+               text_col(k, n, **({"cellStyle": red} if k in ("reason", "status") else {}),
+                        **({"cellRenderer": "markdown", "filter": False, "sortable": False} if k == "open" else {}))
+               for k, n in COLUMNS]
+    table = data_grid("cluster-ranks", columns, rows, page_size=None, csv="cluster-ranks")
 
     stragglers = html.Ul([html.Li([html.B(f"rank {int(r.rank)}"), f" — {r.reason}"], className="advice-warning")
                           for r in rep.stragglers.itertuples()]
@@ -89,11 +93,16 @@ def _body(run_id: str):
     problems = html.Div([html.H4("Ranks with problems"), html.Ul([html.Li(p) for p in rep.problems])],
                         className="panel error-message", id="cluster-problems") if rep.problems else None
     b = rep.buckets
-    buckets = dash_table.DataTable(
-        id="cluster-buckets", data=b.assign(mean_ms=b["mean_ms"].round(4)).to_dict("records") if len(b) else [],
-        columns=[{"name": n, "id": k} for k, n in (("rank", "rank"), ("name", "task"), ("bucket", "bucket"),
-                                                   ("count", "calls"), ("bytes", "bytes"), ("mean_ms", "mean ms"))],
-        page_size=20, sort_action="native", style_cell={"textAlign": "left", "fontSize": 13})
+    brows = b.assign(mean_ms=b["mean_ms"].round(4)).to_dict("records") if len(b) else []
+    for i, r in enumerate(brows):
+        r["id"] = str(i)
+        for k, v in r.items():
+            if isinstance(v, np.generic):
+                r[k] = v.item()
+    buckets = data_grid("cluster-buckets", [num_col("rank", "Rank", "count"), text_col("name", "Task"),
+                                            text_col("bucket", "Bucket"), num_col("count", "Calls", "count"),
+                                            num_col("bytes", "Bytes", "bytes"), num_col("mean_ms", "Mean (ms)", "ms4")],
+                        brows, page_size=20, csv="allreduce-buckets")
     ok = s[s["status"] == "ok"]
     cards = html.Div([
         stat_card("Ranks", f"{len(ok)} of {len(s)} ok", "stat-ranks", f"group size {rep.group_size}"),

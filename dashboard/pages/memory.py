@@ -25,8 +25,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, Patch, State, ctx, dcc, html
 
-from dashboard.components import (data_grid, graph, grid_tools, num_col, register_grid, run_page, stat_card,
-                                  text_col)
+from dashboard.components import (data_grid, graph, grid_tools, num_col, page_rank, rank_selector, register_grid,
+                                  run_page, stat_card, store_where, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
@@ -47,8 +47,8 @@ def register():
     dash.register_page(__name__, path_template="/run/<run_id>/memory", name="Memory", layout=layout)
 
 
-def layout(run_id=None, **_):
-    return run_page(run_id, "memory", _body)
+def layout(run_id=None, rank=None, **_):
+    return run_page(run_id, "memory", lambda rid: _body(rid, page_rank(rid, rank)))
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -77,8 +77,8 @@ def live_rows(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _intervals(run_id: str) -> analysis.Lifetimes:
-    return store().get(run_id, "memory_intervals", analysis.memory_intervals)
+def _intervals(run_id: str, rank: int = 0) -> analysis.Lifetimes:
+    return store().get(run_id, "memory_intervals", analysis.memory_intervals, "device", rank)
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
@@ -202,31 +202,31 @@ def _source_note(peak, planned) -> str:
                                                    "reserve (planned, not measured)." if planned is not None else ""))
 
 
-def _planned_timeline(run):
-    return analysis.memory_timeline(run, source="planned")
+def _planned_timeline(run, rank=0):
+    return analysis.memory_timeline(run, rank=rank, source="planned")
 
 
-def _step_peaks(run_id: str) -> pd.DataFrame:
-    return analysis.memory.step_peaks(_intervals(run_id), store().get(run_id, "step_breakdown",
-                                                                         analysis.step_breakdown))
+def _step_peaks(run_id: str, rank: int = 0) -> pd.DataFrame:
+    return analysis.memory.step_peaks(_intervals(run_id, rank), store().get(run_id, "step_breakdown",
+                                                                               analysis.step_breakdown, rank))
 
 
-def _data(run_id: str):
+def _data(run_id: str, rank: int = 0):
     """(peak, timeline, breakdown, usage by kind, planned timeline or None) of the run's main memory source."""
     st = store()
-    peak = st.get(run_id, "memory_peak", analysis.memory_peak)
-    tl = st.get(run_id, "memory_timeline", analysis.memory_timeline)
-    bd = st.get(run_id, "step_breakdown", analysis.step_breakdown)
-    usage = st.get(run_id, "memory_usage", analysis.memory_usage)
-    sources = st.get(run_id, "memory_sources", analysis.memory_sources)
-    planned = (st.get(run_id, "memory_timeline:planned", _planned_timeline)
+    peak = st.get(run_id, "memory_peak", analysis.memory_peak, "device", rank)
+    tl = st.get(run_id, "memory_timeline", analysis.memory_timeline, analysis.memory.DISPLAY_POINTS, "device", rank)
+    bd = st.get(run_id, "step_breakdown", analysis.step_breakdown, rank)
+    usage = st.get(run_id, "memory_usage", analysis.memory_usage, None, "device", rank)
+    sources = st.get(run_id, "memory_sources", analysis.memory_sources, "device", rank)
+    planned = (st.get(run_id, "memory_timeline:planned", _planned_timeline, rank)
                if peak.source != "planned" and "planned" in sources else None)
     return peak, tl, bd, usage, planned
 
 
-def _body(run_id: str):
-    peak, tl, bd, usage, planned = _data(run_id)
-    iv = _intervals(run_id)
+def _body(run_id: str, rank: int = 0):
+    peak, tl, bd, usage, planned = _data(run_id, rank)
+    iv = _intervals(run_id, rank)
     if tl.empty and not len(iv.intervals):
         return html.Div([html.H2("Memory"), html.P(
             "This run has no device memory events: profile it with Profiler(profile_memory=True).",
@@ -252,7 +252,8 @@ def _body(run_id: str):
                  + (f"; the other {fmt_mb(untracked)} in use are blocks without events (parameters reserved "
                     f"before profiling, the step's plan)" if untracked > 0 else ""))
     return html.Div([
-        dcc.Store(id="mem-run", data=run_id),
+        dcc.Store(id="mem-run", data=run_id if not rank else {"run": run_id, "rank": rank}),
+        rank_selector(run_id, "memory", rank),
         html.H2("Memory"),
         cards,
         html.Div([html.Span("Y axis", className="muted"),
@@ -261,7 +262,7 @@ def _body(run_id: str):
                                  value=scale, inline=True, inputStyle={"marginLeft": 10})],
                  style={"display": "flex", "gap": 6, "alignItems": "center"}),
         dcc.Store(id="mem-cursor"),
-        graph("mem-steps", steps_figure(_step_peaks(run_id), peak)),
+        graph("mem-steps", steps_figure(_step_peaks(run_id, rank), peak)),
         html.Div([html.Button("Whole run", id="mem-whole", n_clicks=0, className="grid-csv"),
                   html.Span("", id="mem-drill", className="muted")], className="toolbar"),
         graph("mem-timeline", timeline_figure(tl, peak, bd, scale, usage, planned)),
@@ -284,9 +285,9 @@ def _body(run_id: str):
 
 
 # -- callbacks ----------------------------------------------------------------------------------------------
-def rescale(scale, run_id):
+def rescale(scale, where):
     try:
-        peak, tl, bd, usage, planned = _data(run_id)
+        peak, tl, bd, usage, planned = _data(*store_where(where))
         return timeline_figure(tl, peak, bd, scale if scale in ("fit", "capacity") else "fit", usage, planned)
     except (RunNotFound, TraceError):
         return dash.no_update
@@ -312,7 +313,7 @@ def clicked_time_ns(click: dict | None) -> int | None:
     return None
 
 
-def inspect(click, run_id):
+def inspect(click, where):
     """The tensors alive at the memory event at or before the clicked time (``click``: the cursor from
     assets/memory_click.js, ``{"x_ms": ...}``, or a Plotly click)."""
     if isinstance(click, dict) and "x_ms" in click:
@@ -321,9 +322,9 @@ def inspect(click, run_id):
     if t is None:
         return dash.no_update, dash.no_update, dash.no_update
     try:
-        iv = _intervals(run_id)
+        iv = _intervals(*store_where(where))
     except RunNotFound:
-        return "Tensors alive at the clicked time", f"There is no run named {str(run_id)[:80]!r}.", []
+        return "Tensors alive at the clicked time", f"There is no run named {str(where)[:80]!r}.", []
     except TraceError as e:
         return "Tensors alive at the clicked time", str(e), []
     ev = analysis.memory.event_at_or_before(iv, t)

@@ -22,8 +22,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, Patch, State, ctx, dcc, html
 
-from dashboard.components import (data_grid, fmt_ms, graph, grid_tools, num_col, register_grid, run_page, stat_card,
-                                  text_col)
+from dashboard.components import (data_grid, fmt_ms, graph, grid_tools, num_col, page_rank, rank_selector,
+                                  register_grid, run_page, stat_card, store_where, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
@@ -55,8 +55,8 @@ def register():
     dash.register_page(__name__, path_template="/run/<run_id>/operators", name="Operators", layout=layout)
 
 
-def layout(run_id=None, **_):
-    return run_page(run_id, "operators", _body)
+def layout(run_id=None, rank=None, **_):
+    return run_page(run_id, "operators", lambda rid: _body(rid, page_rank(rid, rank)))
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -82,12 +82,18 @@ def _count(value, default: int, most: int) -> int:
 MAX_QUERY = 200  # characters of a search query
 
 
-def type_table(run_id: str, kinds=None) -> pd.DataFrame:
-    return store().get(run_id, "op_type_stats", analysis.op_type_stats, kinds)
+def type_table(run_id: str, kinds=None, rank: int = 0) -> pd.DataFrame:
+    return store().get(run_id, "op_type_stats", analysis.op_type_stats, kinds, None, rank)
 
 
-def op_table(run_id: str, kinds=None) -> pd.DataFrame:
-    return store().get(run_id, "op_stats", analysis.op_stats, kinds)
+def op_table(run_id: str, kinds=None, rank: int = 0) -> pd.DataFrame:
+    return store().get(run_id, "op_stats", analysis.op_stats, kinds, None, rank)
+
+
+def _at(where, kinds) -> tuple:
+    """(run id, kinds, rank): the arguments of type_table / op_table for the page store's value."""
+    run_id, rank = store_where(where)
+    return run_id, kinds, rank
 
 
 def _records(df: pd.DataFrame, columns: list[dict], ids: list[str]) -> list[dict]:
@@ -206,11 +212,11 @@ def per_step_figure(per: pd.DataFrame, title: str) -> go.Figure:
 MANY_STEPS = 120  # more steps than this: a line instead of bars
 
 
-def selection_figure(run_id: str, sel: dict | None) -> go.Figure:
+def selection_figure(run_id: str, sel: dict | None, rank: int = 0) -> go.Figure:
     if not isinstance(sel, dict) or sel.get("by") not in ("op", "name") or not isinstance(sel.get("name"), str):
         return per_step_figure(pd.DataFrame(), "Select an op or op type to see its time per step")
     by, name = sel["by"], sel["name"][:1000]
-    per = store().get(run_id, f"op_time_per_step:{by}", analysis.op_time_per_step, name, by)
+    per = store().get(run_id, f"op_time_per_step:{by}", analysis.op_time_per_step, name, by, rank)
     what = f"op type {name}" if by == "op" else f"op {name}" + (f" ({sel['op']})" if sel.get("op") else "")
     return per_step_figure(per, f"Time per step of {what}")
 
@@ -262,11 +268,11 @@ def cards(types: pd.DataFrame, ops: pd.DataFrame, kinds: str = "all") -> list:
     ]
 
 
-def _body(run_id: str):
+def _body(run_id: str, rank: int = 0):
     options = kind_options(run_id)
     kinds = options[0]["value"]
-    types = type_table(run_id, _kinds(kinds))
-    ops = op_table(run_id, _kinds(kinds))
+    types = type_table(run_id, _kinds(kinds), rank)
+    ops = op_table(run_id, _kinds(kinds), rank)
     sel = _default_selection(ops)
     controls = html.Div([
         html.Span("Count", className="muted"),
@@ -280,13 +286,14 @@ def _body(run_id: str):
                      clearable=False, searchable=False, style={"width": 80}),
     ], style={"display": "flex", "alignItems": "center", "gap": 6, "flexWrap": "wrap"})
     return html.Div([
-        dcc.Store(id="ops-run", data=run_id),
+        dcc.Store(id="ops-run", data=run_id if not rank else {"run": run_id, "rank": rank}),
+        rank_selector(run_id, "operators", rank),
         dcc.Store(id="op-selection", data=sel),
         html.H2("Operators"),
         html.Div(cards(types, ops, kinds), className="cards", id="ops-cards"),
         controls,
         html.Div([html.Div(graph("ops-top-chart", top_figure(types, ops, "op", 20)), style=HALF),
-                  html.Div(graph("op-per-step", selection_figure(run_id, sel)), style=HALF, className="panel",
+                  html.Div(graph("op-per-step", selection_figure(run_id, sel, rank)), style=HALF, className="panel",
                            id="op-per-step-panel")], className="two-col", style={"alignItems": "flex-start"}),
         _table_block("op-type", "Op types", "op-type-table", TYPE_COLUMNS, type_rows(types),
                      "Click a row to see that op type's time per step. Column filters: numbers keep the rows "
@@ -305,19 +312,19 @@ def _safe(run_id, fn, fallback):
         return fallback
 
 
-def filter_types(query, kinds, run_id):
-    rows = _safe(run_id, lambda: type_rows(type_table(run_id, _kinds(kinds))), [])
+def filter_types(query, kinds, where):
+    rows = _safe(where, lambda: type_rows(type_table(*_at(where, _kinds(kinds)))), [])
     return search_rows(rows, query if isinstance(query, str) else "")
 
 
-def filter_ops(query, kinds, run_id):
-    rows = _safe(run_id, lambda: op_rows(op_table(run_id, _kinds(kinds))), [])
+def filter_ops(query, kinds, where):
+    rows = _safe(where, lambda: op_rows(op_table(*_at(where, _kinds(kinds)))), [])
     return search_rows(rows, query if isinstance(query, str) else "")
 
 
-def update_cards(kinds, run_id):
+def update_cards(kinds, where):
     k = _choice(kinds, tuple(KINDS), "all")
-    return _safe(run_id, lambda: cards(type_table(run_id, _kinds(k)), op_table(run_id, _kinds(k)), k), [])
+    return _safe(where, lambda: cards(type_table(*_at(where, _kinds(k))), op_table(*_at(where, _kinds(k))), k), [])
 
 
 def type_page_size(size):
@@ -338,10 +345,10 @@ def _grid_page_size(fn):
     return cb
 
 
-def update_top_chart(n, by, kinds, run_id):
+def update_top_chart(n, by, kinds, where):
     k = _kinds(kinds)
     try:
-        return top_figure(type_table(run_id, k), op_table(run_id, k), _choice(by, ("op", "name"), "op"),
+        return top_figure(type_table(*_at(where, k)), op_table(*_at(where, k)), _choice(by, ("op", "name"), "op"),
                           _count(n, 20, max(TOP_N_CHOICES)))
     except (RunNotFound, TraceError) as e:
         return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
@@ -374,9 +381,10 @@ def selection_from(trigger, type_cell, op_cell, click, top_by) -> dict:
     return dash.no_update
 
 
-def show_selection(sel, run_id):
+def show_selection(sel, where):
     try:
-        return selection_figure(run_id, sel)
+        run_id, rank = store_where(where)
+        return selection_figure(run_id, sel, rank)
     except (RunNotFound, TraceError) as e:
         return _message_figure(str(e) if isinstance(e, TraceError) else "no such run")
 

@@ -16,11 +16,11 @@ import dash
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import dash_table, dcc, html
+from dash import dcc, html
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.components import graph, run_page, stat_card, verdict_panel
+from dashboard.components import data_grid, graph, num_col, run_page, stat_card, text_col, verdict_panel
 from dashboard.data import store
 from insight import analysis
 
@@ -234,13 +234,14 @@ def _ops_table(ops: pd.DataFrame):
             ("child_usage_pct", "Input queue usage (%)", "numeric"), ("queue_capacity", "Capacity", "numeric"),
             ("queue_samples", "Samples", "numeric"), ("flag", "Flag / reason", "text")]
     records = t[[c for c, _, _ in cols]].replace({np.nan: None}).to_dict("records")
-    return dash_table.DataTable(
-        id="pipe-ops-table", data=records, columns=[{"id": c, "name": n, "type": ty} for c, n, ty in cols],
-        sort_action="native", style_table={"overflowX": "auto"},
-        style_cell={"fontSize": "13px", "padding": "4px 8px", "textAlign": "left", "whiteSpace": "normal",
-                    "height": "auto", "maxWidth": "360px"},
-        style_header={"fontWeight": "600", "backgroundColor": "#f1f3f5"},
-        style_data_conditional=[{"if": {"filter_query": '{flag} != ""'}, "backgroundColor": "#fff3e0"}])
+    for i, r in enumerate(records):
+        r["id"] = str(i)
+    fmt = {"busy_ms": "ms", "wait_in_ms": "ms", "wait_out_ms": "ms", "queue_usage_pct": "num1",
+           "child_usage_pct": "num1"}
+    columns = [num_col(c, n, fmt.get(c, "count")) if ty == "numeric" else text_col(c, n) for c, n, ty in cols]
+    return data_grid("pipe-ops-table", columns, records, page_size=None, csv="pipeline-ops",
+                     getRowStyle={"styleConditions": [{"condition": "params.data.flag !== ''",
+                                                       "style": {"backgroundColor": "#fff3e0"}}]})
 
 
 def _queue_figure(q: pd.DataFrame) -> go.Figure:
@@ -295,15 +296,15 @@ def _steps_tab(rep, per: pd.DataFrame, has_ops: bool, has_dq: bool):
             ("host_empty", "Host empty"), ("device_depth", "Device queue depth"), ("device_pushes", "Pushes"),
             ("device_pops", "Pops"), ("device_empty", "Device empty"), ("device_full", "Device full"),
             ("get_wait_ms", "GetNext wait (ms)")]
-    table = dash_table.DataTable(
-        id="pipe-steps-table", data=t[[c for c, _ in cols]].replace({np.nan: None}).to_dict("records"),
-        columns=[{"id": c, "name": n, "type": "numeric"} for c, n in cols], sort_action="native", page_size=20,
-        style_cell={"fontSize": "13px", "padding": "4px 8px"},
-        style_header={"fontWeight": "600", "backgroundColor": "#f1f3f5"},
-        style_data_conditional=[{"if": {"filter_query": "{device_empty} > 0", "column_id": "device_empty"},
-                                 "backgroundColor": "#ffe3e3"},
-                                {"if": {"filter_query": "{host_empty} > 0", "column_id": "host_empty"},
-                                 "backgroundColor": "#fff3bf"}])
+    records = t[[c for c, _ in cols]].replace({np.nan: None}).to_dict("records")
+    for r in records:
+        r["id"] = str(r["step"])
+    hot = {"device_empty": "#ffe3e3", "host_empty": "#fff3bf"}
+    columns = [num_col(c, n, "ms" if c.endswith("_ms") or c.endswith("_depth") else "count",
+                       **({"cellStyle": {"styleConditions": [{"condition": "params.value > 0",
+                                                              "style": {"backgroundColor": hot[c]}}]}}
+                          if c in hot else {})) for c, n in cols]
+    table = data_grid("pipe-steps-table", columns, records, page_size=20, csv="pipeline-steps")
     totals = html.Div([
         stat_card("Host queue empty samples", f"{int(per['host_empty'].sum())} / {int(per['host_samples'].sum())}",
                   "stat-pipe-host-empty-steps"),
