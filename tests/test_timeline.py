@@ -452,6 +452,52 @@ def test_click_shows_every_field(client):
     assert "step time" in step and "into the step" in step
 
 
+def test_rank_selector_and_slice_names(client, runs, tmp_path):
+    """?rank=1 shows rank 1's lanes on its own clock, with links to every rank; slices wide enough carry their
+    names, narrow ones none."""
+    import shutil as sh
+
+    from dashboard.data import RunStore, set_store
+
+    base = tmp_path / "ranks"
+    run = training_run(base, "dp", n_steps=4, sink=False, pipeline=None).path
+    sh.copytree(run / "rank_0", run / "rank_1")
+    t = pd.read_parquet(run / "rank_1" / "tasks.parquet")
+    t["start_ns"] += 7 * MS
+    t["end_ns"] += 7 * MS
+    t.to_parquet(run / "rank_1" / "tasks.parquet", index=False)
+    st = pd.read_parquet(run / "rank_1" / "steps.parquet")
+    for c in st.columns:
+        if c.endswith("_ns"):
+            st[c] = np.where(st[c] >= 0, st[c] + 7 * MS, st[c])
+    st.to_parquet(run / "rank_1" / "steps.parquet", index=False)
+    set_manifest(run, ranks=[0, 1])
+    set_store(RunStore(base))
+    layout, _, _ = client.page("/run/dp/timeline", "?rank=1")
+    text = _text(layout)
+    assert '"tl-rank-0"' in text and '"tl-rank-1"' in text and "?rank=0" in text
+    assert '"id": "tl-rank", "data": 1' in text or '"data": 1, "id": "tl-rank"' in text
+    r0 = analysis.load_timeline(run, 0)
+    r1 = analysis.load_timeline(run, 1)
+    fig0, _, _, _ = client.figure("dp", 1000, rank=0)
+    fig1, _, _, _ = client.figure("dp", 1000, rank=1)
+    assert r1.lane("aicore0").start[0] == r0.lane("aicore0").start[0] + 7 * MS
+    core = [tr for tr in fig1["data"] if tr["name"] == "aicore0"][0]
+    assert _typed_len(core["base"])[0] == pytest.approx(r1.lane("aicore0").start[0] / MS)
+    assert fig0["layout"]["xaxis"]["range"] != fig1["layout"]["xaxis"]["range"]
+    # names: the wide slices of the zoomed-in figure carry theirs, the rest ""
+    step = r1.step_range(r1.step_numbers[1])
+    fig, _, _, _ = client.figure("dp", 1000, rank=1, trigger="relayout",
+                                 relayout={"xaxis.range": [step[0] / MS, step[1] / MS]})
+    core = [tr for tr in fig["data"] if tr["name"] == "aicore0"][0]
+    widths = _typed_len(core["x"])
+    px = (step[1] - step[0]) / MS / 1000
+    names = [h.split("</b>")[0][3:] for h in core["hovertext"]]
+    assert any(core["text"])
+    for w, label, name in zip(widths, core["text"], names):
+        assert label == (name if w >= 36 * px else "")
+
+
 def test_download_route_serves_the_gzip_chrome_trace(client, runs):
     r = client.c.get("/download/sink/trace.json.gz")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/gzip"

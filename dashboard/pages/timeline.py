@@ -59,6 +59,7 @@ STEP_LEGEND = ((6, "step (alternating)"), (7, None), (9, "data wait"), (0, "forw
                (2, "update"), (10, "tail"))
 SELECT_COLOR = "#111"
 FLOW_COLOR = "#e63946"
+LIGHT_CODES = (3, 5, 7, 9, 10)  # codes whose colour is light: names on them are drawn dark
 LABEL_PX = 36             # a slice at least this many pixels wide carries its name
 MAX_LABEL = 48            # characters of a name drawn inside a slice
 BUSY_COLOR = "rgba(58, 134, 255, 0.55)"
@@ -272,9 +273,10 @@ def _task_trace(y: float, lv: analysis.LaneView, data: tl.TimelineData, px_ms: f
                             "color": "rgba(255,255,255,0.95)"}},
         "customdata": custom, "hovertext": text, "hoverinfo": "text",
     }
-    if any(labels):
+    if any(labels):  # dark names on the light colours, white on the others
+        ink = np.where(np.isin(d["code"].to_numpy(), LIGHT_CODES), "#1d2433", "#ffffff").tolist()
         trace.update(text=labels, textposition="inside", insidetextanchor="start", textangle=0,
-                     textfont={"size": 10, "color": "#fff"}, constraintext="inside", cliponaxis=True)
+                     textfont={"size": 10, "color": ink}, constraintext="inside", cliponaxis=True)
     return trace
 
 
