@@ -95,6 +95,15 @@ def read_pid_file(path: Path) -> dict:
 
 
 def _is_our_server(info: dict) -> bool:
+    if info["start_time"] == 0 and process_start_time(os.getpid()) is None:
+        # no /proc on this system (the server could not record its start time either): the pid alone
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+        return True
     return (process_start_time(info["pid"]) == info["start_time"]
             and process_cmdline(info["pid"]) == info["cmdline"])
 
@@ -220,7 +229,7 @@ def stop(port: int, timeout: float = 10.0) -> int:
     while time.monotonic() < deadline:
         # the server removes its pid file as it exits; a process that exited but was not yet reaped by its
         # parent still has its /proc entry (a zombie), so the file is the signal to trust
-        gone = not f.exists() or process_start_time(pid) != info["start_time"]
+        gone = not f.exists() or (info["start_time"] != 0 and process_start_time(pid) != info["start_time"])
         if gone:
             print(f"stopped the dashboard on port {port} (pid {pid})")
             return 0

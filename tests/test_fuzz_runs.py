@@ -417,6 +417,7 @@ def test_fuzzed_manifests(templates, capsys, spec):
 @example(spec=("tasks", "columns", [(10, "uint64_huge")]))
 @example(spec=("steps", "columns", [(11, "int_extremes")]))  # sink: integers where booleans go
 @example(spec=("dataset_pipeline", "columns", [(1, "all_null")]))  # op_id
+@example(spec=("tasks", "columns", [(5, "some_null")]))  # kind: every other value null
 @example(spec=("steps", "parts", (0, "string")))  # the second part file is the bad one
 @example(spec=("steps", "link", "outside"))
 @example(spec=("tasks", "rank_link", "outside"))
