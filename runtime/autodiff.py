@@ -11,6 +11,7 @@ tape's graph and the new nodes are then executed eagerly.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -136,9 +137,9 @@ def _readonly(v) -> np.ndarray:
 class _FlatProgram:
     """Traced nodes as a flat list of kernel calls over slots (one slot per node position).
 
-    Each step is ``(kernel, input slots, attrs, output slot, slots to free, node)``: a slot is released
+    Each step is ``(kernel, input slots, attrs, output slot, slots to free, (op, scope))``: a slot is released
     right after its last reader unless it is in ``keep``; constants are baked (read-only), parameters read
-    live at every run; ``reads`` are the slots outside ``nodes`` that the steps need (filled by the caller)."""
+    live at every run (held weakly); ``reads`` are the slots outside ``nodes`` that the steps need (filled by the caller)."""
 
     def __init__(self, nodes: list[Node], slot: dict[int, int], n_slots: int, keep: set):
         self.n_slots = n_slots
@@ -149,11 +150,11 @@ class _FlatProgram:
         for n in nodes:
             if n.op == "const":
                 self.consts.append((slot[n.id], _readonly(n.attrs["value"])))
-            elif n.op == "param":
-                self.params.append((slot[n.id], n.attrs["_var"]))
+            elif n.op == "param":  # weakly: a cached program must not keep a discarded model alive
+                self.params.append((slot[n.id], weakref.ref(n.attrs["_var"])))
             elif n.op != "input":
                 steps.append((get_primitive(n.op).kernel, tuple(slot[i.id] for i in n.inputs), n.attrs,
-                              slot[n.id], n))
+                              slot[n.id], (n.op, n.scope)))  # not the node: it references its inputs
         self.reads = sorted({i for st in steps for i in st[1] if i not in own} | (keep - own))
         last: dict[int, int] = {}
         for k, st in enumerate(steps):
@@ -170,15 +171,15 @@ class _FlatProgram:
         """``eager``: as eager dispatch (core.bind) does, outputs as arrays and one ``op`` event per kernel."""
         for i, v in self.consts:
             env[i] = v
-        for i, var in self.params:
-            env[i] = var.data
+        for i, ref in self.params:
+            env[i] = ref().data
         if eager:
             listening = hooks.listening
-            for kern, ins, attrs, out, frees, n in self.steps:
+            for kern, ins, attrs, out, frees, (op, scope) in self.steps:
                 t0 = time.perf_counter_ns() if listening else 0
                 env[out] = np.asarray(kern(*[env[i] for i in ins], **attrs))
                 if listening:
-                    hooks.emit("op", {"op": n.op, "name": n.op, "scope": n.scope, "start_ns": t0,
+                    hooks.emit("op", {"op": op, "name": op, "scope": scope, "start_ns": t0,
                                       "end_ns": time.perf_counter_ns(), "mode": "pynative"})
                 for i in frees:
                     env[i] = None
@@ -312,7 +313,7 @@ def apply_update_eager(optimizer, grads: list) -> None:
     arrays, spec = _flatten_grads(grads)
     key = (id(optimizer), spec)
     hit = _updates.get(key)
-    if hit is None or hit[0] is not optimizer:
+    if hit is None or hit[0]() is not optimizer:  # (an id reused by a new optimizer is a miss)
         graph = Graph("pynative_update")
         builder = core.GraphBuilder(graph)
         with core.building(builder):
@@ -328,7 +329,7 @@ def apply_update_eager(optimizer, grads: list) -> None:
             optimizer(traced)
         slot = {n.id: k for k, n in enumerate(graph.nodes)}
         inputs = [slot[t.node.id] for t in ins]
-        hit = (optimizer, _FlatProgram(graph.nodes, slot, len(graph.nodes), set()), inputs)
+        hit = (weakref.ref(optimizer), _FlatProgram(graph.nodes, slot, len(graph.nodes), set()), inputs)
         _updates[key] = hit
         if len(_updates) > _CACHE_SIZE:
             _updates.popitem(last=False)

@@ -137,3 +137,20 @@ def test_pynative_update_replay_equals_running_the_optimizer_op_by_op(make_opt):
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
     assert events[0] == events[1] and "assign" in events[0]
+
+
+def test_pynative_caches_do_not_keep_a_discarded_model_alive(digits):
+    import gc
+    import weakref
+
+    xtr, ytr, _, _ = digits
+    context.set_context(mode=context.PYNATIVE_MODE, seed=1)
+    net = LeNetDigits(channels=(4, 8), hidden=16)
+    opt = nn.Momentum(net.trainable_params(), 0.05, 0.9)
+    model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"), opt, progress=False)
+    for x, y in batches(xtr, ytr, 16)[:2]:
+        model.train_step(x, y)
+    refs = [weakref.ref(net), weakref.ref(opt), weakref.ref(net.trainable_params()[0])]
+    del net, opt, model
+    gc.collect()
+    assert all(r() is None for r in refs)
