@@ -4,7 +4,8 @@ one run (median of rounds), plus the memory bandwidth of fused elementwise kerne
     python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick] [--part all|bert|bandwidth]
 
 1. BERT-small encoder training step (4 layers, hidden 256, 4 heads, sequence 128, batch 16, Adam):
-   step time unfused vs fused and the speed-up. Goal: >= 1.3x.
+   step time unfused vs fused and the speed-up. Goal: >= 1.3x. Also fused without the attention kernels
+   (``INSIGHT_ATTENTION_FUSION=0``), paired with fused: what the flash-style attention kernels add.
 2. An elementwise-heavy chain: gelu backward (expanded: ~25 primitives, an exp and a division per
    element) on 16M floats, fused into one kernel, against ``np.copyto`` of the same number of bytes
    (read 2 x 64 MB, write 64 MB) measured in the same run. Goal: >= 60% of the copy bandwidth.
@@ -85,21 +86,29 @@ def bert(args):
     print(f"BERT-small training step: {cfg}, Adam")
     off, feeds, b_off = bert_step(False, **cfg)
     on, _, b_on = bert_step(True, **cfg)
+    os.environ["INSIGHT_ATTENTION_FUSION"] = "0"         # the same fusion without the attention kernels
+    try:
+        no_att, _, _ = bert_step(True, **cfg)
+    finally:
+        del os.environ["INSIGHT_ATTENTION_FUSION"]
     k_off = sum(t.kind == "kernel" for t in off.tl.tasks)
     k_on = sum(t.kind == "kernel" for t in on.tl.tasks)
     print(f"  kernel launches per step: {k_off} unfused -> {k_on} fused "
           f"({sum(t.node.op in ('fused', 'fused_assign') for t in on.tl.tasks if t.node is not None)} generated "
           f"kernels); graph build + compile {b_off:.1f}s / {b_on:.1f}s")
-    t_off, t_on = [], []
+    t_off, t_on, t_na = [], [], []
     for r in range(args.rounds):      # interleaved, alternating which one goes first
-        order = [(off, t_off), (on, t_on)] if r % 2 == 0 else [(on, t_on), (off, t_off)]
-        for exe, acc in order:
+        order = [(off, t_off), (on, t_on), (no_att, t_na)]
+        for exe, acc in (order if r % 2 == 0 else order[::-1]):
             acc.append(timeit(lambda: exe(feeds), args.steps))
     m_off, m_on = statistics.median(t_off), statistics.median(t_on)
     print(f"  step time (median of {args.rounds} rounds x {args.steps} steps)  unfused {m_off * 1e3:7.1f} ms   "
           f"fused {m_on * 1e3:7.1f} ms   speed-up {m_off / m_on:.2f}x  (goal >= 1.30x)")
     print(f"  best round                                      unfused {min(t_off) * 1e3:7.1f} ms   "
           f"fused {min(t_on) * 1e3:7.1f} ms   speed-up {min(t_off) / min(t_on):.2f}x")
+    paired = statistics.median(a / b for a, b in zip(t_na, t_on))
+    print(f"  attention kernels (fused_attention_fwd / _grad): fused without them {statistics.median(t_na) * 1e3:7.1f} ms"
+          f" -> with them {m_on * 1e3:7.1f} ms; paired median ratio {paired:.2f}x")
 
 
 def bandwidth(args):

@@ -16,7 +16,8 @@ Per (batch, head): O = softmax(scale * Q Kᵀ + mask) V with an optional dropout
 
 Inner loops run over a contiguous axis (key index of a transposed key / value tile, or the head dim)
 so gcc vectorises them without reassociating a sum; accumulation is in the input precision (float32
-like the BLAS GEMMs of the unfused graph, float64 for gradient checks); exp is expf / exp.
+like the BLAS GEMMs of the unfused graph, float64 for gradient checks). The tile GEMMs and the float32 exp
+(Cephes, ~1 ulp) are C in ``_attention_tile.h`` (AVX-512 / AVX2 / baseline builds picked at import).
 """
 
 import numpy as np
@@ -31,14 +32,29 @@ from libc.stdlib cimport malloc, free
 cnp.import_array()
 
 cdef extern from "_attention_tile.h" nogil:
-    void att_gemm_f(int M, int N, int K, const float* A, long lda, const float* B, long ldb, float* C, long ldc)
-    void att_gemm_d(int M, int N, int K, const double* A, long lda, const double* B, long ldb, double* C,
+    void att_gemm_f(int M, int N, int K, const float* A, long ars, long aks, const float* B, long ldb, float* C,
+                    long ldc)
+    void att_gemm_d(int M, int N, int K, const double* A, long ars, long aks, const double* B, long ldb, double* C,
                     long ldc)
     void att_transpose_f(int rows, int cols, const float* src, long lds, float* dst, long ldd)
     void att_transpose_d(int rows, int cols, const double* src, long lds, double* dst, long ldd)
+    float att_exp_sum_f(float* x, int n, float m)
+    float att_scale_mask_max_f(float* x, const float* mask, long mjs, int n, float scale, float start)
+    void att_dropout_f(float* p, const float* u, int n, float keep, float dscale)
+    void att_bwd_row_f(float* s, float* g, const float* u, float* dm, int n, float keep, float dscale, float di,
+                       float scale)
+    int att_init(int cap)
+
+att_init(-1)   # the widest tile GEMM / exp the CPU runs (AVX-512, AVX2 + FMA or the build's baseline)
+
+
+def use_level(int cap=-1):
+    """Restrict the tile code to level ``cap`` (0 baseline, 1 AVX2 + FMA, 2 AVX-512; -1 the widest the CPU
+    runs) and return the level in use: tests run every variant the machine has."""
+    return att_init(cap)
 
 cdef enum:
-    BQ = 64      # queries per block
+    BQ = 128     # queries per block
     BK = 64      # keys per block
 
 
@@ -49,13 +65,35 @@ cdef inline floating _exp(floating x) noexcept nogil:
         return exp(x)
 
 
+cdef inline floating _exp_row(floating* x, Py_ssize_t n, floating m) noexcept nogil:
+    """x[j] = exp(x[j] - m) in place; returns the sum (float32: the vectorised Cephes exp of the header)."""
+    cdef Py_ssize_t j
+    cdef floating t = 0
+    if floating is float:
+        return att_exp_sum_f(x, <int>n, m)
+    else:
+        for j in range(n):
+            x[j] = exp(x[j] - m)
+            t = t + x[j]
+        return t
+
+
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A, Py_ssize_t lda,
                        const floating* B, Py_ssize_t ldb, floating* C, Py_ssize_t ldc) noexcept nogil:
     """C[M,N] += A[M,K] B[K,N] (row-major, leading dimensions in elements)."""
     if floating is float:
-        att_gemm_f(<int>M, <int>N, <int>K, A, lda, B, ldb, C, ldc)
+        att_gemm_f(<int>M, <int>N, <int>K, A, lda, 1, B, ldb, C, ldc)
     else:
-        att_gemm_d(<int>M, <int>N, <int>K, A, lda, B, ldb, C, ldc)
+        att_gemm_d(<int>M, <int>N, <int>K, A, lda, 1, B, ldb, C, ldc)
+
+
+cdef inline void _gemm_tn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A, Py_ssize_t lda,
+                          const floating* B, Py_ssize_t ldb, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """C[M,N] += A[K,M]ᵀ B[K,N]: A row-major (K rows of M), read transposed in place."""
+    if floating is float:
+        att_gemm_f(<int>M, <int>N, <int>K, A, 1, lda, B, ldb, C, ldc)
+    else:
+        att_gemm_d(<int>M, <int>N, <int>K, A, 1, lda, B, ldb, C, ldc)
 
 
 cdef inline void _transpose(Py_ssize_t rows, Py_ssize_t cols, const floating* src, Py_ssize_t lds, floating* dst,
@@ -101,25 +139,29 @@ cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssi
         for i in range(nq):
             srow = s + i * BK
             mx = m[i]
-            for j in range(nk):
-                x = srow[j] * scale
-                if mk != NULL:
-                    x = x + mk[(i0 + i) * mis + (j0 + j) * mjs]
-                srow[j] = x
-                if x > mx:
-                    mx = x
+            if floating is float:
+                mx = att_scale_mask_max_f(srow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
+                                          <int>nk, scale, mx)
+            else:
+                for j in range(nk):
+                    x = srow[j] * scale
+                    if mk != NULL:
+                        x = x + mk[(i0 + i) * mis + (j0 + j) * mjs]
+                    srow[j] = x
+                    if x > mx:
+                        mx = x
             if mx == -INFINITY:          # every key so far masked with -inf: nothing to add
                 for j in range(nk):
                     srow[j] = 0
                 continue
             corr = _exp(m[i] - mx)
-            t = 0
-            for j in range(nk):
-                p = _exp(srow[j] - mx)
-                t = t + p
-                if u != NULL:
-                    p = p * dscale if u[(i0 + i) * us + j0 + j] < keep else 0
-                srow[j] = p
+            t = _exp_row(srow, nk, mx)
+            if u != NULL:
+                if floating is float:
+                    att_dropout_f(srow, u + (i0 + i) * us + j0, <int>nk, keep, dscale)
+                else:
+                    for j in range(nk):
+                        srow[j] = srow[j] * dscale if u[(i0 + i) * us + j0 + j] < keep else 0
             l[i] = l[i] * corr + t
             m[i] = mx
             if corr != 1:
@@ -133,6 +175,36 @@ cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssi
         for d in range(Dv):
             o[(i0 + i) * os + d] = acc[i * Dv + d] * t
         lse[i0 + i] = m[i] + <floating>log(l[i])
+
+
+cdef void _bwd_row_generic(floating* srow, floating* prow, const floating* mk, Py_ssize_t mjs, const float* u,
+                           floating* dm, Py_ssize_t nk, floating scale, floating li, floating di, float keep,
+                           floating dscale) noexcept nogil:
+    """The float64 twin of ``att_bwd_row_f`` (scores -> P -> dropout -> scale * dS, dm += dS)."""
+    cdef Py_ssize_t j
+    cdef floating x, p, pd, g, ds
+    for j in range(nk):
+        x = srow[j] * scale
+        if mk != NULL:
+            x = x + mk[j * mjs]
+        srow[j] = x
+    _exp_row(srow, nk, li)
+    for j in range(nk):
+        p = srow[j]
+        g = prow[j]
+        pd = p
+        if u != NULL:
+            if u[j] < keep:
+                pd = p * dscale
+                g = g * dscale
+            else:
+                pd = 0
+                g = 0
+        ds = p * (g - di)
+        if dm != NULL:
+            dm[j] = dm[j] + ds
+        srow[j] = pd
+        prow[j] = ds * scale
 
 
 cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssize_t ks,
@@ -183,29 +255,18 @@ cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssiz
                 prow = dp + i * BK
                 li = lse[i0 + i]
                 di = Di[i]
-                for j in range(nk):
-                    x = srow[j] * scale
-                    if mk != NULL:
-                        x = x + mk[(i0 + i) * mis + (j0 + j) * mjs]
-                    p = _exp(x - li)
-                    g = prow[j]
-                    pd = p
-                    if u != NULL:
-                        if u[(i0 + i) * us + j0 + j] < keep:
-                            pd = p * dscale
-                            g = g * dscale
-                        else:
-                            pd = 0
-                            g = 0
-                    ds = p * (g - di)
-                    if dmq != NULL:
-                        dmq[j0 + j] = dmq[j0 + j] + ds
-                    srow[j] = pd
-                    prow[j] = ds * scale
-            _transpose(nq, nk, s, BK, pt, BQ)                            # pt = Pdᵀ
-            _gemm(nk, Dv, nq, pt, BQ, do_ + i0 * dos, dos, dv + j0 * Dv, Dv)  # dV += Pdᵀ dO
-            _transpose(nq, nk, dp, BK, pt, BQ)                           # pt = (scale dS)ᵀ
-            _gemm(nk, D, nq, pt, BQ, q + i0 * qs, qs, dk + j0 * D, D)    # dK += scale dSᵀ Q
+                if floating is float:
+                    att_scale_mask_max_f(srow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
+                                         <int>nk, scale, 0)
+                    _exp_row(srow, nk, li)
+                    att_bwd_row_f(srow, prow, u + (i0 + i) * us + j0 if u != NULL else NULL,
+                                  dmq + j0 if dmq != NULL else NULL, <int>nk, keep, dscale, di, scale)
+                else:
+                    _bwd_row_generic(srow, prow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
+                                     u + (i0 + i) * us + j0 if u != NULL else NULL,
+                                     dmq + j0 if dmq != NULL else NULL, nk, scale, li, di, keep, dscale)
+            _gemm_tn(nk, Dv, nq, s, BK, do_ + i0 * dos, dos, dv + j0 * Dv, Dv)   # dV += Pdᵀ dO
+            _gemm_tn(nk, D, nq, dp, BK, q + i0 * qs, qs, dk + j0 * D, D)         # dK += scale dSᵀ Q
             _gemm(nq, D, nk, dp, BK, k + j0 * ks, ks, dq + i0 * D, D)    # dQ += scale dS K
             j0 = j0 + BK
         i0 = i0 + BQ

@@ -31,12 +31,14 @@ it as before). On a match:
   outputs take the places of dq, dk, dv, and the mask gradient's reduction reads the query-summed score
   gradient instead of the (Sq x Sk) one.
 
-The new nodes are named ``Fused_Attention_<id>`` / ``Fused_AttentionGrad_<id>`` with ``ann["fused_ops"]``
+``INSIGHT_ATTENTION_FUSION=0`` switches the rewrite off (``benchmarks/bench_fusion.py`` measures the step
+with and without it). The new nodes are named ``Fused_Attention_<id>`` / ``Fused_AttentionGrad_<id>`` with ``ann["fused_ops"]``
 listing the member op types (the profiler shows them) and keep the phase annotations of the nodes they
 replace. In place like the other stages: the surviving nodes are rewired; the result is a new Graph.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -312,8 +314,15 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
     removed.update(n.id for n in m.backward)
 
 
+def enabled() -> bool:
+    """On unless ``INSIGHT_ATTENTION_FUSION=0`` (for A/B measurements: the step fused with and without it)."""
+    return os.environ.get("INSIGHT_ATTENTION_FUSION", "1") != "0"
+
+
 def fuse_attention(graph: Graph) -> Graph:
     """Rewrite every exactly matching attention (forward + backward) into the fused attention primitives."""
+    if not enabled():
+        return graph
     r = _Readers(graph)
     matches, claimed = [], set()
     for n in graph.nodes:
