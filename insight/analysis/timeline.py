@@ -323,26 +323,39 @@ def _read_uncached(run: Run, table: str, rank: int, columns: list, dictionary: l
             t = pf.read(columns=have, use_threads=True)
         except FileNotFoundError:
             raise
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
-            raise run.bad_file(f, e) from None
+        except Exception:  # noqa: BLE001 - damaged or unusual: the run's own reader decides (and names the file)
+            raise _Fallback from None
         for c in columns:
             if c in have:
                 a = t.column(c)
                 if c not in dictionary and pa.types.is_integer(a.type) and a.type != pa.int64():
-                    a = pc.cast(a, pa.int64())
+                    a = pc.cast(a, pa.int64(), safe=False)  # as the cached reader does: huge unsigned wrap
             else:
                 typ = pa.dictionary(pa.int32(), pa.string()) if c in dictionary else pa.int64()
                 a = pa.chunked_array([pa.nulls(t.num_rows, typ)], typ)
             parts[c].extend(a.chunks)
     out = {}
-    for c in columns:
-        types = {ch.type for ch in parts[c]}
-        if len(types) > 1:  # e.g. a part file whose column is all null: one type for the chunked array
-            typ = next((x for x in types if not pa.types.is_null(x)), pa.int64())
-            parts[c] = [ch if ch.type == typ else pc.cast(ch, typ) for ch in parts[c]]
-        out[c] = pa.chunked_array(parts[c], next(iter(types)) if len(types) == 1 else typ) if parts[c] else \
-            pa.chunked_array([], pa.dictionary(pa.int32(), pa.string()) if c in dictionary else pa.int64())
+    try:
+        for c in columns:
+            out[c] = _one_type(parts[c], c in dictionary)
+    except (pa.ArrowException, ValueError, TypeError):
+        raise _Fallback from None
     return pa.table(out)
+
+
+class _Fallback(Exception):
+    """The direct read cannot take this run's files: read them through the run's column cache instead."""
+
+
+def _one_type(chunks: list, dictionary: bool) -> pa.ChunkedArray:
+    if not chunks:
+        return pa.chunked_array([], pa.dictionary(pa.int32(), pa.string()) if dictionary else pa.int64())
+    types = {ch.type for ch in chunks}
+    typ = next(iter(types))
+    if len(types) > 1:  # e.g. a part file whose column is all null: one type for the chunked array
+        typ = next((x for x in types if not pa.types.is_null(x)), typ)
+        chunks = [ch if ch.type == typ else pc.cast(ch, typ) for ch in chunks]
+    return pa.chunked_array(chunks, typ)
 
 
 def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tuple,
@@ -359,7 +372,7 @@ def _read_columns(run: Run, table: str, rank: int, columns: dict, required: tupl
     if not cache:
         try:
             t = _read_uncached(run, table, rank, present, [c for c in present if c in dictionary])
-        except FileNotFoundError:  # compacted while read: the cached reader lists the files again
+        except (FileNotFoundError, _Fallback):  # compacted while read, or unusual files: the cached reader
             t = None
     if t is None:
         t = run.arrow(table, rank, present)
