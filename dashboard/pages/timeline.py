@@ -601,8 +601,8 @@ def _fmt(k: str, v) -> str:
         return "—" if v < 0 and not k.startswith("dur") else _ms(v)
     if k.endswith("_ms") and isinstance(v, (int, float)):
         return _ms(float(v) * 1e6)
-    if k in ("flops", "bytes") and isinstance(v, (int, float)):
-        return "—" if v < 0 else f"{v:,}"
+    if k in ("flops", "bytes", "step", "task_id") and isinstance(v, (int, float)):  # -1: none recorded
+        return "—" if v < 0 else f"{v:,}" if k in ("flops", "bytes") else str(v)
     if isinstance(v, float):
         return f"{v:.4g}"
     s = str(v)
