@@ -218,6 +218,8 @@ def _view(a: str, b: str, cmp):
         stat_card("B vs A", change, "compare-change", "step time; negative is faster"),
         stat_card("Op types", " · ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "—",
                   "compare-status-counts", "faster / slower: beyond 5 % and beyond run-to-run noise"),
+        stat_card("Run-wide speed B / A", f"{(cmp.run_factor - 1) * 100:+.1f} %", "compare-run-factor",
+                  "median change over op types: the machine's share, taken out of the noise test"),
     ], className="cards")
     note = html.P("Both sides are the same run: every difference is zero.", className="muted",
                   id="compare-same") if same_run else None
@@ -232,10 +234,11 @@ def _view(a: str, b: str, cmp):
         graph("compare-ops-chart", ops_figure(cmp)),
         html.Div([html.Div([html.H3("Per-op-type difference", style={"margin": "4px 12px 4px 0"}),
                             *grid_tools("compare-ops-table", ops)], className="toolbar"),
-                  html.P("Time per averaged step in each run. Noise: the per-step samples of both runs "
-                         "(Mann-Whitney U, p < 0.01 with a large effect, and a bootstrap 95 % interval of the "
-                         "change excluding 0). Status: added (only in B), removed (only in A), faster / slower "
-                         "(beyond 5 % and beyond noise), same.", className="muted"),
+                  html.P("Time per recorded step in each run. Noise: the per-step samples of both runs, B's "
+                         "divided by the run-wide speed change (Mann-Whitney U, p < 0.01 with a large effect, and "
+                         "a bootstrap 95 % interval of the median change beyond it excluding 0). Status: added (only in "
+                         "B), removed (only in A), faster / slower (beyond 5 % and beyond noise), same.",
+                         className="muted"),
                   data_grid("compare-ops-table", OP_COLUMNS, ops, page_size=20, csv="compare-op-types")],
                  className="panel", style={"marginTop": 12}),
     ])

@@ -248,8 +248,8 @@ def _table_block(prefix: str, title: str, table_id: str, columns, rows, hint: st
 def kind_options(run_id: str) -> list[dict]:
     """What the "count" choice offers: imported GPU traces have CPU ops and kernels, our runs tasks and kernels."""
     if store().manifest(run_id).get("source") in IMPORTED:
-        return [{"label": " CPU ops", "value": "cpu"}, {"label": " kernels", "value": "kernel"},
-                {"label": " all", "value": "all"}]
+        return [{"label": " all", "value": "all"}, {"label": " CPU ops", "value": "cpu"},
+                {"label": " kernels", "value": "kernel"}]
     return [{"label": " all tasks", "value": "all"}, {"label": " kernels only", "value": "kernel"}]
 
 

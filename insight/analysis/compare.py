@@ -1,11 +1,16 @@
 """Two runs side by side: step-breakdown averages and per-op-type time (HTA's trace diff), with run-to-run noise.
 
 Per op type, each run gives one sample per averaged step (the op type's summed time in that step; 0 when it did
-not run). A difference counts only when it is beyond noise: the Mann-Whitney U test of the two samples
+not run). Run B's samples are first divided by the run-wide speed ratio ``run_factor`` (the median, over the op
+types both runs have, of the ratio of their median per-step times): a machine busier during one run slows every
+op type alike, and the step-time rows above already show that; an op type is flagged when it changed beyond
+it. A difference then counts only when it is beyond noise: the Mann-Whitney U test of the two samples
 (scipy's, when installed; else a permutation test with numpy) at ``ALPHA``, with a large effect (Vargha-Delaney
 A = P(b > a) + P(b = a) / 2 at least ``LARGE_EFFECT`` or at most 1 - ``LARGE_EFFECT``), a 95 % interval of the
-change of the mean per step that excludes 0 (``ci_low_pct`` / ``ci_high_pct``, a seeded bootstrap over the
-steps of each run) and a change beyond ``rel_tol`` of the mean.
+change of the median per step that excludes 0 (``ci_low_pct`` / ``ci_high_pct``, a seeded bootstrap over the
+steps of each run), a change beyond ``rel_tol`` of the mean, and a median change (beyond ``run_factor``) outside
+the run-to-run spread of all op types: more than ``SPREAD_K`` robust standard deviations (1.4826 x the median
+absolute deviation of the op types' log changes) from no change.
 Samples without any spread (synthetic traces) are exact: any difference counts. Two runs of the same seed
 differ by machine noise only: their op types come out "same".
 """
@@ -24,6 +29,7 @@ from insight.trace import Run, as_run
 ALPHA = 0.01
 LARGE_EFFECT = 0.71      # Vargha & Delaney's "large" effect size
 BOOTSTRAP = 1000
+SPREAD_K = 3.0           # an op type's change beyond the run factor must exceed 3 robust sigmas of all op types
 SUMMARY_FIELDS = ("step_time_ms", "iteration_interval_ms", "fp_bp_ms", "tail_ms", "allreduce_ms",
                   "device_utilization", "input_share")
 
@@ -34,7 +40,8 @@ class RunComparison:
     b: str
     steps: pd.DataFrame   # metric, a, b, diff (b - a), ratio (b / a)
     ops: pd.DataFrame     # op type: per-step time and calls in a and b, diff, diff_pct, p_value, effect,
-    #                       ci_low_pct / ci_high_pct, significant, status
+    #                       ci_low_pct / ci_high_pct (of the change beyond run_factor), significant, status
+    run_factor: float = 1.0  # run-wide speed ratio b / a the noise test takes out
 
 
 def compare_runs(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, rel_tol: float = 0.05,
@@ -65,8 +72,15 @@ def compare_runs(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike,
     m["diff_pct"] = np.where(m["ms_per_step_a"] > 0, m["diff_ms"] / m["ms_per_step_a"].where(m["ms_per_step_a"] > 0)
                              * 100, np.nan)
     sa_, sb_ = step_samples(ra, rank), step_samples(rb, rank)
-    noise = pd.DataFrame([_noise(sa_.get(op), sb_.get(op)) for op in m["op"]], index=m.index)
+    factor = run_factor(sa_, sb_)
+    noise = pd.DataFrame([_noise(sa_.get(op), None if op not in sb_ else sb_[op] / factor) for op in m["op"]],
+                         index=m.index)
     m = pd.concat([m, noise], axis=1)
+    # the run-to-run spread between op types: how far op types scatter around the run-wide change
+    shift = np.log1p(m["median_change_pct"] / 100)
+    spread = float(np.nanmedian(np.abs(shift - np.nanmedian(shift)))) if shift.notna().any() else 0.0
+    m["beyond_spread"] = (np.abs(shift) > SPREAD_K * spread * 1.4826) | (spread == 0)
+    m["significant"] = m["significant"] & m["beyond_spread"].fillna(False)
     beyond = m["significant"] & (m["diff_ms"].abs() > rel_tol * m["ms_per_step_a"])
     status = np.select(
         [m["_merge"] == "right_only", m["_merge"] == "left_only", beyond & (m["diff_ms"] < 0),
@@ -75,7 +89,7 @@ def compare_runs(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike,
     m["status"] = status
     m = m.drop(columns="_merge")
     m = m.reindex(m["diff_ms"].abs().sort_values(ascending=False, kind="stable").index).reset_index(drop=True)
-    return RunComparison(ra.name, rb.name, steps, m)
+    return RunComparison(ra.name, rb.name, steps, m, factor)
 
 
 def step_samples(run: Run | str | os.PathLike, rank: int = 0) -> dict:
@@ -93,13 +107,32 @@ def step_samples(run: Run | str | os.PathLike, rank: int = 0) -> dict:
     return run.memo(("compare_step_samples", rank), build)
 
 
+def run_factor(a: dict, b: dict) -> float:
+    """The run-wide speed ratio b / a: the median over the op types both runs ran of the ratio of their
+    median per-step times (1.0 when there is nothing to compare). One slowed op type does not move it."""
+    ratios = []
+    for op, x in a.items():
+        y = b.get(op)
+        if y is None or not len(x) or not len(y):
+            continue
+        mx, my = float(np.median(x)), float(np.median(y))
+        if mx <= 0 or my <= 0:
+            mx, my = float(np.mean(x)), float(np.mean(y))
+        if mx > 0 and my > 0:
+            ratios.append(my / mx)
+    return float(np.median(ratios)) if ratios else 1.0
+
+
 def _noise(a: np.ndarray | None, b: np.ndarray | None) -> dict:
     """Mann-Whitney p-value, Vargha-Delaney effect A = P(b > a), bootstrap 95 % interval of the change of the
     mean (%), and whether the difference is beyond noise."""
     out = {"p_value": np.nan, "effect": np.nan, "ci_low_pct": np.nan, "ci_high_pct": np.nan, "significant": False,
+           "median_change_pct": np.nan,
            "samples_a": 0 if a is None else len(a), "samples_b": 0 if b is None else len(b)}
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return out
+    ma, mb = float(np.median(a)), float(np.median(b))
+    out["median_change_pct"] = (mb / ma - 1) * 100 if ma > 0 else np.nan
     if np.ptp(a) == 0 and np.ptp(b) == 0:  # no step-to-step spread at all (a synthetic trace): exact
         same = a[0] == b[0]
         out.update(p_value=1.0 if same else 0.0, effect=0.5 if same else float(b[0] > a[0]),
@@ -145,10 +178,11 @@ def _u(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bootstrap_change(a: np.ndarray, b: np.ndarray, n: int = BOOTSTRAP) -> tuple[float, float]:
-    """95 % interval of (mean b / mean a - 1) * 100 by resampling the steps of each run (seeded)."""
+    """95 % interval of (median b / median a - 1) * 100 by resampling the steps of each run (seeded). Medians,
+    as the rank test: a few outlier steps (a busy machine) do not swing it."""
     rng = np.random.default_rng(0)
-    ma = rng.choice(a, (n, len(a))).mean(axis=1)
-    mb = rng.choice(b, (n, len(b))).mean(axis=1)
+    ma = np.median(rng.choice(a, (n, len(a))), axis=1)
+    mb = np.median(rng.choice(b, (n, len(b))), axis=1)
     ok = ma > 0
     if not ok.any():
         return float("nan"), float("nan")
