@@ -404,10 +404,11 @@ def _u4(u, full):
 
 
 @cython.wraparound(True)
-def attention_fwd(q, k, v, mask, u, double scale, double keep_prob):
+def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None):
     """(O, lse): O = dropout(softmax(scale q kᵀ + mask)) v over the last two axes; lse (..., Sq) the row
     log-sum-exp of the (masked, scaled) scores. ``mask`` broadcasts to the scores or is None; ``u`` is the
-    float32 uniform draw of the dropout (kept where u < keep_prob, scaled by float(1/keep_prob)) or None."""
+    float32 uniform draw of the dropout (kept where u < keep_prob, scaled by float(1/keep_prob)) or None.
+    ``alloc(shape, dtype)`` makes the C-contiguous outputs (default np.empty)."""
     q = np.asarray(q)
     dt = q.dtype
     if dt != np.float32 and dt != np.float64:
@@ -417,15 +418,16 @@ def attention_fwd(q, k, v, mask, u, double scale, double keep_prob):
     q4, k4, v4 = _as4(q, dt), _as4(k, dt), _as4(v, dt)
     m4, has_mask = _mask4(mask, full, dt)
     u4, has_drop = _u4(u, full)
-    out = np.empty(q4.shape[:3] + (v4.shape[3],), dt)
-    lse = np.empty(q4.shape[:3], dt)
+    alloc = alloc or np.empty
+    out = alloc(q4.shape[:3] + (v4.shape[3],), dt)
+    lse = alloc(q4.shape[:3], dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
     _fwd(q4, k4, v4, m4, u4, out, lse, has_mask, has_drop, scale, float(np.float32(keep_prob)), dscale)
     return out.reshape(lead + (Sq, v4.shape[3])), lse.reshape(lead + (Sq,))
 
 
 @cython.wraparound(True)
-def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask):
+def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask, alloc=None):
     """(dq, dk, dv, dmask_q): gradients of ``attention_fwd``'s O given dO = ``dout`` and its lse; dmask_q
     (..., Sk) is the score gradient summed over the queries (None unless ``want_dmask``)."""
     q = np.asarray(q)
@@ -436,10 +438,11 @@ def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob
     lse3 = np.ascontiguousarray(np.asarray(lse, dt).reshape(q4.shape[:3]))
     m4, has_mask = _mask4(mask, full, dt)
     u4, has_drop = _u4(u, full)
-    dq = np.empty(q4.shape, dt)
-    dk = np.empty(k4.shape, dt)
-    dv = np.empty(v4.shape, dt)
-    dmq = np.empty(k4.shape[:3] if want_dmask else (1, 1, 1), dt)
+    alloc = alloc or np.empty
+    dq = alloc(q4.shape, dt)
+    dk = alloc(k4.shape, dt)
+    dv = alloc(v4.shape, dt)
+    dmq = alloc(k4.shape[:3], dt) if want_dmask else np.empty((1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
     _bwd(q4, k4, v4, m4, u4, o4, lse3, do4, dq, dk, dv, dmq, has_mask, has_drop, want_dmask, scale,
          float(np.float32(keep_prob)), dscale)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime import _kernels_attention as KA
+from runtime.codegen import aligned_empty
 from runtime.core import bind
 from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
@@ -99,9 +100,17 @@ def _grad_infer(shapes, dtypes, attrs):
     return (4,), np.dtype(object)
 
 
+POOLED_BYTES = 1 << 20   # outputs this large come from the kernel runtime's recycled buffers (no page faults)
+
+
+def _alloc(shape, dtype):
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return aligned_empty(shape, dtype, nbytes) if nbytes >= POOLED_BYTES else np.empty(shape, dtype)
+
+
 def _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout):
     q, k, v, mask, u, _ = _split(arrays, has_mask, has_dropout)
-    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob))
+    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc)
 
 
 def _pack(*values):
@@ -122,7 +131,8 @@ def _fwd_kernel(*arrays, scale, keep_prob, has_mask, has_dropout):
 
 def _grad_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, want_dmask=False):
     q, k, v, mask, u, (o, lse, do) = _split(arrays, has_mask, has_dropout)
-    return _pack(*KA.attention_bwd(q, k, v, mask, u, o, lse, do, float(scale), float(keep_prob), bool(want_dmask)))
+    return _pack(*KA.attention_bwd(q, k, v, mask, u, o, lse, do, float(scale), float(keep_prob), bool(want_dmask),
+                                   _alloc))
 
 
 def _get(t, index, shape, dtype):
