@@ -81,7 +81,8 @@ def compare_runs(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike,
     spread = float(np.nanmedian(np.abs(shift - np.nanmedian(shift)))) if shift.notna().any() else 0.0
     m["beyond_spread"] = (np.abs(shift) > SPREAD_K * spread * 1.4826) | (spread == 0)
     m["significant"] = m["significant"] & m["beyond_spread"].fillna(False)
-    beyond = m["significant"] & (m["diff_ms"].abs() > rel_tol * m["ms_per_step_a"])
+    m["significant"] = m["significant"] & (m["diff_ms"].abs() > rel_tol * m["ms_per_step_a"])
+    beyond = m["significant"]
     status = np.select(
         [m["_merge"] == "right_only", m["_merge"] == "left_only", beyond & (m["diff_ms"] < 0),
          beyond & (m["diff_ms"] > 0)],
