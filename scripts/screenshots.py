@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-shots", action="store_true", help="only measure the render times")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the times here")
+    ap.add_argument("--server-cwd", type=Path, default=ROOT,
+                    help="run the server from this directory (e.g. an older checkout, to compare render times)")
     a = ap.parse_args(argv)
     runs = _runs(a.base)
     if not runs:
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "insight.cli", "start", "--summary-base-dir", str(a.base),
-                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               "--port", str(port)], cwd=a.server_cwd, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     drv = None
     times = {}
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     finally:
         if drv is not None:
             drv.quit()
-        stop_server(server, port, env, ROOT)
+        stop_server(server, port, env, a.server_cwd)
     print(f"{'page':<10} {'cold s':>8} {'warm s':>8}   (run {run}; compare with {other})")
     for name, t in times.items():
         print(f"{name:<10} {t['cold_s']:8.3f} {t['warm_s']:8.3f}")

@@ -84,16 +84,16 @@ def _breakdown_figure(bd: pd.DataFrame, parts, avg_ms: float | None, title: str)
 
 
 def _slow_table(slow: pd.DataFrame, run_id: str, rank: int):
-    rows = [{"id": str(r.step), "step": int(r.step), "step_time_ms": float(r.step_time_ms), "phase": r.phase,
-             "phase_ms": float(r.phase_ms), "phase_share": float(r.phase_share) if r.phase_share == r.phase_share
-             else None,
-             "open": f'<a href="{run_href(run_id, "timeline")}?step={int(r.step)}'
-                     f'{"&rank=" + str(rank) if rank else ""}">timeline</a>'}
+    """The slowest steps as a small plain table (a handful of rows: no grid to load), each linking its timeline."""
+    head = html.Tr([html.Th(h) for h in ("Step", "Step (ms)", "Dominant phase", "Phase (ms)", "Share", "")])
+    body = [html.Tr([html.Td(str(int(r.step)), className="num"), html.Td(f"{r.step_time_ms:.3f}", className="num"),
+                     html.Td(r.phase), html.Td(f"{r.phase_ms:.3f}", className="num"),
+                     html.Td(f"{r.phase_share * 100:.1f} %" if r.phase_share == r.phase_share else "—",
+                             className="num"),
+                     html.Td(dcc.Link("timeline", href=f"{run_href(run_id, 'timeline')}?step={int(r.step)}"
+                                      + (f"&rank={rank}" if rank else "")))])
             for r in slow.itertuples()]
-    cols = [num_col("step", "Step", "count"), num_col("step_time_ms", "Step (ms)"), text_col("phase", "Dominant phase"),
-            num_col("phase_ms", "Phase (ms)"), num_col("phase_share", "Share of step", "pct1"),
-            text_col("open", "Open", cellRenderer="markdown", filter=False, sortable=False)]
-    return data_grid("slowest-steps", cols, rows, page_size=None, csv="slowest-steps")
+    return html.Table([html.Thead(head), html.Tbody(body)], className="simple-table", id="slowest-steps")
 
 
 def _top_types_figure(types: pd.DataFrame, steps: int) -> go.Figure:
