@@ -5,7 +5,9 @@
 
 Starts the real server (``insight start``) on RUNS_DIR, opens each page of RUN in headless Chromium and
 waits until Dash has no callback pending and nothing is marked loading. "cold" is the first load of the page
-after the server started (nothing read yet), "warm" the median of the next ``--repeat`` loads. The compare
+after the server started (nothing read yet), "warm" the median of the next ``--repeat`` loads (each a full
+page load: every JavaScript bundle parsed again), "nav" the time to open a run page from the run navigation
+(a client-side link, as pages are opened after the first; the second round is reported). The compare
 page compares RUN with OTHER (default: another run of the base dir); the cluster page is included for a
 multi-rank RUN. Prints a table of the times (seconds) and saves ``<out>/<page>.png``.
 """
@@ -57,6 +59,26 @@ def _load(drv, url: str, timeout: float = 120.0) -> float:
         ok = drv.execute_script(DASH_IDLE) and drv.execute_script(
             "return !!document.querySelector('#_pages_content') && "
             "document.querySelector('#_pages_content').children.length > 0")
+        idle = idle + 1 if ok else 0
+        time.sleep(0.05)
+    return time.perf_counter() - t0 - 0.05
+
+
+def _navigate(drv, page: str, timeout: float = 120.0) -> float:
+    """Seconds from a click on the run navigation's ``page`` link (client-side, no page reload: how pages
+    are opened after the first) until the page is drawn and Dash is idle."""
+    t0 = time.perf_counter()
+    drv.execute_script("window.__insightOld = document.querySelector('#_pages_content > *');"
+                       "document.getElementById('nav-' + arguments[0]).click();", page)
+    deadline = t0 + timeout
+    idle = 0
+    while idle < 2:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"navigating to {page} did not finish within {timeout:.0f} s")
+        ok = drv.execute_script("var c = document.querySelector('#_pages_content > *');"
+                                "return !!c && c !== window.__insightOld && "
+                                "!!document.querySelector('#nav-' + arguments[0] + '.active');", page) \
+            and drv.execute_script(DASH_IDLE)
         idle = idle + 1 if ok else 0
         time.sleep(0.05)
     return time.perf_counter() - t0 - 0.05
@@ -118,13 +140,22 @@ def main(argv=None) -> int:
             if not a.no_shots:
                 time.sleep(0.5)  # plotly's transitions
                 drv.save_screenshot(str(a.out / f"{name}.png"))
+        # in-app navigation (dcc.Link, no reload): the run pages in turn, twice; the second round is reported
+        _load(drv, url + f"/run/{quote(run)}/overview")
+        for round_ in range(2):
+            for name in RUN_PAGES[1:] + RUN_PAGES[:1]:
+                dt = _navigate(drv, name)
+                if round_:
+                    times[name]["nav_s"] = round(dt, 3)
     finally:
         if drv is not None:
             drv.quit()
         stop_server(server, port, env, a.server_cwd)
-    print(f"{'page':<10} {'cold s':>8} {'warm s':>8}   (run {run}; compare with {other})")
+    print(f"{'page':<10} {'cold s':>8} {'warm s':>8} {'nav s':>8}   (run {run}; compare with {other}; "
+          f"cold/warm: full page loads, nav: a click in the run navigation)")
     for name, t in times.items():
-        print(f"{name:<10} {t['cold_s']:8.3f} {t['warm_s']:8.3f}")
+        nav = f"{t['nav_s']:8.3f}" if "nav_s" in t else f"{'':>8}"
+        print(f"{name:<10} {t['cold_s']:8.3f} {t['warm_s']:8.3f} {nav}")
     if a.json:
         a.json.write_text(json.dumps(times, indent=1))
     return 0

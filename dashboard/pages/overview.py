@@ -78,7 +78,8 @@ def _breakdown_figure(bd: pd.DataFrame, parts, avg_ms: float | None, title: str)
     if avg_ms is not None and avg_ms == avg_ms:
         fig.add_hline(y=avg_ms, line_dash="dot", annotation_text=f"average {avg_ms:.3f} ms")
     fig.update_layout(barmode="stack", xaxis_title="step (click a bar to open its timeline)", yaxis_title="ms",
-                      height=360, margin=dict(l=50, r=20, t=40, b=40), legend=dict(orientation="h", y=1.12),
+                      height=380, margin=dict(l=50, r=20, t=70, b=40),
+                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
                       title=title, bargap=0.1 if len(bd) < 100 else 0)
     return fig
 
