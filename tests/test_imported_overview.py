@@ -8,18 +8,14 @@ import pytest
 
 from insight import analysis
 from insight.analysis import gpu
-from insight.cli import main as cli_main
 from insight.cli import report_lines
 from test_dashboard_pages import find, text
-from test_import import ALEXNET, CPU_TRACE
+from test_import import _imported_base
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    base = tmp_path_factory.mktemp("imported") / "runs"
-    for name, trace in (("alexnet", ALEXNET), ("cpu", CPU_TRACE)):
-        assert cli_main(["import", str(trace), "--output", str(base / name)]) == 0
-    return base
+    return _imported_base(tmp_path_factory.mktemp("imported"))  # alexnet, cpu, gpu and two-ranks
 
 
 def test_cpu_only_import_gets_no_low_device_utilisation_advice(imported):
@@ -51,3 +47,24 @@ def test_overview_of_an_import_stacks_the_plugin_categories(imported):
     # the operators page offers CPU ops / kernels / all
     ops = importlib.import_module("dashboard.pages.operators").layout(run_id="alexnet")
     assert {o["value"] for o in find(ops, "ops-kinds").options} == {"all", "cpu", "kernel"}
+
+
+def test_a_multi_rank_run_has_the_cluster_page_and_a_rank_selector(imported):
+    from dashboard.app import create_app
+
+    create_app(imported, reload_interval=0)
+    ov = importlib.import_module("dashboard.pages.overview")
+    lay = ov.layout(run_id="two-ranks")
+    assert find(lay, "nav-cluster") is not None and find(lay, "rank-selector") is not None
+    assert find(lay, "rank-1").href == "/run/two-ranks/overview?rank=1"
+    assert "active" in find(lay, "rank-0").className
+    lay1 = ov.layout(run_id="two-ranks", rank="1")
+    assert "active" in find(lay1, "rank-1").className
+    assert find(lay1, "ov-run").data == {"run": "two-ranks", "rank": 1}
+    assert find(ov.layout(run_id="two-ranks", rank="7"), "ov-run").data["rank"] == 0  # not a rank: the first
+    single = ov.layout(run_id="alexnet")
+    assert find(single, "nav-cluster") is None and find(single, "rank-selector") is None
+    ops = importlib.import_module("dashboard.pages.operators")
+    assert find(ops.layout(run_id="two-ranks", rank="1"), "ops-run").data == {"run": "two-ranks", "rank": 1}
+    assert ops.filter_ops("", "all", {"run": "two-ranks", "rank": 1}) == \
+        ops.op_rows(analysis.op_stats(imported / "two-ranks", rank=1))
