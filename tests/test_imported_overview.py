@@ -45,6 +45,10 @@ def test_overview_of_an_import_stacks_the_plugin_categories(imported):
     assert text(find(lay, "stat-gpu-util")) == f"{s.gpu_utilization * 100:.1f} %"
     assert find(lay, "gpu-kernels") is not None and find(lay, "gpu-cpu-ops") is not None
     # the operators page offers CPU ops / kernels / all
+    pipe = importlib.import_module("dashboard.pages.pipeline").layout(run_id="two-ranks", rank="1")
+    assert "active" in find(pipe, "rank-1").className
+    mem = importlib.import_module("dashboard.pages.memory").layout(run_id="two-ranks", rank="1")
+    assert find(mem, "rank-selector") is not None or find(mem, "mem-empty") is not None
     ops = importlib.import_module("dashboard.pages.operators").layout(run_id="alexnet")
     assert {o["value"] for o in find(ops, "ops-kinds").options} == {"all", "cpu", "kernel"}
 

@@ -20,7 +20,8 @@ from dash import dcc, html
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.components import data_grid, graph, num_col, run_page, stat_card, text_col, verdict_panel
+from dashboard.components import (data_grid, graph, num_col, page_rank, rank_selector, run_page, stat_card, text_col,
+                                  verdict_panel)
 from dashboard.data import store
 from insight import analysis
 
@@ -31,25 +32,26 @@ def register():
     dash.register_page(__name__, path_template="/run/<run_id>/pipeline", name="Data pipeline", layout=layout)
 
 
-def layout(run_id=None, **_):
-    return run_page(run_id, "pipeline", _body)
+def layout(run_id=None, rank=None, **_):
+    return run_page(run_id, "pipeline", lambda rid: _body(rid, page_rank(rid, rank)))
 
 
-def _body(run_id: str):
+def _body(run_id: str, rank: int = 0):
     st = store()
-    rep = st.get(run_id, "data_pipeline", analysis.data_pipeline)
+    rep = st.get(run_id, "data_pipeline", analysis.data_pipeline, rank)
     manifest = st.manifest(run_id)
     has_ops = len(rep.ops) > 0
     has_dq = len(rep.device_queue) > 0
     if not has_ops and not has_dq:
-        return html.Div([html.H2("Data pipeline"), _no_data(manifest)])
-    queues = st.get(run_id, "queue_depths", analysis.queue_depths, 0, tuple(rep.pipeline_ids) or None)
-    per_step = st.get(run_id, "pipeline_per_step", lambda run: analysis.pipeline_per_step(run, report=rep))
+        return html.Div([rank_selector(run_id, "pipeline", rank), html.H2("Data pipeline"), _no_data(manifest)])
+    queues = st.get(run_id, "queue_depths", analysis.queue_depths, rank, tuple(rep.pipeline_ids) or None)
+    per_step = st.get(run_id, "pipeline_per_step", lambda run, r: analysis.pipeline_per_step(run, r, report=rep),
+                      rank)
     tabs = dcc.Tabs(id="pipe-tabs", value="processing", children=[
         dcc.Tab(label="Data processing", value="processing", children=_processing_tab(rep, queues, has_dq)),
         dcc.Tab(label="Step interval", value="steps", children=_steps_tab(rep, per_step, has_ops, has_dq)),
     ])
-    return html.Div([html.H2("Data pipeline"), _verdict(rep), tabs])
+    return html.Div([rank_selector(run_id, "pipeline", rank), html.H2("Data pipeline"), _verdict(rep), tabs])
 
 
 def _no_data(manifest: dict):
