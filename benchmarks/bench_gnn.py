@@ -6,7 +6,7 @@ the CPU, plus the dense-GEMM bar, in one interleaved run.
                                                     [--quick] [--data-dir ../shared/data/planetoid]
 
 Contestants (the same data -- our loader's arrays --, the same model, the same threads):
-  * ours  -- ``Model.train_step`` of ``runtime.gnn``, compiled with graph-kernel fusion as ``gnn.train`` does
+  * ours  -- ``Model.train_step`` of ``runtime.models.gnn``, compiled with graph-kernel fusion as ``gnn.train`` does
              (``--no-fuse``: without) (GCN: 2 GCNConv, 16 hidden, dropout 0.5, Adam 0.01, L2 5e-4
              on layer 1; GAT: 8x8 heads + 1 output head, dropout 0.6 on inputs, values and attention, Adam 0.005);
              features are the stored values of the sparse feature matrix. Differences that follow the papers'
@@ -62,7 +62,8 @@ from torch_geometric.nn import GATConv as PygGAT  # noqa: E402
 from torch_geometric.nn import GCNConv as PygGCN  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runtime import context, gnn  # noqa: E402
+from runtime import context  # noqa: E402
+from runtime.models import gnn  # noqa: E402
 from runtime.dataset.planetoid import load_planetoid  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)

@@ -14,7 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import runtime  # noqa: E402,F401  (registers the primitives)
-from runtime import context, gnn, nn  # noqa: E402
+from runtime import context, nn  # noqa: E402
+from runtime.models import gnn  # noqa: E402
 from runtime.core import Tensor  # noqa: E402
 from runtime.dataset.planetoid import PlanetoidFormatError, load_planetoid, restricted_load  # noqa: E402
 from runtime.nn.gnn import GraphStructure, SparseFeatures  # noqa: E402

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import context, gnn
+from runtime import context
+from runtime.models import gnn
 from runtime.dataset.planetoid import ENV_VAR, PlanetoidFormatError, load_planetoid
 
 
