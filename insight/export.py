@@ -565,6 +565,7 @@ def export_csv(run: Run | str | os.PathLike, out_dir: str | os.PathLike, rank: i
     already there). Every table is computed before anything is written; each file is written to a
     temporary name and renamed, and a failure removes what this call wrote."""
     from insight import analysis as A
+    from insight.analysis.advice import has_device
 
     run = as_run(run)
     out = check_output(run, out_dir, directory=True, overwrite=overwrite)
@@ -596,7 +597,8 @@ def export_csv(run: Run | str | os.PathLike, out_dir: str | os.PathLike, rank: i
         "memory_timeline": A.memory_timeline(run, rank=rank),
         "memory_peak": pd.DataFrame([peak_row]),
         "memory_peak_tensors": peak.live,
-        "recommendations": pd.DataFrame([r.as_dict() for r in A.advise(s, pipe, peak, types)],
+        "recommendations": pd.DataFrame([r.as_dict() for r in A.advise(s, pipe, peak, types,
+                                                                        device=has_device(run, rank))],
                                         columns=["id", "severity", "title", "detail", "metric", "value", "threshold"]),
     }
     assert tuple(tables) == CSV_TABLES

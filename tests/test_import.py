@@ -23,6 +23,7 @@ import pytest
 from insight import analysis
 from insight.analysis import gpu
 from insight.cli import main as cli_main
+from insight.export import export_csv
 from insight.trace import open_run
 from test_dashboard_pages import find, text
 
@@ -241,6 +242,11 @@ def test_cpu_torch_profiler_trace_imports_with_steps_and_ops(tmp_path):
     m = open_run(run).table("memory")
     assert len(m) == len(mem) and set(m["device"]) == {"device"}  # a CPU-only trace: the CPU is the device
     assert analysis.memory_peak(run).peak_bytes == max(e["args"]["Total Allocated"] for e in mem)
+    # no device, so no device-utilisation advice: neither in the analysis nor in the CSV export
+    assert "low_utilization" not in {r.id for r in analysis.recommendations(run)}
+    written = export_csv(run, tmp_path / "csv")
+    advice = pd.read_csv(next(p for p in written if p.name.startswith("recommendations")))
+    assert "low_utilization" not in set(advice["id"])
 
 
 # -- round trip: our export -> import -----------------------------------------------------------------------
