@@ -10,12 +10,14 @@ with its error (``RunStore.entries``): one broken run never hides the others.
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from insight.analysis.timeline import prepare_index
 from insight.trace import MANIFEST, Run, TraceError, find_runs, open_run, resolve_run
 
 
@@ -52,6 +54,10 @@ class RunStore:
         self._cache: OrderedDict = OrderedDict()  # (run dir, what, args) -> (stamp, ok, value)
         self._cache_size = cache_size
         self._lock = threading.RLock()
+        # big runs get their timeline index built in the background when first discovered (one at a time)
+        self._seen: set[Path] = set()
+        self._to_index: queue.Queue = queue.Queue()
+        self._indexer: threading.Thread | None = None
 
     # -- discovery ----------------------------------------------------------------------------------
     def run_dirs(self) -> list[Path]:
@@ -62,7 +68,31 @@ class RunStore:
                 except TraceError:
                     self._runs = []
                 self._scanned = time.monotonic()
+                self._index_new_runs()
             return list(self._runs)
+
+    def _index_new_runs(self) -> None:
+        new = [p for p in self._runs if p not in self._seen]
+        if not new:
+            return
+        self._seen.update(new)
+        for p in new:
+            self._to_index.put(p)
+        if self._indexer is None:
+            self._indexer = threading.Thread(target=self._index_worker, name="insight-index-runs", daemon=True)
+            self._indexer.start()
+
+    def _index_worker(self) -> None:
+        """Builds the timeline index of each newly discovered run of a million tasks or more, so its first
+        timeline view is fast; a run that cannot be read is left to the pages, which report it."""
+        while True:
+            p = self._to_index.get()
+            try:
+                run = open_run(p)
+                for rank in run.ranks:
+                    prepare_index(run, rank)
+            except Exception:  # noqa: BLE001 - a broken run is the pages' to report, not this thread's
+                pass
 
     def run_ids(self) -> list[str]:
         return [self._id(p) for p in self.run_dirs()]

@@ -21,7 +21,7 @@ import pytest
 
 from insight import analysis
 from insight.analysis import timeline as tl
-from insight.trace import TraceError
+from insight.trace import TraceError, open_run
 from synthetic_runs import set_manifest, training_run, truncate, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +284,27 @@ def test_flows_of_an_imported_kineto_run(tmp_path):
     src = data.details("tasks", [flows[0].src, k])
     assert notes[0]["ax"] == pytest.approx(src["start_ns"].iat[0] / 1e6)
     assert notes[0]["x"] == pytest.approx(src["start_ns"].iat[1] / 1e6)
+
+
+def test_the_server_indexes_big_runs_when_it_discovers_them(runs, tmp_path, monkeypatch):
+    """The RunStore builds the lane index of each newly found run of INDEX_MIN_TASKS tasks or more in the
+    background, so the first timeline view of a big run is already memory-mapped; small runs get none."""
+    from dashboard.data import RunStore
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tl, "INDEX_MIN_TASKS", 1000)
+    base = tmp_path / "base"
+    shutil.copytree(runs["big"], base / "big")
+    shutil.copytree(runs["sink"], base / "sink")
+    store = RunStore(base)
+    assert sorted(store.run_ids()) == ["big", "sink"]
+    root = tmp_path / "cache" / "insight" / "timeline"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(root.glob("*/meta.json")):
+        time.sleep(0.05)
+    (index,) = [p.parent for p in root.glob("*/meta.json")]  # one: the big run's, not the 6-step run's
+    assert index == tl._index_dir(open_run(base / "big"), 0)
+    assert any(isinstance(ln.start, np.memmap) for ln in analysis.load_timeline(base / "big").lanes)
 
 
 def test_lane_index_on_disk_is_memory_mapped_and_follows_the_run(runs, tmp_path, monkeypatch):

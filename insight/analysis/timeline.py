@@ -730,6 +730,20 @@ INDEX_VERSION = 1
 _LANE_ARRAYS = ("start", "end", "row", "code", "reach", "busy_start", "busy_len", "busy_cum")
 
 
+def prepare_index(run: Run | str | os.PathLike, rank: int = 0) -> bool:
+    """Build the on-disk lane index of a run of at least INDEX_MIN_TASKS tasks ahead of its first view (the
+    dashboard calls it in the background for the runs it discovers), so the first view does not pay for
+    reading and sorting every task. True when the run has an index (now or already); False for smaller
+    runs, which need none, and runs without tasks."""
+    run = as_run(run)
+    index = _index_dir(run, rank)
+    if index is None or run.num_rows("tasks", rank) < INDEX_MIN_TASKS:
+        return False
+    if not (index / "meta.json").exists():
+        load_timeline(run, rank)  # builds the lanes and writes the index (its own thread, atomically)
+    return True
+
+
 def _index_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "insight" / "timeline"
