@@ -91,6 +91,12 @@ class MemoryPool:
                 "op": t.op, "size": t.size, "offset": blk.offset, "in_use": in_use, "capacity": self.capacity,
                 "step": -1, "shape": "x".join(map(str, t.shape)), "dtype": t.dtype, "source": "pool"}
 
+    def _notify(self, action: str, blk: Block, in_use: int) -> None:
+        if self._announced != hooks.generation:
+            self.announce()  # the new listener gets the live blocks, this change included
+        else:
+            hooks.emit("memory", self._event(action, blk, in_use, time.perf_counter_ns()))
+
     def announce(self) -> None:
         """Tell listeners that subscribed since the last call which blocks are live (one alloc each)."""
         if not hooks.listening or self._announced == hooks.generation:
@@ -126,10 +132,7 @@ class MemoryPool:
             self.peak = max(self.peak, self.in_use)
             in_use = self.in_use
         if hooks.listening:
-            if self._announced != hooks.generation:
-                self.announce()  # the new listener gets the live blocks, this change included
-            else:
-                hooks.emit("memory", self._event("alloc", blk, in_use, time.perf_counter_ns()))
+            self._notify("alloc", blk, in_use)
         return blk
 
     def free(self, blk: Block) -> None:
@@ -148,10 +151,7 @@ class MemoryPool:
             bisect.insort(self._free, (off, size))
             in_use = self.in_use
         if hooks.listening:
-            if self._announced != hooks.generation:
-                self.announce()  # the new listener gets the live blocks, this change included
-            else:
-                hooks.emit("memory", self._event("free", blk, in_use, time.perf_counter_ns()))
+            self._notify("free", blk, in_use)
 
     # -- queries -------------------------------------------------------------------------------------
     def largest_live(self, n: int = 5) -> list[LiveTensor]:
