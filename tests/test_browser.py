@@ -72,7 +72,7 @@ def _cli(*args) -> list[str]:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     if chromedriver_path() is None:
-        pytest.skip("chromedriver is not installed")
+        pytest.fail("chromedriver is not installed: install chromium and chromium-driver (bash scripts/test.sh does)")
 
     tmp = tmp_path_factory.mktemp("e2e")
     base, state, downloads = tmp / "runs", tmp / "state", tmp / "downloads"

@@ -469,7 +469,7 @@ def served(app):
     import threading
 
     if not shutil.which("chromedriver"):
-        pytest.skip("chromedriver is not installed")
+        pytest.fail("chromedriver is not installed: install chromium and chromium-driver (bash scripts/test.sh does)")
     from waitress import create_server
     srv = create_server(app.server, host="127.0.0.1", port=0, threads=4)
     th = threading.Thread(target=srv.run, daemon=True)

@@ -28,8 +28,16 @@ from runtime.train import amp  # noqa: E402
 from gradcheck_util import check_gradients, param  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "planetoid"
-needs_data = pytest.mark.skipif(not (DATA / "ind.cora.x").is_file(),
-                                reason=f"the Planetoid files are not at {DATA}")
+
+
+@pytest.fixture
+def _planetoid_files():
+    """The shared data sets are part of the test set-up (../shared beside the project): missing, they fail."""
+    if not (DATA / "ind.cora.x").is_file():
+        pytest.fail(f"the Planetoid files are not at {DATA} (the suite expects shared/ beside the project root)")
+
+
+needs_data = pytest.mark.usefixtures("_planetoid_files")
 
 
 @pytest.fixture(autouse=True)

@@ -263,9 +263,9 @@ def test_flows_of_our_runs(runs):
 KINETO = ROOT.parent / "shared" / "data" / "kineto" / "alexnet_gpu.pt.trace.json.gz"
 
 
-@pytest.mark.skipif(not KINETO.exists(), reason="the shared Kineto trace is not here")
 def test_flows_of_an_imported_kineto_run(tmp_path):
     """A kernel's flow is its ac2g arrow from the runtime call that launched it (the flows table)."""
+    assert KINETO.exists(), f"the shared Kineto trace is not at {KINETO} (shared/ belongs beside the project root)"
     from insight.cli import main as cli_main
 
     out = tmp_path / "alexnet"
@@ -664,7 +664,7 @@ def served(app, runs):
 @pytest.fixture
 def browser():
     if not shutil.which("chromedriver") and not Path("/usr/bin/chromedriver").exists():
-        pytest.skip("no chromedriver")
+        pytest.fail("no chromedriver: install chromium and chromium-driver (bash scripts/test.sh does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
