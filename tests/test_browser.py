@@ -665,10 +665,19 @@ def test_clicking_an_overview_bar_opens_that_steps_timeline(e2e):
     _settle(drv)
     trace = drv.execute_script(GD % "step-breakdown" + "return gd._fullData.findIndex(function(t) {"
                                                        "return t.name === 'Forward + backward'; });")
-    bars = drv.find_elements("css selector", "#step-breakdown .barlayer .trace")[trace].find_elements(
-        "css selector", ".point path")
+    # with hundreds of steps a bar is a few pixels wide: zoom in around it first, as a user would
+    x = drv.execute_script(GD % "step-breakdown" + f"return gd._fullData[{trace}].x[{i}];")
+    drv.execute_script(GD % "step-breakdown" + f"Plotly.relayout(gd, {{'xaxis.range': [{x} - 6, {x} + 6]}});")
+    _settle(drv)
+    _wait(drv, lambda: drv.execute_script(GD % "step-breakdown" + "return gd.layout.xaxis.range[0];") is not None,
+          "the zoomed overview")
     from selenium.webdriver.common.action_chains import ActionChains
-    ActionChains(drv).move_to_element(bars[i]).click().perform()
+    bar = drv.execute_script(
+        f"var t = document.querySelectorAll('#step-breakdown .barlayer .trace')[{trace}];"
+        f"var p = Array.from(t.querySelectorAll('.point')).find(function(e) {{ return e.__data__ && e.__data__.i === {i}; }});"
+        "return p && p.querySelector('path');")
+    assert bar is not None and bar.size["width"] >= 20, "the zoomed bar of that step"
+    ActionChains(drv).move_to_element(bar).click().perform()
     _wait(drv, lambda: drv.current_url.endswith(f"/run/run-a/timeline?step={step}"), f"the timeline of step {step}")
     _wait_text(drv, "tl-info")
     assert _severe(drv) == []
