@@ -5,6 +5,8 @@ import traceback
 from urllib.parse import quote, unquote
 
 import dash_ag_grid as dag
+import numpy as np
+import pandas as pd
 from dash import Input, Output, dcc, html
 
 from dashboard.data import RunNotFound, store
@@ -145,6 +147,19 @@ def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | 
         csvExportParams={"fileName": f"{csv or id_}.csv"}, className="insight-grid",
         dangerously_allow_code=True, style={"width": "100%", "maxWidth": MAX_TABLE_WIDTH}, **kw)
     return grid
+
+
+def grid_records(df: pd.DataFrame, ids=None) -> list[dict]:
+    """A frame's rows as a grid's ``rowData``: missing values as None, numpy scalars as Python values, and
+    a row ``id`` (``ids``, or the row number)."""
+    out = df.astype(object).where(df.notna(), None)
+    rows = out.to_dict("records")
+    for i, rec in enumerate(rows):
+        for k, v in rec.items():
+            if isinstance(v, np.generic):
+                rec[k] = v.item()
+        rec["id"] = str(i) if ids is None else ids[i]
+    return rows
 
 
 def grid_tools(id_: str, rows: list[dict]):

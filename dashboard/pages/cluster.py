@@ -10,11 +10,10 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import dash
-import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 
-from dashboard.components import data_grid, fmt_ms, graph, num_col, run_page, stat_card, text_col
+from dashboard.components import data_grid, fmt_ms, graph, grid_records, num_col, run_page, stat_card, text_col
 from dashboard.data import store
 from insight.analysis.cluster import cluster_report
 
@@ -93,12 +92,7 @@ def _body(run_id: str):
     problems = html.Div([html.H4("Ranks with problems"), html.Ul([html.Li(p) for p in rep.problems])],
                         className="panel error-message", id="cluster-problems") if rep.problems else None
     b = rep.buckets
-    brows = b.assign(mean_ms=b["mean_ms"].round(4)).to_dict("records") if len(b) else []
-    for i, r in enumerate(brows):
-        r["id"] = str(i)
-        for k, v in r.items():
-            if isinstance(v, np.generic):
-                r[k] = v.item()
+    brows = grid_records(b.assign(mean_ms=b["mean_ms"].round(4))) if len(b) else []
     buckets = data_grid("cluster-buckets", [num_col("rank", "Rank", "count"), text_col("name", "Task"),
                                             text_col("bucket", "Bucket"), num_col("count", "Calls", "count"),
                                             num_col("bytes", "Bytes", "bytes"), num_col("mean_ms", "Mean (ms)", "ms4")],

@@ -25,8 +25,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, Patch, State, ctx, dcc, html
 
-from dashboard.components import (data_grid, graph, grid_tools, num_col, page_rank, rank_selector, register_grid,
-                                  run_page, stat_card, store_where, text_col)
+from dashboard.components import (data_grid, graph, grid_records, grid_tools, num_col, page_rank, rank_selector,
+                                  register_grid, run_page, stat_card, store_where, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
@@ -67,14 +67,7 @@ def live_rows(df: pd.DataFrame) -> list[dict]:
         "allocated_ms": (df["alloc_ns"] if "alloc_ns" in df else df["allocated_ns"]) / NS_PER_MS,
         "freed_ms": (df["free_ns"].where(df["free_ns"] >= 0) / NS_PER_MS) if "free_ns" in df else np.nan,
         "step": df["step"]})
-    out = out.astype(object).where(out.notna(), None)
-    rows = out.to_dict("records")
-    for i, r in enumerate(rows):
-        r["id"] = str(i)
-        for k, v in r.items():
-            if isinstance(v, np.generic):
-                r[k] = v.item()
-    return rows
+    return grid_records(out)
 
 
 def _intervals(run_id: str, rank: int = 0) -> analysis.Lifetimes:

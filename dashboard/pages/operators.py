@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, Patch, State, ctx, dcc, html
 
-from dashboard.components import (data_grid, fmt_ms, graph, grid_tools, num_col, page_rank, rank_selector,
+from dashboard.components import (data_grid, fmt_ms, graph, grid_records, grid_tools, num_col, page_rank, rank_selector,
                                   register_grid, run_page, stat_card, store_where, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
@@ -102,13 +102,7 @@ def _records(df: pd.DataFrame, columns: list[dict], ids: list[str]) -> list[dict
     for c in ("flops", "flop_per_s"):  # ops without a cost estimate (copies, GetNext): unknown, not 0
         if c in out:
             out[c] = out[c].where(df[c].fillna(0).to_numpy() > 0, None)
-    rows = out.to_dict("records")
-    for rec, id_ in zip(rows, ids):
-        for k, v in rec.items():
-            if isinstance(v, np.generic):
-                rec[k] = v.item()
-        rec["id"] = id_
-    return rows
+    return grid_records(out, list(ids))
 
 
 def type_rows(types: pd.DataFrame) -> list[dict]:

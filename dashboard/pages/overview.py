@@ -13,8 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
-from dashboard.components import (data_grid, fmt_ms, graph, num_col, page_rank, rank_selector, run_href, run_page,
-                                  stat_card, text_col, verdict_panel)
+from dashboard.components import (data_grid, fmt_ms, graph, grid_records, num_col, page_rank, rank_selector, run_href,
+                                  run_page, stat_card, text_col, verdict_panel)
 from dashboard.data import store
 from insight import analysis
 from insight.analysis import gpu
@@ -175,14 +175,7 @@ def _imported_body(run_id: str, rank: int):
     n = max(s.steps, 1)
 
     def rows(df, cols):
-        out = df.reindex(columns=cols).astype(object).where(df.reindex(columns=cols).notna(), None)
-        recs = out.to_dict("records")
-        for i, r in enumerate(recs):
-            r["id"] = str(i)
-            for k, v in r.items():
-                if isinstance(v, np.generic):
-                    r[k] = v.item()
-        return recs
+        return grid_records(df.reindex(columns=cols))
 
     def per_step(df):
         df = df.copy()
