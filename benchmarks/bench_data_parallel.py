@@ -3,6 +3,7 @@
     python benchmarks/bench_data_parallel.py            # both parts
     python benchmarks/bench_data_parallel.py --quick    # fewer steps, 2 cluster-page rounds
     python benchmarks/bench_data_parallel.py --part training | cluster
+    python benchmarks/bench_data_parallel.py --quick --summary PATH   # also the rows for benchmarks/run_all.py
 
 1. Training (``mpirun``, one OpenMP thread per rank): LeNet5 on the digits (``runtime.examples.data_parallel``),
    64 samples per rank per step (weak scaling: 1 rank = batch 64, 2 ranks = global batch 128), 1 process
@@ -37,6 +38,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # this checkout's packages, and benchmarks._summary
+
+from benchmarks._summary import row, write  # noqa: E402
 
 WORKER = """\
 import json, sys, time
@@ -192,11 +196,30 @@ def cluster_page(tmp: Path, rounds: int) -> dict:
     return {"median_s": med, "all_s": times, "cpu_s": cpu}
 
 
+def summary_rows(out: dict) -> list[dict]:
+    """The figures of this run for benchmarks/run_all.py: the training ones are reported (on a shared 2-core
+    machine they say what this machine does); the cluster page has the <= 2 s goal."""
+    rows = []
+    if "training" in out:
+        tr = out["training"]
+        one, two = tr["throughput"][1]["samples_per_s"], tr["throughput"][2]["samples_per_s"]
+        r0 = next(r for r in tr["ranks"] if r["rank"] == 0)
+        rows += [row("samples/s, 2 ranks / 1 rank (LeNet5 digits, 64 per rank)", two, one, unit="samples/s"),
+                 row("scaling efficiency 1 -> 2 ranks", tr["efficiency"] * 100, unit="%"),
+                 row("AllReduce (comm stream busy), rank 0", r0["comm_ms"], unit="ms/step"),
+                 row("communication overlapped with compute, rank 0", r0["overlap_pct"], unit="%")]
+    if "cluster_page" in out:
+        rows.append(row("cluster page first render, 8 ranks x 250k tasks", out["cluster_page"]["median_s"], unit="s",
+                        goal="<= 2"))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--part", choices=("training", "cluster", "both"), default="both")
     ap.add_argument("--json", default="")
+    ap.add_argument("--summary", metavar="PATH", help="also write the summary rows for benchmarks/run_all.py")
     args = ap.parse_args()
     print(f"load: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-dp-"))
@@ -210,6 +233,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+    write(args.summary, "bench_data_parallel", summary_rows(out))
     print(f"load after: {os.getloadavg()[0]:.2f}")
     return 0
 

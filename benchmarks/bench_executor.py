@@ -1,7 +1,7 @@
 """Executor overhead: the compiled digits-CNN training step run by the device executor versus the same
 kernels called in a plain Python loop (no tasks, no streams, no feed checks), interleaved in one run.
 
-    python benchmarks/bench_executor.py [--rounds 30] [--steps 50]
+    python benchmarks/bench_executor.py [--rounds 30] [--steps 50] [--summary PATH]
 
 Goal: the executor adds <= 10% to the step time.
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's runtime, and benchmarks._summary
 
-from runtime import Model, context, nn
-from runtime.dataset.digits import load_digits_split
-from runtime.models import LeNetDigits
+from benchmarks._summary import row, write  # noqa: E402
+from runtime import Model, context, nn  # noqa: E402
+from runtime.dataset.digits import load_digits_split  # noqa: E402
+from runtime.models import LeNetDigits  # noqa: E402
 
 
 def plain_loop(exe):
@@ -57,6 +60,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--summary", metavar="PATH", help="also write the summary rows for benchmarks/run_all.py")
     args = ap.parse_args()
     context.set_context(mode=context.GRAPH_MODE, seed=0)
     xtr, ytr, _, _ = load_digits_split()
@@ -87,6 +91,9 @@ def main():
     print(f"  executor     {a:8.3f} ms/step")
     print(f"  plain loop   {b:8.3f} ms/step")
     print(f"  overhead     {(a / b - 1) * 100:+7.2f} %   (goal <= +10%)")
+    write(args.summary, "bench_executor", [
+        row(f"digits CNN step (batch {args.batch}): executor / plain kernel loop", a, b, unit="ms/step",
+            goal="<= 1.1")])
 
 
 if __name__ == "__main__":

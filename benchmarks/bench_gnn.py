@@ -4,6 +4,7 @@ the CPU, plus the dense-GEMM bar, in one interleaved run.
 
     cd /work/main && python benchmarks/bench_gnn.py [--dataset cora] [--threads 2] [--rounds 7] [--epochs 20]
                                                     [--quick] [--data-dir ../shared/data/planetoid]
+                                                    [--summary PATH]
 
 Contestants (the same data -- our loader's arrays --, the same model, the same threads):
   * ours  -- ``Model.train_step`` of ``runtime.models.gnn``, compiled with graph-kernel fusion as ``gnn.train`` does
@@ -46,6 +47,7 @@ def _args():
     p.add_argument("--wall-epochs", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="3 rounds of 5 epochs, 50-epoch wall time")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="ours without graph-kernel fusion")
+    p.add_argument("--summary", metavar="PATH", help="also write the summary rows for benchmarks/run_all.py")
     return p.parse_args()
 
 
@@ -62,6 +64,7 @@ from torch_geometric.nn import GATConv as PygGAT  # noqa: E402
 from torch_geometric.nn import GCNConv as PygGCN  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._summary import row, write  # noqa: E402
 from runtime import context  # noqa: E402
 from runtime.models import gnn  # noqa: E402
 from runtime.dataset.planetoid import load_planetoid  # noqa: E402
@@ -217,6 +220,7 @@ def main():
         print(f"{name:5} {who:12} {v:10.2f} {mn[(name, who)]:8.2f}")
     print()
     goals = {"gcn": (0.5, 3.0), "gat": (1.0, 5.0)}
+    rows = []
     for name in ("gcn", "gat"):
         bar = min(med[(name, "gemm_numpy")], med[(name, "gemm_torch")])
         r_pyg = med[(name, "ours")] / med[(name, "pyg")]
@@ -227,6 +231,13 @@ def main():
               f"{bar:.2f} ms -> {r_gemm:.2f}x the bar (goal <= {g2}x: {'met' if r_gemm <= g2 else 'NOT met'})")
         print(f"     {ARGS.wall_epochs} epochs + validation, wall: ours {walls[(name, 'ours')]:.2f} s, "
               f"PyG {walls[(name, 'pyg')]:.2f} s")
+        rows += [row(f"{name.upper()} epoch ({ARGS.dataset}) / PyG", med[(name, "ours")], med[(name, "pyg")],
+                     unit="ms/epoch", goal=f"<= {g1}"),
+                 row(f"{name.upper()} epoch / dense GEMM bar", med[(name, "ours")], bar, unit="ms/epoch",
+                     goal=f"<= {g2}"),
+                 row(f"{name.upper()} {ARGS.wall_epochs} epochs + validation, wall / PyG", walls[(name, "ours")],
+                     walls[(name, "pyg")], unit="s")]
+    write(ARGS.summary, "bench_gnn", rows)
     print(f"\nload (1 min) after: {load1():.2f}")
 
 

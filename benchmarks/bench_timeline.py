@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Timeline page at scale: first render and zoomed views of a run of 1,000,000 tasks.
 
-    cd /work/main && python benchmarks/bench_timeline.py [--tasks 1000000] [--width 1190] [--keep DIR]
+    cd /work/main && python benchmarks/bench_timeline.py [--tasks 1000000] [--width 1190] [--keep DIR] [--summary PATH]
 
 A synthetic run (``synthetic_run`` below, written with pyarrow as docs/trace-format.md says) of ``--tasks``
 tasks over five streams -- aicore0 (70 %), aicore1 (15 %), aicpu, comm (AllReduce in the tail) and host --
@@ -39,6 +39,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._summary import row as summary_row, write as write_summary  # noqa: E402
 
 US = 1000
 STREAMS = ("aicore0", "aicore1", "aicpu", "comm", "host")
@@ -249,6 +251,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=1_000_000, help="tasks of the run (issue 16: 10000000)")
     ap.add_argument("--width", type=int, default=1190, help="plot-area width in pixels (1400 px window)")
     ap.add_argument("--keep", help="write the runs here and keep them (default: a temporary directory)")
+    ap.add_argument("--summary", metavar="PATH",
+                    help="also write the summary rows for benchmarks/run_all.py; a missed goal is then reported "
+                         "there and the exit status is 0 (without --summary: 1 when a goal is missed)")
     ap.add_argument("--_fresh", help=argparse.SUPPRESS)  # internal: measure the fresh-process first render
     a = ap.parse_args(argv)
     if a._fresh:
@@ -292,6 +297,7 @@ def main(argv=None) -> int:
         # the cache dir -- here a temporary one), then another one (it memory-maps that index)
         os.environ["XDG_CACHE_HOME"] = str(base / "cache")
         ok_rss = True
+        fresh = {}
         for case in ("fresh process, no index", "fresh process, index"):
             out = subprocess.run([sys.executable, __file__, "--_fresh", str(base), "--width", str(a.width)],
                                  capture_output=True, text=True, cwd=ROOT)
@@ -306,6 +312,7 @@ def main(argv=None) -> int:
                   f"{fr['rss_session_mb']:.0f} MB after a 1 ms zoom ({fr['zoom_1ms_s'] * 1e3:.0f} ms), a click "
                   f"({fr['click_s'] * 1e3:.0f} ms) and the whole run again (goal <= 1500 MB)")
             ok_rss &= fr["rss_session_mb"] <= 1500
+            fresh[case] = fr
         # 2. a warm server (it has served another run's timeline), nothing of this run cached
         from dashboard.app import create_app
 
@@ -340,6 +347,7 @@ def main(argv=None) -> int:
                   f"{'exact tasks in every lane' if exact else 'busy bins in some lanes'}: {lanes_summary(fig)}")
             if label == "1 ms window":
                 ok &= exact
+                exact_1ms = exact
         step = data.step_numbers[len(data.step_numbers) // 2]
         fig, info, n, dt = cl.figure("tl", a.width, step=step, trigger="step")
         label = f"step {step} (dropdown)"
@@ -362,7 +370,19 @@ def main(argv=None) -> int:
         print(f"analysis: load_timeline {t_load:.3f} s; timeline_window whole run {t_full * 1e3:.2f} ms, "
               f"1 ms window {t_ms * 1e3:.2f} ms")
         print("PASS" if ok else "FAIL")
-        return 0 if ok else 1
+        n = f"{a.tasks:,} tasks"
+        nx, ix = fresh["fresh process, no index"], fresh["fresh process, index"]
+        write_summary(a.summary, "bench_timeline", [
+            summary_row(f"first render, fresh server, lane index ({n})", ix["total_s"], unit="s", goal="<= 2"),
+            summary_row(f"first render, fresh server, bytes to the browser ({n})", ix["total_bytes"] / 1e6,
+                        unit="MB", goal="<= 5"),
+            summary_row(f"first render, fresh server, no index yet ({n})", nx["total_s"], unit="s"),
+            summary_row(f"first render, warm server ({n})", t1 + t2, unit="s", goal="<= 2"),
+            summary_row(f"server peak RSS after a session ({n})", max(nx["rss_session_mb"], ix["rss_session_mb"]),
+                        unit="MB", goal="<= 1500"),
+            summary_row(f"1 ms window: exact tasks in every lane ({n})", float(exact_1ms), unit="1 = yes",
+                        goal=">= 1")])
+        return 0 if ok or a.summary else 1
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)

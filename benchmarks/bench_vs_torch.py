@@ -4,6 +4,7 @@ PyTorch CPU eager, on the same two models, the same batches and the same initial
 
     cd /work/main && PYTHONPATH=. python benchmarks/bench_vs_torch.py [--rounds 30] [--steps-per-round 20]
                                                                      [--json out.json] [--profile]
+                                                                     [--summary PATH]
 
 Contestants, per model:
   * ours GRAPH     -- ``Model.train_step`` in GRAPH_MODE (one traced+compiled graph, executed per step);
@@ -53,11 +54,10 @@ from collections import defaultdict
 
 import numpy as np
 
-try:  # allow `python benchmarks/bench_vs_torch.py` from the repo root without PYTHONPATH
-    import runtime  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# `python benchmarks/bench_vs_torch.py` from anywhere: this checkout's runtime, and benchmarks._summary
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._summary import row as summary_row, write as write_summary  # noqa: E402
 from runtime import Model, context, hooks, nn  # noqa: E402
 
 BATCH = 64
@@ -656,6 +656,30 @@ def profile_ours(kind, data, mode, steps, top):
 
 
 # ------------------------------------------------------------------------------------------------
+# issue 16's goals, ours / torch eager (the paired ratio: robust when the machine's load drifts)
+GOALS = {("mlp", "ours GRAPH"): "<= 1.0", ("mlp", "ours PYNATIVE"): "<= 1.0",
+         ("cnn", "ours GRAPH"): "<= 1.0", ("cnn", "ours PYNATIVE"): "<= 1.5"}
+
+
+def summary_rows(result) -> list[dict]:
+    """The rows for benchmarks/run_all.py: per model and mode, median ms/step of ours and of torch, judged on
+    the paired ratio; then the largest loss difference against torch over the numerics checks."""
+    out = []
+    for r in result.get("rows", []):
+        if r["impl"] == "torch eager":
+            continue
+        torch_ms = next(t["median_ms"] for t in result["rows"]
+                        if t["model"] == r["model"] and t["impl"] == "torch eager")
+        out.append(summary_row(f"{r['model']} {r['impl'].split()[1]} step / torch eager (paired ratio)",
+                               r["median_ms"], torch_ms, ratio=r["paired_ratio"], unit="ms/step",
+                               goal=GOALS.get((r["model"], r["impl"]), "")))
+    diffs = [d for res in result["numerics"].values() for (_, _, d) in res["losses"]]
+    if diffs:
+        out.append(summary_row("max |loss ours - loss torch| over 2 steps, every model and mode", max(diffs),
+                               goal=f"<= {TOL}"))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -664,6 +688,7 @@ def main(argv=None):
     ap.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first; default 1")
     ap.add_argument("--models", default="mlp,cnn", help="comma list of mlp,cnn; default both")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--summary", metavar="PATH", help="also write the summary rows for benchmarks/run_all.py")
     ap.add_argument("--max-foreign-load", type=float, default=0.25, metavar="F",
                     help="redo a round when other processes used more than this share (0..1) of all CPUs "
                          "during it (Linux /proc/stat); 1 disables; default 0.25")
@@ -747,6 +772,7 @@ def main(argv=None):
                 p = profile_ours(kind, data, mode, args.profile_steps, args.profile_top)
                 result["profile"][f"{kind}/{'GRAPH' if mode == context.GRAPH_MODE else 'PYNATIVE'}"] = p
 
+    write_summary(args.summary, "bench_vs_torch", summary_rows(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))

@@ -1,6 +1,6 @@
 """Wide&Deep with host embedding tables: throughput against PyTorch CPU, vocabulary scaling, overlap.
 
-    python benchmarks/bench_wide_deep.py [--quick] [--vocab-scale 1e-3] [--batch 1000] [--dim 16]
+    python benchmarks/bench_wide_deep.py [--quick] [--vocab-scale 1e-3] [--batch 1000] [--dim 16] [--summary PATH]
 
 1. samples/s of ours (host tables: lookup + FTRL/LazyAdam on the host, MLP on the device, data sink
    mode) against PyTorch CPU on the same model and batches: ``nn.EmbeddingBag(sparse=True)`` for both
@@ -19,14 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from runtime import context, hooks
-from runtime.dataset import GeneratorDataset
-from runtime.dataset.criteo_synthetic import CriteoSynthetic, model_batches
-from runtime.models.wide_deep import WideDeepConfig, build_model, unpack_batch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's runtime, and benchmarks._summary
+
+from benchmarks._summary import row, write  # noqa: E402
+from runtime import context, hooks  # noqa: E402
+from runtime.dataset import GeneratorDataset  # noqa: E402
+from runtime.dataset.criteo_synthetic import CriteoSynthetic, model_batches  # noqa: E402
+from runtime.models.wide_deep import WideDeepConfig, build_model, unpack_batch  # noqa: E402
 
 
 def dataset(xs, ys):
@@ -149,6 +154,7 @@ def main():
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--deep", default="256,128")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--summary", metavar="PATH", help="also write the summary rows for benchmarks/run_all.py")
     a = ap.parse_args()
     rows = 20_000 if a.quick else 100_000
     rounds = 2 if a.quick else a.rounds
@@ -196,6 +202,10 @@ def main():
 
     # 4. host kernels at the model zoo's sizes
     host_kernels(a.quick)
+    write(a.summary, "bench_wide_deep", [
+        row(f"Wide&Deep samples/s, ours / PyTorch CPU ({threads} threads)", so, st, unit="samples/s", goal=">= 1"),
+        row("step time, 10x vocabulary / 1x (same batches)", ms_b, ms_s, unit="ms/step", goal="<= 1.2"),
+        row("step / max(host busy, device busy)", step, max(host, dev), unit="ms/step", goal="<= 1.15")])
 
 
 def host_kernels(quick: bool):
