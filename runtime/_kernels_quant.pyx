@@ -11,6 +11,9 @@ Fake quantization (float32 / float64, used while training):
   0 comes out as exactly 0 (TensorFlow / MindSpore nudged fake quantization, round half up);
 * ``fake_quant_grad(g, x, min, max, num_bits, narrow_range, symmetric, inner)`` -- the straight-through estimator: ``g`` where
   ``nmin <= x <= nmax``, 0 outside the clamp range;
+* ``observe_minmax(minq, maxq, x, inner, blend, decay)`` -- the observer, in place: per-channel min and max in one
+  sweep (threads on their own shares), then the range or its exponential moving average stored into
+  ``minq`` / ``maxq``;
 * ``quantize(x, scale, nmin, nmax, qmin)``      -- float32 -> int8 with the same arithmetic as
   ``fake_quant`` (``q + qmin``, signed), so the engine's input equals the simulation's bit for bit.
 
@@ -39,7 +42,8 @@ from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
-__all__ = ["quant_params", "fake_quant", "fake_quant_grad", "quantize", "dequantize", "conv2d_int8", "dense_int8",
+__all__ = ["quant_params", "fake_quant", "fake_quant_grad", "observe_minmax", "quantize", "dequantize", "conv2d_int8",
+           "dense_int8",
            "requant_int8", "relu_int8", "maxpool_int8", "add_int8", "multiply_by_quantized_multiplier"]
 
 cdef int32_t INT32_MIN = -2147483648
@@ -217,54 +221,243 @@ def _fq_args(x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssiz
     return xa, P
 
 
+cdef inline object _float_array(x, str fn):
+    """``x`` as a C-contiguous float32/float64 ndarray (no copy when it already is one)."""
+    if type(x) is not np.ndarray or not (<cnp.ndarray>x).flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    if x.dtype != np.float32 and x.dtype != np.float64:
+        raise TypeError(f"{fn}: expects float32 or float64, got {x.dtype}")
+    return x
+
+
+cdef inline object _range_vec(v, dt, str fn, str what):
+    if type(v) is not np.ndarray or v.dtype != dt or not (<cnp.ndarray>v).flags.c_contiguous:
+        v = np.ascontiguousarray(v, dtype=dt)
+    return v.reshape(-1) if v.ndim != 1 else v
+
+
+cdef object _fq_call(int mode, g, x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner,
+                     str fn):
+    """mode 0: fake quant of x; mode 1: the straight-through gradient of g. The per-channel nudged range is
+    computed into a small scratch buffer (no Python objects besides the output)."""
+    xa = _float_array(x, fn)
+    dt = xa.dtype
+    lo = _range_vec(mn, dt, fn, "min")
+    hi = _range_vec(mx, dt, fn, "max")
+    cdef Py_ssize_t C = lo.shape[0], n = xa.size
+    if hi.shape[0] != C or C == 0 or inner <= 0 or n % (C * inner):
+        raise ValueError(f"{fn}: {C} channels of min / {hi.shape[0]} of max with inner size {inner} do not fit "
+                         f"a tensor of shape {xa.shape}")
+    if not 2 <= num_bits <= 16:
+        raise ValueError(f"{fn}: num_bits must be in 2..16, got {num_bits}")
+    ga = None
+    if mode == 1:
+        ga = g if (type(g) is np.ndarray and g.dtype == dt and (<cnp.ndarray>g).flags.c_contiguous) \
+            else np.ascontiguousarray(g, dtype=dt)
+        if ga.shape != xa.shape:
+            raise ValueError(f"{fn}: g {ga.shape} and x {xa.shape} differ")
+    out = np.empty_like(xa)
+    if n == 0:
+        return out
+    cdef Py_ssize_t rows = n // inner
+    cdef int nt = _threads(n, rows)
+    cdef int qmin = 1 if narrow_range else 0, qmax = (1 << num_bits) - 1
+    cdef bint f32 = dt == np.float32
+    cdef void* xp = cnp.PyArray_DATA(xa)
+    cdef void* op = cnp.PyArray_DATA(out)
+    cdef void* gp = cnp.PyArray_DATA(ga) if mode == 1 else NULL
+    cdef void* lp = cnp.PyArray_DATA(lo)
+    cdef void* hp = cnp.PyArray_DATA(hi)
+    cdef void* P = malloc(C * (4 * (sizeof(double)) + sizeof(int64_t)))
+    if P == NULL:
+        raise MemoryError(fn)
+    cdef float* pf = <float*>P
+    cdef double* pd = <double*>P
+    cdef int64_t* zp = <int64_t*>(<char*>P + C * 4 * sizeof(double))
+    with nogil:
+        if f32:
+            _nudge[float](<float*>lp, <float*>hp, C, qmin, qmax, symmetric, pf, pf + C, pf + 2 * C, pf + 3 * C, zp)
+            if mode == 0:
+                _fq[float](<float*>xp, <float*>op, pf, pf + C, pf + 2 * C, pf + 3 * C, rows, C, inner, nt)
+            else:
+                _fq_grad[float](<float*>gp, <float*>xp, <float*>op, pf + C, pf + 2 * C, rows, C, inner, nt)
+        else:
+            _nudge[double](<double*>lp, <double*>hp, C, qmin, qmax, symmetric, pd, pd + C, pd + 2 * C, pd + 3 * C,
+                           zp)
+            if mode == 0:
+                _fq[double](<double*>xp, <double*>op, pd, pd + C, pd + 2 * C, pd + 3 * C, rows, C, inner, nt)
+            else:
+                _fq_grad[double](<double*>gp, <double*>xp, <double*>op, pd + C, pd + 2 * C, rows, C, inner, nt)
+    free(P)
+    return out
+
+
 def fake_quant(x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner):
     """Fake-quantize ``x`` (float32/64, viewed as (outer, C, inner)) with the nudged range of each channel's
     observed (min, max) (``mn`` / ``mx`` of shape (C,))."""
-    xa, P = _fq_args(x, mn, mx, num_bits, narrow_range, symmetric, inner, "fake_quant")
-    out = np.empty_like(xa)
-    cdef Py_ssize_t rows = xa.size // inner, C = P.shape[1]
-    if xa.size == 0:
-        return out
-    cdef int nt = _threads(xa.size, rows)
-    cdef float[::1] xf, of
-    cdef float[:, ::1] pf
-    cdef double[::1] xd, od
-    cdef double[:, ::1] pd
-    if xa.dtype == np.float32:
-        xf, of, pf = xa.reshape(-1), out.reshape(-1), P
-        with nogil:
-            _fq[float](&xf[0], &of[0], &pf[0, 0], &pf[1, 0], &pf[2, 0], &pf[3, 0], rows, C, inner, nt)
-    else:
-        xd, od, pd = xa.reshape(-1), out.reshape(-1), P
-        with nogil:
-            _fq[double](&xd[0], &od[0], &pd[0, 0], &pd[1, 0], &pd[2, 0], &pd[3, 0], rows, C, inner, nt)
-    return out
+    return _fq_call(0, None, x, mn, mx, num_bits, narrow_range, symmetric, inner, "fake_quant")
 
 
 def fake_quant_grad(g, x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner):
     """Straight-through estimator: ``g`` inside each channel's nudged [nmin, nmax], 0 outside."""
-    xa, P = _fq_args(x, mn, mx, num_bits, narrow_range, symmetric, inner, "fake_quant_grad")
-    ga = np.ascontiguousarray(g, dtype=xa.dtype)
-    if ga.shape != xa.shape:
-        raise ValueError(f"fake_quant_grad: g {ga.shape} and x {xa.shape} differ")
-    out = np.empty_like(xa)
-    cdef Py_ssize_t rows = xa.size // inner, C = P.shape[1]
-    if xa.size == 0:
-        return out
-    cdef int nt = _threads(xa.size, rows)
-    cdef float[::1] gf, xf, of
-    cdef float[:, ::1] pf
-    cdef double[::1] gd, xd, od
-    cdef double[:, ::1] pd
-    if xa.dtype == np.float32:
-        gf, xf, of, pf = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), P
-        with nogil:
-            _fq_grad[float](&gf[0], &xf[0], &of[0], &pf[1, 0], &pf[2, 0], rows, C, inner, nt)
+    return _fq_call(1, g, x, mn, mx, num_bits, narrow_range, symmetric, inner, "fake_quant_grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# the observer: min and max per channel in one sweep, then the EMA, written in place
+# ---------------------------------------------------------------------------------------------
+cdef extern from *:
+    """
+    /* min and max of x[0..n) folded into *lo / *hi: AVX vector min / max (scalar without AVX). A NaN never
+       wins (vminps returns its second operand when one is NaN, as the scalar compares do), so the observed
+       range stays finite. */
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    #endif
+    static void iq_minmax_f32(const float* x, Py_ssize_t n, float* lo, float* hi) {
+        Py_ssize_t i = 0;
+        float l = *lo, h = *hi, t[8];
+        int j;
+    #if defined(__AVX__)
+        if (n >= 32) {
+            __m256 l0 = _mm256_set1_ps(l), l1 = l0, h0 = _mm256_set1_ps(h), h1 = h0;
+            for (; i + 16 <= n; i += 16) {
+                __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+                l0 = _mm256_min_ps(a, l0); l1 = _mm256_min_ps(b, l1);
+                h0 = _mm256_max_ps(a, h0); h1 = _mm256_max_ps(b, h1);
+            }
+            _mm256_storeu_ps(t, _mm256_min_ps(l0, l1));
+            for (j = 0; j < 8; j++) l = t[j] < l ? t[j] : l;
+            _mm256_storeu_ps(t, _mm256_max_ps(h0, h1));
+            for (j = 0; j < 8; j++) h = t[j] > h ? t[j] : h;
+        }
+    #endif
+        for (; i < n; i++) { float v = x[i]; l = v < l ? v : l; h = v > h ? v : h; }
+        *lo = l; *hi = h;
+    }
+    static void iq_minmax_f64(const double* x, Py_ssize_t n, double* lo, double* hi) {
+        Py_ssize_t i;
+        double l = *lo, h = *hi;
+        for (i = 0; i < n; i++) { double v = x[i]; l = v < l ? v : l; h = v > h ? v : h; }
+        *lo = l; *hi = h;
+    }
+    #define IQ_EMA(NAME, T) \
+        __attribute__((optimize("fp-contract=off"))) \
+        static void NAME(T* mn, T* mx, const T* lo, const T* hi, Py_ssize_t C, int blend, T d, T e) { \
+            Py_ssize_t c; \
+            for (c = 0; c < C; c++) { \
+                if (blend) { \
+                    volatile T a = mn[c] * d, b = lo[c] * e, p = mx[c] * d, q = hi[c] * e; \
+                    mn[c] = a + b; mx[c] = p + q; \
+                } else { mn[c] = lo[c]; mx[c] = hi[c]; } \
+            } \
+        }
+    IQ_EMA(iq_ema_f32, float)
+    IQ_EMA(iq_ema_f64, double)
+    """
+    void iq_minmax_f32(const float* x, Py_ssize_t n, float* lo, float* hi) noexcept nogil
+    void iq_minmax_f64(const double* x, Py_ssize_t n, double* lo, double* hi) noexcept nogil
+    void iq_ema_f32(float* mn, float* mx, const float* lo, const float* hi, Py_ssize_t C, int blend, float d,
+                    float e) noexcept nogil
+    void iq_ema_f64(double* mn, double* mx, const double* lo, const double* hi, Py_ssize_t C, int blend, double d,
+                    double e) noexcept nogil
+
+
+cdef inline void _minmax(const floating* x, Py_ssize_t n, floating* lo, floating* hi) noexcept nogil:
+    if floating is float:
+        iq_minmax_f32(x, n, lo, hi)
     else:
-        gd, xd, od, pd = ga.reshape(-1), xa.reshape(-1), out.reshape(-1), P
-        with nogil:
-            _fq_grad[double](&gd[0], &xd[0], &od[0], &pd[1, 0], &pd[2, 0], rows, C, inner, nt)
-    return out
+        iq_minmax_f64(x, n, lo, hi)
+
+
+cdef void _observe(const floating* x, Py_ssize_t n, Py_ssize_t C, Py_ssize_t inner, floating* lo, floating* hi,
+                   floating* part, int nt) noexcept nogil:
+    """Per channel c of x viewed as (outer, C, inner): lo[c] = min, hi[c] = max. ``part`` holds 2 * C * nt
+    partial results: thread t sweeps its own contiguous share (rows, or a slice of the one row when x is a
+    single channel of a single row) into its own partials, merged at the end."""
+    cdef Py_ssize_t rows = n // inner, t, r, c, a, b, share
+    cdef floating* pl
+    cdef floating* ph
+    for t in range(nt):
+        for c in range(C):             # seeded with an element of the channel (row c belongs to channel c)
+            part[2 * (C * t + c)] = x[c * inner]
+            part[2 * (C * t + c) + 1] = x[c * inner]
+    if nt > 1 and rows >= nt:
+        for t in prange(nt, schedule="static", num_threads=nt):
+            pl = part + 2 * C * t
+            a = rows * t // nt
+            b = rows * (t + 1) // nt
+            for r in range(a, b):
+                c = r % C
+                _minmax(x + r * inner, inner, pl + 2 * c, pl + 2 * c + 1)
+    elif nt > 1 and C == 1:
+        for t in prange(nt, schedule="static", num_threads=nt):
+            pl = part + 2 * t
+            a = n * t // nt
+            b = n * (t + 1) // nt
+            _minmax(x + a, b - a, pl, pl + 1)
+    else:
+        nt = 1
+        for r in range(rows):
+            c = r % C
+            _minmax(x + r * inner, inner, part + 2 * c, part + 2 * c + 1)
+    for c in range(C):
+        lo[c] = part[2 * c]
+        hi[c] = part[2 * c + 1]
+        for t in range(1, nt):
+            pl = part + 2 * (C * t + c)
+            if pl[0] < lo[c]:
+                lo[c] = pl[0]
+            if pl[1] > hi[c]:
+                hi[c] = pl[1]
+
+
+cdef inline void _ema_store(floating* minq, floating* maxq, const floating* lo, const floating* hi, Py_ssize_t C,
+                            bint blend, double decay) noexcept nogil:
+    """minq / maxq <- the observed range, or (blend) the moving average var * d + observed * (1 - d), each
+    product rounded to ``floating`` before the sum (no fused multiply-add: the arithmetic of the float graph)."""
+    if floating is float:
+        iq_ema_f32(minq, maxq, lo, hi, C, blend, <float>decay, <float>(1.0 - decay))
+    else:
+        iq_ema_f64(minq, maxq, lo, hi, C, blend, decay, 1.0 - decay)
+
+
+def observe_minmax(minq, maxq, x, Py_ssize_t inner, bint blend, double decay):
+    """The observer of a fake quant, in place: per channel of ``x`` (viewed as (outer, C, inner), C =
+    len(minq)) its min and max in one sweep, then ``minq`` / ``maxq`` <- that range, or with ``blend`` the
+    exponential moving average ``var * decay + observed * (1 - decay)``. ``minq`` / ``maxq`` must be
+    C-contiguous arrays of x's dtype (they are updated, not replaced); returns ``minq``."""
+    fn = "observe_minmax"
+    xa = _float_array(x, fn)
+    dt = xa.dtype
+    for what, v in (("min", minq), ("max", maxq)):
+        if type(v) is not np.ndarray or v.dtype != dt or not (<cnp.ndarray>v).flags.c_contiguous \
+                or not (<cnp.ndarray>v).flags.writeable:
+            raise TypeError(f"{fn}: the {what} variable must be a writeable C-contiguous {dt} array, got "
+                            f"{type(v).__name__} {getattr(v, 'dtype', '')}")
+    cdef Py_ssize_t C = minq.size, n = xa.size
+    if maxq.size != C or C == 0 or inner <= 0 or n == 0 or n % (C * inner):
+        raise ValueError(f"{fn}: {C} channels of min / {maxq.size} of max with inner size {inner} do not fit a "
+                         f"tensor of shape {xa.shape} (an empty tensor has no range)")
+    cdef Py_ssize_t rows = n // inner
+    cdef int nt = _threads(n, rows if rows > 1 else (n // 4096))
+    cdef bint f32 = dt == np.float32
+    cdef size_t w = sizeof(float) if f32 else sizeof(double)
+    cdef char* buf = <char*>malloc(w * (2 * C + 2 * C * nt))
+    if buf == NULL:
+        raise MemoryError(fn)
+    cdef void* xp = cnp.PyArray_DATA(xa)
+    cdef void* mnp = cnp.PyArray_DATA(minq)
+    cdef void* mxp = cnp.PyArray_DATA(maxq)
+    with nogil:
+        if f32:
+            _observe[float](<float*>xp, n, C, inner, <float*>buf, <float*>buf + C, <float*>buf + 2 * C, nt)
+            _ema_store[float](<float*>mnp, <float*>mxp, <float*>buf, <float*>buf + C, C, blend, decay)
+        else:
+            _observe[double](<double*>xp, n, C, inner, <double*>buf, <double*>buf + C, <double*>buf + 2 * C, nt)
+            _ema_store[double](<double*>mnp, <double*>mxp, <double*>buf, <double*>buf + C, C, blend, decay)
+    free(buf)
+    return minq
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,14 +11,18 @@ Their QAT twins:
 * ``FakeQuantWithMinMax`` -- an observer (per tensor or per channel; ``ema=True``: ``minq`` / ``maxq`` hold an
   exponential moving average with ``ema_decay`` whose first observed batch seeds the average; ``ema=False``,
   as for weights: the current tensor's min / max, in training and evaluation alike) followed by a
-  fake-quant primitive with the straight-through estimator;
+  fake-quant primitive with the straight-through estimator; in training the observer is one task
+  (``minmax_update_*``: min and max in one sweep, the EMA, written into ``minq`` / ``maxq`` -- with
+  ``ema=False`` they hold the last observed range) and the fake quant reads the variables it wrote;
   ``quant_delay`` training steps pass the tensor through unquantized (the observer still runs);
 * ``Conv2dBnFoldQuant`` -- BatchNorm folded into the conv weights during training: the weights are folded
   with the running std (``W * gamma / sigma_running``), fake-quantized per channel and convolved; the batch
   statistics are those of that output scaled back by ``sigma_running / gamma`` (the unfolded conv, as
   PyTorch's ConvBn2d computes them: one convolution where MindSpore runs a second one with the float
   weights); the result is corrected by ``sigma_running / sigma_batch`` with bias
-  ``beta - gamma * mu_batch / sigma_batch`` (Jacob et al. 2018, Krishnamoorthi 2018). After ``freeze_bn`` steps the running statistics are used (correction 1, bias
+  ``beta - gamma * mu_batch / sigma_batch`` (Jacob et al. 2018, Krishnamoorthi 2018) -- which is batch norm
+  of the rescaled output, so the runtime's batch-norm kernels compute it and its gradient. After
+  ``freeze_bn`` steps the running statistics are used (correction 1, bias
   ``beta - gamma * mu_running / sigma_running``) and no longer updated; evaluation always uses them;
 * ``Conv2dQuant`` / ``DenseQuant`` -- fake-quantized weights (per channel, symmetric by default);
 * ``ActQuant`` (an activation then an activation fake-quant), ``ReLUQuant``, ``TensorAddQuant``.
@@ -37,7 +41,8 @@ from runtime.nn.init import initializer
 from runtime.nn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dense, ReLU, _pair, get_activation
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
-from runtime.ops.quant import fake_quant_perchannel, fake_quant_perlayer
+from runtime.ops import prims as P
+from runtime.ops.quant import fake_quant_perchannel, fake_quant_perlayer, minmax_update
 
 
 def step_counter() -> Parameter:
@@ -165,14 +170,23 @@ class FakeQuantWithMinMax(_QuantCell):
         return mn, mx
 
     def construct(self, x):
-        if self.training or not self.ema:
+        if self.per_channel:
+            self.check(0 <= self.channel_axis < x.ndim and x.shape[self.channel_axis] == self.num_channels,
+                       f"expects {self.num_channels} channels on axis {self.channel_axis}, got {tuple(x.shape)}")
+        if self.training and x.dtype == self.minq.dtype:
+            # one task observes x (min and max in one sweep, the EMA from the second step on) and stores the
+            # range in minq / maxq; the fake quant then reads them (effect ordering runs it after the update)
+            minmax_update(self.minq, self.maxq, x, self.step, ema=self.ema, ema_decay=self.ema_decay,
+                          channel_axis=self.channel_axis if self.per_channel else None)
+            mn, mx = self.minq, self.maxq
+        elif self.training or not self.ema:
             mn, mx = self._observed(x)
             if self.ema and self.training:
                 d = self.ema_decay
                 first = F.equal(self.step, 0)
                 mn = F.select(first, mn, F.add(F.mul(self.minq, d), F.mul(mn, 1.0 - d)))
                 mx = F.select(first, mx, F.add(F.mul(self.maxq, d), F.mul(mx, 1.0 - d)))
-            if self.training and self.ema:     # without EMA the range is recomputed from x every time
+            if self.training:
                 F.assign(self.minq, mn)
                 F.assign(self.maxq, mx)
         else:
@@ -281,30 +295,27 @@ class Conv2dBnFoldQuant(_QuantCell):
         if not self.training:
             bias = F.sub(self.beta, F.div(F.mul(self.gamma, self.moving_mean), std_run))
             return F.add(y, F.reshape(bias, cshape))
-        # batch statistics of the unfolded conv, recovered from the folded one (one convolution, not two:
-        # PyTorch's ConvBn2d "approximate" form; MindSpore runs a second conv with the float weights).
-        # The gradient flows through them.
-        # Computed on y and rescaled per channel: mean_B = mean(y) k, var_B = var(y) k^2 with k = sigma_run / gamma.
-        # (a channel with gamma exactly 0 has y = 0 and output beta; dividing by 1 there keeps it finite)
+        # Batch statistics of the unfolded conv, recovered from the folded one (one convolution, not two:
+        # PyTorch's ConvBn2d "approximate" form; MindSpore runs a second conv with the float weights):
+        # z = y * k with k = sigma_run / gamma is the unfolded conv, and the corrected output
+        #   y * sigma_run / sigma_B + beta - gamma * mu_B / sigma_B  =  gamma (z - mu_B) / sigma_B + beta
+        # is batch norm of z -- the runtime's batch_norm kernels (forward, dx, dgamma / dbeta), the gradient
+        # flowing through the batch statistics. (A channel with gamma exactly 0 has y = 0, z = 0 and output
+        # beta; dividing by 1 there keeps k finite.)
         k = F.div(std_run, F.select(F.equal(self.gamma, 0.0), F.ones_like(self.gamma), self.gamma))
-        mean_y = F.reduce_mean(y, (0, 2, 3), keepdims=True)
-        yc = F.sub(y, mean_y)
-        var_b = F.mul(F.reduce_mean(F.mul(yc, yc), (0, 2, 3)), F.mul(k, k))
-        mean_b = F.mul(F.reshape(mean_y, (c,)), k)
-        std_b = F.sqrt(F.add(var_b, self.eps))
+        z = F.mul(y, F.reshape(k, cshape))
+        corrected = P.batch_norm(z, self.gamma, self.beta, self.eps)
+        # after freeze_bn steps: the running statistics (correction 1, bias beta - gamma mu_run / sigma_run)
         frozen = F.greater_equal(self.step, self.freeze_bn)
-        corr = F.select(frozen, Tensor(np.ones((c,), self.weight.dtype)), F.div(std_run, std_b))
-        bias = F.select(frozen, F.sub(self.beta, F.div(F.mul(self.gamma, self.moving_mean), std_run)),
-                        F.sub(self.beta, F.div(F.mul(self.gamma, mean_b), std_b)))
-        out = F.add(F.mul(y, F.reshape(corr, cshape)), F.reshape(bias, cshape))
-        # running statistics: updated until freeze_bn, then kept
-        n = y.size // c
+        bias = F.sub(self.beta, F.div(F.mul(self.gamma, self.moving_mean), std_run))
+        out = F.select(frozen, F.add(y, F.reshape(bias, cshape)), corrected)
+        # running statistics (mean and unbiased variance of z): updated until freeze_bn, then kept
+        stats = P.batch_norm_stats(z)
         m = self.momentum
-        unbiased = F.mul(var_b, float(n) / max(n - 1, 1))
         F.assign(self.moving_mean, F.select(frozen, self.moving_mean,
-                                            F.add(F.mul(self.moving_mean, m), F.mul(mean_b, 1.0 - m))))
+                                            P.batch_norm_moving(self.moving_mean, stats, 0, m)))
         F.assign(self.moving_variance, F.select(frozen, self.moving_variance,
-                                                F.add(F.mul(self.moving_variance, m), F.mul(unbiased, 1.0 - m))))
+                                                P.batch_norm_moving(self.moving_variance, stats, 1, m)))
         self._tick()
         return out
 

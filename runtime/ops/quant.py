@@ -12,6 +12,10 @@ Fake quantization (MindSpore 0.5's FakeQuantPerLayer / FakeQuantPerChannel, Tens
   (``fake_quant_perlayer_grad`` / ``fake_quant_perchannel_grad``); ``min``, ``max`` and ``step`` get none.
   Before ``quant_delay`` the gradient passes unmasked.
 * fusion category ``elementwise``; kernels in ``runtime/_kernels_quant.pyx``.
+* the observer ``minmax_update_perlayer`` / ``minmax_update_perchannel(minq, maxq, x, step)`` (MindSpore's
+  MinMaxUpdatePerLayer / PerChannel): one task, one sweep over ``x`` for its min and max, stored into the range
+  variables (their moving average with ``ema``); an ``effect``, so the fake quant that reads the variables
+  runs after it. In training a ``FakeQuantWithMinMax`` is these two tasks (three with the STE in backward).
 
 The int8 engine (``*_int8``, ``quantize``, ``dequantize``) runs a converted model on integers only:
 int8 activations and weights, int32 accumulation, requantization by a Q31 multiplier and a shift
@@ -75,8 +79,18 @@ def quantize_multiplier(m: float) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 def _layout(shape, axis):
     if axis is None:
-        return int(np.prod(shape, dtype=np.int64)) or 1
-    return int(np.prod(shape[axis + 1:], dtype=np.int64))
+        return math.prod(shape) or 1
+    return math.prod(shape[axis + 1:])
+
+
+def _range_shape(name, xs, per_channel, attrs):
+    """The shape of the (min, max) range vectors of ``x``: (C,) along ``channel_axis``, or (1,)."""
+    if not per_channel:
+        return (1,)
+    ax = attrs["channel_axis"]
+    if not 0 <= ax < len(xs):
+        raise ShapeError(f"{name}: channel_axis {ax} is out of range for x {xs}")
+    return (xs[ax],)
 
 
 def _fq_infer(name, per_channel):
@@ -90,13 +104,7 @@ def _fq_infer(name, per_channel):
         k = 1 if name.endswith("_grad") else 0          # the grad ops take (g, x, min, max, step)
         if k and tuple(shapes[1]) != xs:
             raise ShapeError(f"{name}: g {xs} and x {tuple(shapes[1])} differ")
-        if per_channel:
-            ax = attrs["channel_axis"]
-            if not 0 <= ax < len(xs):
-                raise ShapeError(f"{name}: channel_axis {ax} is out of range for x {xs}")
-            want = (xs[ax],)
-        else:
-            want = (1,)
+        want = _range_shape(name, xs, per_channel, attrs)
         for what, s, d in (("min", shapes[1 + k], dtypes[1 + k]), ("max", shapes[2 + k], dtypes[2 + k])):
             if tuple(s) != want or np.dtype(d).kind != "f":
                 raise ShapeError(f"{name}: {what} must be a float tensor of shape {want} for x {xs}, "
@@ -145,6 +153,57 @@ for _name, _pc, _ms in (("fake_quant_perlayer", False, "FakeQuantPerLayer"),
     register(Primitive(_name + "_grad", "elementwise", _fq_infer(_name + "_grad", _pc), _fq_grad_kernel(_pc),
                        flops_per_element=2, attrs_doc="as the forward op",
                        extra={"mindspore_name": _ms + "Grad"}))
+
+
+# ----------------------------------------------------------------------------------------------
+# the observer: min / max (and their moving average) written into the range variables in one sweep
+# ----------------------------------------------------------------------------------------------
+def _observe_infer(name, per_channel):
+    def infer(shapes, dtypes, attrs):
+        ms, xs = tuple(shapes[0]), tuple(shapes[2])
+        xd = np.dtype(dtypes[2])
+        if xd.kind != "f":
+            raise ShapeError(f"{name}: expects a floating-point tensor, got {xd}")
+        want = _range_shape(name, xs, per_channel, attrs)
+        if int(np.prod(xs, dtype=np.int64)) == 0:
+            raise ShapeError(f"{name}: x {xs} is empty and has no range to observe")
+        for what, s, d in (("min", shapes[0], dtypes[0]), ("max", shapes[1], dtypes[1])):
+            if tuple(s) != want or np.dtype(d) != xd:
+                raise ShapeError(f"{name}: the {what} variable must be {xd} of shape {want} for x {xs}, "
+                                 f"got {tuple(s)} {np.dtype(d)}")
+        if tuple(shapes[3]) != () or np.dtype(dtypes[3]).kind not in "iu":
+            raise ShapeError(f"{name}: step must be an integer scalar, got {tuple(shapes[3])} {np.dtype(dtypes[3])}")
+        return ms, dtypes[0]
+    return infer
+
+
+def _observe_kernel(per_channel):
+    def kernel(minq, maxq, x, step, ema, ema_decay, channel_axis=None):
+        return KQ.observe_minmax(minq, maxq, x, _layout(x.shape, channel_axis if per_channel else None),
+                                 bool(ema) and int(step) != 0, ema_decay)
+    return kernel
+
+
+for _name, _pc, _ms in (("minmax_update_perlayer", False, "MinMaxUpdatePerLayer"),
+                        ("minmax_update_perchannel", True, "MinMaxUpdatePerChannel")):
+    register(Primitive(_name, "effect", _observe_infer(_name, _pc), _observe_kernel(_pc),
+                       cost_fn=lambda n: (2 * n.inputs[2].size, n.inputs[2].nbytes + 4 * n.nbytes),
+                       attrs_doc="ema, ema_decay[, channel_axis]",
+                       extra={"mindspore_name": _ms}))
+
+
+def minmax_update(minq, maxq, x, step, ema=True, ema_decay=0.999, channel_axis=None):
+    """The observer of a fake quant, one task: the min and max of ``x`` (per tensor, or per channel along
+    ``channel_axis``) found in one sweep and stored into the variables ``minq`` / ``maxq`` -- with ``ema``,
+    from the second step on (``step != 0``), as the moving average ``var * ema_decay + observed *
+    (1 - ema_decay)``. An in-place update of ``minq`` (the effect's variable) that also writes ``maxq``:
+    ``maxq`` must have no reader but the fake quant that follows (which reads ``minq`` too, so the effect
+    ordering puts it after the update)."""
+    attrs = {"ema": bool(ema), "ema_decay": float(ema_decay)}
+    if channel_axis is None:
+        return bind("minmax_update_perlayer", [_t(minq), _t(maxq), _t(x), _t(step)], attrs)
+    attrs["channel_axis"] = int(channel_axis)
+    return bind("minmax_update_perchannel", [_t(minq), _t(maxq), _t(x), _t(step)], attrs)
 
 
 def _fq_attrs(num_bits, narrow_range, symmetric, quant_delay, training):
