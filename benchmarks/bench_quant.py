@@ -1,6 +1,6 @@
 """Quantization: int8 inference against fp32 and onnxruntime, and the QAT training step against fp32.
 
-    python benchmarks/bench_quant.py [--rounds 15] [--quick]
+    python benchmarks/bench_quant.py [--rounds 15] [--quick] [--summary PATH]
 
 Model: LeNet-with-BN on the 8x8 digits (``runtime.examples.qat.LeNetBN``), trained a few epochs in fp32,
 fine-tuned with QAT, converted to int8.
@@ -11,6 +11,12 @@ fine-tuned with QAT, converted to int8.
    onnxruntime ratio is reported.
 2. Training step, batch 32, graph-kernel fusion on: the QAT network (BN folded with the batch-statistics
    correction, fake quant of weights and activations, EMA observers) vs the fp32 network. Goal: <= 1.5x.
+
+3. The model files: int8 (``Int8Model.save``) vs the fp32 checkpoint. Goal: <= 26% of the bytes.
+4. Test-set accuracy of the three models (fp32, QAT, int8) and the gaps in points. Goal: <= 0.3 points (the
+   quick mode trains fewer epochs than ``runtime.examples.qat``, so its gaps are indicative only).
+
+``--summary PATH`` writes these rows (``benchmarks/_summary.py``).
 
 Each round times every variant back to back (interleaved, so load changes hit them alike); the figures
 are medians over rounds and the ratios are medians of the per-round (paired) ratios. The machine load
@@ -32,9 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's
 
 from runtime import context  # noqa: E402
 from runtime.dataset.digits import load_digits_split  # noqa: E402
-from runtime.examples.qat import LeNetBN, train  # noqa: E402
+from benchmarks._summary import row, write  # noqa: E402
+from runtime.examples.qat import LeNetBN, accuracy, train  # noqa: E402
 from runtime.train import Model  # noqa: E402
 from runtime.train.quant import convert_quant_network, convert_to_int8, export_onnx  # noqa: E402
+from runtime.train.serialization import save_checkpoint  # noqa: E402
 from runtime import nn  # noqa: E402
 from runtime.examples.qat import loss_fn  # noqa: E402
 
@@ -75,6 +83,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer epochs and rounds (checks that it runs)")
+    ap.add_argument("--summary", default="", help="write the goal rows as JSON (benchmarks/_summary.py)")
     a = ap.parse_args(argv)
     rounds = 5 if a.quick else a.rounds
     epochs, qat_epochs = (3, 1) if a.quick else (10, 3)
@@ -92,16 +101,21 @@ def main(argv=None):
     for p, q in zip(qat_src.get_parameters(), fp32_net.get_parameters()):
         p.set_data(q.data)
     qnet = convert_quant_network(qat_src, freeze_bn=(qat_epochs - 1) * (len(xtr) // 32))
-    train(qnet, xtr, ytr, qat_epochs, 0.005)
+    qat = train(qnet, xtr, ytr, qat_epochs, 0.005)
     int8 = convert_to_int8(qnet, xte.shape[1:])
     agree = float((int8.predict(xb).argmax(1) == fp32_pred.argmax(1)).mean())
     print(f"models: LeNet-BN, fp32 trained {epochs} epochs, QAT {qat_epochs} epochs; int8/fp32 argmax agreement "
           f"on the batch {agree:.3f}")
+    acc = {"fp32": accuracy(fp32.predict, xte, yte), "qat": accuracy(qat.predict, xte, yte),
+           "int8": accuracy(int8.predict, xte, yte)}
+    tmp = tempfile.mkdtemp()
+    nbytes = {"fp32": os.path.getsize(save_checkpoint(fp32_net, os.path.join(tmp, "lenet_fp32.ckpt"))),
+              "int8": os.path.getsize(int8.save(os.path.join(tmp, "lenet_int8.bin")))}
 
     variants = {"fp32": lambda: fp32.predict(xb), "int8": lambda: int8.predict(xb)}
     try:
         import onnxruntime as ort
-        path = export_onnx(int8, os.path.join(tempfile.mkdtemp(), "lenet_int8.onnx"))
+        path = export_onnx(int8, os.path.join(tmp, "lenet_int8.onnx"))
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         variants["onnxruntime int8"] = lambda: sess.run(None, {"data": xb})
     except ImportError:
@@ -135,7 +149,29 @@ def main(argv=None):
         print(f"   {k:6s} {1e3 * statistics.median(v):8.3f} ms/step wall   {1e3 * statistics.median(t2c[k]):8.3f} ms CPU")
     print(f"   QAT / fp32 step: {paired(t2, 'qat', 'fp32'):.2f}x wall, {paired(t2c, 'qat', 'fp32'):.2f}x CPU   "
           f"(goal <= 1.5x)")
+    print(f"\n3. model files: fp32 checkpoint {nbytes['fp32']} B, int8 {nbytes['int8']} B "
+          f"({nbytes['int8'] / nbytes['fp32']:.3f} of fp32, goal <= 0.26)")
+    gaps = {k: 100 * (acc["fp32"] - acc[k]) for k in ("qat", "int8")}
+    print(f"\n4. test accuracy ({len(yte)} images): fp32 {100 * acc['fp32']:.2f}%  QAT {100 * acc['qat']:.2f}%  "
+          f"int8 {100 * acc['int8']:.2f}%; gap to fp32: QAT {gaps['qat']:+.2f}, int8 {gaps['int8']:+.2f} points "
+          f"(goal <= 0.3)")
     print(f"\nload average after: {load()}")
+    rows = [row("QAT training step / fp32 step (LeNet-BN, batch 32, graph kernel fusion)",
+                statistics.median(t2["qat"]) * 1e3, statistics.median(t2["fp32"]) * 1e3,
+                ratio=paired(t2, "qat", "fp32"), unit="ms/step", goal="<= 1.5"),
+            row("int8 inference speed-up over fp32 (fp32 time / int8 time, batch 256)",
+                statistics.median(t["int8"]) * 1e3, statistics.median(t["fp32"]) * 1e3,
+                ratio=paired(t, "fp32", "int8"), unit="ms")]
+    if "onnxruntime int8" in t:
+        rows.append(row("onnxruntime int8 time / our int8 time (batch 256)",
+                        statistics.median(t["onnxruntime int8"]) * 1e3, statistics.median(t["int8"]) * 1e3,
+                        ratio=paired(t, "onnxruntime int8", "int8"), unit="ms"))
+    rows += [row("int8 model file / fp32 checkpoint", nbytes["int8"], nbytes["fp32"], unit="B", goal="<= 0.26"),
+             row(f"QAT accuracy gap to fp32 (fp32 {epochs} + QAT {qat_epochs} epochs)", gaps["qat"], unit="points",
+                 goal="<= 0.3"),
+             row(f"int8 accuracy gap to fp32 (fp32 {epochs} + QAT {qat_epochs} epochs)", gaps["int8"], unit="points",
+                 goal="<= 0.3")]
+    write(a.summary, "bench_quant", rows)
 
 
 if __name__ == "__main__":
