@@ -33,19 +33,21 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-# Every benchmark and its quick mode (about 15 minutes in all on a quiet 2-core machine). Each command gets
-# `--summary PATH` appended; the goals are stated by each benchmark (see benchmarks/README.md).
+# Every benchmark and its quick mode, run in this order. Each command gets `--summary PATH` appended; the goals
+# are stated by each benchmark (see benchmarks/README.md). About 6 minutes in all at load 5 on the 2-core
+# machine (the budget is 15): bench_gnn (~90 s), bench_fusion (~60 s), bench_vs_torch and bench_timeline at
+# the 10M tasks (~40 s each) take most of it.
 QUICK = [
     ("bench_vs_torch", "--rounds 10 --steps-per-round 10"),
-    ("bench_fusion", "--quick --rounds 3"),
-    ("bench_profiler", "--rounds 8 --epochs 1 --steps 5000"),
+    ("bench_fusion", "--quick"),
+    ("bench_profiler", "--rounds 8 --epochs 2 --steps 5000"),
     ("bench_quant", "--quick"),
     ("bench_import", "--events 200000"),
     ("bench_writer", "--quick"),
     ("bench_gnn", "--rounds 3 --epochs 5 --wall-epochs 20"),
     ("bench_wide_deep", "--quick"),
     ("bench_data_parallel", "--quick"),
-    ("bench_timeline", "--tasks 1000000"),
+    ("bench_timeline", "--tasks 10000000"),
     ("bench_executor", "--rounds 15 --steps 20"),
 ]
 
