@@ -19,7 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _extensions():
     only = {m.strip() for m in os.environ.get("INSIGHT_BUILD_ONLY", "").split(",") if m.strip()}
     exts = []
-    for path in sorted(glob.glob(os.path.join(HERE, "runtime", "_*.pyx"))):
+    pyx = glob.glob(os.path.join(HERE, "runtime", "_*.pyx"))
+    pyx += glob.glob(os.path.join(HERE, "insight", "importer", "_*.pyx"))  # the trace importer's JSON scanner
+    for path in sorted(pyx):
         rel = os.path.relpath(path, HERE)
         name = rel[:-len(".pyx")].replace(os.sep, ".")
         if only and name not in only:

@@ -511,3 +511,69 @@ def test_reader_cuts_anywhere_and_gives_the_events_json_load_gives(tmp_path, chu
     gz = tmp_path / "t.json.gz"
     gz.write_bytes(gzip.compress(src.read_bytes()))
     assert [e for batch in TraceReader(gz, chunk=chunk).batches() for e in batch] == ev
+
+
+# -- the Cython scanner (the fast path of pass 1) against the orjson path --------------------------------------
+def _tricky_events() -> list:
+    """Events of every kind and many odd shapes: each one the scanner takes must become exactly the columns the
+    orjson path makes of it; the ones it leaves (escapes, floats as integer args, our exporter's args, ...)
+    go through orjson."""
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "python"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": "main thread", "args": {"name": "main"}},
+          {"ph": "M", "name": "process_sort_index", "pid": 1, "args": {"sort_index": 3}}]
+    for k in range(40):
+        ts = [1.5 + k, 10 + k, 1.25e3 + k, 1234567.891 + k, 1700000000123456.7 + k, 0.1 + 0.2 * k][k % 6]
+        ev.append({"ph": "X", "cat": ["cpu_op", "kernel", None, "gpu_memcpy"][k % 4],
+                   "name": ["aten::mm", 'quote " and \\ back', "é unicode", "tab\there", "[memory]"][k % 5],
+                   "pid": [1, "1", None, -3][k % 4], "tid": ["main thread", 7, 2**40, None][k % 4],
+                   "ts": ts, "dur": [2, 0.001, 3.5e-2, -1, 12345.678][k % 5],
+                   "args": [{"correlation": k, "External id": k * 3, "bytes": 4096, "flops": 10**15},
+                            {"Input Dims": [[32, 64], [64], []], "Input type": ["float", "float", ""]},
+                            {"Input Dims": [[1, 2, 3]], "nested": {"a": [1, {"b": None}], "c": True}},
+                            {"correlation": 1.5}, {"External id": "7"}, {"bytes": "12"}, {"flops": None},
+                            {"op": "MatMul", "step": 1, "task_id": 4, "graph": "g", "scope": "s", "phase": "fp"},
+                            None, {}][k % 10]})
+        if k % 7 == 3:
+            del ev[-1]["name"]
+        if k % 11 == 5:
+            del ev[-1]["dur"]
+        ev.append({"ph": "sft"[k % 3], "id": k if k % 9 else f"s{k}", "pid": 1, "tid": 7, "ts": ts + 1,
+                   "cat": "ac2g", "name": "ac2g", **({"bp": "e"} if k % 2 else {})})
+        ev.append({"ph": "i", "name": "[memory]" if k % 4 else "mark", "pid": 1, "tid": 7, "ts": ts, "s": "t",
+                   "args": {"Bytes": [1024, -1024, 2.5, 7][k % 4], "Addr": 2**45 + k, "Total Allocated": 4096,
+                            "Total Reserved": 8192, "Device Type": 1, "Device Id": 0}})
+        ev.append({"ph": ["B", "E", "C", "Z", "I"][k % 5], "name": "range", "pid": 1, "tid": 7, "ts": ts,
+                   "args": {"value": k}})
+    return ev
+
+
+@pytest.mark.parametrize("chunk", [64, 3000, 1 << 20])
+def test_scanner_gives_the_columns_of_the_orjson_path(tmp_path, chunk):
+    from insight.importer.events import EventColumns
+    from insight.importer.reader import TraceReader
+
+    ev = _tricky_events()
+    text = json.dumps({"schemaVersion": 1, "traceEvents": ev}, indent=1, ensure_ascii=chunk != 3000)
+    text = text.replace('"dur": 2,', '"dur": 2, "dur": 3,', 1)  # a duplicate key: the last one counts
+    src = tmp_path / "t.json"
+    src.write_text(text)
+    got = []
+    for scan in (False, True):
+        cols = EventColumns()
+        TraceReader(src, chunk=chunk, scan=cols.scan if scan else None).run(cols.feed)
+        cols.finish()
+        vals, lanes = cols.strings.array(), np.array(cols.lane_keys + [None], object)
+        out = {"n": cols.n_events, "threads": cols.thread_names, "processes": cols.process_names,
+               "skipped": dict(cols.skipped)}
+        for table, names in (("slices", ("name", "cat", "shape", "dtype", "a_op", "a_graph", "a_scope", "a_phase")),
+                             ("flows", ("cat", "id_str")), ("memory", ())):
+            t = getattr(cols, table).all()
+            decoded = [vals[a] if c in names else lanes[a] if c == "lane" else a for c, a in t.items()]
+            # (rows in file order, except that a B/E pair is added after the X slices of its batch)
+            out[table] = sorted(map(repr, zip(*decoded)))
+        out["first_dur"] = int(cols.slices.get("dur")[0])
+        got.append((out, cols.n_scanned))
+    (slow, n0), (fast, n1) = got
+    assert n0 == 0 and n1 >= len(ev) // 4  # the scanner read a good part of it, in every chunking
+    assert fast == slow
+    assert fast["n"] == len(ev) and fast["first_dur"] == 3000 and len(fast["slices"]) > 30

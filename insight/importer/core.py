@@ -71,7 +71,7 @@ class ImportResult:
 def read_trace(path, progress=None) -> tuple[EventColumns, dict]:
     """Parse one trace file into columns (pass 1); raises MalformedTrace."""
     cols = EventColumns()
-    reader = TraceReader(path, progress=progress)
+    reader = TraceReader(path, progress=progress, scan=cols.scan)
     # the parser makes millions of short-lived dicts and lists: with the cyclic GC on, its collections would
     # cost more than the parsing (they find nothing: events hold no cycles)
     enabled = gc.isenabled()

@@ -18,8 +18,11 @@ from operator import itemgetter
 import numpy as np
 import orjson
 
+from insight.importer._scan import Scanner
+
 TIMED = {"X", "B", "E", "i", "I", "s", "f", "t", "C", "b", "e", "n"}
 P_X, P_FLOW, P_INSTANT, P_META, P_OTHER = range(5)
+ST_SLOW = 2  # a Scanner status: the next element is not for the scanner
 PH_CODES = {"X": P_X, "s": P_FLOW, "f": P_FLOW, "t": P_FLOW, "i": P_INSTANT, "I": P_INSTANT, "M": P_META}
 EMPTY: dict = {}
 
@@ -137,6 +140,23 @@ MEM_COLS = ("ts", "lane", "addr", "bytes", "allocated", "reserved", "dev_type", 
 A_DEFAULTS = (0, -1, -1, 0, 0, 0, -1, -1, -1)  # a_op .. a_fpbp when absent
 
 
+class Scanned:
+    """A batch of ``n`` events read by the scanner: the columns of its slices, flow ends and memory events
+    (rows as in ``Scanner``), and ``rest``: the raw JSON and batch index of every other event (or None)."""
+    __slots__ = ("n", "x", "fl", "mem", "rest")
+
+    def __init__(self, n, x, fl, mem, rest):
+        self.n, self.x, self.fl, self.mem, self.rest = n, x, fl, mem, rest
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _rows(block: np.ndarray, n: int) -> list | None:
+    """The first ``n`` columns of a scanner block as one array per row (copies: the block is reused)."""
+    return [r.copy() for r in block[:, :n]] if n else None
+
+
 def _take(events: list, idx: np.ndarray) -> list:
     if len(idx) == 1:
         return [events[int(idx[0])]]
@@ -157,7 +177,11 @@ class EventColumns:
         self.skipped: Counter = Counter()  # what was not imported, by kind
         self.open: dict = {}             # lane -> stack of B events
         self.n_events = 0
+        self.n_scanned = 0               # of which read by the scanner (the rest by orjson)
         self._shapes: dict = {}          # orjson text of Input Dims -> code of our notation
+        self._scanner = None
+        self._raw_codes: dict = {}       # raw JSON string bytes -> code (the scanner's strings)
+        self._raw_shapes: dict = {}      # raw (Input Dims, Input type) JSON -> codes
 
     def lane(self, pid, tid) -> int:
         key = (pid, tid)
@@ -183,8 +207,11 @@ class EventColumns:
         return np.array(codes, np.int64)
 
     # -- a batch --------------------------------------------------------------------------------------
-    def feed(self, events: list, base: int = 0) -> None:
+    def feed(self, events, base: int = 0) -> None:
         from insight.importer.reader import BadEvent
+
+        if type(events) is Scanned:
+            return self._feed_scanned(events)
 
         try:
             phs = [e.get("ph") for e in events]
@@ -212,14 +239,101 @@ class EventColumns:
             for k in np.flatnonzero(ph == P_META):
                 self._meta(events[k])
             for k in np.flatnonzero(ph == P_OTHER):
-                e, p = events[k], phs[k]
-                if p in TIMED and type(e.get("ts")) not in (int, float):
-                    _ns([e.get("ts")], np.array([k]), "ts", events)
-                if p == "B" or p == "E":
-                    self._begin_end(e, p)
-                else:
-                    self.skipped[f"ph {_text(p)!r} events" + (" (counters)" if p == "C" else "")] += 1
+                self._other(events, k, phs[k])
         self.n_events += len(events)
+
+    def _other(self, events: list, k: int, p) -> None:
+        e = events[k]
+        if p in TIMED and type(e.get("ts")) not in (int, float):
+            _ns([e.get("ts")], np.array([k]), "ts", events)
+        if p == "B" or p == "E":
+            self._begin_end(e, p)
+        else:
+            self.skipped[f"ph {_text(p)!r} events" + (" (counters)" if p == "C" else "")] += 1
+
+    # -- a batch read by the Cython scanner (insight/importer/_scan.pyx) -------------------------------
+    def scan(self, buf: bytes, pos: int):
+        """``(status, end, batch)``: the next whole elements of ``buf[pos:]``, ending at ``buf[end - 1]``: a
+        ``Scanned`` batch, or a list of events parsed by orjson (a run of elements the scanner leaves to it);
+        ``batch`` None when the next element is malformed (the reader's orjson path reports it) or, ``status``
+        ST_MORE, the buffer ends inside it."""
+        if self._scanner is None:
+            self._scanner = Scanner(self._intern_raw, self.lane, self._described_raw)
+        sc = self._scanner
+        status, end, fast, nx, nf, nm, no, n = sc.scan(buf, pos)
+        if not n:
+            return status, pos, None
+        if not fast:  # a run of elements for the orjson path
+            try:
+                return status, end, orjson.loads(b"[" + buf[pos:end] + b"]")
+            except orjson.JSONDecodeError:  # (the reader's orjson path finds the error and its offset)
+                return ST_SLOW, pos, None
+        rest = None
+        if no:
+            o = sc.other[:, :no]
+            rest = ([buf[a:b] for a, b in zip(o[0].tolist(), o[1].tolist())], o[2].copy())
+        return status, end, Scanned(n, _rows(sc.x, nx), _rows(sc.fl, nf), _rows(sc.mem, nm), rest)
+
+    def _intern_raw(self, raw: bytes, escaped: bool) -> int:
+        """The code of a JSON string given by its raw bytes between the quotes (-1 when it does not decode)."""
+        c = self._raw_codes.get(raw)
+        if c is None:
+            try:
+                s = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode()
+            except (orjson.JSONDecodeError, UnicodeDecodeError):
+                return -1
+            c = self._raw_codes[raw] = self.strings(s)
+        return c
+
+    def _described_raw(self, dims: bytes, types: bytes | None) -> tuple[int, int]:
+        """Shape and dtype codes of Kineto's ``Input Dims`` / ``Input type`` given as raw JSON (as _described)."""
+        c = self._raw_shapes.get((dims, types))
+        if c is None:
+            try:
+                d, t = orjson.loads(dims), orjson.loads(types) if types is not None else None
+            except orjson.JSONDecodeError:
+                return -1, -1
+            key = orjson.dumps((d, t))
+            c = self._shapes.get(key)
+            if c is None:
+                c = self._shapes[key] = (self.strings(_dims(d)), self.strings(_types(t) if t is not None else ""))
+            self._raw_shapes[(dims, types)] = c
+        return c
+
+    def _feed_scanned(self, b: "Scanned") -> None:
+        from insight.importer.reader import BadEvent
+
+        if b.x is not None:
+            x = b.x
+            n = len(x[0])
+            cols = dict(zip(SLICE_COLS[:11], x))
+            for c, d in zip(SLICE_COLS[11:], A_DEFAULTS):
+                cols[c] = (d, n)
+            self.slices.add(cols)
+        if b.fl is not None:
+            f = b.fl
+            self.flows.add({"ph": f[0], "cat": f[1], "id": f[2], "id_str": (0, len(f[0])), "lane": f[3],
+                            "ts": f[4], "bp": f[5]})
+        if b.mem is not None:
+            self.memory.add(dict(zip(MEM_COLS, b.mem)))
+        if b.rest is not None:
+            raws, index = b.rest
+            events = orjson.loads(b"[" + b",".join(raws) + b"]")
+            try:  # what feed does with these kinds, in its order
+                phs = [e.get("ph") for e in events]
+                inst = np.array([k for k, p in enumerate(phs) if p in ("i", "I")], np.int64)
+                if len(inst):
+                    self._instants(events, inst)
+                for e, p in zip(events, phs):
+                    if p == "M":
+                        self._meta(e)
+                for k, p in enumerate(phs):
+                    if p not in ("i", "I", "M"):
+                        self._other(events, k, p)
+            except BadEvent as e:  # the index in the batch, not among these events
+                raise BadEvent(int(index[e.index]), e.message) from None
+        self.n_events += b.n
+        self.n_scanned += b.n
 
     def _slices(self, events: list, idx: np.ndarray) -> None:
         if not len(idx):

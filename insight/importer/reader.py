@@ -26,6 +26,7 @@ CHUNK = 2 << 20          # decompressed bytes read at a time
 MAX_CANDIDATES = 4       # cut points tried before reading more data
 MAX_VALUE = 64 << 20     # a top-level value other than traceEvents larger than this is an error
 WS = b" \t\r\n"
+ST_MORE = 1              # the scanner's status: the buffer ends inside an element (insight/importer/_scan.pyx)
 
 
 class MalformedTrace(Exception):
@@ -65,8 +66,10 @@ class TraceReader:
     ``consume(events)`` may raise ``BadEvent(k, msg)``: ``run(consume)`` turns it into a MalformedTrace at the
     byte offset of the k-th event of that batch."""
 
-    def __init__(self, path: str | os.PathLike, chunk: int = CHUNK, progress: Callable[[int], None] | None = None):
+    def __init__(self, path: str | os.PathLike, chunk: int = CHUNK, progress: Callable[[int], None] | None = None,
+                 scan: Callable | None = None):
         self.path = Path(path)
+        self._scan = scan       # a fast path: scan(buf, pos) -> (status, end, batch or None), see events.scan
         self.chunk = int(chunk)
         self.header: dict = {}
         self.bare_array = False
@@ -79,7 +82,8 @@ class TraceReader:
         self._pos = 0
         self._base = 0          # decompressed offset of _buf[0]
         self._eof = False
-        self._region: tuple[bytes, int] | None = None  # the last batch's bytes and offset (for error offsets)
+        # the last batch: (buffer, start, end, offset of the buffer), for error offsets
+        self._region: tuple[bytes, int, int, int] | None = None
 
     # -- the byte stream ------------------------------------------------------------------------------
     @property
@@ -263,10 +267,25 @@ class TraceReader:
                 if c is None:
                     raise MalformedTrace(self.path, self._base + self._pos, "truncated JSON: the file ends inside "
                                                                             "the traceEvents array")
-            events = self._piece()
+            events = self._scanned() if self._scan is not None else None
+            if events is None:
+                events = self._piece()
             first = False
             self.events += len(events)
             yield events
+
+    def _scanned(self):
+        """The fast path: a batch of the whole elements the scanner takes from here (reading more while the
+        buffer ends inside the first one), or None when the next element is for ``_piece`` (orjson; also for
+        every error message)."""
+        while True:
+            status, end, batch = self._scan(self._buf, self._pos)
+            if batch is not None:
+                self._region = (self._buf, self._pos, end, self._base)
+                self._pos = end
+                return batch
+            if status != ST_MORE or not self._fill(grow=True):
+                return None
 
     def _piece(self) -> list:
         """Parse the longest run of whole elements in the buffer (at least one, reading more if needed)."""
@@ -288,7 +307,7 @@ class TraceReader:
                             doc.decode("utf-8", "surrogateescape")[:e.pos].encode("utf-8", "surrogateescape"))
                         close = doc.rfind(b"]", 0, epos)
                         events = orjson.loads(doc[:close + 1])
-                        self._region = (buf[start:start + close - 1], self._base + start)
+                        self._region = (buf, start, start + close - 1, self._base)
                         self._pos = start + close - 1  # at the array's ']'
                         return events
                     if not self._at_cut(doc, e):
@@ -296,7 +315,7 @@ class TraceReader:
                     end = cut
                     tried += 1
                     continue
-                self._region = (buf[start:cut + 1], self._base + start)
+                self._region = (buf, start, cut + 1, self._base)
                 self._pos = cut + 1
                 return events
             if not self._fill(grow=True):
@@ -329,7 +348,8 @@ class TraceReader:
         """Byte offset of the ``index``-th event of the last batch (slow; for error messages only)."""
         if self._region is None:
             return None
-        region, base = self._region
+        buf, a, b, base = self._region
+        region, base = buf[a:b], base + a
         text = region.decode("utf-8", "surrogateescape")
         dec = json.JSONDecoder()
         pos, k = 0, 0
