@@ -333,6 +333,39 @@ def test_memory_page_without_memory_data(app):
     assert find(lay, "mem-empty") is not None and find(lay, "error-panel") is None
 
 
+# -- data pipeline ------------------------------------------------------------------------------------------
+def test_pipeline_map_colours_follow_the_verdict(app, base):
+    """The map's slowest op is red only when the verdict says data processing is the bottleneck; while the
+    pipeline keeps up it is outlined, never red (red beside "keeps up" contradicted the verdict)."""
+    import copy
+
+    pipe = P("pipeline")
+    rep = analysis.data_pipeline(base["base"] / "real")
+    assert len(rep.ops) and rep.bottleneck_op_id is not None
+    queues = analysis.queue_depths(base["base"] / "real")
+
+    def node_colours(r):
+        fig = pipe._graph_figure(r, queues, True)
+        ops = [t for t in fig.data if t.name == "ops"][0]
+        return list(ops.marker.color), list(ops.marker.line.color), fig.layout.title.text
+
+    keeps_up = copy.copy(rep)
+    keeps_up.verdict = "none"
+    colours, outline, title = node_colours(keeps_up)
+    assert pipe.NODE_COLORS["bottleneck"] not in colours and pipe.NODE_COLORS["flagged"] not in colours
+    assert outline.count(pipe.NODE_COLORS["slowest"]) == 1 and "no op is a bottleneck" in title
+    bound = copy.copy(rep)
+    bound.verdict = "data_processing"
+    colours, outline, title = node_colours(bound)
+    assert colours.count(pipe.NODE_COLORS["bottleneck"]) == 1 and "red = bottleneck" in title
+    assert pipe.NODE_COLORS["slowest"] not in outline
+    # the page itself: the verdict shown and the map agree
+    lay = pipe.layout(run_id="real")
+    fig = find(lay, "pipe-graph").figure
+    red = pipe.NODE_COLORS["bottleneck"] in list([t for t in fig.data if t.name == "ops"][0].marker.color)
+    assert red == (rep.verdict == "data_processing"), (rep.verdict, text(find(lay, "pipeline-verdict")))
+
+
 # -- compare ------------------------------------------------------------------------------------------------
 def test_compare_equals_the_analysis(app, base):
     cmp_page = P("compare")

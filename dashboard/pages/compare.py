@@ -2,11 +2,12 @@
 
 * step-breakdown averages of both runs as grouped bars, and the table of every summary metric
   (a, b, b − a, b / a);
-* per op type, the time per step in each run and the difference (ms and %), with its run-to-run noise: the
-  Mann-Whitney p-value over the per-step samples of both runs and a bootstrap 95 % interval of the change;
-  classified ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower`` (beyond a 5 % tolerance
-  and beyond noise) or ``same`` ("within noise" when the change is inside the noise), as a table and a
-  diverging bar chart. Fractions (utilisation, input share) are shown as percentages.
+* per op type, the time per averaged step in each run (warm-up step 0 excluded, as the step averages) and the
+  difference (ms and %), with its run-to-run noise (``insight.analysis.compare``'s rule, stated on the page:
+  Mann-Whitney p < 0.01, the bootstrap 95 % interval of the lower-quartile change beyond 1.4x, and at least
+  1 % of the step); classified ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower``
+  (significant) or ``same`` ("within noise"), as a table and a diverging bar chart. Fractions (utilisation,
+  input share) are shown as percentages.
 
 The two dropdowns rewrite the URL (``?a=..&b=..``), which re-renders the page: a comparison is a link.
 Everything comes from ``insight.analysis.compare_runs``.
@@ -25,6 +26,7 @@ from dashboard.components import (data_grid, error_panel, fmt_ms, graph, grid_to
                                   stat_card, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
+from insight.analysis.compare import ALPHA, MIN_RATIO, MIN_STEP_SHARE
 from insight.trace import TraceError
 
 PAGES_LOCATION = "_pages_location"  # dash.page_container's dcc.Location (refresh="callback-nav")
@@ -44,8 +46,9 @@ OP_COLUMNS = [
     text_col("op", "Op type", pinned="left", minWidth=170), text_col("status", "Status", cellStyle=STATUS_STYLE),
     num_col("ms_per_step_a", "A ms/step"), num_col("ms_per_step_b", "B ms/step"),
     num_col("diff_ms", "B − A (ms/step)", "signed_ms"), num_col("diff_pct", "B vs A (%)", "+,.1f"),
-    text_col("noise", "Noise", minWidth=120), num_col("ci_low_pct", "95 % CI low (%)", "+,.1f"),
-    num_col("ci_high_pct", "95 % CI high (%)", "+,.1f"), num_col("p_value", "p (Mann-Whitney)", ".2g"),
+    text_col("noise", "Noise", minWidth=120), num_col("q_change_pct", "Lower quartile B vs A (%)", "+,.1f"),
+    num_col("ci_low_pct", "its 95 % CI low (%)", "+,.1f"), num_col("ci_high_pct", "its 95 % CI high (%)", "+,.1f"),
+    num_col("p_value", "p (Mann-Whitney)", ".2g"),
     num_col("calls_per_step_a", "A calls/step", "num1"), num_col("calls_per_step_b", "B calls/step", "num1"),
 ]
 STEP_COLUMNS = [text_col("label", "Metric", minWidth=200), num_col("a", "A"), num_col("b", "B"),
@@ -217,9 +220,9 @@ def _view(a: str, b: str, cmp):
         stat_card("B: average step", fmt_ms(tb), "compare-b-step", cmp.b),
         stat_card("B vs A", change, "compare-change", "step time; negative is faster"),
         stat_card("Op types", " · ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "—",
-                  "compare-status-counts", "faster / slower: beyond 5 % and beyond run-to-run noise"),
+                  "compare-status-counts", "faster / slower: beyond run-to-run noise (the rule below)"),
         stat_card("Run-wide speed B / A", f"{(cmp.run_factor - 1) * 100:+.1f} %", "compare-run-factor",
-                  "median change over op types: the machine's share, taken out of the noise test"),
+                  "median lower-quartile change over op types: the machine's share, taken out of the noise test"),
     ], className="cards")
     note = html.P("Both sides are the same run: every difference is zero.", className="muted",
                   id="compare-same") if same_run else None
@@ -234,11 +237,16 @@ def _view(a: str, b: str, cmp):
         graph("compare-ops-chart", ops_figure(cmp)),
         html.Div([html.Div([html.H3("Per-op-type difference", style={"margin": "4px 12px 4px 0"}),
                             *grid_tools("compare-ops-table", ops)], className="toolbar"),
-                  html.P("Time per recorded step in each run. Noise: the per-step samples of both runs, B's "
-                         "divided by the run-wide speed change (Mann-Whitney U, p < 0.01 with a large effect, and "
-                         "a bootstrap 95 % interval of the median change beyond it excluding 0). Status: added (only in "
-                         "B), removed (only in A), faster / slower (beyond 5 % and beyond noise), same.",
-                         className="muted"),
+                  html.P(f"Time and calls per step over the averaged steps (warm-up step 0 excluded, as in the "
+                         f"step averages). Other processes on the machine only ever add time, and unequally per op "
+                         f"type, so a rerun of the same seed is not a copy. A change counts as significant -- "
+                         f"faster / slower -- only when all three hold: the Mann-Whitney U test of the per-step "
+                         f"samples (B's divided by the run-wide speed change) gives p < {ALPHA:g}; the bootstrap "
+                         f"95 % interval of the change of the lower quartile (the op's time when nothing "
+                         f"interferes) lies beyond {MIN_RATIO:g}x slower or faster, more than same-seed reruns "
+                         f"differ; and the op's mean time per step moves by at least {MIN_STEP_SHARE:.0%} of A's "
+                         f"step. Otherwise it is within noise (status same). Added: only in B; removed: only in A.",
+                         className="muted", id="compare-noise-rule"),
                   data_grid("compare-ops-table", OP_COLUMNS, ops, page_size=20, csv="compare-op-types")],
                  className="panel", style={"marginTop": 12}),
     ])

@@ -133,6 +133,10 @@ def _layout_positions(ops: pd.DataFrame) -> dict:
     return {o: (dmax - depth[o], pos[o]) for o in kids}
 
 
+NODE_COLORS = {"bottleneck": "#e63946", "flagged": "#f4a261", "op": "#1d3557", "consumer": "#6c757d",
+               "slowest": "#e9c46a"}
+
+
 def _usage_color(u) -> str:
     if u is None or not np.isfinite(u):
         return "#adb5bd"
@@ -182,35 +186,44 @@ def _graph_figure(rep, queues: pd.DataFrame, sink: bool) -> go.Figure:
                     colorbar=dict(title="queue usage", tickformat=".0%", len=0.8)),
         hovertext=[lab for *_, lab in edges], hoverinfo="text", showlegend=False, name="queues"))
     # the ops
-    names, xs, ys, colors, hover = [], [], [], [], []
+    # colours follow the verdict: red (the bottleneck) and orange (flagged) only when data processing IS the
+    # bottleneck; while the pipeline keeps up, its slowest stage is only outlined
+    processing = rep.verdict == "data_processing"
+    names, xs, ys, colors, hover, outline = [], [], [], [], [], []
     for o, r in byid.items():
         x, y = xy[o]
         xs.append(x)
         ys.append(y)
-        bottleneck = rep.bottleneck_op_id == o
+        slowest = rep.bottleneck_op_id == o
         names.append(f"<b>{r.op_type}</b> #{o}<br>{int(r.num_workers)} worker{'s' if r.num_workers != 1 else ''}")
-        colors.append("#e63946" if bottleneck else "#f4a261" if r.flagged else "#1d3557")
+        colors.append(NODE_COLORS["bottleneck"] if processing and slowest else
+                      NODE_COLORS["flagged"] if processing and r.flagged else NODE_COLORS["op"])
+        outline.append(NODE_COLORS["slowest"] if slowest and not processing else "white")
         hover.append(f"<b>{r.op_type} op #{o}</b><br>workers {int(r.num_workers)} · rows {int(r.rows):,}<br>"
                      f"busy {r.busy_ms:.3f} ms · wait in {r.wait_in_ms:.3f} ms · wait out {r.wait_out_ms:.3f} ms"
                      + (f"<br><b>flagged</b>: {r.reason}" if r.flagged else "")
-                     + ("<br><b>bottleneck</b>" if bottleneck else ""))
+                     + (("<br><b>bottleneck</b>" if processing else
+                         "<br><b>slowest stage</b> (not a bottleneck: the pipeline keeps up)") if slowest else ""))
     xs.append(cx)
     ys.append(ymid)
     names.append(f"<b>{consumer}</b>")
-    colors.append("#6c757d")
+    colors.append(NODE_COLORS["consumer"])
+    outline.append("white")
     hover.append(f"the consumer: {consumer}")
     if sink:
         xs.append(cx + 1)
         ys.append(ymid)
         names.append("<b>training step</b><br>(GetNext)")
-        colors.append("#6c757d")
+        colors.append(NODE_COLORS["consumer"])
+        outline.append("white")
         hover.append("the training step pops one batch per step (GetNext)")
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", text=names, textposition="bottom center",
-                             marker=dict(size=34, symbol="circle", color=colors, line=dict(color="white", width=2)),
+                             marker=dict(size=34, symbol="circle", color=colors, line=dict(color=outline, width=4)),
                              hovertext=hover, hoverinfo="text", showlegend=False, name="ops"))
     n_rows = max((y for _, y in xy.values()), default=0) + 1
     fig.update_layout(height=max(260, 120 + 110 * n_rows), margin=dict(l=30, r=30, t=40, b=30),
-                      title="Pipeline: source → … → consumer (ops: red = bottleneck, orange = flagged)",
+                      title="Pipeline: source → … → consumer (ops: red = bottleneck, orange = flagged)" if processing
+                      else "Pipeline: source → … → consumer (no op is a bottleneck; outlined: the slowest stage)",
                       xaxis=dict(visible=False, range=[-0.6, (cx + (1 if sink else 0)) + 0.6]),
                       yaxis=dict(visible=False, range=[n_rows - 0.3, -0.7]), plot_bgcolor="white")
     return fig
