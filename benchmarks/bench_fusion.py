@@ -1,11 +1,15 @@
 """Graph-kernel fusion: the same training step with ``enable_graph_kernel`` off and on, interleaved in
 one run (median of rounds), plus the memory bandwidth of fused elementwise kernels.
 
-    python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick] [--part all|bert|bandwidth]
+    python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick] [--small] [--part all|bert|bandwidth]
+                                      [--summary PATH]
 
 1. BERT-small encoder training step (4 layers, hidden 256, 4 heads, sequence 128, batch 16, Adam):
-   step time unfused vs fused and the speed-up. Goal: >= 1.3x. Also fused without the attention kernels
-   (``INSIGHT_ATTENTION_FUSION=0``), paired with fused: what the flash-style attention kernels add.
+   step time unfused vs fused and the speed-up. Goal: >= 1.6x, with the losses of the two (run in lockstep,
+   the same steps on the same batch) equal to 1e-5. Also fused without the attention kernels
+   (``INSIGHT_ATTENTION_FUSION=0``), paired with fused: what the flash-style attention kernels add; and the
+   step's dense-layer GEMMs alone (the same BLAS calls on preallocated outputs, interleaved with the steps):
+   fusion cannot touch them, so unfused step / their time bounds the speed-up (Amdahl).
 2. An elementwise-heavy chain: gelu backward (expanded: ~25 primitives, an exp and a division per
    element) on 16M floats, fused into one kernel, against ``np.copyto`` of the same number of bytes
    (read 2 x 64 MB, write 64 MB) measured in the same run. Goal: >= 60% of the copy bandwidth.
@@ -13,13 +17,16 @@ one run (median of rounds), plus the memory bandwidth of fused elementwise kerne
 
 The training graphs are compiled through the regular pass pipeline (``enable_graph_kernel`` switches fusion
 on); the elementwise chains are one ``graph_kernel`` call each. The kernels use every core
-(``INSIGHT_FUSION_THREADS``); figures on a shared machine vary with its load.
+(``INSIGHT_FUSION_THREADS``); figures on a shared machine vary with its load. ``--quick`` (what
+``benchmarks/run_all.py`` runs) keeps the goal's BERT and 3 rounds; ``--summary PATH`` writes the goal rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,12 +35,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's runtime, whatever is installed
 
-from runtime import Model, _kernels, codegen, context, nn
-from runtime.core import GraphBuilder, building
-from runtime.ir.graph import Graph
-from runtime.nn.transformer import BertSmall, bert_batch
-from runtime.ops import api as F
-from runtime.passes.graph_kernel import graph_kernel
+from benchmarks._summary import row, write  # noqa: E402
+from runtime import Model, _kernels, codegen, context, nn  # noqa: E402
+from runtime.core import GraphBuilder, building  # noqa: E402
+from runtime.ir.graph import Graph  # noqa: E402
+from runtime.nn.transformer import BertSmall, bert_batch  # noqa: E402
+from runtime.ops import api as F  # noqa: E402
+from runtime.passes.graph_kernel import graph_kernel  # noqa: E402
+from runtime.threads import blas  # noqa: E402
 
 
 def bert_step(fuse: bool, batch: int, seq: int, layers: int, hidden: int, heads: int):
@@ -79,9 +88,32 @@ def timeit(fn, reps):
     return (time.perf_counter() - t0) / reps
 
 
+def dense_gemms(exe):
+    """The unfused step's dense-layer GEMMs (``matmul`` nodes: every one of them is in the fused step too, as a
+    library call fusion cannot change) as closures over random inputs of their shapes and layouts, writing into
+    preallocated outputs: the GEMM time alone, without allocation or anything else of the step."""
+    rng = np.random.default_rng(2)
+    calls = []
+    for n in exe.graph.nodes:
+        if n.op != "matmul" or n.dtype != np.float32:
+            continue
+        a, b = (rng.standard_normal(i.shape, dtype=np.float32) for i in n.inputs)
+        a = a.T if n.attrs["transpose_a"] else a
+        b = b.T if n.attrs["transpose_b"] else b
+        out = np.empty(n.shape, np.float32)
+
+        def call(a=a, b=b, out=out):
+            blas.for_gemm(a.shape[0], b.shape[1], a.shape[1])    # the runtime's BLAS thread policy
+            np.matmul(a, b, out=out)
+        calls.append(call)
+    flops = sum(2 * int(np.prod(n.shape)) * (n.inputs[0].shape[0 if n.attrs["transpose_a"] else 1])
+                for n in exe.graph.nodes if n.op == "matmul" and n.dtype == np.float32)
+    return calls, flops
+
+
 def bert(args):
     cfg = dict(batch=16, seq=128, layers=4, hidden=256, heads=4)
-    if args.quick:
+    if args.small:
         cfg = dict(batch=4, seq=64, layers=2, hidden=128, heads=4)
     print(f"BERT-small training step: {cfg}, Adam")
     off, feeds, b_off = bert_step(False, **cfg)
@@ -96,19 +128,109 @@ def bert(args):
     print(f"  kernel launches per step: {k_off} unfused -> {k_on} fused "
           f"({sum(t.node.op in ('fused', 'fused_assign') for t in on.tl.tasks if t.node is not None)} generated "
           f"kernels); graph build + compile {b_off:.1f}s / {b_on:.1f}s")
-    t_off, t_on, t_na = [], [], []
+    gemms, gemm_flops = dense_gemms(off)
+    for g in gemms:
+        g()
+    losses = {"off": [], "on": [], "no_att": []}
+    t_off, t_on, t_na, t_gemm = [], [], [], []
+
+    def step(exe, key):
+        def run():
+            losses[key].append(float(exe(feeds)["loss"]))
+        return run
+
+    def all_gemms():
+        for g in gemms:
+            g()
     for r in range(args.rounds):      # interleaved, alternating which one goes first
-        order = [(off, t_off), (on, t_on), (no_att, t_na)]
-        for exe, acc in (order if r % 2 == 0 else order[::-1]):
-            acc.append(timeit(lambda: exe(feeds), args.steps))
-    m_off, m_on = statistics.median(t_off), statistics.median(t_on)
+        order = [(step(off, "off"), t_off), (step(on, "on"), t_on), (step(no_att, "no_att"), t_na),
+                 (all_gemms, t_gemm)]
+        for fn, acc in (order if r % 2 == 0 else order[::-1]):
+            acc.append(timeit(fn, args.steps))
+    m_off, m_on, m_gemm = statistics.median(t_off), statistics.median(t_on), statistics.median(t_gemm)
+    speedup = m_off / m_on
     print(f"  step time (median of {args.rounds} rounds x {args.steps} steps)  unfused {m_off * 1e3:7.1f} ms   "
-          f"fused {m_on * 1e3:7.1f} ms   speed-up {m_off / m_on:.2f}x  (goal >= 1.30x)")
+          f"fused {m_on * 1e3:7.1f} ms   speed-up {speedup:.2f}x  (goal >= 1.6x)")
     print(f"  best round                                      unfused {min(t_off) * 1e3:7.1f} ms   "
           f"fused {min(t_on) * 1e3:7.1f} ms   speed-up {min(t_off) / min(t_on):.2f}x")
     paired = statistics.median(a / b for a, b in zip(t_na, t_on))
     print(f"  attention kernels (fused_attention_fwd / _grad): fused without them {statistics.median(t_na) * 1e3:7.1f} ms"
           f" -> with them {m_on * 1e3:7.1f} ms; paired median ratio {paired:.2f}x")
+    share = statistics.median(g / a for g, a in zip(t_gemm, t_off))
+    bound = statistics.median(a / g for g, a in zip(t_gemm, t_off))
+    print(f"  dense-layer GEMMs alone ({len(gemms)} BLAS calls, {gemm_flops / 1e9:.1f} GFLOP, preallocated outputs): "
+          f"{m_gemm * 1e3:7.1f} ms = {gemm_flops / m_gemm / 1e9:.0f} GFLOP/s, {100 * share:.0f}% of the unfused step "
+          f"(paired)\n  -> Amdahl bound on the speed-up with those GEMMs untouched: {bound:.2f}x; fused step minus "
+          f"them: {(m_on - m_gemm) * 1e3:.1f} ms (unfused: {(m_off - m_gemm) * 1e3:.1f} ms)")
+    n = min(len(v) for v in losses.values())
+    diff = max(abs(a - b) for a, b in zip(losses["off"][:n], losses["on"][:n]))
+    diff_na = max(abs(a - b) for a, b in zip(losses["off"][:n], losses["no_att"][:n]))
+    print(f"  loss over {n} steps in lockstep: unfused {losses['off'][0]:.6f} -> {losses['off'][n - 1]:.6f}; "
+          f"max |fused - unfused| {diff:.2e} (without the attention kernels {diff_na:.2e}; goal <= 1e-5)")
+    return [
+        row("BERT-small step fused (ratio = unfused / fused speed-up)", m_on * 1e3, m_off * 1e3, ratio=speedup,
+            unit="ms/step", goal=">= 1.6"),
+        row("BERT-small step fused with / without the attention kernels (ratio = paired speed-up)", m_on * 1e3,
+            statistics.median(t_na) * 1e3, ratio=paired, unit="ms/step"),
+        row("BERT-small Amdahl bound: unfused step / its dense GEMMs alone (ratio = max speed-up)", m_gemm * 1e3,
+            m_off * 1e3, ratio=bound, unit="ms/step"),
+        row("BERT-small max |loss fused - loss unfused| over the run's steps", diff, unit="abs", goal="<= 1e-5"),
+    ]
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "INSIGHT_BLAS_THREADS": "1",
+              "INSIGHT_FUSION_THREADS": "1"}
+
+
+def bert_work(args):
+    """The same comparison on ONE thread, timed by the thread's CPU time (``time.thread_time``): the work each
+    step does, which the machine's load barely moves (a preempted thread's waiting is not counted). Runs in a
+    child process started with every thread pool at 1 (the pools are sized at import)."""
+    cmd = [sys.executable, __file__, "--part", "work-child", "--rounds", str(args.rounds)] + \
+        (["--small"] if args.small else [])
+    res = subprocess.run(cmd, env=dict(os.environ, **ONE_THREAD), capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"bench_fusion: the one-thread child failed: {res.stderr.strip().splitlines()[-1:]}")
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"BERT-small step on ONE thread, thread CPU time (best of {args.rounds}): unfused {m['off']:.1f} ms, fused "
+          f"{m['on']:.1f} ms ({m['off'] / m['on']:.2f}x), fused without the attention kernels {m['no_att']:.1f} ms; "
+          f"dense GEMMs alone {m['gemm']:.1f} ms, dropout draws alone {m['rng']:.1f} ms\n  -> one-thread Amdahl bound "
+          f"with the GEMMs and the draws untouched: {m['off'] / (m['gemm'] + m['rng']):.2f}x")
+    return [row("BERT-small step fused, ONE thread, thread CPU time (ratio = unfused / fused)", m["on"], m["off"],
+                ratio=m["off"] / m["on"], unit="ms/step"),
+            row("BERT-small ONE-thread Amdahl bound: unfused / (dense GEMMs + dropout draws) (ratio = max speed-up)",
+                m["gemm"] + m["rng"], m["off"], ratio=m["off"] / (m["gemm"] + m["rng"]), unit="ms/step")]
+
+
+def bert_work_child(args):
+    cfg = dict(batch=4, seq=64, layers=2, hidden=128, heads=4) if args.small else \
+        dict(batch=16, seq=128, layers=4, hidden=256, heads=4)
+    off, feeds, _ = bert_step(False, **cfg)
+    on, _, _ = bert_step(True, **cfg)
+    os.environ["INSIGHT_ATTENTION_FUSION"] = "0"
+    no_att, _, _ = bert_step(True, **cfg)
+    gemms, _ = dense_gemms(off)
+    draws = [n.shape for n in on.graph.nodes if n.op == "uniform"]
+    rng = np.random.default_rng(3)
+    outs = [np.empty(s, np.float32) for s in draws]
+
+    def all_gemms():
+        for g in gemms:
+            g()
+
+    def all_draws():             # the step's dropout draws (the same generator calls in both graphs)
+        for o in outs:
+            rng.random(o.shape, dtype=np.float32, out=o)
+    best = {"off": 1e9, "on": 1e9, "no_att": 1e9, "gemm": 1e9, "rng": 1e9}
+    fns = {"off": lambda: off(feeds), "on": lambda: on(feeds), "no_att": lambda: no_att(feeds), "gemm": all_gemms,
+           "rng": all_draws}
+    for _ in range(args.rounds):
+        for key, fn in fns.items():
+            fn()
+            t0 = time.thread_time()
+            fn()
+            best[key] = min(best[key], (time.thread_time() - t0) * 1e3)
+    print(json.dumps(best))
 
 
 def bandwidth(args):
@@ -134,6 +256,7 @@ def bandwidth(args):
         runs["cython"].append(timeit(lambda: _kernels.gelu_bwd(x, dy), 3))
         runs["copy"].append(timeit(lambda: np.copyto(dst, src), 3))
     moved = 3 * n * 4
+    rows = []
     med = {k: statistics.median(v) for k, v in runs.items()}
     bw = {k: moved / t / 1e9 for k, t in med.items()}
     print(f"  np.copyto            {med['copy'] * 1e3:7.2f} ms  {bw['copy']:6.1f} GB/s")
@@ -141,8 +264,12 @@ def bandwidth(args):
         best = min(runs["copy"]) / min(runs[key])
         print(f"  {label:20s} {med[key] * 1e3:7.2f} ms  {bw[key]:6.1f} GB/s  = {100 * bw[key] / bw['copy']:.0f}% of "
               f"copy bandwidth (goal >= {goal}%; best round {100 * best:.0f}%)")
+        rows.append(row(f"{label} bandwidth (ratio = share of np.copyto's in the same run)", bw[key], bw["copy"],
+                        unit="GB/s", goal=f">= {goal / 100:.1f}"))
     print(f"  Cython gelu_bwd op   {med['cython'] * 1e3:7.2f} ms  {bw['cython']:6.1f} GB/s  (the unfused primitive)")
-    compute_cost()
+    if not args.quick:
+        compute_cost()
+    return rows
 
 
 def compute_cost(n: int = 1 << 16, reps: int = 100, repeats: int = 7):
@@ -175,14 +302,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="a smaller BERT (for a smoke run)")
-    ap.add_argument("--part", choices=("all", "bert", "bandwidth"), default="all")
+    ap.add_argument("--quick", action="store_true",
+                    help="the goal figures only, in a few minutes: 3 rounds unless --rounds, no compute-cost part")
+    ap.add_argument("--small", action="store_true", help="a smaller BERT (for a smoke run; not the goal's model)")
+    ap.add_argument("--part", choices=("all", "bert", "work", "bandwidth", "work-child"), default="all")
+    ap.add_argument("--summary", default="", help="write the goal rows as JSON (benchmarks/_summary.py)")
     args = ap.parse_args()
+    if args.quick and args.rounds == ap.get_default("rounds"):
+        args.rounds = 3
+    if args.part == "work-child":
+        bert_work_child(args)
+        return
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    rows = []
     if args.part in ("all", "bert"):
-        bert(args)
+        rows += bert(args)
+    if args.part in ("all", "work"):
+        rows += bert_work(args)
     if args.part in ("all", "bandwidth"):
-        bandwidth(args)
+        rows += bandwidth(args)
+    write(args.summary, "bench_fusion", rows)
 
 
 if __name__ == "__main__":
