@@ -2,6 +2,7 @@
 
     python benchmarks/bench_import.py                 # 2,000,000 events (~500 MB of JSON), in a temp dir
     python benchmarks/bench_import.py --events 200000 # quick mode
+    python benchmarks/bench_import.py --summary out.json  # also the goal rows (benchmarks/_summary.py)
 
 The trace is written the way Kineto writes it (one event over several indented lines, ``ts``/``dur`` in
 microseconds with 3 decimals, ``baseTimeNanoseconds``, ``deviceProperties``): per step a ``ProfilerStep#N``,
@@ -13,7 +14,9 @@ RSS from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
 * ``json.load`` + ``pandas.DataFrame(traceEvents)`` -- how HTA loads a trace by default (its parser then
   does more work on that frame; this is a lower bound of its cost).
 
-Goals (issue 14): >= 300k events/s and peak RSS <= 1 GB for the import.
+Goals (issue 14): >= 300k events/s and peak RSS <= 1 GB for the import. ``--summary PATH`` writes them as rows
+of benchmarks/_summary.py (events/s and peak RSS with their goals; the ratio to json.load + pandas and the
+CPU-time rate are reported without a goal).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import _summary  # noqa: E402
 
 IMPORT = """
 import resource, sys, time
@@ -142,7 +147,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=2_000_000, help="events in the synthetic trace (default 2,000,000)")
     ap.add_argument("--skip-json-load", action="store_true", help="measure only insight import")
+    ap.add_argument("--summary", metavar="PATH", help="write the goal rows here (benchmarks/_summary.py format)")
     args = ap.parse_args(argv)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_import_") as tmp:
         trace = Path(tmp) / "synthetic.pt.trace.json"
         t = time.perf_counter()
@@ -155,15 +162,24 @@ def main(argv=None) -> int:
         print(f"insight import      : {dt:7.2f} s  {n / dt / 1e3:6.0f}k events/s "
               f"({n / cpu / 1e3:4.0f}k per CPU second)  "
               f"peak RSS {rss / 2**20:5.0f} MiB  ({tasks:,} tasks)  goals: >= 300k events/s, <= 1024 MiB")
+        rows += [_summary.row(f"insight import, events/s ({n:,} events, {size / 2**20:.0f} MiB of JSON)", n / dt,
+                              unit="events/s", goal=">= 300000"),
+                 _summary.row("insight import, events per CPU second", n / cpu, unit="events/s"),
+                 _summary.row("insight import, peak RSS", rss / 2**20, unit="MiB", goal="<= 1024")]
         if not args.skip_json_load:
-            dt2, cpu2, rss2, rows, _ = measure(HTA_PATH, trace)
-            assert rows == n, (rows, n)
+            dt2, cpu2, rss2, n_rows, _ = measure(HTA_PATH, trace)
+            assert n_rows == n, (n_rows, n)
             print(f"json.load + pandas  : {dt2:7.2f} s  {n / dt2 / 1e3:6.0f}k events/s ({n / cpu2 / 1e3:4.0f}k per CPU "
                   f"second)  peak RSS {rss2 / 2**20:5.0f} MiB"
                   f"  (HTA's default path, before its own parsing)")
             print(f"insight import is {dt2 / dt:.2f}x the speed ({cpu2 / cpu:.2f}x in CPU time) with "
                   f"{rss2 / max(rss, 1):.1f}x less peak memory")
+            rows += [_summary.row("events/s: insight import / json.load + pandas (HTA's default path)", n / dt,
+                                  n / dt2, unit="events/s"),
+                     _summary.row("peak RSS: insight import / json.load + pandas", rss / 2**20, rss2 / 2**20,
+                                  unit="MiB")]
         print(f"load after: {os.getloadavg()[0]:.2f}")
+    _summary.write(args.summary, "bench_import", rows)
     return 0
 
 
