@@ -14,6 +14,10 @@ Fake quantization (float32 / float64, used while training):
 * ``observe_minmax(minq, maxq, x, inner, blend, decay)`` -- the observer, in place: per-channel min and max in one
   sweep (threads on their own shares), then the range or its exponential moving average stored into
   ``minq`` / ``maxq``;
+* ``bn_fold_forward(y, k, gamma, beta, bias, frozen, eps)`` -- the BN-fold correction of a folded conv's output:
+  batch norm of z = y * k (k = sigma_running / gamma: the unfolded conv), or ``y + bias`` once frozen; its
+  gradients ``bn_fold_backward_params`` (d gamma, d beta, d k, d bias in closed form from two channel sums)
+  and ``bn_fold_backward_input`` (d y); per channel, statistics in double;
 * ``quantize(x, scale, nmin, nmax, qmin)``      -- float32 -> int8 with the same arithmetic as
   ``fake_quant`` (``q + qmin``, signed), so the engine's input equals the simulation's bit for bit.
 
@@ -36,14 +40,14 @@ cimport numpy as cnp
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from libc.math cimport floor, floorf
+from libc.math cimport floor, floorf, sqrt
 from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
-__all__ = ["quant_params", "fake_quant", "fake_quant_grad", "observe_minmax", "quantize", "dequantize", "conv2d_int8",
-           "dense_int8",
+__all__ = ["quant_params", "fake_quant", "fake_quant_grad", "observe_minmax", "bn_fold_forward",
+           "bn_fold_backward_params", "bn_fold_backward_input", "quantize", "dequantize", "conv2d_int8", "dense_int8",
            "requant_int8", "relu_int8", "maxpool_int8", "add_int8", "multiply_by_quantized_multiplier"]
 
 cdef int32_t INT32_MIN = -2147483648
@@ -458,6 +462,261 @@ def observe_minmax(minq, maxq, x, Py_ssize_t inner, bint blend, double decay):
             _ema_store[double](<double*>mnp, <double*>mxp, <double*>buf, <double*>buf + C, C, blend, decay)
     free(buf)
     return minq
+
+
+# ---------------------------------------------------------------------------------------------
+# the BN-fold correction (training): batch norm of the unfolded conv z = y * k, or the frozen bias
+# ---------------------------------------------------------------------------------------------
+cdef extern from *:
+    """
+    /* Channel sums in double with eight independent accumulators (the loops vectorize without reassociating
+       one chain; a fixed order, so the results do not depend on threads). */
+    #define IQ_SUMS(SUFFIX, T) \
+    static double iq_sum_##SUFFIX(const T* x, Py_ssize_t n) { \
+        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}; Py_ssize_t i, j, n8 = n & ~(Py_ssize_t)7; \
+        for (i = 0; i < n8; i += 8) for (j = 0; j < 8; j++) a[j] += (double)x[i + j]; \
+        for (; i < n; i++) a[0] += (double)x[i]; \
+        return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); \
+    } \
+    static double iq_css_##SUFFIX(const T* x, Py_ssize_t n, double m) { \
+        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, d; Py_ssize_t i, j, n8 = n & ~(Py_ssize_t)7; \
+        for (i = 0; i < n8; i += 8) for (j = 0; j < 8; j++) { d = (double)x[i + j] - m; a[j] += d * d; } \
+        for (; i < n; i++) { d = (double)x[i] - m; a[0] += d * d; } \
+        return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); \
+    } \
+    static void iq_gsums_##SUFFIX(const T* g, const T* x, Py_ssize_t n, double m, double* sg, double* sgc) { \
+        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
+        Py_ssize_t i, j, n8 = n & ~(Py_ssize_t)7; \
+        for (i = 0; i < n8; i += 8) for (j = 0; j < 8; j++) { \
+            a[j] += (double)g[i + j]; b[j] += (double)g[i + j] * ((double)x[i + j] - m); } \
+        for (; i < n; i++) { a[0] += (double)g[i]; b[0] += (double)g[i] * ((double)x[i] - m); } \
+        *sg += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); \
+        *sgc += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])); \
+    }
+    IQ_SUMS(f32, float)
+    IQ_SUMS(f64, double)
+    """
+    double iq_sum_f32(const float* x, Py_ssize_t n) noexcept nogil
+    double iq_sum_f64(const double* x, Py_ssize_t n) noexcept nogil
+    double iq_css_f32(const float* x, Py_ssize_t n, double m) noexcept nogil
+    double iq_css_f64(const double* x, Py_ssize_t n, double m) noexcept nogil
+    void iq_gsums_f32(const float* g, const float* x, Py_ssize_t n, double m, double* sg, double* sgc) noexcept nogil
+    void iq_gsums_f64(const double* g, const double* x, Py_ssize_t n, double m, double* sg,
+                      double* sgc) noexcept nogil
+
+
+cdef inline double _sum(const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return iq_sum_f32(x, n)
+    else:
+        return iq_sum_f64(x, n)
+
+
+cdef inline double _css(const floating* x, Py_ssize_t n, double m) noexcept nogil:
+    if floating is float:
+        return iq_css_f32(x, n, m)
+    else:
+        return iq_css_f64(x, n, m)
+
+
+cdef inline void _gsums(const floating* g, const floating* x, Py_ssize_t n, double m, double* sg,
+                        double* sgc) noexcept nogil:
+    if floating is float:
+        iq_gsums_f32(g, x, n, m, sg, sgc)
+    else:
+        iq_gsums_f64(g, x, n, m, sg, sgc)
+
+
+cdef void _bnf_moments(const floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t c,
+                       double* mean, double* var) noexcept nogil:
+    """Mean and biased variance of channel c of an (N, C, HW) tensor, two passes in double."""
+    cdef Py_ssize_t b
+    cdef double s = 0, q = 0
+    for b in range(N):
+        s = s + _sum(y + (b * C + c) * HW, HW)
+    s = s / <double>(N * HW)
+    for b in range(N):
+        q = q + _css(y + (b * C + c) * HW, HW, s)
+    mean[0] = s
+    var[0] = q / <double>(N * HW)
+
+
+cdef void _bnf_fwd(const floating* y, floating* out, const floating* k, const floating* gamma,
+                   const floating* beta, const floating* bias, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                   bint frozen, double eps, int nt) noexcept nogil:
+    cdef Py_ssize_t c, b, i
+    cdef double m, v, a, o
+    cdef const floating* p
+    cdef floating* q
+    for c in prange(C, schedule="static", num_threads=nt):
+        if frozen:
+            a = 1.0
+            m = 0.0
+            o = bias[c]
+        else:
+            _bnf_moments(y, N, C, HW, c, &m, &v)
+            a = <double>gamma[c] * <double>k[c] / sqrt(<double>k[c] * <double>k[c] * v + eps)
+            o = beta[c]
+        for b in range(N):
+            p = y + (b * C + c) * HW
+            q = out + (b * C + c) * HW
+            for i in range(HW):
+                q[i] = <floating>(a * (p[i] - m) + o)
+
+
+cdef void _bnf_params(const floating* g, const floating* y, const floating* k, const floating* gamma,
+                      floating* P, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, bint frozen, double eps,
+                      int nt) noexcept nogil:
+    """P (6, C): dgamma, dbeta, dk, dbias, mean(y), var(y) (the last two for the dy pass)."""
+    cdef Py_ssize_t c, b, i
+    cdef double m, v, sg, sgc, sd, kk
+    cdef const floating* p
+    cdef const floating* q
+    for c in prange(C, schedule="static", num_threads=nt):
+        m = 0.0
+        v = 0.0
+        if not frozen:
+            _bnf_moments(y, N, C, HW, c, &m, &v)
+        sg = 0.0
+        sgc = 0.0
+        for b in range(N):
+            _gsums(g + (b * C + c) * HW, y + (b * C + c) * HW, HW, m, &sg, &sgc)
+        if frozen:
+            P[c] = 0
+            P[C + c] = 0
+            P[2 * C + c] = 0
+            P[3 * C + c] = <floating>sg
+        else:
+            kk = k[c]
+            sd = sqrt(kk * kk * v + eps)
+            # dgamma = sum g * zhat, zhat = k (y - mean) / sigma_z; dbeta = sum g; d k = sum dz * y, which is
+            # gamma * dgamma * eps / (sigma_z^2 k) (sum dz = 0 and sum dz zhat = gamma dgamma eps / sigma_z^2)
+            P[c] = <floating>(kk * sgc / sd)
+            P[C + c] = <floating>sg
+            P[2 * C + c] = <floating>(<double>gamma[c] * (kk * sgc / sd) * eps / (sd * sd * kk))
+            P[3 * C + c] = 0
+        P[4 * C + c] = <floating>m
+        P[5 * C + c] = <floating>v
+
+
+cdef void _bnf_dy(const floating* g, const floating* y, const floating* k, const floating* gamma,
+                  const floating* P, floating* dy, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, bint frozen,
+                  double eps, int nt) noexcept nogil:
+    """dy = k * dz, dz = gamma / sigma_z (g - sum g / n - zhat sum(g zhat) / n); frozen: dy = g."""
+    cdef Py_ssize_t c, b, i
+    cdef double n = <double>(N * HW), kk, sd, a, mg, cz, m
+    cdef const floating* p
+    cdef const floating* q
+    cdef floating* r
+    for c in prange(C, schedule="static", num_threads=nt):
+        if frozen:
+            a = 1.0
+            mg = 0.0
+            cz = 0.0
+            m = 0.0
+        else:
+            kk = k[c]
+            m = P[4 * C + c]
+            sd = sqrt(kk * kk * <double>P[5 * C + c] + eps)
+            a = <double>gamma[c] * kk / sd
+            mg = <double>P[C + c] / n
+            cz = kk * <double>P[c] / (sd * n)          # zhat * sum(g zhat) / n = (y - mean) * cz
+        for b in range(N):
+            p = y + (b * C + c) * HW
+            q = g + (b * C + c) * HW
+            r = dy + (b * C + c) * HW
+            for i in range(HW):
+                r[i] = <floating>(a * (q[i] - mg - (p[i] - m) * cz))
+
+
+cdef tuple _bnf_arrays(str fn, y, vecs, g=None):
+    ya = _float_array(y, fn)
+    if ya.ndim < 2:
+        raise ValueError(f"{fn}: expects an (N, C, ...) tensor, got shape {ya.shape}")
+    cdef Py_ssize_t C = ya.shape[1]
+    out = [ya]
+    for what, v in vecs:
+        va = _range_vec(v, ya.dtype, fn, what)
+        if va.shape[0] != C:
+            raise ValueError(f"{fn}: {what} must have {C} values for y {ya.shape}, got {va.shape[0]}")
+        out.append(va)
+    if g is not None:
+        ga = g if (type(g) is np.ndarray and g.dtype == ya.dtype and (<cnp.ndarray>g).flags.c_contiguous) \
+            else np.ascontiguousarray(g, dtype=ya.dtype)
+        if ga.shape != ya.shape:
+            raise ValueError(f"{fn}: g {ga.shape} and y {ya.shape} differ")
+        out.append(ga)
+    return tuple(out)
+
+
+cdef inline void* _dp(a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef void _bnf_dispatch(int op, bint f32, void** p, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, bint frozen,
+                        double eps, int nt) noexcept nogil:
+    """op 0: forward (y, out, k, gamma, beta, bias); 1: params (g, y, k, gamma, P); 2: d y (g, y, k, gamma, P, dy)."""
+    if op == 0 and f32:
+        _bnf_fwd[float](<float*>p[0], <float*>p[1], <float*>p[2], <float*>p[3], <float*>p[4], <float*>p[5],
+                        N, C, HW, frozen, eps, nt)
+    elif op == 0:
+        _bnf_fwd[double](<double*>p[0], <double*>p[1], <double*>p[2], <double*>p[3], <double*>p[4], <double*>p[5],
+                         N, C, HW, frozen, eps, nt)
+    elif op == 1 and f32:
+        _bnf_params[float](<float*>p[0], <float*>p[1], <float*>p[2], <float*>p[3], <float*>p[4], N, C, HW, frozen,
+                           eps, nt)
+    elif op == 1:
+        _bnf_params[double](<double*>p[0], <double*>p[1], <double*>p[2], <double*>p[3], <double*>p[4], N, C, HW,
+                            frozen, eps, nt)
+    elif f32:
+        _bnf_dy[float](<float*>p[0], <float*>p[1], <float*>p[2], <float*>p[3], <float*>p[4], <float*>p[5],
+                       N, C, HW, frozen, eps, nt)
+    else:
+        _bnf_dy[double](<double*>p[0], <double*>p[1], <double*>p[2], <double*>p[3], <double*>p[4], <double*>p[5],
+                        N, C, HW, frozen, eps, nt)
+
+
+cdef object _bnf_run(int op, arrays, result, bint frozen, double eps):
+    """Run kernel ``op`` over ``arrays`` (y-shaped first) and return ``result`` (written in place)."""
+    y = arrays[1] if op else arrays[0]
+    if y.size == 0:
+        return result
+    cdef void* p[6]
+    cdef Py_ssize_t j, N = y.shape[0], C = y.shape[1], HW = y.size // (N * C)
+    for j in range(len(arrays)):
+        p[j] = _dp(arrays[j])
+    cdef int nt = _threads(y.size, C)
+    cdef bint f32 = y.dtype == np.float32
+    with nogil:
+        _bnf_dispatch(op, f32, p, N, C, HW, frozen, eps, nt)
+    return result
+
+
+def bn_fold_forward(y, k, gamma, beta, bias, bint frozen, double eps):
+    """The corrected output of a BN-folded conv ``y`` (N, C, ...): batch norm (batch mean, biased variance,
+    ``eps``) of z = y * k with ``gamma`` / ``beta``; ``frozen``: y + bias (the running statistics' bias)."""
+    ya, ka, ga, ba, bb = _bnf_arrays("bn_fold_forward", y, (("k", k), ("gamma", gamma), ("beta", beta),
+                                                             ("bias", bias)))
+    out = np.empty_like(ya)
+    return _bnf_run(0, (ya, out, ka, ga, ba, bb), out, frozen, eps)
+
+
+def bn_fold_backward_params(g, y, k, gamma, bint frozen, double eps):
+    """(6, C) in y's dtype: d gamma, d beta, d k, d bias of ``bn_fold_forward`` for the upstream gradient ``g``,
+    then the batch mean and biased variance of y (read by ``bn_fold_backward_input``)."""
+    ya, ka, gm, ga = _bnf_arrays("bn_fold_backward_params", y, (("k", k), ("gamma", gamma)), g)
+    P = np.zeros((6, ya.shape[1]), ya.dtype)
+    return _bnf_run(1, (ga, ya, ka, gm, P), P, frozen, eps)
+
+
+def bn_fold_backward_input(g, y, k, gamma, P, bint frozen, double eps):
+    """d y of ``bn_fold_forward`` for the upstream gradient ``g`` (``P``: ``bn_fold_backward_params``)."""
+    ya, ka, gm, ga = _bnf_arrays("bn_fold_backward_input", y, (("k", k), ("gamma", gamma)), g)
+    Pa = np.ascontiguousarray(P, dtype=ya.dtype)
+    if Pa.shape != (6, ya.shape[1]):
+        raise ValueError(f"bn_fold_backward_input: P must be (6, {ya.shape[1]}), got {Pa.shape}")
+    dy = np.empty_like(ya)
+    return _bnf_run(2, (ga, ya, ka, gm, Pa, dy), dy, frozen, eps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -342,6 +342,24 @@ def test_bn_fold_correction_gradients(freeze_bn):
     check_gradients(lambda: cell(x), params, ["x", "weight", "gamma", "beta"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("step, freeze_bn", [(0, 5), (5, 5)], ids=["batch_stats", "frozen_at_the_step"])
+def test_bn_fold_correction_primitive_gradients(step, freeze_bn):
+    """The ``bn_fold_correction`` primitive on its own, every input independent (float64 central differences):
+    batch norm of y * k with gamma / beta before ``freeze_bn`` (d k in closed form), y + bias from that step on."""
+    from runtime.ops.quant import bn_fold_correction
+
+    rng = np.random.default_rng(5)
+    y = param(rng.standard_normal((3, 4, 2, 5)) * 2 + 0.5)
+    k, gamma = param(rng.uniform(0.4, 1.6, 4)), param(rng.uniform(-1.5, 1.5, 4))
+    beta, bias = param(rng.standard_normal(4)), param(rng.standard_normal(4))
+    st = Tensor(np.asarray(step, np.int32))
+    fn = lambda: bn_fold_correction(y, k, gamma, beta, bias, st, eps=1e-3, freeze_bn=freeze_bn)  # noqa: E731
+    grads = check_gradients(fn, [y, k, gamma, beta, bias], ["y", "k", "gamma", "beta", "bias"], rtol=1e-6, atol=1e-8)
+    frozen = step >= freeze_bn
+    for name, gr in zip(["k", "gamma", "beta", "bias"], grads[1:]):   # each branch feeds only its own inputs
+        assert np.any(gr != 0) == ((name == "bias") == frozen), name
+
+
 def test_bn_fold_matches_float_batchnorm_before_quantization():
     """Without fake quantization (before quant_delay in training; ``fake=False`` in evaluation, which always
     quantizes otherwise) the folded cell computes exactly conv + BatchNorm: batch statistics in training,

@@ -20,8 +20,8 @@ Their QAT twins:
   statistics are those of that output scaled back by ``sigma_running / gamma`` (the unfolded conv, as
   PyTorch's ConvBn2d computes them: one convolution where MindSpore runs a second one with the float
   weights); the result is corrected by ``sigma_running / sigma_batch`` with bias
-  ``beta - gamma * mu_batch / sigma_batch`` (Jacob et al. 2018, Krishnamoorthi 2018) -- which is batch norm
-  of the rescaled output, so the runtime's batch-norm kernels compute it and its gradient. After
+  ``beta - gamma * mu_batch / sigma_batch`` (Jacob et al. 2018, Krishnamoorthi 2018) -- batch norm of the
+  rescaled output, one primitive (``bn_fold_correction``: a kernel forward, two backward). After
   ``freeze_bn`` steps the running statistics are used (correction 1, bias
   ``beta - gamma * mu_running / sigma_running``) and no longer updated; evaluation always uses them;
 * ``Conv2dQuant`` / ``DenseQuant`` -- fake-quantized weights (per channel, symmetric by default);
@@ -42,7 +42,7 @@ from runtime.nn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dense, ReLU, _pa
 from runtime.nn.parameter import Parameter
 from runtime.ops import api as F
 from runtime.ops import prims as P
-from runtime.ops.quant import fake_quant_perchannel, fake_quant_perlayer, minmax_update
+from runtime.ops.quant import bn_fold_correction, fake_quant_perchannel, fake_quant_perlayer, minmax_update
 
 
 def step_counter() -> Parameter:
@@ -299,23 +299,22 @@ class Conv2dBnFoldQuant(_QuantCell):
         # PyTorch's ConvBn2d "approximate" form; MindSpore runs a second conv with the float weights):
         # z = y * k with k = sigma_run / gamma is the unfolded conv, and the corrected output
         #   y * sigma_run / sigma_B + beta - gamma * mu_B / sigma_B  =  gamma (z - mu_B) / sigma_B + beta
-        # is batch norm of z -- the runtime's batch_norm kernels (forward, dx, dgamma / dbeta), the gradient
-        # flowing through the batch statistics. (A channel with gamma exactly 0 has y = 0, z = 0 and output
-        # beta; dividing by 1 there keeps k finite.)
+        # is batch norm of z (the gradient flows through the batch statistics); after freeze_bn steps
+        # y + beta - gamma * mu_run / sigma_run. One primitive (``bn_fold_correction``), switched by the step.
+        # (A channel with gamma exactly 0 has y = 0, z = 0 and output beta; dividing by 1 there keeps k finite.)
         k = F.div(std_run, F.select(F.equal(self.gamma, 0.0), F.ones_like(self.gamma), self.gamma))
-        z = F.mul(y, F.reshape(k, cshape))
-        corrected = P.batch_norm(z, self.gamma, self.beta, self.eps)
-        # after freeze_bn steps: the running statistics (correction 1, bias beta - gamma mu_run / sigma_run)
-        frozen = F.greater_equal(self.step, self.freeze_bn)
         bias = F.sub(self.beta, F.div(F.mul(self.gamma, self.moving_mean), std_run))
-        out = F.select(frozen, F.add(y, F.reshape(bias, cshape)), corrected)
-        # running statistics (mean and unbiased variance of z): updated until freeze_bn, then kept
-        stats = P.batch_norm_stats(z)
+        out = bn_fold_correction(y, k, self.gamma, self.beta, bias, self.step, self.eps, self.freeze_bn)
+        # running statistics of z (mean k mean(y), unbiased variance k^2 var(y)): updated until freeze_bn, then kept
+        stats = P.batch_norm_stats(y)
+        mean_b = F.mul(F.reshape(F.slice(stats, (0, 0), (1, c)), (c,)), k)
+        var_b = F.mul(F.reshape(F.slice(stats, (1, 0), (2, c)), (c,)), F.mul(k, k))
+        frozen = F.greater_equal(self.step, self.freeze_bn)
         m = self.momentum
         F.assign(self.moving_mean, F.select(frozen, self.moving_mean,
-                                            P.batch_norm_moving(self.moving_mean, stats, 0, m)))
+                                            F.add(F.mul(self.moving_mean, m), F.mul(mean_b, 1.0 - m))))
         F.assign(self.moving_variance, F.select(frozen, self.moving_variance,
-                                                P.batch_norm_moving(self.moving_variance, stats, 1, m)))
+                                                F.add(F.mul(self.moving_variance, m), F.mul(var_b, 1.0 - m))))
         self._tick()
         return out
 

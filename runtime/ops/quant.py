@@ -12,6 +12,9 @@ Fake quantization (MindSpore 0.5's FakeQuantPerLayer / FakeQuantPerChannel, Tens
   (``fake_quant_perlayer_grad`` / ``fake_quant_perchannel_grad``); ``min``, ``max`` and ``step`` get none.
   Before ``quant_delay`` the gradient passes unmasked.
 * fusion category ``elementwise``; kernels in ``runtime/_kernels_quant.pyx``.
+* ``bn_fold_correction(y, k, gamma, beta, bias, step)``: the BN-fold correction of ``Conv2dBnFoldQuant`` in
+  training (batch norm of the unfolded conv y * k until ``freeze_bn``, then y + bias), with its two backward
+  ops ``bn_fold_correction_grad_params`` / ``_grad_input``; ``opaque``.
 * the observer ``minmax_update_perlayer`` / ``minmax_update_perchannel(minq, maxq, x, step)`` (MindSpore's
   MinMaxUpdatePerLayer / PerChannel): one task, one sweep over ``x`` for its min and max, stored into the range
   variables (their moving average with ``ema``); an ``effect``, so the fake quant that reads the variables
@@ -300,6 +303,77 @@ EXPAND_RULES = {
     "fake_quant_perlayer_grad": expand_fake_quant_grad,
     "fake_quant_perchannel_grad": expand_fake_quant_grad,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# the BN-fold correction (Conv2dBnFoldQuant in training)
+# ----------------------------------------------------------------------------------------------
+def _bnf_infer(name, n_vec, n_full, out_rows=None):
+    """Inputs: ``n_full`` tensors of y's shape (N, C, ...) first, then ``n_vec`` (C,) vectors, an optional
+    (6, C) ``P`` (the input-gradient op) and the int step scalar last."""
+    def infer(shapes, dtypes, attrs):
+        ys, yd = tuple(shapes[n_full - 1]), np.dtype(dtypes[n_full - 1])
+        if len(ys) < 2 or yd.kind != "f":
+            raise ShapeError(f"{name}: expects a float (N, C, ...) tensor, got {ys} {yd}")
+        c = ys[1]
+        for i in range(n_full):
+            if tuple(shapes[i]) != ys or np.dtype(dtypes[i]) != yd:
+                raise ShapeError(f"{name}: input {i} {tuple(shapes[i])} {np.dtype(dtypes[i])} does not match "
+                                 f"y {ys} {yd}")
+        rest = [(tuple(shapes[i]), np.dtype(dtypes[i])) for i in range(n_full, len(shapes) - 1)]
+        want = [(c,)] * n_vec + ([(6, c)] if len(rest) > n_vec else [])
+        if [r[0] for r in rest] != want or any(d != yd for _, d in rest):
+            raise ShapeError(f"{name}: expects {n_vec} per-channel vectors ({c},) of {yd} for y {ys}, "
+                             f"got {[r[0] for r in rest]}")
+        if tuple(shapes[-1]) != () or np.dtype(dtypes[-1]).kind not in "iu":
+            raise ShapeError(f"{name}: step must be an integer scalar, got {tuple(shapes[-1])} {np.dtype(dtypes[-1])}")
+        return ((out_rows, c) if out_rows else ys), yd
+    return infer
+
+
+def _frozen(step, freeze_bn) -> bool:
+    return int(step) >= int(freeze_bn)
+
+
+def _bnf_grad(g, out, y, k, gamma, beta, bias, step, eps, freeze_bn):
+    attrs = {"eps": eps, "freeze_bn": freeze_bn}
+    p = bind("bn_fold_correction_grad_params", [g, y, k, gamma, step], attrs)
+    dy = bind("bn_fold_correction_grad_input", [g, y, k, gamma, p, step], attrs)
+    c = k.shape[0]
+
+    def row(i):
+        return F.reshape(F.slice(p, (i, 0), (i + 1, c)), (c,))
+    return [dy, row(2), row(0), row(1), row(3), None]
+
+
+register(Primitive("bn_fold_correction", "opaque", _bnf_infer("bn_fold_correction", 4, 1),
+                   lambda y, k, gamma, beta, bias, step, eps, freeze_bn: KQ.bn_fold_forward(
+                       y, k, gamma, beta, bias, _frozen(step, freeze_bn), eps),
+                   _bnf_grad, differentiable_inputs=(0, 1, 2, 3, 4),
+                   cost_fn=lambda n: (8 * n.size, 3 * n.nbytes),
+                   attrs_doc="eps, freeze_bn",
+                   extra={"mindspore_name": "BatchNormFold2", "gradcheck": "tests/test_quant.py"}))
+register(Primitive("bn_fold_correction_grad_params", "opaque",
+                   _bnf_infer("bn_fold_correction_grad_params", 2, 2, out_rows=6),
+                   lambda g, y, k, gamma, step, eps, freeze_bn: KQ.bn_fold_backward_params(
+                       g, y, k, gamma, _frozen(step, freeze_bn), eps),
+                   cost_fn=lambda n: (6 * n.inputs[1].size, 3 * n.inputs[1].nbytes), attrs_doc="eps, freeze_bn",
+                   extra={"mindspore_name": "BatchNormFold2GradReduce"}))
+register(Primitive("bn_fold_correction_grad_input", "opaque", _bnf_infer("bn_fold_correction_grad_input", 2, 2),
+                   lambda g, y, k, gamma, p, step, eps, freeze_bn: KQ.bn_fold_backward_input(
+                       g, y, k, gamma, p, _frozen(step, freeze_bn), eps),
+                   cost_fn=lambda n: (6 * n.size, 3 * n.nbytes), attrs_doc="eps, freeze_bn",
+                   extra={"mindspore_name": "BatchNormFold2Grad"}))
+
+
+def bn_fold_correction(y, k, gamma, beta, bias, step, eps=1e-5, freeze_bn=10 ** 9):
+    """The training output of a BN-folded conv ``y`` (N, C, ...) (Jacob et al. 2018): batch norm of the
+    unfolded conv z = y * k (``k`` = sigma_running / gamma per channel) -- that is y corrected by
+    sigma_running / sigma_batch plus ``beta - gamma mu_batch / sigma_batch``, gradients through the batch
+    statistics -- while ``step < freeze_bn``; from then on ``y + bias`` (``bias`` = beta - gamma mu_running /
+    sigma_running). One kernel forward, two backward (per-channel sums, then d y)."""
+    return bind("bn_fold_correction", [_t(y), _t(k), _t(gamma), _t(beta), _t(bias), _t(step)],
+                {"eps": float(eps), "freeze_bn": int(freeze_bn)})
 
 
 # ----------------------------------------------------------------------------------------------
