@@ -176,7 +176,7 @@ def test_synthetic_gpu_trace_categories_by_hand(tmp_path, capsys):
     src = _write(tmp_path / "t.json", _gpu_trace())
     run = _import(tmp_path, src)
     out = capsys.readouterr().out
-    assert "1 ph 'Z' events" in out and "1 ph 'C' events (counters)" in out  # counted and reported
+    assert "1 ph 'Z' events" in out and "1 counter values" in out  # counted and reported
     bd = gpu.gpu_step_breakdown(run).set_index("step")
     us = 1000
     # step 1 = [0, 100]: kernel 20-50; memcpy 50-60 (40-50 is kernel); runtime 10-15, 16-18; DataLoader 0-5;
@@ -207,6 +207,33 @@ def test_synthetic_gpu_trace_categories_by_hand(tmp_path, capsys):
     peak = analysis.memory_peak(run)
     assert peak.peak_bytes == 1024 and peak.capacity == 1 << 30 and peak.allocations == peak.frees == 1
     assert open_run(run).manifest["created"].startswith("2023-11-14")  # baseTimeNanoseconds is Unix time
+
+
+def test_counter_events_become_the_counters_table(tmp_path, capsys):
+    """``C`` events: one row per numeric series, named by the event (and its id), the process by its M name,
+    in time order with the step holding each value; a non-numeric value is counted, not imported."""
+    ev = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "trainer"}},
+          _x("user_annotation", "ProfilerStep#0", 0, 50, pid=7, tid=1),
+          _x("user_annotation", "ProfilerStep#1", 50, 50, pid=7, tid=1),
+          _x("cpu_op", "aten::mm", 10, 5, pid=7, tid=1)]
+    expect = []
+    for k, t in enumerate([60.5, 5, 30, 95]):
+        ev.append({"ph": "C", "name": "GPU memory", "pid": 7, "ts": t,
+                   "args": {"allocated": 1000 * k, "reserved": 2.5 * k}})
+        expect += [("GPU memory", "allocated", "trainer", round(t * 1000), 1000 * k, int(t >= 50)),
+                   ("GPU memory", "reserved", "trainer", round(t * 1000), 2.5 * k, int(t >= 50))]
+    ev.append({"ph": "C", "name": "queue", "id": 3, "pid": 8, "ts": 20, "args": {"depth": 4, "label": "x"}})
+    expect.append(("queue 3", "depth", "8", 20_000, 4, 0))
+    src = _write(tmp_path / "c.json", {"schemaVersion": 1, "traceEvents": ev})
+    run = _import(tmp_path, src)
+    out = capsys.readouterr().out
+    assert "9 counter values" in out and "1 counter values that are not numbers" in out
+    r = open_run(run)
+    assert r.manifest["tables"]["counters"] == "rank_0/counters.parquet"
+    c = pd.read_parquet(run / r.manifest["tables"]["counters"])
+    got = list(c[["name", "series", "process", "t_ns", "value", "step"]].itertuples(index=False, name=None))
+    assert got == sorted(expect, key=lambda row: row[3])  # (a stable sort: series in args order)
+    assert r.manifest["import"]["files"][0]["counts"]["counters"] == 9
 
 
 # -- a CPU torch.profiler trace ------------------------------------------------------------------------------

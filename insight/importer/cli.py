@@ -43,7 +43,7 @@ def run(args) -> int:
     print(f"imported {len(res.files)} trace{'s' if len(res.files) > 1 else ''} ({flavors}) into {res.path}: "
           f"ranks {res.ranks}, {res.count('events')} events -> {res.count('tasks')} tasks "
           f"({res.count('kernels')} kernels), {res.count('steps')} steps, {res.count('memory')} memory events, "
-          f"{res.count('flows')} flows")
+          f"{res.count('flows')} flows, {res.count('counters')} counter values")
     skipped = res.skipped
     if skipped:
         print("not imported: " + "; ".join(f"{v} {k}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])))

@@ -40,9 +40,12 @@ TASK_SCHEMA = pa.schema(list(SCHEMAS["tasks"]) + [pa.field("correlation", _I64),
                                                   pa.field("launch_task", _I64)])
 FLOW_SCHEMA = pa.schema([pa.field("cat", _S), pa.field("id", _S), pa.field("src_task", _I64),
                          pa.field("dst_task", _I64), pa.field("src_ns", _I64), pa.field("dst_ns", _I64)])
+# C (counter) events: one row per series value (an added table, docs/import.md)
+COUNTER_SCHEMA = pa.schema([pa.field("name", _S), pa.field("series", _S), pa.field("process", _S),
+                            pa.field("t_ns", _I64), pa.field("value", pa.float64()), pa.field("step", pa.int32())])
 TABLE_SCHEMAS = {"tasks": TASK_SCHEMA, "steps": SCHEMAS["steps"], "memory": SCHEMAS["memory"],
-                 "host_ops": SCHEMAS["host_ops"], "flows": FLOW_SCHEMA}
-TIMES = dict(TIME_COLUMNS, flows=("src_ns", "dst_ns"))
+                 "host_ops": SCHEMAS["host_ops"], "flows": FLOW_SCHEMA, "counters": COUNTER_SCHEMA}
+TIMES = dict(TIME_COLUMNS, flows=("src_ns", "dst_ns"), counters=("t_ns",))
 
 
 class TraceImportError(Exception):

@@ -169,6 +169,7 @@ class EventColumns:
         self.slices = Columns(SLICE_COLS, small=("name", "cat", "lane", "shape", "dtype"))
         self.flows = Columns(FLOW_COLS)
         self.memory = Columns(MEM_COLS)
+        self.counters: dict = {c: [] for c in ("ts", "name", "series", "pid", "value")}  # one row per series
         self.lanes: dict = {}            # (pid, tid) -> lane code
         self.lane_keys: list = []
         self.process_names: dict = {}    # pid -> name
@@ -248,8 +249,33 @@ class EventColumns:
             _ns([e.get("ts")], np.array([k]), "ts", events)
         if p == "B" or p == "E":
             self._begin_end(e, p)
+        elif p == "C":
+            self._counter(e)
         else:
-            self.skipped[f"ph {_text(p)!r} events" + (" (counters)" if p == "C" else "")] += 1
+            self.skipped[f"ph {_text(p)!r} events"] += 1
+
+    def _counter(self, e: dict) -> None:
+        """A ``C`` event: one row per numeric arg (a series of the counter ``name``, or ``name id`` when the event
+        has an ``id``); its process is resolved to a name when the trace is mapped."""
+        args = e.get("args")
+        if not isinstance(args, dict) or not args:
+            self.skipped["counter events without values"] += 1
+            return
+        name = _text(e.get("name", ""))
+        if e.get("id") is not None:
+            name = f"{name} {_text(e['id'])}"
+        t = e["ts"]
+        t = t * 1000 if type(t) is int else round(t * 1000)
+        c = self.counters
+        for series, v in args.items():
+            if type(v) in (int, float) and v == v:
+                c["ts"].append(t)
+                c["name"].append(self.strings(name))
+                c["series"].append(self.strings(series))
+                c["pid"].append(e.get("pid"))
+                c["value"].append(v)
+            else:
+                self.skipped["counter values that are not numbers"] += 1
 
     # -- a batch read by the Cython scanner (insight/importer/_scan.pyx) -------------------------------
     def scan(self, buf: bytes, pos: int):

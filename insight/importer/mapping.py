@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from insight.analysis.gpu import merged_intervals
-from insight.importer.events import EventColumns
+from insight.importer.events import EventColumns, _text
 
 NONE = -1
 # Kineto categories (lower-cased; older traces say Operator / Runtime / Kernel / Memcpy / Memset)
@@ -287,7 +287,9 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     mem = cols.memory.all()
     cols.flows.chunks.clear()
     cols.memory.chunks.clear()
-    firsts = [a.min() for a in (start[~drop] if n else start, fl["ts"], mem["ts"]) if len(a)]
+    ctr = cols.counters
+    ctr["ts"] = np.array(ctr["ts"], np.int64)
+    firsts = [a.min() for a in (start[~drop] if n else start, fl["ts"], mem["ts"], ctr["ts"]) if len(a)]
     zero = int(min(firsts)) if firsts else 0
     if flavor == "insight":  # our exporter writes times relative to the run start: keep that zero
         zero = min(zero, 0)
@@ -441,11 +443,15 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
         tables["memory"] = _memory(mem, cols, S, strings, x["name"], kind, lanes, start, end, task, main_dev, has_gpu,
                                    device.get("capacity_bytes", 0), s_num, s_start, s_end, zero)
 
+    if len(ctr["ts"]):
+        tables["counters"] = _counters(ctr, cols.process_names, strings, s_num, s_start, s_end, zero)
+
     # -- flows
     tables["flows"] = _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero)
 
     counts = {"events": cols.n_events, "tasks": int(len(rows)), "steps": int(len(s_num)),
               "memory": int(len(mem["ts"])), "flows": int(len(tables["flows"]["cat"])),
+              "counters": int(len(ctr["ts"])),
               "kernels": int((kind[rows] == S("kernel")).sum()) if len(rows) else 0}
     return RankTables(flavor, rank, base + zero, tables, streams, device, counts, skipped,
                       {k: v for k, v in header.items() if k != "traceEvents"})
@@ -639,6 +645,26 @@ def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, ma
             "offset": np.full(len(t), -1, np.int64), "in_use": m["allocated"], "capacity": cap,
             "step": step_of(t, s_start, s_end, s_num), "shape": np.array([""] * len(t), object),
             "dtype": np.array([""] * len(t), object)}
+
+
+def _counters(ctr: dict, process_names: dict, strings, s_num, s_start, s_end, zero) -> dict:
+    """``C`` events: one row per (event, series) in time order; the process by its ``process_name``."""
+    o = np.argsort(ctr["ts"], kind="stable")
+    t = ctr["ts"][o]
+    pids = [ctr["pid"][i] for i in o]
+    names = {p: process_names.get(p) or ("" if p is None else _text(p)) for p in set(map(_key, pids))}
+    return {"name": strings[np.array(ctr["name"], np.int64)[o]], "series": strings[np.array(ctr["series"], np.int64)[o]],
+            "process": np.array([names[_key(p)] for p in pids], object), "t_ns": t - zero,
+            "value": np.array(ctr["value"], np.float64)[o], "step": step_of(t, s_start, s_end, s_num)}
+
+
+def _key(v):
+    """A pid as a dictionary key (a list or object as its text)."""
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return _text(v)
 
 
 COLLECTIVES = (("allreduce", "all_reduce"), ("allgather", "all_gather"), ("reducescatter", "reduce_scatter"),
