@@ -1,17 +1,86 @@
-"""Columnar in-memory buffers for the hot path, and their conversion to Arrow tables.
+"""In-memory buffers for the hot path, and their conversion to Arrow tables.
 
-A collector's hook callback only appends: numbers go into preallocated numpy arrays that double when
-full, strings into Python lists. The writer thread ``drain()``s a buffer (swapping in empty columns under
-a short lock) and turns the columns into an Arrow table with the table's explicit schema.
+Frequent events (a few per step, or one per op in PYNATIVE mode) go into an ``EventBuffer``: the hook
+callback is one ``list.append`` of the event dict as delivered -- no lock, no conversion on the training
+thread -- and the writer thread turns the events taken at each flush into columns (``Field`` specs).
+Rare rows (graphs, pipeline structure) go into a ``ColumnBuffer``: numbers into preallocated numpy arrays
+that double when full, strings into Python lists. The writer thread ``drain()``s a buffer and turns the
+columns into an Arrow table with the table's explicit schema.
 """
 from __future__ import annotations
 
+import math
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
+from collectors.base import as_str, take_all
 from collectors.schema import SCHEMAS, TIME_COLUMNS
+
+
+class Field(NamedTuple):
+    """One column of an ``EventBuffer``: ``column`` from the event's ``key`` (default: the column name);
+    ``kind`` ``"i"`` int (``missing`` when absent or None), ``"s"`` str ("" when absent; ``missing`` if
+    given and the value is empty), ``"f"`` float (NaN when absent), ``"b"`` bool."""
+    column: str
+    kind: str
+    missing: object = None
+    key: str | None = None
+
+
+def int_column(vals: list, missing: int = -1) -> np.ndarray:
+    """Python values (None: ``missing``) -> int64 array."""
+    return np.fromiter((missing if v is None else int(v) for v in vals), np.int64, len(vals))
+
+
+def _strs(vals: list, missing) -> list:
+    out = [v if type(v) is str else as_str(v) for v in vals]
+    if missing:
+        out = [v or missing for v in out]
+    return out
+
+
+def event_columns(events: list[dict], fields: list[Field]) -> dict:
+    """The columns of ``events`` (dicts) as described by ``fields``: ndarray for numbers, list for strings."""
+    cols = {}
+    for f in fields:
+        key = f.key or f.column
+        vals = [e.get(key) for e in events]
+        if f.kind == "i":
+            cols[f.column] = int_column(vals, -1 if f.missing is None else f.missing)
+        elif f.kind == "s":
+            cols[f.column] = _strs(vals, f.missing)
+        elif f.kind == "f":
+            cols[f.column] = np.fromiter((math.nan if v is None else float(v) for v in vals), np.float64, len(vals))
+        elif f.kind == "b":
+            cols[f.column] = np.fromiter((bool(v) for v in vals), np.bool_, len(vals))
+        else:
+            raise ValueError(f"event_columns: unknown kind {f.kind!r} of column {f.column!r}")
+    return cols
+
+
+class EventBuffer:
+    """Events appended from any thread as the hook delivered them (``append`` is the bound ``list.append``:
+    the runtime builds a fresh dict per event and never touches it again); ``drain()`` takes them all
+    (items appended meanwhile stay for the next drain) and converts them with ``fields``."""
+
+    def __init__(self, fields: list[Field]):
+        self.fields = list(fields)
+        self._events: list[dict] = []
+        self.append = self._events.append
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def take(self) -> list[dict]:
+        return take_all(self._events)
+
+    def drain(self) -> dict | None:
+        """Every event appended so far as {column: ndarray | list}, or None when there is none."""
+        events = self.take()
+        return event_columns(events, self.fields) if events else None
 
 
 def _np_dtype(typ: pa.DataType):

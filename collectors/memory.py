@@ -20,13 +20,18 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from collectors.base import Collector, as_int, as_str
-from collectors.buffers import ColumnBuffer, concat, dict_column, to_arrow
+from collectors.base import Collector
+from collectors.buffers import EventBuffer, Field, concat, dict_column, to_arrow
 from collectors.tasks import StepGroup, StepStore
 
 _ACTIONS = pa.array(["free", "alloc"], pa.string())  # index = order: 0 free, 1 alloc
 _STRINGS = ("tensor", "op", "scope", "shape", "dtype")
 _SOURCE = {"tensor": "name", "op": "op", "scope": "scope", "shape": "shape", "dtype": "dtype"}
+# a ``memory`` event (the pool's real allocations and frees) -> one row
+_POOL_FIELDS = [Field("t_ns", "i"), Field("action", "s"), Field("device", "s", "device"), Field("kind", "s"),
+                Field("tensor", "s"), Field("op", "s"), Field("scope", "s"), Field("size", "i", 0),
+                Field("offset", "i"), Field("in_use", "i"), Field("capacity", "i"), Field("step", "i"),
+                Field("shape", "s"), Field("dtype", "s"), Field("source", "s", "pool")]
 
 
 def _event_time_order(evk: np.ndarray, t: np.ndarray, order: np.ndarray, n_ev: int) -> np.ndarray:
@@ -48,18 +53,11 @@ class MemoryCollector(Collector):
     def __init__(self, store: StepStore):
         self.store = store
         store.register("memory")
-        self._dynamic = ColumnBuffer("memory", capacity=256)
+        self._dynamic = EventBuffer(_POOL_FIELDS)
+        self.on_memory = self._dynamic.append  # the hot path: keep the event, convert it at the flush
 
     def handlers(self):
         return {"memory": self.on_memory}  # step_tasks are kept by the shared StepStore
-
-    def on_memory(self, ev: dict) -> None:
-        g = ev.get
-        self._dynamic.append((
-            as_int(g("t_ns")), as_str(g("action")), as_str(g("device")) or "device", as_str(g("kind")),
-            as_str(g("tensor")), as_str(g("op")), as_str(g("scope")), as_int(g("size"), 0), as_int(g("offset")),
-            as_int(g("in_use")), as_int(g("capacity")), as_int(g("step")), as_str(g("shape")), as_str(g("dtype")),
-            as_str(g("source")) or "pool"))
 
     # -- the uniform case: one template per graph -------------------------------------------------------------
     @staticmethod

@@ -7,14 +7,24 @@ events, about every 10 ms) and ``device_queue`` (every push / pop of the host->d
 from __future__ import annotations
 
 from collectors.base import Collector, as_int, as_str
-from collectors.buffers import ColumnBuffer, to_arrow
+from collectors.buffers import ColumnBuffer, EventBuffer, Field, to_arrow
+
+_QUEUE_FIELDS = [Field("pipeline_id", "i"), Field("op_id", "i"), Field("t_ns", "i"), Field("depth", "i"),
+                 Field("capacity", "i")]
+_DEVICE_QUEUE_FIELDS = [Field("t_ns", "i"), Field("action", "s"), Field("depth", "i"), Field("capacity", "i"),
+                        Field("wait_ns", "i", 0), Field("step", "i")]
 
 
 class MindDataCollector(Collector):
     tables = ("dataset_pipeline", "dataset_ops", "dataset_queues", "device_queue")
 
     def __init__(self):
-        self._buf = {t: ColumnBuffer(t, capacity=256) for t in self.tables}
+        self._buf = {"dataset_pipeline": ColumnBuffer("dataset_pipeline", capacity=64),
+                     "dataset_ops": ColumnBuffer("dataset_ops", capacity=64),
+                     "dataset_queues": EventBuffer(_QUEUE_FIELDS), "device_queue": EventBuffer(_DEVICE_QUEUE_FIELDS)}
+        # the frequent events (a sample every few ms, a push and a pop per step) are kept as delivered
+        self.on_queue_sample = self._buf["dataset_queues"].append
+        self.on_device_queue = self._buf["device_queue"].append
 
     # structure and cumulative reports are kept whatever the schedule; samples only in recorded steps
     def static_handlers(self):
@@ -37,16 +47,6 @@ class MindDataCollector(Collector):
             as_int(g("pipeline_id")), as_int(g("op_id")), as_str(g("op_type")), as_int(g("t_ns")),
             as_int(g("rows"), 0), as_int(g("batches"), 0), as_int(g("busy_ns"), 0), as_int(g("wait_in_ns"), 0),
             as_int(g("wait_out_ns"), 0), as_int(g("num_workers"))))
-
-    def on_queue_sample(self, ev: dict) -> None:
-        g = ev.get
-        self._buf["dataset_queues"].append((as_int(g("pipeline_id")), as_int(g("op_id")), as_int(g("t_ns")),
-                                            as_int(g("depth")), as_int(g("capacity"))))
-
-    def on_device_queue(self, ev: dict) -> None:
-        g = ev.get
-        self._buf["device_queue"].append((as_int(g("t_ns")), as_str(g("action")), as_int(g("depth")),
-                                          as_int(g("capacity")), as_int(g("wait_ns"), 0), as_int(g("step"))))
 
     def drain(self, t0, final=False):
         out = {}

@@ -2,21 +2,24 @@
 
 A step is written only when both its ``begin`` and its ``end`` were seen while recording (a step already
 running when profiling started has no traced tasks, so it is left out). Missing markers (PYNATIVE mode)
-are -1; ``sink`` is true when the step started with a GetNext task (data sink mode).
+are -1; ``sink`` is true when the step started with a GetNext task (data sink mode). The hot path keeps
+the begin time and the end event as delivered; the row is built when the writer drains.
 """
 from __future__ import annotations
 
-import math
+from collectors.base import Collector, take_all
+from collectors.buffers import Field, event_columns, int_column, to_arrow
 
-from collectors.base import Collector, as_int, as_str
-from collectors.buffers import ColumnBuffer, to_arrow
+_FIELDS = [Field("step", "i"), Field("epoch", "i"), Field("get_next_start_ns", "i"), Field("get_next_end_ns", "i"),
+           Field("fp_start_ns", "i"), Field("bp_end_ns", "i"), Field("fp_start_op", "s"), Field("bp_end_op", "s"),
+           Field("loss", "f")]
 
 
 class StepsCollector(Collector):
     tables = ("steps",)
 
     def __init__(self):
-        self._rows = ColumnBuffer("steps", capacity=256)
+        self._ends: list[tuple] = []  # (end event, begin_ns, sink) per recorded step, converted at the flush
         self._begin: dict = {}
         self._sink_step = None
         self.last_end_step = None
@@ -31,16 +34,10 @@ class StepsCollector(Collector):
         begin = self._begin.pop(step, None)
         if begin is None:
             return
-        g = ev.get
-        sink = g("sink")
+        sink = ev.get("sink")
         if sink is None:
             sink = self._sink_step is not None and self._sink_step == step
-        loss = g("loss")
-        self._rows.append((
-            as_int(step), as_int(g("epoch")), as_int(begin), as_int(g("get_next_start_ns")),
-            as_int(g("get_next_end_ns")), as_int(g("fp_start_ns")), as_int(g("bp_end_ns")),
-            as_int(g("end_ns", g("t_ns"))), as_str(g("fp_start_op")), as_str(g("bp_end_op")),
-            math.nan if loss is None else float(loss), bool(sink)))
+        self._ends.append((ev, begin, sink))
 
     def on_task(self, ev: dict) -> None:
         if ev.get("kind") == "get_next":
@@ -50,5 +47,12 @@ class StepsCollector(Collector):
         return {"task": self.on_task}
 
     def drain(self, t0, final=False):
-        cols = self._rows.drain()
-        return {"steps": to_arrow("steps", cols, t0)} if cols else {}
+        rows = take_all(self._ends)
+        if not rows:
+            return {}
+        evs = [r[0] for r in rows]
+        cols = event_columns(evs, _FIELDS)
+        cols["begin_ns"] = int_column([r[1] for r in rows])
+        cols["end_ns"] = int_column([e.get("end_ns", e.get("t_ns")) for e in evs])
+        cols["sink"] = [bool(r[2]) for r in rows]
+        return {"steps": to_arrow("steps", cols, t0)}

@@ -14,13 +14,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from collectors.base import Collector, as_int, as_str, take_all
-from collectors.buffers import ColumnBuffer, concat, to_arrow
+from collectors.base import Collector, as_int, take_all
+from collectors.buffers import EventBuffer, Field, concat, event_columns, to_arrow
 from collectors.graphs import GraphRegistry, GraphTable
 
-_SINGLE = ["step", "graph", "task_id", "name", "op", "kind", "stream", "stream_id", "scope", "phase", "start_ns",
-           "end_ns", "flops", "bytes", "shape", "dtype", "fused_ops"]
+# a single ``task`` event -> one row (stream_id: see _stream_ids)
+_SINGLE = [Field("step", "i"), Field("graph", "s"), Field("task_id", "i"), Field("name", "s"), Field("op", "s"),
+           Field("kind", "s"), Field("stream", "s"), Field("scope", "s"),
+           Field("phase", "s"), Field("start_ns", "i"), Field("end_ns", "i"), Field("flops", "i", 0),
+           Field("bytes", "i", 0), Field("shape", "s"), Field("dtype", "s"), Field("fused_ops", "s")]
 _STREAM_IDS = {"aicore0": 0, "aicore1": 1, "aicpu": 2, "comm": 3, "host": 4}
+
+
+def _stream_ids(events: list[dict], streams: list[str]) -> np.ndarray:
+    """The event's ``stream_id``, or when it has none the id of its stream's name (-1: unknown)."""
+    return np.fromiter((_STREAM_IDS.get(s, -1) if e.get("stream_id") is None else int(e["stream_id"])
+                        for e, s in zip(events, streams)), np.int64, len(events))
 _STATIC_STRINGS = ("name", "op", "kind", "stream", "scope", "phase", "shape", "dtype", "fused_ops")
 
 
@@ -96,23 +105,13 @@ class TasksCollector(Collector):
     def __init__(self, store: StepStore):
         self.store = store
         store.register("tasks")
-        self._single = ColumnBuffer("tasks", _SINGLE, capacity=1024)
+        self._single = EventBuffer(_SINGLE)
+        self.on_task = self._single.append  # the hot path: keep the event, convert it at the flush
         self.streams: dict[int, str] = {}
         self._seen_graphs: set = set()
 
     def handlers(self):
         return {"step_tasks": self.store.append, "task": self.on_task}
-
-    def on_task(self, ev: dict) -> None:
-        g = ev.get
-        stream = as_str(g("stream"))
-        sid = g("stream_id")
-        self._single.append((
-            as_int(g("step")), as_str(g("graph")), as_int(g("task_id")), as_str(g("name")), as_str(g("op")),
-            as_str(g("kind")), stream, _STREAM_IDS.get(stream, -1) if sid is None else int(sid),
-            as_str(g("scope")), as_str(g("phase")), as_int(g("start_ns")), as_int(g("end_ns")),
-            as_int(g("flops"), 0), as_int(g("bytes"), 0), as_str(g("shape")), as_str(g("dtype")),
-            as_str(g("fused_ops"))))
 
     def expand(self, groups: list[StepGroup], t0: int):
         tables = []
@@ -137,8 +136,10 @@ class TasksCollector(Collector):
 
     def drain(self, t0, final=False):
         tables = self.expand(self.store.take("tasks"), t0)
-        cols = self._single.drain()
-        if cols:
+        events = self._single.take()
+        if events:
+            cols = event_columns(events, _SINGLE)
+            cols["stream_id"] = _stream_ids(events, cols["stream"])
             cols["dur_ns"] = cols["end_ns"] - cols["start_ns"]
             for sid, name in zip(cols["stream_id"].tolist(), cols["stream"]):
                 if sid >= 0 and sid not in self.streams:

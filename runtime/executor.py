@@ -111,7 +111,9 @@ class CompiledGraph:
         fw = [k for k, t in enumerate(flat_tasks) if self._phase_masks[0][t.task_id]]
         bw = [k for k, t in enumerate(flat_tasks) if self._phase_masks[1][t.task_id]]
         self._flat_markers = (fw[0] if fw else -1, bw[-1] if bw else -1)
+        self._flat_marker_ops = (flat_tasks[fw[0]].name if fw else "", flat_tasks[bw[-1]].name if bw else "")
         self._input_bytes = sum(n.nbytes for _, n in self.input_slots)
+        self._task_table_cols: dict | None = None  # task_table(), built on first use (static per graph)
 
     # -- memory --------------------------------------------------------------------------------
     def _reserve_memory(self):
@@ -299,9 +301,12 @@ class CompiledGraph:
         gname = self.graph.name
         if self._table_generation != hooks.generation:  # a new listener has not seen this graph yet
             self._table_generation = hooks.generation
+            if self._task_table_cols is None:  # the table is static: built once per graph, not per listener
+                self._task_table_cols = self.task_table()
             emit("task_table", {"graph": gname, "graph_id": id(self), "planned_peak": self.tl.plan.peak,
                                 "parameter_bytes": self.device.parameter_bytes(),
-                                "capacity": self.device.pool.capacity, "columns": self.task_table()})
+                                "capacity": self.device.pool.capacity,
+                                "columns": {k: list(v) for k, v in self._task_table_cols.items()}})
         if get_next is not None:
             emit("task", {"task_id": -1, "name": "GetNext", "op": "get_next", "kind": "get_next", "stream_id": 0,
                           "stream": "aicore0", "scope": "", "start_ns": get_next[0], "end_ns": get_next[1],
@@ -319,8 +324,8 @@ class CompiledGraph:
             fi, bi = self._flat_markers
             fp_start = int(starts[fi]) if fi >= 0 else t_begin
             bp_end = int(ends[bi]) if bi >= 0 else fp_start
-            fp_op = self.tl.tasks[int(ids[fi])].name if fi >= 0 else ""
-            bp_op = self.tl.tasks[int(ids[bi])].name if bi >= 0 else ""
+            fp_op, bp_op = self._flat_marker_ops
+            t_end = int(ends[-1]) if len(ends) else clock()  # in order on one stream: the last end is the latest
         else:
             flat = [r for rs in records.values() for r in rs]
             flat.sort(key=lambda r: r[1])
@@ -334,9 +339,9 @@ class CompiledGraph:
             bp_end = int(ends[bw].max()) if bw.any() else fp_start
             fp_op = self.tl.tasks[int(ids[fw][np.argmin(starts[fw])])].name if fw.any() else ""
             bp_op = self.tl.tasks[int(ids[bw][np.argmax(ends[bw])])].name if bw.any() else ""
+            t_end = int(ends.max()) if len(ends) else clock()
         emit("step_tasks", {"graph": gname, "graph_id": id(self), "step": step, "task_id": ids, "start_ns": starts,
                             "end_ns": ends})
-        t_end = int(ends.max()) if len(ends) else clock()
         self.last_markers = {
             "start_ns": get_next[0] if get_next is not None else t_begin,
             "get_next_start_ns": get_next[0] if get_next else copy_times[0],
