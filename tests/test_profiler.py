@@ -402,3 +402,44 @@ def test_sigkill_keeps_flushed_steps_readable(tmp_path, sink):
     assert (tasks["dur_ns"] == tasks["end_ns"] - tasks["start_ns"]).all()
     mem = run.table("memory")
     assert set(steps["step"]) <= set(mem["step"])
+
+
+# -- the data pipeline's queue sampler ---------------------------------------------------------------------------
+def test_one_sampler_thread_samples_the_pipeline_of_every_epoch(tmp_path, digits):
+    """Model.train iterates a new pipeline per epoch: all of them are sampled (dataset_queues rows for every
+    pipeline of dataset_pipeline), by one shared sampler thread that is never doubled and ends with the profiler."""
+    import threading
+
+    from runtime.dataset import config
+    from runtime.train.callback import Callback
+
+    class Watch(Callback):
+        def step_end(self, run_context):
+            counts.append(sum(t.name == "dataset-sampler" for t in threading.enumerate()))
+
+    def slow(x):  # 0.5 ms per row: an epoch of 160 rows lasts far longer than the sampling interval
+        time.sleep(0.0005)
+        return x
+
+    counts = []
+    xtr, ytr, _, _ = digits
+    ds = NumpySlicesDataset((xtr[:N_TRAIN], ytr[:N_TRAIN]), ["image", "label"], shuffle=True, seed=0).map(
+        slow, "image").batch(32, drop_remainder=True)
+    config.set_monitor_sampling_interval(2)
+    try:
+        with Profiler(tmp_path / "run", flush_interval=0.05):
+            _model().train(3, ds, callbacks=[Watch()])
+    finally:
+        config.set_monitor_sampling_interval(10)
+    run = open_run(tmp_path / "run")
+    pipelines = set(run.table("dataset_pipeline")["pipeline_id"])
+    queues = run.table("dataset_queues")
+    assert len(pipelines) == 3 and set(queues["pipeline_id"]) == pipelines
+    assert set(queues.groupby("pipeline_id")["op_id"].nunique()) == {3}  # map, batch, source: every queue
+    assert set(counts) == {1}  # one sampler thread at every step, never one per pipeline
+    deadline = time.monotonic() + 2
+    while any(t.name == "dataset-sampler" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "dataset-sampler" for t in threading.enumerate())  # nobody listens any more
+    with pytest.raises(ValueError, match="set_monitor_sampling_interval: interval must be an integer >= 1"):
+        config.set_monitor_sampling_interval(0)

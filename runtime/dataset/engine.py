@@ -362,8 +362,8 @@ class _Pipeline:
         self.epochs_done = 0
         self.closed = False
         self._lock = threading.Lock()
-        self._closed_evt = threading.Event()
-        self.sampler: threading.Thread | None = None
+        self.sampler: threading.Thread | None = None  # the sampler thread while it samples this pipeline
+        self._sample_lock = threading.RLock()  # held while sampling; close() waits for it
         self.consumer = _WorkerStats()
         self.consumer.t_start = _now()
         self.root = self._build(root_op, -1, None if num_epochs < 0 else num_epochs)
@@ -437,7 +437,7 @@ class _Pipeline:
     def epoch_end(self) -> None:
         self.epochs_done += 1
         if 0 <= self.num_epochs <= self.epochs_done:
-            self.close()  # joins the threads (and the sampler), then emits the final dataset_op events
+            self.close()  # joins the threads (no more samples), then emits the final dataset_op events
         elif hooks.listening:
             self.emit_ops(final=False)
 
@@ -446,13 +446,12 @@ class _Pipeline:
             if self.closed:
                 return
             self.closed = True
-            sampler = self.sampler
-        self._closed_evt.set()
+        _SAMPLER.unregister(self)  # (waits for a sample of this pipeline in progress: none comes after)
         for st in self.stages:
             st.abort()
         cur = threading.current_thread()
         deadline = time.monotonic() + 10.0
-        for t in self.threads() + ([sampler] if sampler is not None else []):
+        for t in self.threads():
             if t is not cur and t.ident is not None:
                 t.join(max(0.0, deadline - time.monotonic()))
         self.consumer.t_end = _now()
@@ -477,31 +476,95 @@ class _Pipeline:
 
     def start_sampler(self) -> None:
         self.announce()
-        with self._lock:
-            if self.closed or self.sampler is not None:
-                return
-            t = threading.Thread(target=self._sample_loop, daemon=True, name=f"dataset-{self.id}-sampler")
-            self.sampler = t
-        t.start()
+        if not self.closed:
+            _SAMPLER.register(self)
 
-    def _sample_loop(self) -> None:
-        try:
-            evt = self._closed_evt
-            while not evt.wait(0.01):
-                if not hooks.listening:
-                    break
-                t = _now()
-                for st in self.stages:
-                    d = len(st.out)
-                    st.samples += 1
-                    st.depth_sum += d
-                    st.depth_samples.append((t, d))
-                    hooks.emit("queue_sample", {"pipeline_id": self.id, "op_id": st.op_id, "t_ns": t,
-                                                "depth": d, "capacity": st.out.capacity})
-        finally:
+    def sample(self, t: int) -> None:
+        """One ``queue_sample`` per stage (called by the sampler thread)."""
+        with self._sample_lock:
+            if self.closed:
+                return
+            for st in self.stages:
+                d = len(st.out)
+                st.samples += 1
+                st.depth_sum += d
+                st.depth_samples.append((t, d))
+                hooks.emit("queue_sample", {"pipeline_id": self.id, "op_id": st.op_id, "t_ns": t,
+                                            "depth": d, "capacity": st.out.capacity})
+
+
+class _Sampler:
+    """The one thread sampling the output-queue depth of every pipeline iterated while a listener is
+    subscribed, every ``config.get_monitor_sampling_interval()`` ms (``queue_sample`` events).
+
+    It starts with the first such pipeline and is shared by all of them: ``Model.train`` iterates a new
+    pipeline per epoch, which joins the running sampler instead of starting (and later joining) a thread of
+    its own -- a thread start and a wake-up per epoch less on the training thread. It ends when nobody
+    listens any more, or when no pipeline has been registered for ``IDLE_S`` seconds."""
+
+    IDLE_S = 0.5
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pipes: list[_Pipeline] = []
+        self.thread: threading.Thread | None = None
+
+    def register(self, pipe: _Pipeline) -> None:
+        with self._lock:
+            if pipe not in self._pipes:
+                self._pipes.append(pipe)
+            t = self.thread
+            start = t is None
+            if start:
+                t = self.thread = threading.Thread(target=self._loop, daemon=True, name="dataset-sampler")
+            pipe.sampler = t
+        if start:
+            t.start()
+
+    def unregister(self, pipe: _Pipeline) -> None:
+        with pipe._sample_lock:
             with self._lock:
-                if self.sampler is threading.current_thread():
-                    self.sampler = None
+                if pipe in self._pipes:
+                    self._pipes.remove(pipe)
+                pipe.sampler = None
+
+    def _stop_if(self, done) -> bool:
+        """Under the lock: if ``done()``, forget every pipeline and end (a later register starts a new thread)."""
+        with self._lock:
+            if self.thread is not threading.current_thread():
+                return True  # already ended
+            if not done():
+                return False
+            for p in self._pipes:
+                p.sampler = None
+            self._pipes.clear()
+            self.thread = None
+            return True
+
+    def _loop(self) -> None:
+        idle_since = None
+        try:
+            while True:
+                time.sleep(config.get_monitor_sampling_interval() / 1000)
+                if not hooks.listening and self._stop_if(lambda: True):
+                    return
+                with self._lock:
+                    pipes = list(self._pipes)
+                if not pipes:
+                    now = time.monotonic()
+                    idle_since = idle_since or now
+                    if now - idle_since >= self.IDLE_S and self._stop_if(lambda: not self._pipes):
+                        return
+                    continue
+                idle_since = None
+                t = _now()
+                for p in pipes:
+                    p.sample(t)
+        finally:
+            self._stop_if(lambda: True)
+
+
+_SAMPLER = _Sampler()
 
 
 class DatasetIterator:
