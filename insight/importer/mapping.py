@@ -83,6 +83,17 @@ def kernel_class(name: str) -> str:
     return s or name
 
 
+def unique_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(codes, return_inverse=True)`` for interned string codes (small non-negative integers) in
+    linear time: a bincount instead of a sort of millions of rows."""
+    if not len(codes):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    uniq = np.flatnonzero(np.bincount(codes))
+    remap = np.zeros(int(uniq[-1]) + 1, np.int64)
+    remap[uniq] = np.arange(len(uniq))
+    return uniq, remap[codes]
+
+
 def _starts(values: np.ndarray, prefixes) -> np.ndarray:
     return np.array([isinstance(v, str) and v.startswith(tuple(prefixes)) for v in values], bool)
 
@@ -168,7 +179,7 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     n = len(x["ts"])
     start = x["ts"]
     end = start + np.maximum(x["dur"], 0)
-    cat_codes = np.unique(x["cat"]) if n else np.zeros(0, np.int64)
+    cat_codes = unique_codes(x["cat"])[0]
     flavor = detect_flavor(cols, header, {strings[c] for c in cat_codes})
     base = header.get("baseTimeNanoseconds")
     base = int(base) if isinstance(base, (int, float)) and not isinstance(base, bool) else 0
@@ -212,12 +223,14 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
     step_num = np.full(n, -1, np.int64)
     if flavor == "kineto" and n:
         ann = (kind == S("annotation")) | (kind == S("cpu_op"))
-        for code in np.unique(x["name"][ann]):
+        num_of = np.full(len(strings), -1, np.int64)  # name code -> N of ProfilerStep#N
+        for code in unique_codes(x["name"][ann])[0]:
             m = STEP_RE.match(strings[code])
             if m:
-                sel = ann & (x["name"] == code)
-                step_mask |= sel
-                step_num[sel] = int(m.group(1))
+                num_of[code] = int(m.group(1))
+        num = num_of[x["name"]]
+        step_mask = ann & (num >= 0)
+        step_num[step_mask] = num[step_mask]
     lane_name: dict = {}
     lane_kind: dict = {}
     main_dev = None
@@ -347,17 +360,17 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
         if flavor == "kineto" and n:
             kc = np.flatnonzero(kind == S("kernel"))
             if len(kc):
-                uniq, inv = np.unique(nc[kc], return_inverse=True)
+                uniq, inv = unique_codes(nc[kc])
                 op[kc] = np.array([S(kernel_class(strings[u])) for u in uniq], np.int64)[inv]
             mc = np.flatnonzero(np.isin(kind, [S(k) for k in ("memcpy_h2d", "memcpy_d2h", "memcpy_d2d", "memcpy_h2h",
                                                                "memcpy_p2p", "memcpy")]))
             if len(mc):
-                uniq, inv = np.unique(nc[mc], return_inverse=True)
+                uniq, inv = unique_codes(nc[mc])
                 op[mc] = np.array([S(strings[u].split(" (")[0]) for u in uniq], np.int64)[inv]
             op[kind == S("memset")] = S("Memset")
             nccl = np.flatnonzero(_nccl_mask(strings, nc) & (kind == S("kernel")))
             if len(nccl):  # a collective's kernel: the collective (all_reduce, all_gather, ...)
-                uniq, inv = np.unique(nc[nccl], return_inverse=True)
+                uniq, inv = unique_codes(nc[nccl])
                 op[nccl] = np.array([S(_collective(strings[u])) for u in uniq], np.int64)[inv]
         scope = np.zeros(n, np.int64)
         if flavor == "kineto" and n:
@@ -497,7 +510,7 @@ def _phases(S, strings, name_codes, kind, lanes, start, end, is_dev, task, launc
     n = len(start)
     host = ~is_dev & task
     ph = np.zeros(n, np.int64)
-    uniq, inv = np.unique(name_codes, return_inverse=True)
+    uniq, inv = unique_codes(name_codes)
     uniq_names = strings[uniq]
 
     def named(prefixes):
@@ -533,10 +546,12 @@ def _phases(S, strings, name_codes, kind, lanes, start, end, is_dev, task, launc
         r = np.flatnonzero(mask & (task_step >= 0))
         if not len(r):
             return {}
-        df = pd.DataFrame({"s": task_step[r], "v": key[r], "r": r})
-        df = df.sort_values(["s", "v"], kind="stable")
-        g = df.groupby("s").tail(1) if pick_max else df.groupby("s").head(1)
-        return dict(zip(g["s"], g["r"]))
+        st = task_step[r]
+        o = np.lexsort((key[r], st))  # by step, then key; equal keys in row order (a stable sort)
+        st, r = st[o], r[o]
+        new = st[1:] != st[:-1]
+        pick = np.r_[new, True] if pick_max else np.r_[True, new]  # each step's last / first row
+        return dict(zip(st[pick].tolist(), r[pick].tolist()))
 
     fw_first = per_step(ph == S("forward"), start, False)
     fw_last = per_step(ph == S("forward"), end, True)
@@ -590,7 +605,7 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
     del src, dst
     if pairs.empty:
         return empty
-    index = _lane_index(lanes, start, end, np.flatnonzero(task))
+    index = None
     # Kineto's flow id is the correlation id: the slices on the flow's two lanes that carry it are its ends
     # (several launches can start in the same microsecond, so time alone can pick the wrong one)
     rows = np.flatnonzero(task & (corr >= 0))
@@ -607,6 +622,9 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
         out = np.where(ok, r, -1)
         rest = np.flatnonzero(~ok)  # by time alone
         if len(rest):
+            nonlocal index
+            if index is None:  # (Kineto's flows all bind by correlation id: no index needed)
+                index = _lane_index(lanes, start, end, np.flatnonzero(task))
             out[rest] = bind_many(index, ln[rest], t[rest], enclosing[rest])
         return out
 
@@ -640,7 +658,7 @@ def _memory(mem, cols, S, strings, name_codes, kind, lanes, start, end, task, ma
     return {"t_ns": t - zero, "action": np.where(b >= 0, "alloc", "free").astype(object),
             "device": device.astype(object),
             "kind": np.array([""] * len(t), object),
-            "tensor": np.array([f"0x{a:x}" if a >= 0 else "" for a in m["addr"]], object),
+            "tensor": _hex(m["addr"]),
             "op": op.astype(object), "scope": np.array([""] * len(t), object), "size": np.abs(b),
             "offset": np.full(len(t), -1, np.int64), "in_use": m["allocated"], "capacity": cap,
             "step": step_of(t, s_start, s_end, s_num), "shape": np.array([""] * len(t), object),
@@ -673,9 +691,16 @@ COLLECTIVES = (("allreduce", "all_reduce"), ("allgather", "all_gather"), ("reduc
 
 
 def _nccl_mask(strings: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    uniq, inv = np.unique(codes, return_inverse=True)
+    uniq, inv = unique_codes(codes)
     return np.array(["nccl" in str(strings[u]).lower() for u in uniq], bool)[inv] if len(codes) else \
         np.zeros(0, bool)
+
+
+def _hex(addr: np.ndarray) -> np.ndarray:
+    """Addresses as ``0x7f...`` ("" for -1), each distinct one formatted once (an allocation and its free
+    share it)."""
+    uniq, inv = np.unique(addr, return_inverse=True)
+    return np.array([f"0x{a:x}" if a >= 0 else "" for a in uniq.tolist()], object)[inv]
 
 
 def _collective(name: str) -> str:
