@@ -1,29 +1,39 @@
 #!/usr/bin/env python
-"""Profiler cost: (a) the step time it adds to a real training, (b) the writer's throughput.
+"""Profiler cost: (a) the step time it adds to a real training (the digits LeNet, BERT-small), (b) the writer's
+throughput.
 
-    cd /work/main && python benchmarks/bench_profiler.py [--rounds 9] [--epochs 3] [--steps 20000]
-                                                         [--profile] [--json out.json]
+    cd /work/main && python benchmarks/bench_profiler.py [--rounds 9] [--repeats 3] [--epochs 3]
+        [--model lenet|bert|both] [--bert-steps 2] [--bert-quick] [--steps 20000] [--profile]
+        [--json out.json] [--summary out.json]
 
-(a) Overhead. The digits CNN (``runtime.models.LeNetDigits``, batch 32, graph mode, non-sink) trains
-``--epochs`` epochs per run, the same warmed-up Model in every run. Each round runs, in an order that
-rotates from round to round, three variants:
+(a) Overhead. Each model trains with ``Model.train`` over a MindData pipeline in graph mode, the same warmed-up
+Model in every run:
+  * LeNet: ``runtime.models.LeNetDigits`` on the 8x8 digits, batch 32, non-sink, ``--epochs`` epochs per run;
+  * BERT-small (``--model bert`` or ``both``): ``runtime.nn.transformer.BertSmall`` as in bench_fusion.py (4 layers,
+    hidden 256, 4 heads, sequence 128, batch 16, Adam, graph-kernel fusion on), ``--bert-steps`` steps per run
+    on a synthetic token data set (``--bert-quick``: 2 layers, hidden 128, sequence 64, batch 4).
+Each round runs, ``--repeats`` times over in an order that rotates from run to run, three variants:
   * ``off``      -- nothing subscribed to ``runtime.hooks`` (the runtime's untraced fast path);
   * ``tracing``  -- a no-op hook subscriber: what the runtime's tracing path alone costs
-                    (per-task clocks, ``step_tasks`` arrays, markers);
+                    (per-task clocks, ``step_tasks`` arrays, markers, the data pipeline's queue sampler);
   * ``profiler`` -- ``insight.Profiler`` (all collectors, memory and dataset tables, the background
-                    writer flushing every ``--flush-interval`` = 0.25 s, so that it flushes inside every
-                    timed run), started before and stopped after ``Model.train``;
-                    only ``Model.train`` is timed, the final compaction is reported separately.
-We report the median ms/step of each variant and the overhead vs ``off`` as the median of the
-per-round paired ratios (robust against load drifting on a shared machine). Goal: <= 2 %.
+                    writer flushing every ``--flush-interval`` s), started before and stopped after
+                    ``Model.train``; only ``Model.train`` is timed, ``stop()`` is reported separately.
+A round's figure per variant is its total time over its repeats; we report the median ms/step of each variant
+and the overhead vs ``off`` as the median over rounds of the paired (same round) ratios, which is robust
+against load drifting on a shared machine, and also the ratio of the medians. Goal: <= 2 %.
+The attribution line gives the profiler's hook callback alone (one real step's events replayed through it)
+and the writer thread's CPU time while training; how many flushes fell inside the timed runs is printed too.
 
 (b) Writer throughput. A synthetic stream of ``step_tasks`` events (``--steps`` steps of a graph with
 ``--tasks`` tasks; one task = one event = one ``tasks`` row) is emitted through ``runtime.hooks`` into a
 running Profiler, which is then stopped: the time from the first append to every row being in Parquet
-on disk (flushes, final flush and compaction included). Reported with and without the memory table
+on disk (flushes and the final flush included). Reported with and without the memory table
 (which adds two rows per task buffer). Goal: >= 1M events/s.
 
 ``--profile`` runs cProfile over profiled training and prints where the extra time goes.
+``--summary PATH`` writes the goal rows (benchmarks/_summary.py): the profiled / off step-time ratio of each
+model (goal <= 1.02), the tracing-only ratio (reported), the writer's events/s (goal >= 1M).
 """
 from __future__ import annotations
 
@@ -43,74 +53,108 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _summary  # noqa: E402
 from insight import Profiler  # noqa: E402
 from insight.trace import open_run  # noqa: E402
 from runtime import Model, context, hooks, nn  # noqa: E402
 from runtime.dataset import NumpySlicesDataset  # noqa: E402
 from runtime.dataset.digits import load_digits_split  # noqa: E402
 from runtime.models import LeNetDigits  # noqa: E402
+from runtime.nn.transformer import BertSmall, bert_batch  # noqa: E402
+
+VARIANTS = ("off", "tracing", "profiler")
 
 
 # -- (a) overhead --------------------------------------------------------------------------------------------
-def make_training(epochs: int):
-    context.set_context(mode=context.GRAPH_MODE, seed=0)
+class Training:
+    """One model's timed training run: ``run()`` trains ``epochs`` epochs of ``steps`` steps in all and
+    returns ms/step; ``bench_batch`` is one (data, label) batch for the hook-cost replay."""
+
+    def __init__(self, name: str, model: Model, dataset, epochs: int, steps: int, bench_batch):
+        self.name, self.model, self.dataset, self.epochs, self.steps = name, model, dataset, epochs, steps
+        self.bench_batch = bench_batch
+
+    def run(self) -> float:
+        t = time.perf_counter()
+        self.model.train(self.epochs, self.dataset)
+        return (time.perf_counter() - t) / self.steps * 1e3
+
+
+def make_lenet(epochs: int) -> Training:
+    context.set_context(mode=context.GRAPH_MODE, seed=0, enable_graph_kernel=False)
     xtr, ytr, _, _ = load_digits_split(seed=0)
     net = LeNetDigits()
     model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
                   nn.Momentum(net.trainable_params(), 0.05, 0.9), progress=False)
     ds = NumpySlicesDataset((xtr, ytr), ["image", "label"], shuffle=True, seed=0).batch(32, drop_remainder=True)
-    steps = epochs * (len(xtr) // 32)
-    model._bench_batch = (xtr[:32], ytr[:32])
-
-    def train():
-        t = time.perf_counter()
-        model.train(epochs, ds)
-        return (time.perf_counter() - t) / steps * 1e3  # ms/step
-
-    return model, train, steps
+    return Training(f"LeNet (digits, batch 32, {epochs} epochs/run)", model, ds, epochs,
+                    epochs * (len(xtr) // 32), (xtr[:32], ytr[:32]))
 
 
-def run_overhead(rounds: int, epochs: int, tmp: Path, flush_interval: float) -> dict:
-    model, train, steps = make_training(epochs)
-    train()  # warm-up: compile, caches
-    variants = ["off", "tracing", "profiler"]
-    ms = {v: [] for v in variants}
-    finish = []
-    writer_cpu = []  # the writer thread's CPU seconds per second of training
+def make_bert(steps: int, quick: bool) -> Training:
+    cfg = dict(batch=4, seq=64, layers=2, hidden=128, heads=4) if quick else \
+        dict(batch=16, seq=128, layers=4, hidden=256, heads=4)
+    context.set_context(mode=context.GRAPH_MODE, seed=0, enable_graph_kernel=True)
+    net = BertSmall(vocab_size=1000, hidden_size=cfg["hidden"], num_layers=cfg["layers"], num_heads=cfg["heads"],
+                    max_position=cfg["seq"])
+    model = Model(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"),
+                  nn.Adam(net.trainable_params(), 1e-4), progress=False)
+    ids, labels = bert_batch(cfg["batch"] * steps, cfg["seq"])
+    ds = NumpySlicesDataset((ids, labels), ["ids", "label"], shuffle=True, seed=0).batch(cfg["batch"],
+                                                                                       drop_remainder=True)
+    desc = ", ".join(f"{k} {v}" for k, v in cfg.items())
+    return Training(f"BERT-small ({desc}, fusion on, {steps} steps/run)", model, ds, 1, steps,
+                    (ids[:cfg["batch"]], labels[:cfg["batch"]]))
+
+
+def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_interval: float) -> dict:
+    tr.run()  # warm-up: compile, caches
+    ms = {v: [] for v in VARIANTS}  # per round: the mean ms/step over its repeats
+    finish, writer_cpu, flushes_inside = [], [], []
     n = 0
 
     def run(v):
         nonlocal n
         if v == "off":
-            return train()
+            return tr.run()
         if v == "tracing":
             fn = hooks.subscribe(lambda kind, ev: None)
             try:
-                return train()
+                return tr.run()
             finally:
                 hooks.unsubscribe(fn)
         n += 1
         prof = Profiler(tmp / f"run{n}", flush_interval=flush_interval)
         try:
-            ms_step = train()
-            writer_cpu.append(prof._writer.background_cpu_s / (ms_step * steps / 1e3))
+            ms_step = tr.run()
+            w = prof._writer
+            writer_cpu.append(w.background_cpu_s / (ms_step * tr.steps / 1e3))
+            flushes_inside.append(w.flushes)
             return ms_step
         finally:
             t = time.perf_counter()
             prof.stop()
             finish.append(time.perf_counter() - t)
 
-    for r in range(rounds):
-        order = variants[r % 3:] + variants[:r % 3]
-        for v in order:
-            ms[v].append(run(v))
+    k = 0
+    for _ in range(rounds):
+        acc = {v: [] for v in VARIANTS}
+        for _ in range(repeats):
+            order = VARIANTS[k % 3:] + VARIANTS[:k % 3]
+            k += 1
+            for v in order:
+                acc[v].append(run(v))
+        for v in VARIANTS:
+            ms[v].append(statistics.fmean(acc[v]))
     run_dir = tmp / f"run{n}"
     rows = len(open_run(run_dir).table("tasks"))
-    res = {"steps_per_run": steps, "rounds": rounds, "tasks_rows_per_run": rows,
-           "stop_s_median": statistics.median(finish), "writer_cpu_share": statistics.median(writer_cpu),
-           "hook_us_per_step": hook_cost(model)}
-    for v in variants:
+    res = {"model": tr.name, "steps_per_run": tr.steps, "rounds": rounds, "repeats": repeats,
+           "tasks_rows_per_run": rows, "stop_s_median": statistics.median(finish),
+           "writer_cpu_share": statistics.median(writer_cpu), "flushes_inside_median": statistics.median(flushes_inside),
+           "hook_us_per_step": hook_cost(tr)}
+    for v in VARIANTS:
         res[f"{v}_ms_per_step"] = statistics.median(ms[v])
     for v in ("tracing", "profiler"):
         paired = [a / b - 1 for a, b in zip(ms[v], ms["off"])]
@@ -120,13 +164,13 @@ def run_overhead(rounds: int, epochs: int, tmp: Path, flush_interval: float) -> 
     return res
 
 
-def hook_cost(model, reps: int = 1000) -> float:
+def hook_cost(tr: Training, reps: int = 1000) -> float:
     """The profiler's hot path alone: one real step's events (step begin/end, the input-copy task,
     step_tasks) replayed through a recording Profiler's hook callback; microseconds per step."""
     events = []
     fn = hooks.subscribe(lambda kind, ev: events.append((kind, ev)))
     try:
-        model.train(1, [model._bench_batch])
+        tr.model.train(1, [tr.bench_batch])
     finally:
         hooks.unsubscribe(fn)
     events = [(k, e) for k, e in events if k in ("step", "task", "step_tasks")]
@@ -143,22 +187,40 @@ def hook_cost(model, reps: int = 1000) -> float:
         shutil.rmtree(prof.path.parent, ignore_errors=True)
 
 
-def profile_training(epochs: int, tmp: Path) -> str:
-    model, train, _ = make_training(epochs)
-    train()
+def profile_training(tr: Training, tmp: Path) -> str:
+    tr.run()
     out = []
     for label in ("off", "profiler"):
         prof = Profiler(tmp / "cprofile", overwrite=True) if label == "profiler" else None
         pr = cProfile.Profile()
         pr.enable()
-        train()
+        tr.run()
         pr.disable()
         if prof is not None:
             prof.stop()
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
-        out.append(f"---- cProfile, {label} (tottime) ----\n" + s.getvalue())
+        out.append(f"---- cProfile, {tr.name}, {label} (tottime) ----\n" + s.getvalue())
     return "\n".join(out)
+
+
+def print_overhead(o: dict, flush_interval: float) -> None:
+    print(f"(a) profiler overhead: {o['model']} = {o['steps_per_run']} steps/run, graph mode, {o['rounds']} "
+          f"interleaved rounds x {o['repeats']} runs per variant; load average {os.getloadavg()[0]:.1f}")
+    print(f"    off        {o['off_ms_per_step']:.3f} ms/step")
+    print(f"    tracing    {o['tracing_ms_per_step']:.3f} ms/step   "
+          f"{o['tracing_overhead_pct']:+.2f} % (paired), {o['tracing_overhead_pct_of_medians']:+.2f} % (medians)"
+          "   [no-op hook subscriber: the runtime's tracing path alone]")
+    print(f"    profiler   {o['profiler_ms_per_step']:.3f} ms/step   "
+          f"{o['profiler_overhead_pct']:+.2f} % (paired), {o['profiler_overhead_pct_of_medians']:+.2f} % (medians)"
+          f"   [goal <= 2 %]")
+    print(f"    attribution: profiler hook callback {o['hook_us_per_step']:.1f} us/step "
+          f"({100 * o['hook_us_per_step'] / 1e3 / o['off_ms_per_step']:.2f} % of a step); writer thread "
+          f"{100 * o['writer_cpu_share']:.1f} % of one core while training (CPU time; flushing every "
+          f"{flush_interval} s, {o['flushes_inside_median']:g} flushes inside a timed run); the rest of "
+          f"'tracing' is the runtime's traced path (runtime/executor.py, the data pipeline's queue sampler)")
+    print(f"    stop() (last flush of {o['tasks_rows_per_run']} task rows in all): "
+          f"{o['stop_s_median'] * 1e3:.1f} ms median, not counted above")
 
 
 # -- (b) writer throughput -------------------------------------------------------------------------------------
@@ -183,8 +245,7 @@ def synthetic_table(n_tasks: int) -> dict:
 def run_throughput(n_steps: int, n_tasks: int, tmp: Path, profile_memory: bool, steps_per_flush: int = 1000) -> dict:
     """Emit the synthetic stream through runtime.hooks into a Profiler; every ``steps_per_flush`` steps the
     writer flushes (what its background thread does every ``flush_interval``, here driven explicitly so
-    the run has several parts and the numbers do not depend on the timer); then ``stop()`` (final flush +
-    compaction of the parts into one file per table)."""
+    the run has several parts and the numbers do not depend on the timer); then ``stop()`` (the final flush)."""
     table = synthetic_table(n_tasks)
     base = time.perf_counter_ns()
     durs = np.random.default_rng(1).integers(1_000, 50_000, (n_steps, n_tasks), dtype=np.int64)
@@ -213,47 +274,67 @@ def run_throughput(n_steps: int, n_tasks: int, tmp: Path, profile_memory: bool, 
     rows = len(run.table("tasks", columns=["step"]))
     assert rows == n_steps * n_tasks, (rows, n_steps * n_tasks)
     mem_rows = len(run.table("memory", columns=["t_ns"])) if profile_memory else 0
-    size = sum(f.stat().st_size for f in (out / "rank_0").glob("*.parquet"))
+    size = sum(f.stat().st_size for f in (out / "rank_0").rglob("*.parquet"))
     return {"events": rows, "memory_rows": mem_rows, "parts": writer.parts["tasks"],
             "parts_seconds": t_parts, "parts_events_per_s": rows / t_parts, "parts_cpu_s": c_parts,
             "seconds": total, "events_per_s": rows / total, "cpu_s": cpu,
             "append_us_per_step_event": t_emit / n_steps * 1e6, "bytes_on_disk": size}
 
 
+def summary_rows(results: dict) -> list[dict]:
+    rows = []
+    for key, label in (("lenet", "LeNet"), ("bert", "BERT-small")):
+        o = results.get(f"overhead_{key}")
+        if o is None:
+            continue
+        rows.append(_summary.row(f"profiler overhead, {label}: step time profiled / off (paired median)",
+                                 o["profiler_ms_per_step"], o["off_ms_per_step"],
+                                 ratio=1 + o["profiler_overhead_pct"] / 100, unit="ms/step", goal="<= 1.02"))
+        rows.append(_summary.row(f"tracing overhead, {label}: step time no-op subscriber / off (paired median)",
+                                 o["tracing_ms_per_step"], o["off_ms_per_step"],
+                                 ratio=1 + o["tracing_overhead_pct"] / 100, unit="ms/step"))
+    for mem in (False, True):
+        t = results.get(f"throughput_memory_{mem}")
+        if t is not None:
+            rows.append(_summary.row(f"writer throughput, tasks{' + memory' if mem else ''} (to Parquet, stop included)",
+                                     t["events_per_s"], unit="events/s", goal=">= 1000000"))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each variant per round (LeNet)")
+    ap.add_argument("--epochs", type=int, default=3, help="LeNet epochs per run")
+    ap.add_argument("--model", choices=("lenet", "bert", "both"), default="both")
+    ap.add_argument("--bert-steps", type=int, default=2, help="BERT-small steps per run")
+    ap.add_argument("--bert-repeats", type=int, default=1, help="runs of each variant per round (BERT-small)")
+    ap.add_argument("--bert-quick", action="store_true", help="a smaller BERT (2 layers, hidden 128, seq 64, batch 4)")
     ap.add_argument("--flush-interval", type=float, default=0.25,
-                    help="the profiler's flush interval in (a): shorter than a run, so the writer's work is timed")
+                    help="the profiler's flush interval in (a) (the Profiler's default is 1 s)")
     ap.add_argument("--steps", type=int, default=20000, help="synthetic steps for the throughput test")
     ap.add_argument("--tasks", type=int, default=200, help="tasks per synthetic step")
-    ap.add_argument("--profile", action="store_true", help="cProfile a profiled training")
+    ap.add_argument("--profile", action="store_true", help="cProfile a profiled training (LeNet)")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--summary", help="write the goal rows here (benchmarks/_summary.py format)")
     args = ap.parse_args(argv)
+    if min(args.rounds, args.repeats, args.epochs, args.bert_steps, args.bert_repeats) < 1:
+        ap.error("--rounds, --repeats, --epochs, --bert-steps and --bert-repeats must be >= 1")
     tmp = Path(tempfile.mkdtemp(prefix="insight-bench-"))
     results: dict = {}
     try:
         if not args.skip_overhead:
-            o = run_overhead(args.rounds, args.epochs, tmp, args.flush_interval)
-            results["overhead"] = o
-            print(f"(a) profiler overhead: LeNetDigits, graph mode, batch 32, {args.epochs} epochs = "
-                  f"{o['steps_per_run']} steps/run, {o['rounds']} interleaved rounds, median")
-            print(f"    off        {o['off_ms_per_step']:.3f} ms/step")
-            print(f"    tracing    {o['tracing_ms_per_step']:.3f} ms/step   "
-                  f"{o['tracing_overhead_pct']:+.2f} % (paired), {o['tracing_overhead_pct_of_medians']:+.2f} % (medians)"
-                  "   [no-op hook subscriber: the runtime's tracing path alone]")
-            print(f"    profiler   {o['profiler_ms_per_step']:.3f} ms/step   "
-                  f"{o['profiler_overhead_pct']:+.2f} % (paired), {o['profiler_overhead_pct_of_medians']:+.2f} % (medians)"
-                  f"   [goal <= 2 %]")
-            print(f"    (profiler flushing every {args.flush_interval} s, so its writer works inside the timed runs)")
-            print(f"    attribution: profiler hook callback {o['hook_us_per_step']:.1f} us/step "
-                  f"({100 * o['hook_us_per_step'] / 1e3 / o['off_ms_per_step']:.2f} % of a step); writer thread "
-                  f"{100 * o['writer_cpu_share']:.1f} % of one core while training (CPU time); the rest of "
-                  f"'tracing' is runtime/executor.py's traced path")
-            print(f"    stop() (final flush + compaction of {o['tasks_rows_per_run']} task rows): "
-                  f"{o['stop_s_median'] * 1e3:.1f} ms median, not counted above")
+            if args.model in ("lenet", "both"):
+                o = run_overhead(make_lenet(args.epochs), args.rounds, args.repeats, tmp / "lenet",
+                                 args.flush_interval)
+                results["overhead_lenet"] = o
+                print_overhead(o, args.flush_interval)
+            if args.model in ("bert", "both"):
+                o = run_overhead(make_bert(args.bert_steps, args.bert_quick), args.rounds, args.bert_repeats,
+                                 tmp / "bert", args.flush_interval)
+                results["overhead_bert"] = o
+                print_overhead(o, args.flush_interval)
         print(f"(b) writer throughput: {args.steps} synthetic step_tasks events x {args.tasks} tasks = "
               f"{args.steps * args.tasks:,} task events, a flush every 1000 steps; load average "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (cpu = this process's CPU seconds)")
@@ -263,14 +344,15 @@ def main(argv=None) -> int:
             label = "tasks + memory" if mem else "tasks only    "
             extra = f" (+{t['memory_rows']:,} memory rows)" if mem else ""
             print(f"    {label}  append -> {t['parts']} part files: {t['parts_events_per_s'] / 1e6:.2f} M events/s "
-                  f"({t['parts_seconds']:.2f} s, cpu {t['parts_cpu_s']:.2f} s);  + stop/compaction: "
+                  f"({t['parts_seconds']:.2f} s, cpu {t['parts_cpu_s']:.2f} s);  + stop: "
                   f"{t['events_per_s'] / 1e6:.2f} M events/s ({t['seconds']:.2f} s, cpu {t['cpu_s']:.2f} s){extra}; "
                   f"hot-path append {t['append_us_per_step_event']:.2f} us/step_tasks event; "
                   f"{t['bytes_on_disk'] / 1e6:.1f} MB   [goal >= 1 M/s]")
         if args.profile:
-            print(profile_training(args.epochs, tmp))
+            print(profile_training(make_lenet(args.epochs), tmp))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
+        _summary.write(args.summary, "bench_profiler", summary_rows(results))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
