@@ -11,9 +11,9 @@ Fake quantization (float32 / float64, used while training):
   0 comes out as exactly 0 (TensorFlow / MindSpore nudged fake quantization, round half up);
 * ``fake_quant_grad(g, x, min, max, num_bits, narrow_range, symmetric, inner)`` -- the straight-through estimator: ``g`` where
   ``nmin <= x <= nmax``, 0 outside the clamp range;
-* ``observe_minmax(minq, maxq, x, inner, blend, decay)`` -- the observer, in place: per-channel min and max in one
-  sweep (threads on their own shares), then the range or its exponential moving average stored into
-  ``minq`` / ``maxq``;
+* ``observe_minmax(x, minq, maxq, inner, blend, decay)`` -- the observer: per-channel min and max in one sweep
+  (threads on their own shares), returned as one (2C,) array -- the range, or the exponential moving average
+  of ``minq`` / ``maxq`` with it;
 * ``bn_fold_forward(y, k, gamma, beta, bias, frozen, eps)`` -- the BN-fold correction of a folded conv's output:
   batch norm of z = y * k (k = sigma_running / gamma: the unfolded conv), or ``y + bias`` once frozen; its
   gradients ``bn_fold_backward_params`` (d gamma, d beta, d k, d bias in closed form from two channel sums)
@@ -418,31 +418,32 @@ cdef void _observe(const floating* x, Py_ssize_t n, Py_ssize_t C, Py_ssize_t inn
 
 cdef inline void _ema_store(floating* minq, floating* maxq, const floating* lo, const floating* hi, Py_ssize_t C,
                             bint blend, double decay) noexcept nogil:
-    """minq / maxq <- the observed range, or (blend) the moving average var * d + observed * (1 - d), each
-    product rounded to ``floating`` before the sum (no fused multiply-add: the arithmetic of the float graph)."""
+    """minq / maxq (holding the previous range) <- the observed range, or (blend) the moving average
+    var * d + observed * (1 - d), each product rounded to ``floating`` before the sum (no fused multiply-add:
+    the arithmetic of the float graph)."""
     if floating is float:
         iq_ema_f32(minq, maxq, lo, hi, C, blend, <float>decay, <float>(1.0 - decay))
     else:
         iq_ema_f64(minq, maxq, lo, hi, C, blend, decay, 1.0 - decay)
 
 
-def observe_minmax(minq, maxq, x, Py_ssize_t inner, bint blend, double decay):
-    """The observer of a fake quant, in place: per channel of ``x`` (viewed as (outer, C, inner), C =
-    len(minq)) its min and max in one sweep, then ``minq`` / ``maxq`` <- that range, or with ``blend`` the
-    exponential moving average ``var * decay + observed * (1 - decay)``. ``minq`` / ``maxq`` must be
-    C-contiguous arrays of x's dtype (they are updated, not replaced); returns ``minq``."""
+def observe_minmax(x, minq, maxq, Py_ssize_t inner, bint blend, double decay):
+    """The observer of a fake quant: per channel of ``x`` (viewed as (outer, C, inner), C = len(minq)) its min
+    and max in one sweep; returns the new range as one (2 * C,) array [min..., max...] of x's dtype -- the
+    observed range, or with ``blend`` the exponential moving average ``var * decay + observed *
+    (1 - decay)`` of the current ``minq`` / ``maxq`` (which are only read)."""
     fn = "observe_minmax"
     xa = _float_array(x, fn)
     dt = xa.dtype
-    for what, v in (("min", minq), ("max", maxq)):
-        if type(v) is not np.ndarray or v.dtype != dt or not (<cnp.ndarray>v).flags.c_contiguous \
-                or not (<cnp.ndarray>v).flags.writeable:
-            raise TypeError(f"{fn}: the {what} variable must be a writeable C-contiguous {dt} array, got "
-                            f"{type(v).__name__} {getattr(v, 'dtype', '')}")
-    cdef Py_ssize_t C = minq.size, n = xa.size
-    if maxq.size != C or C == 0 or inner <= 0 or n == 0 or n % (C * inner):
-        raise ValueError(f"{fn}: {C} channels of min / {maxq.size} of max with inner size {inner} do not fit a "
+    lo = _range_vec(minq, dt, fn, "min")
+    hi = _range_vec(maxq, dt, fn, "max")
+    cdef Py_ssize_t C = lo.shape[0], n = xa.size
+    if hi.shape[0] != C or C == 0 or inner <= 0 or n == 0 or n % (C * inner):
+        raise ValueError(f"{fn}: {C} channels of min / {hi.shape[0]} of max with inner size {inner} do not fit a "
                          f"tensor of shape {xa.shape} (an empty tensor has no range)")
+    out = np.empty(2 * C, dt)
+    out[:C] = lo
+    out[C:] = hi
     cdef Py_ssize_t rows = n // inner
     cdef int nt = _threads(n, rows if rows > 1 else (n // 4096))
     cdef bint f32 = dt == np.float32
@@ -451,17 +452,16 @@ def observe_minmax(minq, maxq, x, Py_ssize_t inner, bint blend, double decay):
     if buf == NULL:
         raise MemoryError(fn)
     cdef void* xp = cnp.PyArray_DATA(xa)
-    cdef void* mnp = cnp.PyArray_DATA(minq)
-    cdef void* mxp = cnp.PyArray_DATA(maxq)
+    cdef char* op = <char*>cnp.PyArray_DATA(out)
     with nogil:
         if f32:
             _observe[float](<float*>xp, n, C, inner, <float*>buf, <float*>buf + C, <float*>buf + 2 * C, nt)
-            _ema_store[float](<float*>mnp, <float*>mxp, <float*>buf, <float*>buf + C, C, blend, decay)
+            _ema_store[float](<float*>op, <float*>op + C, <float*>buf, <float*>buf + C, C, blend, decay)
         else:
             _observe[double](<double*>xp, n, C, inner, <double*>buf, <double*>buf + C, <double*>buf + 2 * C, nt)
-            _ema_store[double](<double*>mnp, <double*>mxp, <double*>buf, <double*>buf + C, C, blend, decay)
+            _ema_store[double](<double*>op, <double*>op + C, <double*>buf, <double*>buf + C, C, blend, decay)
     free(buf)
-    return minq
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

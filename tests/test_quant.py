@@ -242,6 +242,37 @@ def test_ste_gradient_is_the_clamp_derivative(prim, delayed):
     assert set(np.unique(np.round(mask, 6))) == ({1.0} if delayed else {0.0, 1.0})
 
 
+def test_a_fake_quant_applied_twice_in_a_step_masks_each_gradient_with_its_own_range():
+    """One EMA FakeQuantWithMinMax on two tensors in one GRAPH step: the second use moves the range again, and
+    the first use's straight-through gradient still masks with the range the first forward used."""
+    fq = nn.FakeQuantWithMinMax(ema=True, ema_decay=0.5, min_init=-0.5, max_init=0.5, dtype=np.float64)
+    fq.set_train(True)
+    fq.step.set_data(np.asarray(1, np.int32))             # past the first step: the EMA blends
+    x1 = param(np.linspace(-2.0, 2.0, 41).reshape(1, 41))
+    x2 = param(np.linspace(-6.0, 6.0, 41).reshape(1, 41))
+    fn = lambda: F.add(F.mul(fq(x1), 1.0), F.mul(fq(x2), 2.0))  # noqa: E731
+    r = weights_for(fn)                                   # (runs fn once: put the state back)
+    fq.minq.set_data(np.array([-0.5]))
+    fq.maxq.set_data(np.array([0.5]))
+    fq.step.set_data(np.asarray(1, np.int32))
+    context.set_context(mode=context.GRAPH_MODE)
+    try:
+        _, (g1, g2) = graph_grads(fn, [x1, x2], r)
+    finally:
+        context.reset_context()
+    ranges = []
+    lo, hi = -0.5, 0.5
+    for x in (x1.data, x2.data):                          # the EMA after each use
+        lo, hi = 0.5 * lo + 0.5 * x.min(), 0.5 * hi + 0.5 * x.max()
+        _, nmin, nmax, _ = quant_params(np.array([lo]), np.array([hi]), 8, False, False, np.float64)
+        ranges.append((nmin[0], nmax[0]))
+    for x, g, w, (nmin, nmax) in ((x1.data, g1, r, ranges[0]), (x2.data, g2, 2 * r, ranges[1])):
+        mask = (x >= nmin) & (x <= nmax)
+        assert 0 < mask.sum() < x.size                    # each range clips its own tensor
+        np.testing.assert_allclose(g, np.where(mask, w, 0.0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose([fq.minq.data[0], fq.maxq.data[0]], [lo, hi])
+
+
 def test_fake_quant_forward_levels_and_nudging():
     x = np.linspace(-3, 3, 1001).astype(np.float32)
     for bits in (4, 8):

@@ -12,8 +12,8 @@ Their QAT twins:
   exponential moving average with ``ema_decay`` whose first observed batch seeds the average; ``ema=False``,
   as for weights: the current tensor's min / max, in training and evaluation alike) followed by a
   fake-quant primitive with the straight-through estimator; in training the observer is one task
-  (``minmax_update_*``: min and max in one sweep, the EMA, written into ``minq`` / ``maxq`` -- with
-  ``ema=False`` they hold the last observed range) and the fake quant reads the variables it wrote;
+  (``minmax_update_*``: min and max in one sweep, the EMA) whose range the fake quant uses and ``minq`` /
+  ``maxq`` keep (with ``ema``);
   ``quant_delay`` training steps pass the tensor through unquantized (the observer still runs);
 * ``Conv2dBnFoldQuant`` -- BatchNorm folded into the conv weights during training: the weights are folded
   with the running std (``W * gamma / sigma_running``), fake-quantized per channel and convolved; the batch
@@ -174,11 +174,15 @@ class FakeQuantWithMinMax(_QuantCell):
             self.check(0 <= self.channel_axis < x.ndim and x.shape[self.channel_axis] == self.num_channels,
                        f"expects {self.num_channels} channels on axis {self.channel_axis}, got {tuple(x.shape)}")
         if self.training and x.dtype == self.minq.dtype:
-            # one task observes x (min and max in one sweep, the EMA from the second step on) and stores the
-            # range in minq / maxq; the fake quant then reads them (effect ordering runs it after the update)
-            minmax_update(self.minq, self.maxq, x, self.step, ema=self.ema, ema_decay=self.ema_decay,
-                          channel_axis=self.channel_axis if self.per_channel else None)
-            mn, mx = self.minq, self.maxq
+            # one task observes x (min and max in one sweep, the EMA from the second step on); the fake quant
+            # uses the new range, and minq / maxq keep it
+            c = self.num_channels
+            r = minmax_update(x, self.minq, self.maxq, self.step, ema=self.ema, ema_decay=self.ema_decay,
+                              channel_axis=self.channel_axis if self.per_channel else None)
+            mn, mx = F.slice(r, (0,), (c,)), F.slice(r, (c,), (2 * c,))
+            if self.ema:      # without EMA the range is recomputed from x every time
+                F.assign(self.minq, mn)
+                F.assign(self.maxq, mx)
         elif self.training or not self.ema:
             mn, mx = self._observed(x)
             if self.ema and self.training:

@@ -15,10 +15,10 @@ Fake quantization (MindSpore 0.5's FakeQuantPerLayer / FakeQuantPerChannel, Tens
 * ``bn_fold_correction(y, k, gamma, beta, bias, step)``: the BN-fold correction of ``Conv2dBnFoldQuant`` in
   training (batch norm of the unfolded conv y * k until ``freeze_bn``, then y + bias), with its two backward
   ops ``bn_fold_correction_grad_params`` / ``_grad_input``; ``opaque``.
-* the observer ``minmax_update_perlayer`` / ``minmax_update_perchannel(minq, maxq, x, step)`` (MindSpore's
-  MinMaxUpdatePerLayer / PerChannel): one task, one sweep over ``x`` for its min and max, stored into the range
-  variables (their moving average with ``ema``); an ``effect``, so the fake quant that reads the variables
-  runs after it. In training a ``FakeQuantWithMinMax`` is these two tasks (three with the STE in backward).
+* the observer ``minmax_update_perlayer`` / ``minmax_update_perchannel(x, minq, maxq, step)`` (MindSpore's
+  MinMaxUpdatePerLayer / PerChannel): one task, one sweep over ``x`` for its min and max, returned as the new
+  (2C,) range (the moving average of the variables' with ``ema``); ``opaque``. In training a
+  ``FakeQuantWithMinMax`` is the observer, the two halves assigned to ``minq`` / ``maxq``, the fake quant.
 
 The int8 engine (``*_int8``, ``quantize``, ``dequantize``) runs a converted model on integers only:
 int8 activations and weights, int32 accumulation, requantization by a Q31 multiplier and a shift
@@ -163,50 +163,49 @@ for _name, _pc, _ms in (("fake_quant_perlayer", False, "FakeQuantPerLayer"),
 # ----------------------------------------------------------------------------------------------
 def _observe_infer(name, per_channel):
     def infer(shapes, dtypes, attrs):
-        ms, xs = tuple(shapes[0]), tuple(shapes[2])
-        xd = np.dtype(dtypes[2])
+        xs, xd = tuple(shapes[0]), np.dtype(dtypes[0])
         if xd.kind != "f":
             raise ShapeError(f"{name}: expects a floating-point tensor, got {xd}")
         want = _range_shape(name, xs, per_channel, attrs)
-        if int(np.prod(xs, dtype=np.int64)) == 0:
+        if math.prod(xs) == 0:
             raise ShapeError(f"{name}: x {xs} is empty and has no range to observe")
-        for what, s, d in (("min", shapes[0], dtypes[0]), ("max", shapes[1], dtypes[1])):
+        for what, s, d in (("min", shapes[1], dtypes[1]), ("max", shapes[2], dtypes[2])):
             if tuple(s) != want or np.dtype(d) != xd:
                 raise ShapeError(f"{name}: the {what} variable must be {xd} of shape {want} for x {xs}, "
                                  f"got {tuple(s)} {np.dtype(d)}")
         if tuple(shapes[3]) != () or np.dtype(dtypes[3]).kind not in "iu":
             raise ShapeError(f"{name}: step must be an integer scalar, got {tuple(shapes[3])} {np.dtype(dtypes[3])}")
-        return ms, dtypes[0]
+        return (2 * want[0],), xd
     return infer
 
 
 def _observe_kernel(per_channel):
-    def kernel(minq, maxq, x, step, ema, ema_decay, channel_axis=None):
-        return KQ.observe_minmax(minq, maxq, x, _layout(x.shape, channel_axis if per_channel else None),
+    def kernel(x, minq, maxq, step, ema, ema_decay, channel_axis=None):
+        return KQ.observe_minmax(x, minq, maxq, _layout(x.shape, channel_axis if per_channel else None),
                                  bool(ema) and int(step) != 0, ema_decay)
     return kernel
 
 
 for _name, _pc, _ms in (("minmax_update_perlayer", False, "MinMaxUpdatePerLayer"),
                         ("minmax_update_perchannel", True, "MinMaxUpdatePerChannel")):
-    register(Primitive(_name, "effect", _observe_infer(_name, _pc), _observe_kernel(_pc),
-                       cost_fn=lambda n: (2 * n.inputs[2].size, n.inputs[2].nbytes + 4 * n.nbytes),
+    register(Primitive(_name, "opaque", _observe_infer(_name, _pc), _observe_kernel(_pc),
+                       cost_fn=lambda n: (2 * n.inputs[0].size, n.inputs[0].nbytes + 3 * n.nbytes),
                        attrs_doc="ema, ema_decay[, channel_axis]",
                        extra={"mindspore_name": _ms}))
 
 
-def minmax_update(minq, maxq, x, step, ema=True, ema_decay=0.999, channel_axis=None):
-    """The observer of a fake quant, one task: the min and max of ``x`` (per tensor, or per channel along
-    ``channel_axis``) found in one sweep and stored into the variables ``minq`` / ``maxq`` -- with ``ema``,
-    from the second step on (``step != 0``), as the moving average ``var * ema_decay + observed *
-    (1 - ema_decay)``. An in-place update of ``minq`` (the effect's variable) that also writes ``maxq``:
-    ``maxq`` must have no reader but the fake quant that follows (which reads ``minq`` too, so the effect
-    ordering puts it after the update)."""
+def minmax_update(x, minq, maxq, step, ema=True, ema_decay=0.999, channel_axis=None):
+    """The observer of a fake quant, one task (MindSpore's MinMaxUpdatePerLayer / PerChannel): the min and
+    max of ``x`` (per tensor, or per channel along ``channel_axis``) found in one sweep; returns the new range
+    as one (2C,) tensor [min..., max...] -- with ``ema``, from the second step on (``step != 0``), the moving
+    average ``var * ema_decay + observed * (1 - ema_decay)`` of the current ``minq`` / ``maxq``. A pure
+    function: the caller assigns the two halves to the variables and hands them to the fake quant (so a
+    backward that runs after a later update of the variables still sees the range this step used)."""
     attrs = {"ema": bool(ema), "ema_decay": float(ema_decay)}
     if channel_axis is None:
-        return bind("minmax_update_perlayer", [_t(minq), _t(maxq), _t(x), _t(step)], attrs)
+        return bind("minmax_update_perlayer", [_t(x), _t(minq), _t(maxq), _t(step)], attrs)
     attrs["channel_axis"] = int(channel_axis)
-    return bind("minmax_update_perchannel", [_t(minq), _t(maxq), _t(x), _t(step)], attrs)
+    return bind("minmax_update_perchannel", [_t(x), _t(minq), _t(maxq), _t(step)], attrs)
 
 
 def _fq_attrs(num_bits, narrow_range, symmetric, quant_delay, training):
