@@ -2,7 +2,7 @@
 """Profiler cost: (a) the step time it adds to a real training (the digits LeNet, BERT-small), (b) the writer's
 throughput.
 
-    cd /work/main && python benchmarks/bench_profiler.py [--rounds 9] [--repeats 3] [--epochs 3]
+    cd /work/main && python benchmarks/bench_profiler.py [--rounds 9] [--repeats 4] [--epochs 3]
         [--model lenet|bert|both] [--bert-steps 2] [--bert-quick] [--steps 20000] [--profile]
         [--json out.json] [--summary out.json]
 
@@ -304,7 +304,7 @@ def summary_rows(results: dict) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each variant per round (LeNet)")
+    ap.add_argument("--repeats", type=int, default=4, help="runs of each variant per round (LeNet)")
     ap.add_argument("--epochs", type=int, default=3, help="LeNet epochs per run")
     ap.add_argument("--model", choices=("lenet", "bert", "both"), default="both")
     ap.add_argument("--bert-steps", type=int, default=2, help="BERT-small steps per run")

@@ -11,28 +11,28 @@ from typing import Callable
 
 Listener = Callable[[str, dict], None]
 
-_listeners: list[Listener] = []
+_listeners: tuple[Listener, ...] = ()  # replaced (never mutated) on (un)subscribe: emit iterates a snapshot
 listening: bool = False
 generation: int = 0  # bumped on every subscribe, so emitters re-send static tables to new listeners
 
 
 def subscribe(fn: Listener) -> Listener:
     """Register ``fn(kind, event)``; returns fn so it can be used as a decorator."""
-    global listening, generation
+    global _listeners, listening, generation
     if fn not in _listeners:
-        _listeners.append(fn)
+        _listeners = _listeners + (fn,)
     listening = True
     generation += 1
     return fn
 
 
 def unsubscribe(fn: Listener) -> None:
-    global listening
+    global _listeners, listening
     if fn in _listeners:
-        _listeners.remove(fn)
+        _listeners = tuple(f for f in _listeners if f != fn)
     listening = bool(_listeners)
 
 
 def emit(kind: str, event: dict) -> None:
-    for fn in tuple(_listeners):
+    for fn in _listeners:
         fn(kind, event)
