@@ -155,12 +155,7 @@ class FakeQuantWithMinMax(_QuantCell):
 
     def _observed(self, x):
         """(min, max) of this batch: per channel along channel_axis, else over the whole tensor, shape (C,)."""
-        if self.per_channel:
-            self.check(0 <= self.channel_axis < x.ndim and x.shape[self.channel_axis] == self.num_channels,
-                       f"expects {self.num_channels} channels on axis {self.channel_axis}, got {tuple(x.shape)}")
-            axes = tuple(i for i in range(x.ndim) if i != self.channel_axis)
-        else:
-            axes = None
+        axes = tuple(i for i in range(x.ndim) if i != self.channel_axis) if self.per_channel else None
         mx = F.reduce_max(x, axes)
         mn = F.neg(F.reduce_max(F.neg(x), axes))
         shape = (self.num_channels,)
@@ -190,7 +185,6 @@ class FakeQuantWithMinMax(_QuantCell):
                 first = F.equal(self.step, 0)
                 mn = F.select(first, mn, F.add(F.mul(self.minq, d), F.mul(mn, 1.0 - d)))
                 mx = F.select(first, mx, F.add(F.mul(self.maxq, d), F.mul(mx, 1.0 - d)))
-            if self.training:
                 F.assign(self.minq, mn)
                 F.assign(self.maxq, mx)
         else:
