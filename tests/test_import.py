@@ -337,12 +337,15 @@ def _malformed_cases(tmp_path: Path) -> dict:
     gz = gzip.compress(good)
     missing_ts = _gpu_trace()
     del missing_ts["traceEvents"][5]["ts"]
+    huge_ts = _gpu_trace()
+    huge_ts["traceEvents"][5]["ts"] = 1e300  # its nanoseconds would not fit in int64
     return {
         "truncated.json.gz": gz[: len(gz) // 2],
         "truncated.json": good[: len(good) * 2 // 3],
         "toplevel.json": b"42",
         "string.json": b'"traceEvents"',
         "nots.json": json.dumps(missing_ts).encode(),
+        "hugets.json": json.dumps(huge_ts).encode(),
         "badjson.json": good.replace(b'"dur": 30', b'"dur": 30 x', 1),
         "events-not-array.json": b'{"traceEvents": {"ph": "X"}}',
     }

@@ -23,6 +23,7 @@ from insight.importer._scan import Scanner
 TIMED = {"X", "B", "E", "i", "I", "s", "f", "t", "C", "b", "e", "n"}
 P_X, P_FLOW, P_INSTANT, P_META, P_OTHER = range(5)
 ST_SLOW = 2  # a Scanner status: the next element is not for the scanner
+MAX_US = 9e15  # times beyond +-MAX_US microseconds are refused (their nanoseconds would leave int64)
 PH_CODES = {"X": P_X, "s": P_FLOW, "f": P_FLOW, "t": P_FLOW, "i": P_INSTANT, "I": P_INSTANT, "M": P_META}
 EMPTY: dict = {}
 
@@ -530,31 +531,28 @@ def _ints(values: list) -> np.ndarray:
 
 
 def _ns(values: list, idx: np.ndarray, field: str, events: list) -> np.ndarray:
-    """Microsecond times (ints or floats) -> int64 nanoseconds; a missing or non-numeric one is a BadEvent."""
+    """Microsecond times (ints or floats) -> int64 nanoseconds; a missing, non-numeric or out-of-range one
+    (beyond +-9e15 us, where nanoseconds leave int64) is a BadEvent."""
     a = np.array(values)
-    if a.dtype.kind == "i":
-        return a.astype(np.int64, copy=False) * 1000
-    if a.dtype.kind == "f" and np.isfinite(a).all():
-        return np.rint(a * 1000).astype(np.int64)
+    if a.dtype.kind in "if" and ((a > -MAX_US) & (a < MAX_US)).all():  # (NaN fails the test)
+        return a.astype(np.int64) * 1000 if a.dtype.kind == "i" else np.rint(a * 1000).astype(np.int64)
     out = np.empty(len(values), np.int64)
     for k, v in enumerate(values):
-        if type(v) is int:
-            out[k] = v * 1000
-            continue
-        if type(v) is float and v == v and abs(v) < 9e15:
-            out[k] = round(v * 1000)
-            continue
         if isinstance(v, str):
             try:
-                out[k] = round(float(v) * 1000)
-                continue
-            except (ValueError, OverflowError):
+                v = float(v)
+            except ValueError:
                 pass
+        if type(v) in (int, float) and -MAX_US < v < MAX_US:
+            out[k] = v * 1000 if type(v) is int else round(v * 1000)
+            continue
         from insight.importer.reader import BadEvent
 
         e = events[int(idx[k])]
         what = f"{_text(e.get('ph'))!r} event {_text(e.get('name', ''))[:60]!r}"
         if v is None:
             raise BadEvent(int(idx[k]), f"{what} has no \"{field}\"")
-        raise BadEvent(int(idx[k]), f"{what}: \"{field}\" is {_text(v)[:30]!r}, not a number")
+        if type(v) in (int, float):
+            raise BadEvent(int(idx[k]), f"{what}: \"{field}\" is {_text(v)[:30]!r}, out of range")
+        raise BadEvent(int(idx[k]), f"{what}: \"{field}\" is {_text(values[k])[:30]!r}, not a number")
     return out
