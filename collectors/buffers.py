@@ -21,13 +21,12 @@ from collectors.schema import SCHEMAS, TIME_COLUMNS
 
 
 class Field(NamedTuple):
-    """One column of an ``EventBuffer``: ``column`` from the event's ``key`` (default: the column name);
-    ``kind`` ``"i"`` int (``missing`` when absent or None), ``"s"`` str ("" when absent; ``missing`` if
-    given and the value is empty), ``"f"`` float (NaN when absent), ``"b"`` bool."""
+    """One column of an ``EventBuffer``, from the event's key of the same name: ``kind`` ``"i"`` int
+    (``missing``, default -1, when absent or None), ``"s"`` str ("" when absent, a shape tuple as "2x3";
+    ``missing`` if given and the value is empty), ``"f"`` float (NaN when absent or None)."""
     column: str
     kind: str
     missing: object = None
-    key: str | None = None
 
 
 def int_column(vals: list, missing: int = -1) -> np.ndarray:
@@ -46,16 +45,13 @@ def event_columns(events: list[dict], fields: list[Field]) -> dict:
     """The columns of ``events`` (dicts) as described by ``fields``: ndarray for numbers, list for strings."""
     cols = {}
     for f in fields:
-        key = f.key or f.column
-        vals = [e.get(key) for e in events]
+        vals = [e.get(f.column) for e in events]
         if f.kind == "i":
             cols[f.column] = int_column(vals, -1 if f.missing is None else f.missing)
         elif f.kind == "s":
             cols[f.column] = _strs(vals, f.missing)
         elif f.kind == "f":
             cols[f.column] = np.fromiter((math.nan if v is None else float(v) for v in vals), np.float64, len(vals))
-        elif f.kind == "b":
-            cols[f.column] = np.fromiter((bool(v) for v in vals), np.bool_, len(vals))
         else:
             raise ValueError(f"event_columns: unknown kind {f.kind!r} of column {f.column!r}")
     return cols
