@@ -6,11 +6,18 @@ everything through ``dashboard.data.RunStore`` -> ``insight.analysis``. Each pag
 registered on the app it belongs to (``register_callbacks(app)``: ``app.callback``), never in Dash's
 process-wide callback list, so several apps in one process (the tests build several) each have their own.
 Plain Flask routes (the Chrome-trace download) are in ``dashboard.routes``.
+
+Page weight: dash-ag-grid's 1.3 MB bundle is loaded only by pages that show a table (``LAZY_LIBRARIES``: the
+index page carries its URL instead of its ``<script>`` tag, ``assets/lazy_grid.js`` loads it when the first grid
+renders), and the assets are served with a one-year max-age (their URLs change with the file: ``?m=<mtime>``),
+as Dash serves its component bundles, so a page load revalidates nothing.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
+import re
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -23,7 +30,28 @@ from dashboard.data import RunStore, set_store
 ASSETS = Path(__file__).parent / "assets"
 MAX_REQUEST_BYTES = 1 << 20  # a callback request is a few KB; a bigger body is refused (413)
 
+ASSET_MAX_AGE = 365 * 24 * 3600  # seconds: asset URLs carry the file's mtime, a changed file is a new URL
+LAZY_LIBRARIES = ("dash_ag_grid",)  # component bundles loaded on the first render of one of their components
+
 _registered: set[str] = set()
+
+
+class InsightDash(dash.Dash):
+    """Dash with the bundles of ``LAZY_LIBRARIES`` out of the index page: their URLs go to
+    ``window.__insightLazyScripts`` (and a low-priority prefetch), ``assets/lazy_grid.js`` loads them on demand."""
+
+    def interpolate_index(self, **kw):
+        scripts = kw.get("scripts", "")
+        lazy = {}
+        for lib in LAZY_LIBRARIES:
+            tag = re.search(r'<script src="([^"]*/_dash-component-suites/%s/[^"]*\.js)"></script>\s*' % lib, scripts)
+            if tag:
+                lazy[lib] = tag.group(1)
+                scripts = scripts.replace(tag.group(0), "")
+        if lazy:
+            head = "".join(f'<link rel="prefetch" href="{u}" as="script">' for u in lazy.values())
+            kw["scripts"] = f"<script>window.__insightLazyScripts = {json.dumps(lazy)};</script>{head}{scripts}"
+        return super().interpolate_index(**kw)
 
 
 def page_modules() -> list:
@@ -42,9 +70,10 @@ def _run_title(page: str):
 
 def create_app(base_dir, reload_interval: float = 3.0) -> dash.Dash:
     set_store(RunStore(base_dir, reload_interval))
-    app = dash.Dash(__name__, use_pages=True, pages_folder="", assets_folder=str(ASSETS), title="Insight",
-                    suppress_callback_exceptions=True, update_title=None)
+    app = InsightDash(__name__, use_pages=True, pages_folder="", assets_folder=str(ASSETS), title="Insight",
+                      suppress_callback_exceptions=True, update_title=None)
     app.server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.server.config["SEND_FILE_MAX_AGE_DEFAULT"] = ASSET_MAX_AGE
     for mod in page_modules():
         name = mod.__name__.rsplit(".", 1)[-1]
         if name not in _registered:  # dash.page_registry is process-wide: one registration per page

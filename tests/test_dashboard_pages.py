@@ -453,6 +453,23 @@ def test_run_ids_cannot_leave_the_base_dir(app, base, client, run_id):
     assert find(lay, "compare-unknown") is not None and find(lay, "compare-ops-table") is None
 
 
+def test_the_grid_bundle_is_loaded_on_demand_and_assets_are_cached(client):
+    """The index page carries dash-ag-grid's bundle URL for the on-demand loader instead of its <script> tag;
+    that URL, Dash's bundles and the assets (URLs with the file's mtime) are cacheable for a year."""
+    import re
+
+    page = client.get("/").get_data(as_text=True)
+    assert not re.search(r'<script src="[^"]*dash_ag_grid[^"]*"', page)
+    lazy = json.loads(re.search(r"window.__insightLazyScripts = (\{.*?\});", page).group(1))
+    r = client.get(lazy["dash_ag_grid"])
+    assert r.status_code == 200 and len(r.data) > 500_000 and b"window.dash_ag_grid" in r.data
+    assert "max-age=31536000" in r.headers["Cache-Control"]
+    assets = re.findall(r'<script src="(/assets/[^"]+\?m=[^"]+)"', page)
+    assert any("lazy_grid.js" in a for a in assets)
+    for a in assets:
+        assert "max-age=31536000" in client.get(a).headers["Cache-Control"], a
+
+
 def test_http_requests_cannot_reach_outside_runs(app, base, client):
     for path in ("/run/../outside/secret/operators", "/run/..%2foutside%2fsecret/operators",
                  "/run/%2e%2e/operators", f"/run/{base['secret']}/memory", "/run//etc/operators",

@@ -4,8 +4,8 @@
   (a, b, b − a, b / a);
 * per op type, the time per averaged step in each run (warm-up step 0 excluded, as the step averages) and the
   difference (ms and %), with its run-to-run noise (``insight.analysis.compare``'s rule, stated on the page:
-  Mann-Whitney p < 0.01, the bootstrap 95 % interval of the lower-quartile change beyond 1.4x, and at least
-  1 % of the step); classified ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower``
+  Mann-Whitney p < 0.01, the bootstrap 95 % interval of the lower-quartile change beyond 1.4x -- or the pair's
+  wider noise threshold -- and at least 1 % of the step); classified ``added`` (only in b), ``removed`` (only in a), ``faster`` / ``slower``
   (significant) or ``same`` ("within noise"), as a table and a diverging bar chart. Fractions (utilisation,
   input share) are shown as percentages.
 
@@ -26,7 +26,7 @@ from dashboard.components import (data_grid, error_panel, fmt_ms, graph, grid_to
                                   stat_card, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
-from insight.analysis.compare import ALPHA, MIN_RATIO, MIN_STEP_SHARE
+from insight.analysis.compare import ALPHA, MIN_RATIO, MIN_STEP_SHARE, SPREAD_K
 from insight.trace import TraceError
 
 PAGES_LOCATION = "_pages_location"  # dash.page_container's dcc.Location (refresh="callback-nav")
@@ -223,6 +223,8 @@ def _view(a: str, b: str, cmp):
                   "compare-status-counts", "faster / slower: beyond run-to-run noise (the rule below)"),
         stat_card("Run-wide speed B / A", f"{(cmp.run_factor - 1) * 100:+.1f} %", "compare-run-factor",
                   "median lower-quartile change over op types: the machine's share, taken out of the noise test"),
+        stat_card("Noise threshold", f"{cmp.noise_ratio:.2f}x", "compare-noise-ratio",
+                  f"{MIN_RATIO:g}x, or more when all op types scatter"),
     ], className="cards")
     note = html.P("Both sides are the same run: every difference is zero.", className="muted",
                   id="compare-same") if same_run else None
@@ -243,9 +245,11 @@ def _view(a: str, b: str, cmp):
                          f"faster / slower -- only when all three hold: the Mann-Whitney U test of the per-step "
                          f"samples (B's divided by the run-wide speed change) gives p < {ALPHA:g}; the bootstrap "
                          f"95 % interval of the change of the lower quartile (the op's time when nothing "
-                         f"interferes) lies beyond {MIN_RATIO:g}x slower or faster, more than same-seed reruns "
-                         f"differ; and the op's mean time per step moves by at least {MIN_STEP_SHARE:.0%} of A's "
-                         f"step. Otherwise it is within noise (status same). Added: only in B; removed: only in A.",
+                         f"interferes) lies beyond the noise threshold, {cmp.noise_ratio:.2f}x slower or faster "
+                         f"here ({MIN_RATIO:g}x, more than same-seed reruns differ, widened to {SPREAD_K:g} robust "
+                         f"standard deviations of how all op types moved when the two runs scatter); and the op's "
+                         f"mean time per step moves by at least {MIN_STEP_SHARE:.0%} of A's step. Otherwise it is "
+                         f"within noise (status same). Added: only in B; removed: only in A.",
                          className="muted", id="compare-noise-rule"),
                   data_grid("compare-ops-table", OP_COLUMNS, ops, page_size=20, csv="compare-op-types")],
                  className="panel", style={"marginTop": 12}),

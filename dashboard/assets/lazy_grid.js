@@ -1,0 +1,55 @@
+// dash-ag-grid on demand: its 1.3 MB bundle is not in the page (dashboard/app.py takes its <script> tag out and
+// leaves its URL in window.__insightLazyScripts), so pages without a table -- Overview, Timeline -- never parse
+// it. This stand-in for dash_ag_grid.AgGrid loads the bundle the first time a grid is rendered (the browser has
+// it cached after that: the URL is fingerprinted and served with a one-year max-age), then renders the real
+// component with the same props. Until then it is marked loading, and Dash waits for it before running a
+// callback that involves a grid (_dashprivate_isLazyComponentReady, Dash's own async-component hook).
+(function () {
+    var src = window.__insightLazyScripts && window.__insightLazyScripts.dash_ag_grid;
+    if (!src || window.dash_ag_grid) {
+        return;
+    }
+    var ready = null;
+    var shim = {};
+
+    function load() {
+        if (!ready) {
+            ready = new Promise(function (resolve, reject) {
+                var s = document.createElement('script');
+                s.src = src;
+                s.onload = function () { resolve(true); };
+                s.onerror = function () {
+                    ready = null;
+                    reject(new Error('Insight could not load the table component from ' + src));
+                };
+                document.head.appendChild(s);
+            });
+        }
+        return ready;
+    }
+
+    function real() {
+        var ns = window.dash_ag_grid;
+        return ns && ns !== shim && ns.AgGrid ? ns.AgGrid : null;
+    }
+
+    function AgGrid(props) {
+        var React = window.React;
+        var state = React.useState(0);
+        var Grid = real();
+        React.useEffect(function () {
+            if (!Grid) {
+                load().then(function () { state[1](1); });
+            }
+        }, []);
+        if (!Grid) {
+            return React.createElement('div', {className: 'insight-grid-loading', 'data-dash-is-loading': 'true',
+                                               style: props.style});
+        }
+        return React.createElement(Grid, props);
+    }
+    AgGrid.dashRenderType = true;  // as the real AgGrid: the renderer passes dashRenderType through
+    Object.defineProperty(AgGrid, '_dashprivate_isLazyComponentReady', {get: load});
+    shim.AgGrid = AgGrid;
+    window.dash_ag_grid = shim;
+})();
