@@ -142,7 +142,7 @@ typedef float (*att_exp_f_t)(float *, int, float);
 #pragma GCC optimize("no-trapping-math")
 ATT_DEFINE_EXP(att_exp_sum_f_base, )
 /* scores row: x[j] = x[j] * scale (+ mask[j * mjs]); returns the row max (16 lanes, then across them) */
-static float att_scale_mask_max_f(float *x, const float *mask, long mjs, int n, float scale, float start)
+static float att_scale_mask_max_f_base(float *x, const float *mask, long mjs, int n, float scale, float start)
 {
     float lane[16];
     for (int l = 0; l < 16; l++) lane[l] = start;
@@ -162,15 +162,15 @@ static float att_scale_mask_max_f(float *x, const float *mask, long mjs, int n, 
 }
 
 /* dropout on a probability row: p[j] = u[j] < keep ? p[j] * dscale : 0 */
-static void att_dropout_f(float *p, const float *u, int n, float keep, float dscale)
+static void att_dropout_f_base(float *p, const float *u, int n, float keep, float dscale)
 {
     for (int j = 0; j < n; j++) p[j] = u[j] < keep ? p[j] * dscale : 0.0f;
 }
 
 /* backward of one row of a tile, s = P (probabilities), g = dO vᵀ on entry:
    g <- scale * dS where dS = P (dP - di), dP = g (dropped and scaled like P); s <- the dropped P; dm += dS */
-static void att_bwd_row_f(float *s, float *g, const float *u, float *dm, int n, float keep, float dscale, float di,
-                          float scale)
+static void att_bwd_row_f_base(float *s, float *g, const float *u, float *dm, int n, float keep, float dscale,
+                               float di, float scale)
 {
     if (u) {
         for (int j = 0; j < n; j++) {
@@ -185,6 +185,18 @@ static void att_bwd_row_f(float *s, float *g, const float *u, float *dm, int n, 
     if (dm)
         for (int j = 0; j < n; j++) dm[j] += g[j];
     for (int j = 0; j < n; j++) g[j] = g[j] * scale;
+}
+
+/* sum_j a[j] b[j] in 16 lanes (then across them): the backward's row term D = rowsum(dO * O) */
+static float att_dot_f_base(const float *a, const float *b, int n)
+{
+    float lane[16] = {0}, total = 0.0f;
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) lane[l] += a[j + l] * b[j + l];
+    for (; j < n; j++) total += a[j] * b[j];
+    for (int l = 0; l < 16; l++) total += lane[l];
+    return total;
 }
 #pragma GCC pop_options
 
@@ -224,11 +236,96 @@ __attribute__((target("avx512f,avx512vl,avx2,fma"))) static float att_exp_sum_f_
     if (j < n) total += att_exp_sum_f_base(x + j, n - j, m);
     return total;
 }
+
+#define ATT_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+
+ATT_AVX512 static float att_scale_mask_max_f_avx512(float *x, const float *mask, long mjs, int n, float scale,
+                                                     float start)
+{
+    if (mask && mjs != 1) return att_scale_mask_max_f_base(x, mask, mjs, n, scale, start);
+    int j = 0;
+    att_v16f lane = {0};
+    lane += start;
+    for (; j + 16 <= n; j += 16) {
+        att_v16f v = *(att_v16f *)(x + j) * scale;
+        if (mask) v += *(const att_v16f *)(mask + j);
+        *(att_v16f *)(x + j) = v;
+        att_v16i gt = v > lane;
+        lane = (att_v16f)(((att_v16i)v & gt) | ((att_v16i)lane & ~gt));
+    }
+    float mx = j < n ? att_scale_mask_max_f_base(x + j, mask ? mask + j : 0, mjs, n - j, scale, start) : start;
+    for (int l = 0; l < 16; l++) mx = lane[l] > mx ? lane[l] : mx;
+    return mx;
+}
+
+ATT_AVX512 static void att_dropout_f_avx512(float *p, const float *u, int n, float keep, float dscale)
+{
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        att_v16i kept = *(const att_v16f *)(u + j) < keep;
+        *(att_v16f *)(p + j) = (att_v16f)((att_v16i)(*(att_v16f *)(p + j) * dscale) & kept);
+    }
+    if (j < n) att_dropout_f_base(p + j, u + j, n - j, keep, dscale);
+}
+
+ATT_AVX512 static void att_bwd_row_f_avx512(float *s, float *g, const float *u, float *dm, int n, float keep,
+                                            float dscale, float di, float scale)
+{
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        att_v16f sv = *(att_v16f *)(s + j), gv = *(att_v16f *)(g + j), ds;
+        if (u) {
+            att_v16i keepm = *(const att_v16f *)(u + j) < keep;
+            att_v16f kept = (att_v16f)((att_v16i)(sv * 0.0f + dscale) & keepm);
+            ds = sv * (gv * kept - di);
+            *(att_v16f *)(s + j) = sv * kept;
+        } else {
+            ds = sv * (gv - di);
+        }
+        if (dm) *(att_v16f *)(dm + j) += ds;
+        *(att_v16f *)(g + j) = ds * scale;
+    }
+    if (j < n) att_bwd_row_f_base(s + j, g + j, u ? u + j : 0, dm ? dm + j : 0, n - j, keep, dscale, di, scale);
+}
+
+ATT_AVX512 static float att_dot_f_avx512(const float *a, const float *b, int n)
+{
+    int j = 0;
+    att_v16f acc = {0};
+    for (; j + 16 <= n; j += 16) acc += *(const att_v16f *)(a + j) * *(const att_v16f *)(b + j);
+    float total = j < n ? att_dot_f_base(a + j, b + j, n - j) : 0.0f;
+    for (int l = 0; l < 16; l++) total += acc[l];
+    return total;
+}
 #endif
 
 static att_exp_f_t att_exp_f_impl = 0;
 
 static inline float att_exp_sum_f(float *x, int n, float m) { return att_exp_f_impl(x, n, m); }
+
+/* the row operations of the tiles, dispatched like the exp */
+static float (*att_scale_mask_max_f_impl)(float *, const float *, long, int, float, float) = 0;
+static void (*att_dropout_f_impl)(float *, const float *, int, float, float) = 0;
+static void (*att_bwd_row_f_impl)(float *, float *, const float *, float *, int, float, float, float, float) = 0;
+static float (*att_dot_f_impl)(const float *, const float *, int) = 0;
+
+static inline float att_scale_mask_max_f(float *x, const float *mask, long mjs, int n, float scale, float start)
+{
+    return att_scale_mask_max_f_impl(x, mask, mjs, n, scale, start);
+}
+
+static inline void att_dropout_f(float *p, const float *u, int n, float keep, float dscale)
+{
+    att_dropout_f_impl(p, u, n, keep, dscale);
+}
+
+static inline void att_bwd_row_f(float *s, float *g, const float *u, float *dm, int n, float keep, float dscale,
+                                 float di, float scale)
+{
+    att_bwd_row_f_impl(s, g, u, dm, n, keep, dscale, di, scale);
+}
+
+static inline float att_dot_f(const float *a, const float *b, int n) { return att_dot_f_impl(a, b, n); }
 
 /* the widest variant the CPU runs (2: AVX-512, 1: AVX2 + FMA, 0: the build's baseline), chosen once */
 static int att_level(void)
@@ -253,11 +350,19 @@ static int att_init(int cap)
     att_gemm_f_impl = att_gemm_f_base;
     att_gemm_d_impl = att_gemm_d_base;
     att_exp_f_impl = att_exp_sum_f_base;
+    att_scale_mask_max_f_impl = att_scale_mask_max_f_base;
+    att_dropout_f_impl = att_dropout_f_base;
+    att_bwd_row_f_impl = att_bwd_row_f_base;
+    att_dot_f_impl = att_dot_f_base;
 #if ATT_X86
     if (level == 2) {
         att_gemm_f_impl = att_gemm_f_avx512;
         att_gemm_d_impl = att_gemm_d_avx512;
         att_exp_f_impl = att_exp_sum_f_avx512;
+        att_scale_mask_max_f_impl = att_scale_mask_max_f_avx512;
+        att_dropout_f_impl = att_dropout_f_avx512;
+        att_bwd_row_f_impl = att_bwd_row_f_avx512;
+        att_dot_f_impl = att_dot_f_avx512;
     } else if (level == 1) {
         att_gemm_f_impl = att_gemm_f_avx2;
         att_gemm_d_impl = att_gemm_d_avx2;

@@ -8,10 +8,11 @@ Per (batch, head): O = softmax(scale * Q Kᵀ + mask) V with an optional dropout
   visited in blocks of BK with an online softmax (running row max ``m`` and sum ``l``, the output
   accumulator rescaled by exp(m_old - m_new) when the max grows). Only a BQ x BK tile of scores exists,
   in a per-thread buffer; the (seq x seq) matrix is never stored. It also returns the row statistics
-  lse = m + log(l) for the backward.
+  lse = m + log(l) for the backward, in float64 (see below).
 * backward (``attention_bwd``): OpenMP over batch*head; per query block and key block the scores are
-  recomputed from Q, K and lse (P = exp(s - lse)), and dV += Pdᵀ dO, dP = dO Vᵀ, dS = P (dP - D) with
-  D = rowsum(dO * O), dQ += scale dS K, dK += scale dSᵀ Q. With ``dmask_q`` it also sums dS over the
+  recomputed from Q, K and lse (P = exp(s - lse), in float32 as exp((s - hi) - lo) with lse = hi + lo, so a
+  row whose scores all sit near -1e4 (a key mask) keeps its precision), and dV += Pdᵀ dO, dP = dO Vᵀ,
+  dS = P (dP - D) with D = rowsum(dO * O), dQ += scale dS K, dK += scale dSᵀ Q. With ``dmask_q`` it also sums dS over the
   queries (the gradient of a key mask, before the sum over heads / batch the caller does).
 
 Inner loops run over a contiguous axis (key index of a transposed key / value tile, or the head dim)
@@ -28,6 +29,7 @@ from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.math cimport exp, expf, log, INFINITY
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 cnp.import_array()
 
@@ -43,6 +45,7 @@ cdef extern from "_attention_tile.h" nogil:
     void att_dropout_f(float* p, const float* u, int n, float keep, float dscale)
     void att_bwd_row_f(float* s, float* g, const float* u, float* dm, int n, float keep, float dscale, float di,
                        float scale)
+    float att_dot_f(const float* a, const float* b, int n)
     int att_init(int cap)
 
 att_init(-1)   # the widest tile GEMM / exp the CPU runs (AVX-512, AVX2 + FMA or the build's baseline)
@@ -114,10 +117,13 @@ cdef inline int _threads(Py_ssize_t tasks, Py_ssize_t work) noexcept nogil:
 
 cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssize_t ks,
                      const floating* v, Py_ssize_t vs, const floating* mk, Py_ssize_t mis, Py_ssize_t mjs,
-                     const float* u, Py_ssize_t us, floating* o, Py_ssize_t os, floating* lse,
+                     const float* u, Py_ssize_t us, floating* o, Py_ssize_t os, double* lse,
                      Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t Sk, Py_ssize_t D, Py_ssize_t Dv,
                      floating scale, float keep, floating dscale,
-                     floating* s, floating* kt, floating* acc, floating* m, floating* l) noexcept nogil:
+                     floating* s, floating* kt, floating* acc, floating* m, floating* l,
+                     floating* pout, Py_ssize_t bk) noexcept nogil:
+    """Queries i0..i1 of one head. Keys in blocks of ``bk`` (a multiple of 16); with ``pout`` (bk >= Sk: one block,
+    so the row statistics are final after it) the probabilities before dropout are written to pout (Sq, Sk)."""
     cdef Py_ssize_t nq = i1 - i0, i, j, d, j0, nk
     cdef floating x, mx, corr, p, t
     cdef floating* srow
@@ -130,14 +136,14 @@ cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssi
     j0 = 0
     while j0 < Sk:
         nk = Sk - j0
-        if nk > BK:
-            nk = BK
-        _transpose(nk, D, k + j0 * ks, ks, kt, BK)              # kt[d, j] = k[j0 + j, d]
-        for i in range(nq * BK):
+        if nk > bk:
+            nk = bk
+        _transpose(nk, D, k + j0 * ks, ks, kt, bk)              # kt[d, j] = k[j0 + j, d]
+        for i in range(nq * bk):
             s[i] = 0
-        _gemm(nq, nk, D, q + i0 * qs, qs, kt, BK, s, BK)         # s = q_blk k_blkᵀ
+        _gemm(nq, nk, D, q + i0 * qs, qs, kt, bk, s, bk)         # s = q_blk k_blkᵀ
         for i in range(nq):
-            srow = s + i * BK
+            srow = s + i * bk
             mx = m[i]
             if floating is float:
                 mx = att_scale_mask_max_f(srow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
@@ -153,9 +159,16 @@ cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssi
             if mx == -INFINITY:          # every key so far masked with -inf: nothing to add
                 for j in range(nk):
                     srow[j] = 0
+                if pout != NULL:
+                    for j in range(nk):
+                        pout[(i0 + i) * Sk + j] = 0
                 continue
             corr = _exp(m[i] - mx)
             t = _exp_row(srow, nk, mx)
+            if pout != NULL:             # one block: t is the row's whole sum
+                x = 1 / t
+                for j in range(nk):
+                    pout[(i0 + i) * Sk + j] = srow[j] * x
             if u != NULL:
                 if floating is float:
                     att_dropout_f(srow, u + (i0 + i) * us + j0, <int>nk, keep, dscale)
@@ -168,27 +181,29 @@ cdef void _fwd_block(const floating* q, Py_ssize_t qs, const floating* k, Py_ssi
                 arow = acc + i * Dv
                 for d in range(Dv):
                     arow[d] = arow[d] * corr
-        _gemm(nq, Dv, nk, s, BK, v + j0 * vs, vs, acc, Dv)       # acc += p_blk v_blk
-        j0 = j0 + BK
+        _gemm(nq, Dv, nk, s, bk, v + j0 * vs, vs, acc, Dv)       # acc += p_blk v_blk
+        j0 = j0 + bk
     for i in range(nq):
         t = 1 / l[i]
         for d in range(Dv):
             o[(i0 + i) * os + d] = acc[i * Dv + d] * t
-        lse[i0 + i] = m[i] + <floating>log(l[i])
+        lse[i0 + i] = <double>m[i] + log(<double>l[i])
 
 
 cdef void _bwd_row_generic(floating* srow, floating* prow, const floating* mk, Py_ssize_t mjs, const float* u,
                            floating* dm, Py_ssize_t nk, floating scale, floating li, floating di, float keep,
-                           floating dscale) noexcept nogil:
-    """The float64 twin of ``att_bwd_row_f`` (scores -> P -> dropout -> scale * dS, dm += dS)."""
+                           floating dscale, bint have_p) noexcept nogil:
+    """The float64 twin of ``att_bwd_row_f`` (scores -> P -> dropout -> scale * dS, dm += dS); with ``have_p``
+    srow holds P already."""
     cdef Py_ssize_t j
     cdef floating x, p, pd, g, ds
-    for j in range(nk):
-        x = srow[j] * scale
-        if mk != NULL:
-            x = x + mk[j * mjs]
-        srow[j] = x
-    _exp_row(srow, nk, li)
+    if not have_p:
+        for j in range(nk):
+            x = srow[j] * scale
+            if mk != NULL:
+                x = x + mk[j * mjs]
+            srow[j] = x
+        _exp_row(srow, nk, li)
     for j in range(nk):
         p = srow[j]
         g = prow[j]
@@ -210,13 +225,15 @@ cdef void _bwd_row_generic(floating* srow, floating* prow, const floating* mk, P
 cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssize_t ks,
                     const floating* v, Py_ssize_t vs, const floating* mk, Py_ssize_t mis, Py_ssize_t mjs,
                     const float* u, Py_ssize_t us, const floating* o, Py_ssize_t os,
-                    const floating* do_, Py_ssize_t dos, const floating* lse,
+                    const floating* do_, Py_ssize_t dos, const double* lse,
                     floating* dq, floating* dk, floating* dv, floating* dmq,
                     Py_ssize_t Sq, Py_ssize_t Sk, Py_ssize_t D, Py_ssize_t Dv, floating scale, float keep,
-                    floating dscale, floating* s, floating* dp, floating* kt, floating* vt, floating* pt, floating* Di) noexcept nogil:
-    """dq (Sq, D), dk (Sk, D), dv (Sk, Dv), dmq (Sk,) contiguous, written whole."""
+                    floating dscale, floating* s, floating* dp, floating* kt, floating* vt, floating* pt, floating* Di,
+                    const floating* pin) noexcept nogil:
+    """dq (Sq, D), dk (Sk, D), dv (Sk, Dv), dmq (Sk,) contiguous, written whole. With ``pin`` (Sq, Sk), the
+    probabilities the forward stored, the scores are not recomputed (no q kᵀ GEMM, no exp)."""
     cdef Py_ssize_t nq, nk, i, j, d, i0, j0
-    cdef floating x, p, pd, g, ds, di, li
+    cdef floating x, p, pd, g, ds, di, li, lo
     cdef floating* srow
     cdef floating* prow
     for j in range(Sk * D):
@@ -234,37 +251,50 @@ cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssiz
         if nq > BQ:
             nq = BQ
         for i in range(nq):
-            di = 0
-            for d in range(Dv):
-                di = di + do_[(i0 + i) * dos + d] * o[(i0 + i) * os + d]
-            Di[i] = di
+            if floating is float:
+                Di[i] = att_dot_f(do_ + (i0 + i) * dos, o + (i0 + i) * os, <int>Dv)
+            else:
+                di = 0
+                for d in range(Dv):
+                    di = di + do_[(i0 + i) * dos + d] * o[(i0 + i) * os + d]
+                Di[i] = di
         j0 = 0
         while j0 < Sk:
             nk = Sk - j0
             if nk > BK:
                 nk = BK
-            _transpose(nk, D, k + j0 * ks, ks, kt, BK)
             _transpose(nk, Dv, v + j0 * vs, vs, vt, BK)
             for i in range(nq * BK):
-                s[i] = 0
                 dp[i] = 0
-            _gemm(nq, nk, D, q + i0 * qs, qs, kt, BK, s, BK)            # scores
+            if pin != NULL:
+                for i in range(nq):
+                    memcpy(s + i * BK, pin + (i0 + i) * Sk + j0, nk * sizeof(floating))
+            else:
+                _transpose(nk, D, k + j0 * ks, ks, kt, BK)
+                for i in range(nq * BK):
+                    s[i] = 0
+                _gemm(nq, nk, D, q + i0 * qs, qs, kt, BK, s, BK)        # scores
             _gemm(nq, nk, Dv, do_ + i0 * dos, dos, vt, BK, dp, BK)      # dPd = dO vᵀ
             for i in range(nq):
                 srow = s + i * BK
                 prow = dp + i * BK
-                li = lse[i0 + i]
+                li = <floating>lse[i0 + i]          # lse = li + lo: exp(s - lse) = exp((s - li) - lo)
+                lo = <floating>(lse[i0 + i] - <double>li)
                 di = Di[i]
                 if floating is float:
-                    att_scale_mask_max_f(srow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
-                                         <int>nk, scale, 0)
-                    _exp_row(srow, nk, li)
+                    if pin == NULL:
+                        att_scale_mask_max_f(srow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
+                                             <int>nk, scale, 0)
+                        for j in range(nk):       # exact where the scores are near their max (Sterbenz)
+                            srow[j] = srow[j] - li
+                        _exp_row(srow, nk, lo)
                     att_bwd_row_f(srow, prow, u + (i0 + i) * us + j0 if u != NULL else NULL,
                                   dmq + j0 if dmq != NULL else NULL, <int>nk, keep, dscale, di, scale)
                 else:
                     _bwd_row_generic(srow, prow, mk + (i0 + i) * mis + j0 * mjs if mk != NULL else NULL, mjs,
                                      u + (i0 + i) * us + j0 if u != NULL else NULL,
-                                     dmq + j0 if dmq != NULL else NULL, nk, scale, li, di, keep, dscale)
+                                     dmq + j0 if dmq != NULL else NULL, nk, scale, li, di, keep, dscale,
+                                     pin != NULL)
             _gemm_tn(nk, Dv, nq, s, BK, do_ + i0 * dos, dos, dv + j0 * Dv, Dv)   # dV += Pdᵀ dO
             _gemm_tn(nk, D, nq, dp, BK, q + i0 * qs, qs, dk + j0 * D, D)         # dK += scale dSᵀ Q
             _gemm(nq, D, nk, dp, BK, k + j0 * ks, ks, dq + i0 * D, D)    # dQ += scale dS K
@@ -278,12 +308,15 @@ cdef inline Py_ssize_t _st(Py_ssize_t nbytes, Py_ssize_t item) noexcept nogil:
 
 def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
          const floating[:, :, :, :] mask, const float[:, :, :, :] u, floating[:, :, :, ::1] out,
-         floating[:, :, ::1] lse, bint has_mask, bint has_drop, double scale, double keep, double dscale):
+         double[:, :, ::1] lse, floating[:, :, :, ::1] p, bint has_mask, bint has_drop, bint store_p, double scale,
+         double keep, double dscale):
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
     cdef Py_ssize_t Dv = v.shape[3]
     cdef Py_ssize_t it = sizeof(floating), nqb = (Sq + BQ - 1) // BQ, task, bh, b, h, i0, i1
     cdef Py_ssize_t mis = 0, mjs = 0, us = 0
+    cdef Py_ssize_t bk = (Sk + 15) // 16 * 16 if store_p else BK     # storing P: all keys in one block
     cdef int nt = _threads(B * H * nqb, B * H * Sq * Sk * D)
+    cdef floating* pp
     cdef floating* s
     cdef floating* kt
     cdef floating* acc
@@ -299,9 +332,9 @@ def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
     if has_drop:
         us = u.strides[2] // sizeof(float)
     with nogil, parallel(num_threads=nt):
-        s = <floating*>malloc(sizeof(floating) * (BQ * BK + D * BK + BQ * Dv + 2 * BQ))
-        kt = s + BQ * BK
-        acc = kt + D * BK
+        s = <floating*>malloc(sizeof(floating) * (BQ * bk + D * bk + BQ * Dv + 2 * BQ))
+        kt = s + BQ * bk
+        acc = kt + D * bk
         m = acc + BQ * Dv
         l = m + BQ
         for task in prange(B * H * nqb, schedule='static'):
@@ -314,17 +347,18 @@ def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
                 i1 = Sq
             mp = &mask[b, h, 0, 0] if has_mask else NULL
             up = &u[b, h, 0, 0] if has_drop else NULL
+            pp = &p[b, h, 0, 0] if store_p else NULL
             _fwd_block(&q[b, h, 0, 0], _st(q.strides[2], it), &k[b, h, 0, 0], _st(k.strides[2], it),
                        &v[b, h, 0, 0], _st(v.strides[2], it), mp, mis, mjs, up, us,
-                       &out[b, h, 0, 0], Dv, &lse[b, h, 0], i0, i1, Sk, D, Dv, sc, kp, ds, s, kt, acc, m, l)
+                       &out[b, h, 0, 0], Dv, &lse[b, h, 0], i0, i1, Sk, D, Dv, sc, kp, ds, s, kt, acc, m, l, pp, bk)
         free(s)
 
 
 def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
          const floating[:, :, :, :] mask, const float[:, :, :, :] u, const floating[:, :, :, :] o,
-         const floating[:, :, ::1] lse, const floating[:, :, :, :] do_,
+         const double[:, :, ::1] lse, const floating[:, :, :, ::1] p, const floating[:, :, :, :] do_,
          floating[:, :, :, ::1] dq, floating[:, :, :, ::1] dk, floating[:, :, :, ::1] dv,
-         floating[:, :, ::1] dmq, bint has_mask, bint has_drop, bint want_dmask,
+         floating[:, :, ::1] dmq, bint has_mask, bint has_drop, bint want_dmask, bint have_p,
          double scale, double keep, double dscale):
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
     cdef Py_ssize_t Dv = v.shape[3]
@@ -364,7 +398,7 @@ def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
                       &v[b, h, 0, 0], _st(v.strides[2], it), mp, mis, mjs, up, us,
                       &o[b, h, 0, 0], _st(o.strides[2], it), &do_[b, h, 0, 0], _st(do_.strides[2], it),
                       &lse[b, h, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0], &dv[b, h, 0, 0], dmp,
-                      Sq, Sk, D, Dv, sc, kp, ds, s, dp, kt, vt, pt, Di)
+                      Sq, Sk, D, Dv, sc, kp, ds, s, dp, kt, vt, pt, Di, &p[b, h, 0, 0] if have_p else NULL)
         free(s)
 
 
@@ -404,11 +438,13 @@ def _u4(u, full):
 
 
 @cython.wraparound(True)
-def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None):
+def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, bint store_p=False):
     """(O, lse): O = dropout(softmax(scale q kᵀ + mask)) v over the last two axes; lse (..., Sq) the row
     log-sum-exp of the (masked, scaled) scores. ``mask`` broadcasts to the scores or is None; ``u`` is the
     float32 uniform draw of the dropout (kept where u < keep_prob, scaled by float(1/keep_prob)) or None.
-    ``alloc(shape, dtype)`` makes the C-contiguous outputs (default np.empty)."""
+    ``alloc(shape, dtype)`` makes the C-contiguous outputs (default np.empty). With ``store_p`` (short key
+    sequences: all keys in one block) it returns (O, lse, P), P (..., Sq, Sk) the probabilities before dropout,
+    which ``attention_bwd`` then reads instead of recomputing them."""
     q = np.asarray(q)
     dt = q.dtype
     if dt != np.float32 and dt != np.float64:
@@ -420,22 +456,34 @@ def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None):
     u4, has_drop = _u4(u, full)
     alloc = alloc or np.empty
     out = alloc(q4.shape[:3] + (v4.shape[3],), dt)
-    lse = alloc(q4.shape[:3], dt)
+    lse = alloc(q4.shape[:3], np.float64)      # float64 whatever the inputs: see attention_bwd
+    p = alloc(q4.shape[:3] + (Sk,), dt) if store_p else np.empty((1, 1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
-    _fwd(q4, k4, v4, m4, u4, out, lse, has_mask, has_drop, scale, float(np.float32(keep_prob)), dscale)
+    _fwd(q4, k4, v4, m4, u4, out, lse, p, has_mask, has_drop, store_p, scale, float(np.float32(keep_prob)), dscale)
+    if store_p:
+        return out.reshape(lead + (Sq, v4.shape[3])), lse.reshape(lead + (Sq,)), p.reshape(full)
     return out.reshape(lead + (Sq, v4.shape[3])), lse.reshape(lead + (Sq,))
 
 
 @cython.wraparound(True)
-def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask, alloc=None):
+def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask, alloc=None,
+                  p=None):
     """(dq, dk, dv, dmask_q): gradients of ``attention_fwd``'s O given dO = ``dout`` and its lse; dmask_q
-    (..., Sk) is the score gradient summed over the queries (None unless ``want_dmask``)."""
+    (..., Sk) is the score gradient summed over the queries (None unless ``want_dmask``). ``p``: the
+    probabilities ``attention_fwd(store_p=True)`` returned (then ``lse`` may be None)."""
     q = np.asarray(q)
     dt = q.dtype
     lead, Sq, Sk = q.shape[:-2], q.shape[-2], np.shape(k)[-2]
     full = lead + (Sq, Sk)
     q4, k4, v4, o4, do4 = _as4(q, dt), _as4(k, dt), _as4(v, dt), _as4(o, dt), _as4(dout, dt)
-    lse3 = np.ascontiguousarray(np.asarray(lse, dt).reshape(q4.shape[:3]))
+    have_p = p is not None
+    if have_p:
+        p4 = np.ascontiguousarray(np.asarray(p, dt).reshape(q4.shape[:3] + (Sk,)))
+        lse3 = np.zeros(q4.shape[:3], np.float64) if lse is None else \
+            np.ascontiguousarray(np.asarray(lse, np.float64).reshape(q4.shape[:3]))
+    else:
+        p4 = np.empty((1, 1, 1, 1), dt)
+        lse3 = np.ascontiguousarray(np.asarray(lse, np.float64).reshape(q4.shape[:3]))
     m4, has_mask = _mask4(mask, full, dt)
     u4, has_drop = _u4(u, full)
     alloc = alloc or np.empty
@@ -444,7 +492,7 @@ def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob
     dv = alloc(v4.shape, dt)
     dmq = alloc(k4.shape[:3], dt) if want_dmask else np.empty((1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
-    _bwd(q4, k4, v4, m4, u4, o4, lse3, do4, dq, dk, dv, dmq, has_mask, has_drop, want_dmask, scale,
+    _bwd(q4, k4, v4, m4, u4, o4, lse3, p4, do4, dq, dk, dv, dmq, has_mask, has_drop, want_dmask, have_p, scale,
          float(np.float32(keep_prob)), dscale)
     kl = np.shape(k)[:-2]
     return (dq.reshape(np.shape(q)), dk.reshape(np.shape(k)), dv.reshape(np.shape(v)),

@@ -4,6 +4,8 @@ reference, float64 finite-difference checks of ``fused_attention`` (graph and ea
 fallbacks when the graph differs, and what the profiler shows for a fused BERT step."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +19,7 @@ from runtime.ir.graph import Graph
 from runtime.ops import ShapeError, api as F
 from runtime.ops.attention import fused_attention
 from runtime.passes.dce import dce
-from runtime.passes.graph_kernel import clone, fuse_attention, graph_kernel
+from runtime.passes.graph_kernel import attention as attention_pass, clone, fuse_attention, graph_kernel
 from test_fusion import _bert, attention_fusable, build_gemm_program, gemm_programs, run_graph, train_losses
 
 F32 = np.float32
@@ -82,6 +84,15 @@ def test_kernels_match_the_unfused_math(dtype, tol, shape, variant, level):
         if g is not None:
             np.testing.assert_allclose(g, w, rtol=10 * tol, atol=10 * tol, err_msg=name)
     assert (got[3] is None) == (mask is None)
+    # the short-sequence variant: the forward stores P (all keys in one tile), the backward reads it
+    o_p, lse_p, p_stored = KA.attention_fwd(q, k, v, mask, u, 0.3, 0.8, store_p=True)
+    np.testing.assert_allclose(o_p, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse_p, lse, rtol=tol, atol=tol)
+    np.testing.assert_allclose(p_stored, p, rtol=tol, atol=tol)
+    got_p = KA.attention_bwd(q, k, v, mask, u, o_p, None, do, 0.3, 0.8, mask is not None, p=p_stored)
+    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got_p, wants):
+        if g is not None:
+            np.testing.assert_allclose(g, w, rtol=10 * tol, atol=10 * tol, err_msg=f"{name} (stored P)")
 
 
 def test_rows_masked_with_minus_infinity_ignore_those_keys():
@@ -90,8 +101,33 @@ def test_rows_masked_with_minus_infinity_ignore_those_keys():
     mask = np.zeros((1, 1, 1, 6), F32)
     mask[..., 3:] = -np.inf
     o, _ = KA.attention_fwd(q, k, v, mask, None, 0.5, 1.0)
-    want, _, _ = reference(q, k[..., :3, :], v[..., :3, :], None, None, 0.5, 1.0)
+    want, p, _ = reference(q, k[..., :3, :], v[..., :3, :], None, None, 0.5, 1.0)
     np.testing.assert_allclose(o, want, rtol=1e-6, atol=1e-6)
+    o_p, _, p_stored = KA.attention_fwd(q, k, v, mask, None, 0.5, 1.0, store_p=True)
+    np.testing.assert_allclose(o_p, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(p_stored[..., :3], p, rtol=1e-6, atol=1e-6)
+    assert (p_stored[..., 3:] == 0).all()
+
+
+@pytest.mark.parametrize("store_p", [False, True])
+def test_rows_whose_keys_are_all_masked_keep_their_gradient_precision(store_p):
+    """A sequence that is all padding: every score of its rows sits near -1e4, where float32's spacing is 1e-3.
+    The backward must not lose that much recomputing P = exp(s - lse) (it did with a float32 lse)."""
+    rng = np.random.default_rng(3)
+    q, k, v, do = (rng.normal(size=(2, 2, 5, 8)).astype(F32) for _ in range(4))
+    mask = np.zeros((2, 1, 1, 5), F32)
+    mask[1] = -1e4                                      # the second sequence: every key masked
+    want, p, pd = reference(q, k, v, mask, None, 0.7, 1.0)
+    if store_p:
+        o, _, p_stored = KA.attention_fwd(q, k, v, mask, None, 0.7, 1.0, store_p=True)
+        got = KA.attention_bwd(q, k, v, mask, None, o, None, do, 0.7, 1.0, True, p=p_stored)
+    else:
+        o, lse = KA.attention_fwd(q, k, v, mask, None, 0.7, 1.0)
+        assert lse.dtype == np.float64
+        got = KA.attention_bwd(q, k, v, mask, None, o, lse, do, 0.7, 1.0, True)
+    np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got, reference_grads(q, k, v, None, p, pd, do, 0.7, 1.0)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +203,16 @@ def _ops(g):
     return [n.op for n in g.nodes]
 
 
-def test_attention_with_mask_dropout_and_backward_becomes_two_kernels():
+@pytest.fixture(params=["store_p", "recompute"])
+def saved(request, monkeypatch):
+    """Both ways the backward gets the probabilities: stored by the forward (short sequences, the default at
+    these sizes) or recomputed per tile from the row log-sum-exp (``STORE_P_MAX_KEYS`` = 0)."""
+    if request.param == "recompute":
+        monkeypatch.setattr(attention_pass, "STORE_P_MAX_KEYS", 0)
+    return request.param
+
+
+def test_attention_with_mask_dropout_and_backward_becomes_two_kernels(saved):
     g, feeds = _mha_graph(np.random.default_rng(0))
     fused = fuse_attention(clone(dce(g)))
     ops = _ops(fused)
@@ -179,6 +224,10 @@ def test_attention_with_mask_dropout_and_backward_becomes_two_kernels():
     assert fwd.name.startswith("Fused_Attention_") and bwd.name.startswith("Fused_AttentionGrad_")
     assert bwd.inputs[:5] == fwd.inputs and fwd.attrs["keep_prob"] == pytest.approx(0.8)
     assert fwd.inputs[4].op == "uniform"          # the dropout's draw, the same generator call
+    saved_get = bwd.inputs[len(fwd.inputs) + 1]
+    assert saved_get.op == "fused_get" and saved_get.inputs == [fwd] and fwd.attrs["store_p"] == (saved == "store_p")
+    assert saved_get.shape == (next(n for n in g.nodes if n.op == "softmax").shape if saved == "store_p"
+                               else fwd.inputs[0].shape[:-1])
     fused.verify()
     want = run_graph(g, feeds, False)
     g, feeds = _mha_graph(np.random.default_rng(0))      # a fresh graph: the dropout's generator starts again
@@ -202,14 +251,18 @@ def test_other_patterns_are_left_to_the_generic_fusion(case):
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(gemm_programs().filter(attention_fusable))
-def test_random_attention_programs_fused_equals_unfused(spec):
+@given(gemm_programs().filter(attention_fusable), st.booleans())
+def test_random_attention_programs_fused_equals_unfused(spec, store_p):
     """test_fusion's batched-GEMM -> softmax -> GEMM programs restricted to the attention pattern (key masks
     trained or fed, dropout, scale, 3-d / split heads, q = k = v, values read again outside): the pass must
     take every one, and values, gradients and in-place updates equal the unfused graph."""
+    limit = attention_pass.STORE_P_MAX_KEYS if store_p else 0      # P stored by the forward, or recomputed
     g, feeds, updated = build_gemm_program(spec)
-    assert _ops(graph_kernel(dce(g))).count("fused_attention_grad") == 1
-    with codegen.backend("interp"):
+    with _store_p_limit(limit):
+        fused = graph_kernel(dce(g))
+    assert _ops(fused).count("fused_attention_grad") == 1
+    assert next(n for n in fused.nodes if n.op == "fused_attention_fwd").attrs["store_p"] == store_p
+    with codegen.backend("interp"), _store_p_limit(limit):
         outs = []
         for fuse_it in (False, True):
             g, feeds, updated = build_gemm_program(spec)
@@ -225,6 +278,16 @@ def test_random_attention_programs_fused_equals_unfused(spec):
 # ---------------------------------------------------------------------------------------------------------
 # BERT: losses and the profiler's view
 # ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _store_p_limit(keys):
+    old = attention_pass.STORE_P_MAX_KEYS
+    attention_pass.STORE_P_MAX_KEYS = keys
+    try:
+        yield
+    finally:
+        attention_pass.STORE_P_MAX_KEYS = old
+
+
 def test_bert_attention_is_fused_and_profiled(tmp_path):
     """BERT-small with attention dropout: every layer's attention is one forward and one backward task, and
     the profiler's op table shows them with their member ops."""

@@ -15,12 +15,17 @@ dropout on the probabilities: kept where ``u < keep_prob``, scaled by float(1/ke
   ``has_mask``, ``has_dropout``. Differentiable (q, k, v, mask); its backward recomputes the row statistics
   with ``fused_attention_fwd`` and runs ``fused_attention_grad``.
 * ``fused_attention_fwd(...)`` -> (O, lse) as a tuple (a 1-d object array carrier, unpacked by ``fused_get``
-  like a multi-output ``fused`` kernel; it works eagerly too): the output and the row log-sum-exp of the scores, saved for the backward. The
-  graph-kernel attention pass (``runtime/passes/graph_kernel/attention.py``) emits this one.
+  like a multi-output ``fused`` kernel; it works eagerly too): the output and the row log-sum-exp of the scores
+  (float64 whatever the inputs: the backward's exp(s - lse) stays exact when a key mask makes |lse| large), saved
+  for the backward. The
+  graph-kernel attention pass (``runtime/passes/graph_kernel/attention.py``) emits this one. With ``store_p``
+  (short key sequences, all keys in one tile) the tuple is (O, lse, P): P (..., Sq, Sk) the probabilities
+  before dropout, so that the backward does not recompute them (one GEMM and the exp fewer).
 * ``fused_attention_grad(q, k, v[, mask][, u], O, lse, dO)`` -> (dq, dk, dv, dmask_q): dmask_q (..., Sk)
   is the score gradient summed over the queries (the key mask's gradient before its sum over the other
   broadcast axes); with ``want_dmask`` False it is not computed (zeros of that shape are not returned
-  either: the tuple holds None there). Scores are recomputed per tile from q, k and lse.
+  either: the tuple holds None there). Scores are recomputed per tile from q, k and lse; with ``store_p``
+  the lse input is P instead (read, not recomputed).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from runtime.core import bind
 from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
 
-ATTRS_DOC = "scale, keep_prob, has_mask, has_dropout"
+ATTRS_DOC = "scale, keep_prob, has_mask, has_dropout, store_p (fwd / grad)"
 
 
 def _split(arrays, has_mask, has_dropout):
@@ -88,15 +93,16 @@ def _infer(shapes, dtypes, attrs):
 
 def _fwd_infer(shapes, dtypes, attrs):
     _check("fused_attention_fwd", shapes, dtypes, attrs, 0)
-    return (2,), np.dtype(object)          # a tuple carrier; fused_get unpacks (O, lse)
+    return (3 if attrs.get("store_p") else 2,), np.dtype(object)   # a tuple carrier; fused_get unpacks (O, lse[, P])
 
 
 def _grad_infer(shapes, dtypes, attrs):
     q, k, v, _, _ = _check("fused_attention_grad", shapes[:-3], dtypes[:-3], attrs, 0)
     o, lse, do = (tuple(s) for s in shapes[-3:])
     want_o = q[:-1] + (v[-1],)
-    if o != want_o or do != want_o or lse != q[:-1]:
-        raise ShapeError(f"fused_attention_grad: O {o}, dO {do} must be {want_o} and lse {lse} must be {q[:-1]}")
+    want_lse, what = (q[:-1] + (k[-2],), "P") if attrs.get("store_p") else (q[:-1], "lse")
+    if o != want_o or do != want_o or lse != want_lse:
+        raise ShapeError(f"fused_attention_grad: O {o}, dO {do} must be {want_o} and {what} {lse} must be {want_lse}")
     return (4,), np.dtype(object)
 
 
@@ -108,9 +114,9 @@ def _alloc(shape, dtype):
     return aligned_empty(shape, dtype, nbytes) if nbytes >= POOLED_BYTES else np.empty(shape, dtype)
 
 
-def _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout):
+def _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p=False):
     q, k, v, mask, u, _ = _split(arrays, has_mask, has_dropout)
-    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc)
+    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc, bool(store_p))
 
 
 def _pack(*values):
@@ -125,12 +131,15 @@ def _kernel(*arrays, scale, keep_prob, has_mask, has_dropout):
     return _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout)[0]
 
 
-def _fwd_kernel(*arrays, scale, keep_prob, has_mask, has_dropout):
-    return _pack(*_run_fwd(arrays, scale, keep_prob, has_mask, has_dropout))
+def _fwd_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, store_p=False):
+    return _pack(*_run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p))
 
 
-def _grad_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, want_dmask=False):
+def _grad_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, want_dmask=False, store_p=False):
     q, k, v, mask, u, (o, lse, do) = _split(arrays, has_mask, has_dropout)
+    if store_p:          # the lse slot holds the forward's probabilities
+        return _pack(*KA.attention_bwd(q, k, v, mask, u, o, None, do, float(scale), float(keep_prob),
+                                       bool(want_dmask), _alloc, lse))
     return _pack(*KA.attention_bwd(q, k, v, mask, u, o, lse, do, float(scale), float(keep_prob), bool(want_dmask),
                                    _alloc))
 
@@ -142,7 +151,7 @@ def _get(t, index, shape, dtype):
 
 def attention_outputs(packed, q, v):
     """(O, lse) Tensors unpacked from a ``fused_attention_fwd`` result."""
-    return (_get(packed, 0, q.shape[:-1] + (v.shape[-1],), q.dtype), _get(packed, 1, q.shape[:-1], q.dtype))
+    return (_get(packed, 0, q.shape[:-1] + (v.shape[-1],), q.dtype), _get(packed, 1, q.shape[:-1], np.float64))
 
 
 def attention_grads(packed, q, k, v, want_dmask):
@@ -169,14 +178,17 @@ def _grad(g, out, *inputs, scale, keep_prob, has_mask, has_dropout):
 
 
 def _cost(node, backward=False):
-    """Estimates: 4 Sq Sk D flops forward (two tile GEMMs) and 10 backward (five, scores recomputed), plus
-    the exp per score; bytes are the inputs and outputs only (no score matrix)."""
+    """Estimates: 4 Sq Sk D flops forward (two tile GEMMs) and 10 backward (five, scores recomputed; 8 with
+    ``store_p``), plus the exp per score; bytes are the inputs and outputs (the stored P when ``store_p``)."""
     q, k = node.inputs[0], node.inputs[1]
+    store_p = bool(node.attrs.get("store_p"))
     batch = int(np.prod(q.shape[:-2], dtype=np.int64))
     sq, d, sk = q.shape[-2], q.shape[-1], k.shape[-2]
-    flops = batch * sq * sk * ((10 if backward else 4) * d + 8)
+    flops = batch * sq * sk * (((8 if store_p else 10) if backward else 4) * d + 8)
     nbytes = sum(i.nbytes for i in node.inputs)
     nbytes += (3 if backward else 1) * q.nbytes + (batch * sq * q.dtype.itemsize if not backward else 0)
+    if store_p and not backward:
+        nbytes += batch * sq * sk * q.dtype.itemsize
     return int(flops), int(nbytes)
 
 

@@ -25,9 +25,10 @@ another transpose form or a reduction over other axes leaves the subgraph as it 
 it as before). On a match:
 
 * ``fused_attention_fwd(q, k, v[, mask][, u])`` replaces the forward and ``fused_get`` unpacks O and the
-  row log-sum-exp; ``u = uniform(shape, rng)`` replaces ``dropout_mask`` (the same generator call, so the
+  row log-sum-exp -- or, when there is a backward and at most ``STORE_P_MAX_KEYS`` keys, the probabilities
+  (``store_p``); ``u = uniform(shape, rng)`` replaces ``dropout_mask`` (the same generator call, so the
   same draw: the kernel keeps ``u < keep_prob`` scaled by 1/keep_prob, the mask's own values);
-* ``fused_attention_grad(q, k, v[, mask][, u], O, lse, dO)`` replaces the backward; its ``fused_get``
+* ``fused_attention_grad(q, k, v[, mask][, u], O, lse or P, dO)`` replaces the backward; its ``fused_get``
   outputs take the places of dq, dk, dv, and the mask gradient's reduction reads the query-summed score
   gradient instead of the (Sq x Sk) one.
 
@@ -46,6 +47,11 @@ import numpy as np
 from runtime.ir.graph import Graph, Node
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# keys up to this many: the forward keeps the probabilities P (..., Sq, Sk) for the backward (``store_p``), which
+# then skips recomputing the scores (a q kᵀ GEMM, the key transposes and the exp per score: measured ~20% of the
+# backward at BERT-small's 128 x 128 x 64 heads) at the price of writing and re-reading the score-sized P that the
+# unfused graph keeps anyway. Longer sequences keep the flash-style recomputation (memory linear in Sk).
+STORE_P_MAX_KEYS = 256
 
 
 @dataclass
@@ -259,8 +265,9 @@ def _name(node: Node, kind: str) -> str:
 def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], removed: set[int], pos: dict[int, int]):
     """New nodes for match ``m``: ``at[id]`` lists what to emit in place of node ``id``."""
     has_mask, has_drop = m.mask is not None, m.drop_mask is not None
+    store_p = m.grad is not None and m.k.shape[-2] <= STORE_P_MAX_KEYS
     attrs = {"scale": float(m.scale), "keep_prob": float(m.drop_mask.attrs["keep_prob"]) if has_drop else 1.0,
-             "has_mask": has_mask, "has_dropout": has_drop}
+             "has_mask": has_mask, "has_dropout": has_drop, "store_p": store_p}
     ins = [m.q, m.k, m.v] + ([m.mask] if has_mask else [])
     if has_drop:
         d = m.drop_mask
@@ -270,17 +277,19 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
         ins.append(u)
     dt = m.out.dtype
     ann = dict(m.out.ann, fused_ops=[n.op for n in m.forward])
-    fwd = Node("fused_attention_fwd", ins, attrs, (2,), object, scope=m.out.scope, ann=ann)
+    fwd = Node("fused_attention_fwd", ins, attrs, (3 if store_p else 2,), object, scope=m.out.scope, ann=ann)
     fwd.name = _name(fwd, "Attention")
 
-    def get(src, index, shape, like):
-        n = Node("fused_get", [src], {"index": index, "shape": tuple(shape), "dtype": dt.name}, shape, dt,
+    def get(src, index, shape, like, dtype=dt):
+        n = Node("fused_get", [src], {"index": index, "shape": tuple(shape), "dtype": np.dtype(dtype).name}, shape,
+                 np.dtype(dtype),
                  scope=like.scope, ann={k: v for k, v in like.ann.items() if k != "fused_ops"})
         n.name = f"{src.name}_get{index}"
         return n
     o = get(fwd, 0, m.out.shape, m.out)
-    lse = get(fwd, 1, m.out.shape[:-1], m.out)
-    at.setdefault(m.out.id, []).extend([fwd, o, lse])
+    # what the backward reads besides O: the row log-sum-exp, or the probabilities themselves
+    saved = get(fwd, 2, m.softmax.shape, m.out) if store_p else get(fwd, 1, m.out.shape[:-1], m.out, np.float64)
+    at.setdefault(m.out.id, []).extend([fwd, o, saved])
     replace[m.out.id] = o
     removed.update(n.id for n in m.forward)
     if m.grad is None:
@@ -288,7 +297,8 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
     first = m.dp if m.dv is None else min(m.dp, m.dv, key=lambda n: pos[n.id])
     gattrs = dict(attrs, want_dmask=m.dmask_sum is not None)
     gann = dict(m.grad.ann, fused_ops=[n.op for n in m.backward])
-    bwd = Node("fused_attention_grad", ins + [o, lse, m.dout], gattrs, (4,), object, scope=m.grad.scope, ann=gann)
+    bwd = Node("fused_attention_grad", ins + [o, saved, m.dout], gattrs, (4,), object, scope=m.grad.scope,
+               ann=gann)
     bwd.name = _name(bwd, "AttentionGrad")
     new = [bwd]
     for index, old in enumerate((m.dq, m.dk, m.dv)):
