@@ -16,7 +16,7 @@ Fake quantization (float32 / float64, used while training):
   of ``minq`` / ``maxq`` with it;
 * ``bn_fold_forward(y, k, gamma, beta, bias, frozen, eps)`` -- the BN-fold correction of a folded conv's output:
   batch norm of z = y * k (k = sigma_running / gamma: the unfolded conv), or ``y + bias`` once frozen; its
-  gradients ``bn_fold_backward_params`` (d gamma, d beta, d k, d bias in closed form from two channel sums)
+  gradients ``bn_fold_backward_params`` (d gamma, d beta, d k, d bias in closed form from one sweep of sums)
   and ``bn_fold_backward_input`` (d y); per channel, statistics in double;
 * ``quantize(x, scale, nmin, nmax, qmin)``      -- float32 -> int8 with the same arithmetic as
   ``fake_quant`` (``q + qmin``, signed), so the engine's input equals the simulation's bit for bit.
@@ -469,118 +469,119 @@ def observe_minmax(x, minq, maxq, Py_ssize_t inner, bint blend, double decay):
 # ---------------------------------------------------------------------------------------------
 cdef extern from *:
     """
-    /* Channel sums in double with eight independent accumulators (the loops vectorize without reassociating
-       one chain; a fixed order, so the results do not depend on threads). */
-    #define IQ_SUMS(SUFFIX, T) \
-    static double iq_sum_##SUFFIX(const T* x, Py_ssize_t n) { \
-        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}; Py_ssize_t i, j, n8 = n & ~(Py_ssize_t)7; \
-        for (i = 0; i < n8; i += 8) for (j = 0; j < 8; j++) a[j] += (double)x[i + j]; \
-        for (; i < n; i++) a[0] += (double)x[i]; \
-        return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); \
+    /* The BN-fold loops over one (N, C) row of HW values, in double, eight lanes at a time with GCC vector
+       types (float rows converted on load): channel sums in one sweep shifted by a value K of the channel
+       (sum (x - K), sum (x - K)^2 -- no cancellation when the mean is far from 0 --, with g also sum g and
+       sum g (x - K)), the affine forward a (x - m) + o, and the input gradient a (g - mg - (x - m) cz). */
+    #include <string.h>
+    typedef float iq_v8sf __attribute__((vector_size(32)));
+    typedef double iq_v8df __attribute__((vector_size(64)));
+    #define IQ_HSUM(v) ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
+    static inline iq_v8df iq_load_f32(const float* p) {
+        iq_v8sf v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, iq_v8df); }
+    static inline iq_v8df iq_load_f64(const double* p) { iq_v8df v; memcpy(&v, p, sizeof v); return v; }
+    static inline void iq_store_f32(float* p, iq_v8df v) {
+        iq_v8sf w = __builtin_convertvector(v, iq_v8sf); memcpy(p, &w, sizeof w); }
+    static inline void iq_store_f64(double* p, iq_v8df v) { memcpy(p, &v, sizeof v); }
+    #define IQ_BNF(SUFFIX, T) \
+    static void iq_moments_##SUFFIX(const T* x, const T* g, Py_ssize_t n, double K, double* s) { \
+        iq_v8df a = {0}, b = {0}, c = {0}, e = {0}, d, gv; double t, u; \
+        Py_ssize_t i = 0; \
+        if (g == NULL) { \
+            for (; i + 8 <= n; i += 8) { d = iq_load_##SUFFIX(x + i) - K; a += d; b += d * d; } \
+        } else { \
+            for (; i + 8 <= n; i += 8) { \
+                d = iq_load_##SUFFIX(x + i) - K; gv = iq_load_##SUFFIX(g + i); \
+                a += d; b += d * d; c += gv; e += gv * d; } \
+        } \
+        s[0] += IQ_HSUM(a); s[1] += IQ_HSUM(b); s[2] += IQ_HSUM(c); s[3] += IQ_HSUM(e); \
+        for (; i < n; i++) { \
+            t = (double)x[i] - K; s[0] += t; s[1] += t * t; \
+            if (g != NULL) { u = (double)g[i]; s[2] += u; s[3] += u * t; } } \
     } \
-    static double iq_css_##SUFFIX(const T* x, Py_ssize_t n, double m) { \
-        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, d; Py_ssize_t i, j, n8 = n & ~(Py_ssize_t)7; \
-        for (i = 0; i < n8; i += 8) for (j = 0; j < 8; j++) { d = (double)x[i + j] - m; a[j] += d * d; } \
-        for (; i < n; i++) { d = (double)x[i] - m; a[0] += d * d; } \
-        return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); \
+    static void iq_affine_##SUFFIX(const T* x, T* out, Py_ssize_t n, double a, double m, double o) { \
+        Py_ssize_t i = 0; \
+        for (; i + 8 <= n; i += 8) iq_store_##SUFFIX(out + i, a * (iq_load_##SUFFIX(x + i) - m) + o); \
+        for (; i < n; i++) out[i] = (T)(a * ((double)x[i] - m) + o); \
     } \
-    static void iq_gsums_##SUFFIX(const T* g, const T* x, Py_ssize_t n, double m, double* sg, double* sgc) { \
-        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
-        Py_ssize_t i, j, n8 = n & ~(Py_ssize_t)7; \
-        for (i = 0; i < n8; i += 8) for (j = 0; j < 8; j++) { \
-            a[j] += (double)g[i + j]; b[j] += (double)g[i + j] * ((double)x[i + j] - m); } \
-        for (; i < n; i++) { a[0] += (double)g[i]; b[0] += (double)g[i] * ((double)x[i] - m); } \
-        *sg += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); \
-        *sgc += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])); \
+    static void iq_bnf_dy_##SUFFIX(const T* g, const T* x, T* out, Py_ssize_t n, double a, double mg, double m, \
+                                   double cz) { \
+        Py_ssize_t i = 0; \
+        for (; i + 8 <= n; i += 8) \
+            iq_store_##SUFFIX(out + i, a * (iq_load_##SUFFIX(g + i) - mg - (iq_load_##SUFFIX(x + i) - m) * cz)); \
+        for (; i < n; i++) out[i] = (T)(a * ((double)g[i] - mg - ((double)x[i] - m) * cz)); \
     }
-    IQ_SUMS(f32, float)
-    IQ_SUMS(f64, double)
+    IQ_BNF(f32, float)
+    IQ_BNF(f64, double)
     """
-    double iq_sum_f32(const float* x, Py_ssize_t n) noexcept nogil
-    double iq_sum_f64(const double* x, Py_ssize_t n) noexcept nogil
-    double iq_css_f32(const float* x, Py_ssize_t n, double m) noexcept nogil
-    double iq_css_f64(const double* x, Py_ssize_t n, double m) noexcept nogil
-    void iq_gsums_f32(const float* g, const float* x, Py_ssize_t n, double m, double* sg, double* sgc) noexcept nogil
-    void iq_gsums_f64(const double* g, const double* x, Py_ssize_t n, double m, double* sg,
-                      double* sgc) noexcept nogil
+    void iq_moments_f32(const float* x, const float* g, Py_ssize_t n, double K, double* s) noexcept nogil
+    void iq_moments_f64(const double* x, const double* g, Py_ssize_t n, double K, double* s) noexcept nogil
+    void iq_affine_f32(const float* x, float* out, Py_ssize_t n, double a, double m, double o) noexcept nogil
+    void iq_affine_f64(const double* x, double* out, Py_ssize_t n, double a, double m, double o) noexcept nogil
+    void iq_bnf_dy_f32(const float* g, const float* x, float* out, Py_ssize_t n, double a, double mg, double m,
+                       double cz) noexcept nogil
+    void iq_bnf_dy_f64(const double* g, const double* x, double* out, Py_ssize_t n, double a, double mg, double m,
+                       double cz) noexcept nogil
 
 
-cdef inline double _sum(const floating* x, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return iq_sum_f32(x, n)
-    else:
-        return iq_sum_f64(x, n)
-
-
-cdef inline double _css(const floating* x, Py_ssize_t n, double m) noexcept nogil:
-    if floating is float:
-        return iq_css_f32(x, n, m)
-    else:
-        return iq_css_f64(x, n, m)
-
-
-cdef inline void _gsums(const floating* g, const floating* x, Py_ssize_t n, double m, double* sg,
-                        double* sgc) noexcept nogil:
-    if floating is float:
-        iq_gsums_f32(g, x, n, m, sg, sgc)
-    else:
-        iq_gsums_f64(g, x, n, m, sg, sgc)
-
-
-cdef void _bnf_moments(const floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t c,
-                       double* mean, double* var) noexcept nogil:
-    """Mean and biased variance of channel c of an (N, C, HW) tensor, two passes in double."""
+cdef void _bnf_moments(const floating* y, const floating* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                       Py_ssize_t c, double* mean, double* var, double* sg, double* sgc) noexcept nogil:
+    """Mean and biased variance of channel c of an (N, C, HW) tensor in one sweep (double, shifted by the
+    channel's first value); with ``g`` (not NULL) also sum g and sum g (y - mean)."""
     cdef Py_ssize_t b
-    cdef double s = 0, q = 0
+    cdef double s[4]
+    cdef double K = y[c * HW], n = <double>(N * HW), d
+    s[0] = 0
+    s[1] = 0
+    s[2] = 0
+    s[3] = 0
     for b in range(N):
-        s = s + _sum(y + (b * C + c) * HW, HW)
-    s = s / <double>(N * HW)
-    for b in range(N):
-        q = q + _css(y + (b * C + c) * HW, HW, s)
-    mean[0] = s
-    var[0] = q / <double>(N * HW)
+        if floating is float:
+            iq_moments_f32(y + (b * C + c) * HW, (g + (b * C + c) * HW) if g != NULL else NULL, HW, K, s)
+        else:
+            iq_moments_f64(y + (b * C + c) * HW, (g + (b * C + c) * HW) if g != NULL else NULL, HW, K, s)
+    d = s[0] / n
+    mean[0] = K + d
+    var[0] = s[1] / n - d * d
+    if var[0] < 0:
+        var[0] = 0
+    if g != NULL:
+        sg[0] = s[2]
+        sgc[0] = s[3] - d * s[2]
 
 
 cdef void _bnf_fwd(const floating* y, floating* out, const floating* k, const floating* gamma,
                    const floating* beta, const floating* bias, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                    bint frozen, double eps, int nt) noexcept nogil:
-    cdef Py_ssize_t c, b, i
-    cdef double m, v, a, o
-    cdef const floating* p
-    cdef floating* q
+    cdef Py_ssize_t c, b
+    cdef double m, v, a, o, sg, sgc
     for c in prange(C, schedule="static", num_threads=nt):
         if frozen:
             a = 1.0
             m = 0.0
             o = bias[c]
         else:
-            _bnf_moments(y, N, C, HW, c, &m, &v)
+            _bnf_moments(y, <floating*>NULL, N, C, HW, c, &m, &v, &sg, &sgc)
             a = <double>gamma[c] * <double>k[c] / sqrt(<double>k[c] * <double>k[c] * v + eps)
             o = beta[c]
         for b in range(N):
-            p = y + (b * C + c) * HW
-            q = out + (b * C + c) * HW
-            for i in range(HW):
-                q[i] = <floating>(a * (p[i] - m) + o)
+            if floating is float:
+                iq_affine_f32(y + (b * C + c) * HW, out + (b * C + c) * HW, HW, a, m, o)
+            else:
+                iq_affine_f64(y + (b * C + c) * HW, out + (b * C + c) * HW, HW, a, m, o)
 
 
 cdef void _bnf_params(const floating* g, const floating* y, const floating* k, const floating* gamma,
                       floating* P, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, bint frozen, double eps,
                       int nt) noexcept nogil:
     """P (6, C): dgamma, dbeta, dk, dbias, mean(y), var(y) (the last two for the dy pass)."""
-    cdef Py_ssize_t c, b, i
+    cdef Py_ssize_t c
     cdef double m, v, sg, sgc, sd, kk
-    cdef const floating* p
-    cdef const floating* q
     for c in prange(C, schedule="static", num_threads=nt):
-        m = 0.0
-        v = 0.0
-        if not frozen:
-            _bnf_moments(y, N, C, HW, c, &m, &v)
-        sg = 0.0
-        sgc = 0.0
-        for b in range(N):
-            _gsums(g + (b * C + c) * HW, y + (b * C + c) * HW, HW, m, &sg, &sgc)
+        _bnf_moments(y, g, N, C, HW, c, &m, &v, &sg, &sgc)
+        if frozen:
+            m = 0.0
+            v = 0.0
         if frozen:
             P[c] = 0
             P[C + c] = 0
@@ -603,11 +604,8 @@ cdef void _bnf_dy(const floating* g, const floating* y, const floating* k, const
                   const floating* P, floating* dy, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, bint frozen,
                   double eps, int nt) noexcept nogil:
     """dy = k * dz, dz = gamma / sigma_z (g - sum g / n - zhat sum(g zhat) / n); frozen: dy = g."""
-    cdef Py_ssize_t c, b, i
+    cdef Py_ssize_t c, b
     cdef double n = <double>(N * HW), kk, sd, a, mg, cz, m
-    cdef const floating* p
-    cdef const floating* q
-    cdef floating* r
     for c in prange(C, schedule="static", num_threads=nt):
         if frozen:
             a = 1.0
@@ -622,11 +620,10 @@ cdef void _bnf_dy(const floating* g, const floating* y, const floating* k, const
             mg = <double>P[C + c] / n
             cz = kk * <double>P[c] / (sd * n)          # zhat * sum(g zhat) / n = (y - mean) * cz
         for b in range(N):
-            p = y + (b * C + c) * HW
-            q = g + (b * C + c) * HW
-            r = dy + (b * C + c) * HW
-            for i in range(HW):
-                r[i] = <floating>(a * (q[i] - mg - (p[i] - m) * cz))
+            if floating is float:
+                iq_bnf_dy_f32(g + (b * C + c) * HW, y + (b * C + c) * HW, dy + (b * C + c) * HW, HW, a, mg, m, cz)
+            else:
+                iq_bnf_dy_f64(g + (b * C + c) * HW, y + (b * C + c) * HW, dy + (b * C + c) * HW, HW, a, mg, m, cz)
 
 
 cdef tuple _bnf_arrays(str fn, y, vecs, g=None):
