@@ -14,7 +14,6 @@ from runtime import Model, context, nn  # noqa: E402
 from runtime import _kernels_quant as KQ  # noqa: E402
 from runtime.core import Tensor  # noqa: E402
 from runtime.examples.qat import LeNetBN, MLPBN, loss_fn, run  # noqa: E402
-from runtime.nn.parameter import Parameter  # noqa: E402
 from runtime.ops import api as F  # noqa: E402
 from runtime.ops.quant import fake_quant_perchannel, fake_quant_perlayer, quant_params, quantize_multiplier  # noqa: E402
 from runtime.train.quant import (QuantConversionError, convert_quant_network, convert_to_int8, export_onnx,  # noqa: E402

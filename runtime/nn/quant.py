@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.core import Tensor
 from runtime.nn.cell import Cell
 from runtime.nn.init import initializer
 from runtime.nn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dense, ReLU, _pair, get_activation
