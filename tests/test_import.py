@@ -562,7 +562,7 @@ def _tricky_events() -> list:
                             {"Input Dims": [[1, 2, 3]], "nested": {"a": [1, {"b": None}], "c": True}},
                             {"correlation": 1.5}, {"External id": "7"}, {"bytes": "12"}, {"flops": None},
                             {"op": "MatMul", "step": 1, "task_id": 4, "graph": "g", "scope": "s", "phase": "fp"},
-                            None, {}][k % 10]})
+                            None, [1, 2], "text", {}][k % 12]})
         if k % 7 == 3:
             del ev[-1]["name"]
         if k % 11 == 5:
@@ -572,8 +572,8 @@ def _tricky_events() -> list:
         ev.append({"ph": "i", "name": "[memory]" if k % 4 else "mark", "pid": 1, "tid": 7, "ts": ts, "s": "t",
                    "args": {"Bytes": [1024, -1024, 2.5, 7][k % 4], "Addr": 2**45 + k, "Total Allocated": 4096,
                             "Total Reserved": 8192, "Device Type": 1, "Device Id": 0}})
-        ev.append({"ph": ["B", "E", "C", "Z", "I"][k % 5], "name": "range", "pid": 1, "tid": 7, "ts": ts,
-                   "args": {"value": k}})
+        ev.append({"ph": ["B", "E", "C", "Z", "I", "M"][k % 6], "name": ["range", "thread_name"][k % 2], "pid": 1,
+                   "tid": 7, "ts": ts, "args": [{"value": k}, ["not", "an", "object"], {"name": k}][k % 3]})
     return ev
 
 

@@ -505,11 +505,9 @@ cdef Py_ssize_t parse_event(Buf s, Py_ssize_t i, Py_ssize_t n, Ev* ev, int* high
         elif key_is(s, ks, ke, b"args", 4):
             if s[i] == 123:
                 i = parse_args(s, i, n, ev, high)
-            elif s[i] == 110:
-                i = _literal(s, i, n, b"null", 4)
+            else:  # null, or a value of another type: no args (as events._args)
+                i = skip_value(s, i, n, 1, high)
                 reset_args(ev)
-            else:
-                return BAD
         elif key_is(s, ks, ke, b"id2", 3) or key_is(s, ks, ke, b"bind_id", 7):
             return BAD
         else:

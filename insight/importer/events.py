@@ -369,7 +369,7 @@ class EventColumns:
         n = len(xs)
         # one pass over the events, then columns (zip(*rows) transposes in C)
         rows = [(e.get("ts"), e.get("dur"), e.get("name", ""), e.get("cat", ""), (e.get("pid"), e.get("tid")),
-                 e.get("args") or EMPTY) for e in xs]
+                 _args(e)) for e in xs]
         ts, durs, names, cats, keys, argss = zip(*rows)
         del rows
         ts = _ns(ts, idx, "ts", events)
@@ -463,7 +463,7 @@ class EventColumns:
         if not mem.any():
             return
         ms = [ins[i] for i in np.flatnonzero(mem)]
-        args = [e.get("args") or EMPTY for e in ms]
+        args = [_args(e) for e in ms]
         self.memory.add({"ts": ts[mem], "lane": self._lanes(ms),
                          **{c: _ints([a.get(key, -1) for a in args])
                             for c, key in (("addr", "Addr"), ("bytes", "Bytes"), ("allocated", "Total Allocated"),
@@ -471,7 +471,7 @@ class EventColumns:
                                            ("dev_id", "Device Id"))}})
 
     def _meta(self, e: dict) -> None:
-        name, args = e.get("name"), e.get("args") or {}
+        name, args = e.get("name"), _args(e)
         pid, tid = e.get("pid"), e.get("tid")
         if name == "process_name":
             self.process_names[pid] = _text(args.get("name", ""))
@@ -495,8 +495,8 @@ class EventColumns:
         t0, b = stack.pop()
         x = dict(b)
         x.update({"ph": "X", "ts": t0, "dur": max(ts - t0, 0)})
-        if e.get("args"):
-            x["args"] = {**(b.get("args") or {}), **e["args"]}
+        if _args(e):
+            x["args"] = {**_args(b), **_args(e)}
         self._slices([x], np.array([0]))
 
     def finish(self) -> None:
@@ -504,6 +504,12 @@ class EventColumns:
             if stack:
                 self.skipped["B events without a matching E"] += len(stack)
         self.open.clear()
+
+
+def _args(e: dict) -> dict:
+    """An event's args: an object, else (absent, null, or a value of another type) nothing."""
+    a = e.get("args")
+    return a if type(a) is dict else EMPTY
 
 
 def _int(v) -> int:
