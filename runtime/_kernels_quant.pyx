@@ -227,17 +227,24 @@ def _fq_args(x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssiz
 
 cdef inline object _float_array(x, str fn):
     """``x`` as a C-contiguous float32/float64 ndarray (no copy when it already is one)."""
-    if type(x) is not np.ndarray or not (<cnp.ndarray>x).flags.c_contiguous:
-        x = np.ascontiguousarray(x)
+    cdef int t
+    if type(x) is np.ndarray and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x):
+        t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+        if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64:
+            return x
+    x = np.ascontiguousarray(x)
     if x.dtype != np.float32 and x.dtype != np.float64:
         raise TypeError(f"{fn}: expects float32 or float64, got {x.dtype}")
     return x
 
 
-cdef inline object _range_vec(v, dt, str fn, str what):
-    if type(v) is not np.ndarray or v.dtype != dt or not (<cnp.ndarray>v).flags.c_contiguous:
-        v = np.ascontiguousarray(v, dtype=dt)
-    return v.reshape(-1) if v.ndim != 1 else v
+cdef inline object _range_vec(v, like, str fn, str what):
+    """``v`` as a 1-d C-contiguous array of ``like``'s dtype (no copy when it already is one)."""
+    if type(v) is np.ndarray and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>v) \
+            and cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.PyArray_TYPE(<cnp.ndarray>like) \
+            and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1:
+        return v
+    return np.ascontiguousarray(v, dtype=like.dtype).reshape(-1)
 
 
 cdef object _fq_call(int mode, g, x, mn, mx, int num_bits, bint narrow_range, bint symmetric, Py_ssize_t inner,
@@ -245,10 +252,9 @@ cdef object _fq_call(int mode, g, x, mn, mx, int num_bits, bint narrow_range, bi
     """mode 0: fake quant of x; mode 1: the straight-through gradient of g. The per-channel nudged range is
     computed into a small scratch buffer (no Python objects besides the output)."""
     xa = _float_array(x, fn)
-    dt = xa.dtype
-    lo = _range_vec(mn, dt, fn, "min")
-    hi = _range_vec(mx, dt, fn, "max")
-    cdef Py_ssize_t C = lo.shape[0], n = xa.size
+    lo = _range_vec(mn, xa, fn, "min")
+    hi = _range_vec(mx, xa, fn, "max")
+    cdef Py_ssize_t C = lo.shape[0], n = cnp.PyArray_SIZE(<cnp.ndarray>xa)
     if hi.shape[0] != C or C == 0 or inner <= 0 or n % (C * inner):
         raise ValueError(f"{fn}: {C} channels of min / {hi.shape[0]} of max with inner size {inner} do not fit "
                          f"a tensor of shape {xa.shape}")
@@ -256,8 +262,9 @@ cdef object _fq_call(int mode, g, x, mn, mx, int num_bits, bint narrow_range, bi
         raise ValueError(f"{fn}: num_bits must be in 2..16, got {num_bits}")
     ga = None
     if mode == 1:
-        ga = g if (type(g) is np.ndarray and g.dtype == dt and (<cnp.ndarray>g).flags.c_contiguous) \
-            else np.ascontiguousarray(g, dtype=dt)
+        ga = g if (type(g) is np.ndarray and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>g)
+                   and cnp.PyArray_TYPE(<cnp.ndarray>g) == cnp.PyArray_TYPE(<cnp.ndarray>xa)) \
+            else np.ascontiguousarray(g, dtype=xa.dtype)
         if ga.shape != xa.shape:
             raise ValueError(f"{fn}: g {ga.shape} and x {xa.shape} differ")
     out = np.empty_like(xa)
@@ -266,7 +273,7 @@ cdef object _fq_call(int mode, g, x, mn, mx, int num_bits, bint narrow_range, bi
     cdef Py_ssize_t rows = n // inner
     cdef int nt = _threads(n, rows)
     cdef int qmin = 1 if narrow_range else 0, qmax = (1 << num_bits) - 1
-    cdef bint f32 = dt == np.float32
+    cdef bint f32 = cnp.PyArray_TYPE(<cnp.ndarray>xa) == cnp.NPY_FLOAT32
     cdef void* xp = cnp.PyArray_DATA(xa)
     cdef void* op = cnp.PyArray_DATA(out)
     cdef void* gp = cnp.PyArray_DATA(ga) if mode == 1 else NULL
@@ -435,8 +442,8 @@ def observe_minmax(x, minq, maxq, Py_ssize_t inner, bint blend, double decay):
     fn = "observe_minmax"
     xa = _float_array(x, fn)
     dt = xa.dtype
-    lo = _range_vec(minq, dt, fn, "min")
-    hi = _range_vec(maxq, dt, fn, "max")
+    lo = _range_vec(minq, xa, fn, "min")
+    hi = _range_vec(maxq, xa, fn, "max")
     cdef Py_ssize_t C = lo.shape[0], n = xa.size
     if hi.shape[0] != C or C == 0 or inner <= 0 or n == 0 or n % (C * inner):
         raise ValueError(f"{fn}: {C} channels of min / {hi.shape[0]} of max with inner size {inner} do not fit a "
@@ -633,7 +640,7 @@ cdef tuple _bnf_arrays(str fn, y, vecs, g=None):
     cdef Py_ssize_t C = ya.shape[1]
     out = [ya]
     for what, v in vecs:
-        va = _range_vec(v, ya.dtype, fn, what)
+        va = _range_vec(v, ya, fn, what)
         if va.shape[0] != C:
             raise ValueError(f"{fn}: {what} must have {C} values for y {ya.shape}, got {va.shape[0]}")
         out.append(va)

@@ -120,7 +120,7 @@ def _fq_infer(name, per_channel):
 
 
 def _quantizing(step, quant_delay, training) -> bool:
-    return (not training) or int(step) >= int(quant_delay)
+    return (not training) or quant_delay <= 0 or int(step) >= quant_delay
 
 
 def _fq_kernel(per_channel):
