@@ -149,6 +149,34 @@ def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | 
     return grid
 
 
+def _cell(v, fmt: str | None) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "\u2014"
+    if fmt is None:
+        return str(v)
+    spec = FORMATS.get(fmt, fmt)
+    try:
+        return format(int(v) if spec.endswith("d") else float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def plain_table(id_: str, columns: list[tuple], rows: list[dict], csv: str | None = None, row_class=None):
+    """A small fixed table as plain HTML in the grids' style (no grid bundle, nothing to filter): ``columns``
+    are (field, header, format) with a ``FORMATS`` key or d3/Python spec for numbers (None: text); ``csv`` adds an
+    "Export CSV" link of the same rows (``#<id>-csv``); ``row_class(row)`` names a row's CSS class."""
+    head = html.Thead(html.Tr([html.Th(h, className="num" if f else None) for _, h, f in columns]))
+    body = html.Tbody([html.Tr([html.Td(_cell(r.get(c), f), className="num" if f else None) for c, _, f in columns],
+                               className=row_class(r) if row_class else None) for r in rows])
+    table = html.Table([head, body], id=id_, className="simple-table")
+    if not csv:
+        return table
+    frame = pd.DataFrame([{h: r.get(c) for c, h, _ in columns} for r in rows], columns=[h for _, h, _ in columns])
+    href = "data:text/csv;charset=utf-8," + quote(frame.to_csv(index=False))
+    return html.Div([table, html.A("Export CSV", href=href, download=f"{csv}.csv", id=f"{id_}-csv",
+                                   className="grid-csv button-link")], className="toolbar-table")
+
+
 def grid_records(df: pd.DataFrame, ids=None) -> list[dict]:
     """A frame's rows as a grid's ``rowData``: missing values as None, numpy scalars as Python values, and
     a row ``id`` (``ids``, or the row number)."""

@@ -10,6 +10,10 @@ page load: every JavaScript bundle parsed again), "nav" the time to open a run p
 (a client-side link, as pages are opened after the first; the second round is reported). The compare
 page compares RUN with OTHER (default: another run of the base dir); the cluster page is included for a
 multi-rank RUN. Prints a table of the times (seconds) and saves ``<out>/<page>.png``.
+
+``--against OLD_CHECKOUT`` (implies ``--no-shots``) times a second server run from another checkout (e.g. a
+``git worktree`` of an older commit) in the same run, interleaved load by load -- old, new, old, new -- so both
+see the same machine load, and prints both columns side by side.
 """
 from __future__ import annotations
 
@@ -92,6 +96,48 @@ def _ranks(run: Path) -> int:
     return len(list(run.glob("rank_*"))) or 1
 
 
+def _start(base: Path, cwd: Path, env: dict):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "insight.cli", "start", "--summary-base-dir", str(base),
+                               "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while not _up(url + "/_dash-layout"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the dashboard server (from {cwd}) did not start")
+        time.sleep(0.2)
+    return server, port, url
+
+
+def _time_pages(drv, servers: dict, pages, run: str, repeat: int, shots: Path | None) -> dict:
+    """{server: {page: {cold_s, warm_s, nav_s}}}, every load interleaved over the servers."""
+    times = {k: {} for k in servers}
+    for name, path in pages:
+        for k, (_, _, url) in servers.items():
+            times[k][name] = {"cold_s": round(_load(drv, url + path), 3)}
+        warm = {k: [] for k in servers}
+        for _ in range(max(1, repeat)):
+            for k, (_, _, url) in servers.items():
+                warm[k].append(_load(drv, url + path))
+        for k in servers:
+            times[k][name]["warm_s"] = round(statistics.median(warm[k]), 3)
+        if shots is not None:
+            url = next(iter(servers.values()))[2]
+            _load(drv, url + path)
+            time.sleep(0.5)  # plotly's transitions
+            drv.save_screenshot(str(shots / f"{name}.png"))
+    # in-app navigation (dcc.Link, no reload): the run pages in turn, twice; the second round is reported
+    for round_ in range(2):
+        for k, (_, _, url) in servers.items():
+            _load(drv, url + f"/run/{quote(run)}/overview")
+            for name in RUN_PAGES[1:] + RUN_PAGES[:1]:
+                dt = _navigate(drv, name)
+                if round_:
+                    times[k][name]["nav_s"] = round(dt, 3)
+    return times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, type=Path)
@@ -103,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the times here")
     ap.add_argument("--server-cwd", type=Path, default=ROOT,
                     help="run the server from this directory (e.g. an older checkout, to compare render times)")
+    ap.add_argument("--against", type=Path,
+                    help="also time a server run from this checkout, interleaved with --server-cwd's (no shots)")
     a = ap.parse_args(argv)
     runs = _runs(a.base)
     if not runs:
@@ -116,48 +164,36 @@ def main(argv=None) -> int:
 
     state = Path(tempfile.mkdtemp(prefix="insight-shots-"))
     env = dict(os.environ, XDG_RUNTIME_DIR=str(state))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "insight.cli", "start", "--summary-base-dir", str(a.base),
-                               "--port", str(port)], cwd=a.server_cwd, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    drv = None
-    times = {}
+    cwds = {"new": a.server_cwd} if a.against is None else {"old": a.against, "new": a.server_cwd}
+    shots = None if a.no_shots or a.against is not None else a.out
+    servers, drv = {}, None
     try:
-        deadline = time.monotonic() + 90
-        while not _up(url + "/_dash-layout"):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the dashboard server did not start")
-            time.sleep(0.2)
+        for k, cwd in cwds.items():
+            servers[k] = _start(a.base, cwd, env)
         drv = chrome_driver(1600, 1000, log=False)
         drv.set_window_size(1600, 1000)
-        if not a.no_shots:
-            a.out.mkdir(parents=True, exist_ok=True)
-        for name, path in pages:
-            cold = _load(drv, url + path)
-            warm = [_load(drv, url + path) for _ in range(max(1, a.repeat))]
-            times[name] = {"cold_s": round(cold, 3), "warm_s": round(statistics.median(warm), 3)}
-            if not a.no_shots:
-                time.sleep(0.5)  # plotly's transitions
-                drv.save_screenshot(str(a.out / f"{name}.png"))
-        # in-app navigation (dcc.Link, no reload): the run pages in turn, twice; the second round is reported
-        _load(drv, url + f"/run/{quote(run)}/overview")
-        for round_ in range(2):
-            for name in RUN_PAGES[1:] + RUN_PAGES[:1]:
-                dt = _navigate(drv, name)
-                if round_:
-                    times[name]["nav_s"] = round(dt, 3)
+        if shots is not None:
+            shots.mkdir(parents=True, exist_ok=True)
+        times = _time_pages(drv, servers, pages, run, a.repeat, shots)
     finally:
         if drv is not None:
             drv.quit()
-        stop_server(server, port, env, a.server_cwd)
-    print(f"{'page':<10} {'cold s':>8} {'warm s':>8} {'nav s':>8}   (run {run}; compare with {other}; "
-          f"cold/warm: full page loads, nav: a click in the run navigation)")
-    for name, t in times.items():
-        nav = f"{t['nav_s']:8.3f}" if "nav_s" in t else f"{'':>8}"
-        print(f"{name:<10} {t['cold_s']:8.3f} {t['warm_s']:8.3f} {nav}")
+        for k, (server, port, _) in servers.items():
+            stop_server(server, port, env, cwds[k])
+    print(f"run {run}; compare with {other}; cold: the first load after the server started; warm: median of "
+          f"{a.repeat} more full page loads; nav: a click in the run navigation (seconds)")
+    keys = list(times)
+    head = "".join(f" {f'{c} {k}':>10}" for c in ("cold", "warm", "nav") for k in keys)
+    print(f"{'page':<10}{head}" + (f"   (old: {a.against}, new: {a.server_cwd})" if a.against else ""))
+    for name, _ in pages:
+        cells = ""
+        for c in ("cold_s", "warm_s", "nav_s"):
+            for k in keys:
+                v = times[k][name].get(c)
+                cells += f" {v:10.3f}" if v is not None else f" {'':>10}"
+        print(f"{name:<10}{cells}")
     if a.json:
-        a.json.write_text(json.dumps(times, indent=1))
+        a.json.write_text(json.dumps(times if a.against else times["new"], indent=1))
     return 0
 
 

@@ -22,8 +22,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
-from dashboard.components import (data_grid, error_panel, fmt_ms, graph, grid_tools, num_col, register_grid,
-                                  stat_card, text_col)
+from dashboard.components import (data_grid, error_panel, fmt_ms, graph, grid_tools, num_col, plain_table,
+                                  register_grid, stat_card, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.analysis.compare import ALPHA, MIN_RATIO, MIN_STEP_SHARE, SPREAD_K
@@ -51,8 +51,8 @@ OP_COLUMNS = [
     num_col("p_value", "p (Mann-Whitney)", ".2g"),
     num_col("calls_per_step_a", "A calls/step", "num1"), num_col("calls_per_step_b", "B calls/step", "num1"),
 ]
-STEP_COLUMNS = [text_col("label", "Metric", minWidth=200), num_col("a", "A"), num_col("b", "B"),
-                num_col("diff", "B − A", "signed_ms"), num_col("ratio", "B / A", "ratio")]
+STEP_COLUMNS = [("label", "Metric", None), ("a", "A", "ms"), ("b", "B", "ms"), ("diff", "B − A", "signed_ms"),
+                ("ratio", "B / A", "ratio")]  # seven fixed rows: a plain table
 
 
 def register():
@@ -233,8 +233,7 @@ def _view(a: str, b: str, cmp):
         html.H3([html.Span(a, id="compare-a-name"), " vs ", html.Span(b, id="compare-b-name")]),
         note, cards,
         html.Div([html.Div(graph("compare-steps", steps_figure(cmp)), style={"flex": "1 1 0", "minWidth": 0}),
-                  html.Div(data_grid("compare-steps-table", STEP_COLUMNS, steps, page_size=None, csv="compare-steps",
-                                     dashGridOptions={"headerHeight": 32, "floatingFiltersHeight": 0}),
+                  html.Div(plain_table("compare-steps-table", STEP_COLUMNS, steps, csv="compare-steps"),
                            style={"flex": "1 1 0", "minWidth": 0}, className="panel")], className="two-col"),
         graph("compare-ops-chart", ops_figure(cmp)),
         html.Div([html.Div([html.H3("Per-op-type difference", style={"margin": "4px 12px 4px 0"}),

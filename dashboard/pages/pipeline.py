@@ -20,7 +20,7 @@ from dash import dcc, html
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.components import (data_grid, graph, num_col, page_rank, rank_selector, run_page, stat_card, text_col,
+from dashboard.components import (data_grid, graph, num_col, page_rank, plain_table, rank_selector, run_page, stat_card,
                                   verdict_panel)
 from dashboard.data import store
 from insight import analysis
@@ -253,10 +253,10 @@ def _ops_table(ops: pd.DataFrame):
         r["id"] = str(i)
     fmt = {"busy_ms": "ms", "wait_in_ms": "ms", "wait_out_ms": "ms", "queue_usage_pct": "num1",
            "child_usage_pct": "num1"}
-    columns = [num_col(c, n, fmt.get(c, "count")) if ty == "numeric" else text_col(c, n) for c, n, ty in cols]
-    return data_grid("pipe-ops-table", columns, records, page_size=None, csv="pipeline-ops",
-                     getRowStyle={"styleConditions": [{"condition": "params.data.flag !== ''",
-                                                       "style": {"backgroundColor": "#fff3e0"}}]})
+    # a handful of rows, all on screen: a plain table (no grid to load), flagged ops shaded
+    columns = [(c, n, fmt.get(c, "count") if ty == "numeric" else None) for c, n, ty in cols]
+    return plain_table("pipe-ops-table", columns, records, csv="pipeline-ops",
+                       row_class=lambda r: "flagged" if r.get("flag") else None)
 
 
 def _queue_figure(q: pd.DataFrame) -> go.Figure:
