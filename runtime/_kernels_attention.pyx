@@ -226,22 +226,25 @@ cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssiz
                     const floating* v, Py_ssize_t vs, const floating* mk, Py_ssize_t mis, Py_ssize_t mjs,
                     const float* u, Py_ssize_t us, const floating* o, Py_ssize_t os,
                     const floating* do_, Py_ssize_t dos, const double* lse,
-                    floating* dq, floating* dk, floating* dv, floating* dmq,
-                    Py_ssize_t Sq, Py_ssize_t Sk, Py_ssize_t D, Py_ssize_t Dv, floating scale, float keep,
+                    floating* dq, Py_ssize_t ldq, floating* dk, Py_ssize_t ldk, floating* dv, Py_ssize_t ldv,
+                    floating* dmq, Py_ssize_t Sq, Py_ssize_t Sk, Py_ssize_t D, Py_ssize_t Dv, floating scale, float keep,
                     floating dscale, floating* s, floating* dp, floating* kt, floating* vt, floating* pt, floating* Di,
                     const floating* pin) noexcept nogil:
-    """dq (Sq, D), dk (Sk, D), dv (Sk, Dv), dmq (Sk,) contiguous, written whole. With ``pin`` (Sq, Sk), the
-    probabilities the forward stored, the scores are not recomputed (no q kᵀ GEMM, no exp)."""
+    """dq (Sq, D), dk (Sk, D), dv (Sk, Dv) with row strides ldq, ldk, ldv (contiguous rows), dmq (Sk,), written
+    whole. With ``pin`` (Sq, Sk), the probabilities the forward stored, the scores are not recomputed (no q kᵀ
+    GEMM, no exp)."""
     cdef Py_ssize_t nq, nk, i, j, d, i0, j0
     cdef floating x, p, pd, g, ds, di, li, lo
     cdef floating* srow
     cdef floating* prow
-    for j in range(Sk * D):
-        dk[j] = 0
-    for j in range(Sk * Dv):
-        dv[j] = 0
-    for j in range(Sq * D):
-        dq[j] = 0
+    for j in range(Sk):
+        for d in range(D):
+            dk[j * ldk + d] = 0
+        for d in range(Dv):
+            dv[j * ldv + d] = 0
+    for j in range(Sq):
+        for d in range(D):
+            dq[j * ldq + d] = 0
     if dmq != NULL:
         for j in range(Sk):
             dmq[j] = 0
@@ -295,9 +298,9 @@ cdef void _bwd_head(const floating* q, Py_ssize_t qs, const floating* k, Py_ssiz
                                      u + (i0 + i) * us + j0 if u != NULL else NULL,
                                      dmq + j0 if dmq != NULL else NULL, nk, scale, li, di, keep, dscale,
                                      pin != NULL)
-            _gemm_tn(nk, Dv, nq, s, BK, do_ + i0 * dos, dos, dv + j0 * Dv, Dv)   # dV += Pdᵀ dO
-            _gemm_tn(nk, D, nq, dp, BK, q + i0 * qs, qs, dk + j0 * D, D)         # dK += scale dSᵀ Q
-            _gemm(nq, D, nk, dp, BK, k + j0 * ks, ks, dq + i0 * D, D)    # dQ += scale dS K
+            _gemm_tn(nk, Dv, nq, s, BK, do_ + i0 * dos, dos, dv + j0 * ldv, ldv)   # dV += Pdᵀ dO
+            _gemm_tn(nk, D, nq, dp, BK, q + i0 * qs, qs, dk + j0 * ldk, ldk)       # dK += scale dSᵀ Q
+            _gemm(nq, D, nk, dp, BK, k + j0 * ks, ks, dq + i0 * ldq, ldq)          # dQ += scale dS K
             j0 = j0 + BK
         i0 = i0 + BQ
 
@@ -307,7 +310,7 @@ cdef inline Py_ssize_t _st(Py_ssize_t nbytes, Py_ssize_t item) noexcept nogil:
 
 
 def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
-         const floating[:, :, :, :] mask, const float[:, :, :, :] u, floating[:, :, :, ::1] out,
+         const floating[:, :, :, :] mask, const float[:, :, :, :] u, floating[:, :, :, :] out,
          double[:, :, ::1] lse, floating[:, :, :, ::1] p, bint has_mask, bint has_drop, bint store_p, double scale,
          double keep, double dscale):
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
@@ -350,14 +353,14 @@ def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
             pp = &p[b, h, 0, 0] if store_p else NULL
             _fwd_block(&q[b, h, 0, 0], _st(q.strides[2], it), &k[b, h, 0, 0], _st(k.strides[2], it),
                        &v[b, h, 0, 0], _st(v.strides[2], it), mp, mis, mjs, up, us,
-                       &out[b, h, 0, 0], Dv, &lse[b, h, 0], i0, i1, Sk, D, Dv, sc, kp, ds, s, kt, acc, m, l, pp, bk)
+                       &out[b, h, 0, 0], _st(out.strides[2], it), &lse[b, h, 0], i0, i1, Sk, D, Dv, sc, kp, ds, s, kt, acc, m, l, pp, bk)
         free(s)
 
 
 def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
          const floating[:, :, :, :] mask, const float[:, :, :, :] u, const floating[:, :, :, :] o,
          const double[:, :, ::1] lse, const floating[:, :, :, ::1] p, const floating[:, :, :, :] do_,
-         floating[:, :, :, ::1] dq, floating[:, :, :, ::1] dk, floating[:, :, :, ::1] dv,
+         floating[:, :, :, :] dq, floating[:, :, :, :] dk, floating[:, :, :, :] dv,        # rows contiguous
          floating[:, :, ::1] dmq, bint has_mask, bint has_drop, bint want_dmask, bint have_p,
          double scale, double keep, double dscale):
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
@@ -397,7 +400,8 @@ def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
             _bwd_head(&q[b, h, 0, 0], _st(q.strides[2], it), &k[b, h, 0, 0], _st(k.strides[2], it),
                       &v[b, h, 0, 0], _st(v.strides[2], it), mp, mis, mjs, up, us,
                       &o[b, h, 0, 0], _st(o.strides[2], it), &do_[b, h, 0, 0], _st(do_.strides[2], it),
-                      &lse[b, h, 0], &dq[b, h, 0, 0], &dk[b, h, 0, 0], &dv[b, h, 0, 0], dmp,
+                      &lse[b, h, 0], &dq[b, h, 0, 0], _st(dq.strides[2], it), &dk[b, h, 0, 0],
+                      _st(dk.strides[2], it), &dv[b, h, 0, 0], _st(dv.strides[2], it), dmp,
                       Sq, Sk, D, Dv, sc, kp, ds, s, dp, kt, vt, pt, Di, &p[b, h, 0, 0] if have_p else NULL)
         free(s)
 
@@ -438,13 +442,16 @@ def _u4(u, full):
 
 
 @cython.wraparound(True)
-def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, bint store_p=False):
+def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, bint store_p=False,
+                  bint out_bshd=False):
     """(O, lse): O = dropout(softmax(scale q kᵀ + mask)) v over the last two axes; lse (..., Sq) the row
     log-sum-exp of the (masked, scaled) scores. ``mask`` broadcasts to the scores or is None; ``u`` is the
     float32 uniform draw of the dropout (kept where u < keep_prob, scaled by float(1/keep_prob)) or None.
     ``alloc(shape, dtype)`` makes the C-contiguous outputs (default np.empty). With ``store_p`` (short key
     sequences: all keys in one block) it returns (O, lse, P), P (..., Sq, Sk) the probabilities before dropout,
-    which ``attention_bwd`` then reads instead of recomputing them."""
+    which ``attention_bwd`` then reads instead of recomputing them. ``out_bshd`` (4-d inputs (B, H, S, D)): O is
+    returned as a C-contiguous (B, Sq, H, Dv) array -- the heads merged back, what the output projection
+    reads -- instead of (B, H, Sq, Dv)."""
     q = np.asarray(q)
     dt = q.dtype
     if dt != np.float32 and dt != np.float64:
@@ -455,22 +462,30 @@ def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, 
     m4, has_mask = _mask4(mask, full, dt)
     u4, has_drop = _u4(u, full)
     alloc = alloc or np.empty
-    out = alloc(q4.shape[:3] + (v4.shape[3],), dt)
+    if out_bshd and q.ndim != 4:
+        raise ValueError(f"attention_fwd: out_bshd needs 4-d inputs, got {q.shape}")
+    if out_bshd:
+        out_t = alloc((q4.shape[0], Sq, q4.shape[1], v4.shape[3]), dt)
+        out = out_t.transpose(0, 2, 1, 3)
+    else:
+        out = out_t = alloc(q4.shape[:3] + (v4.shape[3],), dt)
     lse = alloc(q4.shape[:3], np.float64)      # float64 whatever the inputs: see attention_bwd
     p = alloc(q4.shape[:3] + (Sk,), dt) if store_p else np.empty((1, 1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
     _fwd(q4, k4, v4, m4, u4, out, lse, p, has_mask, has_drop, store_p, scale, float(np.float32(keep_prob)), dscale)
+    o = out_t if out_bshd else out.reshape(lead + (Sq, v4.shape[3]))
     if store_p:
-        return out.reshape(lead + (Sq, v4.shape[3])), lse.reshape(lead + (Sq,)), p.reshape(full)
-    return out.reshape(lead + (Sq, v4.shape[3])), lse.reshape(lead + (Sq,))
+        return o, lse.reshape(lead + (Sq,)), p.reshape(full)
+    return o, lse.reshape(lead + (Sq,))
 
 
 @cython.wraparound(True)
 def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask, alloc=None,
-                  p=None):
+                  p=None, grads_bshd=(False, False, False)):
     """(dq, dk, dv, dmask_q): gradients of ``attention_fwd``'s O given dO = ``dout`` and its lse; dmask_q
     (..., Sk) is the score gradient summed over the queries (None unless ``want_dmask``). ``p``: the
-    probabilities ``attention_fwd(store_p=True)`` returned (then ``lse`` may be None)."""
+    probabilities ``attention_fwd(store_p=True)`` returned (then ``lse`` may be None). ``grads_bshd``: per
+    dq, dk, dv (4-d inputs), return it as a C-contiguous (B, S, H, D) array (heads merged back)."""
     q = np.asarray(q)
     dt = q.dtype
     lead, Sq, Sk = q.shape[:-2], q.shape[-2], np.shape(k)[-2]
@@ -487,13 +502,18 @@ def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob
     m4, has_mask = _mask4(mask, full, dt)
     u4, has_drop = _u4(u, full)
     alloc = alloc or np.empty
-    dq = alloc(q4.shape, dt)
-    dk = alloc(k4.shape, dt)
-    dv = alloc(v4.shape, dt)
+    if any(grads_bshd) and q.ndim != 4:
+        raise ValueError(f"attention_bwd: grads_bshd needs 4-d inputs, got {q.shape}")
+    made = []
+    for x4, bshd in zip((q4, k4, v4), grads_bshd):
+        g = alloc((x4.shape[0], x4.shape[2], x4.shape[1], x4.shape[3]), dt) if bshd else alloc(x4.shape, dt)
+        made.append(g)
+    dq, dk, dv = (g.transpose(0, 2, 1, 3) if bshd else g for g, bshd in zip(made, grads_bshd))
     dmq = alloc(k4.shape[:3], dt) if want_dmask else np.empty((1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
     _bwd(q4, k4, v4, m4, u4, o4, lse3, p4, do4, dq, dk, dv, dmq, has_mask, has_drop, want_dmask, have_p, scale,
          float(np.float32(keep_prob)), dscale)
     kl = np.shape(k)[:-2]
-    return (dq.reshape(np.shape(q)), dk.reshape(np.shape(k)), dv.reshape(np.shape(v)),
+    dq, dk, dv = (g if bshd else g.reshape(np.shape(x)) for g, bshd, x in zip(made, grads_bshd, (q, k, v)))
+    return (dq, dk, dv,
             dmq.reshape(kl + (Sk,)) if want_dmask else None)

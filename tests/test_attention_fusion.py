@@ -93,6 +93,16 @@ def test_kernels_match_the_unfused_math(dtype, tol, shape, variant, level):
     for name, g, w in zip(("dq", "dk", "dv", "dmask"), got_p, wants):
         if g is not None:
             np.testing.assert_allclose(g, w, rtol=10 * tol, atol=10 * tol, err_msg=f"{name} (stored P)")
+    # heads merged back: O and the gradients written as (B, S, H, D), bit for bit the same values
+    o_m = KA.attention_fwd(q, k, v, mask, u, 0.3, 0.8, out_bshd=True)[0]
+    assert o_m.shape == (B, Sq, H, Dv) and o_m.flags.c_contiguous
+    np.testing.assert_array_equal(o_m.transpose(0, 2, 1, 3), o)
+    got_m = KA.attention_bwd(q, k, v, mask, u, o_m.transpose(0, 2, 1, 3), lse, do, 0.3, 0.8, mask is not None,
+                             grads_bshd=(True, False, True))
+    np.testing.assert_array_equal(got_m[0].transpose(0, 2, 1, 3), got[0])
+    np.testing.assert_array_equal(got_m[1], got[1])
+    np.testing.assert_array_equal(got_m[2].transpose(0, 2, 1, 3), got[2])
+    assert got_m[0].flags.c_contiguous and got_m[2].shape == (B, Sk, H, Dv)
 
 
 def test_rows_masked_with_minus_infinity_ignore_those_keys():
@@ -226,6 +236,9 @@ def test_attention_with_mask_dropout_and_backward_becomes_two_kernels(saved):
     assert fwd.inputs[4].op == "uniform"          # the dropout's draw, the same generator call
     saved_get = bwd.inputs[len(fwd.inputs) + 1]
     assert saved_get.op == "fused_get" and saved_get.inputs == [fwd] and fwd.attrs["store_p"] == (saved == "store_p")
+    # dq, dk, dv go back through the head-merging transposes only: written merged, the transposes gone (the three
+    # left split the heads of q, k, v in the forward); O is read by the loss as it is
+    assert bwd.attrs["grads_bshd"] == (True, True, True) and not fwd.attrs["out_bshd"] and ops.count("transpose") == 3
     assert saved_get.shape == (next(n for n in g.nodes if n.op == "softmax").shape if saved == "store_p"
                                else fwd.inputs[0].shape[:-1])
     fused.verify()
@@ -300,6 +313,11 @@ def test_bert_attention_is_fused_and_profiled(tmp_path):
     np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
     ops = _ops(exe.graph)
     assert ops.count("fused_attention_fwd") == 2 and ops.count("fused_attention_grad") == 2   # 2 layers
+    for n in exe.graph.nodes:        # BERT merges the heads of O and of dq, dk, dv: the kernels write them merged
+        if n.op == "fused_attention_fwd":
+            assert n.attrs["out_bshd"] and n.attrs["store_p"]
+        elif n.op == "fused_attention_grad":
+            assert n.attrs["o_bshd"] and n.attrs["grads_bshd"] == (True, True, True)
     context.set_context(seed=0, enable_graph_kernel=True)
     try:
         net, loss, opt = make()

@@ -26,6 +26,10 @@ dropout on the probabilities: kept where ``u < keep_prob``, scaled by float(1/ke
   broadcast axes); with ``want_dmask`` False it is not computed (zeros of that shape are not returned
   either: the tuple holds None there). Scores are recomputed per tile from q, k and lse; with ``store_p``
   the lse input is P instead (read, not recomputed).
+* layouts (4-d inputs, set by the pass when the only readers are ``transpose(x, (0, 2, 1, 3))``, the heads merged
+  back): ``out_bshd`` -- O comes out as (B, Sq, H, Dv); ``o_bshd`` -- the grad's O input is in that layout;
+  ``grads_bshd`` -- per dq, dk, dv, written as (B, S, H, D). The transposes (and the copies their readers made
+  of the strided views) disappear.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from runtime.core import bind
 from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
 
-ATTRS_DOC = "scale, keep_prob, has_mask, has_dropout, store_p (fwd / grad)"
+ATTRS_DOC = "scale, keep_prob, has_mask, has_dropout, store_p (fwd / grad), out_bshd (fwd), o_bshd, grads_bshd (grad)"
 
 
 def _split(arrays, has_mask, has_dropout):
@@ -92,7 +96,9 @@ def _infer(shapes, dtypes, attrs):
 
 
 def _fwd_infer(shapes, dtypes, attrs):
-    _check("fused_attention_fwd", shapes, dtypes, attrs, 0)
+    q, _, _, _, _ = _check("fused_attention_fwd", shapes, dtypes, attrs, 0)
+    if attrs.get("out_bshd") and len(q) != 4:
+        raise ShapeError(f"fused_attention_fwd: out_bshd needs 4-d (B, H, S, D) inputs, got q {q}")
     return (3 if attrs.get("store_p") else 2,), np.dtype(object)   # a tuple carrier; fused_get unpacks (O, lse[, P])
 
 
@@ -100,6 +106,10 @@ def _grad_infer(shapes, dtypes, attrs):
     q, k, v, _, _ = _check("fused_attention_grad", shapes[:-3], dtypes[:-3], attrs, 0)
     o, lse, do = (tuple(s) for s in shapes[-3:])
     want_o = q[:-1] + (v[-1],)
+    if (attrs.get("o_bshd") or any(attrs.get("grads_bshd", ()))) and len(q) != 4:
+        raise ShapeError(f"fused_attention_grad: o_bshd / grads_bshd need 4-d (B, H, S, D) inputs, got q {q}")
+    if attrs.get("o_bshd"):          # O came from the forward with its heads merged: (B, S, H, Dv)
+        o = (o[0], o[2], o[1], o[3]) if len(o) == 4 else o
     want_lse, what = (q[:-1] + (k[-2],), "P") if attrs.get("store_p") else (q[:-1], "lse")
     if o != want_o or do != want_o or lse != want_lse:
         raise ShapeError(f"fused_attention_grad: O {o}, dO {do} must be {want_o} and {what} {lse} must be {want_lse}")
@@ -114,9 +124,9 @@ def _alloc(shape, dtype):
     return aligned_empty(shape, dtype, nbytes) if nbytes >= POOLED_BYTES else np.empty(shape, dtype)
 
 
-def _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p=False):
+def _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p=False, out_bshd=False):
     q, k, v, mask, u, _ = _split(arrays, has_mask, has_dropout)
-    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc, bool(store_p))
+    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc, bool(store_p), bool(out_bshd))
 
 
 def _pack(*values):
@@ -131,17 +141,20 @@ def _kernel(*arrays, scale, keep_prob, has_mask, has_dropout):
     return _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout)[0]
 
 
-def _fwd_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, store_p=False):
-    return _pack(*_run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p))
+def _fwd_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, store_p=False, out_bshd=False):
+    return _pack(*_run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p, out_bshd))
 
 
-def _grad_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, want_dmask=False, store_p=False):
+def _grad_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, want_dmask=False, store_p=False, o_bshd=False,
+                 grads_bshd=(False, False, False)):
     q, k, v, mask, u, (o, lse, do) = _split(arrays, has_mask, has_dropout)
+    if o_bshd:
+        o = o.transpose(0, 2, 1, 3)          # a view: the kernel reads rows by their stride
+    p = None
     if store_p:          # the lse slot holds the forward's probabilities
-        return _pack(*KA.attention_bwd(q, k, v, mask, u, o, None, do, float(scale), float(keep_prob),
-                                       bool(want_dmask), _alloc, lse))
+        lse, p = None, lse
     return _pack(*KA.attention_bwd(q, k, v, mask, u, o, lse, do, float(scale), float(keep_prob), bool(want_dmask),
-                                   _alloc))
+                                   _alloc, p, tuple(grads_bshd)))
 
 
 def _get(t, index, shape, dtype):

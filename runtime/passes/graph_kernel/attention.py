@@ -262,7 +262,24 @@ def _name(node: Node, kind: str) -> str:
     return f"Fused_{kind}_{node.id}"
 
 
-def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], removed: set[int], pos: dict[int, int]):
+MERGE_HEADS = (0, 2, 1, 3)
+
+
+def _head_merges(n: Node | None, r: _Readers) -> list[Node]:
+    """The ``transpose(n, (0, 2, 1, 3))`` nodes when they are all that reads the 4-d ``n`` (the heads merged back
+    before the output projection, or a head-split input's gradient on its way back to the dense layer): the
+    kernel then writes n in that layout and they become free. Empty otherwise."""
+    if n is None or len(n.shape) != 4 or n.id in r.outputs:
+        return []
+    users = r.of(n)
+    if users and all(u.op == "transpose" and tuple(u.attrs["perm"]) == MERGE_HEADS and u.inputs == [n]
+                     for u in users):
+        return users
+    return []
+
+
+def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], removed: set[int], pos: dict[int, int],
+             r: _Readers):
     """New nodes for match ``m``: ``at[id]`` lists what to emit in place of node ``id``."""
     has_mask, has_drop = m.mask is not None, m.drop_mask is not None
     store_p = m.grad is not None and m.k.shape[-2] <= STORE_P_MAX_KEYS
@@ -277,7 +294,9 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
         ins.append(u)
     dt = m.out.dtype
     ann = dict(m.out.ann, fused_ops=[n.op for n in m.forward])
-    fwd = Node("fused_attention_fwd", ins, attrs, (3 if store_p else 2,), object, scope=m.out.scope, ann=ann)
+    o_merges = _head_merges(m.out, r)
+    fwd = Node("fused_attention_fwd", ins, dict(attrs, out_bshd=bool(o_merges)), (3 if store_p else 2,), object,
+               scope=m.out.scope, ann=ann)
     fwd.name = _name(fwd, "Attention")
 
     def get(src, index, shape, like, dtype=dt):
@@ -286,7 +305,10 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
                  scope=like.scope, ann={k: v for k, v in like.ann.items() if k != "fused_ops"})
         n.name = f"{src.name}_get{index}"
         return n
-    o = get(fwd, 0, m.out.shape, m.out)
+    o = get(fwd, 0, o_merges[0].shape if o_merges else m.out.shape, m.out)
+    for t in o_merges:              # O comes out with its heads merged: the transposes are the get itself
+        replace[t.id] = o
+        removed.add(t.id)
     # what the backward reads besides O: the row log-sum-exp, or the probabilities themselves
     saved = get(fwd, 2, m.softmax.shape, m.out) if store_p else get(fwd, 1, m.out.shape[:-1], m.out, np.float64)
     at.setdefault(m.out.id, []).extend([fwd, o, saved])
@@ -295,7 +317,9 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
     if m.grad is None:
         return
     first = m.dp if m.dv is None else min(m.dp, m.dv, key=lambda n: pos[n.id])
-    gattrs = dict(attrs, want_dmask=m.dmask_sum is not None)
+    merges = [_head_merges(g, r) for g in (m.dq, m.dk, m.dv)]
+    gattrs = dict(attrs, want_dmask=m.dmask_sum is not None, o_bshd=bool(o_merges),
+                  grads_bshd=tuple(bool(t) for t in merges))
     gann = dict(m.grad.ann, fused_ops=[n.op for n in m.backward])
     bwd = Node("fused_attention_grad", ins + [o, saved, m.dout], gattrs, (4,), object, scope=m.grad.scope,
                ann=gann)
@@ -303,8 +327,11 @@ def _rewrite(m: _Match, at: dict[int, list[Node]], replace: dict[int, Node], rem
     new = [bwd]
     for index, old in enumerate((m.dq, m.dk, m.dv)):
         if old is not None:
-            new.append(get(bwd, index, old.shape, old))
+            new.append(get(bwd, index, merges[index][0].shape if merges[index] else old.shape, old))
             replace[old.id] = new[-1]
+            for t in merges[index]:
+                replace[t.id] = new[-1]
+                removed.add(t.id)
     if m.dmask_sum is not None:
         s = m.dmask_sum
         nd = len(m.grad.shape)
@@ -353,7 +380,7 @@ def fuse_attention(graph: Graph) -> Graph:
     removed: set[int] = set()
     pos = {n.id: k for k, n in enumerate(graph.nodes)}
     for m in matches:
-        _rewrite(m, at, replace, removed, pos)
+        _rewrite(m, at, replace, removed, pos, r)
     out = Graph(graph.name)
     out.meta = dict(graph.meta)
     for n in graph.nodes:
