@@ -1,16 +1,34 @@
-"""The run directory on disk: part files, the manifest, the background flush thread, compaction.
+"""The run directory on disk: part files, the manifest, the background flush and merge threads.
 
-Every ``flush()`` drains all collectors and writes each table's new rows as one part file
-``rank_0/<table>/part-NNNNN.parquet`` (written under a dot-prefixed temporary name, which neither
-``part-*.parquet`` globs nor pyarrow's dataset discovery pick up, then renamed), then rewrites
-``manifest.json`` atomically (temporary file + ``os.replace``). So a process killed at any instant
-leaves every part and the manifest either complete or absent. ``compact()`` turns each table's parts
-into ``rank_0/<table>.parquet`` (again via a temporary file and a rename) and removes the parts.
+Every ``flush()`` drains all collectors and writes each table's new rows as one part file (a *batch*; batches
+are numbered per table from 0), then rewrites ``manifest.json`` atomically (temporary file + ``os.replace``).
+A part file is named after the batches it holds, ``rank_0/<table>/part-FFFFFF-LLLLLL.parquet`` (batches F..L;
+a new part holds one batch, F = L), and is written under a dot-prefixed temporary name, which neither
+``part-*.parquet`` globs nor pyarrow's dataset discovery pick up, then renamed.
 
-A write that fails (disk full, quota, permissions) removes its temporary file; a failed flush keeps the
-rows it could not write and writes them with the next flush, so a passing problem loses nothing. When the
-run cannot be finished, ``fail()`` marks it ``"status": "failed"`` with the error in the manifest, so
-readers report the run as failed instead of reading a half-written run as a good one.
+So that thousands of flushes do not mean thousands of small files, a second background thread merges parts,
+tiered like a log-structured merge tree: when FANIN parts of the newest level (a new part is level 0) have
+accumulated, they are merged, streamed row group by row group into large row groups, into one part of the
+next level -- so the live parts are the digits of the batch count in base FANIN, however late the merger is.
+Each merge writes a temporary file, renames it to the name of the range it covers, and only then, GRACE_S
+later (so that a reader that listed them just before can still open them), removes the parts it replaces. A
+merged part whose rows or bytes reach SEAL_ROWS / SEAL_BYTES is *sealed* (never merged again, so no merge
+costs more than a few sealed parts' worth of rows) and takes the unsealed parts before it along. A table is
+at most FANIN - 1 parts per level plus its sealed parts, however long the run.
+
+A process killed at any instant (SIGKILL) leaves every part and the manifest either complete or absent; at
+worst a merged part and some of the parts it replaces both exist, and readers (``insight.trace``) keep only
+the parts whose range no other part contains -- every batch exactly once, never a batch missing (the ranges
+of a table's live parts are contiguous from 0). ``stop()`` costs the last flush only: ``stop_thread()``
+cancels a merge in progress (between row groups, removing its temporary file) and ``finish()`` writes an
+empty part for every table that received no rows (so readers get the dtypes), removes the parts merges
+replaced, and writes the final manifest. Nothing is read or rewritten at the end of a run.
+
+A flush that fails (disk full, quota, permissions) removes its temporary file and keeps the rows it could
+not write for the next flush, so a passing problem loses nothing. A merge that fails keeps the parts it would
+have replaced (nothing is lost; it is tried again after the table's next batch). When the run cannot be
+finished, ``fail()`` marks it ``"status": "failed"`` with the error in the manifest, so readers report the
+run as failed instead of reading a half-written run as a good one.
 """
 from __future__ import annotations
 
@@ -19,7 +37,7 @@ import os
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +48,17 @@ from collectors.buffers import concat, dictionary_schema
 from collectors.schema import SCHEMAS
 
 MANIFEST = "manifest.json"
+
+FANIN = 8               # parts of one level merged into one of the next level
+ROW_GROUP = 1 << 17     # rows per row group of a merged part (a stop() waits for at most one row group's write)
+SEAL_ROWS = 1 << 21     # a merged part this large is never merged again ...
+SEAL_BYTES = 128 << 20  # ... nor one this large on disk
+GRACE_S = 5.0           # parts a merge replaced stay this long, for readers that listed them before it
+
+
+def part_name(first: int, last: int) -> str:
+    """The file name of the part holding batches ``first..last`` of its table (docs/trace-format.md)."""
+    return f"part-{first:06d}-{last:06d}.parquet"
 
 
 # Tables are built with dictionary-encoded strings (collectors.buffers.dictionary_schema) and every file is
@@ -43,14 +72,6 @@ def write_options(schema: pa.Schema) -> dict:
     small = [f.name for f in schema if f.type in (pa.int8(), pa.int32(), pa.bool_())]
     return {"compression": "snappy", "use_dictionary": strings + small,
             "write_statistics": [f.name for f in schema if not pa.types.is_string(f.type)]}
-
-
-def read_part(path: Path, schema: pa.Schema) -> pa.Table:
-    """Read a part back for compaction with its string columns as dictionary arrays (as they were written):
-    decoding only the dictionary pages is several times cheaper than materialising every string."""
-    strings = [f.name for f in schema if pa.types.is_string(f.type)]
-    with pq.ParquetFile(path, read_dictionary=strings) as f:  # (not read_table: no pyarrow.dataset machinery)
-        return f.read()
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -71,6 +92,66 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+class MergeCancelled(Exception):
+    """A merge stopped between two row groups because the run is stopping."""
+
+
+def merge_files(paths: list[Path], schema: pa.Schema, dest: Path, cancelled=lambda: False,
+                row_group: int | None = None) -> int:
+    """Concatenate Parquet files of ``schema`` into ``dest`` in row groups of ``row_group`` rows, streaming
+    (at most about one row group in memory). String columns are read as the dictionaries they were written
+    as and each row group's dictionaries are unified before writing, so the output stays dictionary-encoded
+    and no string is decoded. ``cancelled()`` is asked before every read and write (MergeCancelled). Returns
+    the rows written; an empty input gives an empty file with the schema (readers get the dtypes)."""
+    row_group = row_group or ROW_GROUP
+    dschema = dictionary_schema(schema)
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    rows = 0
+    with pq.ParquetWriter(dest, dschema, store_schema=False, **write_options(schema)) as w:
+        pending, n = [], 0
+
+        def put(ts: list[pa.Table]) -> None:
+            if cancelled():
+                raise MergeCancelled
+            t = pa.concat_tables(ts).unify_dictionaries() if len(ts) > 1 else ts[0]
+            w.write_table(t, row_group_size=max(t.num_rows, 1))
+
+        for p in paths:
+            with pq.ParquetFile(p, read_dictionary=strings) as f:
+                for g in range(f.num_row_groups):
+                    if cancelled():
+                        raise MergeCancelled
+                    t = f.read_row_group(g)
+                    while t.num_rows:
+                        take = t.slice(0, row_group - n)
+                        t = t.slice(take.num_rows)
+                        pending.append(take)
+                        n += take.num_rows
+                        if n == row_group:
+                            put(pending)
+                            rows += n
+                            pending, n = [], 0
+        if n or not rows:
+            put(pending or [dschema.empty_table()])
+            rows += n
+    return rows
+
+
+@dataclass
+class Part:
+    """One live part file of a table: batches ``first..last``."""
+    first: int
+    last: int
+    rows: int
+    nbytes: int
+    level: int = 0
+    sealed: bool = False
+
+    @property
+    def name(self) -> str:
+        return part_name(self.first, self.last)
+
+
 class RunWriter:
     def __init__(self, run_dir: Path, manifest: dict, collectors: list[Collector], t0: int,
                  tables: list[str], rank: int = 0, on_flush=None):
@@ -83,26 +164,37 @@ class RunWriter:
         self.tables = list(tables)
         self.on_flush = on_flush  # fn(manifest) -> None: updates manifest fields before each write
         self.rows = {t: 0 for t in self.tables}
-        self.parts = {t: 0 for t in self.tables}
+        self.parts = {t: 0 for t in self.tables}  # batches written per table (the next batch's number)
+        self.live: dict[str, list[Part]] = {t: [] for t in self.tables}  # the part files on disk, in order
         self.flushes = 0
-        self.background_cpu_s = 0.0  # CPU time of the background thread's flushes (what recording costs besides the hook)
+        self.merges = 0
+        self.flush_cpu_s = 0.0  # CPU time of the background threads (what recording costs besides the hook)
+        self.merge_cpu_s = 0.0
         self.error: BaseException | None = None
+        self.merge_error: BaseException | None = None
+        self._merge_failed_at: dict[str, int] = {}  # table -> its batch count when a merge failed
         self._pending: dict[str, list] = {}  # rows a failed flush could not write: written by the next one
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()       # a flush wrote parts: the merger looks for work
+        self._merge_stop = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = False
+        self._merger: threading.Thread | None = None
+        self._replaced: list[tuple[float, list[Path]]] = []  # (when to remove, parts a merge replaced)
         self.rank_dir.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def background_cpu_s(self) -> float:
+        return self.flush_cpu_s + self.merge_cpu_s
+
     # -- manifest -------------------------------------------------------------------------------------
-    def write_manifest(self, status: str | None = None, compacted: bool = False) -> None:
+    def write_manifest(self, status: str | None = None) -> None:
         m = self.manifest
         if status is not None:
             m["status"] = status
-        prefix = f"rank_{self.rank}"
-        if compacted:
-            m["tables"] = {t: f"{prefix}/{t}.parquet" for t in self.tables}
-        else:
-            m["tables"] = {t: f"{prefix}/{t}/" for t in self.tables if self.parts[t]}
+        m["tables"] = {t: f"rank_{self.rank}/{t}/" for t in self.tables if self.live[t]}
         m["step_count"] = self.rows.get("steps", 0)
         if self.on_flush is not None:
             self.on_flush(m)
@@ -112,15 +204,19 @@ class RunWriter:
     def _write_part(self, table: str, t: pa.Table) -> None:
         d = self.rank_dir / table
         d.mkdir(exist_ok=True)
-        n = self.parts[table]
-        tmp = d / f".part-{n:05d}.parquet.tmp"
+        part = Part(self.parts[table], self.parts[table], t.num_rows, 0)
+        tmp = d / f".{part.name}.tmp"
         try:
-            pq.write_table(t, tmp, store_schema=False, **write_options(SCHEMAS[table]))
-            os.replace(tmp, d / f"part-{n:05d}.parquet")
+            # one dictionary per string column (the collectors' chunks each have their own): stays dictionary-encoded
+            pq.write_table(t.unify_dictionaries() if t.num_rows else t, tmp, store_schema=False,
+                           **write_options(SCHEMAS[table]))
+            part.nbytes = tmp.stat().st_size
+            os.replace(tmp, d / part.name)
         except BaseException:
             _unlink_quietly(tmp)  # give back the space a half-written part took
             raise
-        self.parts[table] = n + 1
+        self.live[table].append(part)
+        self.parts[table] += 1
         self.rows[table] += t.num_rows
 
     def flush(self, final: bool = False) -> int:
@@ -146,14 +242,13 @@ class RunWriter:
                 written += t.num_rows
             self.flushes += 1
             self.write_manifest()
-            return written
+        if written:
+            self._wake.set()
+        return written
 
     def _loop(self, interval: float) -> None:
         # the writer is background work: when the cores are contended, let the training threads run first
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
+        _lower_priority(10)
         while not self._stop.wait(interval):
             c = time.thread_time()
             try:
@@ -165,69 +260,156 @@ class RunWriter:
                                   f"({type(e).__name__}: {e}); will retry", RuntimeWarning, stacklevel=1)
                 self.error = e
             finally:
-                self.background_cpu_s += time.thread_time() - c
+                self.flush_cpu_s += time.thread_time() - c
 
     def start_thread(self, interval: float) -> None:
+        """Flush every ``interval`` seconds, and merge parts, in two background threads."""
         self._thread = threading.Thread(target=self._loop, args=(interval,), name="insight-writer", daemon=True)
         self._thread.start()
+        self._merger = threading.Thread(target=self._merge_loop, name="insight-merge", daemon=True)
+        self._merger.start()
 
     def stop_thread(self) -> None:
+        """Stop flushing (after the flush in progress) and ask the merger to stop (a merge in progress is
+        cancelled at its next row group; ``finish()`` / ``fail()`` wait for it)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
+        self._merge_stop.set()
+        self._wake.set()
 
-    # -- compaction -------------------------------------------------------------------------------------
-    ROW_GROUP = 1 << 18
+    def _join_merger(self) -> None:
+        self._merge_stop.set()
+        self._wake.set()
+        if self._merger is not None and self._merger is not threading.current_thread():
+            self._merger.join()
+        self._merger = None
 
-    @classmethod
-    def _merge(cls, parts: list[Path], schema: pa.Schema, dest: Path) -> None:
-        """Concatenate parts into one file, in row groups of about ROW_GROUP rows, reading the next part
-        in a second thread while writing (pyarrow releases the GIL in both)."""
-        with pq.ParquetWriter(dest, dictionary_schema(schema), store_schema=False, **write_options(schema)) as w, \
-                ThreadPoolExecutor(1, thread_name_prefix="insight-compact") as pool:
-            if not parts:
-                w.write_table(dictionary_schema(schema).empty_table())
-                return
-            pending, rows = [], 0
-            nxt = pool.submit(read_part, parts[0], schema)
-            for k in range(len(parts)):
-                t = nxt.result()
-                nxt = pool.submit(read_part, parts[k + 1], schema) if k + 1 < len(parts) else None
-                pending.append(t)
-                rows += t.num_rows
-                if rows >= cls.ROW_GROUP or nxt is None:
-                    w.write_table(pa.concat_tables(pending), row_group_size=max(rows, 1))
-                    pending, rows = [], 0
+    # -- merging ----------------------------------------------------------------------------------------
+    def _pick(self, table: str) -> tuple[list[Part], bool] | None:
+        """The parts to merge next (consecutive, in order) and whether the result is sealed; None if none.
+        The unsealed tail of the live parts is a base-FANIN counter: its levels never increase from old to
+        new, so merging the newest run of one level keeps it one."""
+        live = self.live[table]
+        k = len(live)
+        while k and not live[k - 1].sealed:
+            k -= 1
+        tail = live[k:]
+        if len(tail) < FANIN or self._merge_failed_at.get(table) == self.parts[table]:
+            return None
+        j = len(tail)
+        while j and tail[j - 1].level == tail[-1].level:
+            j -= 1
+        run = tail[j:j + FANIN]  # the oldest FANIN of the newest level (more when the merger fell behind)
+        if len(run) < FANIN:
+            return None
+        if sum(p.rows for p in run) >= SEAL_ROWS or sum(p.nbytes for p in run) >= SEAL_BYTES:
+            # sealed: the older unsealed parts go along, or they would stay small forever
+            return tail[:j + FANIN], True
+        return run, False
 
-    def compact(self, status: str = "complete") -> None:
-        """One file per table (every enabled table, empty ones too, so readers get the dtypes), no parts.
-        Tables are compacted two at a time (training is over; pyarrow releases the GIL)."""
-        with self._lock:
-            big_first = sorted(self.tables, key=lambda t: -self.rows.get(t, 0))
-            with ThreadPoolExecutor(2, thread_name_prefix="insight-compact") as pool:
-                for f in [pool.submit(self._compact_table, t) for t in big_first]:
-                    f.result()
-            self.write_manifest(status, compacted=True)
-
-    def _compact_table(self, table: str) -> None:
+    def _merge(self, table: str, run: list[Part], sealed: bool) -> None:
         d = self.rank_dir / table
-        parts = sorted(d.glob("part-*.parquet"), key=lambda p: int(p.stem[5:])) if d.is_dir() else []
-        dest = self.rank_dir / f"{table}.parquet"
-        if len(parts) == 1:  # already the right file: just move it (atomically)
-            os.replace(parts[0], dest)
-        else:
-            tmp = self.rank_dir / f".{table}.parquet.tmp"
+        new = Part(run[0].first, run[-1].last, sum(p.rows for p in run), 0, max(p.level for p in run) + 1, sealed)
+        tmp = d / f".{new.name}.tmp"
+        try:
+            merge_files([d / p.name for p in run], SCHEMAS[table], tmp, self._merge_stop.is_set)
+            new.nbytes = tmp.stat().st_size
+            with self._lock:
+                # rename first, then remove the parts it replaces: a reader (or a crash) in between sees
+                # both, and keeps the part whose range contains the others
+                os.replace(tmp, d / new.name)
+                live = self.live[table]
+                at = live.index(run[0])
+                live[at:at + len(run)] = [new]
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        self.merges += 1
+        # removed later: a reader that listed them just before the rename can still open them (readers skip
+        # a part that a merged part contains, and list again if one vanishes anyway)
+        self._replaced.append((time.monotonic() + GRACE_S, [d / p.name for p in run]))
+
+    def _remove_replaced(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        while self._replaced and (everything or self._replaced[0][0] <= now):
+            for path in self._replaced.pop(0)[1]:
+                _unlink_quietly(path)
+
+    def merge_pending(self) -> int:
+        """Run every merge the live parts call for (until none or the merger is told to stop); returns how many."""
+        self._remove_replaced()
+        done = 0
+        progress = True
+        while progress and not self._merge_stop.is_set():
+            progress = False
+            for table in self.tables:
+                with self._lock:
+                    picked = self._pick(table)
+                if picked is None or self._merge_stop.is_set():
+                    continue
+                try:
+                    self._merge(table, *picked)
+                except MergeCancelled:
+                    return done
+                except Exception as e:  # noqa: BLE001 - the parts stay as they are: nothing is lost
+                    if self.merge_error is None:
+                        warnings.warn(f"insight: merging the parts of {self.rank_dir / table} failed "
+                                      f"({type(e).__name__}: {e}); the parts are kept", RuntimeWarning, stacklevel=1)
+                    self.merge_error = e
+                    with self._lock:
+                        self._merge_failed_at[table] = self.parts[table]
+                    continue
+                done += 1
+                progress = True
+        return done
+
+    def _merge_loop(self) -> None:
+        _lower_priority(19)  # merging is never urgent: only spare CPU
+        while True:
+            self._wake.wait(GRACE_S)
+            self._remove_replaced()
+            with self._idle:
+                self._wake.clear()  # (stopping sets _merge_stop before _wake: a stop is never missed)
+                if self._merge_stop.is_set():
+                    self._idle.notify_all()
+                    return
+                self._busy = True
+            c = time.thread_time()
             try:
-                self._merge(parts, SCHEMAS[table], tmp)
-                os.replace(tmp, dest)  # from here readers use it; the parts are leftovers
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
-        if d.is_dir():
-            for p in d.iterdir():
-                p.unlink()
-            d.rmdir()
+                self.merge_pending()
+            finally:
+                self.merge_cpu_s += time.thread_time() - c
+                with self._idle:
+                    self._busy = False
+                    self._idle.notify_all()
+
+    def wait_merged(self, timeout: float | None = None) -> bool:
+        """Wait until the merger has nothing left to do (benchmarks and tests); False on timeout."""
+        def idle() -> bool:
+            if self._merger is None or self._merge_stop.is_set():
+                return True
+            if self._busy or self._wake.is_set():
+                return False
+            with self._lock:  # (a flush may have written parts and not yet woken the merger)
+                return all(self._pick(t) is None for t in self.tables)
+
+        with self._idle:
+            return self._idle.wait_for(idle, timeout)
+
+    # -- the end of a run -------------------------------------------------------------------------------
+    def finish(self, status: str = "complete") -> None:
+        """End the run after the last flush: wait for the merger (stopped by ``stop_thread()``), write an empty
+        part for every table that got no rows (readers get its dtypes), and the manifest with ``status``.
+        Costs a few small files whatever the run's length: nothing already written is read or rewritten."""
+        self._join_merger()
+        self._remove_replaced(everything=True)
+        with self._lock:
+            for t in self.tables:
+                if not self.live[t]:
+                    self._write_part(t, dictionary_schema(SCHEMAS[t]).empty_table())
+            self.write_manifest(status)
 
     # -- failure ------------------------------------------------------------------------------------------
     def fail(self, error: BaseException) -> bool:
@@ -235,10 +417,15 @@ class RunWriter:
         ``error`` (the tables listed are what is on disk). Never raises; returns whether the manifest was
         written (on a full disk the atomic write may not fit: the manifest is then rewritten in place,
         and if even that fails it is left unreadable, which readers also report as an error)."""
+        try:
+            self._join_merger()
+            self._remove_replaced(everything=True)
+        except Exception:  # noqa: BLE001 - the failure record matters more
+            pass
         with self._lock:
-            try:  # this writer's temporary files only: .part-NNNNN.parquet.tmp, .<table>.parquet.tmp
+            try:  # this writer's temporary files only: .part-FFFFFF-LLLLLL.parquet.tmp
                 for t in self.tables:
-                    for tmp in [*(self.rank_dir / t).glob(".part-*.parquet.tmp"), self.rank_dir / f".{t}.parquet.tmp"]:
+                    for tmp in (self.rank_dir / t).glob(".part-*.parquet.tmp"):
                         _unlink_quietly(tmp)
             except OSError:
                 pass
@@ -246,15 +433,8 @@ class RunWriter:
             m = self.manifest
             m["status"] = "failed"
             m["error"] = " ".join(f"{type(error).__name__}: {error}".split())[:1000]
-            prefix = f"rank_{self.rank}"
-            tables = {}
-            for t in self.tables:
-                if (self.rank_dir / f"{t}.parquet").exists():
-                    tables[t] = f"{prefix}/{t}.parquet"
-                elif any((self.rank_dir / t).glob("part-*.parquet")):
-                    tables[t] = f"{prefix}/{t}/"
-            m["tables"] = tables
-            m["step_count"] = self.rows.get("steps", 0) if "steps" in tables else 0
+            m["tables"] = {t: f"rank_{self.rank}/{t}/" for t in self.tables if self.live[t]}
+            m["step_count"] = self.rows.get("steps", 0) if "steps" in m["tables"] else 0
             try:
                 if self.on_flush is not None:
                     self.on_flush(m)
@@ -271,3 +451,10 @@ class RunWriter:
                 return True
             except OSError:
                 return False
+
+
+def _lower_priority(nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass

@@ -13,8 +13,8 @@
 
 While recording, the collectors (``collectors/``) subscribe to ``runtime.hooks`` and only append to
 in-memory buffers; a background thread writes what they collected every ``flush_interval`` seconds as
-part files and rewrites the manifest, so a crash loses at most the last interval. ``stop()`` compacts
-the parts into one file per table and marks the run complete.
+part files and rewrites the manifest, so a crash loses at most the last interval (a second thread merges
+the part files as they accumulate). ``stop()`` writes the last flush and marks the run complete.
 """
 from __future__ import annotations
 
@@ -183,8 +183,8 @@ class RankWriter(RunWriter):
             self.run_dir = run_dir
             merge_rank_manifests(run_dir)
 
-    def write_manifest(self, status: str | None = None, compacted: bool = False) -> None:
-        self._as_fragment(lambda: super(RankWriter, self).write_manifest(status, compacted))
+    def write_manifest(self, status: str | None = None) -> None:
+        self._as_fragment(lambda: super(RankWriter, self).write_manifest(status))
 
     def fail(self, error: BaseException) -> bool:
         try:
@@ -368,8 +368,8 @@ class Profiler:
             m["device"]["capacity_bytes"] = int(self._graphs.capacity)
 
     def stop(self) -> None:
-        """Stop recording, write what is left, compact every table into one file, mark the run complete.
-        Does nothing if the profiler is not running."""
+        """Stop recording, write what is left (the last flush: nothing written before is rewritten), mark the
+        run complete. Does nothing if the profiler is not running."""
         global _active
         with _active_lock:
             if self._state != "running":
@@ -380,7 +380,7 @@ class Profiler:
             self._detach()
             w.stop_thread()
             w.flush(final=True)
-            w.compact("complete")
+            w.finish("complete")
         except Exception as e:
             # e.g. the disk is full: the run must not stay "running" (or look complete) -- mark it failed
             recorded = w.fail(e)

@@ -10,8 +10,11 @@
 
 Every problem with a run on disk becomes one ``TraceError`` whose message names the run and the file: a bad
 or hostile manifest, a newer schema, a table whose column has the wrong type, a damaged Parquet file, a
-symbolic link whose target leaves the run directory. A run being compacted by ``Profiler.stop()`` while it
-is read is read again from its new files.
+symbolic link whose target leaves the run directory. A table of a profiled run is a directory of part files
+that the writer merges while it records (docs/trace-format.md): :func:`live_parts` picks the parts that hold
+every batch exactly once at any instant of a merge or after a crash, a file merged away while it is read makes
+the table be listed and read again, and a rank's ``steps`` are read before its other tables are listed, so
+every step read has its rows in them.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a few KB
 MAX_JSON_DEPTH = 32            # objects / arrays nested deeper than this are refused (the format uses 3)
 MAX_INT_DIGITS = 20            # an int64 has at most 19 digits
 COMPACTION_RETRIES = 5         # a part file vanished under us: the run was compacted, list its files again
+MAX_PART_FILES = 100_000       # part files of one table (the writer keeps a few dozen; a refused run says so)
+# rank_N/<table>/part-FFFFFF-LLLLLL.parquet holds batches F..L of the table; part-NNNNN.parquet is batch N
+PART_FILE = re.compile(r"part-(\d{1,12})(?:-(\d{1,12}))?\.parquet")
 
 # the tables of docs/trace-format.md and the kind of each column: int, float, bool or str
 TABLE_SCHEMAS: dict[str, dict[str, str]] = {
@@ -243,6 +249,7 @@ class Run:
         self.meta = manifest if isinstance(manifest, Manifest) else validate_manifest(manifest, str(path))
         self.manifest = self.meta.model_dump()
         self._tables: dict[tuple, _TableFiles | None] = {}
+        self._pinned: set[int] = set()  # ranks whose steps table is read
         self._memo: dict = {}
         self._lock = threading.RLock()
 
@@ -292,12 +299,23 @@ class Run:
         return None
 
     def table_files(self, table: str, rank: int = 0) -> list[Path]:
-        """The Parquet files holding ``table`` (one compacted file, or the part files in order); every one
-        checked to stay inside the run directory."""
+        """The Parquet files holding ``table``, in row order: one compacted file, or the live part files (see
+        :func:`live_parts`); every one checked to stay inside the run directory and to be a regular file."""
         p = self.table_path(table, rank)
         if p is None:
             return []
-        files = [p] if not p.is_dir() else [self.check_inside(f) for f in sorted(p.glob("part-*.parquet"))]
+        if p.is_dir():
+            for attempt in range(COMPACTION_RETRIES + 1):
+                names = _part_names(self, p)
+                parts, problem = live_parts(names)
+                if problem is None:
+                    break
+                if attempt == COMPACTION_RETRIES:  # not a listing that raced a merge: the run is damaged
+                    raise self.error(f"{self.rel(p)}: {problem}")
+                time.sleep(0.02 * (attempt + 1))
+            files = [self.check_inside(p / name) for name in parts]
+        else:
+            files = [p]
         for f in files:
             if f.exists() and not f.is_file():  # a directory, a FIFO, a device: never opened (a FIFO would block)
                 raise self.error(f"{self.rel(f)} is not a regular file")
@@ -334,9 +352,26 @@ class Run:
             raise self.error(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
         key = (table, int(rank))
         with self._lock:
+            if int(rank) not in self._pinned:
+                self._pinned.add(int(rank))
+                self._pin_steps(int(rank))
             if key not in self._tables:
                 self._tables[key] = _retry(lambda: self._list(table, rank))
             return self._tables[key]
+
+    def _pin_steps(self, rank: int) -> None:
+        """Read the (small) ``steps`` table whole before any other table of the rank is listed. A step's
+        tasks, memory, queue rows are written before the step, and tables only grow, so every table read
+        later holds the rows of every step read -- however the writer flushes and merges meanwhile."""
+        def load() -> _TableFiles | None:
+            e = self._list("steps", rank)
+            if e is not None:
+                e.columns.update(self._read_columns(e, e.names))
+            return e
+        try:
+            self._tables[("steps", rank)] = _retry(load)
+        except TraceError:
+            pass  # a damaged steps table is reported when (and if) it is read
 
     def schema_names(self, table: str, rank: int = 0) -> list[str] | None:
         """The columns of the table (of any of its files), None when the table is absent."""
@@ -359,6 +394,8 @@ class Run:
 
     def num_rows(self, table: str, rank: int = 0) -> int:
         def count(e: _TableFiles) -> int:
+            if e.columns and all(c in e.columns for c in e.names):  # read already (steps): those rows
+                return len(next(iter(e.columns.values())))
             total = 0
             for f in e.files:
                 try:
@@ -437,6 +474,55 @@ class Run:
         value = fn()
         with self._lock:
             return self._memo.setdefault(key, value)
+
+
+def _part_names(run: "Run", d: Path) -> list[str]:
+    """The part file names in ``d`` (temporary dot-files and other names skipped), at most MAX_PART_FILES."""
+    names = []
+    try:
+        with os.scandir(d) as it:
+            for entry in it:
+                if entry.name.startswith("part-") and entry.name.endswith(".parquet"):
+                    names.append(entry.name)
+                    if len(names) > MAX_PART_FILES:
+                        raise run.error(f"{run.rel(d)}: more than {MAX_PART_FILES} part files")
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise run.error(f"{run.rel(d)}: cannot list it ({e.strerror or type(e).__name__})") from None
+    return names
+
+
+def live_parts(names: list[str]) -> tuple[list[str], str | None]:
+    """Of a table directory's part file names, the ones to read, in row order, and a problem (or None).
+
+    A part holds a contiguous range of the table's batches (``part-F-L.parquet``; ``part-N.parquet`` is batch
+    N). The writer merges parts by writing the merged part and then removing the parts it replaces, so a
+    reader (or a crash) can meet both: a part whose range another part contains is dropped, and every batch
+    is read exactly once. What remains must cover the batches 0..L without a gap or a partial overlap; if
+    not, ``problem`` says where (a listing that raced a merge: list again; otherwise a damaged run)."""
+    ranges = []
+    for n in names:
+        m = PART_FILE.fullmatch(n)
+        if m is None:
+            return [], f"{n} is not a part file name (part-N.parquet or part-F-L.parquet)"
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            return [], f"{n}: the batch range {first}..{last} is reversed"
+        ranges.append((first, -last, n))
+    out, end = [], -1
+    for first, neg_last, n in sorted(ranges):
+        last = -neg_last
+        if last <= end:  # inside a merged part that was renamed in before this one was removed
+            continue
+        if first > end + 1:
+            return [], f"the part files of batches {end + 1}..{first - 1} are missing"
+        if first <= end:
+            return [], f"{n} overlaps batches {first}..{end} of another part file"
+        out.append(n)
+        end = last
+    return out, None
 
 
 def _common_type(types: set) -> pa.DataType:

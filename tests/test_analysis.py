@@ -491,7 +491,7 @@ def test_profiled_digits_breakdown_matches_measured_step_time(digits_run):
 
 def test_profiled_digits_op_table_and_chrome_export(digits_run, tmp_path):
     run, _ = digits_run
-    tasks = pd.read_parquet(run / "rank_0" / "tasks.parquet")
+    tasks = pd.read_parquet(run / "rank_0" / "tasks")  # a profiled run's table: a directory of part files
     work = tasks[~tasks["kind"].isin(["event_record", "event_wait"])]
     ops = A.op_stats(run)
     assert ops["total_ns"].sum() == (work["end_ns"] - work["start_ns"]).sum()

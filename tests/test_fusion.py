@@ -1021,7 +1021,7 @@ def test_profiler_op_table_shows_fused_ops_and_fewer_launches(tmp_path):
     assert (fused_rows["fused_ops"].str.len() > 0).all() and fused_rows["fused_ops"].str.contains("exp").any()
     assert not tables[False]["name"].str.startswith("Fused_").any()
     # the fused kernels' cached output buffers are device memory held between steps: pool rows of their own
-    mem = pd.read_parquet(tmp_path / "fused" / "rank_0" / "memory.parquet")
+    mem = pd.read_parquet(tmp_path / "fused" / "rank_0" / "memory")  # the table's part files
     pool = mem[mem["source"] == "pool"]
     assert {"parameter", "activation_reserve", "kernel_pool"} <= set(pool["kind"])
     assert set(mem.loc[mem["source"] == "planned", "kind"]) == {"activation"}

@@ -13,7 +13,7 @@ import pytest
 
 import insight
 from insight import Profiler, ProfilerError, schedule
-from insight.trace import open_run
+from insight.trace import live_parts, open_run
 from runtime.device.memory import align
 from runtime import Model, context, hooks, nn
 from runtime.dataset import NumpySlicesDataset
@@ -71,10 +71,13 @@ def test_profiled_training_writes_a_consistent_run(tmp_path, digits, sink):
     assert {"stream_id": 0, "name": "aicore0"} in m["streams"]
     assert m["options"]["profile_memory"] and m["options"]["data_process"] and m["options"]["schedule"] is None
     assert m["runtime"]["python"] and m["runtime"]["version"]
-    # compaction: exactly one file per table, no part directories or temporary files
+    # one part directory per table (empty tables too), every part live (none left over), no temporary files
     assert set(m["tables"]) == ALL_TABLES
-    assert all(v == f"rank_0/{t}.parquet" for t, v in m["tables"].items())
-    assert sorted(os.listdir(run_dir / "rank_0")) == sorted(f"{t}.parquet" for t in ALL_TABLES)
+    assert all(v == f"rank_0/{t}/" for t, v in m["tables"].items())
+    assert sorted(os.listdir(run_dir / "rank_0")) == sorted(ALL_TABLES)
+    for t in ALL_TABLES:
+        names = os.listdir(run_dir / "rank_0" / t)
+        assert names and sorted(live_parts(names)[0]) == sorted(names), (t, names)
     assert sorted(os.listdir(run_dir)) == ["manifest.json", "rank_0"]
 
     steps = run.table("steps")
@@ -227,7 +230,7 @@ def test_parts_while_running_then_compaction(tmp_path, digits):
     assert not list(parts.glob(".*"))  # no temporary files left behind
     prof.stop()
     run = open_run(tmp_path / "run")
-    assert run.manifest["status"] == "complete" and not parts.exists()
+    assert run.manifest["status"] == "complete" and not list(parts.glob(".*"))
     assert len(run.table("tasks")) == 5 * (_n_tasks(model) + 1)
 
 
