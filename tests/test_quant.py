@@ -390,6 +390,21 @@ def test_bn_fold_correction_primitive_gradients(step, freeze_bn):
         assert np.any(gr != 0) == ((name == "bias") == frozen), name
 
 
+def test_observer_and_bn_fold_ops_name_bad_shapes():
+    from runtime.ops.quant import bn_fold_correction, minmax_update
+    from runtime.ops.registry import ShapeError
+
+    st = Tensor(np.asarray(0, np.int32))
+    y, v3 = Tensor(np.zeros((2, 3, 4, 4), np.float32)), Tensor(np.zeros(3, np.float32))
+    with pytest.raises(ShapeError, match=r"bn_fold_correction: expects 4 per-channel vectors \(3,\)"):
+        bn_fold_correction(y, Tensor(np.ones(4, np.float32)), v3, v3, v3, st)
+    with pytest.raises(ShapeError, match=r"minmax_update_perchannel: the min variable must be float32 of shape \(3,\)"):
+        minmax_update(y, Tensor(np.zeros(2, np.float32)), v3, st, channel_axis=1)
+    with pytest.raises(ShapeError, match="minmax_update_perlayer: x .* is empty"):
+        minmax_update(Tensor(np.zeros((0, 3), np.float32)), Tensor(np.zeros(1, np.float32)),
+                      Tensor(np.zeros(1, np.float32)), st)
+
+
 def test_bn_fold_matches_float_batchnorm_before_quantization():
     """Without fake quantization (before quant_delay in training; ``fake=False`` in evaluation, which always
     quantizes otherwise) the folded cell computes exactly conv + BatchNorm: batch statistics in training,

@@ -159,7 +159,7 @@ for _name, _pc, _ms in (("fake_quant_perlayer", False, "FakeQuantPerLayer"),
 
 
 # ----------------------------------------------------------------------------------------------
-# the observer: min / max (and their moving average) written into the range variables in one sweep
+# the observer: min and max (or their moving average) of a tensor in one sweep
 # ----------------------------------------------------------------------------------------------
 def _observe_infer(name, per_channel):
     def infer(shapes, dtypes, attrs):
