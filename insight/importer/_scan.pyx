@@ -43,7 +43,7 @@ DEF K_STR = 2
 DEF K_NULL = 3
 
 DEF MAX_DEPTH = 256
-DEF LIMIT = 9e15      # |ts|, |dur| in microseconds below this are times (events.MAX_US), else the orjson path refuses them
+DEF LIMIT = 9e15      # |ts|, |dur| (us) below this are times (events.MAX_US); the orjson path refuses others
 
 cdef double POW10[23]
 POW10[:] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,

@@ -671,7 +671,8 @@ def _counters(ctr: dict, process_names: dict, strings, s_num, s_start, s_end, ze
     t = ctr["ts"][o]
     pids = [ctr["pid"][i] for i in o]
     names = {p: process_names.get(p) or ("" if p is None else _text(p)) for p in set(map(_key, pids))}
-    return {"name": strings[np.array(ctr["name"], np.int64)[o]], "series": strings[np.array(ctr["series"], np.int64)[o]],
+    return {"name": strings[np.array(ctr["name"], np.int64)[o]],
+            "series": strings[np.array(ctr["series"], np.int64)[o]],
             "process": np.array([names[_key(p)] for p in pids], object), "t_ns": t - zero,
             "value": np.array(ctr["value"], np.float64)[o], "step": step_of(t, s_start, s_end, s_num)}
 
