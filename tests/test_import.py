@@ -583,10 +583,13 @@ def test_scanner_gives_the_columns_of_the_orjson_path(tmp_path, chunk):
     from insight.importer.reader import TraceReader
 
     ev = _tricky_events()
-    text = json.dumps({"schemaVersion": 1, "traceEvents": ev}, indent=1, ensure_ascii=chunk != 3000)
+    if chunk == 64:  # a bare array, gzipped, that ends without its ']' (as streamed writers may)
+        text = json.dumps(ev, indent=1)[:-1].rstrip()
+    else:
+        text = json.dumps({"schemaVersion": 1, "traceEvents": ev}, indent=1, ensure_ascii=chunk != 3000)
     text = text.replace('"dur": 2,', '"dur": 2, "dur": 3,', 1)  # a duplicate key: the last one counts
     src = tmp_path / "t.json"
-    src.write_text(text)
+    src.write_bytes(gzip.compress(text.encode()) if chunk == 64 else text.encode())
     got = []
     for scan in (False, True):
         cols = EventColumns()
