@@ -1,7 +1,7 @@
 """Graph-kernel fusion: the same training step with ``enable_graph_kernel`` off and on, interleaved in
 one run (median of rounds), plus the memory bandwidth of fused elementwise kernels.
 
-    python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick] [--small] [--part all|bert|bandwidth]
+    python benchmarks/bench_fusion.py [--rounds 7] [--steps 3] [--quick] [--small] [--part all|bert|work|bandwidth]
                                       [--summary PATH]
 
 1. BERT-small encoder training step (4 layers, hidden 256, 4 heads, sequence 128, batch 16, Adam):
@@ -10,6 +10,8 @@ one run (median of rounds), plus the memory bandwidth of fused elementwise kerne
    (``INSIGHT_ATTENTION_FUSION=0``), paired with fused: what the flash-style attention kernels add; and the
    step's dense-layer GEMMs alone (the same BLAS calls on preallocated outputs, interleaved with the steps):
    fusion cannot touch them, so unfused step / their time bounds the speed-up (Amdahl).
+   ``--part work``: the same three steps, the GEMMs and the step's dropout draws on ONE thread in a child
+   process, timed by thread CPU time -- the work each does, a figure the machine's load barely moves.
 2. An elementwise-heavy chain: gelu backward (expanded: ~25 primitives, an exp and a division per
    element) on 16M floats, fused into one kernel, against ``np.copyto`` of the same number of bytes
    (read 2 x 64 MB, write 64 MB) measured in the same run. Goal: >= 60% of the copy bandwidth.
