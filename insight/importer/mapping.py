@@ -421,6 +421,10 @@ def build(cols: EventColumns, header: dict, rank: int) -> RankTables:
         "correlation": corr[rows], "external_id": x["ext"][rows],
         "launch_task": np.where(launcher[rows] >= 0, new_pos[np.clip(launcher[rows], 0, None)], -1),
     }
+    # what the memory, counters and flows below do not read: freed before they run (the peak memory)
+    del graph, task_id, op, scope, phase, task_step, launcher, step_mask, step_num, is_dev, drop
+    for c in ("dur", "cat", "ext", "bytes", "flops", "shape", "dtype"):
+        x.pop(c, None)
     steps = {"step": s_num, "epoch": s_epoch, "begin_ns": s_start - zero,
              "get_next_start_ns": np.where(gn_start >= 0, gn_start - zero, -1),
              "get_next_end_ns": np.where(gn_end >= 0, gn_end - zero, -1),
