@@ -34,13 +34,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 # Every benchmark and its quick mode, run in this order. Each command gets `--summary PATH` appended; the goals
-# are stated by each benchmark (see benchmarks/README.md). About 6 minutes in all at load 5 on the 2-core
-# machine (the budget is 15): bench_gnn (~90 s), bench_fusion (~60 s), bench_vs_torch and bench_timeline at
-# the 10M tasks (~40 s each) take most of it.
+# are stated by each benchmark (see benchmarks/README.md). About 10 minutes in all at load 8 on the 2-core
+# machine (the budget is 15): bench_fusion and bench_profiler (~140 s each, BERT-small), bench_gnn (~70 s) and
+# bench_timeline at the 10M tasks (~45 s) take most of it.
 QUICK = [
     ("bench_vs_torch", "--rounds 10 --steps-per-round 10"),
     ("bench_fusion", "--quick"),
-    ("bench_profiler", "--rounds 8 --epochs 2 --steps 5000"),
+    ("bench_profiler", "--rounds 8 --repeats 2 --epochs 2 --steps 5000"),
     ("bench_quant", "--quick"),
     ("bench_import", "--events 200000"),
     ("bench_writer", "--quick"),
