@@ -604,9 +604,12 @@ def test_scanner_gives_the_columns_of_the_orjson_path(tmp_path, chunk):
             decoded = [vals[a] if c in names else lanes[a] if c == "lane" else a for c, a in t.items()]
             # (rows in file order, except that a B/E pair is added after the X slices of its batch)
             out[table] = sorted(map(repr, zip(*decoded)))
+        c = cols.counters
+        out["counters"] = sorted(map(repr, zip(c["ts"], vals[c["name"]], vals[c["series"]], c["pid"], c["value"])))
         out["first_dur"] = int(cols.slices.get("dur")[0])
         got.append((out, cols.n_scanned))
     (slow, n0), (fast, n1) = got
     assert n0 == 0 and n1 >= len(ev) // 4  # the scanner read a good part of it, in every chunking
     assert fast == slow
     assert fast["n"] == len(ev) and fast["first_dur"] == 3000 and len(fast["slices"]) > 30
+    assert len(fast["counters"]) >= 3
