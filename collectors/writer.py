@@ -183,6 +183,7 @@ class RunWriter:
         self._busy = False
         self._merger: threading.Thread | None = None
         self._replaced: list[tuple[float, list[Path]]] = []  # (when to remove, parts a merge replaced)
+        self.grace_s = GRACE_S
         self.rank_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -329,7 +330,7 @@ class RunWriter:
         self.merges += 1
         # removed later: a reader that listed them just before the rename can still open them (readers skip
         # a part that a merged part contains, and list again if one vanishes anyway)
-        self._replaced.append((time.monotonic() + GRACE_S, [d / p.name for p in run]))
+        self._replaced.append((time.monotonic() + self.grace_s, [d / p.name for p in run]))
 
     def _remove_replaced(self, everything: bool = False) -> None:
         now = time.monotonic()
@@ -368,7 +369,7 @@ class RunWriter:
     def _merge_loop(self) -> None:
         _lower_priority(19)  # merging is never urgent: only spare CPU
         while True:
-            self._wake.wait(GRACE_S)
+            self._wake.wait(1.0)  # (at least once a second: replaced parts whose grace is over go)
             self._remove_replaced()
             with self._idle:
                 self._wake.clear()  # (stopping sets _merge_stop before _wake: a stop is never missed)
