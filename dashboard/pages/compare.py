@@ -37,7 +37,7 @@ STEP_PARTS = [("iteration_interval_ms", "Iteration interval"), ("fp_bp_ms", "For
               ("tail_ms", "Tail"), ("allreduce_ms", "AllReduce"), ("step_time_ms", "Step time")]
 METRIC_LABELS = {"step_time_ms": "Step time (ms)", "iteration_interval_ms": "Iteration interval (ms)",
                  "fp_bp_ms": "Forward + backward (ms)", "tail_ms": "Tail (ms)", "allreduce_ms": "AllReduce (ms)",
-                 "device_utilization": "Device utilisation (%)", "input_share": "Input share (%)"}
+                 "device_utilization": "Device utilisation", "input_share": "Input share"}
 PERCENT_METRICS = ("device_utilization", "input_share")  # fractions, shown as percentages
 
 STATUS_STYLE = {"styleConditions": [{"condition": f"params.value == '{st}'",
@@ -127,10 +127,17 @@ def step_rows(cmp) -> list[dict]:
     s = cmp.steps
     out = []
     for r in s.itertuples():
-        k = 100.0 if r.metric in PERCENT_METRICS else 1.0
-        out.append({"id": r.metric, "metric": r.metric, "label": METRIC_LABELS.get(r.metric, r.metric),
-                    "a": _f(r.a * k), "b": _f(r.b * k), "diff": _f(r.diff * k), "ratio": _f(r.ratio)})
+        row = {"id": r.metric, "metric": r.metric, "label": METRIC_LABELS.get(r.metric, r.metric),
+               "a": _f(r.a), "b": _f(r.b), "diff": _f(r.diff), "ratio": _f(r.ratio)}
+        if r.metric in PERCENT_METRICS:  # fractions: "84.8 %" and the change in percentage points
+            row.update(a=_pct(r.a), b=_pct(r.b), diff="—" if _f(r.diff) is None else f"{r.diff * 100:+.1f} points")
+        out.append(row)
     return out
+
+
+def _pct(v) -> str:
+    v = _f(v)
+    return "—" if v is None else f"{v * 100:.1f} %"
 
 
 def op_rows(cmp) -> list[dict]:
