@@ -312,13 +312,15 @@ cdef inline Py_ssize_t _st(Py_ssize_t nbytes, Py_ssize_t item) noexcept nogil:
 def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const floating[:, :, :, :] v,
          const floating[:, :, :, :] mask, const float[:, :, :, :] u, floating[:, :, :, :] out,
          double[:, :, ::1] lse, floating[:, :, :, ::1] p, bint has_mask, bint has_drop, bint store_p, double scale,
-         double keep, double dscale):
+         double keep, double dscale, int cap=0):
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
     cdef Py_ssize_t Dv = v.shape[3]
     cdef Py_ssize_t it = sizeof(floating), nqb = (Sq + BQ - 1) // BQ, task, bh, b, h, i0, i1
     cdef Py_ssize_t mis = 0, mjs = 0, us = 0
     cdef Py_ssize_t bk = (Sk + 15) // 16 * 16 if store_p else BK     # storing P: all keys in one block
     cdef int nt = _threads(B * H * nqb, B * H * Sq * Sk * D)
+    if 0 < cap < nt:
+        nt = cap
     cdef floating* pp
     cdef floating* s
     cdef floating* kt
@@ -362,12 +364,14 @@ def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
          const double[:, :, ::1] lse, const floating[:, :, :, ::1] p, const floating[:, :, :, :] do_,
          floating[:, :, :, :] dq, floating[:, :, :, :] dk, floating[:, :, :, :] dv,        # rows contiguous
          floating[:, :, ::1] dmq, bint has_mask, bint has_drop, bint want_dmask, bint have_p,
-         double scale, double keep, double dscale):
+         double scale, double keep, double dscale, int cap=0):
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3], Sk = k.shape[2]
     cdef Py_ssize_t Dv = v.shape[3]
     cdef Py_ssize_t it = sizeof(floating), bh, b, h
     cdef Py_ssize_t mis = 0, mjs = 0, us = 0
     cdef int nt = _threads(B * H, B * H * Sq * Sk * D)
+    if 0 < cap < nt:
+        nt = cap
     cdef floating* s
     cdef floating* dp
     cdef floating* kt
@@ -443,7 +447,7 @@ def _u4(u, full):
 
 @cython.wraparound(True)
 def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, bint store_p=False,
-                  bint out_bshd=False):
+                  bint out_bshd=False, int threads=0):
     """(O, lse): O = dropout(softmax(scale q kᵀ + mask)) v over the last two axes; lse (..., Sq) the row
     log-sum-exp of the (masked, scaled) scores. ``mask`` broadcasts to the scores or is None; ``u`` is the
     float32 uniform draw of the dropout (kept where u < keep_prob, scaled by float(1/keep_prob)) or None.
@@ -451,7 +455,7 @@ def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, 
     sequences: all keys in one block) it returns (O, lse, P), P (..., Sq, Sk) the probabilities before dropout,
     which ``attention_bwd`` then reads instead of recomputing them. ``out_bshd`` (4-d inputs (B, H, S, D)): O is
     returned as a C-contiguous (B, Sq, H, Dv) array -- the heads merged back, what the output projection
-    reads -- instead of (B, H, Sq, Dv)."""
+    reads -- instead of (B, H, Sq, Dv). ``threads`` > 0 caps the OpenMP threads (0: all of them)."""
     q = np.asarray(q)
     dt = q.dtype
     if dt != np.float32 and dt != np.float64:
@@ -472,7 +476,8 @@ def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, 
     lse = alloc(q4.shape[:3], np.float64)      # float64 whatever the inputs: see attention_bwd
     p = alloc(q4.shape[:3] + (Sk,), dt) if store_p else np.empty((1, 1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
-    _fwd(q4, k4, v4, m4, u4, out, lse, p, has_mask, has_drop, store_p, scale, float(np.float32(keep_prob)), dscale)
+    _fwd(q4, k4, v4, m4, u4, out, lse, p, has_mask, has_drop, store_p, scale, float(np.float32(keep_prob)), dscale,
+         threads)
     o = out_t if out_bshd else out.reshape(lead + (Sq, v4.shape[3]))
     if store_p:
         return o, lse.reshape(lead + (Sq,)), p.reshape(full)
@@ -481,11 +486,12 @@ def attention_fwd(q, k, v, mask, u, double scale, double keep_prob, alloc=None, 
 
 @cython.wraparound(True)
 def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob, bint want_dmask, alloc=None,
-                  p=None, grads_bshd=(False, False, False)):
+                  p=None, grads_bshd=(False, False, False), int threads=0):
     """(dq, dk, dv, dmask_q): gradients of ``attention_fwd``'s O given dO = ``dout`` and its lse; dmask_q
     (..., Sk) is the score gradient summed over the queries (None unless ``want_dmask``). ``p``: the
     probabilities ``attention_fwd(store_p=True)`` returned (then ``lse`` may be None). ``grads_bshd``: per
-    dq, dk, dv (4-d inputs), return it as a C-contiguous (B, S, H, D) array (heads merged back)."""
+    dq, dk, dv (4-d inputs), return it as a C-contiguous (B, S, H, D) array (heads merged back). ``threads`` > 0
+    caps the OpenMP threads."""
     q = np.asarray(q)
     dt = q.dtype
     lead, Sq, Sk = q.shape[:-2], q.shape[-2], np.shape(k)[-2]
@@ -512,7 +518,7 @@ def attention_bwd(q, k, v, mask, u, o, lse, dout, double scale, double keep_prob
     dmq = alloc(k4.shape[:3], dt) if want_dmask else np.empty((1, 1, 1), dt)
     dscale = float(np.asarray(1.0 / keep_prob, dt)) if has_drop else 1.0
     _bwd(q4, k4, v4, m4, u4, o4, lse3, p4, do4, dq, dk, dv, dmq, has_mask, has_drop, want_dmask, have_p, scale,
-         float(np.float32(keep_prob)), dscale)
+         float(np.float32(keep_prob)), dscale, threads)
     kl = np.shape(k)[:-2]
     dq, dk, dv = (g if bshd else g.reshape(np.shape(x)) for g, bshd, x in zip(made, grads_bshd, (q, k, v)))
     return (dq, dk, dv,

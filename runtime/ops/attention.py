@@ -40,6 +40,7 @@ from runtime.codegen import aligned_empty
 from runtime.core import bind
 from runtime.ops import api as F
 from runtime.ops.registry import Primitive, ShapeError, register
+from runtime.threads import blas
 
 ATTRS_DOC = "scale, keep_prob, has_mask, has_dropout, store_p (fwd / grad), out_bshd (fwd), o_bshd, grads_bshd (grad)"
 
@@ -124,9 +125,17 @@ def _alloc(shape, dtype):
     return aligned_empty(shape, dtype, nbytes) if nbytes >= POOLED_BYTES else np.empty(shape, dtype)
 
 
+def _threads(q, k, gemms):
+    """The runtime's GEMM thread policy (``runtime.threads``) for the kernel's tile GEMMs: every thread on an idle
+    machine, one while other processes keep the cores busy (an OpenMP team waiting for a descheduled thread
+    stalls like a multi-threaded BLAS call does)."""
+    return blas.want(2.0 * gemms * q.size * k.shape[-2])
+
+
 def _run_fwd(arrays, scale, keep_prob, has_mask, has_dropout, store_p=False, out_bshd=False):
     q, k, v, mask, u, _ = _split(arrays, has_mask, has_dropout)
-    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc, bool(store_p), bool(out_bshd))
+    return KA.attention_fwd(q, k, v, mask, u, float(scale), float(keep_prob), _alloc, bool(store_p), bool(out_bshd),
+                            _threads(q, k, 2))
 
 
 def _pack(*values):
@@ -154,7 +163,7 @@ def _grad_kernel(*arrays, scale, keep_prob, has_mask, has_dropout, want_dmask=Fa
     if store_p:          # the lse slot holds the forward's probabilities
         lse, p = None, lse
     return _pack(*KA.attention_bwd(q, k, v, mask, u, o, lse, do, float(scale), float(keep_prob), bool(want_dmask),
-                                   _alloc, p, tuple(grads_bshd)))
+                                   _alloc, p, tuple(grads_bshd), _threads(q, k, 4 if store_p else 5)))
 
 
 def _get(t, index, shape, dtype):
