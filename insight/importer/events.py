@@ -8,6 +8,11 @@ costs tens of bytes per event. Metadata (``M``) names processes and threads, flo
 and ``[memory]`` instant events get their own small columns, and everything else is counted by kind
 (``skipped``) and reported, never an error. An event that breaks the format (not an object, no ``ph``, a
 timed event without a numeric ``ts``) raises ``BadEvent`` with its index in the batch.
+
+``EventColumns.scan`` is the fast path of the same: the Cython ``Scanner`` writes the columns of ``X`` slices,
+flow ends and ``[memory]`` events straight from the JSON bytes (a ``Scanned`` batch; ``feed`` takes both kinds
+of batch) and leaves the few other events to the code above as raw JSON. ``C`` counters become rows of
+``counters`` (one per numeric series value).
 """
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ one closing a nested object leaves its parent open), so a bad candidate is just 
 the next earlier ``}`` is tried. The other top-level keys (``deviceProperties``, ``distributedInfo``,
 ``baseTimeNanoseconds``, ...) are small values parsed where they stand, before or after the events.
 
+With ``scan`` (``EventColumns.scan``, the Cython scanner of ``_scan.pyx``) most elements never become Python
+objects: the scanner reads runs of whole elements from the buffer itself, and only where it declines an
+element (or the JSON is malformed) does the orjson path above take over from that element on, which is also
+where every error message comes from.
+
 Memory: one chunk plus the events of one piece. Every problem is a ``MalformedTrace`` naming the file and the
 byte offset (of the decompressed JSON; for a damaged gzip stream also the compressed offset).
 """
