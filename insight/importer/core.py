@@ -189,6 +189,8 @@ def _version() -> str:
 
 
 def _arrow(col, typ: pa.DataType) -> pa.Array:
+    if isinstance(col, pa.Array):  # (built by the mapping as Arrow already)
+        return col.dictionary_encode() if pa.types.is_string(typ) else col.cast(typ)
     if pa.types.is_string(typ):
         return pa.array(col, _S).dictionary_encode()
     if typ == pa.bool_():

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from insight.analysis.gpu import merged_intervals
 from insight.importer.events import EventColumns, _text
@@ -634,9 +636,12 @@ def _flows(fl, strings, lanes, start, end, task, corr, new_pos, zero) -> dict:
 
     s_rows = ends("s", np.ones(len(pairs), bool))
     f_rows = ends("f", pairs["bp_f"].to_numpy() == 1)
-    ids = np.where(pairs["id"].to_numpy() >= 0, pairs["id"].astype(str).to_numpy(object),
-                   strings[pairs["id_str"].to_numpy()])
-    return {"cat": strings[pairs["cat"].to_numpy()], "id": ids.astype(object),
+    num = pairs["id"].to_numpy()
+    if (num >= 0).all():  # Kineto: correlation ids, as text without a Python string each
+        ids = pc.cast(pa.array(num, pa.int64()), pa.string())
+    else:
+        ids = np.where(num >= 0, num.astype(str).astype(object), strings[pairs["id_str"].to_numpy()]).astype(object)
+    return {"cat": Codes(pairs["cat"].to_numpy(), strings), "id": ids,
             "src_task": np.where(s_rows >= 0, new_pos[np.clip(s_rows, 0, None)], -1),
             "dst_task": np.where(f_rows >= 0, new_pos[np.clip(f_rows, 0, None)], -1),
             "src_ns": pairs["ts_s"].to_numpy() - zero, "dst_ns": pairs["ts_f"].to_numpy() - zero}
