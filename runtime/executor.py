@@ -95,6 +95,11 @@ class CompiledGraph:
         self.main_stream = next((s for s in ("aicore0", "aicore1", "aicpu", "host", "comm") if s in active),
                                 None)
         self.other_streams = [s for s in active if s != self.main_stream]
+        # the multi-stream path: per stream its Task objects (read at run time), their kinds and ids
+        codes = {"event_wait": _exec.EVENT_WAIT, "event_record": _exec.EVENT_RECORD}
+        self._stream_tasks = {s: (list(ts), np.array([codes.get(t.kind, _exec.KERNEL) for t in ts], np.int8),
+                                  np.array([t.task_id for t in ts], np.int32))
+                              for s, ts in self.tl.streams.items() if ts}
         self._workers: dict[str, _Worker] = {}
         # the single-stream fast path: (out, kernel, ins, attrs, frees) tuples
         self._flat = [(t.out, t.kernel, tuple(t.ins), t.attrs, tuple(t.frees)) for t in self.tl.tasks
@@ -186,30 +191,16 @@ class CompiledGraph:
         return result
 
     def _run_stream(self, stream: str, env, events, abort, records):
-        rec = records.setdefault(stream, []) if records is not None else None
-        for t in self.tl.streams[stream]:
-            if abort:
-                return
-            kind = t.kind
-            if kind == "event_wait":
-                t0 = clock()
-                events[t.event].wait()
-                if abort:
-                    return
-                if rec is not None:
-                    rec.append((t.task_id, t0, clock()))
-            elif kind == "event_record":
-                events[t.event].set()
-                if rec is not None:
-                    now = clock()
-                    rec.append((t.task_id, now, now))
-            else:
-                t0 = clock() if rec is not None else 0
-                env[t.out] = t.kernel(*[env[i] for i in t.ins], **t.attrs)
-                if rec is not None:
-                    rec.append((t.task_id, t0, clock()))
-                for f in t.frees:
-                    env[f] = None
+        """One stream's tasks in compiled code (``_exec.run_stream``); with ``records`` (a dict) the stream's
+        (task ids, starts, ends) of the tasks that ran go into ``records[stream]``."""
+        tasks, codes, ids = self._stream_tasks[stream]
+        if records is None:
+            _exec.run_stream(tasks, codes, env, events, abort)
+            return
+        n = len(tasks)
+        starts, ends = np.empty(n, np.int64), np.empty(n, np.int64)
+        done = _exec.run_stream(tasks, codes, env, events, abort, starts, ends)
+        records[stream] = (ids[:done], starts[:done], ends[:done])
 
     def _run_streams(self, env, tracing: bool):
         records: dict | None = {} if tracing else None
@@ -326,12 +317,13 @@ class CompiledGraph:
             bp_end = int(ends[bi]) if bi >= 0 else fp_start
             fp_op, bp_op = self._flat_marker_ops
             t_end = int(ends[-1]) if len(ends) else clock()  # in order on one stream: the last end is the latest
-        else:
-            flat = [r for rs in records.values() for r in rs]
-            flat.sort(key=lambda r: r[1])
-            ids = np.fromiter((r[0] for r in flat), np.int32, len(flat))
-            starts = np.fromiter((r[1] for r in flat), np.int64, len(flat))
-            ends = np.fromiter((r[2] for r in flat), np.int64, len(flat))
+        else:  # several streams: their tasks merged in start order (streams in a fixed order at ties)
+            parts = [records[s] for s in [self.main_stream] + self.other_streams if s in records]
+            starts = np.concatenate([p[1] for p in parts])
+            order = np.argsort(starts, kind="stable")
+            ids = np.concatenate([p[0] for p in parts])[order]
+            starts = starts[order]
+            ends = np.concatenate([p[2] for p in parts])[order]
             fwd, bwd = self._phase_masks
             fw = fwd[ids]
             bw = bwd[ids]
