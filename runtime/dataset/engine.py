@@ -500,19 +500,26 @@ class _Sampler:
     It starts with the first such pipeline and is shared by all of them: ``Model.train`` iterates a new
     pipeline per epoch, which joins the running sampler instead of starting (and later joining) a thread of
     its own -- a thread start and a wake-up per epoch less on the training thread. It ends when nobody
-    listens any more, or when no pipeline has been registered for ``IDLE_S`` seconds."""
+    listens any more, or when no pipeline has been registered for ``IDLE_S`` seconds. It holds the pipelines
+    by weak reference, and none while it sleeps, so it never keeps a pipeline (or what it references) alive."""
 
     IDLE_S = 0.5
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._pipes: list[_Pipeline] = []
+        self._pipes: list[weakref.ref] = []
         self.thread: threading.Thread | None = None
+
+    def _live(self) -> list[_Pipeline]:
+        """Under the lock: the registered pipelines still alive (dead references dropped)."""
+        pipes = [r() for r in self._pipes]
+        self._pipes = [r for r, p in zip(self._pipes, pipes) if p is not None]
+        return [p for p in pipes if p is not None]
 
     def register(self, pipe: _Pipeline) -> None:
         with self._lock:
-            if pipe not in self._pipes:
-                self._pipes.append(pipe)
+            if not any(p is pipe for p in self._live()):
+                self._pipes.append(weakref.ref(pipe))
             t = self.thread
             start = t is None
             if start:
@@ -524,8 +531,7 @@ class _Sampler:
     def unregister(self, pipe: _Pipeline) -> None:
         with pipe._sample_lock:
             with self._lock:
-                if pipe in self._pipes:
-                    self._pipes.remove(pipe)
+                self._pipes = [r for r in self._pipes if r() is not pipe and r() is not None]
                 pipe.sampler = None
 
     def _stop_if(self, done) -> bool:
@@ -535,9 +541,9 @@ class _Sampler:
                 return True  # already ended
             if not done():
                 return False
-            for p in self._pipes:
+            for p in self._live():
                 p.sampler = None
-            self._pipes.clear()
+            self._pipes = []
             self.thread = None
             return True
 
@@ -549,17 +555,18 @@ class _Sampler:
                 if not hooks.listening and self._stop_if(lambda: True):
                     return
                 with self._lock:
-                    pipes = list(self._pipes)
+                    pipes = self._live()
                 if not pipes:
                     now = time.monotonic()
                     idle_since = idle_since or now
-                    if now - idle_since >= self.IDLE_S and self._stop_if(lambda: not self._pipes):
+                    if now - idle_since >= self.IDLE_S and self._stop_if(lambda: not self._live()):
                         return
                     continue
                 idle_since = None
                 t = _now()
                 for p in pipes:
                     p.sample(t)
+                del pipes, p  # no strong reference while sleeping
         finally:
             self._stop_if(lambda: True)
 
