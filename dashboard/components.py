@@ -105,7 +105,8 @@ def num_col(field: str, name: str, fmt: str = "ms", suffix: str = "", missing: s
     """A numeric column: kept numeric (sorts and filters as numbers; the filter's default is "greater
     than", so typing 100 keeps the rows above 100), shown with a d3 format; missing values are ``missing``."""
     spec = FORMATS.get(fmt, fmt)
-    return {"field": field, "headerName": name, "type": "rightAligned", "filter": "agNumberColumnFilter",
+    return {"field": field, "headerName": name, "headerTooltip": name, "type": "rightAligned",
+            "filter": "agNumberColumnFilter",
             "filterParams": {"defaultOption": "greaterThan", "buttons": ["reset"]},
             "valueFormatter": {"function": f"params.value == null ? '{missing}' : d3.format('{spec}')(params.value)"
                                            + (f" + '{suffix}'" if suffix else "")},
@@ -114,7 +115,7 @@ def num_col(field: str, name: str, fmt: str = "ms", suffix: str = "", missing: s
 
 def text_col(field: str, name: str, **kw) -> dict:
     """A text column: a case-insensitive "contains" filter, long values in a tooltip."""
-    return {"field": field, "headerName": name, "filter": "agTextColumnFilter",
+    return {"field": field, "headerName": name, "headerTooltip": name, "filter": "agTextColumnFilter",
             "filterParams": {"defaultOption": "contains", "buttons": ["reset"]}, "tooltipField": field,
             "minWidth": 110, **kw}
 
@@ -131,7 +132,9 @@ def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | 
               row_id: str | None = "id", **kw):
     """A dash-ag-grid table in the dashboard's one style: sortable, filterable columns (floating filters),
     columns sized to the window, pagination (``page_size`` rows; None: all rows), a row count that follows
-    the filters (``#<id>-count``, see ``register_grid``) and CSV export (``#<id>-csv``)."""
+    the filters (``#<id>-count``, see ``register_grid``) and CSV export (``#<id>-csv``). Headers are one line
+    (the full name in a tooltip): wrapped headers with automatic heights made AG Grid measure every header
+    cell's computed style, 0.45 s of the operators page's 1 s of grid script (Chrome's CPU profile)."""
     opts = {"tooltipShowDelay": 400, "enableCellTextSelection": True, "ensureDomOrder": True,
             "suppressColumnVirtualisation": True, "animateRows": False, "domLayout": "autoHeight",
             "suppressCellFocus": False, "rowSelection": {"mode": "singleRow", "checkboxes": False,
@@ -142,7 +145,7 @@ def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | 
     grid = dag.AgGrid(
         id=id_, columnDefs=columns, rowData=rows, columnSize="responsiveSizeToFit",
         defaultColDef={"sortable": True, "filter": True, "floatingFilter": True, "resizable": True,
-                       "suppressHeaderMenuButton": False, "wrapHeaderText": True, "autoHeaderHeight": True},
+                       "suppressHeaderMenuButton": False},
         dashGridOptions=opts, getRowId=f"params.data.{row_id}" if row_id else None,
         csvExportParams={"fileName": f"{csv or id_}.csv"}, className="insight-grid",
         dangerously_allow_code=True, style={"width": "100%", "maxWidth": MAX_TABLE_WIDTH}, **kw)
