@@ -24,7 +24,8 @@ replaced since the last flush.
 ``read`` is ``open_run`` + every column of every table as Arrow (``Run.arrow``), on a fresh ``Run``, page cache
 warm for both (the best of 5, old and new interleaved). ``flush cpu`` / ``merge cpu``: CPU seconds of the periodic flushes and of the
 background merges (what merging costs while training runs, at the lowest priority). ``stop, merge running`` is the new writer stopped right after the flush that completes 64
-batches (a two-level merge cascade is then running and gets cancelled). Medians over ``--repeats``.
+batches (64 is a power of the fan-in: a merge cascade through every level is then running and gets
+cancelled). Medians over ``--repeats``.
 
 Goals (issue 16): stop() does not grow with the run (100x within 2x of 1x); reading a long run is not slower
 than reading the compacted one (new / old <= 1.2).

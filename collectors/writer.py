@@ -7,7 +7,7 @@ a new part holds one batch, F = L), and is written under a dot-prefixed temporar
 ``part-*.parquet`` globs nor pyarrow's dataset discovery pick up, then renamed.
 
 So that thousands of flushes do not mean thousands of small files, a second background thread merges parts,
-tiered like a log-structured merge tree: when FANIN parts of the newest level (a new part is level 0) have
+tiered like a log-structured merge tree: when FANIN parts of one level (a new part is level 0) have
 accumulated, they are merged, streamed row group by row group into large row groups, into one part of the
 next level -- so the live parts are the digits of the batch count in base FANIN, however late the merger is.
 Each merge writes a temporary file, renames it to the name of the range it covers, and only then, GRACE_S
@@ -49,7 +49,7 @@ from collectors.schema import SCHEMAS
 
 MANIFEST = "manifest.json"
 
-FANIN = 8               # parts of one level merged into one of the next level
+FANIN = 4               # parts of one level merged into one of the next level
 ROW_GROUP = 1 << 17     # rows per row group of a merged part (a stop() waits for at most one row group's write)
 SEAL_ROWS = 1 << 21     # a merged part this large is never merged again ...
 SEAL_BYTES = 128 << 20  # ... nor one this large on disk
@@ -290,8 +290,8 @@ class RunWriter:
     # -- merging ----------------------------------------------------------------------------------------
     def _pick(self, table: str) -> tuple[list[Part], bool] | None:
         """The parts to merge next (consecutive, in order) and whether the result is sealed; None if none.
-        The unsealed tail of the live parts is a base-FANIN counter: its levels never increase from old to
-        new, so merging the newest run of one level keeps it one."""
+        The unsealed tail of the live parts is a base-FANIN counter: levels never increase from old to new,
+        and the oldest FANIN parts of a level with FANIN or more (a merger that fell behind) are merged."""
         live = self.live[table]
         k = len(live)
         while k and not live[k - 1].sealed:
@@ -299,16 +299,19 @@ class RunWriter:
         tail = live[k:]
         if len(tail) < FANIN or self._merge_failed_at.get(table) == self.parts[table]:
             return None
-        j = len(tail)
-        while j and tail[j - 1].level == tail[-1].level:
-            j -= 1
-        run = tail[j:j + FANIN]  # the oldest FANIN of the newest level (more when the merger fell behind)
-        if len(run) < FANIN:
-            return None
-        if sum(p.rows for p in run) >= SEAL_ROWS or sum(p.nbytes for p in run) >= SEAL_BYTES:
-            # sealed: the older unsealed parts go along, or they would stay small forever
-            return tail[:j + FANIN], True
-        return run, False
+        i = 0
+        while i < len(tail):
+            j = i
+            while j < len(tail) and tail[j].level == tail[i].level:
+                j += 1
+            if j - i >= FANIN:
+                run = tail[i:i + FANIN]
+                if sum(p.rows for p in run) >= SEAL_ROWS or sum(p.nbytes for p in run) >= SEAL_BYTES:
+                    # sealed: the older unsealed parts go along, or they would stay small forever
+                    return tail[:i + FANIN], True
+                return run, False
+            i = j
+        return None
 
     def _merge(self, table: str, run: list[Part], sealed: bool) -> None:
         d = self.rank_dir / table

@@ -41,6 +41,7 @@ MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a few KB
 MAX_JSON_DEPTH = 32            # objects / arrays nested deeper than this are refused (the format uses 3)
 MAX_INT_DIGITS = 20            # an int64 has at most 19 digits
 COMPACTION_RETRIES = 5         # a part file vanished under us: the run was compacted, list its files again
+SMALL_FILE_ROWS = 1 << 16      # a file this small is decoded in the calling thread (a thread pool costs more)
 MAX_PART_FILES = 100_000       # part files of one table (the writer keeps a few dozen; a refused run says so)
 # rank_N/<table>/part-FFFFFF-LLLLLL.parquet holds batches F..L of the table; part-NNNNN.parquet is batch N
 PART_FILE = re.compile(r"part-(\d{1,12})(?:-(\d{1,12}))?\.parquet")
@@ -233,11 +234,8 @@ class _TableFiles:
         self.files = files
         self.schemas = schemas
         self.columns: dict[str, pa.ChunkedArray] = {}
-
-    @property
-    def names(self) -> list[str]:
-        """Every column of any of the files (a writer may add columns in later parts)."""
-        return list(dict.fromkeys(n for sc in self.schemas for n in sc.names))
+        # every column of any of the files (a writer may add columns in later parts)
+        self.names: list[str] = list(dict.fromkeys(n for sc in schemas for n in sc.names))
 
 
 class Run:
@@ -376,14 +374,15 @@ class Run:
     def schema_names(self, table: str, rank: int = 0) -> list[str] | None:
         """The columns of the table (of any of its files), None when the table is absent."""
         e = self._entry(table, rank)
-        return None if e is None else e.names
+        return None if e is None else list(e.names)
 
     def arrow(self, table: str, rank: int = 0, columns: list[str] | None = None) -> pa.Table | None:
         """The table's ``columns`` (those present; all when None) as Arrow, each column read once and kept;
         None when the table is absent. A part file that vanishes (compaction) makes the table be listed and
         read again."""
         def get(e: _TableFiles) -> pa.Table:
-            want = [c for c in (e.names if columns is None else columns) if c in e.names]
+            have = set(e.names)
+            want = [c for c in (e.names if columns is None else columns) if c in have]
             with self._lock:
                 missing = [c for c in want if c not in e.columns]
                 if missing:
@@ -428,21 +427,22 @@ class Run:
     def _read_columns(self, e: _TableFiles, names: list[str]) -> dict[str, pa.ChunkedArray]:
         parts = []
         for f, schema in zip(e.files, e.schemas):
-            present = [c for c in names if c in schema.names]
+            has = set(schema.names)
+            present = [c for c in names if c in has]
             try:
                 with pq.ParquetFile(f, memory_map=True) as pf:
-                    t = pf.read(columns=present)
+                    t = pf.read(columns=present, use_threads=pf.metadata.num_rows >= SMALL_FILE_ROWS)
             except FileNotFoundError:
                 raise
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for damaged files
                 raise self.bad_file(f, exc) from None
-            parts.append((f, t))
+            parts.append((f, t, set(t.column_names)))
         out = {}
         for c in names:
             chunks = []
             types = set()
-            for f, t in parts:
-                if c in t.column_names:
+            for f, t, has in parts:
+                if c in has:
                     col = t.column(c)
                     chunks.append(col)
                     types.add(col.type)
@@ -450,7 +450,7 @@ class Run:
                     chunks.append(None)
             typ = _common_type(types)
             arrays = []
-            for (f, t), col in zip(parts, chunks):
+            for (f, t, _), col in zip(parts, chunks):
                 if col is None:
                     arrays.append(pa.nulls(t.num_rows, typ))
                 else:

@@ -65,6 +65,19 @@ def ranges(w_: RunWriter, table: str = "tasks") -> list[tuple[int, int]]:
     return [(p.first, p.last) for p in w_.live[table]]
 
 
+def counter(n: int, fanin: int) -> list[tuple[int, int, int]]:
+    """(first, last, level) of the parts n batches should end as: the digits of n in base ``fanin``."""
+    out, start, level = [], 0, 0
+    while fanin ** (level + 1) <= n:
+        level += 1
+    for lv in range(level, -1, -1):
+        size = fanin ** lv
+        while n - start >= size:
+            out.append((start, start + size - 1, lv))
+            start += size
+    return out
+
+
 def assert_exactly_once(run_dir: Path, n_rows: int | None = None) -> np.ndarray:
     ids = open_run(run_dir).table("tasks", columns=["task_id"])["task_id"].to_numpy()
     assert (ids == np.arange(len(ids))).all(), "a row read twice, missed, or out of order"
@@ -80,9 +93,9 @@ def test_merges_are_tiered_and_keep_every_row_once_in_order(tmp_path, monkeypatc
     for _ in range(100):
         wr.flush()
         wr.merge_pending()
-    # 100 batches as a base-8 counter: 1 x 64 + 4 x 8 + 4 x 1
-    assert ranges(wr) == [(0, 63)] + [(64 + 8 * k, 71 + 8 * k) for k in range(4)] + [(96 + k, 96 + k) for k in range(4)]
-    assert [p.level for p in wr.live["tasks"]] == [2] + [1] * 4 + [0] * 4
+    # 100 batches as a base-FANIN counter (base 4: 1 x 64 + 2 x 16 + 1 x 4)
+    want = counter(100, w.FANIN)
+    assert len(want) < 10 and [(p.first, p.last, p.level) for p in wr.live["tasks"]] == want
     wr.finish()
     assert names(wr) == sorted(p.name for p in wr.live["tasks"])  # the replaced parts are gone
     assert_exactly_once(tmp_path / "run", 100 * 100)
@@ -91,25 +104,29 @@ def test_merges_are_tiered_and_keep_every_row_once_in_order(tmp_path, monkeypatc
     assert run.manifest["tables"] == {"tasks": "rank_0/tasks/", "steps": "rank_0/steps/", "memory": "rank_0/memory/"}
     assert len(run.table("memory")) == 0 and "t_ns" in run.table("memory").columns  # empty, with its columns
     # the merged part: row groups of ROW_GROUP rows, strings still dictionary-encoded, read back as strings
-    big = pq.ParquetFile(tmp_path / "run" / "rank_0" / "tasks" / part_name(0, 63))
-    assert [big.metadata.row_group(g).num_rows for g in range(big.metadata.num_row_groups)] == [1000] * 6 + [400]
+    first = wr.live["tasks"][0]
+    big = pq.ParquetFile(tmp_path / "run" / "rank_0" / "tasks" / first.name)
+    full, rest = divmod(first.rows, 1000)
+    assert [big.metadata.row_group(g).num_rows for g in range(big.metadata.num_row_groups)] == \
+        [1000] * full + ([rest] if rest else [])
     name = big.schema_arrow.names.index("name")
-    assert all(big.metadata.row_group(g).column(name).has_dictionary_page for g in range(7))
+    assert all(big.metadata.row_group(g).column(name).has_dictionary_page for g in range(big.metadata.num_row_groups))
     assert big.schema_arrow.field("name").type == pa.string()
     assert sorted(run.table("tasks", columns=["op"])["op"].unique()) == [f"Op{k}" for k in range(7)]
 
 
-def test_a_merger_that_fell_behind_merges_eight_at_a_time(tmp_path):
-    wr = writer(tmp_path / "run", [10] * 20)
-    for _ in range(20):
+def test_a_merger_that_fell_behind_ends_at_the_same_parts(tmp_path):
+    wr = writer(tmp_path / "run", [10] * 37)
+    for _ in range(37):
         wr.flush()
-    assert wr.merge_pending() == 2 * 2  # tasks and steps
-    assert ranges(wr) == [(0, 7), (8, 15), (16, 16), (17, 17), (18, 18), (19, 19)]
+    wr.merge_pending()  # FANIN at a time, oldest first: the same parts as merging after every flush
+    assert [(p.first, p.last, p.level) for p in wr.live["tasks"]] == counter(37, w.FANIN)
     assert ranges(wr, "steps") == ranges(wr)
 
 
 def test_a_sealed_part_takes_the_small_parts_before_it_and_is_never_merged_again(tmp_path, monkeypatch):
     monkeypatch.setattr(w, "SEAL_ROWS", 1000)
+    monkeypatch.setattr(w, "FANIN", 8)
     wr = writer(tmp_path / "run", [10] * 8 + [200] * 8 + [10] * 64)
     for _ in range(16):
         wr.flush()
@@ -134,7 +151,8 @@ def test_writer_threads_merge_in_the_background(tmp_path):
     wr.stop_thread()
     wr.flush(final=True)
     wr.finish()
-    assert wr.parts["tasks"] == 40 and wr.merges >= 5 and len(wr.live["tasks"]) == 5  # 40 = 5 x 8
+    assert wr.parts["tasks"] == 40 and wr.merges >= 5
+    assert [(p.first, p.last, p.level) for p in wr.live["tasks"]] == counter(40, w.FANIN)
     assert wr.background_cpu_s > 0
     assert_exactly_once(tmp_path / "run", 2000)
 
@@ -148,7 +166,7 @@ def test_stop_reads_and_rewrites_nothing_written_before(tmp_path, monkeypatch):
         assert wr.wait_merged(30)
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
               for p in (wr.rank_dir / t / part.name for t in wr.tables for part in wr.live[t])}
-    assert len(before) == 2 * 8  # tasks and steps: 29 = 3 x 8 + 5 parts each
+    assert len(before) == 2 * len(counter(29, w.FANIN))  # tasks and steps
 
     def no_reading(*a, **k):
         raise AssertionError("stop() opened a part file to read it")
@@ -177,9 +195,9 @@ def test_stop_cancels_a_merge_in_progress(tmp_path, monkeypatch):
             time.sleep(0.005)
         return real(paths, schema, dest, cancelled, **k)
     monkeypatch.setattr(w, "merge_files", slow_merge)
-    wr = writer(tmp_path / "run", [100] * 9)
+    wr = writer(tmp_path / "run", [100] * (w.FANIN + 1))
     wr.start_thread(3600)
-    for _ in range(8):
+    for _ in range(w.FANIN):  # the last of these calls for a merge
         wr.flush()
     assert started.wait(30)
     t = time.perf_counter()
@@ -187,13 +205,14 @@ def test_stop_cancels_a_merge_in_progress(tmp_path, monkeypatch):
     wr.flush(final=True)
     wr.finish()
     assert time.perf_counter() - t < 5
-    assert wr.merges == 0 and len(wr.live["tasks"]) == 9
+    assert wr.merges == 0 and len(wr.live["tasks"]) == w.FANIN + 1
     assert not list((tmp_path / "run").rglob("*.tmp"))  # the cancelled merge's temporary file removed
-    assert_exactly_once(tmp_path / "run", 900)
+    assert_exactly_once(tmp_path / "run", 100 * (w.FANIN + 1))
 
 
 # -- the crash windows ----------------------------------------------------------------------------------------
 def test_a_crash_between_a_merges_rename_and_its_removals_loses_and_doubles_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(w, "FANIN", 8)
     wr = writer(tmp_path / "run", [100] * 20)
     for _ in range(8):
         wr.flush()
@@ -233,8 +252,9 @@ def test_live_parts():
 
 # -- a damaged part directory: one TraceError naming it ------------------------------------------------------
 @pytest.fixture
-def parted(tmp_path):
+def parted(tmp_path, monkeypatch):
     """A finished run whose tasks are the parts 0..63 (merged), 64..71, 72 and 73."""
+    monkeypatch.setattr(w, "FANIN", 8)
     wr = writer(tmp_path / "run", [20] * 74)
     for _ in range(74):
         wr.flush()
