@@ -20,7 +20,8 @@ Each round runs, ``--repeats`` times over in an order that rotates from run to r
                     writer flushing every ``--flush-interval`` = 1 s, the Profiler's default: inside the
                     BERT-small runs, not inside the 0.2 s LeNet runs), started before and stopped after
                     ``Model.train``; only ``Model.train`` is timed, ``stop()`` is reported separately.
-A round's figure per variant is its total time over its repeats; we report the median ms/step of each variant
+A round's figure per variant is the median of its repeats (one run disturbed by the machine does not move
+it); we report the median ms/step of each variant
 and the overhead vs ``off`` as the median over rounds of the paired (same round) ratios, which is robust
 against load drifting on a shared machine, and also the ratio of the medians. Goal: <= 2 %.
 The attribution line gives the profiler's hook callback alone (one real step's events replayed through it)
@@ -112,7 +113,7 @@ def make_bert(steps: int, quick: bool) -> Training:
 
 def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_interval: float) -> dict:
     tr.run()  # warm-up: compile, caches
-    ms = {v: [] for v in VARIANTS}  # per round: the mean ms/step over its repeats
+    ms = {v: [] for v in VARIANTS}  # per round: the median ms/step of its repeats
     finish, writer_cpu, flushes_inside, cpu_per_flush = [], [], [], []
     n = 0
 
@@ -151,7 +152,7 @@ def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_inter
             for v in order:
                 acc[v].append(run(v))
         for v in VARIANTS:
-            ms[v].append(statistics.fmean(acc[v]))
+            ms[v].append(statistics.median(acc[v]))
     run_dir = tmp / f"run{n}"
     rows = len(open_run(run_dir).table("tasks"))
     res = {"model": tr.name, "steps_per_run": tr.steps, "rounds": rounds, "repeats": repeats,
