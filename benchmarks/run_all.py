@@ -219,6 +219,19 @@ def _with_unit(x, unit: str) -> str:
     return f"{s} {unit}" if s and unit else s
 
 
+def _judged(x, goal: str) -> str:
+    """``fmt(x)``, with more digits when the rounded figure would read as the goal's bound (1.1538 vs
+    "<= 1.15" shows 1.154, not 1.15 MISSED)."""
+    s = fmt(x)
+    bound = goal.strip().partition(" ")[2]
+    try:
+        if s and bound and float(s.replace(",", "")) == float(bound) and float(x) != float(bound):
+            return f"{float(x):.4g}"
+    except ValueError:
+        pass
+    return s
+
+
 def _result(r: dict) -> str:
     return {True: "met", False: "MISSED", None: ""}[r.get("met")]
 
@@ -235,10 +248,13 @@ def table(report: dict) -> list[list[str]]:
             lines.append(head + [f"FAILED: {b['error']}", "", "", "", "", "FAILED"])
             continue
         for k, r in enumerate(b["rows"]):
-            unit = r.get("unit", "")
+            unit, goal = r.get("unit", ""), r.get("goal", "")
+            judged_ours = r.get("ratio") is None  # the goal is on ours when there is no ratio
+            ours = _judged(r["ours"], goal) if judged_ours else fmt(r["ours"])
             lines.append((head if k == 0 else ["", "", ""])
-                         + [r["metric"], _with_unit(r["ours"], unit), _with_unit(r.get("reference"), unit),
-                            fmt(r.get("ratio")), r.get("goal", ""), _result(r)])
+                         + [r["metric"], f"{ours} {unit}".strip() if ours else "",
+                            _with_unit(r.get("reference"), unit),
+                            "" if judged_ours else _judged(r["ratio"], goal), goal, _result(r)])
     return lines
 
 
