@@ -14,6 +14,14 @@ Listener = Callable[[str, dict], None]
 _listeners: tuple[Listener, ...] = ()  # replaced (never mutated) on (un)subscribe: emit iterates a snapshot
 listening: bool = False
 generation: int = 0  # bumped on every subscribe, so emitters re-send static tables to new listeners
+_on_subscribe: list[Callable[[], None]] = []
+
+
+def on_subscribe(fn: Callable[[], None]) -> None:
+    """Have ``fn()`` called after every ``subscribe``: an emitter prepares its tracing there (e.g. starts a
+    sampling thread) instead of in the first traced step."""
+    if fn not in _on_subscribe:
+        _on_subscribe.append(fn)
 
 
 def subscribe(fn: Listener) -> Listener:
@@ -23,6 +31,8 @@ def subscribe(fn: Listener) -> Listener:
         _listeners = _listeners + (fn,)
     listening = True
     generation += 1
+    for prepare in tuple(_on_subscribe):
+        prepare()
     return fn
 
 

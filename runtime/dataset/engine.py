@@ -497,11 +497,12 @@ class _Sampler:
     """The one thread sampling the output-queue depth of every pipeline iterated while a listener is
     subscribed, every ``config.get_monitor_sampling_interval()`` ms (``queue_sample`` events).
 
-    It starts with the first such pipeline and is shared by all of them: ``Model.train`` iterates a new
-    pipeline per epoch, which joins the running sampler instead of starting (and later joining) a thread of
-    its own -- a thread start and a wake-up per epoch less on the training thread. It ends when nobody
-    listens any more, or when no pipeline has been registered for ``IDLE_S`` seconds. It holds the pipelines
-    by weak reference, and none while it sleeps, so it never keeps a pipeline (or what it references) alive."""
+    It starts when a listener subscribes (``hooks.on_subscribe``: in the profiler's start, not in the first
+    traced step), or else with the first such pipeline, and is shared by all of them: ``Model.train``
+    iterates a new pipeline per epoch, which joins the running sampler instead of starting (and later
+    joining) a thread of its own. It ends when nobody listens any more, or when no pipeline has been
+    registered for ``IDLE_S`` seconds. It holds the pipelines by weak reference, and none while it sleeps,
+    so it never keeps a pipeline (or what it references) alive."""
 
     IDLE_S = 0.5
 
@@ -516,17 +517,25 @@ class _Sampler:
         self._pipes = [r for r, p in zip(self._pipes, pipes) if p is not None]
         return [p for p in pipes if p is not None]
 
-    def register(self, pipe: _Pipeline) -> None:
+    def register(self, pipe: _Pipeline | None) -> None:
+        """Sample ``pipe`` from now on (None: only start the thread, ahead of the first pipeline)."""
         with self._lock:
-            if not any(p is pipe for p in self._live()):
+            if pipe is not None and not any(p is pipe for p in self._live()):
                 self._pipes.append(weakref.ref(pipe))
             t = self.thread
             start = t is None
             if start:
                 t = self.thread = threading.Thread(target=self._loop, daemon=True, name="dataset-sampler")
-            pipe.sampler = t
+            if pipe is not None:
+                pipe.sampler = t
         if start:
             t.start()
+
+    def prestart(self) -> None:
+        """On a new subscriber: start the thread now (in the profiler's start), not in the first traced step
+        (Thread.start waits for the new thread to run, which on busy cores can take milliseconds)."""
+        if self.thread is None:
+            self.register(None)
 
     def unregister(self, pipe: _Pipeline) -> None:
         with pipe._sample_lock:
@@ -572,6 +581,7 @@ class _Sampler:
 
 
 _SAMPLER = _Sampler()
+hooks.on_subscribe(_SAMPLER.prestart)
 
 
 class DatasetIterator:
