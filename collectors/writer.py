@@ -51,8 +51,8 @@ MANIFEST = "manifest.json"
 
 FANIN = 4               # parts of one level merged into one of the next level
 ROW_GROUP = 1 << 17     # rows per row group of a merged part (a stop() waits for at most one row group's write)
-SEAL_ROWS = 1 << 21     # a merged part this large is never merged again ...
-SEAL_BYTES = 128 << 20  # ... nor one this large on disk
+SEAL_ROWS = 1 << 18     # a merged part this large is never merged again (merging it further would save
+SEAL_BYTES = 32 << 20   # reads under 1 % while rewriting its rows again) ... nor one this large on disk
 GRACE_S = 5.0           # parts a merge replaced stay this long, for readers that listed them before it
 
 
