@@ -2,7 +2,7 @@
 
 One module per concern -- ``steps``, ``tasks`` (the timeline), ``memory``, ``minddata``, ``graphs``,
 ``host_ops`` -- plus ``buffers`` (hot-path columnar buffers), ``schema`` (the exact Arrow schemas of
-docs/trace-format.md) and ``writer`` (part files, manifest, compaction). ``insight.Profiler`` wires
+docs/trace-format.md) and ``writer`` (part files, manifest, background merging). ``insight.Profiler`` wires
 them together; collectors never import ``insight``.
 """
 from collectors.graphs import GraphRegistry, GraphsCollector

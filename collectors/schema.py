@@ -1,6 +1,6 @@
 """The explicit Arrow schemas of every table of a run (docs/trace-format.md, schema version 1).
 
-Every part file and every compacted table is written with exactly these schemas, so the dtypes on disk
+Every part file, flushed or merged, is written with exactly these schemas, so the dtypes on disk
 never depend on what the first batch of values happened to look like.
 """
 from __future__ import annotations

@@ -477,15 +477,16 @@ class Run:
 
 
 def _part_names(run: "Run", d: Path) -> list[str]:
-    """The part file names in ``d`` (temporary dot-files and other names skipped), at most MAX_PART_FILES."""
+    """The part file names in ``d`` (temporary dot-files and other names skipped); a directory of more than
+    MAX_PART_FILES entries is refused (it is not one the writer leaves, and listing it could take minutes)."""
     names = []
     try:
         with os.scandir(d) as it:
-            for entry in it:
+            for k, entry in enumerate(it):
+                if k >= MAX_PART_FILES:
+                    raise run.error(f"{run.rel(d)}: more than {MAX_PART_FILES} part files")
                 if entry.name.startswith("part-") and entry.name.endswith(".parquet"):
                     names.append(entry.name)
-                    if len(names) > MAX_PART_FILES:
-                        raise run.error(f"{run.rel(d)}: more than {MAX_PART_FILES} part files")
     except FileNotFoundError:
         raise
     except OSError as e:
