@@ -1,4 +1,5 @@
 """The simulated device: memory pool and plan, streams and events, placement, data sink mode."""
+import gc
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import batches
 from runtime import Model, _exec, context, hooks, nn
 from runtime.core import GraphBuilder, building
 from runtime.dataset import NumpySlicesDataset
-from runtime.device.memory import ALIGN, DeviceOutOfMemoryError, LiveTensor, MemoryPool, parse_size
+from runtime.device.memory import ALIGN, DeviceOutOfMemoryError, LiveTensor, MemoryPool, get_device, parse_size
 from runtime.device.plan import Buffer, plan_memory
 from runtime.executor import CompiledGraph, evaluate
 from runtime.ir.graph import Graph
@@ -46,6 +47,31 @@ def test_pool_out_of_memory_message_and_recovery():
     assert "capacity 10.0 KB" in msg and "in use 6.0 KB" in msg and "requested 6.0 KB" in msg
     assert "'fc1.weight' produced by parameter" in msg
     assert pool.alloc(3000, LiveTensor("small", 3000)).size == 3072  # still usable
+
+
+def test_a_replaced_device_drains_silently_into_a_running_profile():
+    """Parameters of a model built before device_memory changed die while a listener records: the old
+    pool must neither announce its live blocks nor report their frees (they are not the device's memory)."""
+    context.set_context(device_memory="3MB")
+    old = get_device()
+    params = [Parameter(np.ones(1000, np.float32), name=f"old.w{i}") for i in range(3)]
+    old.make_resident(params)
+    context.set_context(device_memory="4MB")
+    new = get_device()
+    assert new is not old
+    seen = []
+    listener = lambda kind, ev: seen.append((kind, ev)) if kind == "memory" else None
+    hooks.subscribe(listener)
+    try:
+        del params
+        gc.collect()
+        new.pool.alloc(100, LiveTensor("fresh", 100, "parameter", (25,), "float32"))
+    finally:
+        hooks.unsubscribe(listener)
+        context.set_context(device_memory=None)
+    names = [ev["tensor"] for _, ev in seen]
+    assert names == ["fresh"], names
+    assert old.pool.in_use == 0  # the old blocks were still freed
 
 
 def test_parse_size():

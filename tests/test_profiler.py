@@ -1,5 +1,4 @@
 """insight.Profiler and the collectors: what a profiled digits-CNN training writes, read back with insight.trace."""
-import gc
 import json
 import os
 import signal
@@ -54,9 +53,6 @@ def _no_leftover_profiler():
 # -- a full run, both data modes ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sink", [False, True], ids=["feed", "sink"])
 def test_profiled_training_writes_a_consistent_run(tmp_path, digits, sink):
-    # earlier tests' models may still be uncollected garbage on the previous device: collected while this run
-    # records, their pool would announce its blocks too (MemoryPool.free of a replaced device) -- not this test
-    gc.collect()
     context.set_context(device_memory="2MB")  # small enough that "in_use <= capacity" means something
     model = _model()
     run_dir = tmp_path / "base" / "run1"

@@ -82,6 +82,7 @@ class MemoryPool:
         self.peak = 0
         self._lock = threading.Lock()
         self._announced = -1  # the hooks.generation whose listeners have seen the live blocks
+        self.retired = False  # a replaced device's pool: its blocks drain silently (not the device's memory)
 
     # -- events --------------------------------------------------------------------------------------
     def _event(self, action: str, blk: Block, in_use: int, t_ns: int) -> dict:
@@ -92,6 +93,8 @@ class MemoryPool:
                 "step": -1, "shape": "x".join(map(str, t.shape)), "dtype": t.dtype, "source": "pool"}
 
     def _notify(self, action: str, blk: Block, in_use: int) -> None:
+        if self.retired:
+            return
         if self._announced != hooks.generation:
             self.announce()  # the new listener gets the live blocks, this change included
         else:
@@ -99,7 +102,7 @@ class MemoryPool:
 
     def announce(self) -> None:
         """Tell listeners that subscribed since the last call which blocks are live (one alloc each)."""
-        if not hooks.listening or self._announced == hooks.generation:
+        if not hooks.listening or self._announced == hooks.generation or self.retired:
             return
         with self._lock:
             self._announced = hooks.generation
@@ -227,6 +230,11 @@ def get_device() -> Device:
     global _device, _device_capacity
     cap = context.get_context("device_memory") or DEFAULT_CAPACITY
     if _device is None or cap != _device_capacity:
+        if _device is not None:
+            # Parameters of models built before the change still free their blocks on the old pool when
+            # they die; that is no longer the device's memory, so it reports nothing (a profiler would
+            # otherwise get the old pool's whole live set announced into its memory table).
+            _device.pool.retired = True
         _device = Device(cap)
         _device_capacity = cap
     return _device
