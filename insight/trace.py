@@ -71,6 +71,8 @@ TABLE_SCHEMAS: dict[str, dict[str, str]] = {
     "host_ops": {"op": "str", "name": "str", "scope": "str", "start_ns": "int", "end_ns": "int"},
     # imported runs only (docs/import.md): launch -> device-work links, rows of ``tasks``
     "flows": {"cat": "str", "id": "str", "src_task": "int", "dst_task": "int", "src_ns": "int", "dst_ns": "int"},
+    # imported runs only: Chrome-trace ``C`` (counter) events, one row per numeric series value
+    "counters": {"name": "str", "series": "str", "process": "str", "t_ns": "int", "value": "float", "step": "int"},
 }
 TABLES = tuple(TABLE_SCHEMAS)
 

@@ -230,7 +230,8 @@ def test_counter_events_become_the_counters_table(tmp_path, capsys):
     assert "9 counter values" in out and "1 counter values that are not numbers" in out
     r = open_run(run)
     assert r.manifest["tables"]["counters"] == "rank_0/counters.parquet"
-    c = pd.read_parquet(run / r.manifest["tables"]["counters"])
+    c = r.table("counters")  # through the reader, with its schema checks
+    assert c.equals(pd.read_parquet(run / r.manifest["tables"]["counters"]))
     got = list(c[["name", "series", "process", "t_ns", "value", "step"]].itertuples(index=False, name=None))
     assert got == sorted(expect, key=lambda row: row[3])  # (a stable sort: series in args order)
     assert r.manifest["import"]["files"][0]["counts"]["counters"] == 9
