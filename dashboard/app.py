@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 import dash
 from dash import dcc, html
+from flask import has_request_context, request
 
 from dashboard import routes
 from dashboard.data import RunStore, set_store
@@ -32,6 +33,10 @@ MAX_REQUEST_BYTES = 1 << 20  # a callback request is a few KB; a bigger body is 
 
 ASSET_MAX_AGE = 365 * 24 * 3600  # seconds: asset URLs carry the file's mtime, a changed file is a new URL
 LAZY_LIBRARIES = ("dash_ag_grid",)  # component bundles loaded on the first render of one of their components
+# their webpack chunks that every render needs, fetched beside the bundle instead of after it has run
+LAZY_CHUNKS = {"dash_ag_grid": ("async-community.js",)}
+# pages that show a grid: their index page starts loading the bundle at once, beside the layout requests
+GRID_PAGES = re.compile(r"^/(compare)?$|^/run/[^/]+/(operators|memory|pipeline|cluster)/?$")
 
 _registered: set[str] = set()
 
@@ -49,8 +54,13 @@ class InsightDash(dash.Dash):
                 lazy[lib] = tag.group(1)
                 scripts = scripts.replace(tag.group(0), "")
         if lazy:
-            head = "".join(f'<link rel="prefetch" href="{u}" as="script">' for u in lazy.values())
-            kw["scripts"] = f"<script>window.__insightLazyScripts = {json.dumps(lazy)};</script>{head}{scripts}"
+            chunks = {lib: [u.rsplit("/", 1)[0] + "/" + c for c in LAZY_CHUNKS.get(lib, ())] for lib, u in lazy.items()}
+            urls = [*lazy.values(), *(c for cs in chunks.values() for c in cs)]
+            now = has_request_context() and GRID_PAGES.match(request.path[len(self.config.requests_pathname_prefix) - 1:])
+            head = "".join(f'<link rel="prefetch" href="{u}" as="script">' for u in urls) if not now else ""
+            kw["scripts"] = (f"<script>window.__insightLazyScripts = {json.dumps(lazy)}; window.__insightLazyChunks = "
+                             f"{json.dumps(chunks)}; window.__insightLazyNow = {json.dumps(bool(now))};</script>"
+                             f"{head}{scripts}")
         return super().interpolate_index(**kw)
 
 

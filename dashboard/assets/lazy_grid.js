@@ -11,18 +11,26 @@
     }
     var ready = null;
     var shim = {};
+    // the grid's webpack chunk (AG Grid itself), which the bundle would request only once it has run: fetched
+    // and parsed in parallel instead (its JSONP push is picked up by the bundle whichever runs first)
+    var chunks = (window.__insightLazyChunks && window.__insightLazyChunks.dash_ag_grid) || [];
+
+    function script(url) {
+        return new Promise(function (resolve, reject) {
+            var s = document.createElement('script');
+            s.src = url;
+            s.async = true;
+            s.onload = function () { resolve(true); };
+            s.onerror = function () { reject(new Error('Insight could not load the table component from ' + url)); };
+            document.head.appendChild(s);
+        });
+    }
 
     function load() {
         if (!ready) {
-            ready = new Promise(function (resolve, reject) {
-                var s = document.createElement('script');
-                s.src = src;
-                s.onload = function () { resolve(true); };
-                s.onerror = function () {
-                    ready = null;
-                    reject(new Error('Insight could not load the table component from ' + src));
-                };
-                document.head.appendChild(s);
+            ready = Promise.all([src].concat(chunks).map(script)).then(function () { return true; }, function (e) {
+                ready = null;
+                throw e;
             });
         }
         return ready;
@@ -52,4 +60,7 @@
     Object.defineProperty(AgGrid, '_dashprivate_isLazyComponentReady', {get: load});
     shim.AgGrid = AgGrid;
     window.dash_ag_grid = shim;
+    if (window.__insightLazyNow) {
+        load();  // a page with a table was requested: its bundle is parsed while the layout is fetched
+    }
 })();
