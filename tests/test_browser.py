@@ -719,6 +719,9 @@ def test_memory_click_reports_the_event_at_or_before_the_cursor(e2e):
         cursor = float(re.search(r"click at ([0-9.]+) ms", _text(drv, "mem-at-summary")).group(1))
         i = int(np.searchsorted(lt.t_ns, cursor * 1e6 + 500, side="right")) - 1  # the printed cursor is rounded
         assert at <= cursor + 0.0005 and at == pytest.approx(lt.t_ns[i] / 1e6, abs=0.0006), (at, cursor)
+        # the table (built on the first click) lists as many tensors as the summary counts
+        n = int(re.match(r"(\d+) tensors", _text(drv, "mem-at-summary")).group(1))
+        _wait(drv, lambda: _text(drv, "mem-at-table-count") == f"{n} rows", "the table of the tensors at the click")
     assert _severe(drv) == []
 
 

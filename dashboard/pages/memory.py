@@ -264,8 +264,7 @@ def _body(run_id: str, rank: int = 0):
                "Alloc/free markers and step boundaries can be toggled from the legend.", className="muted"),
         html.Div([html.H3("Tensors alive at the clicked time", id="mem-at-title"),
                   html.P("Nothing selected yet.", id="mem-at-summary", className="muted"),
-                  html.Div(grid_tools("mem-at-table", []), className="toolbar"),
-                  data_grid("mem-at-table", LIVE_COLUMNS, [], page_size=15, csv="tensors-at-click")],
+                  html.Div(id="mem-at-box")],  # the table is built on the first click (at_table)
                  className="panel", style={"marginTop": 8}),
         html.Div([html.H3(f"Tensors alive at the peak ({peak_ms:.3f} ms, step {peak.step})" if peak_ms is not None
                           else "Tensors alive at the peak", id="mem-peak-title"),
@@ -334,6 +333,19 @@ def inspect(click, where):
             summary, live_rows(live))
 
 
+def at_table(rows: list[dict]):
+    """The table of the tensors alive at the clicked time, with its row count and CSV button. Built on a
+    click, not with the page: an empty grid made every Memory page load pay for a second grid."""
+    return [html.Div(grid_tools("mem-at-table", rows), className="toolbar"),
+            data_grid("mem-at-table", LIVE_COLUMNS, rows, page_size=15, csv="tensors-at-click")]
+
+
+def inspect_table(click, where):
+    """``inspect`` for the page: the title, the summary and the table of the tensors."""
+    title, summary, rows = inspect(click, where)
+    return title, summary, rows if rows is dash.no_update else at_table(rows)
+
+
 def drill(click, _whole, run_id):
     """A step bar's click zooms the timeline to that step; "Whole run" zooms back out."""
     patch = Patch()
@@ -356,8 +368,8 @@ def register_callbacks(app) -> None:
     app.callback(Output("mem-timeline", "figure"), Input("mem-scale", "value"), State("mem-run", "data"),
                  prevent_initial_call=True)(rescale)
     app.callback(Output("mem-at-title", "children"), Output("mem-at-summary", "children"),
-                 Output("mem-at-table", "rowData"), Input("mem-cursor", "data"), State("mem-run", "data"),
-                 prevent_initial_call=True)(inspect)
+                 Output("mem-at-box", "children"), Input("mem-cursor", "data"), State("mem-run", "data"),
+                 prevent_initial_call=True)(inspect_table)
     app.callback(Output("mem-timeline", "figure", allow_duplicate=True), Output("mem-drill", "children"),
                  Input("mem-steps", "clickData"), Input("mem-whole", "n_clicks"), State("mem-run", "data"),
                  prevent_initial_call=True)(drill)
