@@ -14,7 +14,6 @@ Everything comes from ``insight.analysis.compare_runs``.
 """
 from __future__ import annotations
 
-from urllib.parse import urlencode
 
 import dash
 import numpy as np
@@ -263,16 +262,18 @@ def _view(a: str, b: str, cmp):
 
 
 # -- the pickers rewrite the URL; the page router re-renders with the new query ----------------------------
-def pick(a, b):
-    return compare_search(a, b)
-
-
-def compare_search(a, b) -> str:
-    q = {k: v for k, v in (("a", a), ("b", b)) if v}
-    return "?" + urlencode(q) if q else ""
+# The dropdowns write the URL the router renders (in the browser: no request, and none when the URL already
+# says so -- the dropdowns set their values when drawn, which cost a server round trip on every page load).
+PICK_JS = """function(a, b) {
+    var q = new URLSearchParams();
+    if (a) { q.set('a', a); }
+    if (b) { q.set('b', b); }
+    var s = q.toString() ? '?' + q.toString() : '';
+    return s === window.location.search ? window.dash_clientside.no_update : s;
+}"""
 
 
 def register_callbacks(app) -> None:
-    app.callback(Output(PAGES_LOCATION, "search"), Input("compare-a", "value"), Input("compare-b", "value"),
-                 prevent_initial_call=True)(pick)
+    app.clientside_callback(PICK_JS, Output(PAGES_LOCATION, "search"), Input("compare-a", "value"),
+                            Input("compare-b", "value"), prevent_initial_call=True)
     register_grid(app, "compare-ops-table")

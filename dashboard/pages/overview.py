@@ -208,26 +208,19 @@ def _imported_body(run_id: str, rank: int):
                      html.Div(blocks[2:] + [advice_box], className="two-col")])
 
 
-def step_link(click, where) -> str | None:
-    """A click on a step bar -> that step's timeline (``timeline?step=N``, the rank kept)."""
-    if not isinstance(click, dict) or not click.get("points") or not isinstance(where, dict):
-        return dash.no_update
-    x = click["points"][0].get("x")
-    try:
-        step = int(x)
-    except (TypeError, ValueError):
-        return dash.no_update
-    run_id, rank = where.get("run"), where.get("rank")
-    if not isinstance(run_id, str):
-        return dash.no_update
-    try:
-        store().path(run_id)
-    except LookupError:
-        return dash.no_update
-    return f"{run_href(run_id, 'timeline')}?step={step}" + (f"&rank={int(rank)}" if isinstance(rank, int) and rank
-                                                            else "")
+# A click on a step bar -> that step's timeline (``timeline?step=N``, the rank kept). In the browser: a server
+# callback cost a request on every page load too (the graph sets its clickData when it is drawn).
+STEP_LINK_JS = """function(click, where) {
+    var nu = window.dash_clientside.no_update;
+    if (!click || !click.points || !click.points.length || !where || typeof where.run !== 'string') { return nu; }
+    var step = Number(click.points[0].x);
+    if (!Number.isInteger(step)) { return nu; }
+    return '/run/' + encodeURIComponent(where.run) + '/timeline?step=' + step
+        + (Number.isInteger(where.rank) && where.rank ? '&rank=' + where.rank : '');
+}"""
 
 
 def register_callbacks(app) -> None:
-    app.callback(Output("_pages_location", "href", allow_duplicate=True), Input("step-breakdown", "clickData"),
-                 dash.State("ov-run", "data"), prevent_initial_call=True)(step_link)
+    app.clientside_callback(STEP_LINK_JS, Output("_pages_location", "href", allow_duplicate=True),
+                            Input("step-breakdown", "clickData"), dash.State("ov-run", "data"),
+                            prevent_initial_call=True)

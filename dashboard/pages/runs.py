@@ -105,5 +105,6 @@ def register_callbacks(app) -> None:
     app.callback(Output("runs-table", "rowData"), Input("runs-refresh", "n_intervals"),
                  prevent_initial_call=True)(refresh)
     app.callback(Output("runs-compare", "href"), Output("runs-compare", "className"),
-                 Output("runs-compare-hint", "children"), Input("runs-table", "selectedRows"))(compare_link)
+                 Output("runs-compare-hint", "children"), Input("runs-table", "selectedRows"),
+                 prevent_initial_call=True)(compare_link)  # the layout's link is compare_link(nothing ticked)
     register_grid(app, "runs-table")
