@@ -179,11 +179,14 @@ def main(argv=None):
         rows.append(row("onnxruntime int8 time / our int8 time (batch 256)",
                         statistics.median(t["onnxruntime int8"]) * 1e3, statistics.median(t["int8"]) * 1e3,
                         ratio=paired(t, "onnxruntime int8", "int8"), unit="ms"))
+    # --quick trains fp32 for 3 epochs only: it is not converged, so QAT's extra epoch makes the "gap" meaningless
+    # there -- reported without a goal (the accuracy goal is the full run's and tests/test_quant.py's)
+    acc_goal, acc_note = ("", "; quick mode: fp32 not converged, no goal") if a.quick else ("<= 0.3", "")
     rows += [row("int8 model file / fp32 checkpoint", nbytes["int8"], nbytes["fp32"], unit="B", goal="<= 0.26"),
-             row(f"QAT accuracy gap to fp32 (fp32 {epochs} + QAT {qat_epochs} epochs)", gaps["qat"], unit="points",
-                 goal="<= 0.3"),
-             row(f"int8 accuracy gap to fp32 (fp32 {epochs} + QAT {qat_epochs} epochs)", gaps["int8"], unit="points",
-                 goal="<= 0.3")]
+             row(f"QAT accuracy gap to fp32 (fp32 {epochs} + QAT {qat_epochs} epochs{acc_note})", gaps["qat"],
+                 unit="points", goal=acc_goal),
+             row(f"int8 accuracy gap to fp32 (fp32 {epochs} + QAT {qat_epochs} epochs{acc_note})", gaps["int8"],
+                 unit="points", goal=acc_goal)]
     write(a.summary, "bench_quant", rows)
 
 
