@@ -13,7 +13,10 @@ multi-rank RUN. Prints a table of the times (seconds) and saves ``<out>/<page>.p
 
 ``--against OLD_CHECKOUT`` (implies ``--no-shots``) times a second server run from another checkout (e.g. a
 ``git worktree`` of an older commit) in the same run, interleaved load by load -- old, new, old, new -- so both
-see the same machine load, and prints both columns side by side.
+see the same machine load, and prints both columns side by side. Each server gets its own browser: in one
+browser the second server's first page with Plotly took ~1 s longer than the first's, whichever server was
+second (Chrome compiling the 4.8 MB plotly.min.js again, for its code cache, on its second load). ``--cold-repeat N`` restarts the servers N-1
+more times for N cold samples (median reported); ``--pages runs,operators`` times only those pages.
 """
 from __future__ import annotations
 
@@ -110,30 +113,32 @@ def _start(base: Path, cwd: Path, env: dict):
     return server, port, url
 
 
-def _time_pages(drv, servers: dict, pages, run: str, repeat: int, shots: Path | None) -> dict:
-    """{server: {page: {cold_s, warm_s, nav_s}}}, every load interleaved over the servers."""
+def _time_pages(drvs: dict, servers: dict, pages, run: str, repeat: int, shots: Path | None) -> dict:
+    """{server: {page: {cold_s, warm_s, nav_s}}}, every load interleaved over the servers, each server's
+    pages in its own browser (``drvs[server]``)."""
     times = {k: {} for k in servers}
     for name, path in pages:
         for k, (_, _, url) in servers.items():
-            times[k][name] = {"cold_s": round(_load(drv, url + path), 3)}
+            times[k][name] = {"cold_s": _load(drvs[k], url + path)}
         warm = {k: [] for k in servers}
         for _ in range(max(1, repeat)):
             for k, (_, _, url) in servers.items():
-                warm[k].append(_load(drv, url + path))
+                warm[k].append(_load(drvs[k], url + path))
         for k in servers:
             times[k][name]["warm_s"] = round(statistics.median(warm[k]), 3)
         if shots is not None:
-            url = next(iter(servers.values()))[2]
+            k, (_, _, url) = next(iter(servers.items()))
+            drv = drvs[k]
             _load(drv, url + path)
             time.sleep(0.5)  # plotly's transitions
             drv.save_screenshot(str(shots / f"{name}.png"))
     # in-app navigation (dcc.Link, no reload): the run pages in turn, twice; the second round is reported
-    for round_ in range(2):
+    for round_ in range(2 if any(name in RUN_PAGES for name, _ in pages) else 0):
         for k, (_, _, url) in servers.items():
-            _load(drv, url + f"/run/{quote(run)}/overview")
+            _load(drvs[k], url + f"/run/{quote(run)}/overview")
             for name in RUN_PAGES[1:] + RUN_PAGES[:1]:
-                dt = _navigate(drv, name)
-                if round_:
+                dt = _navigate(drvs[k], name)
+                if round_ and name in times[k]:
                     times[k][name]["nav_s"] = round(dt, 3)
     return times
 
@@ -146,6 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     ap.add_argument("--no-shots", action="store_true", help="only measure the render times")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold-repeat", type=int, default=1,
+                    help="restart the servers this many times in all and report the median cold load (one cold "
+                         "load is one sample: on a busy machine it alone can be off by a second)")
+    ap.add_argument("--pages", help="only these pages (comma-separated names, e.g. runs,operators)")
     ap.add_argument("--json", type=Path, help="also write the times here")
     ap.add_argument("--server-cwd", type=Path, default=ROOT,
                     help="run the server from this directory (e.g. an older checkout, to compare render times)")
@@ -161,26 +170,44 @@ def main(argv=None) -> int:
     if _ranks(a.base / run) > 1:
         pages.append(("cluster", f"/run/{quote(run)}/cluster"))
     pages.append(("compare", f"/compare?a={quote(run)}&b={quote(other)}"))
+    if a.pages:
+        keep = set(a.pages.split(","))
+        pages = [p for p in pages if p[0] in keep]
 
     state = Path(tempfile.mkdtemp(prefix="insight-shots-"))
     env = dict(os.environ, XDG_RUNTIME_DIR=str(state))
     cwds = {"new": a.server_cwd} if a.against is None else {"old": a.against, "new": a.server_cwd}
     shots = None if a.no_shots or a.against is not None else a.out
-    servers, drv = {}, None
+    servers, drvs = {}, {}
     try:
         for k, cwd in cwds.items():
             servers[k] = _start(a.base, cwd, env)
-        drv = chrome_driver(1600, 1000, log=False)
-        drv.set_window_size(1600, 1000)
+        for k in cwds:  # a browser per server: one's HTTP and code caches never speed up or slow down the other's
+            drvs[k] = chrome_driver(1600, 1000, log=False)
+            drvs[k].set_window_size(1600, 1000)
         if shots is not None:
             shots.mkdir(parents=True, exist_ok=True)
-        times = _time_pages(drv, servers, pages, run, a.repeat, shots)
+        times = _time_pages(drvs, servers, pages, run, a.repeat, shots)
+        colds = {k: {name: [v["cold_s"]] for name, v in t.items()} for k, t in times.items()}
+        for _ in range(a.cold_repeat - 1):  # the servers again from scratch, one cold load of every page
+            for k, (server, port, _) in list(servers.items()):
+                stop_server(server, port, env, cwds[k])
+                del servers[k]
+            for k, cwd in cwds.items():
+                servers[k] = _start(a.base, cwd, env)
+            for name, path in pages:
+                for k, (_, _, url) in servers.items():
+                    colds[k][name].append(_load(drvs[k], url + path))
+        for k in times:
+            for name in times[k]:
+                times[k][name]["cold_s"] = round(statistics.median(colds[k][name]), 3)
     finally:
-        if drv is not None:
+        for drv in drvs.values():
             drv.quit()
         for k, (server, port, _) in servers.items():
             stop_server(server, port, env, cwds[k])
-    print(f"run {run}; compare with {other}; cold: the first load after the server started; warm: median of "
+    print(f"run {run}; compare with {other}; cold: the first load after the server started (median of "
+          f"{a.cold_repeat} server starts); warm: median of "
           f"{a.repeat} more full page loads; nav: a click in the run navigation (seconds)")
     keys = list(times)
     head = "".join(f" {f'{c} {k}':>10}" for c in ("cold", "warm", "nav") for k in keys)
