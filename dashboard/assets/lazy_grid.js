@@ -9,6 +9,7 @@
     if (!src || window.dash_ag_grid) {
         return;
     }
+    var IDLE_PRELOAD_MS = 3000;
     var ready = null;
     var shim = {};
     // the grid's webpack chunk (AG Grid itself), which the bundle would request only once it has run: fetched
@@ -62,5 +63,14 @@
     window.dash_ag_grid = shim;
     if (window.__insightLazyNow) {
         load();  // a page with a table was requested: its bundle is parsed while the layout is fetched
+    } else {
+        // a page without one: the bundle is run once the page has been idle a while, so that the next page
+        // opened from the navigation does not wait ~0.5 s for it (a click within the first seconds still does)
+        window.addEventListener('load', function () {
+            setTimeout(function () {
+                var idle = window.requestIdleCallback || function (f) { return setTimeout(f, 0); };
+                idle(function () { load().catch(function () {}); }, {timeout: 10000});
+            }, IDLE_PRELOAD_MS);
+        });
     }
 })();
