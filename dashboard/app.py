@@ -36,7 +36,8 @@ LAZY_LIBRARIES = ("dash_ag_grid",)  # component bundles loaded on the first rend
 # their webpack chunks that every render needs, fetched beside the bundle instead of after it has run
 LAZY_CHUNKS = {"dash_ag_grid": ("async-community.js",)}
 # pages that show a grid: their index page starts loading the bundle at once, beside the layout requests
-GRID_PAGES = re.compile(r"^/(compare)?$|^/run/[^/]+/(operators|memory|pipeline|cluster)/?$")
+# (not the pipeline page: its grid is on its second tab)
+GRID_PAGES = re.compile(r"^/(compare)?$|^/run/[^/]+/(operators|memory|cluster)/?$")
 
 _registered: set[str] = set()
 

@@ -27,8 +27,9 @@
         });
     }
 
-    function load() {
+    function load(why) {
         if (!ready) {
+            window.__insightGridLoad = why || 'render';  // what loaded it: 'page', 'idle' or a grid's 'render'
             ready = Promise.all([src].concat(chunks).map(script)).then(function () { return true; }, function (e) {
                 ready = null;
                 throw e;
@@ -58,18 +59,18 @@
         return React.createElement(Grid, props);
     }
     AgGrid.dashRenderType = true;  // as the real AgGrid: the renderer passes dashRenderType through
-    Object.defineProperty(AgGrid, '_dashprivate_isLazyComponentReady', {get: load});
+    Object.defineProperty(AgGrid, '_dashprivate_isLazyComponentReady', {get: function () { return load('render'); }});
     shim.AgGrid = AgGrid;
     window.dash_ag_grid = shim;
     if (window.__insightLazyNow) {
-        load();  // a page with a table was requested: its bundle is parsed while the layout is fetched
+        load('page');  // a page with a table was requested: its bundle is parsed while the layout is fetched
     } else {
         // a page without one: the bundle is run once the page has been idle a while, so that the next page
         // opened from the navigation does not wait ~0.5 s for it (a click within the first seconds still does)
         window.addEventListener('load', function () {
             setTimeout(function () {
                 var idle = window.requestIdleCallback || function (f) { return setTimeout(f, 0); };
-                idle(function () { load().catch(function () {}); }, {timeout: 10000});
+                idle(function () { load('idle').catch(function () {}); }, {timeout: 10000});
             }, IDLE_PRELOAD_MS);
         });
     }
