@@ -60,7 +60,8 @@ class InsightDash(dash.Dash):
             now = has_request_context() and GRID_PAGES.match(request.path[len(self.config.requests_pathname_prefix) - 1:])
             head = "".join(f'<link rel="prefetch" href="{u}" as="script">' for u in urls) if not now else ""
             kw["scripts"] = (f"<script>window.__insightLazyScripts = {json.dumps(lazy)}; window.__insightLazyChunks = "
-                             f"{json.dumps(chunks)}; window.__insightLazyNow = {json.dumps(bool(now))};</script>"
+                             f"{json.dumps(chunks)}; window.__insightLazyNow = {json.dumps(bool(now))}; window.__insightGridPages = "
+                             f"{json.dumps(GRID_PAGES.pattern)};</script>"
                              f"{head}{scripts}")
         return super().interpolate_index(**kw)
 

@@ -29,7 +29,7 @@
 
     function load(why) {
         if (!ready) {
-            window.__insightGridLoad = why || 'render';  // what loaded it: 'page', 'idle' or a grid's 'render'
+            window.__insightGridLoad = why || 'render';  // what loaded it: 'page', 'nav', 'idle', 'render'
             ready = Promise.all([src].concat(chunks).map(script)).then(function () { return true; }, function (e) {
                 ready = null;
                 throw e;
@@ -62,6 +62,14 @@
     Object.defineProperty(AgGrid, '_dashprivate_isLazyComponentReady', {get: function () { return load('render'); }});
     shim.AgGrid = AgGrid;
     window.dash_ag_grid = shim;
+    // a click on a link to a page with a table starts the bundle while that page's layout is fetched
+    var gridPages = window.__insightGridPages ? new RegExp(window.__insightGridPages) : null;
+    document.addEventListener('click', function (e) {
+        var a = e.target && e.target.closest ? e.target.closest('a[href]') : null;
+        if (a && gridPages && a.origin === window.location.origin && gridPages.test(a.pathname)) {
+            load('nav').catch(function () {});
+        }
+    }, true);
     if (window.__insightLazyNow) {
         load('page');  // a page with a table was requested: its bundle is parsed while the layout is fetched
     } else {
