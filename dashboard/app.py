@@ -10,7 +10,10 @@ Plain Flask routes (the Chrome-trace download) are in ``dashboard.routes``.
 Page weight: dash-ag-grid's 1.3 MB bundle is loaded only by pages that show a table (``LAZY_LIBRARIES``: the
 index page carries its URL instead of its ``<script>`` tag, ``assets/lazy_grid.js`` loads it when the first grid
 renders), and the assets are served with a one-year max-age (their URLs change with the file: ``?m=<mtime>``),
-as Dash serves its component bundles, so a page load revalidates nothing.
+as Dash serves its component bundles, so a page load revalidates nothing. The bundle starts early where it will
+be needed: at once on the index of a page with a table (``GRID_PAGES``), together with its AG Grid chunk
+(``LAZY_CHUNKS``, otherwise requested only after the bundle has run), on a click of a link to such a page, and on
+other pages after a few seconds of idle time. The Memory page builds its clicked-time grid on the first click.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 // it. This stand-in for dash_ag_grid.AgGrid loads the bundle the first time a grid is rendered (the browser has
 // it cached after that: the URL is fingerprinted and served with a one-year max-age), then renders the real
 // component with the same props. Until then it is marked loading, and Dash waits for it before running a
-// callback that involves a grid (_dashprivate_isLazyComponentReady, Dash's own async-component hook).
+// callback that involves a grid (_dashprivate_isLazyComponentReady, Dash's own async-component hook). It is
+// started earlier where it will be needed: with the page (window.__insightLazyNow, set by dashboard/app.py for
+// pages with a table), on a click of a link to such a page, or after a few idle seconds on any other page.
 (function () {
     var src = window.__insightLazyScripts && window.__insightLazyScripts.dash_ag_grid;
     if (!src || window.dash_ag_grid) {
