@@ -1,32 +1,49 @@
 """BLAS thread policy of the runtime's GEMMs (matmul, batch_matmul, conv2d and its gradients).
 
-The policy, from measurements on this project's 2-core machines (``benchmarks/README.md``, "BLAS threads"):
+The GEMMs run on the OpenMP threads of the runtime's own kernels, not on the BLAS library's thread pool:
+``matmul`` below splits a product into batch items or row / column panels, one per OpenMP thread, each a
+single-threaded ``cblas_?gemm`` call of the library numpy loaded (``runtime/_gemm.pyx``), and the
+library's own pool is set to one thread. The reason, measured on this project's 2-core machines: an
+OpenBLAS worker that finished a GEMM spins (``sched_yield`` in a loop) for about 2^28 cycles before it
+sleeps, so with two pools on two cores the BLAS workers took the cores from the fused kernels' OpenMP
+threads between the GEMMs of every step: the fused BERT-small step without its GEMMs took 150-170 ms on
+two threads against 125 ms of one thread's CPU time, and the flash-attention kernels ran slower than
+the unfused ops they replace (0.95x); with OPENBLAS_THREAD_TIMEOUT=4 (the shortest spin, which can only be
+set before numpy is imported) the same step took 98 ms. One pool gives that without the environment
+variable (``benchmarks/bench_fusion.py --part bert``; ``benchmarks/README.md``, "BLAS threads").
 
-* a GEMM below ``MIN_PARALLEL_FLOPS`` (2*m*n*k = 32 MFLOP) runs on ONE BLAS thread. On an idle machine a
+How many threads a GEMM gets (``BlasThreads.want``):
+
+* a GEMM below ``MIN_PARALLEL_FLOPS`` (2*m*n*k = 32 MFLOP) runs on ONE thread. On an idle machine a
   second thread gains little there (conv2 of the digits CNN, 9.4 MFLOP: 158 -> 116 us; a 64x256x256
-  dense layer: 88 -> 78 us), while with another process on the cores a multi-threaded OpenBLAS call
+  dense layer: 88 -> 78 us), while with another process on the cores a multi-threaded call
   waits for a descheduled worker: medians of 31 ms instead of 0.3 ms (33.6 MFLOP), 90th percentiles of
   40-60 ms even at 8 MFLOP;
-* a larger GEMM uses every BLAS thread (the library's count at import, e.g. OPENBLAS_NUM_THREADS) while
-  the machine has idle cores, and one thread while other processes keep at least half a core busy
+* a larger GEMM uses ``max_threads`` (the BLAS library's thread count at import, e.g. OPENBLAS_NUM_THREADS)
+  while the machine has idle cores, and one thread while other processes keep at least half a core busy
   (measured from /proc/stat minus this process's own CPU time, re-read at most every
   ``SAMPLE_SECONDS``): there the second thread gains 1.4-2x on an idle machine (134 MFLOP: 1.36 -> 0.95 ms)
   and loses 20x on a shared one (1.4 -> 25 ms median).
 
-``INSIGHT_BLAS_THREADS=N`` pins every runtime GEMM to N threads (no measurement). Only the main thread
-changes the count (GEMMs on a stream's worker thread run with the count it last set). The count is set
-through threadpoolctl's handle on the BLAS library (about 3 us per change, made only when the wanted
-count differs from the current one), so numpy code outside the runtime runs with whatever count the
-runtime's last GEMM set. OpenMP (the Cython kernels) is not changed here: those kernels go parallel only
-above a work threshold (``_nt`` in ``runtime/_kernels.pyx``).
+``INSIGHT_BLAS_THREADS=N`` pins every runtime GEMM to N threads (no measurement). A GEMM on a stream's
+worker thread (not the main thread) runs on one thread: the streams already run side by side. Where the
+library's ``cblas_sgemm`` / ``cblas_dgemm`` cannot be found (a BLAS other than the OpenBLAS and MKL
+builds numpy ships with), or ``INSIGHT_GEMM_OPENMP=0``, the GEMM is ``np.matmul`` with the library's
+thread count set through threadpoolctl to the same policy, as before; an operand BLAS cannot take (an
+integer dtype, no unit stride) is ``np.matmul`` on one library thread. numpy code outside the
+runtime runs with the library's count the runtime last set (one thread once a runtime GEMM ran).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
 
+import numpy as np
 from threadpoolctl import ThreadpoolController
+
+from runtime import _gemm
 
 MIN_PARALLEL_FLOPS = 32e6
 SAMPLE_SECONDS = 0.5
@@ -47,8 +64,25 @@ def _cpu_jiffies() -> tuple[float, float] | None:
     return (sum(vals) - idle) / hz, sum(vals) / hz
 
 
+def _find_cblas(libs) -> tuple[int, int, bool] | None:
+    """Addresses of the library's cblas_sgemm / cblas_dgemm and whether its integers are 64-bit."""
+    for c in libs:
+        try:
+            lib = ctypes.CDLL(c.filepath)
+        except OSError:
+            continue
+        for pre, suf, i64 in (("scipy_cblas_", "64_", True), ("cblas_", "64_", True), ("scipy_cblas_", "", False),
+                              ("cblas_", "", False)):
+            try:
+                fs, fd = getattr(lib, f"{pre}sgemm{suf}"), getattr(lib, f"{pre}dgemm{suf}")
+            except AttributeError:
+                continue
+            return (ctypes.cast(fs, ctypes.c_void_p).value, ctypes.cast(fd, ctypes.c_void_p).value, i64)
+    return None
+
+
 class BlasThreads:
-    """Chooses and sets the BLAS thread count per GEMM size (see the module docstring)."""
+    """Chooses the thread count per GEMM size and runs the runtime's GEMMs (see the module docstring)."""
 
     def __init__(self):
         try:
@@ -62,6 +96,10 @@ class BlasThreads:
         self.shared = False
         self._next_sample = 0.0
         self._last = None
+        found = _find_cblas(self._libs) if self._libs else None
+        self.own_threads = found is not None and os.environ.get("INSIGHT_GEMM_OPENMP", "1") != "0"
+        if self.own_threads:
+            _gemm.set_blas(*found)
 
     def _sample(self, now: float) -> None:
         cur = _cpu_jiffies()
@@ -86,17 +124,37 @@ class BlasThreads:
             self._sample(now)
         return 1 if self.shared else self.max_threads
 
-    def for_gemm(self, m: int, n: int, k: int) -> None:
-        """Set the thread count for a (m, k) x (k, n) product (batched products: m counts the batch).
-        Only the main thread changes it: a stream's worker thread must not resize the BLAS pool while
-        another thread is inside a BLAS call (it runs with the count the main thread last set)."""
-        if threading.current_thread() is not _MAIN:
-            return
-        want = self.want(2.0 * m * n * k)
+    def _set_library(self, want: int) -> None:
         if want != self.current and self._libs:
             for c in self._libs:
                 c.set_num_threads(want)
             self.current = want
+
+    def for_gemm(self, m: int, n: int, k: int) -> int:
+        """The thread count for a (m, k) x (k, n) product (batched products: m counts the batch); where the
+        library runs the GEMM itself (``own_threads`` off) its pool is set to it. Only the main thread
+        changes the library's count: a stream's worker thread must not resize the pool while another
+        thread is inside a BLAS call."""
+        if threading.current_thread() is not _MAIN:
+            return 1
+        want = self.want(2.0 * m * n * k)
+        self._set_library(1 if self.own_threads else want)
+        return want
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``np.matmul(a, b, out=out)`` on the runtime's threads (``out``, when given, is C-contiguous)."""
+        nt = self.for_gemm(a.size // max(a.shape[-1], 1), b.shape[-1], a.shape[-1])
+        if self.own_threads and a.ndim >= 2 and b.ndim >= 2:
+            if out is None:
+                shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+                c = np.empty(shape, np.result_type(a, b))
+            else:
+                c = out
+            if _gemm.gemm(a, b, c, nt):
+                return c
+        # a dtype or layout BLAS cannot take: numpy runs it (on one thread when the runtime runs its GEMMs
+        # itself: waking the library's pool would set its workers spinning against the OpenMP threads)
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
 blas = BlasThreads()

@@ -712,3 +712,37 @@ def test_blas_thread_policy_sees_another_busy_process():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runtime_gemm_on_openmp_threads_equals_numpy(dtype, threads):
+    """The runtime's GEMMs (``runtime.threads.blas.matmul``: single-threaded BLAS calls on the OpenMP threads)
+    give numpy's product for every layout the graphs produce: transposed views, batched products whose
+    batch axes do not collapse (attention's (B, S, H, D) -> (B, H, S, D) views), a 2-d operand against a
+    batch, one row; and what BLAS cannot take (integers, no unit stride) still works."""
+    from runtime.threads import BlasThreads
+
+    b = BlasThreads()
+    b.pinned = threads
+    rng = np.random.default_rng(3)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    q = r(4, 70, 3, 16).transpose(0, 2, 1, 3)                        # (4, 3, 70, 16), batch axes strided
+    cases = [(r(130, 40), r(40, 90)), (r(40, 130).T, r(40, 90)), (r(130, 40), r(90, 40).T),
+             (r(40, 130).T, r(90, 40).T), (q, np.swapaxes(q, -1, -2)), (q, r(4, 3, 16, 5)),
+             (r(6, 33, 20), r(20, 7)), (r(20, 7).T, r(6, 20, 9)), (r(1, 20), r(20, 7)), (r(300, 2), r(2, 300))]
+    for a, bm in cases:
+        want = np.matmul(a, bm)
+        got = b.matmul(a, bm)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+        out = np.empty(want.shape, dtype)
+        assert b.matmul(a, bm, out=out) is out
+        np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    ints = rng.integers(-5, 5, (7, 4)), rng.integers(-5, 5, (4, 3))
+    np.testing.assert_array_equal(b.matmul(*ints), ints[0] @ ints[1])
+    every_other, rhs = r(12, 8)[:, ::2], r(4, 3)                   # no unit stride: numpy's path
+    np.testing.assert_allclose(b.matmul(every_other, rhs), np.matmul(every_other, rhs), rtol=1e-6)

@@ -112,8 +112,7 @@ def _run_prologue(arrays, prologue):
             b = np.swapaxes(b, -1, -2)
         shape = a.shape[:-2] + (a.shape[-2], b.shape[-1])
         c = aligned_empty(shape, np.float32, int(np.prod(shape, dtype=np.int64)) * 4)
-        blas.for_gemm(a.size // a.shape[-1], b.shape[-1], a.shape[-1])   # the thread policy of the unfused GEMMs
-        out.append(np.matmul(a, b, out=c))
+        out.append(blas.matmul(a, b, out=c))       # as the unfused GEMMs run
     return out
 
 

@@ -412,8 +412,7 @@ def _mm_kernel(a, b, transpose_a, transpose_b):
         a = np.swapaxes(a, -1, -2)
     if transpose_b:
         b = np.swapaxes(b, -1, -2)
-    blas.for_gemm(a.size // a.shape[-1], b.shape[-1], a.shape[-1])  # rows of all batches x n x k
-    return np.matmul(a, b)
+    return blas.matmul(a, b)
 
 
 def _mm_grad(mm):
@@ -488,8 +487,7 @@ def _conv_kernel(x, w, stride, padding):
     o, _, kh, kw = w.shape
     oh, ow = _out_hw(h, wd, (kh, kw), stride, padding)
     cols = K.im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], True)  # (C*kh*kw, N*L)
-    blas.for_gemm(o, cols.shape[1], cols.shape[0])
-    y = np.matmul(w.reshape(o, -1), cols)  # (O, N*L)
+    y = blas.matmul(w.reshape(o, -1), cols)  # (O, N*L)
     return np.ascontiguousarray(y.reshape(o, n, oh, ow).transpose(1, 0, 2, 3))
 
 
@@ -514,8 +512,7 @@ def _conv_gi_kernel(g, w, x_shape, stride, padding):
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
     gt = _to_batch_cols(g)
-    blas.for_gemm(c * kh * kw, gt.shape[1], o)
-    dcols = np.matmul(w.reshape(o, -1).T, gt)  # (C*kh*kw, N*L)
+    dcols = blas.matmul(w.reshape(o, -1).T, gt)  # (C*kh*kw, N*L)
     return K.col2im(dcols, n, c, h, wd, kh, kw, stride[0], stride[1], padding[0], padding[1], True)
 
 
@@ -534,8 +531,7 @@ def _conv_gf_infer(shapes, dtypes, attrs):
 def _conv_gf_kernel(g, x, w_shape, stride, padding):
     o, c, kh, kw = w_shape
     cols = K.im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], True)  # (C*kh*kw, N*L)
-    blas.for_gemm(o, cols.shape[0], cols.shape[1])
-    return np.matmul(_to_batch_cols(g), cols.T).reshape(w_shape)  # one GEMM over the batch
+    return blas.matmul(_to_batch_cols(g), cols.T).reshape(w_shape)  # one GEMM over the batch
 
 
 def _conv_gf_cost(node):
