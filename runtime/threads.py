@@ -138,16 +138,19 @@ class BlasThreads:
         if threading.current_thread() is not _MAIN:
             return 1
         want = self.want(2.0 * m * n * k)
-        self._set_library(1 if self.own_threads else want)
+        lib = 1 if self.own_threads else want
+        if lib != self.current:
+            self._set_library(lib)
         return want
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``np.matmul(a, b, out=out)`` on the runtime's threads (``out``, when given, is C-contiguous)."""
-        nt = self.for_gemm(a.size // max(a.shape[-1], 1), b.shape[-1], a.shape[-1])
-        if self.own_threads and a.ndim >= 2 and b.ndim >= 2:
-            if out is None:
-                shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
-                c = np.empty(shape, np.result_type(a, b))
+        sa, sb = a.shape, b.shape
+        nt = self.for_gemm(a.size // max(sa[-1], 1), sb[-1], sa[-1])
+        if self.own_threads and len(sa) >= 2 and len(sb) >= 2 and a.dtype is b.dtype:
+            if out is None:      # batch axes: equal, or one operand 2-d (anything else: numpy's broadcasting)
+                batch = sa[:-2] if len(sa) >= len(sb) else sb[:-2]
+                c = np.empty(batch + (sa[-2], sb[-1]), a.dtype)
             else:
                 c = out
             if _gemm.gemm(a, b, c, nt):
