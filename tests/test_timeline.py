@@ -449,6 +449,27 @@ def test_step_dropdown_jumps_to_the_step(client):
     assert '"value": 4' in _text(layout)
 
 
+def test_steps_lane_shows_phases_only_where_steps_are_wide_enough(client):
+    """Phases under steps a few pixels wide cannot be told apart: the whole-run view of 200 steps at 1200 px
+    draws the steps alone (filling the lane); one step's view draws the step over its phases."""
+    from dashboard.pages.timeline import PHASE_PX
+
+    def steps_traces(fig):
+        return [t for t in fig["data"] if t["name"] == "Steps"]
+
+    whole, _, _, _ = client.figure("big", 1200)
+    (st,) = steps_traces(whole)
+    a, b = whole["layout"]["xaxis"]["range"]
+    durs = np.asarray(client_data("big").steps["step_time_ms"], float)
+    assert np.median(durs) / ((b - a) / 1200) < PHASE_PX and st["width"] == 0.8
+    assert not any(" · " in h.split("<br>")[0] for h in st["hovertext"])     # no phase slices in it
+    one, _, _, _ = client.figure("big", 1200, step=100, trigger="step")
+    top, below = steps_traces(one)
+    assert top["width"] == below["width"] == 0.38
+    shown = {h.split("</b> · ")[1].split("<br>")[0] for h in below["hovertext"] if "</b> · " in h}
+    assert {"forward", "backward"} <= shown, shown
+
+
 def _click(client, run_id, point, rank=0):
     res, _, _ = client._post("..tl-details.children...tl-selected.data..",
                              [{"id": "tl-details", "property": "children"}, {"id": "tl-selected", "property": "data"}],

@@ -14,7 +14,7 @@ go to the browser as typed (base64) arrays.
 
 Perfetto is the model: slices have borders and carry their names when wide enough (plotly's inside text,
 hidden below 8 px by ``uniformtext``); the Steps lane shows each step over its phases (data wait, forward,
-backward, update, tail -- ``tl.step_phases``); a clicked task is outlined and its flows drawn as arrows
+backward, update, tail -- ``tl.step_phases``) once a median step is ``PHASE_PX`` wide; a clicked task is outlined and its flows drawn as arrows
 (``tl.task_flows``: launch -> device work, TransferData -> GetNext, input copy -> first device task) by a
 callback that patches only the figure's shapes and annotations; times in the details panel are ms from the
 run's start and from the step's start. W / S zoom in / out around the centre, A / D pan
@@ -61,6 +61,7 @@ SELECT_COLOR = "#111"
 FLOW_COLOR = "#e63946"
 LIGHT_CODES = (3, 5, 7, 9, 10)  # codes whose colour is light: names on them are drawn dark
 LABEL_PX = 36             # a slice at least this many pixels wide carries its name
+PHASE_PX = 8              # the Steps lane shows the phases under the steps while a median step is this wide
 MAX_LABEL = 48            # characters of a name drawn inside a slice
 BUSY_COLOR = "rgba(58, 134, 255, 0.55)"
 # a discrete colour scale: code k (0..8) -> COLORS[k] with cmin=-0.5, cmax=8.5
@@ -313,14 +314,21 @@ def build_figure(data: tl.TimelineData, win: analysis.TimelineWindow, view: tupl
     px_ms = (view[1] - view[0]) / max(1, width_px) / 1e6
     rows = _rows(data)
     traces = []
+    # the phases of steps a few pixels wide could not be told apart: then the steps fill their lane (their hover
+    # still gives the phase times), which also halves what the browser draws for a whole-run view
+    steps = next((lv for lv in win.lanes if lv.source == "steps" and lv.mode == "tasks" and len(lv.tasks)), None)
+    phases = steps is not None and float(np.median(steps.tasks["dur_ns"].to_numpy())) / 1e6 >= PHASE_PX * px_ms
     for i, lv in enumerate(win.lanes):
         y = rows[i]
         if lv.mode == "tasks":
             if len(lv.tasks):
-                if lv.source == "steps":  # the Steps row: the step above, its phases below
+                if lv.source == "steps" and not phases:
+                    traces.append(_task_trace(y, lv, data, px_ms))
+                elif lv.source == "steps":  # the Steps row: the step above, its phases below
                     traces.append(_task_trace(y - 0.2, lv, data, px_ms, 0.38))
                 elif lv.source == "phases":
-                    traces.append(_task_trace(y + 0.2, lv, data, px_ms, 0.38))
+                    if phases:
+                        traces.append(_task_trace(y + 0.2, lv, data, px_ms, 0.38))
                 else:
                     traces.append(_task_trace(y, lv, data, px_ms))
         elif lv.source != "phases":  # a busy Steps row says it all
