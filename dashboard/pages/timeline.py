@@ -61,7 +61,9 @@ SELECT_COLOR = "#111"
 FLOW_COLOR = "#e63946"
 LIGHT_CODES = (3, 5, 7, 9, 10)  # codes whose colour is light: names on them are drawn dark
 LABEL_PX = 36             # a slice at least this many pixels wide carries its name
-PHASE_PX = 8              # the Steps lane shows the phases under the steps while a median step is this wide
+PHASE_PX = 24             # the Steps lane shows the phases under the steps while a median step is this wide:
+                          # a phase of a fifth of the step is then about 5 px (narrower, the 4-5 phases are a
+                          # blur, yet their bars cost the browser 85 ms a whole-run view of 88 steps)
 MAX_LABEL = 48            # characters of a name drawn inside a slice
 BUSY_COLOR = "rgba(58, 134, 255, 0.55)"
 # a discrete colour scale: code k (0..8) -> COLORS[k] with cmin=-0.5, cmax=8.5
