@@ -746,3 +746,34 @@ def test_runtime_gemm_on_openmp_threads_equals_numpy(dtype, threads):
     np.testing.assert_array_equal(b.matmul(*ints), ints[0] @ ints[1])
     every_other, rhs = r(12, 8)[:, ::2], r(4, 3)                   # no unit stride: numpy's path
     np.testing.assert_allclose(b.matmul(every_other, rhs), np.matmul(every_other, rhs), rtol=1e-6)
+
+
+def test_runtime_gemm_random_layouts_equal_numpy():
+    """Random shapes, batch ranks, transposes, strided batch axes, broadcast 2-d operands, empty dimensions and
+    1-3 threads: ``blas.matmul`` always equals ``np.matmul`` (shape, dtype, values), whichever path runs it."""
+    from runtime.threads import BlasThreads
+
+    b = BlasThreads()
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        b.pinned = int(rng.integers(1, 4))
+        dtype = (np.float32, np.float64)[trial % 2]
+        m, k, n = (int(v) for v in rng.integers(0, 40, 3))
+        batch = tuple(int(v) for v in rng.integers(1, 4, int(rng.integers(0, 3))))
+        shape_a = batch + (m, k) if rng.random() < 0.8 else (m, k)
+        shape_b = batch + (k, n) if rng.random() < 0.8 or len(shape_a) == 2 else (k, n)
+
+        def operand(shape):
+            x = rng.standard_normal(shape).astype(dtype)
+            if rng.random() < 0.4:                                   # stored transposed, viewed back
+                x = np.ascontiguousarray(np.swapaxes(x, -1, -2)).swapaxes(-1, -2)
+            if len(shape) >= 4 and rng.random() < 0.5:               # batch axes that do not collapse
+                x = np.ascontiguousarray(np.swapaxes(x, 0, 1)).swapaxes(0, 1)
+            return x
+
+        a, c = operand(shape_a), operand(shape_b)
+        want = np.matmul(a, c)
+        got = b.matmul(a, c)
+        assert got.shape == want.shape and got.dtype == want.dtype, (shape_a, shape_b)
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-4 if dtype == np.float32 else 1e-12, err_msg=f"{shape_a} @ {shape_b}")
