@@ -742,8 +742,8 @@ def _slowed_copy(src: Path, dst: Path, op: str, factor: float) -> None:
 
 
 def _train_demo(e2e, name: str) -> Path:
-    """``insight demo --name NAME --epochs 1`` (the fixture's seed) into the base dir."""
-    p = subprocess.run(_cli("demo", "--output", e2e.base, "--name", name, "--epochs", 1), cwd=ROOT,
+    """``insight demo --name NAME --epochs 2`` (the fixture's seed) into the base dir."""
+    p = subprocess.run(_cli("demo", "--output", e2e.base, "--name", name, "--epochs", 2), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"insight demo --name {name} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}"
     return e2e.run(name)
