@@ -144,16 +144,19 @@ class BlasThreads:
         return want
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``np.matmul(a, b, out=out)`` on the runtime's threads (``out``, when given, is C-contiguous)."""
+        """``np.matmul(a, b, out=out)`` on the runtime's threads (``out``, when given, is C-contiguous; one that
+        overlaps an operand goes to numpy, which copies first)."""
         sa, sb = a.shape, b.shape
         nt = self.for_gemm(a.size // max(sa[-1], 1), sb[-1], sa[-1])
         if self.own_threads and len(sa) >= 2 and len(sb) >= 2 and a.dtype is b.dtype:
             if out is None:      # batch axes: equal, or one operand 2-d (anything else: numpy's broadcasting)
                 batch = sa[:-2] if len(sa) >= len(sb) else sb[:-2]
                 c = np.empty(batch + (sa[-2], sb[-1]), a.dtype)
+            elif np.may_share_memory(out, a) or np.may_share_memory(out, b):
+                c = None         # an output over an operand: numpy's matmul handles the overlap
             else:
                 c = out
-            if _gemm.gemm(a, b, c, nt):
+            if c is not None and _gemm.gemm(a, b, c, nt):
                 return c
         # a dtype or layout BLAS cannot take: numpy runs it (on one thread when the runtime runs its GEMMs
         # itself: waking the library's pool would set its workers spinning against the OpenMP threads)

@@ -746,6 +746,10 @@ def test_runtime_gemm_on_openmp_threads_equals_numpy(dtype, threads):
     np.testing.assert_array_equal(b.matmul(*ints), ints[0] @ ints[1])
     every_other, rhs = r(12, 8)[:, ::2], r(4, 3)                   # no unit stride: numpy's path
     np.testing.assert_allclose(b.matmul(every_other, rhs), np.matmul(every_other, rhs), rtol=1e-6)
+    sq = r(16, 16)
+    want = sq @ sq
+    assert b.matmul(sq, sq, out=sq) is sq                             # the output over both operands
+    np.testing.assert_allclose(sq, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
 
 def test_runtime_gemm_random_layouts_equal_numpy():
