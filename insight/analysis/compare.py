@@ -24,7 +24,10 @@ on a quiet machine and one at load 5). So the noise test compares lower quartile
      machine scatter every op type, and then one op type's 1.5x says little). On those 55 pairs no op type was
      flagged (the robust deviation was 0.09 in the median pair, 0.22 at most; 1.4x alone still flagged conv2d
      twice, a quiet-machine run against a busy one), while a 2x slowdown of the top kernel op type was flagged
-     in 6 of 6 runs (intervals from +40..199 % to +68..155 %);
+     in 6 of 6 runs (intervals from +40..199 % to +68..155 %). On a noisier day of the same VM (per-step conv2d
+     times with a robust CV of 0.6-1.0) a doubled conv2d in 44-step runs was missed 4 times in 4 (intervals down
+     to +21..234 %), found with 88 steps -- where two same-seed runs were then flagged now and then (2 of 16): the
+     rule trades power on short runs for few false alarms, and its power grows with the steps compared;
   3. practically: the op type's mean time per step moves by at least ``MIN_STEP_SHARE`` (1 %) of run A's
      average step (a few microseconds of a tiny op do not change a step, however significant).
 * Samples without any step-to-step spread (synthetic traces) are exact: any change beyond ``rel_tol`` counts.
