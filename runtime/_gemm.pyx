@@ -48,9 +48,6 @@ def set_blas(uintptr_t sgemm, uintptr_t dgemm, bint int64):
     _sgemm, _dgemm, _int64 = sgemm, dgemm, int64
 
 
-def available():
-    return _sgemm != 0 and _dgemm != 0
-
 
 cdef inline void _call(bint dbl, int ta, int tb, int64_t m, int64_t n, int64_t k, const char* a, int64_t lda,
                        const char* b, int64_t ldb, char* c, int64_t ldc) noexcept nogil:
@@ -114,8 +111,8 @@ cdef void _offsets(cnp.ndarray x, int nd, int nb, cnp.npy_intp* bshape, Py_ssize
 
 def gemm(cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, int nt):
     """c = a @ b (numpy's matmul, batch axes equal, or one operand 2-d) into the C-contiguous ``c`` with
-    ``nt`` threads. Returns False, computing nothing, when the operands do not suit (dtype, layout, an
-    empty dimension): the caller then uses np.matmul."""
+    ``nt`` threads. Returns False, computing nothing, when the operands do not suit (dtype, byte order,
+    alignment, a read-only ``c``, layout, an empty dimension): the caller then uses np.matmul."""
     cdef int nda = cnp.PyArray_NDIM(a), ndb = cnp.PyArray_NDIM(b), ndc = cnp.PyArray_NDIM(c)
     cdef int typ = cnp.PyArray_TYPE(a)
     if _sgemm == 0 or nda < 2 or ndb < 2 or typ != cnp.PyArray_TYPE(b) or typ != cnp.PyArray_TYPE(c):
@@ -123,6 +120,9 @@ def gemm(cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, int nt):
     if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
         return False
     if not cnp.PyArray_IS_C_CONTIGUOUS(c) or ndc != max(nda, ndb) or (nda != ndb and min(nda, ndb) != 2):
+        return False
+    # BLAS reads native-order, aligned floats and writes into c: anything else is numpy's
+    if not (cnp.PyArray_ISBEHAVED_RO(a) and cnp.PyArray_ISBEHAVED_RO(b) and cnp.PyArray_ISBEHAVED(c)):
         return False
     cdef bint dbl = typ == cnp.NPY_FLOAT64
     cdef Py_ssize_t isz = 8 if dbl else 4

@@ -10,7 +10,7 @@ threads between the GEMMs of every step: the fused BERT-small step without its G
 two threads against 125 ms of one thread's CPU time, and the flash-attention kernels ran slower than
 the unfused ops they replace (0.95x); with OPENBLAS_THREAD_TIMEOUT=4 (the shortest spin, which can only be
 set before numpy is imported) the same step took 98 ms. One pool gives that without the environment
-variable (``benchmarks/bench_fusion.py --part bert``; ``benchmarks/README.md``, "BLAS threads").
+variable (``benchmarks/bench_fusion.py --part bert``; ``benchmarks/README.md``, "One thread pool").
 
 How many threads a GEMM gets (``BlasThreads.want``):
 
@@ -30,7 +30,7 @@ worker thread (not the main thread) runs on one thread: the streams already run 
 library's ``cblas_sgemm`` / ``cblas_dgemm`` cannot be found (a BLAS other than the OpenBLAS and MKL
 builds numpy ships with), or ``INSIGHT_GEMM_OPENMP=0``, the GEMM is ``np.matmul`` with the library's
 thread count set through threadpoolctl to the same policy, as before; an operand BLAS cannot take (an
-integer dtype, no unit stride) is ``np.matmul`` on one library thread. numpy code outside the
+integer dtype, another byte order, no unit stride) is ``np.matmul`` on one library thread. numpy code outside the
 runtime runs with the library's count the runtime last set (one thread once a runtime GEMM ran).
 """
 from __future__ import annotations
@@ -138,9 +138,7 @@ class BlasThreads:
         if threading.current_thread() is not _MAIN:
             return 1
         want = self.want(2.0 * m * n * k)
-        lib = 1 if self.own_threads else want
-        if lib != self.current:
-            self._set_library(lib)
+        self._set_library(1 if self.own_threads else want)
         return want
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -744,6 +744,13 @@ def test_runtime_gemm_on_openmp_threads_equals_numpy(dtype, threads):
         np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
     ints = rng.integers(-5, 5, (7, 4)), rng.integers(-5, 5, (4, 3))
     np.testing.assert_array_equal(b.matmul(*ints), ints[0] @ ints[1])
+    swapped = r(5, 7).astype(np.dtype(dtype).newbyteorder())        # another byte order: numpy's path
+    np.testing.assert_allclose(b.matmul(swapped, swapped.T), swapped.astype(dtype) @ swapped.astype(dtype).T,
+                               rtol=1e-6)
+    frozen = np.empty((5, 5), dtype)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError):                                   # a read-only output: numpy's error
+        b.matmul(r(5, 7), r(7, 5), out=frozen)
     every_other, rhs = r(12, 8)[:, ::2], r(4, 3)                   # no unit stride: numpy's path
     np.testing.assert_allclose(b.matmul(every_other, rhs), np.matmul(every_other, rhs), rtol=1e-6)
     sq = r(16, 16)
