@@ -107,11 +107,14 @@ cdef inline void _transpose(Py_ssize_t rows, Py_ssize_t cols, const floating* sr
         att_transpose_d(<int>rows, <int>cols, src, lds, dst, ldd)
 
 
-cdef inline int _threads(Py_ssize_t tasks, Py_ssize_t work) noexcept nogil:
+cdef inline int _threads(Py_ssize_t tasks, Py_ssize_t work, int cap) noexcept nogil:
+    """OpenMP threads for ``tasks`` independent pieces of ``work`` in all; ``cap`` > 0 caps them."""
     cdef int t
     if tasks < 2 or work < 65536:
         return 1
     t = openmp.omp_get_max_threads()
+    if 0 < cap < t:
+        t = cap
     return t if t > 1 else 1
 
 
@@ -318,9 +321,7 @@ def _fwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
     cdef Py_ssize_t it = sizeof(floating), nqb = (Sq + BQ - 1) // BQ, task, bh, b, h, i0, i1
     cdef Py_ssize_t mis = 0, mjs = 0, us = 0
     cdef Py_ssize_t bk = (Sk + 15) // 16 * 16 if store_p else BK     # storing P: all keys in one block
-    cdef int nt = _threads(B * H * nqb, B * H * Sq * Sk * D)
-    if 0 < cap < nt:
-        nt = cap
+    cdef int nt = _threads(B * H * nqb, B * H * Sq * Sk * D, cap)
     cdef floating* pp
     cdef floating* s
     cdef floating* kt
@@ -369,9 +370,7 @@ def _bwd(const floating[:, :, :, :] q, const floating[:, :, :, :] k, const float
     cdef Py_ssize_t Dv = v.shape[3]
     cdef Py_ssize_t it = sizeof(floating), bh, b, h
     cdef Py_ssize_t mis = 0, mjs = 0, us = 0
-    cdef int nt = _threads(B * H, B * H * Sq * Sk * D)
-    if 0 < cap < nt:
-        nt = cap
+    cdef int nt = _threads(B * H, B * H * Sq * Sk * D, cap)
     cdef floating* s
     cdef floating* dp
     cdef floating* kt
