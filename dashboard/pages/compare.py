@@ -14,7 +14,6 @@ Everything comes from ``insight.analysis.compare_runs``.
 """
 from __future__ import annotations
 
-
 import dash
 import numpy as np
 import pandas as pd

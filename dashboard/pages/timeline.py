@@ -14,7 +14,8 @@ go to the browser as typed (base64) arrays.
 
 Perfetto is the model: slices have borders and carry their names when wide enough (plotly's inside text,
 hidden below 8 px by ``uniformtext``); the Steps lane shows each step over its phases (data wait, forward,
-backward, update, tail -- ``tl.step_phases``) once a median step is ``PHASE_PX`` wide; a clicked task is outlined and its flows drawn as arrows
+backward, update, tail -- ``tl.step_phases``) once a median step is ``PHASE_PX`` wide; a clicked task is
+outlined and its flows drawn as arrows
 (``tl.task_flows``: launch -> device work, TransferData -> GetNext, input copy -> first device task) by a
 callback that patches only the figure's shapes and annotations; times in the details panel are ms from the
 run's start and from the step's start. W / S zoom in / out around the centre, A / D pan
@@ -324,9 +325,7 @@ def build_figure(data: tl.TimelineData, win: analysis.TimelineWindow, view: tupl
         y = rows[i]
         if lv.mode == "tasks":
             if len(lv.tasks):
-                if lv.source == "steps" and not phases:
-                    traces.append(_task_trace(y, lv, data, px_ms))
-                elif lv.source == "steps":  # the Steps row: the step above, its phases below
+                if lv.source == "steps" and phases:  # the Steps row: the step above, its phases below
                     traces.append(_task_trace(y - 0.2, lv, data, px_ms, 0.38))
                 elif lv.source == "phases":
                     if phases:
