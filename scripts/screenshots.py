@@ -4,7 +4,7 @@
                                   [--no-shots] [--repeat 3]
 
 Starts the real server (``insight start``) on RUNS_DIR, opens each page of RUN in headless Chromium and
-waits until Dash has no callback pending and nothing is marked loading. "cold" is the first load of the page
+waits until Dash has no callback pending, nothing is marked loading and every visible figure is drawn. "cold" is the first load of the page
 after the server started (nothing read yet), "warm" the median of the next ``--repeat`` loads (each a full
 page load: every JavaScript bundle parsed again), "nav" the time to open a run page from the run navigation
 (a client-side link, as pages are opened after the first; the second round is reported). The compare
@@ -54,8 +54,22 @@ def _up(url: str) -> bool:
         return False
 
 
+# every visible figure drawn: dcc.Graph adds its plot (``.main-svg``) only once plotly.js has loaded and run, which
+# Dash's callback state does not show (checking only that state ended some loads before plotly.js had even run)
+FIGURES_DRAWN = """
+var gs = document.querySelectorAll('.dash-graph');
+for (var i = 0; i < gs.length; i++) {
+    var g = gs[i];
+    if (g.offsetParent === null) { continue; }
+    if (g.classList.contains('dash-graph--pending') || !g.querySelector('.main-svg')) { return false; }
+}
+return true;
+"""
+
+
 def _load(drv, url: str, timeout: float = 120.0) -> float:
-    """Seconds from navigation until the page is drawn and Dash is idle (twice in a row)."""
+    """Seconds from navigation until the page is drawn (every visible figure too) and Dash is idle (twice in a
+    row)."""
     t0 = time.perf_counter()
     drv.get(url)
     deadline = t0 + timeout
@@ -65,7 +79,7 @@ def _load(drv, url: str, timeout: float = 120.0) -> float:
             raise TimeoutError(f"{url} did not finish rendering within {timeout:.0f} s")
         ok = drv.execute_script(DASH_IDLE) and drv.execute_script(
             "return !!document.querySelector('#_pages_content') && "
-            "document.querySelector('#_pages_content').children.length > 0")
+            "document.querySelector('#_pages_content').children.length > 0") and drv.execute_script(FIGURES_DRAWN)
         idle = idle + 1 if ok else 0
         time.sleep(0.05)
     return time.perf_counter() - t0 - 0.05
@@ -85,7 +99,7 @@ def _navigate(drv, page: str, timeout: float = 120.0) -> float:
         ok = drv.execute_script("var c = document.querySelector('#_pages_content > *');"
                                 "return !!c && c !== window.__insightOld && "
                                 "!!document.querySelector('#nav-' + arguments[0] + '.active');", page) \
-            and drv.execute_script(DASH_IDLE)
+            and drv.execute_script(DASH_IDLE) and drv.execute_script(FIGURES_DRAWN)
         idle = idle + 1 if ok else 0
         time.sleep(0.05)
     return time.perf_counter() - t0 - 0.05

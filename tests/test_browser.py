@@ -330,6 +330,11 @@ def test_run_page_opens_without_console_errors(e2e, page):
     grid = drv.execute_script("return !!(window.dash_ag_grid && window.dash_ag_grid.getApi) && "
                               "window.__insightGridLoad !== 'idle';")
     assert grid == (page in ("operators", "memory")), (page, grid)
+    # plotly.js was started with the request for the page's content (assets/plotly_early.js), added once
+    plotly = drv.execute_script("return [window.__insightPlotlyLoad, typeof window.Plotly.react, Array.from("
+                                "document.scripts).filter(function (s) { return /plotly[^/]*min[.]js/.test(s.src); })"
+                                ".length];")
+    assert plotly == ["page", "function", 1], (page, plotly)
 
 
 def test_nav_links_move_between_the_pages_of_a_run(e2e):

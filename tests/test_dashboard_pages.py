@@ -453,7 +453,8 @@ def test_run_ids_cannot_leave_the_base_dir(app, base, client, run_id):
 
 def test_the_grid_bundle_is_loaded_on_demand_and_assets_are_cached(client):
     """The index page carries dash-ag-grid's bundle URL for the on-demand loader instead of its <script> tag;
-    that URL, Dash's bundles and the assets (URLs with the file's mtime) are cacheable for a year."""
+    that URL, its chunk's, plotly.js's (for assets/plotly_early.js), Dash's bundles and the assets (URLs with the
+    file's mtime) are cacheable for a year."""
     import re
 
     page = client.get("/").get_data(as_text=True)
@@ -462,8 +463,15 @@ def test_the_grid_bundle_is_loaded_on_demand_and_assets_are_cached(client):
     r = client.get(lazy["dash_ag_grid"])
     assert r.status_code == 200 and len(r.data) > 500_000 and b"window.dash_ag_grid" in r.data
     assert "max-age=31536000" in r.headers["Cache-Control"]
+    for chunk in json.loads(re.search(r"window.__insightLazyChunks = (\{.*?\});", page).group(1))["dash_ag_grid"]:
+        r = client.get(chunk)  # fingerprinted (Dash revalidates a plain URL, reading and hashing the whole file)
+        assert r.status_code == 200 and len(r.data) > 100_000 and "max-age=31536000" in r.headers["Cache-Control"]
+    plotly_url = json.loads(re.search(r"window.__insightPlotlyURL = (\"[^\"]+\");", page).group(1))
+    r = client.get(plotly_url)  # plotly.js for assets/plotly_early.js, as cacheable
+    assert r.status_code == 200 and b"Plotly" in r.data[:200_000] and len(r.data) > 1_000_000
+    assert "max-age=31536000" in r.headers["Cache-Control"]
     assets = re.findall(r'<script src="(/assets/[^"]+\?m=[^"]+)"', page)
-    assert any("lazy_grid.js" in a for a in assets)
+    assert any("lazy_grid.js" in a for a in assets) and any("plotly_early.js" in a for a in assets)
     for a in assets:
         assert "max-age=31536000" in client.get(a).headers["Cache-Control"], a
 

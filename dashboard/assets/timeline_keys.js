@@ -11,7 +11,8 @@
         if (key !== 'w' && key !== 'a' && key !== 's' && key !== 'd') { return; }
         var host = document.getElementById('tl-graph');
         var gd = host && (host.classList.contains('js-plotly-plot') ? host : host.querySelector('.js-plotly-plot'));
-        if (!gd || !window.Plotly || !gd._fullLayout || !gd._fullLayout.xaxis) { return; }
+        if (!gd || !window.Plotly || typeof window.Plotly.relayout !== 'function' || !gd._fullLayout
+            || !gd._fullLayout.xaxis) { return; }
         var r = gd._fullLayout.xaxis.range.map(Number);
         var span = r[1] - r[0], mid = (r[0] + r[1]) / 2, next;
         if (!(span > 0)) { return; }
