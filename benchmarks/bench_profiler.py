@@ -25,8 +25,14 @@ it); we report the median ms/step of each variant
 and the overhead vs ``off`` as the median over rounds of the paired (same round) ratios, which is robust
 against load drifting on a shared machine, and also the ratio of the medians and the paired ratio of each
 round's fastest runs (the run the machine disturbed least: the profiler's own cost, when the others scatter). Goal: <= 2 %.
-The attribution line gives the profiler's hook callback alone (one real step's events replayed through it)
-and the writer thread's CPU time while training; how many flushes fell inside the timed runs is printed too.
+Every run also records each step's duration (a step_end callback, the same in every variant); the lower
+quartile of all steps of all runs of a variant is printed beside the run-level figures: load bursts only ever
+lengthen steps, so it is the figure they move least. Two in-situ costs come from one more profiled run with
+timers around the profiler's listener (every event) and the executor's event building (``CompiledGraph._emit``:
+the static task table once per run, then each step's input-copy task, ``step_tasks`` and markers), in us per
+step of the run. The attribution line gives the profiler's hook callback alone (one
+real step's events replayed through it) and the writer thread's CPU time while training; how many flushes fell
+inside the timed runs is printed too.
 
 (b) Writer throughput. A synthetic stream of ``step_tasks`` events (``--steps`` steps of a graph with
 ``--tasks`` tasks; one task = one event = one ``tasks`` row) is emitted through ``runtime.hooks`` into a
@@ -62,27 +68,53 @@ import _summary  # noqa: E402
 from insight import Profiler  # noqa: E402
 from insight.trace import open_run  # noqa: E402
 from runtime import Model, context, hooks, nn  # noqa: E402
+from runtime.executor import CompiledGraph  # noqa: E402
+from runtime.train.callback import Callback  # noqa: E402
 from runtime.dataset import NumpySlicesDataset  # noqa: E402
 from runtime.dataset.digits import load_digits_split  # noqa: E402
 from runtime.models import LeNetDigits  # noqa: E402
 from runtime.nn.transformer import BertSmall, bert_batch  # noqa: E402
 
 VARIANTS = ("off", "tracing", "profiler")
+SKIP_STEPS = 5  # the first steps of a run (the pipeline filling, a listener's first events) are left out per step
 
 
 # -- (a) overhead --------------------------------------------------------------------------------------------
+class StepStamps(Callback):
+    """The end time of every step (and the start of training): per-step durations, the same callback in every
+    variant."""
+
+    def __init__(self):
+        self.t: list[int] = []
+
+    def begin(self, run_context):
+        self.t.append(time.perf_counter_ns())
+
+    def step_end(self, run_context):
+        self.t.append(time.perf_counter_ns())
+
+    def durations_us(self, skip: int = SKIP_STEPS) -> np.ndarray:
+        d = np.diff(np.asarray(self.t, np.int64)) / 1e3
+        return d[skip:] if len(d) > 2 * skip else d  # a short run (BERT-small's 2 steps) keeps every step
+
+
 class Training:
     """One model's timed training run: ``run()`` trains ``epochs`` epochs of ``steps`` steps in all and
-    returns ms/step; ``bench_batch`` is one (data, label) batch for the hook-cost replay."""
+    returns ms/step (the run's step durations, microseconds, in ``last_steps_us``); ``bench_batch`` is one
+    (data, label) batch for the hook-cost replay."""
 
     def __init__(self, name: str, model: Model, dataset, epochs: int, steps: int, bench_batch):
         self.name, self.model, self.dataset, self.epochs, self.steps = name, model, dataset, epochs, steps
         self.bench_batch = bench_batch
+        self.last_steps_us = np.empty(0)
 
     def run(self) -> float:
+        stamps = StepStamps()
         t = time.perf_counter()
-        self.model.train(self.epochs, self.dataset)
-        return (time.perf_counter() - t) / self.steps * 1e3
+        self.model.train(self.epochs, self.dataset, callbacks=[stamps])
+        ms = (time.perf_counter() - t) / self.steps * 1e3
+        self.last_steps_us = stamps.durations_us()
+        return ms
 
 
 def make_lenet(epochs: int) -> Training:
@@ -115,6 +147,7 @@ def make_bert(steps: int, quick: bool) -> Training:
 def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_interval: float) -> dict:
     tr.run()  # warm-up: compile, caches
     ms = {v: [] for v in VARIANTS}  # per round: the median ms/step of its repeats
+    steps_us = {v: [] for v in VARIANTS}  # every run's step durations (after its first SKIP_STEPS)
     fastest = {v: [] for v in VARIANTS}  # per round: the fastest of its repeats
     finish, writer_cpu, flushes_inside, cpu_per_flush = [], [], [], []
     n = 0
@@ -153,6 +186,7 @@ def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_inter
             k += 1
             for v in order:
                 acc[v].append(run(v))
+                steps_us[v].append(tr.last_steps_us)
         for v in VARIANTS:
             ms[v].append(statistics.median(acc[v]))
             fastest[v].append(min(acc[v]))
@@ -162,7 +196,11 @@ def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_inter
            "tasks_rows_per_run": rows, "stop_s_median": statistics.median(finish),
            "writer_cpu_share": statistics.median(writer_cpu), "flushes_inside_median": statistics.median(flushes_inside),
            "writer_cpu_ms_per_flush": 1e3 * statistics.median(cpu_per_flush) if cpu_per_flush else None,
-           "hook_us_per_step": hook_cost(tr)}
+           "hook_us_per_step": hook_cost(tr), **in_situ_costs(tr, tmp, flush_interval)}
+    every = {v: np.concatenate(steps_us[v]) if steps_us[v] else np.empty(0) for v in VARIANTS}
+    q25 = {v: float(np.percentile(every[v], 25)) if len(every[v]) else float("nan") for v in VARIANTS}
+    for v in VARIANTS:
+        res[f"{v}_step_q25_us"] = q25[v]
     for v in VARIANTS:
         res[f"{v}_ms_per_step"] = statistics.median(ms[v])
     for v in ("tracing", "profiler"):
@@ -170,9 +208,48 @@ def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_inter
         res[f"{v}_overhead_pct"] = 100 * statistics.median(paired)
         res[f"{v}_overhead_pct_of_medians"] = 100 * (res[f"{v}_ms_per_step"] / res["off_ms_per_step"] - 1)
         res[f"{v}_overhead_pct_fastest"] = 100 * statistics.median(a / b - 1 for a, b in zip(fastest[v], fastest["off"]))
+        res[f"{v}_overhead_pct_step_q25"] = 100 * (q25[v] / q25["off"] - 1)
     res["raw_ms"] = ms
     res["fastest_ms"] = fastest
     return res
+
+
+def in_situ_costs(tr: Training, tmp: Path, flush_interval: float) -> dict:
+    """What the profiler's per-step work costs inside real training (cold caches included), from one profiled
+    run with two pieces wrapped by timers: the profiler's listener (every event it receives) and the executor's
+    per-step event building (``CompiledGraph._emit``: the step's input-copy task, ``step_tasks`` and the step
+    markers); microseconds per step. A wrapper's own two clock reads per call are included (~0.1 us)."""
+    spent = {"listener": 0, "emit": 0}
+    emit0 = CompiledGraph._emit
+
+    def emit(self, *a, **kw):
+        t = time.perf_counter_ns()
+        try:
+            return emit0(self, *a, **kw)
+        finally:
+            spent["emit"] += time.perf_counter_ns() - t
+
+    prof = Profiler(tmp / "in_situ", flush_interval=flush_interval)
+    listener = prof._listener
+    hooks.unsubscribe(listener)
+
+    def timed(kind, ev):
+        t = time.perf_counter_ns()
+        try:
+            listener(kind, ev)
+        finally:
+            spent["listener"] += time.perf_counter_ns() - t
+
+    hooks.subscribe(timed)
+    CompiledGraph._emit = emit
+    try:
+        tr.run()
+    finally:
+        CompiledGraph._emit = emit0
+        hooks.unsubscribe(timed)
+        prof.stop()
+    return {"listener_us_per_step_in_situ": spent["listener"] / tr.steps / 1e3,
+            "executor_emit_us_per_step_in_situ": spent["emit"] / tr.steps / 1e3}
 
 
 def hook_cost(tr: Training, reps: int = 1000) -> float:
@@ -227,6 +304,16 @@ def print_overhead(o: dict, flush_interval: float) -> None:
           f"{o['profiler_overhead_pct']:+.2f} % (paired), {o['profiler_overhead_pct_of_medians']:+.2f} % (medians), "
           f"{o['profiler_overhead_pct_fastest']:+.2f} % (paired fastest runs)"
           f"   [goal <= 2 %]")
+    print(f"    per step (lower quartile of every step of every run, the first {SKIP_STEPS} of each longer run left out: "
+          f"bursts of load only lengthen steps): off {o['off_step_q25_us']:.1f} us, tracing "
+          f"{o['tracing_step_q25_us']:.1f} us ({o['tracing_overhead_pct_step_q25']:+.2f} %), profiler "
+          f"{o['profiler_step_q25_us']:.1f} us ({o['profiler_overhead_pct_step_q25']:+.2f} %)")
+    step_us = o["off_ms_per_step"] * 1e3
+    print(f"    in real training: the profiler's listener {o['listener_us_per_step_in_situ']:.1f} us/step "
+          f"({100 * o['listener_us_per_step_in_situ'] / step_us:.2f} %), the executor's events (its task table "
+          f"once a run, divided over the run's steps) "
+          f"{o['executor_emit_us_per_step_in_situ']:.1f} us/step "
+          f"({100 * o['executor_emit_us_per_step_in_situ'] / step_us:.2f} %)")
     print(f"    attribution: profiler hook callback {o['hook_us_per_step']:.1f} us/step "
           f"({100 * o['hook_us_per_step'] / 1e3 / o['off_ms_per_step']:.2f} % of a step); writer thread "
           f"{100 * o['writer_cpu_share']:.1f} % of one core while training (CPU time; flushing every "
