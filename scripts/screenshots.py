@@ -7,7 +7,7 @@ Starts the real server (``insight start``) on RUNS_DIR, opens each page of RUN i
 waits until Dash has no callback pending, nothing is marked loading and every visible figure is drawn. "cold" is the first load of the page
 after the server started (nothing read yet), "warm" the median of the next ``--repeat`` loads (each a full
 page load: every JavaScript bundle parsed again), "nav" the time to open a run page from the run navigation
-(a client-side link, as pages are opened after the first; the second round is reported). The compare
+(a client-side link, as pages are opened after the first; the median of ``--nav-rounds`` rounds after the first). The compare
 page compares RUN with OTHER (default: another run of the base dir); the cluster page is included for a
 multi-rank RUN. Prints a table of the times (seconds) and saves ``<out>/<page>.png``.
 
@@ -127,7 +127,8 @@ def _start(base: Path, cwd: Path, env: dict):
     return server, port, url
 
 
-def _time_pages(drvs: dict, servers: dict, pages, run: str, repeat: int, shots: Path | None) -> dict:
+def _time_pages(drvs: dict, servers: dict, pages, run: str, repeat: int, shots: Path | None,
+                nav_rounds: int = 2) -> dict:
     """{server: {page: {cold_s, warm_s, nav_s}}}, every load interleaved over the servers, each server's
     pages in its own browser (``drvs[server]``)."""
     times = {k: {} for k in servers}
@@ -146,14 +147,19 @@ def _time_pages(drvs: dict, servers: dict, pages, run: str, repeat: int, shots: 
             _load(drv, url + path)
             time.sleep(0.5)  # plotly's transitions
             drv.save_screenshot(str(shots / f"{name}.png"))
-    # in-app navigation (dcc.Link, no reload): the run pages in turn, twice; the second round is reported
-    for round_ in range(2 if any(name in RUN_PAGES for name, _ in pages) else 0):
+    # in-app navigation (dcc.Link, no reload): the run pages in turn, ``nav_rounds`` times; the first round (the
+    # browser compiling each page's code for the first time) is left out, the median of the others reported
+    navs = {k: {} for k in servers}
+    for round_ in range(nav_rounds if any(name in RUN_PAGES for name, _ in pages) else 0):
         for k, (_, _, url) in servers.items():
             _load(drvs[k], url + f"/run/{quote(run)}/overview")
             for name in RUN_PAGES[1:] + RUN_PAGES[:1]:
                 dt = _navigate(drvs[k], name)
                 if round_ and name in times[k]:
-                    times[k][name]["nav_s"] = round(dt, 3)
+                    navs[k].setdefault(name, []).append(dt)
+    for k in servers:
+        for name, v in navs[k].items():
+            times[k][name]["nav_s"] = round(statistics.median(v), 3)
     return times
 
 
@@ -168,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-repeat", type=int, default=1,
                     help="restart the servers this many times in all and report the median cold load (one cold "
                          "load is one sample: on a busy machine it alone can be off by a second)")
+    ap.add_argument("--nav-rounds", type=int, default=2,
+                    help="rounds of clicks through the run navigation; the first is left out, the median of the "
+                         "others reported (one round of samples moves by a few hundred ms on a busy machine)")
     ap.add_argument("--pages", help="only these pages (comma-separated names, e.g. runs,operators)")
     ap.add_argument("--json", type=Path, help="also write the times here")
     ap.add_argument("--server-cwd", type=Path, default=ROOT,
@@ -201,7 +210,7 @@ def main(argv=None) -> int:
             drvs[k].set_window_size(1600, 1000)
         if shots is not None:
             shots.mkdir(parents=True, exist_ok=True)
-        times = _time_pages(drvs, servers, pages, run, a.repeat, shots)
+        times = _time_pages(drvs, servers, pages, run, a.repeat, shots, max(2, a.nav_rounds))
         colds = {k: {name: [v["cold_s"]] for name, v in t.items()} for k, t in times.items()}
         for _ in range(a.cold_repeat - 1):  # the servers again from scratch, one cold load of every page
             for k, (server, port, _) in list(servers.items()):
@@ -222,7 +231,8 @@ def main(argv=None) -> int:
             stop_server(server, port, env, cwds[k])
     print(f"run {run}; compare with {other}; cold: the first load after the server started (median of "
           f"{a.cold_repeat} server starts); warm: median of "
-          f"{a.repeat} more full page loads; nav: a click in the run navigation (seconds)")
+          f"{a.repeat} more full page loads; nav: a click in the run navigation, median of "
+          f"{max(2, a.nav_rounds) - 1} rounds (seconds)")
     keys = list(times)
     head = "".join(f" {f'{c} {k}':>10}" for c in ("cold", "warm", "nav") for k in keys)
     print(f"{'page':<10}{head}" + (f"   (old: {a.against}, new: {a.server_cwd})" if a.against else ""))
