@@ -201,7 +201,6 @@ def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_inter
     q25 = {v: float(np.percentile(every[v], 25)) if len(every[v]) else float("nan") for v in VARIANTS}
     for v in VARIANTS:
         res[f"{v}_step_q25_us"] = q25[v]
-    for v in VARIANTS:
         res[f"{v}_ms_per_step"] = statistics.median(ms[v])
     for v in ("tracing", "profiler"):
         paired = [a / b - 1 for a, b in zip(ms[v], ms["off"])]
@@ -217,8 +216,9 @@ def run_overhead(tr: Training, rounds: int, repeats: int, tmp: Path, flush_inter
 def in_situ_costs(tr: Training, tmp: Path, flush_interval: float) -> dict:
     """What the profiler's per-step work costs inside real training (cold caches included), from one profiled
     run with two pieces wrapped by timers: the profiler's listener (every event it receives) and the executor's
-    per-step event building (``CompiledGraph._emit``: the step's input-copy task, ``step_tasks`` and the step
-    markers); microseconds per step. A wrapper's own two clock reads per call are included (~0.1 us)."""
+    event building (``CompiledGraph._emit``: the static task table once, then each step's input-copy task,
+    ``step_tasks`` and markers); microseconds per step of the run. A wrapper's own two clock reads per call are
+    included (~0.1 us)."""
     spent = {"listener": 0, "emit": 0}
     emit0 = CompiledGraph._emit
 

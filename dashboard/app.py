@@ -18,7 +18,7 @@ other pages after a few seconds of idle time. The Memory page builds its clicked
 plotly.js (4.8 MB, ~0.1 s to run) is started by ``assets/plotly_early.js`` as soon as the browser asks for the
 content of a page with figures (``GRAPH_PAGES``), so it runs while the server builds that content instead of after
 it (dcc.Graph takes ``window.Plotly`` when it is set); a page without figures starts it after a few idle seconds.
-Its URL, and those of the grid's chunks, carry Dash's fingerprint (``PLOTLY_URL``): cached for a year, where Dash's
+Its URL, and those of the grid's chunks, carry Dash's fingerprint (``_fingerprinted``): cached for a year, where Dash's
 plain URLs are revalidated on every page load (for which Dash reads and hashes the whole file: ~0.1 s for plotly).
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import dash
-import plotly
 from dash import dcc, html
 from dash.fingerprint import build_fingerprint
 from flask import has_request_context, request
@@ -54,11 +53,12 @@ GRAPH_PAGES = re.compile(r"^/compare/?$|^/run/[^/]+/[^/]+/?$")
 PLOTLY_JS = "package_data/plotly.min.js"  # in the plotly package, as Dash serves it ("_dash-component-suites/plotly/")
 
 
-def _fingerprinted(package, rel: str, version: str) -> str:
-    """``rel`` inside ``package`` with Dash's fingerprint (version and file mtime): Dash serves such a URL with a
-    one-year max-age, and a new file (a new mtime) is a new URL."""
-    mtime = int((Path(package.__file__).parent / rel).stat().st_mtime)
-    return build_fingerprint(rel, version, mtime)
+def _fingerprinted(package: str, rel: str) -> str:
+    """``rel`` inside the imported ``package`` with Dash's fingerprint (its version and the file's mtime): Dash
+    serves such a URL with a one-year max-age, and a new file (a new mtime) is a new URL."""
+    mod = importlib.import_module(package)
+    mtime = int((Path(mod.__file__).parent / rel).stat().st_mtime)
+    return build_fingerprint(rel, getattr(mod, "__version__", "0"), mtime)
 
 _registered: set[str] = set()
 
@@ -70,7 +70,7 @@ class InsightDash(dash.Dash):
     def interpolate_index(self, **kw):
         scripts = kw.get("scripts", "")
         suites = self.config.requests_pathname_prefix + "_dash-component-suites/"
-        plotly_url = suites + "plotly/" + _fingerprinted(plotly, PLOTLY_JS, plotly.__version__)
+        plotly_url = suites + "plotly/" + _fingerprinted("plotly", PLOTLY_JS)
         scripts = (f"<script>window.__insightPlotlyURL = {json.dumps(plotly_url)}; window.__insightGraphPages = "
                    f"{json.dumps(GRAPH_PAGES.pattern)};</script>{scripts}")
         lazy = {}
@@ -80,22 +80,17 @@ class InsightDash(dash.Dash):
                 lazy[lib] = tag.group(1)
                 scripts = scripts.replace(tag.group(0), "")
         if lazy:
-            chunks = {lib: [suites + f"{lib}/" + _fingerprinted(importlib.import_module(lib), c, _version(lib))
-                            for c in LAZY_CHUNKS.get(lib, ())] for lib in lazy}
+            chunks = {lib: [suites + f"{lib}/" + _fingerprinted(lib, c) for c in LAZY_CHUNKS.get(lib, ())]
+                      for lib in lazy}
             urls = [*lazy.values(), *(c for cs in chunks.values() for c in cs)]
             now = has_request_context() and GRID_PAGES.match(request.path[len(self.config.requests_pathname_prefix) - 1:])
             head = "".join(f'<link rel="prefetch" href="{u}" as="script">' for u in urls) if not now else ""
-            kw["scripts"] = (f"<script>window.__insightLazyScripts = {json.dumps(lazy)}; window.__insightLazyChunks = "
-                             f"{json.dumps(chunks)}; window.__insightLazyNow = {json.dumps(bool(now))}; window.__insightGridPages = "
-                             f"{json.dumps(GRID_PAGES.pattern)};</script>"
-                             f"{head}{scripts}")
-        else:
-            kw["scripts"] = scripts
+            scripts = (f"<script>window.__insightLazyScripts = {json.dumps(lazy)}; window.__insightLazyChunks = "
+                       f"{json.dumps(chunks)}; window.__insightLazyNow = {json.dumps(bool(now))}; window.__insightGridPages = "
+                       f"{json.dumps(GRID_PAGES.pattern)};</script>"
+                       f"{head}{scripts}")
+        kw["scripts"] = scripts
         return super().interpolate_index(**kw)
-
-
-def _version(lib: str) -> str:
-    return str(getattr(importlib.import_module(lib), "__version__", "0"))
 
 
 def page_modules() -> list:

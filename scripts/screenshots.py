@@ -67,22 +67,28 @@ return true;
 """
 
 
-def _load(drv, url: str, timeout: float = 120.0) -> float:
-    """Seconds from navigation until the page is drawn (every visible figure too) and Dash is idle (twice in a
-    row)."""
-    t0 = time.perf_counter()
-    drv.get(url)
+def _until_drawn(drv, t0: float, content_js: str, what: str, timeout: float, *args) -> float:
+    """Seconds since ``t0`` until ``content_js`` holds, Dash is idle and every visible figure is drawn, twice in a
+    row 50 ms apart (the second look's wait not counted)."""
     deadline = t0 + timeout
     idle = 0
     while idle < 2:
         if time.perf_counter() > deadline:
-            raise TimeoutError(f"{url} did not finish rendering within {timeout:.0f} s")
-        ok = drv.execute_script(DASH_IDLE) and drv.execute_script(
-            "return !!document.querySelector('#_pages_content') && "
-            "document.querySelector('#_pages_content').children.length > 0") and drv.execute_script(FIGURES_DRAWN)
+            raise TimeoutError(f"{what} did not finish within {timeout:.0f} s")
+        ok = drv.execute_script(content_js, *args) and drv.execute_script(DASH_IDLE) \
+            and drv.execute_script(FIGURES_DRAWN)
         idle = idle + 1 if ok else 0
         time.sleep(0.05)
     return time.perf_counter() - t0 - 0.05
+
+
+def _load(drv, url: str, timeout: float = 120.0) -> float:
+    """Seconds from navigation until the page is drawn (every visible figure too) and Dash is idle."""
+    t0 = time.perf_counter()
+    drv.get(url)
+    return _until_drawn(drv, t0, "return !!document.querySelector('#_pages_content') && "
+                                 "document.querySelector('#_pages_content').children.length > 0",
+                        f"rendering {url}", timeout)
 
 
 def _navigate(drv, page: str, timeout: float = 120.0) -> float:
@@ -91,18 +97,10 @@ def _navigate(drv, page: str, timeout: float = 120.0) -> float:
     t0 = time.perf_counter()
     drv.execute_script("window.__insightOld = document.querySelector('#_pages_content > *');"
                        "document.getElementById('nav-' + arguments[0]).click();", page)
-    deadline = t0 + timeout
-    idle = 0
-    while idle < 2:
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"navigating to {page} did not finish within {timeout:.0f} s")
-        ok = drv.execute_script("var c = document.querySelector('#_pages_content > *');"
-                                "return !!c && c !== window.__insightOld && "
-                                "!!document.querySelector('#nav-' + arguments[0] + '.active');", page) \
-            and drv.execute_script(DASH_IDLE) and drv.execute_script(FIGURES_DRAWN)
-        idle = idle + 1 if ok else 0
-        time.sleep(0.05)
-    return time.perf_counter() - t0 - 0.05
+    return _until_drawn(drv, t0, "var c = document.querySelector('#_pages_content > *');"
+                                 "return !!c && c !== window.__insightOld && "
+                                 "!!document.querySelector('#nav-' + arguments[0] + '.active');",
+                        f"navigating to {page}", timeout, page)
 
 
 def _runs(base: Path) -> list[str]:
