@@ -4,12 +4,14 @@
                                   [--no-shots] [--repeat 3]
 
 Starts the real server (``insight start``) on RUNS_DIR, opens each page of RUN in headless Chromium and
-waits until Dash has no callback pending, nothing is marked loading and every visible figure is drawn. "cold" is the first load of the page
-after the server started (nothing read yet), "warm" the median of the next ``--repeat`` loads (each a full
-page load: every JavaScript bundle parsed again), "nav" the time to open a run page from the run navigation
-(a client-side link, as pages are opened after the first; the median of ``--nav-rounds`` rounds after the first). The compare
-page compares RUN with OTHER (default: another run of the base dir); the cluster page is included for a
-multi-rank RUN. Prints a table of the times (seconds) and saves ``<out>/<page>.png``.
+times it in the page, frame by frame (``FRAME_MARKER``), twice: until Dash has no callback pending, nothing is
+marked loading and every visible figure is drawn ("view": all the page but the tables, which pages with figures
+draw after them), and until the tables are drawn too ("all"). "cold" is the first load of the page after the server
+started (nothing read yet), "warm" the median of the next ``--repeat`` loads (each a full page load: every
+JavaScript bundle parsed again), "nav" the time to open a run page from the run navigation (a client-side link, as
+pages are opened after the first; the median of ``--nav-rounds`` rounds after the first). The compare page
+compares RUN with OTHER (default: another run of the base dir); the cluster page is included for a multi-rank
+RUN. Prints a table of the times (seconds, view/all) and saves ``<out>/<page>.png``.
 
 ``--against OLD_CHECKOUT`` (implies ``--no-shots``) times a second server run from another checkout (e.g. a
 ``git worktree`` of an older commit) in the same run, interleaved load by load -- old, new, old, new -- so both
@@ -67,40 +69,88 @@ return true;
 """
 
 
-def _until_drawn(drv, t0: float, content_js: str, what: str, timeout: float, *args) -> float:
-    """Seconds since ``t0`` until ``content_js`` holds, Dash is idle and every visible figure is drawn, twice in a
-    row 50 ms apart (the second look's wait not counted)."""
-    deadline = t0 + timeout
-    idle = 0
-    while idle < 2:
-        if time.perf_counter() > deadline:
+# tables below the fold are rendered after the rest of the page (dashboard/assets/lazy_grid.js): until then each is
+# a placeholder
+TABLES_DRAWN = "return !document.querySelector('.insight-grid-loading');"
+
+# Times are taken in the page, frame by frame (requestAnimationFrame: a frame whose callback finds the page drawn is
+# the frame that shows it), not by polling from Selenium: a poll waits for the page's main thread, so work that
+# starts right after the content is drawn (the tables below the fold) would delay the look that sees the content.
+# "view": the page's content is there, Dash is idle (no callback pending, nothing marked loading) and every
+# visible figure is drawn (dcc.Graph adds ``.main-svg`` only once plotly.js has loaded and drawn it); "all": the
+# tables below the fold are drawn too. Each is the first frame of a stretch of frames over >= 50 ms that all found
+# it so (Dash is briefly idle between the content arriving and its callbacks being dispatched), in ms since
+# ``__insightMark.t0`` (0: the navigation start of a full load; the click, for a navigation in the app). A "view"
+# stretch that a table below the fold ends by being rendered (its row-count callback runs) counts however short.
+FRAME_MARKER = """
+(function () {
+    var m = {t0: 0, want: null, view: null, all: null, since: {view: null, all: null}, deferred: 0};
+    window.__insightMark = m;
+    function idle() { %s }
+    function figures() { %s }
+    function tables() { %s }
+    function frame(now) {
+        var c = document.querySelector('#_pages_content');
+        var view = !!c && c.children.length > 0 && (!m.want || m.want()) && idle() && figures();
+        var deferred = document.querySelectorAll('.insight-grid-loading').length;
+        var done = {view: view, all: view && tables()};
+        for (var k in done) {
+            if (m[k] !== null) { continue; }
+            if (!done[k]) {
+                if (k === 'view' && m.since.view !== null && deferred < m.deferred) { m.view = m.since.view - m.t0; }
+                m.since[k] = null;
+                continue;
+            }
+            if (m.since[k] === null) { m.since[k] = now; if (k === 'view') { m.deferred = deferred; } }
+            else if (now - m.since[k] >= 50) { m[k] = m.since[k] - m.t0; }
+        }
+        requestAnimationFrame(frame);
+    }
+    requestAnimationFrame(frame);
+})();
+""" % (DASH_IDLE, FIGURES_DRAWN, TABLES_DRAWN)
+
+
+def _marker_driver():
+    """Headless Chromium at 1600x1000 with ``FRAME_MARKER`` in every page."""
+    drv = chrome_driver(1600, 1000, log=False)
+    drv.set_window_size(1600, 1000)
+    drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FRAME_MARKER})
+    return drv
+
+
+def _until_drawn(drv, what: str, timeout: float) -> tuple[float, float]:
+    """(view, all) seconds, from the page's ``__insightMark`` (``FRAME_MARKER``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = drv.execute_script("var m = window.__insightMark; return m ? [m.view, m.all] : null;")
+        if got and got[0] is not None and got[1] is not None:
+            return round(got[0] / 1e3, 4), round(got[1] / 1e3, 4)
+        if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not finish within {timeout:.0f} s")
-        ok = drv.execute_script(content_js, *args) and drv.execute_script(DASH_IDLE) \
-            and drv.execute_script(FIGURES_DRAWN)
-        idle = idle + 1 if ok else 0
         time.sleep(0.05)
-    return time.perf_counter() - t0 - 0.05
 
 
-def _load(drv, url: str, timeout: float = 120.0) -> float:
-    """Seconds from navigation until the page is drawn (every visible figure too) and Dash is idle."""
-    t0 = time.perf_counter()
+def _load(drv, url: str, timeout: float = 120.0) -> tuple[float, float]:
+    """(view, all) seconds from the navigation start of a full load of ``url`` (``FRAME_MARKER``)."""
     drv.get(url)
-    return _until_drawn(drv, t0, "return !!document.querySelector('#_pages_content') && "
-                                 "document.querySelector('#_pages_content').children.length > 0",
-                        f"rendering {url}", timeout)
+    return _until_drawn(drv, f"rendering {url}", timeout)
 
 
-def _navigate(drv, page: str, timeout: float = 120.0) -> float:
-    """Seconds from a click on the run navigation's ``page`` link (client-side, no page reload: how pages
-    are opened after the first) until the page is drawn and Dash is idle."""
-    t0 = time.perf_counter()
-    drv.execute_script("window.__insightOld = document.querySelector('#_pages_content > *');"
-                       "document.getElementById('nav-' + arguments[0]).click();", page)
-    return _until_drawn(drv, t0, "var c = document.querySelector('#_pages_content > *');"
-                                 "return !!c && c !== window.__insightOld && "
-                                 "!!document.querySelector('#nav-' + arguments[0] + '.active');",
-                        f"navigating to {page}", timeout, page)
+def _navigate(drv, page: str, timeout: float = 120.0) -> tuple[float, float]:
+    """(view, all) seconds from a click on the run navigation's ``page`` link (client-side, no page reload: how
+    pages are opened after the first) until the new page is drawn (``FRAME_MARKER``)."""
+    drv.execute_script("""
+        var old = document.querySelector('#_pages_content > *'), page = arguments[0], m = window.__insightMark;
+        m.want = function () {
+            var c = document.querySelector('#_pages_content > *');
+            return !!c && c !== old && !!document.querySelector('#nav-' + page + '.active');
+        };
+        m.view = m.all = m.since.view = m.since.all = null;
+        m.deferred = 0;
+        m.t0 = performance.now();
+        document.getElementById('nav-' + page).click();""", page)
+    return _until_drawn(drv, f"navigating to {page}", timeout)
 
 
 def _runs(base: Path) -> list[str]:
@@ -125,20 +175,24 @@ def _start(base: Path, cwd: Path, env: dict):
     return server, port, url
 
 
+def _median_pair(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return tuple(round(statistics.median(x), 3) for x in zip(*samples))
+
+
 def _time_pages(drvs: dict, servers: dict, pages, run: str, repeat: int, shots: Path | None,
                 nav_rounds: int = 2) -> dict:
-    """{server: {page: {cold_s, warm_s, nav_s}}}, every load interleaved over the servers, each server's
-    pages in its own browser (``drvs[server]``)."""
+    """{server: {page: {kind: (view, all)}}} for kind in cold, warm, nav (see ``_until_drawn``), every load
+    interleaved over the servers, each server's pages in its own browser (``drvs[server]``)."""
     times = {k: {} for k in servers}
     for name, path in pages:
         for k, (_, _, url) in servers.items():
-            times[k][name] = {"cold_s": _load(drvs[k], url + path)}
+            times[k][name] = {"cold": _load(drvs[k], url + path)}
         warm = {k: [] for k in servers}
         for _ in range(max(1, repeat)):
             for k, (_, _, url) in servers.items():
                 warm[k].append(_load(drvs[k], url + path))
         for k in servers:
-            times[k][name]["warm_s"] = round(statistics.median(warm[k]), 3)
+            times[k][name]["warm"] = _median_pair(warm[k])
         if shots is not None:
             k, (_, _, url) = next(iter(servers.items()))
             drv = drvs[k]
@@ -157,7 +211,7 @@ def _time_pages(drvs: dict, servers: dict, pages, run: str, repeat: int, shots: 
                     navs[k].setdefault(name, []).append(dt)
     for k in servers:
         for name, v in navs[k].items():
-            times[k][name]["nav_s"] = round(statistics.median(v), 3)
+            times[k][name]["nav"] = _median_pair(v)
     return times
 
 
@@ -204,12 +258,11 @@ def main(argv=None) -> int:
         for k, cwd in cwds.items():
             servers[k] = _start(a.base, cwd, env)
         for k in cwds:  # a browser per server: one's HTTP and code caches never speed up or slow down the other's
-            drvs[k] = chrome_driver(1600, 1000, log=False)
-            drvs[k].set_window_size(1600, 1000)
+            drvs[k] = _marker_driver()
         if shots is not None:
             shots.mkdir(parents=True, exist_ok=True)
         times = _time_pages(drvs, servers, pages, run, a.repeat, shots, max(2, a.nav_rounds))
-        colds = {k: {name: [v["cold_s"]] for name, v in t.items()} for k, t in times.items()}
+        colds = {k: {name: [v["cold"]] for name, v in t.items()} for k, t in times.items()}
         for _ in range(a.cold_repeat - 1):  # the servers again from scratch, one cold load of every page
             for k, (server, port, _) in list(servers.items()):
                 stop_server(server, port, env, cwds[k])
@@ -221,7 +274,7 @@ def main(argv=None) -> int:
                     colds[k][name].append(_load(drvs[k], url + path))
         for k in times:
             for name in times[k]:
-                times[k][name]["cold_s"] = round(statistics.median(colds[k][name]), 3)
+                times[k][name]["cold"] = _median_pair(colds[k][name])
     finally:
         for drv in drvs.values():
             drv.quit()
@@ -230,16 +283,17 @@ def main(argv=None) -> int:
     print(f"run {run}; compare with {other}; cold: the first load after the server started (median of "
           f"{a.cold_repeat} server starts); warm: median of "
           f"{a.repeat} more full page loads; nav: a click in the run navigation, median of "
-          f"{max(2, a.nav_rounds) - 1} rounds (seconds)")
+          f"{max(2, a.nav_rounds) - 1} rounds (seconds). Each as view / all: all the page but the tables below "
+          f"the fold drawn (view), everything drawn (all)")
     keys = list(times)
-    head = "".join(f" {f'{c} {k}':>10}" for c in ("cold", "warm", "nav") for k in keys)
+    head = "".join(f" {f'{c} {k}':>13}" for c in ("cold", "warm", "nav") for k in keys)
     print(f"{'page':<10}{head}" + (f"   (old: {a.against}, new: {a.server_cwd})" if a.against else ""))
     for name, _ in pages:
         cells = ""
-        for c in ("cold_s", "warm_s", "nav_s"):
+        for c in ("cold", "warm", "nav"):
             for k in keys:
                 v = times[k][name].get(c)
-                cells += f" {v:10.3f}" if v is not None else f" {'':>10}"
+                cells += f" {v[0]:6.3f}/{v[1]:6.3f}" if v is not None else f" {'':>13}"
         print(f"{name:<10}{cells}")
     if a.json:
         a.json.write_text(json.dumps(times if a.against else times["new"], indent=1))
