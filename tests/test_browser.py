@@ -353,6 +353,49 @@ def test_run_page_opens_without_console_errors(e2e, page):
     assert plotly == ["page", "function", 1], (page, plotly)
 
 
+# the order a page is drawn in, seen from inside it: when every figure was first drawn, when the first grid appeared
+# and whether the figures were drawn by then
+DRAW_ORDER = """
+window.__drawOrder = {figures: null, grid: null, gridAfterFigures: null};
+new MutationObserver(function () {
+    var o = window.__drawOrder, gs = document.querySelectorAll('.dash-graph'), drawn = gs.length > 0;
+    for (var i = 0; i < gs.length; i++) {
+        if (gs[i].classList.contains('dash-graph--pending') || !gs[i].querySelector('.main-svg')) { drawn = false; }
+    }
+    if (drawn && o.figures === null) { o.figures = performance.now(); }
+    if (o.grid === null && document.querySelector('.ag-root-wrapper')) {
+        o.grid = performance.now();
+        o.gridAfterFigures = drawn;
+    }
+}).observe(document, {childList: true, subtree: true, attributes: true, attributeFilter: ['class']});
+"""
+
+
+@pytest.mark.parametrize("page,graph_id,grid_id", [("operators", "ops-top-chart", "op-type-table"),
+                                                   ("memory", "mem-timeline", "mem-peak-table")])
+def test_tables_are_drawn_after_the_figures(e2e, page, graph_id, grid_id):
+    """On a page with figures the grids (all below them) wait until the figures are drawn (assets/lazy_grid.js),
+    then appear as working grids, their API reachable as dash-ag-grid documents it."""
+    drv = e2e.driver
+    script = drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": DRAW_ORDER})["identifier"]
+    try:
+        _open(e2e, f"/run/run-a/{page}")
+        _figure_ready(drv, graph_id)
+        _js(drv, "return !!document.querySelector('#%s .ag-row') && !document.querySelector('.insight-grid-loading');"
+            % grid_id, f"the {grid_id} grid's rows")
+        _settle(drv)
+        order = drv.execute_script("return window.__drawOrder;")
+    finally:
+        drv.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
+    assert order["figures"] is not None and order["grid"] is not None, order
+    assert order["gridAfterFigures"] and order["figures"] <= order["grid"], order
+    rows, page_size = drv.execute_script("var api = dash_ag_grid.getApi(arguments[0]); "
+                                         "return [api.getDisplayedRowCount(), api.paginationGetPageSize()];", grid_id)
+    shown = drv.find_elements("css selector", f"#{grid_id} .ag-center-cols-container .ag-row")
+    assert len(shown) == min(rows, page_size) > 0, (rows, page_size, len(shown))
+    assert _severe(drv) == []
+
+
 def test_nav_links_move_between_the_pages_of_a_run(e2e):
     """The run navigation is client-side (dcc.Link): each click renders the next page, no console errors."""
     drv = e2e.driver
