@@ -71,7 +71,8 @@
         var gs = document.querySelectorAll('.dash-graph');
         for (var i = 0; i < gs.length; i++) {
             var g = gs[i];
-            if (g.offsetParent !== null && (g.classList.contains('dash-graph--pending') || !g.querySelector('.main-svg'))) {
+            // (offsetParent forces a layout: asked only of a graph not drawn, whether it is hidden)
+            if ((g.classList.contains('dash-graph--pending') || !g.querySelector('.main-svg')) && g.offsetParent !== null) {
                 return false;
             }
         }
