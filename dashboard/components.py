@@ -1,6 +1,7 @@
 """Shared pieces of every page: the run navigation, error and not-found panels, figure config."""
 from __future__ import annotations
 
+import json
 import traceback
 from urllib.parse import quote, unquote
 
@@ -132,9 +133,10 @@ def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | 
               row_id: str | None = "id", **kw):
     """A dash-ag-grid table in the dashboard's one style: sortable, filterable columns (floating filters),
     columns sized to the window, pagination (``page_size`` rows; None: all rows), a row count that follows
-    the filters (``#<id>-count``, see ``register_grid``) and CSV export (``#<id>-csv``). Headers are one line
-    (the full name in a tooltip): wrapped headers with automatic heights made AG Grid measure every header
-    cell's computed style, 0.45 s of the operators page's 1 s of grid script (Chrome's CPU profile)."""
+    the filters (``#<id>-count``, set by assets/grid_count.js) and CSV export (``#<id>-csv``, see
+    ``register_grid``). Headers are one line (the full name in a tooltip): wrapped headers with automatic
+    heights made AG Grid measure every header cell's computed style, 0.45 s of the operators page's 1 s of grid
+    script (Chrome's CPU profile)."""
     opts = {"tooltipShowDelay": 400, "enableCellTextSelection": True, "ensureDomOrder": True,
             "suppressColumnVirtualisation": True, "animateRows": False, "domLayout": "autoHeight",
             "suppressCellFocus": False, "rowSelection": {"mode": "singleRow", "checkboxes": False,
@@ -147,6 +149,7 @@ def data_grid(id_: str, columns: list[dict], rows: list[dict], page_size: int | 
         defaultColDef={"sortable": True, "filter": True, "floatingFilter": True, "resizable": True,
                        "suppressHeaderMenuButton": False},
         dashGridOptions=opts, getRowId=f"params.data.{row_id}" if row_id else None,
+        eventListeners={"modelUpdated": [f"insightRowCount(params, {json.dumps(id_)})"]},  # assets/grid_count.js
         csvExportParams={"fileName": f"{csv or id_}.csv"}, className="insight-grid",
         dangerously_allow_code=True, style={"width": "100%", "maxWidth": MAX_TABLE_WIDTH}, **kw)
     return grid
@@ -200,11 +203,8 @@ def grid_tools(id_: str, rows: list[dict]):
 
 
 def register_grid(app, id_: str) -> None:
-    """The browser-side callbacks of ``data_grid(id_)``: the count follows the grid's filtered rows, the
-    button exports them as CSV."""
-    app.clientside_callback("function(rows) { return rows ? rows.length + ' rows' : window.dash_clientside.no_update; }",
-                            Output(f"{id_}-count", "children"), Input(id_, "virtualRowData"),
-                            prevent_initial_call=True)
+    """The browser-side callback of ``data_grid(id_)``'s CSV button: it exports the grid's filtered rows. (The
+    row count follows the filters without a callback: assets/grid_count.js.)"""
     app.clientside_callback("function(n) { return n > 0; }", Output(id_, "exportDataAsCsv"),
                             Input(f"{id_}-csv", "n_clicks"), prevent_initial_call=True)
 

@@ -732,6 +732,15 @@ def test_numeric_filter_keeps_exactly_the_rows_above_the_value(e2e):
     assert shown == list(above["op"].head(10)), (x, shown)
     assert all(_num(v) > x for v in _cells(drv, "op-type-table", "total_ms"))
     assert drv.execute_script("return document.querySelector('#op-type-table').getBoundingClientRect().width") <= 1600
+    # the count follows new rows from the server too: the ops table's search narrows its rowData
+    ops = analysis.op_stats(e2e.run("run-a"))
+    _wait_text(drv, "op-table-count", f"{len(ops)} rows")
+    from selenium.webdriver.common.keys import Keys
+    drv.find_element("id", "op-search").send_keys("conv" + Keys.ENTER)
+    _wait(drv, lambda: _text(drv, "op-table-count") != f"{len(ops)} rows", "the ops table's count after a search")
+    shown = drv.execute_script("return dash_ag_grid.getApi('op-table').getDisplayedRowCount();")
+    assert 0 < shown < len(ops) and _text(drv, "op-table-count") == f"{shown} rows"
+    assert all("conv" in n for n in _cells(drv, "op-table", "op")), _cells(drv, "op-table", "op")
     assert _severe(drv) == []
 
 
