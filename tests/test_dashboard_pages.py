@@ -201,6 +201,10 @@ def test_operator_callbacks(app, base):
     top3 = ops_page.update_top_chart(3, "op", "all", "synth")  # the top 3 and the rest as one "(other)" bar
     assert top3.data[0].type == "bar" and list(top3.data[0].y)[0] == "(other)"
     assert sum(top3.data[0].x) == pytest.approx(types["total_ms"].sum())
+    # each bar's axis label carries its share of op time; the category (what a click reports) is the op alone
+    labels = dict(zip(top3.layout.yaxis.tickvals, top3.layout.yaxis.ticktext))
+    top_op = types.iloc[0]
+    assert labels[top_op["op"]] == f"{top_op['op']}  {top_op['share']:.1%}"
     bar = ops_page.update_top_chart(3, "name", "all", "synth")
     assert bar.data[0].type == "bar" and len(bar.data[0].y) == 4
     assert list(bar.data[0].y)[::-1][:3] == list(analysis.top_n(analysis.op_stats(path), 3)["name"])

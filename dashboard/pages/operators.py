@@ -153,10 +153,14 @@ def top_figure(types: pd.DataFrame, ops: pd.DataFrame, by: str = "op", n: int = 
         custom = list(zip(share, calls))
         colors = ["#adb5bd" if lab == "(other)" else "#3a86ff" for lab in labels]
         fig.add_bar(y=labels[::-1], x=top["total_ms"][::-1], orientation="h", customdata=custom[::-1],
-                    marker_color=colors[::-1], text=[f"{s:.1%}" for s in share[::-1]], textposition="auto",
+                    marker_color=colors[::-1],
                     hovertemplate="%{y}<br>%{x:.3f} ms (%{customdata[0]:.1%})<br>%{customdata[1]} calls"
                                   "<extra></extra>")
-        fig.update_layout(xaxis_title="total ms", yaxis=dict(automargin=True))
+        # shares in the axis labels (a click still reports the label itself): bar texts are measured and placed
+        # by plotly on every draw
+        fig.update_layout(xaxis_title="total ms", yaxis=dict(
+            automargin=True, tickmode="array", tickvals=labels[::-1],
+            ticktext=[f"{lab}  {s:.1%}" for lab, s in zip(labels[::-1], share[::-1])]))
     else:
         fig.add_annotation(text="No operator data in this run", showarrow=False, x=0.5, y=0.5, xref="paper",
                            yref="paper")
