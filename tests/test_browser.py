@@ -354,11 +354,13 @@ def test_run_page_opens_without_console_errors(e2e, page):
 
 
 # the order a page is drawn in, seen from inside it: when every figure was first drawn, when the first grid appeared
-# and whether the figures were drawn by then
+# and whether the figures were drawn by then, and the height of the first grid's placeholder
 DRAW_ORDER = """
-window.__drawOrder = {figures: null, grid: null, gridAfterFigures: null};
+window.__drawOrder = {figures: null, grid: null, gridAfterFigures: null, placeholder: null};
 new MutationObserver(function () {
     var o = window.__drawOrder, gs = document.querySelectorAll('.dash-graph'), drawn = gs.length > 0;
+    var wait = document.querySelector('.insight-grid-loading');
+    if (wait && o.placeholder === null) { o.placeholder = wait.getBoundingClientRect().height; }
     for (var i = 0; i < gs.length; i++) {
         if (gs[i].classList.contains('dash-graph--pending') || !gs[i].querySelector('.main-svg')) { drawn = false; }
     }
@@ -375,7 +377,8 @@ new MutationObserver(function () {
                                                    ("memory", "mem-timeline", "mem-peak-table")])
 def test_tables_are_drawn_after_the_figures(e2e, page, graph_id, grid_id):
     """On a page with figures the grids (all below them) wait until the figures are drawn (assets/lazy_grid.js),
-    then appear as working grids, their API reachable as dash-ag-grid documents it."""
+    in a placeholder of their height, then appear as working grids, their API reachable as dash-ag-grid
+    documents it."""
     drv = e2e.driver
     script = drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": DRAW_ORDER})["identifier"]
     try:
@@ -389,6 +392,9 @@ def test_tables_are_drawn_after_the_figures(e2e, page, graph_id, grid_id):
         drv.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
     assert order["figures"] is not None and order["grid"] is not None, order
     assert order["gridAfterFigures"] and order["figures"] <= order["grid"], order
+    # the placeholder held about the grid's height: the page does not jump when the grid appears
+    height = drv.execute_script("return document.getElementById(arguments[0]).getBoundingClientRect().height;", grid_id)
+    assert abs(order["placeholder"] - height) <= 0.05 * height, (order["placeholder"], height)
     rows, page_size = drv.execute_script("var api = dash_ag_grid.getApi(arguments[0]); "
                                          "return [api.getDisplayedRowCount(), api.paginationGetPageSize()];", grid_id)
     shown = drv.find_elements("css selector", f"#{grid_id} .ag-center-cols-container .ag-row")
