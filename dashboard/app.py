@@ -14,6 +14,10 @@ as Dash serves its component bundles, so a page load revalidates nothing. The bu
 be needed: at once on the index of a page with a table (``GRID_PAGES``), together with its AG Grid chunk
 (``LAZY_CHUNKS``, otherwise requested only after the bundle has run), on a click of a link to such a page, and on
 other pages after a few seconds of idle time. The Memory page builds its clicked-time grid on the first click.
+On a page with figures the grids are rendered after the figures are drawn (every table of those pages is below
+them), and each grid's row count follows its filters through AG Grid's own event (``assets/grid_count.js``), not a
+Dash callback: a callback on ``virtualRowData`` sent the whole filtered row data through Dash's callback pipeline
+whenever a grid was drawn.
 
 plotly.js (4.8 MB, ~0.1 s to run) is started by ``assets/plotly_early.js`` as soon as the browser asks for the
 content of a page with figures (``GRAPH_PAGES``), so it runs while the server builds that content instead of after
