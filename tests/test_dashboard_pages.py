@@ -479,6 +479,9 @@ def test_the_grid_bundle_is_loaded_on_demand_and_assets_are_cached(client):
     r = client.get(plotly_url)  # plotly.js for assets/plotly_early.js, as cacheable
     assert r.status_code == 200 and b"Plotly" in r.data[:200_000] and len(r.data) > 1_000_000
     assert "max-age=31536000" in r.headers["Cache-Control"]
+    # a page with figures has the browser fetch plotly.js with its own scripts; the runs page (none) does not
+    preload = f'<link rel="preload" href="{plotly_url}" as="script">'
+    assert preload in client.get("/run/synth/overview").get_data(as_text=True) and preload not in page
     assets = re.findall(r'<script src="(/assets/[^"]+\?m=[^"]+)"', page)
     assert all(any(f in a for a in assets) for f in ("lazy_grid.js", "plotly_early.js", "grid_count.js"))
     for a in assets:

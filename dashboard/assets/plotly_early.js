@@ -4,7 +4,8 @@
 // page with figures, window.__insightGraphPages), so it runs during the wait. Until it has run, window.Plotly is
 // a promise of it: dcc.Graph takes window.Plotly through Promise.resolve, so it waits for that promise instead of
 // adding plotly.js a second time; plotly.js then sets window.Plotly itself. The URL (window.__insightPlotlyURL,
-// dashboard/app.py) carries Dash's fingerprint: cached for a year, never revalidated. Pages without figures start
+// dashboard/app.py) carries Dash's fingerprint: cached for a year, never revalidated; the index of a page with
+// figures preloads it with the page's scripts, so that here it only has to run. Pages without figures start
 // it after a few idle seconds, so the next page opened from them finds it ready.
 (function () {
     var url = window.__insightPlotlyURL;
