@@ -75,6 +75,7 @@ class InsightDash(dash.Dash):
 
     def interpolate_index(self, **kw):
         scripts = kw.get("scripts", "")
+        path = request.path[len(self.config.requests_pathname_prefix) - 1:] if has_request_context() else ""
         suites = self.config.requests_pathname_prefix + "_dash-component-suites/"
         plotly_url = suites + "plotly/" + _fingerprinted("plotly", PLOTLY_JS)
         scripts = (f"<script>window.__insightPlotlyURL = {json.dumps(plotly_url)}; window.__insightGraphPages = "
@@ -89,14 +90,13 @@ class InsightDash(dash.Dash):
             chunks = {lib: [suites + f"{lib}/" + _fingerprinted(lib, c) for c in LAZY_CHUNKS.get(lib, ())]
                       for lib in lazy}
             urls = [*lazy.values(), *(c for cs in chunks.values() for c in cs)]
-            now = has_request_context() and GRID_PAGES.match(request.path[len(self.config.requests_pathname_prefix) - 1:])
+            now = GRID_PAGES.match(path)
             head = "".join(f'<link rel="prefetch" href="{u}" as="script">' for u in urls) if not now else ""
             scripts = (f"<script>window.__insightLazyScripts = {json.dumps(lazy)}; window.__insightLazyChunks = "
                        f"{json.dumps(chunks)}; window.__insightLazyNow = {json.dumps(bool(now))}; window.__insightGridPages = "
                        f"{json.dumps(GRID_PAGES.pattern)};</script>"
                        f"{head}{scripts}")
         kw["scripts"] = scripts
-        path = request.path[len(self.config.requests_pathname_prefix) - 1:] if has_request_context() else ""
         if GRAPH_PAGES.match(path):
             # fetched with the page's own scripts, so that assets/plotly_early.js finds it downloaded when it
             # starts it (with the request for the page's content): it then only has to run

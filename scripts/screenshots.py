@@ -84,7 +84,7 @@ TABLES_DRAWN = "return !document.querySelector('.insight-grid-loading');"
 # tables are drawn too. Each is the first frame of a stretch of frames over >= 50 ms that all found
 # it so (Dash is briefly idle between the content arriving and its callbacks being dispatched), in ms since
 # ``__insightMark.t0`` (0: the navigation start of a full load; the click, for a navigation in the app). A "view"
-# stretch that a table ends by being rendered (its row-count callback runs) counts however short.
+# stretch that a table ends by being rendered (a callback on a prop the grid sets when drawn) counts however short.
 FRAME_MARKER = """
 (function () {
     var m = {t0: 0, want: null, view: null, all: null, since: {view: null, all: null}, deferred: 0};

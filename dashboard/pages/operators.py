@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, Patch, State, ctx, dcc, html
 
 from dashboard.components import (data_grid, fmt_ms, graph, grid_records, grid_tools, num_col, page_rank, rank_selector,
-                                  register_grid, run_page, stat_card, store_where, text_col)
+                                  register_grid, run_page, share_ticks, stat_card, store_where, text_col)
 from dashboard.data import RunNotFound, store
 from insight import analysis
 from insight.trace import TraceError
@@ -156,11 +156,7 @@ def top_figure(types: pd.DataFrame, ops: pd.DataFrame, by: str = "op", n: int = 
                     marker_color=colors[::-1],
                     hovertemplate="%{y}<br>%{x:.3f} ms (%{customdata[0]:.1%})<br>%{customdata[1]} calls"
                                   "<extra></extra>")
-        # shares in the axis labels (a click still reports the label itself): bar texts are measured and placed
-        # by plotly on every draw
-        fig.update_layout(xaxis_title="total ms", yaxis=dict(
-            automargin=True, tickmode="array", tickvals=labels[::-1],
-            ticktext=[f"{lab}  {s:.1%}" for lab, s in zip(labels[::-1], share[::-1])]))
+        fig.update_layout(xaxis_title="total ms", yaxis=dict(automargin=True, **share_ticks(labels[::-1], share[::-1])))
     else:
         fig.add_annotation(text="No operator data in this run", showarrow=False, x=0.5, y=0.5, xref="paper",
                            yref="paper")

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
 from dashboard.components import (data_grid, fmt_ms, graph, grid_records, num_col, page_rank, rank_selector, run_href,
-                                  run_page, stat_card, text_col, verdict_panel)
+                                  run_page, share_ticks, stat_card, text_col, verdict_panel)
 from dashboard.data import store
 from insight import analysis
 from insight.analysis import gpu
@@ -107,9 +107,7 @@ def _top_types_figure(types: pd.DataFrame, steps: int) -> go.Figure:
         ops, shares = top["op"].astype(str).tolist()[::-1], top["share"].astype(float).tolist()[::-1]
         fig.add_bar(y=ops, x=per[::-1], orientation="h", marker_color="#3a86ff", customdata=shares,
                     hovertemplate="%{y}: %{x:.3f} ms per step (%{customdata:.1%} of op time)<extra></extra>")
-        # the shares in the axis labels, not as text on the bars: plotly measures and places every bar's text on
-        # each draw (15-35 ms of this page in the browser)
-        fig.update_yaxes(tickmode="array", tickvals=ops, ticktext=[f"{o}  {v:.1%}" for o, v in zip(ops, shares)])
+        fig.update_yaxes(**share_ticks(ops, shares))
     fig.update_layout(height=320, margin=dict(l=170, r=20, t=40, b=40), xaxis_title="ms per step",
                       title="Top op types (ms per step, share of op time)")
     return fig
