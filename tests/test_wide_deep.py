@@ -252,8 +252,11 @@ def test_profiled_host_run_overlaps_host_work_with_device_compute(tmp_path):
     inside = background.apply(in_window, axis=1)
     busy = (background.end_ns - background.start_ns).sum()
     print(f"\n{len(background)} background host tasks, {int(inside.sum())} in flight during a device step, "
-          f"{ov.sum() / 1e6:.1f} ms of their {busy / 1e6:.1f} ms overlap device kernels")
-    assert inside.mean() >= 0.8 and ov.sum() > 0.1 * busy, (inside.mean(), ov.sum(), busy)
+          f"{ov.sum() / 1e6:.1f} ms of their {busy / 1e6:.1f} ms overlap device kernels, {int((ov > 0).sum())} tasks")
+    # Run one after the other (on the step's own thread), host tasks and kernels would share no time at all;
+    # how much they share when concurrent is up to the OS scheduler and the GIL: 11-55 % of the host tasks'
+    # time alone, 7.7 % once under the whole suite's load. So: clearly more than none.
+    assert inside.mean() >= 0.8 and ov.sum() > 0.02 * busy, (inside.mean(), ov.sum(), busy)
     copies = t[t.kind.isin(["memcpy_h2d", "memcpy_d2h"]) & (t.stream == "host")]
     names = set(copies.kind)
     assert names == {"memcpy_h2d", "memcpy_d2h"} and (copies.bytes > 0).all(), copies[["name", "bytes"]]
