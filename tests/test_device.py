@@ -377,3 +377,61 @@ def test_the_executor_loop_reads_the_clock_of_perf_counter_ns():
         b = _exec.now_ns()
         c = time.perf_counter_ns()
         assert a <= b <= c
+
+
+def _sleeper(ms):
+    def kernel(x):
+        time.sleep(ms / 1e3)
+        return x
+    return kernel
+
+
+@pytest.mark.parametrize("tsc", [False, True])
+def test_task_stamps_are_perf_counter_times_with_either_clock(tsc):
+    """Stamped with clock_gettime or with the TSC mapped to it, every task's stamps fall inside the
+    perf_counter_ns() readings around the step, in order, and a task that sleeps 3 ms lasts 3 ms."""
+    if tsc and not _exec.use_tsc(None):
+        pytest.skip("this machine's kernel does not keep its clock on the TSC")
+    was = _exec.use_tsc(tsc)
+    try:
+        sleeps = [0.0, 3.0, 0.0, 1.0, 0.0, 0.2]
+        flat = [(0, _sleeper(ms), (0,), {}, ()) for ms in sleeps]
+        for _ in range(5):
+            starts, ends = np.empty(len(flat), np.int64), np.empty(len(flat), np.int64)
+            a = time.perf_counter_ns()
+            _exec.run_flat(flat, [np.zeros(1)], starts, ends)
+            c = time.perf_counter_ns()
+            stamps = np.stack([starts, ends], 1).ravel()
+            assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
+            durations = (ends - starts) / 1e6
+            for ms, d in zip(sleeps, durations):
+                assert ms <= d + 0.05 and (ms == 0 or d < ms + 20), (sleeps, durations)
+    finally:
+        _exec.use_tsc(was)
+
+
+@pytest.mark.parametrize("tsc", [False, True])
+def test_stream_stamps_with_either_clock_include_the_wait_for_another_stream(tsc):
+    """run_stream: a wait on an event set 5 ms later by another thread is stamped as 5 ms blocked."""
+    import threading
+    from types import SimpleNamespace as Task
+    if tsc and not _exec.use_tsc(None):
+        pytest.skip("this machine's kernel does not keep its clock on the TSC")
+    was = _exec.use_tsc(tsc)
+    try:
+        tasks = [Task(ins=(0,), out=0, kernel=_sleeper(0.0), attrs={}, frees=()), Task(event=0),
+                 Task(ins=(0,), out=0, kernel=_sleeper(1.0), attrs={}, frees=())]
+        codes = np.array([_exec.KERNEL, _exec.EVENT_WAIT, _exec.KERNEL], np.int8)
+        events = [threading.Event()]
+        starts, ends = np.empty(3, np.int64), np.empty(3, np.int64)
+        setter = threading.Timer(0.005, events[0].set)
+        a = time.perf_counter_ns()
+        setter.start()
+        done = _exec.run_stream(tasks, codes, [np.zeros(1)], events, [], starts, ends)
+        c = time.perf_counter_ns()
+        assert done == 3
+        stamps = np.stack([starts, ends], 1).ravel()
+        assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
+        assert (ends[1] - starts[1]) / 1e6 >= 4.5 and (ends[2] - starts[2]) / 1e6 >= 0.95, (starts, ends)
+    finally:
+        _exec.use_tsc(was)
