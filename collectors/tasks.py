@@ -1,8 +1,8 @@
 """The timeline: the ``tasks`` table.
 
-Hot path: a ``step_tasks`` event (one per step, numpy arrays of task ids and times) is kept as-is in a
-``StepStore`` shared with the memory collector; single ``task`` events (GetNext, the input copy, the sink
-feeder's TransferData) are appended to columnar buffers. The writer expands the kept step arrays
+Hot path: a ``step_tasks`` event (one per step, numpy arrays of task ids and times, and the step's input copy
+as a task description and its two times) is kept as-is in a ``StepStore`` shared with the memory collector;
+single ``task`` events (GetNext, the sink feeder's TransferData) are appended to columnar buffers. The writer expands the kept step arrays
 against the graph's task table with numpy: one fancy index per numeric column, and the string columns
 as dictionary arrays over the task table's strings (indices only -- no per-task Python loop, no copy of
 any string).
@@ -45,11 +45,30 @@ class StepGroup:
     uniform: bool        # every event ran the graph's template task order (the usual case)
 
 
-def _group(events: list[dict], registry: GraphRegistry) -> tuple[list[StepGroup], int]:
+class StepBatch(list):
+    """One flush's ``StepGroup``s, and ``inputs``: the input-copy task rows (``task`` event dicts) the
+    ``step_tasks`` events carried (``input_task`` + ``input_ns``), written with the single tasks."""
+    inputs: list[dict]
+
+
+def _input_rows(events: list[dict]) -> list[dict]:
+    rows = []
+    for ev in events:
+        task = ev.get("input_task")
+        if task is not None:
+            row = dict(task)
+            row["start_ns"], row["end_ns"] = ev["input_ns"]
+            row["step"], row["graph"] = ev.get("step"), ev.get("graph")
+            rows.append(row)
+    return rows
+
+
+def _group(events: list[dict], registry: GraphRegistry) -> tuple[StepBatch, int]:
     by_graph: dict = {}
     for ev in events:
         by_graph.setdefault(ev.get("graph_id"), []).append(ev)
-    out, unknown = [], 0
+    out, unknown = StepBatch(), 0
+    out.inputs = _input_rows(events)
     for gid, evs in by_graph.items():
         gt = registry.get(gid)
         if gt is None:
@@ -79,7 +98,8 @@ class StepStore:
         self.append = self.events.append  # the hot path
         self._lock = threading.Lock()
         self._seq = 0
-        self._batch: list[StepGroup] = []
+        self._batch = StepBatch()
+        self._batch.inputs = []
         self._served: dict[str, int] = {}
         self.unknown_graph_events = 0
 
@@ -87,7 +107,7 @@ class StepStore:
         with self._lock:
             self._served[consumer] = self._seq
 
-    def take(self, consumer: str) -> list[StepGroup]:
+    def take(self, consumer: str) -> StepBatch:
         """Every consumer is drained once per flush: the first one to ask cuts a new batch, the others
         get the same one."""
         with self._lock:
@@ -135,8 +155,9 @@ class TasksCollector(Collector):
         return tables
 
     def drain(self, t0, final=False):
-        tables = self.expand(self.store.take("tasks"), t0)
-        events = self._single.take()
+        batch = self.store.take("tasks")
+        tables = self.expand(batch, t0)
+        events = self._single.take() + batch.inputs
         if events:
             cols = event_columns(events, _SINGLE)
             cols["stream_id"] = _stream_ids(events, cols["stream"])

@@ -117,7 +117,11 @@ class CompiledGraph:
         bw = [k for k, t in enumerate(flat_tasks) if self._phase_masks[1][t.task_id]]
         self._flat_markers = (fw[0] if fw else -1, bw[-1] if bw else -1)
         self._flat_marker_ops = (flat_tasks[fw[0]].name if fw else "", flat_tasks[bw[-1]].name if bw else "")
-        self._input_bytes = sum(n.nbytes for _, n in self.input_slots)
+        # the per-step host->device input copy, described once: each traced step's step_tasks event carries it
+        # with the copy's two times (no task event of its own: one event per step less on the traced path)
+        self._input_task = {"task_id": -1, "name": "feed_inputs", "op": "copy_h2d", "kind": "memcpy_h2d",
+                            "stream_id": 4, "stream": "host", "scope": "", "shape": "", "dtype": "", "flops": 0,
+                            "bytes": sum(n.nbytes for _, n in self.input_slots), "phase": "input"}
         self._task_table_cols: dict | None = None  # task_table(), built on first use (static per graph)
 
     # -- memory --------------------------------------------------------------------------------
@@ -303,12 +307,6 @@ class CompiledGraph:
                           "stream": "aicore0", "scope": "", "start_ns": get_next[0], "end_ns": get_next[1],
                           "step": step, "graph": gname, "shape": "", "dtype": "", "flops": 0, "bytes": 0,
                           "phase": "input"})
-        else:
-            nbytes = self._input_bytes
-            emit("task", {"task_id": -1, "name": "feed_inputs", "op": "copy_h2d", "kind": "memcpy_h2d",
-                          "stream_id": 4, "stream": "host", "scope": "", "start_ns": copy_times[0],
-                          "end_ns": copy_times[1], "step": step, "graph": gname, "shape": "", "dtype": "",
-                          "flops": 0, "bytes": nbytes, "phase": "input"})
         if isinstance(records, tuple):  # one stream: tasks ran in task order, ids are fixed
             ids = self._flat_ids
             starts, ends = records
@@ -332,8 +330,10 @@ class CompiledGraph:
             fp_op = self.tl.tasks[int(ids[fw][np.argmin(starts[fw])])].name if fw.any() else ""
             bp_op = self.tl.tasks[int(ids[bw][np.argmax(ends[bw])])].name if bw.any() else ""
             t_end = int(ends.max()) if len(ends) else clock()
-        emit("step_tasks", {"graph": gname, "graph_id": id(self), "step": step, "task_id": ids, "start_ns": starts,
-                            "end_ns": ends})
+        ev = {"graph": gname, "graph_id": id(self), "step": step, "task_id": ids, "start_ns": starts, "end_ns": ends}
+        if get_next is None:
+            ev["input_task"], ev["input_ns"] = self._input_task, copy_times
+        emit("step_tasks", ev)
         self.last_markers = {
             "start_ns": get_next[0] if get_next is not None else t_begin,
             "get_next_start_ns": get_next[0] if get_next else copy_times[0],

@@ -113,6 +113,14 @@ def test_profiled_training_writes_a_consistent_run(tmp_path, digits, sink):
     else:
         assert inputs["name"].tolist() == ["feed_inputs"] * n_steps and sorted(inputs["step"]) == list(range(n_steps))
         assert len(tasks) == n_steps * (n_tasks + 1)
+        # the batch's bytes (32 images of 8x8 float32 and 32 int labels), host stream, each copy in its step's
+        # input window and before the step's first kernel
+        copies = inputs.sort_values("step")
+        assert set(copies["stream"]) == {"host"} and set(copies["kind"]) == {"memcpy_h2d"}
+        assert set(copies["bytes"]) == {32 * 64 * 4 + 32 * np.dtype(np.int32).itemsize}, set(copies["bytes"])
+        assert (copies["start_ns"].to_numpy() == steps["get_next_start_ns"].to_numpy()).all()
+        assert (copies["end_ns"].to_numpy() == steps["get_next_end_ns"].to_numpy()).all()
+        assert (copies["end_ns"].to_numpy() <= steps["fp_start_ns"].to_numpy()).all()
     # each step's tasks lie inside the step
     span = graph_rows.groupby("step").agg(lo=("start_ns", "min"), hi=("end_ns", "max"))
     assert (span["lo"].to_numpy() == steps["fp_start_ns"].to_numpy()).all()
