@@ -80,12 +80,15 @@ cdef inline long long _stamp(bint tsc) noexcept nogil:
     return insight_ticks() if tsc else _now()
 
 
-cdef void _to_ns(long long[::1] stamps, Py_ssize_t n, long long ns0, long long t0, long long ns1,
-                 long long t1) noexcept:
-    """Map counter values in stamps[:n] to CLOCK_MONOTONIC on the line through (t0, ns0) and (t1, ns1)."""
+cdef void _map_stamps(long long[::1] starts, long long[::1] ends, Py_ssize_t n, long long ns0, long long t0,
+                      long long ns1, long long t1) noexcept:
+    """Map the counter values of tasks [0, n) to CLOCK_MONOTONIC on the line through (t0, ns0) and (t1, ns1),
+    in run order (start <= end <= the next task's start: a thread moved to a CPU whose counter lags by a few
+    cycles does not make a negative duration) and within [ns0, ns1]."""
     global _ns_per_tick, _cal_ns, _cal_ticks
     cdef double rate
     cdef Py_ssize_t k
+    cdef long long prev = ns0, v
     if ns1 - _cal_ns > 200000000 and t1 > _cal_ticks:  # 0.2 s since the last calibration: refresh the rate
         _ns_per_tick = <double>(ns1 - _cal_ns) / <double>(t1 - _cal_ticks)
         if ns1 - _cal_ns > 60000000000:  # follow the kernel's rate slowly (NTP): a fresh base every minute
@@ -95,11 +98,12 @@ cdef void _to_ns(long long[::1] stamps, Py_ssize_t n, long long ns0, long long t
     else:
         rate = _ns_per_tick
     for k in range(n):
-        stamps[k] = ns0 + <long long>(<double>(stamps[k] - t0) * rate)
-        if stamps[k] > ns1:
-            stamps[k] = ns1
-        elif stamps[k] < ns0:
-            stamps[k] = ns0
+        v = ns0 + <long long>(<double>(starts[k] - t0) * rate)
+        prev = v if v > prev else prev
+        starts[k] = prev if prev < ns1 else ns1
+        v = ns0 + <long long>(<double>(ends[k] - t0) * rate)
+        prev = v if v > prev else prev
+        ends[k] = prev if prev < ns1 else ns1
 
 
 def run_flat(list flat, list env, long long[::1] starts=None, long long[::1] ends=None):
@@ -128,8 +132,7 @@ def run_flat(list flat, list env, long long[::1] starts=None, long long[::1] end
             env[<Py_ssize_t>frees[j]] = None
     if tsc:
         _pair(&ns1, &t1)
-        _to_ns(starts, n, ns0, t0, ns1, t1)
-        _to_ns(ends, n, ns0, t0, ns1, t1)
+        _map_stamps(starts, ends, n, ns0, t0, ns1, t1)
 
 
 # task kinds of run_stream (``codes``): a kernel or copy, an event wait, an event record
@@ -192,8 +195,7 @@ def run_stream(list tasks, const signed char[::1] codes, list env, object events
                 env[<Py_ssize_t>frees[j]] = None
     if tsc:
         _pair(&ns1, &tk1)
-        _to_ns(starts, done, ns0, tk0, ns1, tk1)
-        _to_ns(ends, done, ns0, tk0, ns1, tk1)
+        _map_stamps(starts, ends, done, ns0, tk0, ns1, tk1)
     return done
 
 
