@@ -405,14 +405,16 @@ def test_task_stamps_are_perf_counter_times_with_either_clock(tsc):
             assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
             durations = (ends - starts) / 1e6
             for ms, d in zip(sleeps, durations):
-                assert ms <= d + 0.05 and (ms == 0 or d < ms + 20), (sleeps, durations)
+                assert ms <= d + 0.05 and (ms == 0 or d < ms + 200), (sleeps, durations)
     finally:
         _exec.use_tsc(was)
 
 
 @pytest.mark.parametrize("tsc", [False, True])
 def test_stream_stamps_with_either_clock_include_the_wait_for_another_stream(tsc):
-    """run_stream: a wait on an event set 5 ms later by another thread is stamped as 5 ms blocked."""
+    """run_stream: a wait on an event another thread sets 5 ms later is stamped as ending after that thread's
+    perf_counter_ns() just before it set the event (how long it blocked depends on when the stream got there:
+    under load, late)."""
     import threading
     from types import SimpleNamespace as Task
     if tsc and not _exec.use_tsc(None):
@@ -424,7 +426,12 @@ def test_stream_stamps_with_either_clock_include_the_wait_for_another_stream(tsc
         codes = np.array([_exec.KERNEL, _exec.EVENT_WAIT, _exec.KERNEL], np.int8)
         events = [threading.Event()]
         starts, ends = np.empty(3, np.int64), np.empty(3, np.int64)
-        setter = threading.Timer(0.005, events[0].set)
+        fired = []
+
+        def fire():
+            fired.append(time.perf_counter_ns())
+            events[0].set()
+        setter = threading.Timer(0.005, fire)
         a = time.perf_counter_ns()
         setter.start()
         done = _exec.run_stream(tasks, codes, [np.zeros(1)], events, [], starts, ends)
@@ -432,6 +439,6 @@ def test_stream_stamps_with_either_clock_include_the_wait_for_another_stream(tsc
         assert done == 3
         stamps = np.stack([starts, ends], 1).ravel()
         assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
-        assert (ends[1] - starts[1]) / 1e6 >= 4.5 and (ends[2] - starts[2]) / 1e6 >= 0.95, (starts, ends)
+        assert ends[1] >= fired[0] and (ends[2] - starts[2]) / 1e6 >= 0.95, (starts, ends, fired)
     finally:
         _exec.use_tsc(was)
