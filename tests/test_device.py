@@ -386,59 +386,56 @@ def _sleeper(ms):
     return kernel
 
 
-@pytest.mark.parametrize("tsc", [False, True])
-def test_task_stamps_are_perf_counter_times_with_either_clock(tsc):
-    """Stamped with clock_gettime or with the TSC mapped to it, every task's stamps fall inside the
-    perf_counter_ns() readings around the step, in order, and a task that sleeps 3 ms lasts 3 ms."""
+@pytest.fixture(params=["clock_gettime", "tsc"])
+def stamp_clock(request):
+    """The executor loops' stamping clock for one test, then the machine's default again (as at import)."""
+    tsc = request.param == "tsc"
     if tsc and not _exec.use_tsc(None):
         pytest.skip("this machine's kernel does not keep its clock on the TSC")
-    was = _exec.use_tsc(tsc)
-    try:
-        sleeps = [0.0, 3.0, 0.0, 1.0, 0.0, 0.2]
-        flat = [(0, _sleeper(ms), (0,), {}, ()) for ms in sleeps]
-        for _ in range(5):
-            starts, ends = np.empty(len(flat), np.int64), np.empty(len(flat), np.int64)
-            a = time.perf_counter_ns()
-            _exec.run_flat(flat, [np.zeros(1)], starts, ends)
-            c = time.perf_counter_ns()
-            stamps = np.stack([starts, ends], 1).ravel()
-            assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
-            durations = (ends - starts) / 1e6
-            for ms, d in zip(sleeps, durations):
-                assert ms <= d + 0.05 and (ms == 0 or d < ms + 200), (sleeps, durations)
-    finally:
-        _exec.use_tsc(was)
+    _exec.use_tsc(tsc)
+    yield request.param
+    _exec.use_tsc(None)
 
 
-@pytest.mark.parametrize("tsc", [False, True])
-def test_stream_stamps_with_either_clock_include_the_wait_for_another_stream(tsc):
+def test_task_stamps_are_perf_counter_times_with_either_clock(stamp_clock):
+    """Stamped with clock_gettime or with the TSC mapped to it, every task's stamps fall inside the
+    perf_counter_ns() readings around the step, in order, and a task that sleeps 3 ms lasts 3 ms."""
+    sleeps = [0.0, 3.0, 0.0, 1.0, 0.0, 0.2]
+    flat = [(0, _sleeper(ms), (0,), {}, ()) for ms in sleeps]
+    for _ in range(5):
+        starts, ends = np.empty(len(flat), np.int64), np.empty(len(flat), np.int64)
+        a = time.perf_counter_ns()
+        _exec.run_flat(flat, [np.zeros(1)], starts, ends)
+        c = time.perf_counter_ns()
+        stamps = np.stack([starts, ends], 1).ravel()
+        assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
+        durations = (ends - starts) / 1e6
+        for ms, d in zip(sleeps, durations):
+            assert ms <= d + 0.05 and (ms == 0 or d < ms + 200), (sleeps, durations)
+
+
+def test_stream_stamps_with_either_clock_include_the_wait_for_another_stream(stamp_clock):
     """run_stream: a wait on an event another thread sets 5 ms later is stamped as ending after that thread's
     perf_counter_ns() just before it set the event (how long it blocked depends on when the stream got there:
     under load, late)."""
     import threading
     from types import SimpleNamespace as Task
-    if tsc and not _exec.use_tsc(None):
-        pytest.skip("this machine's kernel does not keep its clock on the TSC")
-    was = _exec.use_tsc(tsc)
-    try:
-        tasks = [Task(ins=(0,), out=0, kernel=_sleeper(0.0), attrs={}, frees=()), Task(event=0),
-                 Task(ins=(0,), out=0, kernel=_sleeper(1.0), attrs={}, frees=())]
-        codes = np.array([_exec.KERNEL, _exec.EVENT_WAIT, _exec.KERNEL], np.int8)
-        events = [threading.Event()]
-        starts, ends = np.empty(3, np.int64), np.empty(3, np.int64)
-        fired = []
+    tasks = [Task(ins=(0,), out=0, kernel=_sleeper(0.0), attrs={}, frees=()), Task(event=0),
+             Task(ins=(0,), out=0, kernel=_sleeper(1.0), attrs={}, frees=())]
+    codes = np.array([_exec.KERNEL, _exec.EVENT_WAIT, _exec.KERNEL], np.int8)
+    events = [threading.Event()]
+    starts, ends = np.empty(3, np.int64), np.empty(3, np.int64)
+    fired = []
 
-        def fire():
-            fired.append(time.perf_counter_ns())
-            events[0].set()
-        setter = threading.Timer(0.005, fire)
-        a = time.perf_counter_ns()
-        setter.start()
-        done = _exec.run_stream(tasks, codes, [np.zeros(1)], events, [], starts, ends)
-        c = time.perf_counter_ns()
-        assert done == 3
-        stamps = np.stack([starts, ends], 1).ravel()
-        assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
-        assert ends[1] >= fired[0] and (ends[2] - starts[2]) / 1e6 >= 0.95, (starts, ends, fired)
-    finally:
-        _exec.use_tsc(was)
+    def fire():
+        fired.append(time.perf_counter_ns())
+        events[0].set()
+    setter = threading.Timer(0.005, fire)
+    a = time.perf_counter_ns()
+    setter.start()
+    done = _exec.run_stream(tasks, codes, [np.zeros(1)], events, [], starts, ends)
+    c = time.perf_counter_ns()
+    assert done == 3
+    stamps = np.stack([starts, ends], 1).ravel()
+    assert a <= stamps[0] and stamps[-1] <= c and (np.diff(stamps) >= 0).all(), (a, stamps, c)
+    assert ends[1] >= fired[0] and (ends[2] - starts[2]) / 1e6 >= 0.95, (starts, ends, fired)
