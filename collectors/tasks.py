@@ -2,10 +2,10 @@
 
 Hot path: a ``step_tasks`` event (one per step, numpy arrays of task ids and times, and the step's input copy
 as a task description and its two times) is kept as-is in a ``StepStore`` shared with the memory collector;
-single ``task`` events (GetNext, the sink feeder's TransferData) are appended to columnar buffers. The writer expands the kept step arrays
-against the graph's task table with numpy: one fancy index per numeric column, and the string columns
-as dictionary arrays over the task table's strings (indices only -- no per-task Python loop, no copy of
-any string).
+single ``task`` events (GetNext, the sink feeder's TransferData) are appended to columnar buffers. The writer
+expands the kept step arrays against the graph's task table with numpy: one fancy index per numeric column,
+and the string columns as dictionary arrays over the task table's strings (indices only -- no per-task
+Python loop, no copy of any string).
 """
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ class StepGroup:
 class StepBatch(list):
     """One flush's ``StepGroup``s, and ``inputs``: the input-copy task rows (``task`` event dicts) the
     ``step_tasks`` events carried (``input_task`` + ``input_ns``), written with the single tasks."""
-    inputs: list[dict]
+
+    def __init__(self, groups=(), inputs: list[dict] | None = None):
+        super().__init__(groups)
+        self.inputs = inputs if inputs is not None else []
 
 
 def _input_rows(events: list[dict]) -> list[dict]:
@@ -67,8 +70,7 @@ def _group(events: list[dict], registry: GraphRegistry) -> tuple[StepBatch, int]
     by_graph: dict = {}
     for ev in events:
         by_graph.setdefault(ev.get("graph_id"), []).append(ev)
-    out, unknown = StepBatch(), 0
-    out.inputs = _input_rows(events)
+    out, unknown = StepBatch(inputs=_input_rows(events)), 0
     for gid, evs in by_graph.items():
         gt = registry.get(gid)
         if gt is None:
@@ -99,7 +101,6 @@ class StepStore:
         self._lock = threading.Lock()
         self._seq = 0
         self._batch = StepBatch()
-        self._batch.inputs = []
         self._served: dict[str, int] = {}
         self.unknown_graph_events = 0
 
