@@ -9,7 +9,11 @@ one run (median of rounds), plus the memory bandwidth of fused elementwise kerne
    the same steps on the same batch) equal to 1e-5. Also fused without the attention kernels
    (``INSIGHT_ATTENTION_FUSION=0``), paired with fused: what the flash-style attention kernels add; and the
    step's dense-layer GEMMs alone (the same BLAS calls on preallocated outputs, interleaved with the steps):
-   fusion cannot touch them, so unfused step / their time bounds the speed-up (Amdahl).
+   fusion cannot touch them, so unfused step / their time bounds the speed-up (Amdahl). Both steps get their
+   memory the same way (the fused kernels' outputs from ``codegen.buffers``, every other array from the
+   host-memory cache of ``runtime/host_memory.py``); the script prints each step's page faults to show it.
+   Without that cache (``INSIGHT_HOST_CACHE_MB=0``) the unfused step paid ~30,000 page faults per step and the
+   speed-up looked 0.2-0.3 larger than fusion makes it.
    ``--part work``: the same three steps, the GEMMs and the step's dropout draws on ONE thread in a child
    process, timed by thread CPU time -- the work each does, a figure the machine's load barely moves.
 2. An elementwise-heavy chain: gelu backward (expanded: ~25 primitives, an exp and a division per
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -163,6 +168,13 @@ def bert(args):
           f"{m_gemm * 1e3:7.1f} ms = {gemm_flops / m_gemm / 1e9:.0f} GFLOP/s, {100 * share:.0f}% of the unfused step "
           f"(paired)\n  -> Amdahl bound on the speed-up with those GEMMs untouched: {bound:.2f}x; fused step minus "
           f"them: {(m_on - m_gemm) * 1e3:.1f} ms (unfused: {(m_off - m_gemm) * 1e3:.1f} ms)")
+    faults = {}
+    for key, exe in (("off", off), ("on", on)):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step(exe, key)()
+        faults[key] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    print(f"  minor page faults in one more step: unfused {faults['off']}, fused {faults['on']} (the step's arrays reuse "
+          f"cached memory: runtime/host_memory.py; INSIGHT_HOST_CACHE_MB=0 turns that off)")
     n = min(len(v) for v in losses.values())
     diff = max(abs(a - b) for a, b in zip(losses["off"][:n], losses["on"][:n]))
     diff_na = max(abs(a - b) for a, b in zip(losses["off"][:n], losses["no_att"][:n]))

@@ -22,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from runtime import _exec, hooks
+from runtime import _exec, hooks, host_memory
 from runtime.device.memory import DeviceOutOfMemoryError, LiveTensor, fmt_bytes, get_device
 from runtime.device.tasks import TaskList, compile_tasks
 from runtime.ir.graph import Graph, Node, toposort
@@ -54,6 +54,7 @@ class _Worker:
         self.thread.start()
 
     def _loop(self):
+        host_memory.install()    # this thread only runs steps: its arrays come from the host-memory cache
         while True:
             job = self.inbox.get()
             if job is None:
@@ -172,6 +173,13 @@ class CompiledGraph:
         """Run one step. ``get_next=(t0, t1)``: the inputs were dequeued from the device queue
         (data sink mode) during [t0, t1] and are already on the device; otherwise they are copied
         host->device first."""
+        old_alloc = host_memory.install()    # the step's numpy arrays reuse cached memory (runtime/host_memory.py)
+        try:
+            return self._call(feeds, step, get_next)
+        finally:
+            host_memory.restore(old_alloc)
+
+    def _call(self, feeds: dict, step: int | None, get_next: tuple | None) -> dict:
         tracing = hooks.listening
         t_begin = clock()
         env = list(self._template)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtime import communication, context, core, hooks
+from runtime import communication, context, core, hooks, host_memory
 from runtime.autodiff import apply_update_eager, grad, grad_eager
 from runtime.core import GraphBuilder, Tensor, building
 from runtime.device.queue import SinkFeeder
@@ -116,6 +116,10 @@ class Model:
     def train_step(self, data: np.ndarray, label: np.ndarray, get_next: tuple | None = None) -> float:
         """Run one training step on a batch; returns the loss. ``get_next=(t0, t1)`` says the batch came
         from the device queue (data sink mode) and is already on the device."""
+        with host_memory.step_memory():     # the step's arrays reuse cached memory (runtime/host_memory.py)
+            return self._train_step(data, label, get_next)
+
+    def _train_step(self, data: np.ndarray, label: np.ndarray, get_next: tuple | None) -> float:
         self.optimizer.step_begin(self.step)
         self.last_markers = None
         if communication.data_parallel() and not self._params_broadcast:  # every rank starts from rank 0's values
@@ -241,6 +245,10 @@ class Model:
         return {name: m.eval() for name, m in metrics.items()}
 
     def _forward(self, data, label=None):
+        with host_memory.step_memory():
+            return self._forward_step(data, label)
+
+    def _forward_step(self, data, label):
         if context.get_context("mode") == context.GRAPH_MODE:
             exe = self._compiled(self._eval_graphs, self.build_eval_graph, data, label)
             feeds = {"data": data} if label is None else {"data": data, "label": label}
