@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's
 
 from benchmarks._summary import row, write  # noqa: E402
 from runtime import Model, _kernels, codegen, context, nn  # noqa: E402
+from runtime.compiler import compile as compile_graph  # noqa: E402
 from runtime.core import GraphBuilder, building  # noqa: E402
 from runtime.ir.graph import Graph  # noqa: E402
 from runtime.nn.transformer import BertSmall, bert_batch  # noqa: E402
@@ -67,15 +68,33 @@ def bert_step(fuse: bool, batch: int, seq: int, layers: int, hidden: int, heads:
     return exe, feeds, build
 
 
-def fused_chain(name: str, n: int, fn):
-    """``fn(x, dy)`` on n floats as a graph, fused into one kernel; returns the kernel's program."""
+def chain_graph(name: str, n: int, fn) -> Graph:
+    """``fn(x, dy)`` on n floats as a graph (inputs x, dy; output dx)."""
     g = Graph(name)
     b = GraphBuilder(g)
     with building(b):
         x = b.input("x", (n,), np.float32)
         dy = b.input("dy", (n,), np.float32)
         g.outputs = {"dx": fn(x, dy).node}
-    fused = graph_kernel(g)
+    return g
+
+
+def executor_chain(name: str, n: int, fn, fuse: bool):
+    """The same graph compiled with or without fusion and run by the executor, as a training step runs it
+    (inputs copied in, outputs from the runtime's allocators). Unfused, every op is one kernel (a composite
+    op such as gelu_grad is ONE primitive, a Cython kernel). Returns a call ``(x, dy) -> dx`` and the number
+    of kernels."""
+    context.set_context(enable_graph_kernel=fuse)
+    try:
+        exe = compile_graph(chain_graph(name, n, fn))
+    finally:
+        context.set_context(enable_graph_kernel=False)
+    return (lambda x, dy: exe({"x": x, "dy": dy})["dx"]), sum(t.kind == "kernel" for t in exe.tl.tasks)
+
+
+def fused_chain(name: str, n: int, fn):
+    """``fn(x, dy)`` on n floats as a graph, fused into one kernel; returns the kernel's program."""
+    fused = graph_kernel(chain_graph(name, n, fn))
     (node,) = [m for m in fused.nodes if m.op not in ("input", "const")]
     assert node.op == "fused", fused.dump()
     print(f"  fused into 1 kernel: {node.name} ({len(node.ann['fused_ops'])} primitives: "
@@ -261,12 +280,22 @@ def bandwidth(args):
     want = np.where(x > 0, dy * np.float32(0.5) + x, dy * np.float32(0.25) - np.float32(1.0))
     assert np.array_equal(cheap(x, dy), want)
     np.copyto(dst, src)
-    runs = {"copy": [], "gelu": [], "cheap": [], "cython": []}
+    chains = {}
+    for key, fn in (("gelu", F.gelu_grad), ("cheap", cheap_chain)):
+        for fuse in (False, True):
+            chains[key, fuse] = executor_chain(f"{key}_chain_{'fused' if fuse else 'unfused'}", n, fn, fuse)
+    assert np.array_equal(chains["cheap", False][0](x, dy), want)
+    assert np.array_equal(chains["cheap", True][0](x, dy), want)
+    runs = {"copy": [], "gelu": [], "cheap": [], "cython": [], "gelu_off": [], "cheap_off": [], "gelu_on": [],
+            "cheap_on": []}
     for _ in range(args.rounds):      # interleaved: every figure sees the same machine load
         runs["copy"].append(timeit(lambda: np.copyto(dst, src), 3))
         runs["gelu"].append(timeit(lambda: gelu(x, dy), 3))      # the kernel call, output buffer included
         runs["cheap"].append(timeit(lambda: cheap(x, dy), 3))
         runs["cython"].append(timeit(lambda: _kernels.gelu_bwd(x, dy), 3))
+        for key in ("gelu", "cheap"):
+            for fuse in (False, True):
+                runs[f"{key}_{'on' if fuse else 'off'}"].append(timeit(lambda f=chains[key, fuse][0]: f(x, dy), 3))
         runs["copy"].append(timeit(lambda: np.copyto(dst, src), 3))
     moved = 3 * n * 4
     rows = []
@@ -280,6 +309,14 @@ def bandwidth(args):
         rows.append(row(f"{label} bandwidth (ratio = share of np.copyto's in the same run)", bw[key], bw["copy"],
                         unit="GB/s", goal=f">= {goal / 100:.1f}"))
     print(f"  Cython gelu_bwd op   {med['cython'] * 1e3:7.2f} ms  {bw['cython']:6.1f} GB/s  (the unfused primitive)")
+    print("  through the executor, as a step runs them (inputs copied in, outputs allocated):")
+    for key, label in (("gelu", "gelu_grad"), ("cheap", "mul/add/select")):
+        speed = statistics.median(a / b for a, b in zip(runs[f"{key}_off"], runs[f"{key}_on"]))
+        k = chains[key, False][1]
+        print(f"  {label:20s} unfused ({k} kernel{'s' if k > 1 else ''}) {med[key + '_off'] * 1e3:7.2f} ms -> fused "
+              f"({chains[key, True][1]}) {med[key + '_on'] * 1e3:7.2f} ms: {speed:.2f}x (paired median)")
+        rows.append(row(f"{label} on {n} floats through the executor, fused (ratio = unfused / fused, paired)",
+                        med[key + "_on"] * 1e3, med[key + "_off"] * 1e3, ratio=speed, unit="ms"))
     if not args.quick:
         compute_cost()
     return rows
