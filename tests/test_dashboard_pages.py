@@ -251,6 +251,22 @@ def test_memory_page_equals_the_analysis(app, base):
     assert len(find(lay, "mem-peak-table").rowData) == len(rpeak.live)
 
 
+def test_memory_steps_chart_marks_the_peaks_step_apart_from_steps_that_tie_it(app):
+    """The card names one step for the peak; when other steps reach the same bytes they are marked too, but
+    differently, and the title says how many, so the chart and the card do not disagree."""
+    import pandas as pd
+    mem = P("memory")
+    peaks = pd.DataFrame({"step": [0, 1, 2, 3, 4], "peak_bytes": [5 * MB, 9 * MB, 7 * MB, 9 * MB, 9 * MB],
+                          "start_ns": [0, 10, 20, 30, 40], "end_ns": [10, 20, 30, 40, 50]})
+    peaks["peak_mb"] = peaks["peak_bytes"] / MB
+    fig = mem.steps_figure(peaks, analysis.MemoryPeak(peak_bytes=9 * MB, step=3))
+    assert list(fig.data[0].marker.color) == ["#3a86ff", "#f4a0a0", "#3a86ff", "#d00000", "#f4a0a0"]
+    assert "the run's peak (step 3)" in fig.layout.title.text and "2 more steps" in fig.layout.title.text
+    one = mem.steps_figure(peaks.assign(peak_bytes=[5 * MB, 6 * MB, 7 * MB, 9 * MB, 8 * MB]),
+                           analysis.MemoryPeak(peak_bytes=9 * MB, step=3))
+    assert list(one.data[0].marker.color).count("#d00000") == 1 and "<br>" not in one.layout.title.text
+
+
 def test_memory_click_lists_the_tensors_alive_then(app, base):
     mem = P("memory")
     exp = base["synth"]

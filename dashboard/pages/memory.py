@@ -173,14 +173,25 @@ def timeline_figure(tl: pd.DataFrame, peak, bd: pd.DataFrame, scale: str = "fit"
 def steps_figure(peaks: pd.DataFrame, peak) -> go.Figure:
     """The entry view: each step's peak in use (MB, the card's rounding); a click drills into the step."""
     fig = go.Figure()
+    title = "Peak memory in use per step (MB) — click a step to see its timeline below"
     if len(peaks):
-        top = peaks["peak_bytes"] == peaks["peak_bytes"].max()
-        fig.add_bar(x=peaks["step"], y=peaks["peak_mb"], marker_color=np.where(top, "#d00000", "#3a86ff"),
+        # red: the step of the run's peak (the card's); light red: other steps that reach the same bytes
+        ties = (peaks["peak_bytes"] == peaks["peak_bytes"].max()).to_numpy()
+        own = (peaks["step"] == peak.step).to_numpy() & ties if peak.step is not None else np.zeros(len(ties), bool)
+        if not own.any():
+            own = ties & (np.cumsum(ties) == 1)
+        fig.add_bar(x=peaks["step"], y=peaks["peak_mb"],
+                    marker_color=np.where(own, "#d00000", np.where(ties, "#f4a0a0", "#3a86ff")),
                     customdata=np.stack([peaks["start_ns"] / NS_PER_MS, peaks["end_ns"] / NS_PER_MS], axis=-1),
                     hovertemplate="step %{x}: peak %{y:.2f} MB<br>%{customdata[0]:.3f}–%{customdata[1]:.3f} ms"
                                   "<extra>click: this step's timeline</extra>", name="peak per step")
-    fig.update_layout(title="Peak memory in use per step (MB) — click a step to see its timeline below",
-                      xaxis_title="step", yaxis_title="MB", height=260, margin=dict(l=60, r=20, t=50, b=40),
+        n_ties = int(ties.sum())
+        if n_ties > 1:
+            title += (f"<br><sup>red: the run's peak (step {peaks['step'].to_numpy()[own][0]}); light red: "
+                      f"{n_ties - 1} more step{'s' if n_ties > 2 else ''} reaching the same bytes</sup>")
+    fig.update_layout(title=title,
+                      xaxis_title="step", yaxis_title="MB", height=260,
+                      margin=dict(l=60, r=20, t=66 if "<br>" in title else 50, b=40),
                       bargap=0.1 if len(peaks) < 100 else 0, clickmode="event")
     return fig
 
