@@ -14,12 +14,14 @@ blocks and arrays made outside steps use numpy's default allocator. An array kee
 made it, so one returned to the caller is freed into the cache whenever it dies.
 
 ``INSIGHT_HOST_CACHE_MB``: the cache's limit in MB (default 1024, at most an eighth of the machine's
-memory); ``0`` turns the policy off (the step uses numpy's default allocator). ``release()`` frees the
+memory); ``0`` turns the policy off (the step uses numpy's default allocator); anything that is not a number
+gives one warning and the default. ``release()`` frees the
 cached blocks; ``stats()`` counts hits and misses.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 from runtime import _host_memory
@@ -31,9 +33,13 @@ def _default_limit() -> int:
     raw = os.environ.get("INSIGHT_HOST_CACHE_MB", "").strip()
     try:
         mb = float(raw) if raw else DEFAULT_MB
+        if mb != mb:
+            raise ValueError(raw)
     except ValueError:
-        raise ValueError(f"INSIGHT_HOST_CACHE_MB must be a number of megabytes, got {raw!r}") from None
-    limit = max(0, int(mb * 2**20))
+        warnings.warn(f"INSIGHT_HOST_CACHE_MB must be a number of megabytes, got {raw!r}: using the default "
+                      f"({DEFAULT_MB} MB, at most an eighth of the memory)", RuntimeWarning, stacklevel=2)
+        raw, mb = "", DEFAULT_MB
+    limit = max(0, int(min(mb, 2**40) * 2**20))
     if not raw:
         try:
             limit = min(limit, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
