@@ -57,32 +57,44 @@ static void *hm_take(size_t cls) {
     return p;
 }
 
+/* with the lock held: drop the oldest blocks until `incoming` more bytes fit under `limit` (and, with
+ * `need_slot`, a slot is free for them); their pointers go to `evict`, to be freed once the lock is
+ * released. Returns how many were dropped. */
+static int hm_drop_oldest(size_t incoming, size_t limit, int need_slot, void **evict) {
+    int drop = 0;
+    while (drop < hm_count && (hm_bytes + incoming > limit || (need_slot && hm_count - drop >= HM_SLOTS))) {
+        hm_bytes -= hm_cache[drop].size;
+        evict[drop] = hm_cache[drop].ptr;
+        drop++;
+    }
+    if (drop) {
+        memmove(&hm_cache[0], &hm_cache[drop], (size_t)(hm_count - drop) * sizeof(hm_block));
+        hm_count -= drop;
+    }
+    return drop;
+}
+
+static void hm_free_all(void **blocks, int n) {
+    for (int i = 0; i < n; i++) free(blocks[i]);
+}
+
 static void hm_put(void *p, size_t cls) {
     void *evict[HM_SLOTS];
-    int n_evict = 0;
+    int n_evict;
     pthread_mutex_lock(&hm_lock);
     if (cls > hm_limit) {
-        evict[n_evict++] = p;
+        evict[0] = p;
+        n_evict = 1;
     } else {
-        int drop = 0;
-        size_t bytes = hm_bytes;
-        while (drop < hm_count && (bytes + cls > hm_limit || hm_count - drop >= HM_SLOTS)) {
-            bytes -= hm_cache[drop].size;
-            evict[n_evict++] = hm_cache[drop].ptr;
-            drop++;
-        }
-        if (drop) {
-            memmove(&hm_cache[0], &hm_cache[drop], (size_t)(hm_count - drop) * sizeof(hm_block));
-            hm_count -= drop;
-        }
+        n_evict = hm_drop_oldest(cls, hm_limit, 1, evict);
         hm_cache[hm_count].ptr = p;
         hm_cache[hm_count].size = cls;
         hm_count++;
-        hm_bytes = bytes + cls;
+        hm_bytes += cls;
     }
     hm_evicted += (uint64_t)n_evict;
     pthread_mutex_unlock(&hm_lock);
-    for (int i = 0; i < n_evict; i++) free(evict[i]);   /* outside the lock */
+    hm_free_all(evict, n_evict);   /* outside the lock */
 }
 
 static void *hm_malloc(void *ctx, size_t n) {
@@ -126,34 +138,22 @@ static void hm_free(void *ctx, void *p, size_t n) {
 static size_t hm_release(void) {
     void *blocks[HM_SLOTS];
     pthread_mutex_lock(&hm_lock);
-    int n = hm_count;
     size_t bytes = hm_bytes;
-    for (int i = 0; i < n; i++) blocks[i] = hm_cache[i].ptr;
-    hm_count = 0;
-    hm_bytes = 0;
+    int n = hm_drop_oldest(0, 0, 0, blocks);
     pthread_mutex_unlock(&hm_lock);
-    for (int i = 0; i < n; i++) free(blocks[i]);
+    hm_free_all(blocks, n);
     return bytes;
 }
 
 /* a new limit; the oldest cached blocks beyond it are freed */
 static void hm_set_limit(size_t limit) {
     void *evict[HM_SLOTS];
-    int n_evict = 0;
     pthread_mutex_lock(&hm_lock);
     hm_limit = limit;
-    while (n_evict < hm_count && hm_bytes > hm_limit) {
-        hm_bytes -= hm_cache[n_evict].size;
-        evict[n_evict] = hm_cache[n_evict].ptr;
-        n_evict++;
-    }
-    if (n_evict) {
-        memmove(&hm_cache[0], &hm_cache[n_evict], (size_t)(hm_count - n_evict) * sizeof(hm_block));
-        hm_count -= n_evict;
-    }
+    int n_evict = hm_drop_oldest(0, limit, 0, evict);
     hm_evicted += (uint64_t)n_evict;
     pthread_mutex_unlock(&hm_lock);
-    for (int i = 0; i < n_evict; i++) free(evict[i]);
+    hm_free_all(evict, n_evict);
 }
 
 /* a fork in another thread while one holds the lock would leave the child's copy locked for good */
