@@ -3,7 +3,10 @@ allocates through numpy reuses mapped memory instead of paying page faults on ev
 it hands out behave like any numpy array."""
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -112,18 +115,16 @@ def test_unfused_steps_do_not_fault_their_temporaries_in_again():
     assert float(out["y"]) == pytest.approx(36.0 * float(x.astype(np.float64).sum()), rel=1e-3, abs=1e-2 * n ** 0.5)
 
 
-def test_disabled_by_environment(tmp_path):
-    import subprocess
-    import sys
+def test_disabled_by_environment():
     code = ("import numpy as np; from numpy._core.multiarray import get_handler_name; "
             "from runtime import host_memory as h\n"
             "with h.step_memory(): a = np.empty(1 << 20)\n"
             "print(h.ENABLED, get_handler_name(a))")
-    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "INSIGHT_HOST_CACHE_MB": "0"},
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INSIGHT_HOST_CACHE_MB": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "default_allocator"]
     bad = subprocess.run([sys.executable, "-c", "import runtime.host_memory as h; print(h.ENABLED, h.LIMIT > 0)"],
-                         env={**__import__("os").environ, "INSIGHT_HOST_CACHE_MB": "lots"}, capture_output=True, text=True)
+                         env={**os.environ, "INSIGHT_HOST_CACHE_MB": "lots"}, capture_output=True, text=True)
     assert bad.returncode == 0 and bad.stdout.split() == ["True", "True"]   # the default, with one clear warning
     assert "INSIGHT_HOST_CACHE_MB must be a number of megabytes, got 'lots'" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -174,10 +174,11 @@ def steps_figure(peaks: pd.DataFrame, peak) -> go.Figure:
     """The entry view: each step's peak in use (MB, the card's rounding); a click drills into the step."""
     fig = go.Figure()
     title = "Peak memory in use per step (MB) — click a step to see its timeline below"
+    subtitle = ""
     if len(peaks):
         # red: the step of the run's peak (the card's); light red: other steps that reach the same bytes
         ties = (peaks["peak_bytes"] == peaks["peak_bytes"].max()).to_numpy()
-        own = (peaks["step"] == peak.step).to_numpy() & ties if peak.step is not None else np.zeros(len(ties), bool)
+        own = ties & (peaks["step"] == peak.step).to_numpy()   # no step on the card (None): none match
         if not own.any():
             own = ties & (np.cumsum(ties) == 1)
         fig.add_bar(x=peaks["step"], y=peaks["peak_mb"],
@@ -185,13 +186,13 @@ def steps_figure(peaks: pd.DataFrame, peak) -> go.Figure:
                     customdata=np.stack([peaks["start_ns"] / NS_PER_MS, peaks["end_ns"] / NS_PER_MS], axis=-1),
                     hovertemplate="step %{x}: peak %{y:.2f} MB<br>%{customdata[0]:.3f}–%{customdata[1]:.3f} ms"
                                   "<extra>click: this step's timeline</extra>", name="peak per step")
-        n_ties = int(ties.sum())
-        if n_ties > 1:
-            title += (f"<br><sup>red: the run's peak (step {peaks['step'].to_numpy()[own][0]}); light red: "
-                      f"{n_ties - 1} more step{'s' if n_ties > 2 else ''} reaching the same bytes</sup>")
-    fig.update_layout(title=title,
+        more = int(ties.sum()) - 1
+        if more:
+            subtitle = (f"red: the run's peak (step {peaks['step'].to_numpy()[own][0]}); light red: "
+                        f"{more} more step{'s' if more > 1 else ''} reaching the same bytes")
+    fig.update_layout(title=f"{title}<br><sup>{subtitle}</sup>" if subtitle else title,
                       xaxis_title="step", yaxis_title="MB", height=260,
-                      margin=dict(l=60, r=20, t=66 if "<br>" in title else 50, b=40),
+                      margin=dict(l=60, r=20, t=66 if subtitle else 50, b=40),
                       bargap=0.1 if len(peaks) < 100 else 0, clickmode="event")
     return fig
 
